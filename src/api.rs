@@ -1,0 +1,193 @@
+//! `POST /api/publish`: the HTTP publish API pinned in DESIGN.md §2.
+//!
+//! Body: one `{"topic", "event", "payload"}` object, or an array of them (published in order).
+//! Answers `200 {"position": ...}` or `200 {"positions": [...]}`; `400`/`413` with
+//! `{"error": "..."}` naming the problem; `401` for a wrong or missing bearer token.
+//! A batch is validated whole before anything is published, so a bad item publishes nothing.
+
+use crate::app::App;
+use crate::protocol;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode, header};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use std::sync::Arc;
+
+/// One message to publish.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PublishItem {
+    topic: String,
+    event: String,
+    payload: Box<RawValue>,
+}
+
+/// A JSON response with `content-type: application/json`.
+pub fn json_response(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+/// `{"error": message}` with `status`.
+pub fn error_response(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
+    let mut body = Vec::with_capacity(16 + message.len());
+    body.extend_from_slice(b"{\"error\":");
+    protocol::push_json_str(&mut body, message);
+    body.push(b'}');
+    json_response(status, body)
+}
+
+/// Compares in time independent of where the first difference is.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn authorized(app: &App, req: &Request<Incoming>) -> bool {
+    let Some(value) = req.headers().get(header::AUTHORIZATION) else {
+        return false;
+    };
+    let Ok(value) = value.to_str() else {
+        return false;
+    };
+    let Some((scheme, token)) = value.split_once(' ') else {
+        return false;
+    };
+    scheme.eq_ignore_ascii_case("bearer")
+        && constant_time_eq(token.trim().as_bytes(), app.publish_token.as_bytes())
+}
+
+fn validate(item: &PublishItem) -> Result<(), String> {
+    if item.topic.is_empty() || item.topic.len() > protocol::MAX_FIELD_BYTES {
+        return Err("\"topic\" must be 1 to 255 bytes".into());
+    }
+    if item.topic == protocol::PHOENIX_TOPIC {
+        return Err("\"topic\" must not be \"phoenix\" (reserved for heartbeats)".into());
+    }
+    if item.event.is_empty() || item.event.len() > protocol::MAX_FIELD_BYTES {
+        return Err("\"event\" must be 1 to 255 bytes".into());
+    }
+    if item.event.starts_with("phx_") {
+        return Err("\"event\" must not start with \"phx_\" (reserved by the protocol)".into());
+    }
+    Ok(())
+}
+
+fn parse_item(raw: &str) -> Result<PublishItem, String> {
+    let item: PublishItem = serde_json::from_str(raw).map_err(|e| {
+        let msg = e.to_string();
+        // serde's messages are good ("missing field `topic`"); drop the position suffix for
+        // an item inside a batch, where it would point into the item, not the body.
+        msg.split(" at line ").next().unwrap_or(&msg).to_string()
+    })?;
+    validate(&item)?;
+    Ok(item)
+}
+
+/// Handles `POST /api/publish`.
+pub async fn publish(app: Arc<App>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.method() != hyper::Method::POST {
+        let mut r = error_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "use POST to publish",
+        );
+        r.headers_mut()
+            .insert(header::ALLOW, header::HeaderValue::from_static("POST"));
+        return r;
+    }
+    if !authorized(&app, &req) {
+        let mut r = error_response(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong bearer token (Authorization: Bearer <PUSHGATE_PUBLISH_TOKEN>)",
+        );
+        r.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer"),
+        );
+        return r;
+    }
+    let limit = app.config.publish.max_body_bytes;
+    let too_big = || {
+        error_response(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &format!("body larger than {limit} bytes (publish.max_body_bytes)"),
+        )
+    };
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return too_big();
+    }
+    let body = match Limited::new(req.into_body(), limit).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            if e.is::<http_body_util::LengthLimitError>() {
+                return too_big();
+            }
+            return error_response(StatusCode::BAD_REQUEST, "could not read the request body");
+        }
+    };
+    let text = match std::str::from_utf8(&body) {
+        Ok(t) => t,
+        Err(_) => return error_response(StatusCode::BAD_REQUEST, "body is not UTF-8"),
+    };
+    let is_batch = text.trim_start().starts_with('[');
+    let items: Vec<PublishItem> = if is_batch {
+        let raws: Vec<&RawValue> = match serde_json::from_str(text) {
+            Ok(r) => r,
+            Err(e) => {
+                return error_response(StatusCode::BAD_REQUEST, &format!("invalid JSON: {e}"));
+            }
+        };
+        if raws.is_empty() {
+            return error_response(StatusCode::BAD_REQUEST, "empty batch: nothing to publish");
+        }
+        let mut items = Vec::with_capacity(raws.len());
+        for (i, raw) in raws.iter().enumerate() {
+            match parse_item(raw.get()) {
+                Ok(item) => items.push(item),
+                Err(e) => {
+                    return error_response(StatusCode::BAD_REQUEST, &format!("item {i}: {e}"));
+                }
+            }
+        }
+        items
+    } else {
+        if let Err(e) = serde_json::from_str::<&RawValue>(text) {
+            return error_response(StatusCode::BAD_REQUEST, &format!("invalid JSON: {e}"));
+        }
+        match parse_item(text) {
+            Ok(item) => vec![item],
+            Err(e) => return error_response(StatusCode::BAD_REQUEST, &e),
+        }
+    };
+    let mut body = Vec::with_capacity(32 * items.len() + 16);
+    if is_batch {
+        body.extend_from_slice(b"{\"positions\":[");
+    } else {
+        body.extend_from_slice(b"{\"position\":");
+    }
+    for (i, item) in items.iter().enumerate() {
+        let pos = app
+            .hub
+            .publish(&item.topic, &item.event, item.payload.get().as_bytes());
+        if i > 0 {
+            body.push(b',');
+        }
+        protocol::push_json_str(&mut body, &pos.to_string());
+    }
+    body.extend_from_slice(if is_batch { b"]}" } else { b"}" });
+    json_response(StatusCode::OK, body)
+}

@@ -1,0 +1,382 @@
+//! Configuration: one struct of sections, read from TOML and overlaid with environment variables.
+//!
+//! Every key can come from the file or from `PUSHGATE_<SECTION>_<KEY>` (for example
+//! `PUSHGATE_HISTORY_MAX_AGE_SECS=600`). Three names are fixed by DESIGN.md and map to keys of
+//! their own: `PUSHGATE_LISTEN` (server.listen), `PUSHGATE_REDIS_URL` (redis.url) and
+//! `PUSHGATE_PUBLISH_TOKEN` (publish.token). `PUSHGATE_LOG` and `PUSHGATE_LOG_FORMAT` are read by
+//! the binary for tracing and are not config keys.
+//!
+//! Loading ([`Config::load`]) only parses; [`Config::validate`] checks values and names each bad key.
+
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::Path;
+
+/// Environment variables with the `PUSHGATE_` prefix that are not config keys.
+const NON_CONFIG_ENV: &[&str] = &["PUSHGATE_LOG", "PUSHGATE_LOG_FORMAT"];
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub limits: LimitsConfig,
+    pub publish: PublishConfig,
+    pub history: HistoryConfig,
+    pub redis: RedisConfig,
+    pub shutdown: ShutdownConfig,
+    pub demo: DemoConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address to listen on. Default `127.0.0.1:4000` (loopback: nginx sits in front).
+    /// Environment: `PUSHGATE_LISTEN`.
+    pub listen: String,
+    /// Most simultaneous connections (HTTP and WebSocket); further ones wait in the kernel's
+    /// accept queue. Default 50000.
+    pub max_connections: usize,
+    /// Time a client has to send complete HTTP request headers, in ms. Default 10000.
+    pub header_read_timeout_ms: u64,
+    /// A WebSocket that sends nothing for this long is closed with 1001, in ms. phoenix.js sends
+    /// a heartbeat every 30 s, so the default 90000 allows two missed heartbeats.
+    pub idle_timeout_ms: u64,
+    /// Tokio worker threads; 0 means one per core. Default 0.
+    pub worker_threads: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: "127.0.0.1:4000".into(),
+            max_connections: 50_000,
+            header_read_timeout_ms: 10_000,
+            idle_timeout_ms: 90_000,
+            worker_threads: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Largest client message (a WebSocket frame or reassembled message), in bytes.
+    /// Larger ones close the WebSocket with 1009. Default 65536.
+    pub max_frame_bytes: usize,
+    /// Most topics one connection may join; further joins get an error reply. Default 100.
+    pub max_topics_per_connection: usize,
+    /// Most bytes of broadcasts a subscriber may have pending (published but not yet written to
+    /// its socket). A subscriber past this, or one that falls off the end of a topic's history,
+    /// is a slow consumer: its WebSocket is closed with 1013 and it recovers by position on
+    /// rejoin. Default 4194304 (4 MiB). Pending broadcasts live in the shared topic buffer, so
+    /// this bounds lag, not memory per connection.
+    pub max_pending_bytes: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_frame_bytes: 64 * 1024,
+            max_topics_per_connection: 100,
+            max_pending_bytes: 4 * 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PublishConfig {
+    /// Bearer token for `POST /api/publish`. Empty (the default) means one is generated at start
+    /// and logged. Environment: `PUSHGATE_PUBLISH_TOKEN`.
+    pub token: String,
+    /// Largest publish request body, in bytes; larger ones get 413. Default 1048576 (1 MiB).
+    pub max_body_bytes: usize,
+}
+
+impl Default for PublishConfig {
+    fn default() -> Self {
+        PublishConfig {
+            token: String::new(),
+            max_body_bytes: 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct HistoryConfig {
+    /// Messages kept per topic for recovery (and as the buffer subscribers read from).
+    /// Default 1000.
+    pub size: usize,
+    /// Seconds a message stays in history. Default 300.
+    pub max_age_secs: u64,
+}
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        HistoryConfig {
+            size: 1000,
+            max_age_secs: 300,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisConfig {
+    /// Redis URL; empty (the default) uses the embedded in-process broker.
+    /// Environment: `PUSHGATE_REDIS_URL`. (The Redis broker is not built yet.)
+    pub url: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShutdownConfig {
+    /// On SIGTERM, WebSockets are closed with 1012 at random moments spread over this period so
+    /// that clients do not all reconnect at once, in ms. Default 1000.
+    pub drain_ms: u64,
+    /// Hard limit from SIGTERM to exit, in ms. Default 10000.
+    pub grace_ms: u64,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig {
+            drain_ms: 1000,
+            grace_ms: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DemoConfig {
+    /// Serve the demo page at `/`. Default true.
+    pub enabled: bool,
+}
+
+impl Default for DemoConfig {
+    fn default() -> Self {
+        DemoConfig { enabled: true }
+    }
+}
+
+/// A problem with one key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub key: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+impl Config {
+    /// Reads the TOML file (if any), then applies `PUSHGATE_*` variables from `env`.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, Vec<Problem>> {
+        let mut table = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    vec![Problem {
+                        key: "--config".into(),
+                        message: format!("cannot read {}: {e}", path.display()),
+                    }]
+                })?;
+                text.parse::<toml::Table>().map_err(|e| {
+                    vec![Problem {
+                        key: path.display().to_string(),
+                        message: format!("not valid TOML: {}", e.message()),
+                    }]
+                })?
+            }
+            None => toml::Table::new(),
+        };
+        let mut problems = Vec::new();
+        for (name, value) in env {
+            let Some(rest) = name.strip_prefix("PUSHGATE_") else {
+                continue;
+            };
+            if NON_CONFIG_ENV.contains(&name.as_str()) {
+                continue;
+            }
+            let (section, key) = match rest {
+                "LISTEN" => ("server".to_string(), "listen".to_string()),
+                _ => match rest.split_once('_') {
+                    Some((s, k)) => (s.to_ascii_lowercase(), k.to_ascii_lowercase()),
+                    None => {
+                        problems.push(Problem {
+                            key: name.clone(),
+                            message: "not a config variable (expected PUSHGATE_<SECTION>_<KEY>)"
+                                .into(),
+                        });
+                        continue;
+                    }
+                },
+            };
+            let entry = table
+                .entry(section.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            match entry {
+                toml::Value::Table(t) => {
+                    t.insert(key, env_value(&value));
+                }
+                _ => problems.push(Problem {
+                    key: section,
+                    message: "must be a section".into(),
+                }),
+            }
+        }
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+        Config::deserialize(toml::Value::Table(table)).map_err(|e| {
+            vec![Problem {
+                key: "config".into(),
+                message: e.message().to_string(),
+            }]
+        })
+    }
+
+    /// Checks values; returns every problem found, each naming its key.
+    pub fn validate(&self) -> Result<(), Vec<Problem>> {
+        let mut p = Vec::new();
+        let mut bad = |key: &str, message: &str| {
+            p.push(Problem {
+                key: key.into(),
+                message: message.into(),
+            })
+        };
+        if self.server.listen.parse::<SocketAddr>().is_err() {
+            bad(
+                "server.listen",
+                "must be an IP address and port, like 127.0.0.1:4000",
+            );
+        }
+        if self.server.max_connections == 0 {
+            bad("server.max_connections", "must be at least 1");
+        }
+        if self.server.idle_timeout_ms < 35_000 {
+            bad(
+                "server.idle_timeout_ms",
+                "must be at least 35000 (phoenix.js sends a heartbeat every 30 s)",
+            );
+        }
+        if self.limits.max_frame_bytes < 1024 {
+            bad("limits.max_frame_bytes", "must be at least 1024");
+        }
+        if self.limits.max_topics_per_connection == 0 {
+            bad("limits.max_topics_per_connection", "must be at least 1");
+        }
+        if self.limits.max_pending_bytes < 64 * 1024 {
+            bad("limits.max_pending_bytes", "must be at least 65536");
+        }
+        if self.publish.max_body_bytes < 1024 {
+            bad("publish.max_body_bytes", "must be at least 1024");
+        }
+        if !self.publish.token.is_empty() && self.publish.token.len() < 16 {
+            bad(
+                "publish.token",
+                "must be at least 16 characters (or empty to generate one)",
+            );
+        }
+        if self.history.size == 0 {
+            bad(
+                "history.size",
+                "must be at least 1 (the history is also the delivery buffer)",
+            );
+        }
+        if self.history.max_age_secs == 0 {
+            bad("history.max_age_secs", "must be at least 1");
+        }
+        if !self.redis.url.is_empty() {
+            bad(
+                "redis.url",
+                "the Redis broker is not available in this version; leave it empty",
+            );
+        }
+        if self.shutdown.grace_ms < self.shutdown.drain_ms {
+            bad("shutdown.grace_ms", "must be at least shutdown.drain_ms");
+        }
+        if p.is_empty() { Ok(()) } else { Err(p) }
+    }
+
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.server
+            .listen
+            .parse()
+            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 4000)))
+    }
+}
+
+/// Environment values are typed by their look: integers and booleans as such, else strings.
+fn env_value(v: &str) -> toml::Value {
+    if let Ok(i) = v.parse::<i64>() {
+        toml::Value::Integer(i)
+    } else if v == "true" || v == "false" {
+        toml::Value::Boolean(v == "true")
+    } else {
+        toml::Value::String(v.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = Config::load(None, env(&[])).unwrap();
+        assert_eq!(c, Config::default());
+        c.validate().unwrap();
+        assert_eq!(c.server.listen, "127.0.0.1:4000");
+    }
+
+    #[test]
+    fn environment_overlays_the_file() {
+        let dir = std::env::temp_dir().join(format!("pushgate-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("a.toml");
+        std::fs::write(&file, "[history]\nsize = 5\nmax_age_secs = 9\n").unwrap();
+        let c = Config::load(
+            Some(&file),
+            env(&[
+                ("PUSHGATE_LISTEN", "127.0.0.1:0"),
+                ("PUSHGATE_PUBLISH_TOKEN", "0123456789abcdef"),
+                ("PUSHGATE_HISTORY_MAX_AGE_SECS", "60"),
+                ("PUSHGATE_LOG", "debug"),
+                ("OTHER", "x"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.server.listen, "127.0.0.1:0");
+        assert_eq!(c.publish.token, "0123456789abcdef");
+        assert_eq!(c.history.size, 5);
+        assert_eq!(c.history.max_age_secs, 60);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_named() {
+        let e = Config::load(None, env(&[("PUSHGATE_HISTORY_SIZEE", "1")])).unwrap_err();
+        assert!(e[0].message.contains("sizee"), "{e:?}");
+        let mut c = Config::default();
+        c.server.listen = "nope".into();
+        c.history.size = 0;
+        let p = c.validate().unwrap_err();
+        let keys: Vec<_> = p.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["server.listen", "history.size"]);
+    }
+}

@@ -1,0 +1,63 @@
+//! pushgate: a small, fast real-time push gateway speaking the Phoenix Channels V2 protocol.
+//!
+//! Map of the crate (see ARCHITECTURE.md for the bird's-eye view):
+//! - [`config`]: the configuration sections, defaults, environment overlay and validation.
+//! - [`server`]: accept loop, connection limit, per-connection HTTP, shutdown and drain.
+//! - [`router`]: path to handler; `/healthz`, `/readyz`, `/metrics`, demo page.
+//! - [`api`]: `POST /api/publish`.
+//! - [`protocol`]: Phoenix V2 frames, parse and encode, no I/O.
+//! - [`ws`]: our RFC 6455 frame layer, no I/O.
+//! - [`session`]: one client's channels and replies, transport-neutral, no I/O.
+//! - [`transport`]: drives a session over a WebSocket.
+//! - [`hub`]: topics, their shared history buffers, positions and local subscribers.
+//! - [`metrics`]: counters rendered for Prometheus.
+//! - [`app`]: the shared state handed to every connection.
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod app;
+pub mod config;
+pub mod hub;
+pub mod metrics;
+pub mod protocol;
+pub mod router;
+pub mod server;
+pub mod session;
+pub mod transport;
+pub mod ws;
+
+use std::future::Future;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use app::App;
+pub use config::Config;
+
+/// Serves already-bound `listeners` with `config` until `shutdown` completes, then drains.
+/// Returns `true` when every connection closed within `shutdown.grace_ms`.
+pub async fn run(
+    listeners: Vec<TcpListener>,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> bool {
+    let token = CancellationToken::new();
+    let app = App::new(config, token.clone());
+    run_app(listeners, app, shutdown).await
+}
+
+/// Like [`run`], with an [`App`] built by the caller (tests use it to reach the hub).
+pub async fn run_app(
+    listeners: Vec<TcpListener>,
+    app: Arc<App>,
+    shutdown: impl Future<Output = ()>,
+) -> bool {
+    let token = app.shutdown.clone();
+    let served = server::run(listeners, app);
+    tokio::pin!(served);
+    tokio::select! {
+        done = &mut served => return done,
+        _ = shutdown => token.cancel(),
+    }
+    served.await
+}

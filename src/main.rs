@@ -1,0 +1,166 @@
+//! The `pushgate` binary: command line, configuration, tracing, bind, run.
+#![forbid(unsafe_code)]
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use pushgate::{App, Config};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use tokio_util::sync::CancellationToken;
+
+/// Exit status for a bad configuration (sysexits EX_USAGE).
+const EXIT_CONFIG: u8 = 64;
+
+#[derive(Parser)]
+#[command(name = "pushgate", version, about = "Real-time push gateway (Phoenix Channels V2)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Serve {
+        /// TOML configuration file.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Address to listen on (overrides server.listen and PUSHGATE_LISTEN).
+        #[arg(long)]
+        listen: Option<String>,
+        /// Redis URL (overrides redis.url and PUSHGATE_REDIS_URL).
+        #[arg(long)]
+        redis: Option<String>,
+    },
+    /// Print the effective configuration, or each problem with its key (exit 64).
+    CheckConfig {
+        /// TOML configuration file.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+fn load(file: Option<&PathBuf>) -> Result<Config, ExitCode> {
+    let config = Config::load(file.map(|p| p.as_path()), std::env::vars())
+        .and_then(|c| c.validate().map(|()| c));
+    config.map_err(|problems| {
+        for p in problems {
+            eprintln!("config error: {p}");
+        }
+        ExitCode::from(EXIT_CONFIG)
+    })
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PUSHGATE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    if std::env::var("PUSHGATE_LOG_FORMAT").as_deref() == Ok("json") {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::CheckConfig { config } => match load(config.as_ref()) {
+            Ok(c) => {
+                match toml::to_string_pretty(&c) {
+                    Ok(text) => print!("{text}"),
+                    Err(e) => eprintln!("cannot print the configuration: {e}"),
+                }
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+        Command::Serve {
+            config,
+            listen,
+            redis,
+        } => {
+            let mut c = match load(config.as_ref()) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            if let Some(l) = listen {
+                c.server.listen = l;
+            }
+            if let Some(r) = redis {
+                c.redis.url = r;
+            }
+            if let Err(problems) = c.validate() {
+                for p in problems {
+                    eprintln!("config error: {p}");
+                }
+                return ExitCode::from(EXIT_CONFIG);
+            }
+            init_tracing();
+            match serve(c) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::from(1),
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+    }
+}
+
+fn serve(config: Config) -> anyhow::Result<bool> {
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    if config.server.worker_threads > 0 {
+        rt.worker_threads(config.server.worker_threads);
+    }
+    let rt = rt.enable_all().build().context("starting the runtime")?;
+    rt.block_on(async move {
+        let addr = config.listen_addr();
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding {addr} (server.listen)"))?;
+        let local = listener.local_addr()?;
+        let generated = config.publish.token.is_empty();
+        let app = App::new(config, CancellationToken::new());
+        tracing::info!(addr = %local, broker = "embedded", "listening");
+        if generated {
+            tracing::info!(
+                token = %app.publish_token,
+                "no publish token configured (PUSHGATE_PUBLISH_TOKEN); generated one for this run"
+            );
+            tracing::info!(
+                "try: curl -H 'Authorization: Bearer {}' -H 'Content-Type: application/json' -d '{{\"topic\":\"room:lobby\",\"event\":\"new_msg\",\"payload\":{{\"body\":\"hello\"}}}}' http://{}/api/publish",
+                app.publish_token,
+                local
+            );
+        }
+        Ok(pushgate::run_app(vec![listener], app, shutdown_signal()).await)
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

@@ -1,0 +1,110 @@
+//! Process-wide counters and gauges, rendered in the Prometheus text format at `/metrics`.
+//!
+//! Plain atomics: the hot path (deliveries) adds once per socket write, not once per message.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub connections_websocket: AtomicI64,
+    pub connections_longpoll: AtomicI64,
+    pub connections_accepted: AtomicU64,
+    pub joins: AtomicU64,
+    pub join_errors: AtomicU64,
+    pub messages_published: AtomicU64,
+    pub messages_delivered: AtomicU64,
+    pub slow_consumer_closes: AtomicU64,
+    pub bad_messages: AtomicU64,
+    pub topics: AtomicI64,
+    pub recoveries: AtomicU64,
+    pub recovery_failures: AtomicU64,
+}
+
+impl Metrics {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Relaxed);
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(2048);
+        let mut one = |name: &str, kind: &str, help: &str, samples: &[(&str, i64)]| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (labels, v) in samples {
+                let _ = writeln!(out, "{name}{labels} {v}");
+            }
+        };
+        let g = |a: &AtomicI64| a.load(Relaxed);
+        let c = |a: &AtomicU64| a.load(Relaxed) as i64;
+        one(
+            "pushgate_connections",
+            "gauge",
+            "Open client connections by transport.",
+            &[
+                (
+                    "{transport=\"websocket\"}",
+                    g(&self.connections_websocket),
+                ),
+                ("{transport=\"longpoll\"}", g(&self.connections_longpoll)),
+            ],
+        );
+        one(
+            "pushgate_connections_accepted_total",
+            "counter",
+            "TCP connections accepted.",
+            &[("", c(&self.connections_accepted))],
+        );
+        one(
+            "pushgate_joins_total",
+            "counter",
+            "Successful channel joins.",
+            &[("", c(&self.joins))],
+        );
+        one(
+            "pushgate_join_errors_total",
+            "counter",
+            "Refused channel joins.",
+            &[("", c(&self.join_errors))],
+        );
+        one(
+            "pushgate_messages_published_total",
+            "counter",
+            "Messages published to topics.",
+            &[("", c(&self.messages_published))],
+        );
+        one(
+            "pushgate_messages_delivered_total",
+            "counter",
+            "Broadcast messages written to subscribers.",
+            &[("", c(&self.messages_delivered))],
+        );
+        one(
+            "pushgate_slow_consumer_closes_total",
+            "counter",
+            "Subscribers closed because they fell behind (WebSocket close 1013).",
+            &[("", c(&self.slow_consumer_closes))],
+        );
+        one(
+            "pushgate_bad_messages_total",
+            "counter",
+            "Client messages that could not be understood.",
+            &[("", c(&self.bad_messages))],
+        );
+        one(
+            "pushgate_topics",
+            "gauge",
+            "Topics held in memory (with subscribers or history).",
+            &[("", g(&self.topics))],
+        );
+        one(
+            "pushgate_recoveries_total",
+            "counter",
+            "Joins with `since` by outcome.",
+            &[
+                ("{recovered=\"true\"}", c(&self.recoveries)),
+                ("{recovered=\"false\"}", c(&self.recovery_failures)),
+            ],
+        );
+        out
+    }
+}

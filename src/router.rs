@@ -1,0 +1,57 @@
+//! Path to handler. Every HTTP answer that is not a handler's own success is built here or in
+//! [`crate::api`]'s error helpers, so status codes are decided in one place.
+
+use crate::api::{self, error_response, json_response};
+use crate::app::App;
+use crate::transport::websocket;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode, header};
+use std::sync::Arc;
+use tokio::sync::OwnedSemaphorePermit;
+
+const DEMO_PAGE: &str = include_str!("demo.html");
+
+/// Routes one request. `permit` is the connection's slot; a WebSocket upgrade takes it over.
+pub async fn route(
+    app: Arc<App>,
+    req: Request<Incoming>,
+    permit: &std::sync::Mutex<Option<OwnedSemaphorePermit>>,
+) -> Response<Full<Bytes>> {
+    match req.uri().path() {
+        "/socket/websocket" => {
+            let permit = permit.lock().unwrap_or_else(|e| e.into_inner()).take();
+            websocket::upgrade(app, req, permit)
+        }
+        "/api/publish" => api::publish(app, req).await,
+        "/healthz" => json_response(StatusCode::OK, &b"{\"status\":\"ok\"}"[..]),
+        "/readyz" => {
+            if app.is_draining() {
+                json_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &b"{\"status\":\"unavailable\",\"reason\":\"draining\"}"[..],
+                )
+            } else {
+                json_response(StatusCode::OK, &b"{\"status\":\"ready\"}"[..])
+            }
+        }
+        "/metrics" => {
+            let mut r = Response::new(Full::new(Bytes::from(app.metrics.render())));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            r
+        }
+        "/" if app.config.demo.enabled => {
+            let mut r = Response::new(Full::new(Bytes::from_static(DEMO_PAGE.as_bytes())));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("text/html; charset=utf-8"),
+            );
+            r
+        }
+        _ => error_response(StatusCode::NOT_FOUND, "not found"),
+    }
+}

@@ -1,0 +1,4 @@
+//! Transports drive a transport-neutral [`Session`](crate::session::Session) over a wire.
+//! Each owns its framing and flow control, and nothing else.
+
+pub mod websocket;

@@ -1,0 +1,508 @@
+//! Drives a [`Session`] over a WebSocket: the upgrade handshake, then one task per connection
+//! that reads frames, answers them, and writes everything pending in one `writev`.
+//!
+//! Memory while idle: the task holds the session (a few words per joined channel), an empty
+//! frame reader and an empty outbox. Reads go into a buffer on the stack of a plain function
+//! (not held across an `.await`), so an idle connection owns no read or write buffer.
+//!
+//! Architecture Invariant: the transport never talks to a broker and never parses Phoenix
+//! frames itself (that is [`crate::protocol`]); it moves bytes and enforces WebSocket rules.
+
+use crate::app::App;
+use crate::hub::Lag;
+use crate::metrics::Metrics;
+use crate::protocol;
+use crate::session::{ConnectInfo, Session};
+use crate::ws::{self, Flow, Message, MessageReader, close_code};
+use base64::Engine;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode, header};
+use hyper_util::rt::TokioIo;
+use std::collections::VecDeque;
+use std::io::{self, IoSlice};
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
+
+/// Bytes of broadcasts gathered for one `writev` round. Large enough to batch a busy topic,
+/// small enough that one connection cannot hog a worker.
+const WRITE_BATCH_BYTES: usize = 256 * 1024;
+/// Stop reading from a client while this much is waiting to be written to it: a client that
+/// floods requests but does not read the replies is not allowed to grow our memory.
+const READ_PAUSE_BYTES: usize = 512 * 1024;
+/// Slices per `writev` (IOV_MAX is 1024 on Linux; 64 frames per call is plenty).
+const MAX_IOVECS: usize = 64;
+/// Stack read buffer per read call.
+const READ_CHUNK: usize = 8 * 1024;
+/// After we send a close frame, how long we wait for the client's close frame.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+fn plain(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+fn header_has_token(req: &Request<Incoming>, name: header::HeaderName, token: &str) -> bool {
+    req.headers().get_all(name).iter().any(|v| {
+        v.to_str()
+            .map(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+            .unwrap_or(false)
+    })
+}
+
+/// The `vsn` query parameter (last occurrence), if any.
+pub fn query_param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
+    query
+        .split('&')
+        .filter_map(|kv| kv.split_once('=').or(Some((kv, ""))))
+        .filter(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+        .last()
+}
+
+/// Decodes the token phoenix.js puts in `base64url.bearer.phx.<B>` (standard base64 without
+/// padding, despite the name; we accept the URL-safe alphabet too).
+fn decode_auth_token(b: &str) -> Option<String> {
+    use base64::engine::general_purpose::{STANDARD_NO_PAD, URL_SAFE_NO_PAD};
+    let b = b.trim_end_matches('=');
+    let bytes = STANDARD_NO_PAD
+        .decode(b)
+        .or_else(|_| URL_SAFE_NO_PAD.decode(b))
+        .ok()?;
+    String::from_utf8(bytes).ok()
+}
+
+/// Answers a WebSocket upgrade request at `/socket/websocket` and spawns the session.
+pub fn upgrade(
+    app: Arc<App>,
+    mut req: Request<Incoming>,
+    permit: Option<OwnedSemaphorePermit>,
+) -> Response<Full<Bytes>> {
+    if req.method() != hyper::Method::GET
+        || !header_has_token(&req, header::UPGRADE, "websocket")
+        || !header_has_token(&req, header::CONNECTION, "upgrade")
+    {
+        return plain(
+            StatusCode::BAD_REQUEST,
+            "expected a WebSocket upgrade (GET with Upgrade: websocket)\n",
+        );
+    }
+    if req
+        .headers()
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .is_none_or(|v| v.as_bytes() != b"13")
+    {
+        let mut r = plain(
+            StatusCode::UPGRADE_REQUIRED,
+            "unsupported WebSocket version\n",
+        );
+        r.headers_mut().insert(
+            header::SEC_WEBSOCKET_VERSION,
+            header::HeaderValue::from_static("13"),
+        );
+        return r;
+    }
+    let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned() else {
+        return plain(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key\n");
+    };
+    let query = req.uri().query().unwrap_or("").to_string();
+    if !query_param(&query, "vsn").is_some_and(|v| v.starts_with("2.")) {
+        return plain(
+            StatusCode::FORBIDDEN,
+            "unsupported protocol version: pushgate speaks Phoenix V2 (vsn=2.0.0)\n",
+        );
+    }
+    if app.is_draining() {
+        return plain(StatusCode::SERVICE_UNAVAILABLE, "draining\n");
+    }
+    let mut offered_phoenix = false;
+    let mut auth_token = None;
+    for v in req.headers().get_all(header::SEC_WEBSOCKET_PROTOCOL) {
+        for p in v.to_str().unwrap_or("").split(',').map(str::trim) {
+            if p == "phoenix" {
+                offered_phoenix = true;
+            } else if let Some(b) = p.strip_prefix("base64url.bearer.phx.") {
+                auth_token = decode_auth_token(b);
+            }
+        }
+    }
+    let mut resp = Response::new(Full::new(Bytes::new()));
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = resp.headers_mut();
+    h.insert(header::UPGRADE, header::HeaderValue::from_static("websocket"));
+    h.insert(
+        header::CONNECTION,
+        header::HeaderValue::from_static("Upgrade"),
+    );
+    if let Ok(accept) = header::HeaderValue::from_str(&ws::accept_key(key.as_bytes())) {
+        h.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    }
+    if offered_phoenix {
+        h.insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            header::HeaderValue::from_static("phoenix"),
+        );
+    }
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    drop(req);
+    let connect = ConnectInfo { query, auth_token };
+    let task_app = app.clone();
+    app.tracker.spawn(async move {
+        let _permit = permit;
+        let upgraded = match on_upgrade.await {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::debug!(error = %e, "websocket upgrade failed");
+                return;
+            }
+        };
+        match upgraded.downcast::<TokioIo<TcpStream>>() {
+            Ok(parts) => {
+                let stream = parts.io.into_inner();
+                run(task_app, stream, parts.read_buf, connect).await;
+            }
+            Err(_) => {
+                tracing::error!("websocket upgrade on an unexpected stream type");
+            }
+        }
+    });
+    resp
+}
+
+/// Frames waiting to be written, each complete; `offset` bytes of the front one are written.
+#[derive(Default)]
+struct Outbox {
+    frames: VecDeque<Bytes>,
+    offset: usize,
+    bytes: usize,
+}
+
+impl Outbox {
+    fn push(&mut self, frame: Bytes) {
+        self.bytes += frame.len();
+        self.frames.push_back(frame);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.frames.is_empty()
+    }
+
+    /// Writes as much as the socket takes. `Ok(true)` when everything was written.
+    fn write_to(&mut self, stream: &TcpStream) -> io::Result<bool> {
+        while !self.frames.is_empty() {
+            let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
+            let mut n = 0;
+            for (i, f) in self.frames.iter().take(MAX_IOVECS).enumerate() {
+                slices[i] = IoSlice::new(if i == 0 { &f[self.offset..] } else { &f[..] });
+                n += 1;
+            }
+            match stream.try_write_vectored(&slices[..n]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(mut written) => {
+                    self.bytes -= written;
+                    while written > 0 {
+                        let left = self.frames[0].len() - self.offset;
+                        if written >= left {
+                            written -= left;
+                            self.frames.pop_front();
+                            self.offset = 0;
+                        } else {
+                            self.offset += written;
+                            written = 0;
+                        }
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) => return Err(e),
+            }
+        }
+        if self.frames.capacity() > 0 {
+            self.frames = VecDeque::new(); // an idle connection holds no queue
+        }
+        Ok(true)
+    }
+}
+
+/// What one round of reading produced.
+enum ReadOutcome {
+    /// Read something (or nothing yet); keep going.
+    Open,
+    /// The peer closed the TCP connection.
+    Eof,
+    /// The peer sent a close frame with this code.
+    PeerClose(Option<u16>),
+    /// The peer broke the WebSocket protocol; close with this code.
+    Violation(u16, &'static str),
+}
+
+/// Reads what the socket has into a stack buffer and processes every complete message.
+/// A plain function, so the buffer lives on the stack only while it runs.
+fn read_ready(
+    stream: &TcpStream,
+    reader: &mut MessageReader,
+    session: &mut Session,
+    outbox: &mut Outbox,
+    max_message: usize,
+    discard: bool,
+) -> io::Result<ReadOutcome> {
+    let mut buf = [0u8; READ_CHUNK];
+    // A few reads per wake-up at most, so a flooding client yields to others.
+    for _ in 0..4 {
+        let n = match stream.try_read(&mut buf) {
+            Ok(0) => return Ok(ReadOutcome::Eof),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(ReadOutcome::Open),
+            Err(e) => return Err(e),
+        };
+        let outcome = process(&mut buf[..n], reader, session, outbox, max_message, discard);
+        if !matches!(outcome, ReadOutcome::Open) {
+            return Ok(outcome);
+        }
+        if n < buf.len() {
+            break;
+        }
+    }
+    Ok(ReadOutcome::Open)
+}
+
+fn process(
+    data: &mut [u8],
+    reader: &mut MessageReader,
+    session: &mut Session,
+    outbox: &mut Outbox,
+    max_message: usize,
+    discard: bool,
+) -> ReadOutcome {
+    let mut peer_close = None;
+    let result = reader.feed(data, max_message, &mut |m| match m {
+        Message::Text(t) => {
+            if !discard {
+                match protocol::parse_text(t) {
+                    Ok(msg) => session.handle(msg),
+                    Err(e) => session.handle_parse_error(e),
+                }
+            }
+            Flow::Continue
+        }
+        Message::Binary(b) => {
+            if !discard {
+                match protocol::parse_binary(b) {
+                    Ok(msg) => session.handle(msg),
+                    Err(e) => session.handle_parse_error(e),
+                }
+            }
+            Flow::Continue
+        }
+        Message::Ping(p) => {
+            outbox.push(Bytes::from(ws::encode_frame(ws::OP_PONG, p)));
+            Flow::Continue
+        }
+        Message::Pong => Flow::Continue,
+        Message::Close(code, _) => {
+            peer_close = Some(code);
+            Flow::Stop
+        }
+    });
+    match result {
+        Err(e) => ReadOutcome::Violation(e.code, e.reason),
+        Ok(_) => match peer_close {
+            Some(code) => ReadOutcome::PeerClose(code),
+            None => ReadOutcome::Open,
+        },
+    }
+}
+
+struct ConnectionGauge(Arc<App>);
+
+impl Drop for ConnectionGauge {
+    fn drop(&mut self) {
+        self.0.metrics.connections_websocket.fetch_sub(1, Relaxed);
+    }
+}
+
+/// Runs one WebSocket connection until it closes.
+pub async fn run(app: Arc<App>, stream: TcpStream, initial: Bytes, connect: ConnectInfo) {
+    app.metrics.connections_websocket.fetch_add(1, Relaxed);
+    let _gauge = ConnectionGauge(app.clone());
+    let max_message = app.config.limits.max_frame_bytes;
+    let idle_timeout = Duration::from_millis(app.config.server.idle_timeout_ms);
+    let mut session = Session::new(app.clone(), connect);
+    let waker = session.waker().clone();
+    let mut reader = MessageReader::default();
+    let mut outbox = Outbox::default();
+    let mut close_sent = false;
+    let mut peer_closed = false;
+    let mut draining = false;
+    let mut last_activity = Instant::now();
+    let timer = tokio::time::sleep_until(last_activity + idle_timeout);
+    tokio::pin!(timer);
+
+    let queue_close = |outbox: &mut Outbox,
+                           close_sent: &mut bool,
+                           timer: &mut std::pin::Pin<&mut tokio::time::Sleep>,
+                           code: u16,
+                           reason: &str| {
+        if !*close_sent {
+            outbox.push(Bytes::from(ws::encode_close(code, reason)));
+            *close_sent = true;
+            timer.as_mut().reset(Instant::now() + CLOSE_TIMEOUT);
+        }
+    };
+
+    if !initial.is_empty() {
+        let mut data = initial.to_vec();
+        match process(
+            &mut data,
+            &mut reader,
+            &mut session,
+            &mut outbox,
+            max_message,
+            false,
+        ) {
+            ReadOutcome::Open | ReadOutcome::Eof => {}
+            ReadOutcome::PeerClose(code) => {
+                peer_closed = true;
+                let code = code.unwrap_or(close_code::GOING_AWAY);
+                queue_close(&mut outbox, &mut close_sent, &mut timer, code, "");
+            }
+            ReadOutcome::Violation(code, reason) => {
+                queue_close(&mut outbox, &mut close_sent, &mut timer, code, reason);
+            }
+        }
+    }
+
+    loop {
+        if !close_sent {
+            // Direct frames first (a join reply precedes what the join replays), then broadcasts.
+            while let Some(f) = session.pop_direct() {
+                let (h, n) = ws::header(ws::OP_TEXT, f.len());
+                let mut framed = Vec::with_capacity(n + f.len());
+                framed.extend_from_slice(&h[..n]);
+                framed.extend_from_slice(&f);
+                outbox.push(Bytes::from(framed));
+            }
+            if outbox.bytes < WRITE_BATCH_BYTES {
+                waker.clear();
+                let budget = WRITE_BATCH_BYTES - outbox.bytes;
+                match session.collect_broadcasts(budget, &mut |e| outbox.push(e.ws_frame().clone()))
+                {
+                    Ok(0) => {}
+                    Ok(n) => Metrics::add(&app.metrics.messages_delivered, n as u64),
+                    Err(lag) => {
+                        Metrics::add(&app.metrics.slow_consumer_closes, 1);
+                        let why = match lag {
+                            Lag::FellOffHistory => "slow consumer: fell off the topic history",
+                            Lag::TooManyPendingBytes => "slow consumer: too many pending bytes",
+                        };
+                        tracing::debug!(reason = why, "closing websocket");
+                        queue_close(
+                            &mut outbox,
+                            &mut close_sent,
+                            &mut timer,
+                            close_code::TRY_AGAIN_LATER,
+                            why,
+                        );
+                    }
+                }
+            }
+        }
+        if close_sent && outbox.is_empty() && peer_closed {
+            break;
+        }
+        let want_read = !peer_closed && outbox.bytes < READ_PAUSE_BYTES;
+        tokio::select! {
+            biased;
+            _ = app.shutdown.cancelled(), if !draining && !close_sent => {
+                draining = true;
+                // Spread closes over the drain period so clients do not reconnect all at once.
+                let drain_ms = app.config.shutdown.drain_ms.max(1);
+                let jitter = Duration::from_millis(rand::random::<u64>() % drain_ms);
+                timer.as_mut().reset(Instant::now() + jitter);
+            }
+            _ = &mut timer => {
+                if close_sent {
+                    break; // the peer never answered our close frame
+                } else if draining {
+                    queue_close(&mut outbox, &mut close_sent, &mut timer, close_code::RESTART, "server restart");
+                } else if last_activity + idle_timeout > Instant::now() {
+                    timer.as_mut().reset(last_activity + idle_timeout);
+                } else {
+                    queue_close(&mut outbox, &mut close_sent, &mut timer, close_code::GOING_AWAY, "idle timeout");
+                }
+            }
+            r = stream.writable(), if !outbox.is_empty() => {
+                if r.is_err() {
+                    break;
+                }
+                match outbox.write_to(&stream) {
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::debug!(error = %e, "websocket write failed");
+                        break;
+                    }
+                }
+            }
+            r = stream.readable(), if want_read => {
+                if r.is_err() {
+                    break;
+                }
+                last_activity = Instant::now();
+                match read_ready(&stream, &mut reader, &mut session, &mut outbox, max_message, close_sent) {
+                    Ok(ReadOutcome::Open) => {}
+                    Ok(ReadOutcome::Eof) | Err(_) => break,
+                    Ok(ReadOutcome::PeerClose(code)) => {
+                        peer_closed = true;
+                        // Echo the client's code, as RFC 6455 asks; the client chose it.
+                        let code = match code {
+                            Some(c) if c != 1005 && c != 1006 && c != 1015 => c,
+                            _ => close_code::GOING_AWAY,
+                        };
+                        if !close_sent {
+                            queue_close(&mut outbox, &mut close_sent, &mut timer, code, "");
+                        }
+                    }
+                    Ok(ReadOutcome::Violation(code, reason)) => {
+                        Metrics::add(&app.metrics.bad_messages, 1);
+                        tracing::debug!(code, reason, "websocket protocol violation");
+                        peer_closed = true; // nothing more from this peer is worth reading
+                        queue_close(&mut outbox, &mut close_sent, &mut timer, code, reason);
+                    }
+                }
+            }
+            _ = waker.wait(), if !close_sent => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_param_takes_the_last_value() {
+        assert_eq!(query_param("a=1&vsn=2.0.0&", "vsn"), Some("2.0.0"));
+        assert_eq!(query_param("token=a&vsn=2.0.0&token=b", "token"), Some("b"));
+        assert_eq!(query_param("", "vsn"), None);
+    }
+
+    #[test]
+    fn auth_tokens_decode_from_either_alphabet() {
+        assert_eq!(
+            decode_auth_token("bXktYXV0aC10b2s").as_deref(),
+            Some("my-auth-tok")
+        );
+        // "??>" encodes to "Pz8+" in the standard alphabet and "Pz8-" in the URL-safe one.
+        assert_eq!(decode_auth_token("Pz8+").as_deref(), Some("??>"));
+        assert_eq!(decode_auth_token("Pz8-").as_deref(), Some("??>"));
+    }
+}

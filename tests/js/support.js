@@ -1,0 +1,231 @@
+// Shared helpers for the pushgate integration tests that drive the official
+// phoenix client (1.8.16 as `phoenix`, 1.7.21 as `phx17`) from Node.
+//
+//   cargo build && cd tests/js && npm ci && npm test
+//
+// The binary comes from PUSHGATE_BIN (default: ../../target/debug/pushgate,
+// relative to this folder). Every server runs on 127.0.0.1:0 and is found by
+// reading its "listening addr=..." log line; nothing waits by sleeping.
+
+import { spawn } from "node:child_process";
+import { readFileSync } from "node:fs";
+import { createRequire } from "node:module";
+import path from "node:path";
+import readline from "node:readline";
+import { fileURLToPath } from "node:url";
+import WebSocket from "ws";
+
+const require = createRequire(import.meta.url);
+const HERE = path.dirname(fileURLToPath(import.meta.url));
+
+export const PUBLISH_TOKEN = "test-token";
+export const PUSHGATE_BIN = process.env.PUSHGATE_BIN
+  ? path.resolve(process.env.PUSHGATE_BIN)
+  : path.resolve(HERE, "../../target/debug/pushgate");
+
+const STARTUP_DEADLINE_MS = 10_000;
+const STOP_DEADLINE_MS = 10_000;
+const LISTENING = /listening addr=(\S+)/;
+const ANSI_ESCAPE = /\x1b\[[0-9;?]*[ -\/]*[@-~]/g;
+
+// ---------------------------------------------------------------------------
+// Clients
+// ---------------------------------------------------------------------------
+
+function loadClient(packageName, expectedVersion) {
+  const entry = require.resolve(packageName); // <pkg>/priv/static/phoenix.cjs.js
+  const manifest = JSON.parse(readFileSync(path.resolve(entry, "../../../package.json"), "utf8"));
+  if (manifest.version !== expectedVersion) {
+    throw new Error(`${packageName} is phoenix ${manifest.version}, expected ${expectedVersion}; run npm ci`);
+  }
+  const { Socket } = require(packageName);
+  return { version: expectedVersion, Socket };
+}
+
+/** The client versions every test runs against. */
+export const CLIENTS = [loadClient("phoenix", "1.8.16"), loadClient("phx17", "1.7.21")];
+
+/**
+ * Makes (but does not connect) a phoenix Socket for `client` talking to the
+ * server at `server.url` over WebSocket. Every text frame in both directions is
+ * recorded in `frames` as `["in"|"out", text]`, for assertions and for failure
+ * messages.
+ */
+export function makeSocket(client, server, opts = {}) {
+  const frames = [];
+  class RecordingWebSocket extends WebSocket {
+    constructor(...args) {
+      super(...args);
+      this.addEventListener("message", (event) => frames.push(["in", String(event.data)]));
+    }
+    send(data, ...rest) {
+      frames.push(["out", String(data)]);
+      return super.send(data, ...rest);
+    }
+  }
+  const endpoint = `${server.url.replace(/^http/, "ws")}/socket`;
+  const socket = new client.Socket(endpoint, { transport: RecordingWebSocket, ...opts });
+  return { socket, frames };
+}
+
+/** The last `count` recorded frames, one per line, for assertion messages. */
+export function showFrames(frames, count = 30) {
+  return frames.slice(-count).map(([dir, text]) => `  ${dir === "in" ? "<-" : "->"} ${text}`).join("\n");
+}
+
+/** Disconnects a socket and resolves once the client has torn the connection down. */
+export function disconnect(socket) {
+  return new Promise((resolve) => socket.disconnect(() => resolve()));
+}
+
+/**
+ * Resolves with `{status, response}` for the first reply to `push` ("ok",
+ * "error", or the client-side "timeout"). The caller asserts on the status.
+ */
+export function replyTo(push) {
+  return new Promise((resolve) => {
+    for (const status of ["ok", "error", "timeout"]) {
+      push.receive(status, (response) => resolve({ status, response }));
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------
+// Server
+// ---------------------------------------------------------------------------
+
+const running = new Set();
+process.on("exit", () => {
+  for (const child of running) child.kill("SIGKILL");
+});
+
+/**
+ * Starts `pushgate serve --listen <listen>` and resolves once it logs its
+ * address. Options: `listen` (default "127.0.0.1:0"), `args` (extra CLI args),
+ * `env` (extra environment). PUSHGATE_* variables of the calling environment
+ * are not passed on, so a developer's shell cannot change what a test sees.
+ *
+ * Returns `{url, port, addr, proc, logs, stop()}`; `logs` collects every
+ * output line (ANSI codes stripped).
+ */
+export async function startServer(opts = {}) {
+  const listen = opts.listen ?? "127.0.0.1:0";
+  const env = Object.fromEntries(
+    Object.entries(process.env).filter(([key]) => !key.startsWith("PUSHGATE_")),
+  );
+  Object.assign(env, {
+    PUSHGATE_PUBLISH_TOKEN: PUBLISH_TOKEN,
+    PUSHGATE_LOG: "info",
+    NO_COLOR: "1",
+    ...opts.env,
+  });
+  const args = ["serve", "--listen", listen, ...(opts.args ?? [])];
+  const proc = spawn(PUSHGATE_BIN, args, { env, stdio: ["ignore", "pipe", "pipe"] });
+  running.add(proc);
+
+  const logs = [];
+  const exited = new Promise((resolve) => {
+    proc.once("exit", (code, signal) => {
+      running.delete(proc);
+      resolve({ code, signal });
+    });
+  });
+
+  const addr = await new Promise((resolve, reject) => {
+    const fail = (why) => {
+      clearTimeout(timer);
+      proc.kill("SIGKILL");
+      reject(new Error(`pushgate ${args.join(" ")}: ${why}\n${logs.slice(-40).join("\n")}`));
+    };
+    const timer = setTimeout(() => fail(`no "listening addr=" line within ${STARTUP_DEADLINE_MS} ms`), STARTUP_DEADLINE_MS);
+    proc.once("error", (err) => fail(`cannot start ${PUSHGATE_BIN}: ${err.message}`));
+    exited.then(({ code, signal }) => fail(`exited early (code ${code}, signal ${signal})`));
+    for (const stream of [proc.stdout, proc.stderr]) {
+      readline.createInterface({ input: stream }).on("line", (raw) => {
+        const line = raw.replace(ANSI_ESCAPE, "");
+        logs.push(line);
+        if (process.env.PUSHGATE_TEST_VERBOSE) console.error(`[pushgate ${proc.pid}] ${line}`);
+        const match = LISTENING.exec(line);
+        if (match) {
+          clearTimeout(timer);
+          resolve(match[1]);
+        }
+      });
+    }
+  });
+
+  const port = Number(addr.slice(addr.lastIndexOf(":") + 1));
+  return {
+    addr,
+    port,
+    url: `http://${addr}`,
+    proc,
+    logs,
+    exited,
+    /** SIGTERM, then wait for the exit (SIGKILL after a deadline). Resolves with {code, signal}. */
+    async stop() {
+      if (proc.exitCode === null && proc.signalCode === null) {
+        proc.kill("SIGTERM");
+        const timer = setTimeout(() => proc.kill("SIGKILL"), STOP_DEADLINE_MS);
+        try {
+          return await exited;
+        } finally {
+          clearTimeout(timer);
+        }
+      }
+      return exited;
+    },
+  };
+}
+
+/**
+ * POST /api/publish with the test token. Resolves with the parsed JSON answer
+ * (`{position: "<epoch>:<offset>"}`); rejects on a non-2xx status.
+ */
+export async function publish(base, topic, event, payload) {
+  const url = `${typeof base === "string" ? base : base.url}/api/publish`;
+  const response = await fetch(url, {
+    method: "POST",
+    headers: { "content-type": "application/json", authorization: `Bearer ${PUBLISH_TOKEN}` },
+    body: JSON.stringify({ topic, event, payload }),
+  });
+  const text = await response.text();
+  if (!response.ok) {
+    throw new Error(`POST ${url} -> ${response.status}: ${text}`);
+  }
+  return JSON.parse(text);
+}
+
+// ---------------------------------------------------------------------------
+// Waiting
+// ---------------------------------------------------------------------------
+
+/**
+ * Polls `predicate` (may be async) every 10 ms until it returns a truthy
+ * value, which is returned. Rejects after `timeoutMs`; `describe` (a string or
+ * a function returning one) explains what was awaited.
+ */
+export async function waitFor(predicate, timeoutMs = 5000, describe = "condition") {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const value = await predicate();
+    if (value) return value;
+    if (Date.now() >= deadline) {
+      const what = typeof describe === "function" ? describe() : describe;
+      throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
+    }
+    await new Promise((resolve) => setTimeout(resolve, 10));
+  }
+}
+
+/** Resolves after `ms`; only for proving that something does NOT happen. */
+export function quietPeriod(ms) {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}
+
+/** A topic name no other test uses. */
+let topicCounter = 0;
+export function uniqueTopic(prefix = "room") {
+  topicCounter += 1;
+  return `${prefix}:t${process.pid}-${topicCounter}-${Math.random().toString(36).slice(2, 8)}`;
+}
