@@ -96,10 +96,7 @@ fn parse_item(raw: &str) -> Result<PublishItem, String> {
 /// Handles `POST /api/publish`.
 pub async fn publish(app: Arc<App>, req: Request<Incoming>) -> Response<Full<Bytes>> {
     if req.method() != hyper::Method::POST {
-        let mut r = error_response(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "use POST to publish",
-        );
+        let mut r = error_response(StatusCode::METHOD_NOT_ALLOWED, "use POST to publish");
         r.headers_mut()
             .insert(header::ALLOW, header::HeaderValue::from_static("POST"));
         return r;

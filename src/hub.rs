@@ -189,34 +189,44 @@ impl Topic {
         }
     }
 
-    /// Hands `emit` every entry after `sub.last`, oldest first, until about `budget` bytes.
-    /// Returns how many entries were emitted.
+    /// `Err` when `sub` has fallen behind (see the slow-consumer policy above).
+    pub fn lag(&self, sub: &Subscription, max_pending: u64) -> Result<(), Lag> {
+        let mut last = sub.last;
+        self.read(&mut last, max_pending, 0, &mut |_| {})
+            .map(|_| ())
+    }
+
+    /// Hands `emit` every entry after `*last`, oldest first, until about `budget` bytes, and
+    /// advances `*last`. Returns how many entries were emitted.
     pub fn read(
         &self,
-        sub: &mut Subscription,
+        last: &mut u64,
         max_pending: u64,
         budget: usize,
         emit: &mut dyn FnMut(&Entry),
     ) -> Result<usize, Lag> {
         let st = self.read_lock();
-        if sub.last >= st.last_offset {
+        if *last >= st.last_offset {
             return Ok(0);
         }
         let Some(front) = st.entries.front() else {
             return Err(Lag::FellOffHistory);
         };
-        if sub.last + 1 < front.offset {
+        if *last + 1 < front.offset {
             return Err(Lag::FellOffHistory);
         }
-        let first = (sub.last + 1 - front.offset) as usize;
+        let first = (*last + 1 - front.offset) as usize;
         if st.total_bytes - st.entries[first].cum_start > max_pending {
             return Err(Lag::TooManyPendingBytes);
         }
         let mut bytes = 0;
         let mut n = 0;
+        if budget == 0 {
+            return Ok(0);
+        }
         for e in st.entries.range(first..) {
             emit(e);
-            sub.last = e.offset;
+            *last = e.offset;
             n += 1;
             bytes += e.frame.len();
             if bytes >= budget {
@@ -274,11 +284,7 @@ impl Hub {
         self.topics.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn get_or_create(
-        &self,
-        map: &mut HashMap<Arc<str>, Arc<Topic>>,
-        name: &str,
-    ) -> Arc<Topic> {
+    fn get_or_create(&self, map: &mut HashMap<Arc<str>, Arc<Topic>>, name: &str) -> Arc<Topic> {
         if let Some(t) = map.get(name) {
             return t.clone();
         }
@@ -441,7 +447,7 @@ mod tests {
 
     fn texts(topic: &Topic, sub: &mut Subscription) -> Result<Vec<String>, Lag> {
         let mut got = Vec::new();
-        topic.read(sub, u64::MAX, usize::MAX, &mut |e| {
+        topic.read(&mut sub.last, u64::MAX, usize::MAX, &mut |e| {
             got.push(String::from_utf8(e.text().to_vec()).unwrap())
         })?;
         Ok(got)
@@ -491,11 +497,16 @@ mod tests {
         let w = Arc::new(Waker::default());
         // p1's successor (offset 2) is still there: recoverable.
         assert_eq!(
-            h.subscribe("t", w.clone(), Some(&p1.to_string())).1.recovered,
+            h.subscribe("t", w.clone(), Some(&p1.to_string()))
+                .1
+                .recovered,
             Some(true)
         );
         let p0 = format!("{}:0", p1.epoch);
-        assert_eq!(h.subscribe("t", w.clone(), Some(&p0)).1.recovered, Some(false));
+        assert_eq!(
+            h.subscribe("t", w.clone(), Some(&p0)).1.recovered,
+            Some(false)
+        );
         assert_eq!(
             h.subscribe("t", w.clone(), Some("other:1")).1.recovered,
             Some(false)
@@ -506,7 +517,10 @@ mod tests {
                 .recovered,
             Some(false)
         );
-        assert_eq!(h.subscribe("t", w, Some("garbage")).1.recovered, Some(false));
+        assert_eq!(
+            h.subscribe("t", w, Some("garbage")).1.recovered,
+            Some(false)
+        );
     }
 
     #[test]
@@ -520,7 +534,7 @@ mod tests {
         assert_eq!(texts(&topic, &mut sub), Err(Lag::FellOffHistory));
         let (mut sub2, _) = h.subscribe("t", Arc::new(Waker::default()), None);
         h.publish("t", "e", b"123456");
-        let r = topic.read(&mut sub2, 10, usize::MAX, &mut |_| {});
+        let r = topic.read(&mut sub2.last, 10, usize::MAX, &mut |_| {});
         assert_eq!(r, Err(Lag::TooManyPendingBytes));
     }
 
@@ -562,7 +576,7 @@ mod tests {
         h.publish("t", "e", &vec![b'1'; 300]);
         let topic = sub.topic().clone();
         topic
-            .read(&mut sub, u64::MAX, usize::MAX, &mut |e| {
+            .read(&mut sub.last, u64::MAX, usize::MAX, &mut |e| {
                 let f = e.ws_frame();
                 assert_eq!(f[0], 0x81);
                 assert_eq!(f[1], 126);

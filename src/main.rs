@@ -12,7 +12,11 @@ use tokio_util::sync::CancellationToken;
 const EXIT_CONFIG: u8 = 64;
 
 #[derive(Parser)]
-#[command(name = "pushgate", version, about = "Real-time push gateway (Phoenix Channels V2)")]
+#[command(
+    name = "pushgate",
+    version,
+    about = "Real-time push gateway (Phoenix Channels V2)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -41,10 +41,7 @@ impl Metrics {
             "gauge",
             "Open client connections by transport.",
             &[
-                (
-                    "{transport=\"websocket\"}",
-                    g(&self.connections_websocket),
-                ),
+                ("{transport=\"websocket\"}", g(&self.connections_websocket)),
                 ("{transport=\"longpoll\"}", g(&self.connections_longpoll)),
             ],
         );

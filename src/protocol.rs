@@ -394,7 +394,10 @@ mod tests {
         assert_eq!(m.msg_ref.as_deref(), Some("9"));
         assert_eq!(m.topic, "room:lobby");
         assert_eq!(m.event, "bin");
-        assert_eq!(m.payload, Payload::Binary(Bytes::from_static(&[0xca, 0xfe])));
+        assert_eq!(
+            m.payload,
+            Payload::Binary(Bytes::from_static(&[0xca, 0xfe]))
+        );
     }
 
     #[test]

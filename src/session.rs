@@ -270,6 +270,16 @@ impl Session {
         !self.direct.is_empty()
     }
 
+    /// Reports whether this subscriber has fallen behind, without taking anything. Used while
+    /// its socket is not draining and nothing new can be taken.
+    pub fn check_lag(&self) -> Result<(), Lag> {
+        let max_pending = self.app.config.limits.max_pending_bytes;
+        for ch in &self.channels {
+            ch.sub.topic().lag(&ch.sub, max_pending)?;
+        }
+        Ok(())
+    }
+
     /// Hands `emit` the broadcasts waiting in this session's topics, up to about `budget` bytes.
     /// Returns the number emitted, or the lag that makes this a slow consumer.
     pub fn collect_broadcasts(
@@ -287,7 +297,7 @@ impl Session {
                 bytes += e.ws_frame().len();
                 emit(e)
             };
-            total += topic.read(&mut ch.sub, max_pending, remaining, &mut count_bytes)?;
+            total += topic.read(&mut ch.sub.last, max_pending, remaining, &mut count_bytes)?;
             if bytes >= budget {
                 // Come back for the rest: the waker stays set so the transport loops again.
                 self.waker.wake();

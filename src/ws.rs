@@ -441,7 +441,11 @@ mod tests {
 
     #[test]
     fn rejects_violations_with_the_right_code() {
-        let code = |bytes: Vec<u8>| collect(&mut MessageReader::default(), &bytes).unwrap_err().code;
+        let code = |bytes: Vec<u8>| {
+            collect(&mut MessageReader::default(), &bytes)
+                .unwrap_err()
+                .code
+        };
         let mut unmasked = client_frame(true, OP_TEXT, b"x");
         unmasked[1] &= 0x7F;
         assert_eq!(code(unmasked), 1002);
@@ -469,7 +473,9 @@ mod tests {
         let mut r = MessageReader::default();
         let mut frags = client_frame(false, OP_TEXT, &[b'a'; 80]);
         frags.extend(client_frame(true, OP_CONTINUATION, &[b'a'; 80]));
-        let err = r.feed(&mut frags, 100, &mut |_| Flow::Continue).unwrap_err();
+        let err = r
+            .feed(&mut frags, 100, &mut |_| Flow::Continue)
+            .unwrap_err();
         assert_eq!(err.code, 1009);
     }
 

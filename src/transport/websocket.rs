@@ -139,7 +139,10 @@ pub fn upgrade(
     let mut resp = Response::new(Full::new(Bytes::new()));
     *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let h = resp.headers_mut();
-    h.insert(header::UPGRADE, header::HeaderValue::from_static("websocket"));
+    h.insert(
+        header::UPGRADE,
+        header::HeaderValue::from_static("websocket"),
+    );
     h.insert(
         header::CONNECTION,
         header::HeaderValue::from_static("Upgrade"),
@@ -195,6 +198,17 @@ impl Outbox {
 
     fn is_empty(&self) -> bool {
         self.frames.is_empty()
+    }
+
+    /// Drops every frame not yet started (keeping a partly written one, so the stream stays
+    /// well-formed), so that a close frame queued next goes out as soon as the peer reads.
+    fn discard_unstarted(&mut self) {
+        let keep = usize::from(self.offset > 0);
+        while self.frames.len() > keep {
+            if let Some(f) = self.frames.pop_back() {
+                self.bytes -= f.len();
+            }
+        }
     }
 
     /// Writes as much as the socket takes. `Ok(true)` when everything was written.
@@ -348,10 +362,10 @@ pub async fn run(app: Arc<App>, stream: TcpStream, initial: Bytes, connect: Conn
     tokio::pin!(timer);
 
     let queue_close = |outbox: &mut Outbox,
-                           close_sent: &mut bool,
-                           timer: &mut std::pin::Pin<&mut tokio::time::Sleep>,
-                           code: u16,
-                           reason: &str| {
+                       close_sent: &mut bool,
+                       timer: &mut std::pin::Pin<&mut tokio::time::Sleep>,
+                       code: u16,
+                       reason: &str| {
         if !*close_sent {
             outbox.push(Bytes::from(ws::encode_close(code, reason)));
             *close_sent = true;
@@ -391,11 +405,16 @@ pub async fn run(app: Arc<App>, stream: TcpStream, initial: Bytes, connect: Conn
                 framed.extend_from_slice(&f);
                 outbox.push(Bytes::from(framed));
             }
-            if outbox.bytes < WRITE_BATCH_BYTES {
-                waker.clear();
+            waker.clear();
+            let collected = if outbox.bytes < WRITE_BATCH_BYTES {
                 let budget = WRITE_BATCH_BYTES - outbox.bytes;
-                match session.collect_broadcasts(budget, &mut |e| outbox.push(e.ws_frame().clone()))
-                {
+                session.collect_broadcasts(budget, &mut |e| outbox.push(e.ws_frame().clone()))
+            } else {
+                // The socket is not draining; see whether the topics have left us behind.
+                session.check_lag().map(|()| 0)
+            };
+            {
+                match collected {
                     Ok(0) => {}
                     Ok(n) => Metrics::add(&app.metrics.messages_delivered, n as u64),
                     Err(lag) => {
@@ -405,6 +424,7 @@ pub async fn run(app: Arc<App>, stream: TcpStream, initial: Bytes, connect: Conn
                             Lag::TooManyPendingBytes => "slow consumer: too many pending bytes",
                         };
                         tracing::debug!(reason = why, "closing websocket");
+                        outbox.discard_unstarted();
                         queue_close(
                             &mut outbox,
                             &mut close_sent,

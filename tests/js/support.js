@@ -18,7 +18,9 @@ import WebSocket from "ws";
 const require = createRequire(import.meta.url);
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 
-export const PUBLISH_TOKEN = "test-token";
+// The brief asked for "test-token", but the server requires at least 16
+// characters (config.rs: publish.token), so the tests use a longer one.
+export const PUBLISH_TOKEN = "test-token-pushgate-js";
 export const PUSHGATE_BIN = process.env.PUSHGATE_BIN
   ? path.resolve(process.env.PUSHGATE_BIN)
   : path.resolve(HERE, "../../target/debug/pushgate");

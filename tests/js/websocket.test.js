@@ -25,7 +25,7 @@ function decoded(frames, direction) {
   return frames.filter(([dir]) => dir === direction).map(([, text]) => JSON.parse(text));
 }
 
-/** Connects, joins `topic` and resolves with the join reply's response; rejects on anything but "ok". */
+/** Joins `channel` and resolves with the join reply's response; fails the test on anything but "ok". */
 async function join(channel, frames) {
   const { status, response } = await replyTo(channel.join(PUSH_TIMEOUT_MS));
   assert.equal(status, "ok", `join ${channel.topic}: ${status} ${JSON.stringify(response)}\n${showFrames(frames)}`);

@@ -1,0 +1,294 @@
+//! Phoenix V2 over WebSocket, frame by frame, against a real server on 127.0.0.1:0.
+
+mod support;
+
+use futures_util::SinkExt;
+use support::*;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+#[tokio::test]
+async fn heartbeat_is_answered_with_the_exact_ref_string() {
+    let s = start().await;
+    let mut ws = connect(s.addr).await;
+    send(&mut ws, r#"[null,"9","phoenix","heartbeat",{}]"#).await;
+    let reply = recv(&mut ws).await;
+    assert_eq!(
+        reply.to_string(),
+        r#"[null,"9","phoenix","phx_reply",{"response":{},"status":"ok"}]"#
+    );
+}
+
+#[tokio::test]
+async fn join_then_broadcast_carries_the_position_in_the_ref_slot() {
+    let s = start().await;
+    let mut ws = connect(s.addr).await;
+    let response = join(&mut ws, "6", "room:lobby", "{}").await;
+    let position = response["position"].as_str().unwrap().to_string();
+    assert!(position.ends_with(":0"), "{position}");
+    assert!(response.get("recovered").is_none());
+
+    let published = publish(s.addr, "room:lobby", "new_msg", r#"{"body":"hi"}"#).await;
+    let msg = recv(&mut ws).await;
+    assert_eq!(msg[0], serde_json::Value::Null);
+    assert_eq!(msg[1], published.as_str());
+    assert_eq!(msg[2], "room:lobby");
+    assert_eq!(msg[3], "new_msg");
+    assert_eq!(msg[4]["body"], "hi");
+    let epoch = position.rsplit_once(':').unwrap().0;
+    assert_eq!(published, format!("{epoch}:1"));
+}
+
+#[tokio::test]
+async fn every_subscriber_gets_every_message_in_order() {
+    let s = start().await;
+    let mut clients = Vec::new();
+    for i in 0..20 {
+        let mut ws = connect(s.addr).await;
+        join(&mut ws, &i.to_string(), "room:many", "{}").await;
+        clients.push(ws);
+    }
+    for n in 0..30 {
+        publish(s.addr, "room:many", "n", &n.to_string()).await;
+    }
+    for ws in &mut clients {
+        for n in 0..30 {
+            let m = recv(ws).await;
+            assert_eq!(m[4], n);
+        }
+    }
+    let metrics = String::from_utf8(http(s.addr, "GET", "/metrics", &[], b"").await.2).unwrap();
+    assert!(
+        metrics.contains("pushgate_messages_delivered_total 600"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("pushgate_connections{transport=\"websocket\"} 20"));
+}
+
+#[tokio::test]
+async fn client_push_gets_an_error_reply_with_refs_echoed() {
+    let s = start().await;
+    let mut ws = connect(s.addr).await;
+    join(&mut ws, "6", "room:a", "{}").await;
+    send(&mut ws, r#"["6","7","room:a","shout",{"a":1}]"#).await;
+    let r = recv(&mut ws).await;
+    assert_eq!(r[0], "6");
+    assert_eq!(r[1], "7");
+    assert_eq!(r[2], "room:a");
+    assert_eq!(r[3], "phx_reply");
+    assert_eq!(r[4]["status"], "error");
+    assert!(r[4]["response"]["reason"].is_string());
+}
+
+#[tokio::test]
+async fn unmatched_topic_and_leave_of_unjoined_topic() {
+    let s = start().await;
+    let mut ws = connect(s.addr).await;
+    send(&mut ws, r#"["3","4","room:x","shout",{}]"#).await;
+    assert_eq!(
+        recv(&mut ws).await.to_string(),
+        r#"[null,"4","room:x","phx_reply",{"response":{"reason":"unmatched topic"},"status":"error"}]"#
+    );
+    send(&mut ws, r#"["3","5","room:x","phx_leave",{}]"#).await;
+    assert_eq!(
+        recv(&mut ws).await.to_string(),
+        r#"["3","5","room:x","phx_reply",{"response":{},"status":"ok"}]"#
+    );
+}
+
+#[tokio::test]
+async fn leave_replies_ok_then_closes_and_stops_delivery() {
+    let s = start().await;
+    let mut ws = connect(s.addr).await;
+    join(&mut ws, "6", "room:a", "{}").await;
+    join(&mut ws, "8", "room:b", "{}").await;
+    send(&mut ws, r#"["6","7","room:a","phx_leave",{}]"#).await;
+    assert_eq!(
+        recv(&mut ws).await.to_string(),
+        r#"["6","7","room:a","phx_reply",{"response":{},"status":"ok"}]"#
+    );
+    assert_eq!(
+        recv(&mut ws).await.to_string(),
+        r#"["6","6","room:a","phx_close",{}]"#
+    );
+    publish(s.addr, "room:a", "e", "1").await;
+    publish(s.addr, "room:b", "e", "2").await;
+    let m = recv(&mut ws).await;
+    assert_eq!(m[2], "room:b", "only the still-joined topic delivers: {m}");
+    wait_until(|| s.app.hub.subscriber_count("room:a") == 0).await;
+}
+
+#[tokio::test]
+async fn stale_join_refs_are_ignored() {
+    let s = start().await;
+    let mut ws = connect(s.addr).await;
+    join(&mut ws, "6", "room:a", "{}").await;
+    // A push and a leave for an earlier join of the same topic: no reply, still joined.
+    send(&mut ws, r#"["2","7","room:a","shout",{}]"#).await;
+    send(&mut ws, r#"["2","8","room:a","phx_leave",{}]"#).await;
+    send(&mut ws, r#"[null,"9","phoenix","heartbeat",{}]"#).await;
+    let r = recv(&mut ws).await;
+    assert_eq!(r[1], "9", "the stale messages must get no reply: {r}");
+    publish(s.addr, "room:a", "e", "1").await;
+    assert_eq!(recv(&mut ws).await[2], "room:a");
+}
+
+#[tokio::test]
+async fn rejoining_a_joined_topic_closes_the_old_join_first() {
+    let s = start().await;
+    let mut ws = connect(s.addr).await;
+    join(&mut ws, "6", "room:a", "{}").await;
+    send(&mut ws, r#"["10","10","room:a","phx_join",{}]"#).await;
+    assert_eq!(
+        recv(&mut ws).await.to_string(),
+        r#"["6","6","room:a","phx_close",{}]"#
+    );
+    let r = recv(&mut ws).await;
+    assert_eq!((r[0].as_str(), r[1].as_str()), (Some("10"), Some("10")));
+    assert_eq!(r[4]["status"], "ok");
+    assert_eq!(s.app.hub.subscriber_count("room:a"), 1);
+}
+
+#[tokio::test]
+async fn since_replays_the_gap_once_in_order_then_live() {
+    let s = start().await;
+    let first = publish(s.addr, "room:r", "n", "0").await;
+    for n in 1..50 {
+        publish(s.addr, "room:r", "n", &n.to_string()).await;
+    }
+    let mut ws = connect(s.addr).await;
+    let resp = join(&mut ws, "6", "room:r", &format!(r#"{{"since":"{first}"}}"#)).await;
+    assert_eq!(resp["recovered"], true);
+    assert!(resp["position"].as_str().unwrap().ends_with(":50"));
+    publish(s.addr, "room:r", "n", "50").await;
+    for n in 1..=50 {
+        let m = recv(&mut ws).await;
+        assert_eq!(m[4], n, "message {n}: {m}");
+    }
+    send(&mut ws, r#"[null,"99","phoenix","heartbeat",{}]"#).await;
+    assert_eq!(
+        recv(&mut ws).await[1],
+        "99",
+        "no duplicate after the live message"
+    );
+}
+
+#[tokio::test]
+async fn since_outside_history_says_recovered_false() {
+    let mut c = test_config();
+    c.history.size = 5;
+    let s = start_with(c).await;
+    let first = publish(s.addr, "room:r", "n", "0").await;
+    for n in 1..10 {
+        publish(s.addr, "room:r", "n", &n.to_string()).await;
+    }
+    let mut ws = connect(s.addr).await;
+    let resp = join(&mut ws, "6", "room:r", &format!(r#"{{"since":"{first}"}}"#)).await;
+    assert_eq!(resp["recovered"], false);
+    let resp = join(&mut ws, "7", "room:q", r#"{"since":"nope:5"}"#).await;
+    assert_eq!(resp["recovered"], false);
+    // Nothing is replayed: the next frame is the heartbeat reply.
+    send(&mut ws, r#"[null,"9","phoenix","heartbeat",{}]"#).await;
+    let r = recv(&mut ws).await;
+    assert!(r[3] == "phx_close" || r[1] == "9", "{r}");
+}
+
+#[tokio::test]
+async fn binary_push_is_parsed_and_answered() {
+    let s = start().await;
+    let mut ws = connect(s.addr).await;
+    join(&mut ws, "6", "room:lobby", "{}").await;
+    // 00 01 01 0a 03 "6" "9" "room:lobby" "bin" ca fe
+    let mut f = vec![0u8, 1, 1, 10, 3];
+    f.extend_from_slice(b"69room:lobbybin");
+    f.extend_from_slice(&[0xca, 0xfe]);
+    ws.send(Message::binary(f)).await.unwrap();
+    let r = recv(&mut ws).await;
+    assert_eq!((r[0].as_str(), r[1].as_str()), (Some("6"), Some("9")));
+    assert_eq!(r[4]["status"], "error");
+}
+
+#[tokio::test]
+async fn phoenix_subprotocol_is_echoed_when_an_auth_token_is_offered() {
+    let s = start().await;
+    let mut req = format!("ws://{}/socket/websocket?vsn=2.0.0", s.addr)
+        .into_client_request()
+        .unwrap();
+    req.headers_mut().insert(
+        "Sec-WebSocket-Protocol",
+        "phoenix, base64url.bearer.phx.bXktYXV0aC10b2s"
+            .parse()
+            .unwrap(),
+    );
+    let (mut ws, resp) = tokio_tungstenite::connect_async(req).await.unwrap();
+    assert_eq!(resp.headers()["sec-websocket-protocol"], "phoenix");
+    send(&mut ws, r#"[null,"1","phoenix","heartbeat",{}]"#).await;
+    assert_eq!(recv(&mut ws).await[1], "1");
+}
+
+#[tokio::test]
+async fn wrong_protocol_version_is_refused_before_the_upgrade() {
+    let s = start().await;
+    let url = format!("ws://{}/socket/websocket?vsn=1.0.0", s.addr);
+    let err = tokio_tungstenite::connect_async(url).await.unwrap_err();
+    match err {
+        tokio_tungstenite::tungstenite::Error::Http(resp) => assert_eq!(resp.status(), 403),
+        other => panic!("expected HTTP 403, got {other}"),
+    }
+}
+
+#[tokio::test]
+async fn a_slow_consumer_is_closed_with_1013_and_does_not_slow_the_others() {
+    let mut c = test_config();
+    c.history.size = 64;
+    c.publish.max_body_bytes = 4 * 1024 * 1024;
+    let s = start_with(c).await;
+    let mut slow = connect(s.addr).await;
+    join(&mut slow, "1", "room:s", "{}").await;
+    let mut fast = connect(s.addr).await;
+    join(&mut fast, "1", "room:s", "{}").await;
+
+    let batches = 40;
+    let per_batch = 50;
+    let reader = tokio::spawn(async move {
+        let mut n = 0;
+        while n < batches * per_batch {
+            let m = recv(&mut fast).await;
+            assert_eq!(m[4]["n"], n, "fast subscriber out of order");
+            n += 1;
+        }
+        n
+    });
+    let blob = "x".repeat(10_000);
+    let auth = format!("Bearer {TOKEN}");
+    for b in 0..batches {
+        let items: Vec<String> = (0..per_batch)
+            .map(|i| {
+                format!(
+                    r#"{{"topic":"room:s","event":"e","payload":{{"n":{},"blob":"{blob}"}}}}"#,
+                    b * per_batch + i
+                )
+            })
+            .collect();
+        let body = format!("[{}]", items.join(","));
+        let (status, _, _) = http(
+            s.addr,
+            "POST",
+            "/api/publish",
+            &[("Authorization", &auth)],
+            body.as_bytes(),
+        )
+        .await;
+        assert_eq!(status, 200);
+    }
+    assert_eq!(reader.await.unwrap(), batches * per_batch);
+    wait_until(|| {
+        s.app
+            .metrics
+            .slow_consumer_closes
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 1
+    })
+    .await;
+    assert_eq!(recv_close(&mut slow).await, 1013);
+}
