@@ -65,9 +65,8 @@ pub fn query_param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
     query
         .split('&')
         .filter_map(|kv| kv.split_once('=').or(Some((kv, ""))))
-        .filter(|(k, _)| *k == name)
+        .rfind(|(k, _)| *k == name)
         .map(|(_, v)| v)
-        .last()
 }
 
 /// Decodes the token phoenix.js puts in `base64url.bearer.phx.<B>` (standard base64 without
