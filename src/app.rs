@@ -13,6 +13,8 @@ use tokio_util::task::TaskTracker;
 pub struct App {
     pub config: Config,
     pub hub: Hub,
+    /// This node's LongPoll sessions.
+    pub longpoll: crate::transport::longpoll::Registry,
     pub metrics: Arc<Metrics>,
     /// The bearer token `POST /api/publish` requires (configured or generated at start).
     pub publish_token: String,
@@ -34,6 +36,7 @@ impl App {
         };
         Arc::new(App {
             hub: Hub::new(config.history.clone(), metrics.clone()),
+            longpoll: Default::default(),
             metrics,
             publish_token,
             config,

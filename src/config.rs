@@ -20,6 +20,8 @@ const NON_CONFIG_ENV: &[&str] = &["PUSHGATE_LOG", "PUSHGATE_LOG_FORMAT"];
 pub struct Config {
     pub server: ServerConfig,
     pub limits: LimitsConfig,
+    pub websocket: WebSocketConfig,
+    pub longpoll: LongPollConfig,
     pub publish: PublishConfig,
     pub history: HistoryConfig,
     pub redis: RedisConfig,
@@ -79,6 +81,50 @@ impl Default for LimitsConfig {
             max_frame_bytes: 64 * 1024,
             max_topics_per_connection: 100,
             max_pending_bytes: 4 * 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebSocketConfig {
+    /// Serve `/socket/websocket`. Default true. With false, upgrades get 404 and phoenix.js
+    /// clients with `longPollFallbackMs` fall back to LongPoll (for hosts that cannot pass
+    /// WebSockets).
+    pub enabled: bool,
+}
+
+impl Default for WebSocketConfig {
+    fn default() -> Self {
+        WebSocketConfig { enabled: true }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LongPollConfig {
+    /// Serve `/socket/longpoll`. Default true.
+    pub enabled: bool,
+    /// How long a GET is held when nothing is waiting, in ms. Default 10000; at most 15000,
+    /// well under phoenix.js's 20 s request timeout (and App Runner's 120 s).
+    pub window_ms: u64,
+    /// A session with no poll for this long is dropped, in ms. Default 30000. A client always
+    /// has a GET outstanding, so a gap this long means it is gone.
+    pub session_timeout_ms: u64,
+    /// Largest POST body, in bytes; larger ones get `{"status":413}`. Default 1048576.
+    pub max_post_bytes: usize,
+    /// Most ndjson lines in one POST (phoenix.js sends at most 100). Default 100.
+    pub max_post_lines: usize,
+}
+
+impl Default for LongPollConfig {
+    fn default() -> Self {
+        LongPollConfig {
+            enabled: true,
+            window_ms: 10_000,
+            session_timeout_ms: 30_000,
+            max_post_bytes: 1024 * 1024,
+            max_post_lines: 100,
         }
     }
 }
@@ -153,11 +199,21 @@ impl Default for ShutdownConfig {
 pub struct DemoConfig {
     /// Serve the demo page at `/`. Default true.
     pub enabled: bool,
+    /// Where the demo page loads the official phoenix client from. Default: the npm package
+    /// on a public CDN; point it at your own copy for an offline install.
+    pub phoenix_js_url: String,
 }
+
+/// The official client the demo page loads by default.
+pub const DEFAULT_PHOENIX_JS_URL: &str =
+    "https://cdn.jsdelivr.net/npm/phoenix@1.8.16/priv/static/phoenix.min.js";
 
 impl Default for DemoConfig {
     fn default() -> Self {
-        DemoConfig { enabled: true }
+        DemoConfig {
+            enabled: true,
+            phoenix_js_url: DEFAULT_PHOENIX_JS_URL.into(),
+        }
     }
 }
 
@@ -275,6 +331,27 @@ impl Config {
         }
         if self.limits.max_pending_bytes < 64 * 1024 {
             bad("limits.max_pending_bytes", "must be at least 65536");
+        }
+        if !(100..=15_000).contains(&self.longpoll.window_ms) {
+            bad(
+                "longpoll.window_ms",
+                "must be between 100 and 15000 (phoenix.js gives up on a poll after 20 s)",
+            );
+        }
+        if self.longpoll.session_timeout_ms < self.longpoll.window_ms + 1000 {
+            bad(
+                "longpoll.session_timeout_ms",
+                "must exceed longpoll.window_ms by at least 1000",
+            );
+        }
+        if self.longpoll.max_post_bytes < 1024 {
+            bad("longpoll.max_post_bytes", "must be at least 1024");
+        }
+        if self.longpoll.max_post_lines == 0 {
+            bad("longpoll.max_post_lines", "must be at least 1");
+        }
+        if self.demo.phoenix_js_url.is_empty() || self.demo.phoenix_js_url.contains('"') {
+            bad("demo.phoenix_js_url", "must be a URL (without quotes)");
         }
         if self.publish.max_body_bytes < 1024 {
             bad("publish.max_body_bytes", "must be at least 1024");

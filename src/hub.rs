@@ -93,6 +93,13 @@ impl Waker {
         }
     }
 
+    /// Wakes the task even if a wake-up is already scheduled: used by a LongPoll request that
+    /// may have consumed a wake-up meant for the request that replaced it.
+    pub fn wake_again(&self) {
+        self.scheduled.store(true, Ordering::Release);
+        self.notify.notify_one();
+    }
+
     /// Waits for a wake-up (returns at once if one came since the last [`Waker::clear`]).
     pub async fn wait(&self) {
         self.notify.notified().await;

@@ -14,7 +14,10 @@ pub struct Metrics {
     pub join_errors: AtomicU64,
     pub messages_published: AtomicU64,
     pub messages_delivered: AtomicU64,
+    pub messages_delivered_longpoll: AtomicU64,
     pub slow_consumer_closes: AtomicU64,
+    pub slow_consumer_closes_longpoll: AtomicU64,
+    pub longpoll_sessions_expired: AtomicU64,
     pub bad_messages: AtomicU64,
     pub topics: AtomicI64,
     pub recoveries: AtomicU64,
@@ -72,14 +75,32 @@ impl Metrics {
         one(
             "pushgate_messages_delivered_total",
             "counter",
-            "Broadcast messages written to subscribers.",
-            &[("", c(&self.messages_delivered))],
+            "Broadcast messages handed to subscribers, by transport.",
+            &[
+                ("{transport=\"websocket\"}", c(&self.messages_delivered)),
+                (
+                    "{transport=\"longpoll\"}",
+                    c(&self.messages_delivered_longpoll),
+                ),
+            ],
         );
         one(
             "pushgate_slow_consumer_closes_total",
             "counter",
-            "Subscribers closed because they fell behind (WebSocket close 1013).",
-            &[("", c(&self.slow_consumer_closes))],
+            "Subscribers closed because they fell behind (WebSocket close 1013; LongPoll session ended).",
+            &[
+                ("{transport=\"websocket\"}", c(&self.slow_consumer_closes)),
+                (
+                    "{transport=\"longpoll\"}",
+                    c(&self.slow_consumer_closes_longpoll),
+                ),
+            ],
+        );
+        one(
+            "pushgate_longpoll_sessions_expired_total",
+            "counter",
+            "LongPoll sessions dropped after longpoll.session_timeout_ms without a poll.",
+            &[("", c(&self.longpoll_sessions_expired))],
         );
         one(
             "pushgate_bad_messages_total",

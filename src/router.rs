@@ -3,7 +3,7 @@
 
 use crate::api::{self, error_response, json_response};
 use crate::app::App;
-use crate::transport::websocket;
+use crate::transport::{longpoll, websocket};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -20,10 +20,12 @@ pub async fn route(
     permit: &std::sync::Mutex<Option<OwnedSemaphorePermit>>,
 ) -> Response<Full<Bytes>> {
     match req.uri().path() {
-        "/socket/websocket" => {
+        "/socket/websocket" if app.config.websocket.enabled => {
             let permit = permit.lock().unwrap_or_else(|e| e.into_inner()).take();
             websocket::upgrade(app, req, permit)
         }
+        "/socket/longpoll" if app.config.longpoll.enabled => longpoll::handle(app, req).await,
+        "/socket/longpoll" => longpoll::disabled(),
         "/api/publish" => api::publish(app, req).await,
         "/healthz" => json_response(StatusCode::OK, &b"{\"status\":\"ok\"}"[..]),
         "/readyz" => {
@@ -45,7 +47,8 @@ pub async fn route(
             r
         }
         "/" if app.config.demo.enabled => {
-            let mut r = Response::new(Full::new(Bytes::from_static(DEMO_PAGE.as_bytes())));
+            let page = DEMO_PAGE.replace("{{PHOENIX_JS_URL}}", &app.config.demo.phoenix_js_url);
+            let mut r = Response::new(Full::new(Bytes::from(page)));
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
                 header::HeaderValue::from_static("text/html; charset=utf-8"),

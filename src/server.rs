@@ -39,6 +39,20 @@ pub async fn run(listeners: Vec<TcpListener>, app: Arc<App>) -> bool {
             }
         }
     });
+    let longpoll_app = app.clone();
+    app.tracker.spawn(async move {
+        // Check often enough that a session outlives its timeout by at most a quarter of it.
+        let every = Duration::from_millis(longpoll_app.config.longpoll.session_timeout_ms / 4);
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = longpoll_app.shutdown.cancelled() => break,
+                _ = tick.tick() => longpoll_app.longpoll.sweep(&longpoll_app),
+            }
+        }
+        longpoll_app.longpoll.close_all();
+    });
     app.shutdown.cancelled().await;
     app.set_draining();
     tracing::info!(

@@ -59,7 +59,7 @@ async fn every_subscriber_gets_every_message_in_order() {
     }
     let metrics = String::from_utf8(http(s.addr, "GET", "/metrics", &[], b"").await.2).unwrap();
     assert!(
-        metrics.contains("pushgate_messages_delivered_total 600"),
+        metrics.contains("pushgate_messages_delivered_total{transport=\"websocket\"} 600"),
         "{metrics}"
     );
     assert!(metrics.contains("pushgate_connections{transport=\"websocket\"} 20"));

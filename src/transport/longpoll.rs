@@ -1,0 +1,442 @@
+//! Drives a [`Session`] over Phoenix LongPoll (`/socket/longpoll`, PHOENIX-PROTOCOL.md §2).
+//!
+//! A session lives in this node's registry under a random token. A GET with no valid token
+//! creates one and answers `{"status":410,"token":T}`; later GETs answer at once with every frame
+//! waiting (direct frames first, then broadcasts from the shared topic buffers), or hold until
+//! something arrives or `longpoll.window_ms` passes (`204`). A POST carries ndjson lines that
+//! are handled in order before `{"status":200}`; their replies go out through the next GET.
+//! Every answer is HTTP 200 with a JSON body, `cache-control: no-store` and CORS headers.
+//!
+//! Nothing is copied per session while no GET is waiting: broadcasts stay in the topic buffers
+//! and the session keeps only its read positions, exactly as a WebSocket does. A frame leaves
+//! the session when a GET response carries it. The only way a client loses such a response is a
+//! broken request, after which phoenix.js always starts a new session and rejoins; with `since`
+//! in its join params it recovers what that response carried from the topic's history.
+//!
+//! Tokens look like `lp` followed by 32 hex digits. A token of that shape whose session is gone
+//! (expired, overflowed, or from a restarted node) gets `{"status":500}`, which makes both 1.7.x
+//! and 1.8.x clients reconnect and rejoin; a plain 410 would make 1.7.x adopt the new session
+//! silently and lose its channels. Any other token (a user's own `token` param) starts a session.
+
+use crate::api::error_response;
+use crate::app::App;
+use crate::hub::{Lag, Waker};
+use crate::metrics::Metrics;
+use crate::protocol;
+use crate::session::{ConnectInfo, Session};
+use crate::transport::websocket::query_param;
+use base64::Engine;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode, header};
+use std::collections::HashMap;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::Notify;
+
+/// Bytes of frames one GET response carries at most; the rest goes with the next poll, which
+/// the client sends at once.
+const RESPONSE_BATCH_BYTES: usize = 256 * 1024;
+const TOKEN_PREFIX: &str = "lp";
+
+/// This node's LongPoll sessions.
+#[derive(Debug, Default)]
+pub struct Registry {
+    sessions: Mutex<HashMap<Box<str>, Arc<LpSession>>>,
+}
+
+#[derive(Debug)]
+struct LpSession {
+    token: Box<str>,
+    inner: Mutex<Inner>,
+    /// Signals a superseded listener or a closed session.
+    changed: Notify,
+    /// The session's waker: topics (and POSTs) wake the waiting GET through it.
+    waker: Arc<Waker>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    session: Session,
+    /// Generation of the GET that is listening (0 when none).
+    listener: u64,
+    generations: u64,
+    /// When the last GET started or ended; sessions idle past `longpoll.session_timeout_ms`
+    /// without a GET pending are dropped.
+    last_seen: Instant,
+    closed: bool,
+}
+
+impl Registry {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<Box<str>, Arc<LpSession>>> {
+        self.sessions.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn get(&self, token: &str) -> Option<Arc<LpSession>> {
+        self.map().get(token).cloned()
+    }
+
+    fn remove(&self, app: &App, token: &str) {
+        if self.map().remove(token).is_some() {
+            app.metrics.connections_longpoll.fetch_sub(1, Relaxed);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.map().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Drops sessions with no GET pending whose last poll is older than the timeout.
+    pub fn sweep(&self, app: &App) {
+        let timeout = Duration::from_millis(app.config.longpoll.session_timeout_ms);
+        let now = Instant::now();
+        let mut expired = Vec::new();
+        self.map().retain(|_, s| {
+            let inner = s.inner.lock().unwrap_or_else(|e| e.into_inner());
+            let keep = inner.listener != 0 || now.duration_since(inner.last_seen) < timeout;
+            if !keep {
+                expired.push(s.clone());
+            }
+            keep
+        });
+        for s in expired {
+            app.metrics.connections_longpoll.fetch_sub(1, Relaxed);
+            Metrics::add(&app.metrics.longpoll_sessions_expired, 1);
+            close(&s);
+        }
+    }
+
+    /// Closes every session (shutdown): waiting GETs answer at once.
+    pub fn close_all(&self) {
+        for s in self.map().values() {
+            close(s);
+        }
+    }
+}
+
+fn close(s: &LpSession) {
+    s.inner.lock().unwrap_or_else(|e| e.into_inner()).closed = true;
+    s.changed.notify_waiters();
+}
+
+fn new_token() -> String {
+    let r: u128 = rand::random();
+    format!("{TOKEN_PREFIX}{r:032x}")
+}
+
+fn looks_like_ours(token: &str) -> bool {
+    token.len() == TOKEN_PREFIX.len() + 32
+        && token.starts_with(TOKEN_PREFIX)
+        && token[TOKEN_PREFIX.len()..]
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit())
+}
+
+/// The session token: the `X-Phoenix-Longpoll-Token` header, else the **last** `token` query
+/// value (a user param called `token` comes first).
+fn session_token(req: &Request<Incoming>) -> Option<String> {
+    if let Some(v) = req
+        .headers()
+        .get("x-phoenix-longpoll-token")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty())
+    {
+        return Some(v.to_string());
+    }
+    query_param(req.uri().query().unwrap_or(""), "token")
+        .filter(|t| !t.is_empty())
+        .map(|t| t.to_string())
+}
+
+/// An HTTP 200 JSON answer with the headers every LongPoll response carries.
+fn answer(body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json; charset=utf-8"),
+    );
+    h.insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-store"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        header::HeaderValue::from_static("*"),
+    );
+    r
+}
+
+fn status_only(status: u16) -> Response<Full<Bytes>> {
+    answer(format!("{{\"status\":{status}}}"))
+}
+
+fn poll_answer(status: u16, token: &str, messages: &[Bytes]) -> Response<Full<Bytes>> {
+    let size: usize = messages.iter().map(|m| m.len() + 8).sum();
+    let mut body = Vec::with_capacity(48 + token.len() + size + size / 8);
+    body.extend_from_slice(format!("{{\"status\":{status},\"token\":").as_bytes());
+    protocol::push_json_str(&mut body, token);
+    body.extend_from_slice(b",\"messages\":[");
+    for (i, m) in messages.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        // Frames are our own JSON, hence UTF-8; each goes out as a JSON string (§2.2).
+        protocol::push_json_str(&mut body, &String::from_utf8_lossy(m));
+    }
+    body.extend_from_slice(b"]}");
+    answer(body)
+}
+
+/// Handles any request to `/socket/longpoll`.
+pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    match *req.method() {
+        Method::OPTIONS => preflight(&req),
+        Method::GET => get(app, req).await,
+        Method::POST => post(app, req).await,
+        _ => {
+            let mut r = Response::new(Full::new(Bytes::new()));
+            *r.status_mut() = StatusCode::BAD_REQUEST;
+            r
+        }
+    }
+}
+
+fn preflight(req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::new()));
+    let h = r.headers_mut();
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        header::HeaderValue::from_static("*"),
+    );
+    if let Some(v) = req.headers().get(header::ACCESS_CONTROL_REQUEST_HEADERS) {
+        h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, v.clone());
+    }
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        header::HeaderValue::from_static("get, post, options"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_MAX_AGE,
+        header::HeaderValue::from_static("3600"),
+    );
+    r
+}
+
+async fn get(app: Arc<App>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let token = session_token(&req);
+    if let Some(t) = &token {
+        if let Some(lp) = app.longpoll.get(t) {
+            return poll(app, lp).await;
+        }
+        if looks_like_ours(t) {
+            tracing::debug!("longpoll session gone; telling the client to reconnect");
+            return status_only(500);
+        }
+    }
+    // A new session.
+    let query = req.uri().query().unwrap_or("");
+    if !query_param(query, "vsn").is_some_and(|v| v.starts_with("2.")) {
+        return status_only(403);
+    }
+    if app.is_draining() {
+        return status_only(500);
+    }
+    let auth_token = req
+        .headers()
+        .get("x-phoenix-authtoken")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let connect = ConnectInfo {
+        query: query.to_string(),
+        auth_token,
+    };
+    let session = Session::new(app.clone(), connect);
+    let token = new_token();
+    let lp = Arc::new(LpSession {
+        token: token.clone().into_boxed_str(),
+        waker: session.waker().clone(),
+        inner: Mutex::new(Inner {
+            session,
+            listener: 0,
+            generations: 0,
+            last_seen: Instant::now(),
+            closed: false,
+        }),
+        changed: Notify::new(),
+    });
+    app.longpoll.map().insert(lp.token.clone(), lp);
+    app.metrics.connections_longpoll.fetch_add(1, Relaxed);
+    poll_answer(410, &token, &[])
+}
+
+/// Takes what is waiting for the session (and the number of broadcasts among it), or reports
+/// that it fell behind.
+fn take_frames(inner: &mut Inner) -> Result<(Vec<Bytes>, usize), Lag> {
+    let mut out = Vec::new();
+    let mut bytes = 0;
+    while let Some(f) = inner.session.pop_direct() {
+        bytes += f.len();
+        out.push(Bytes::from(f));
+    }
+    let budget = RESPONSE_BATCH_BYTES.saturating_sub(bytes).max(1);
+    let broadcasts = inner
+        .session
+        .collect_broadcasts(budget, &mut |e| out.push(e.text()))?;
+    Ok((out, broadcasts))
+}
+
+async fn poll(app: Arc<App>, lp: Arc<LpSession>) -> Response<Full<Bytes>> {
+    let window = Duration::from_millis(app.config.longpoll.window_ms);
+    let deadline = tokio::time::Instant::now() + window;
+    let generation = {
+        let mut inner = lp.inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner.generations += 1;
+        inner.listener = inner.generations;
+        inner.last_seen = Instant::now();
+        inner.generations
+    };
+    // A GET already waiting for this session is finished (204) by this one.
+    lp.changed.notify_waiters();
+    let finish = |inner: &mut Inner| {
+        if inner.listener == generation {
+            inner.listener = 0;
+        }
+        inner.last_seen = Instant::now();
+    };
+    loop {
+        let changed = lp.changed.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        {
+            let mut inner = lp.inner.lock().unwrap_or_else(|e| e.into_inner());
+            if inner.closed {
+                finish(&mut inner);
+                return status_only(500);
+            }
+            if inner.listener != generation {
+                drop(inner);
+                // We may have consumed a wake-up meant for the new listener: pass it on.
+                lp.waker.wake_again();
+                return poll_answer(204, &lp.token, &[]);
+            }
+            lp.waker.clear();
+            match take_frames(&mut inner) {
+                Ok((frames, broadcasts)) if !frames.is_empty() => {
+                    finish(&mut inner);
+                    Metrics::add(&app.metrics.messages_delivered_longpoll, broadcasts as u64);
+                    return poll_answer(200, &lp.token, &frames);
+                }
+                Ok(_) => {}
+                Err(lag) => {
+                    finish(&mut inner);
+                    inner.closed = true;
+                    drop(inner);
+                    Metrics::add(&app.metrics.slow_consumer_closes_longpoll, 1);
+                    tracing::debug!(?lag, "longpoll session fell behind; closing it");
+                    app.longpoll.remove(&app, &lp.token);
+                    return status_only(500);
+                }
+            }
+        }
+        tokio::select! {
+            _ = lp.waker.wait() => {}
+            _ = &mut changed => {}
+            _ = tokio::time::sleep_until(deadline) => {
+                let mut inner = lp.inner.lock().unwrap_or_else(|e| e.into_inner());
+                finish(&mut inner);
+                return poll_answer(204, &lp.token, &[]);
+            }
+            _ = app.shutdown.cancelled() => {
+                let mut inner = lp.inner.lock().unwrap_or_else(|e| e.into_inner());
+                finish(&mut inner);
+                return status_only(500);
+            }
+        }
+    }
+}
+
+async fn post(app: Arc<App>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let Some(lp) = session_token(&req).and_then(|t| app.longpoll.get(&t)) else {
+        return status_only(410);
+    };
+    let limit = app.config.longpoll.max_post_bytes;
+    let body = match Limited::new(req.into_body(), limit).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => return status_only(413),
+        Err(_) => return status_only(400),
+    };
+    let lines: Vec<&[u8]> = body
+        .split(|b| *b == b'\n')
+        .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
+        .filter(|l| !l.is_empty())
+        .collect();
+    if lines.len() > app.config.longpoll.max_post_lines {
+        tracing::debug!(lines = lines.len(), "longpoll post has too many lines");
+        return status_only(413);
+    }
+    let max_frame = app.config.limits.max_frame_bytes;
+    {
+        let mut inner = lp.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if inner.closed {
+            return status_only(410);
+        }
+        for line in lines {
+            handle_line(&mut inner.session, line, max_frame);
+        }
+    }
+    lp.waker.wake();
+    status_only(200)
+}
+
+fn handle_line(session: &mut Session, line: &[u8], max_frame: usize) {
+    let parsed = if line.len() > max_frame {
+        Err(protocol::ParseError {
+            reason: format!("message larger than {max_frame} bytes (limits.max_frame_bytes)"),
+            join_ref: None,
+            msg_ref: None,
+            topic: None,
+        })
+    } else if line.first() == Some(&b'[') {
+        protocol::parse_text(line)
+    } else {
+        match base64::engine::general_purpose::STANDARD.decode(line) {
+            Ok(bin) => protocol::parse_binary(&bin),
+            Err(_) => Err(protocol::ParseError {
+                reason: "malformed line: neither a JSON array nor base64".into(),
+                join_ref: None,
+                msg_ref: None,
+                topic: None,
+            }),
+        }
+    };
+    match parsed {
+        Ok(msg) => session.handle(msg),
+        Err(e) => session.handle_parse_error(e),
+    }
+}
+
+/// For the router: a JSON 404 when the transport is disabled.
+pub fn disabled() -> Response<Full<Bytes>> {
+    error_response(StatusCode::NOT_FOUND, "the longpoll transport is disabled")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_recognised_by_shape() {
+        let t = new_token();
+        assert!(looks_like_ours(&t));
+        assert!(!looks_like_ours("user-secret"));
+        assert!(!looks_like_ours(&t[..t.len() - 1]));
+        assert!(!looks_like_ours(&format!("{}z", &t[..t.len() - 1])));
+    }
+}
