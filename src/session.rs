@@ -40,6 +40,8 @@ pub struct Session {
     waker: Arc<Waker>,
     channels: Vec<Channel>,
     direct: VecDeque<DirectFrame>,
+    /// Bytes in `direct`.
+    direct_bytes: usize,
     #[allow(dead_code)] // read by topic authorization, which is a later issue
     connect: ConnectInfo,
 }
@@ -57,6 +59,7 @@ impl Session {
             waker: Arc::new(Waker::default()),
             channels: Vec::new(),
             direct: VecDeque::new(),
+            direct_bytes: 0,
             connect,
         }
     }
@@ -72,6 +75,7 @@ impl Session {
     }
 
     fn reply(&mut self, frame: DirectFrame) {
+        self.direct_bytes += frame.len();
         self.direct.push_back(frame);
     }
 
@@ -260,7 +264,9 @@ impl Session {
     /// Takes the oldest direct frame.
     pub fn pop_direct(&mut self) -> Option<DirectFrame> {
         let f = self.direct.pop_front();
-        if f.is_none() && self.direct.capacity() > 0 {
+        if let Some(f) = &f {
+            self.direct_bytes -= f.len();
+        } else if self.direct.capacity() > 0 {
             self.direct = VecDeque::new(); // an idle session holds no queue
         }
         f
@@ -268,6 +274,11 @@ impl Session {
 
     pub fn has_direct(&self) -> bool {
         !self.direct.is_empty()
+    }
+
+    /// Bytes of direct frames waiting (replies the client has not collected).
+    pub fn direct_bytes(&self) -> usize {
+        self.direct_bytes
     }
 
     /// Reports whether this subscriber has fallen behind, without taking anything. Used while

@@ -390,6 +390,15 @@ async fn post(app: Arc<App>, req: Request<Incoming>) -> Response<Full<Bytes>> {
         for line in lines {
             handle_line(&mut inner.session, line, max_frame);
         }
+        // A client that posts but never polls must not grow our memory.
+        if inner.session.direct_bytes() as u64 > app.config.limits.max_pending_bytes {
+            inner.closed = true;
+            drop(inner);
+            lp.changed.notify_waiters();
+            Metrics::add(&app.metrics.slow_consumer_closes_longpoll, 1);
+            app.longpoll.remove(&app, &lp.token);
+            return status_only(410);
+        }
     }
     lp.waker.wake();
     status_only(200)

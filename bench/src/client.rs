@@ -1,0 +1,294 @@
+//! Minimal, cheap clients: WebSocket (RFC 6455 client side), LongPoll (Phoenix and Nchan) and a
+//! keep-alive HTTP/1.1 publisher. Written for the load generator: a read buffer per connection,
+//! no JSON parsing of messages beyond finding two numbers.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+
+/// Which server protocol to speak.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Adapter {
+    /// pushgate: Phoenix Channels V2 (join per topic), POST /api/publish.
+    Phoenix,
+    /// Nchan: raw WebSocket / long-poll at /sub/<topic>, POST /pub/<topic>.
+    Nchan,
+}
+
+/// Marker keys the publisher puts in every payload, chosen not to collide with protocol words.
+pub const SEQ_KEY: &[u8] = b"pgseq";
+pub const TS_KEY: &[u8] = b"pgts";
+
+pub fn now_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// The JSON payload of message `seq`, padded to about `size` bytes.
+pub fn payload(seq: u64, size: usize) -> String {
+    let head = format!("{{\"pgseq\":{seq},\"pgts\":{},\"pad\":\"", now_micros());
+    let pad = size.saturating_sub(head.len() + 2);
+    let mut s = String::with_capacity(head.len() + pad + 2);
+    s.push_str(&head);
+    s.extend(std::iter::repeat_n('x', pad));
+    s.push_str("\"}");
+    s
+}
+
+/// Finds every (seq, ts) pair in `data` (a frame, or a LongPoll body with many escaped frames).
+pub fn scan_messages(data: &[u8], mut f: impl FnMut(u64, u64)) {
+    let mut at = 0;
+    while let Some(i) = find(&data[at..], SEQ_KEY) {
+        let start = at + i + SEQ_KEY.len();
+        let (seq, after) = number_after(data, start);
+        let Some(j) = find(&data[after..], TS_KEY) else {
+            break;
+        };
+        let (ts, after_ts) = number_after(data, after + j + TS_KEY.len());
+        f(seq, ts);
+        at = after_ts;
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+fn number_after(data: &[u8], mut i: usize) -> (u64, usize) {
+    while i < data.len() && !data[i].is_ascii_digit() {
+        i += 1;
+    }
+    let mut n = 0u64;
+    while i < data.len() && data[i].is_ascii_digit() {
+        n = n * 10 + (data[i] - b'0') as u64;
+        i += 1;
+    }
+    (n, i)
+}
+
+/// Connects from `source` (any 127.0.0.x) to `server`.
+pub async fn connect_from(source: IpAddr, server: SocketAddr) -> io::Result<TcpStream> {
+    let sock = TcpSocket::new_v4()?;
+    sock.bind(SocketAddr::new(source, 0))?;
+    let s = sock.connect(server).await?;
+    s.set_nodelay(true)?;
+    Ok(s)
+}
+
+/// Reads an HTTP response head; returns (status, head text, bytes after the head).
+pub async fn read_head(s: &mut TcpStream, buf: &mut Vec<u8>) -> io::Result<(u16, String, usize)> {
+    loop {
+        if let Some(end) = find(buf, b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_string();
+            let status = head
+                .get(9..12)
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| io::Error::other("bad status line"))?;
+            return Ok((status, head, end + 4));
+        }
+        let mut chunk = [0u8; 4096];
+        let n = s.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+fn content_length(head: &str) -> usize {
+    head.lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().ok())
+                .flatten()
+        })
+        .unwrap_or(0)
+}
+
+pub fn header_value<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+/// One keep-alive HTTP/1.1 connection for request/response exchanges.
+pub struct Http {
+    stream: TcpStream,
+    host: String,
+    buf: Vec<u8>,
+}
+
+impl Http {
+    pub async fn connect(source: IpAddr, server: SocketAddr) -> io::Result<Http> {
+        Ok(Http {
+            stream: connect_from(source, server).await?,
+            host: server.to_string(),
+            buf: Vec::with_capacity(4096),
+        })
+    }
+
+    /// Sends a request and reads the whole response (Content-Length bodies only).
+    pub async fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &str,
+        body: &[u8],
+    ) -> io::Result<(u16, String, Vec<u8>)> {
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Length: {}\r\n{headers}\r\n",
+            self.host,
+            body.len()
+        );
+        let mut out = Vec::with_capacity(req.len() + body.len());
+        out.extend_from_slice(req.as_bytes());
+        out.extend_from_slice(body);
+        self.stream.write_all(&out).await?;
+        self.buf.clear();
+        let (status, head, body_start) = read_head(&mut self.stream, &mut self.buf).await?;
+        let len = content_length(&head);
+        while self.buf.len() < body_start + len {
+            let mut chunk = [0u8; 8192];
+            let n = self.stream.read(&mut chunk).await?;
+            if n == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+        let body = self.buf[body_start..body_start + len].to_vec();
+        Ok((status, head, body))
+    }
+}
+
+/// Publishes one message; returns true on success.
+pub async fn publish(
+    http: &mut Http,
+    adapter: Adapter,
+    token: &str,
+    topic: &str,
+    body: &str,
+) -> io::Result<bool> {
+    let (status, _, _) = match adapter {
+        Adapter::Phoenix => {
+            let json = format!(r#"{{"topic":"{topic}","event":"m","payload":{body}}}"#);
+            let headers =
+                format!("Authorization: Bearer {token}\r\nContent-Type: application/json\r\n");
+            http.request("POST", "/api/publish", &headers, json.as_bytes())
+                .await?
+        }
+        Adapter::Nchan => {
+            http.request(
+                "POST",
+                &format!("/pub/{topic}"),
+                "Content-Type: application/json\r\n",
+                body.as_bytes(),
+            )
+            .await?
+        }
+    };
+    Ok((200..300).contains(&status))
+}
+
+/// A client WebSocket: handshake, masked writes, unmasked frame reads.
+pub struct WsClient {
+    pub stream: TcpStream,
+    buf: Vec<u8>,
+    start: usize,
+}
+
+impl WsClient {
+    pub async fn connect(source: IpAddr, server: SocketAddr, path: &str) -> io::Result<WsClient> {
+        let mut stream = connect_from(source, server).await?;
+        let req = format!(
+            "GET {path} HTTP/1.1\r\nHost: {server}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        );
+        stream.write_all(req.as_bytes()).await?;
+        let mut buf = Vec::with_capacity(4096);
+        let (status, _, rest) = read_head(&mut stream, &mut buf).await?;
+        if status != 101 {
+            return Err(io::Error::other(format!("upgrade refused: HTTP {status}")));
+        }
+        buf.drain(..rest);
+        Ok(WsClient {
+            stream,
+            buf,
+            start: 0,
+        })
+    }
+
+    /// Sends a masked text frame (mask of zeros: valid, and free).
+    pub async fn send_text(&mut self, text: &[u8]) -> io::Result<()> {
+        let mut f = Vec::with_capacity(text.len() + 14);
+        f.push(0x81);
+        let len = text.len();
+        if len < 126 {
+            f.push(0x80 | len as u8);
+        } else if len <= 0xFFFF {
+            f.push(0x80 | 126);
+            f.extend_from_slice(&(len as u16).to_be_bytes());
+        } else {
+            f.push(0x80 | 127);
+            f.extend_from_slice(&(len as u64).to_be_bytes());
+        }
+        f.extend_from_slice(&[0, 0, 0, 0]);
+        f.extend_from_slice(text);
+        self.stream.write_all(&f).await
+    }
+
+    /// Reads the next data frame's payload; `Ok(None)` on a close frame.
+    /// Ping frames are skipped (the servers under test do not ping).
+    pub async fn next_frame(&mut self) -> io::Result<Option<(usize, usize)>> {
+        loop {
+            let avail = &self.buf[self.start..];
+            if avail.len() >= 2 {
+                let op = avail[0] & 0x0F;
+                let l7 = (avail[1] & 0x7F) as usize;
+                let (len, hl) = match l7 {
+                    126 if avail.len() >= 4 => {
+                        (u16::from_be_bytes([avail[2], avail[3]]) as usize, 4)
+                    }
+                    127 if avail.len() >= 10 => {
+                        let mut b = [0u8; 8];
+                        b.copy_from_slice(&avail[2..10]);
+                        (u64::from_be_bytes(b) as usize, 10)
+                    }
+                    126 | 127 => (usize::MAX, 0),
+                    n => (n, 2),
+                };
+                if len != usize::MAX && avail.len() >= hl + len {
+                    let s = self.start + hl;
+                    self.start += hl + len;
+                    if op == 0x8 {
+                        return Ok(None);
+                    }
+                    if op == 0x1 || op == 0x2 {
+                        return Ok(Some((s, s + len)));
+                    }
+                    continue;
+                }
+            }
+            // Compact, then read more.
+            if self.start > 0 {
+                self.buf.drain(..self.start);
+                self.start = 0;
+            }
+            let old = self.buf.len();
+            self.buf.resize(old + 16 * 1024, 0);
+            let n = self.stream.read(&mut self.buf[old..]).await?;
+            self.buf.truncate(old + n);
+            if n == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+    }
+
+    pub fn slice(&self, range: (usize, usize)) -> &[u8] {
+        &self.buf[range.0..range.1]
+    }
+}
