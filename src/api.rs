@@ -83,8 +83,18 @@ fn validate(item: &PublishItem) -> Result<(), String> {
 }
 
 fn parse_item(raw: &str) -> Result<PublishItem, String> {
-    let item: PublishItem = serde_json::from_str(raw).map_err(|e| {
-        let msg = e.to_string();
+    let mut de = serde_json::Deserializer::from_str(raw);
+    let item: PublishItem = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let msg = e.inner().to_string();
+        let msg = if path == "."
+            || msg.starts_with("missing field")
+            || msg.starts_with("unknown field")
+        {
+            msg
+        } else {
+            format!("\"{path}\": {msg}")
+        };
         // serde's messages are good ("missing field `topic`"); drop the position suffix for
         // an item inside a batch, where it would point into the item, not the body.
         msg.split(" at line ").next().unwrap_or(&msg).to_string()

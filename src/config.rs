@@ -43,7 +43,8 @@ pub struct ServerConfig {
     /// A WebSocket that sends nothing for this long is closed with 1001, in ms. phoenix.js sends
     /// a heartbeat every 30 s, so the default 90000 allows two missed heartbeats.
     pub idle_timeout_ms: u64,
-    /// Tokio worker threads; 0 means one per core. Default 0.
+    /// Tokio worker threads; 0 means one per core, 1 runs a single-threaded runtime (best on a
+    /// one-core server). Default 0.
     pub worker_threads: usize,
 }
 
@@ -291,11 +292,15 @@ impl Config {
         if !problems.is_empty() {
             return Err(problems);
         }
-        Config::deserialize(toml::Value::Table(table)).map_err(|e| {
-            vec![Problem {
-                key: "config".into(),
-                message: e.message().to_string(),
-            }]
+        serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+            let key = e.path().to_string();
+            let message = e.inner().message().to_string();
+            let key = if key == "." || key.is_empty() {
+                "config".to_string()
+            } else {
+                key
+            };
+            vec![Problem { key, message }]
         })
     }
 
@@ -448,7 +453,9 @@ mod tests {
     #[test]
     fn unknown_keys_and_bad_values_are_named() {
         let e = Config::load(None, env(&[("PUSHGATE_HISTORY_SIZEE", "1")])).unwrap_err();
-        assert!(e[0].message.contains("sizee"), "{e:?}");
+        assert_eq!(e[0].key, "history.sizee", "{e:?}");
+        let e = Config::load(None, env(&[("PUSHGATE_HISTORY_SIZE", "abc")])).unwrap_err();
+        assert_eq!(e[0].key, "history.size", "{e:?}");
         let mut c = Config::default();
         c.server.listen = "nope".into();
         c.history.size = 0;

@@ -44,9 +44,12 @@ enum Command {
     },
 }
 
-fn load(file: Option<&PathBuf>) -> Result<Config, ExitCode> {
-    let config = Config::load(file.map(|p| p.as_path()), std::env::vars())
-        .and_then(|c| c.validate().map(|()| c));
+/// Loads the file and environment, applies `adjust` (command-line flags), then validates.
+fn load(file: Option<&PathBuf>, adjust: impl FnOnce(&mut Config)) -> Result<Config, ExitCode> {
+    let config = Config::load(file.map(|p| p.as_path()), std::env::vars()).and_then(|mut c| {
+        adjust(&mut c);
+        c.validate().map(|()| c)
+    });
     config.map_err(|problems| {
         for p in problems {
             eprintln!("config error: {p}");
@@ -72,8 +75,11 @@ fn init_tracing() {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::CheckConfig { config } => match load(config.as_ref()) {
-            Ok(c) => {
+        Command::CheckConfig { config } => match load(config.as_ref(), |_| {}) {
+            Ok(mut c) => {
+                if !c.publish.token.is_empty() {
+                    c.publish.token = "(set, hidden)".into();
+                }
                 match toml::to_string_pretty(&c) {
                     Ok(text) => print!("{text}"),
                     Err(e) => eprintln!("cannot print the configuration: {e}"),
@@ -87,22 +93,17 @@ fn main() -> ExitCode {
             listen,
             redis,
         } => {
-            let mut c = match load(config.as_ref()) {
+            let c = match load(config.as_ref(), |c| {
+                if let Some(l) = listen {
+                    c.server.listen = l;
+                }
+                if let Some(r) = redis {
+                    c.redis.url = r;
+                }
+            }) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            if let Some(l) = listen {
-                c.server.listen = l;
-            }
-            if let Some(r) = redis {
-                c.redis.url = r;
-            }
-            if let Err(problems) = c.validate() {
-                for p in problems {
-                    eprintln!("config error: {p}");
-                }
-                return ExitCode::from(EXIT_CONFIG);
-            }
             init_tracing();
             match serve(c) {
                 Ok(true) => ExitCode::SUCCESS,
@@ -117,8 +118,14 @@ fn main() -> ExitCode {
 }
 
 fn serve(config: Config) -> anyhow::Result<bool> {
-    let mut rt = tokio::runtime::Builder::new_multi_thread();
-    if config.server.worker_threads > 0 {
+    // One worker thread means a single-threaded runtime: no work-stealing machinery at all,
+    // which is what a one-core droplet (or a server pinned to one core) wants.
+    let mut rt = if config.server.worker_threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    if config.server.worker_threads > 1 {
         rt.worker_threads(config.server.worker_threads);
     }
     let rt = rt.enable_all().build().context("starting the runtime")?;

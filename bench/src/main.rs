@@ -318,11 +318,12 @@ async fn run(a: RunArgs) -> i32 {
 
 async fn run_inner(a: RunArgs) -> Result<bool, String> {
     let deadline = Instant::now() + Duration::from_secs_f64(a.timeout);
+    // A server we start gets the token we publish with.
     let token = a
         .token
         .clone()
         .or_else(|| std::env::var("PUSHGATE_PUBLISH_TOKEN").ok())
-        .unwrap_or_default();
+        .unwrap_or_else(|| "pushgate-bench-token-0123456789".to_string());
     let mut out = Outcome {
         fields: serde_json::Map::new(),
     };
@@ -350,6 +351,7 @@ async fn run_inner(a: RunArgs) -> Result<bool, String> {
                 .arg("sh")
                 .arg("-c")
                 .arg(format!("exec {cmd}"))
+                .env("PUSHGATE_PUBLISH_TOKEN", &token)
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())

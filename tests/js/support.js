@@ -14,6 +14,7 @@ import path from "node:path";
 import readline from "node:readline";
 import { fileURLToPath } from "node:url";
 import WebSocket from "ws";
+import XHR2 from "xhr2";
 
 const require = createRequire(import.meta.url);
 const HERE = path.dirname(fileURLToPath(import.meta.url));
@@ -34,18 +35,39 @@ const ANSI_ESCAPE = /\x1b\[[0-9;?]*[ -\/]*[@-~]/g;
 // Clients
 // ---------------------------------------------------------------------------
 
-function loadClient(packageName, expectedVersion) {
+function loadClient(packageName, expectedVersion, globalObject = undefined) {
   const entry = require.resolve(packageName); // <pkg>/priv/static/phoenix.cjs.js
   const manifest = JSON.parse(readFileSync(path.resolve(entry, "../../../package.json"), "utf8"));
   if (manifest.version !== expectedVersion) {
     throw new Error(`${packageName} is phoenix ${manifest.version}, expected ${expectedVersion}; run npm ci`);
   }
-  const { Socket } = require(packageName);
-  return { version: expectedVersion, Socket };
+  // phoenix reads its globals (WebSocket, XMLHttpRequest, sessionStorage) through
+  // `self || window || <fallback>`, evaluated once when the module loads. 1.7.x's fallback is
+  // its own undefined variable (`var global = globalSelf || phxWindow || global`), so under Node
+  // it has no globals at all unless `self` exists; 1.8.x falls back to globalThis.
+  let loaded;
+  if (globalObject) {
+    if (typeof globalThis.self !== "undefined") throw new Error("globalThis.self is already defined");
+    globalThis.self = globalObject;
+    try {
+      loaded = require(packageName);
+    } finally {
+      delete globalThis.self;
+    }
+  } else {
+    loaded = require(packageName);
+  }
+  const { Socket, LongPoll } = loaded;
+  return { version: expectedVersion, Socket, LongPoll };
 }
 
+// 1.7.x makes its LongPoll requests with XMLHttpRequest only, so it gets a global object of
+// its own: Node's globals plus XMLHttpRequest from the `xhr2` package. 1.8.x sees Node's
+// globals, where it finds no XMLHttpRequest and uses fetch.
+const PHX17_GLOBAL = Object.create(globalThis, { XMLHttpRequest: { value: XHR2, enumerable: true } });
+
 /** The client versions every test runs against. */
-export const CLIENTS = [loadClient("phoenix", "1.8.16"), loadClient("phx17", "1.7.21")];
+export const CLIENTS = [loadClient("phoenix", "1.8.16"), loadClient("phx17", "1.7.21", PHX17_GLOBAL)];
 
 /**
  * Makes (but does not connect) a phoenix Socket for `client` talking to the
@@ -68,6 +90,87 @@ export function makeSocket(client, server, opts = {}) {
   const endpoint = `${server.url.replace(/^http/, "ws")}/socket`;
   const socket = new client.Socket(endpoint, { transport: RecordingWebSocket, ...opts });
   return { socket, frames };
+}
+
+/**
+ * Makes (but does not connect) a phoenix Socket for `client` talking to `server` over LongPoll,
+ * through a subclass of the client's own LongPoll transport that records every request.
+ *
+ * Returns `{socket, frames, exchanges, gate}`:
+ * - `frames`: `["out", line]` for each ndjson line POSTed and `["in", message]` for each message
+ *   of a GET answered with status 200, in the same shape as makeSocket's frames;
+ * - `exchanges`: `{method, url, body, answer}` per request (`answer` is the parsed JSON body the
+ *   client got, `null` for a failed request, `undefined` while pending or when ignored);
+ * - `gate`: `pause()` holds every request the client starts from then on without sending it,
+ *   so the client just sees a slow poll; `held` lists them; `resume()` sends them.
+ */
+export function makeLongPollSocket(client, server, opts = {}) {
+  const frames = [];
+  const exchanges = [];
+  const gate = {
+    paused: false,
+    held: [],
+    pause() {
+      gate.paused = true;
+    },
+    resume() {
+      gate.paused = false;
+      const held = gate.held.splice(0);
+      for (const issue of held) issue();
+    },
+  };
+  class RecordingLongPoll extends client.LongPoll {
+    // 1.8.x: ajax(method, headers, body, onCallerTimeout, callback);
+    // 1.7.x: ajax(method, contentType, body, onCallerTimeout, callback).
+    ajax(method, headers, body, onCallerTimeout, callback) {
+      const issue = () => {
+        // A request held while the client closed this transport is dropped, as an abort would.
+        if (!this.isActive()) return;
+        const exchange = { method, url: this.endpointURL(), body, answer: undefined };
+        exchanges.push(exchange);
+        if (method === "POST" && typeof body === "string") {
+          for (const line of body.split("\n")) frames.push(["out", line]);
+        }
+        super.ajax(method, headers, body, onCallerTimeout, (resp) => {
+          exchange.answer = resp;
+          if (method === "GET" && resp?.status === 200 && Array.isArray(resp.messages)) {
+            for (const message of resp.messages) frames.push(["in", message]);
+          }
+          callback(resp);
+        });
+      };
+      if (gate.paused) gate.held.push(issue);
+      else issue();
+    }
+  }
+  const socket = new client.Socket(`${server.url}/socket`, { transport: RecordingLongPoll, ...opts });
+  return { socket, frames, exchanges, gate, Transport: RecordingLongPoll };
+}
+
+/** The last `count` LongPoll exchanges, one per line, for assertion messages. */
+export function showExchanges(exchanges, count = 20) {
+  return exchanges
+    .slice(-count)
+    .map(({ method, url, body, answer }) => {
+      const path = url.replace(/^https?:\/\/[^/]+/, "");
+      const sent = body ? ` ${body.length > 300 ? `${body.slice(0, 300)}…` : body}` : "";
+      let got = answer === undefined ? "(no answer)" : JSON.stringify(answer);
+      if (got.length > 400) got = `${got.slice(0, 400)}…`;
+      return `  ${method} ${path}${sent}\n    -> ${got}`;
+    })
+    .join("\n");
+}
+
+/** A Storage-like in-memory object, for the `sessionStorage` socket option. */
+export function memoryStorage() {
+  const items = new Map();
+  return {
+    items,
+    getItem: (key) => (items.has(key) ? items.get(key) : null),
+    setItem: (key, value) => void items.set(key, String(value)),
+    removeItem: (key) => void items.delete(key),
+    clear: () => items.clear(),
+  };
 }
 
 /** The last `count` recorded frames, one per line, for assertion messages. */
@@ -198,6 +301,41 @@ export async function publish(base, topic, event, payload) {
   return JSON.parse(text);
 }
 
+/**
+ * POST /api/publish with a JSON array of `{topic, event, payload}` (one batch, published in
+ * order). Resolves with the positions, in order; rejects on a non-2xx status.
+ */
+export async function publishBatch(base, items) {
+  const url = `${typeof base === "string" ? base : base.url}/api/publish`;
+  const response = await fetch(url, {
+    method: "POST",
+    headers: { "content-type": "application/json", authorization: `Bearer ${PUBLISH_TOKEN}` },
+    body: JSON.stringify(items),
+  });
+  const text = await response.text();
+  if (!response.ok) {
+    throw new Error(`POST ${url} (batch of ${items.length}) -> ${response.status}: ${text}`);
+  }
+  const { positions } = JSON.parse(text);
+  if (!Array.isArray(positions) || positions.length !== items.length) {
+    throw new Error(`POST ${url} (batch of ${items.length}) answered ${text}`);
+  }
+  return positions;
+}
+
+/**
+ * The value of one sample of `/metrics`, e.g. `metric(server, 'pushgate_connections{transport="longpoll"}')`.
+ * Rejects when the sample is missing.
+ */
+export async function metric(server, sample) {
+  const response = await fetch(`${server.url}/metrics`);
+  const text = await response.text();
+  for (const line of text.split("\n")) {
+    if (line.startsWith(`${sample} `)) return Number(line.slice(sample.length + 1));
+  }
+  throw new Error(`no sample ${sample} in /metrics (HTTP ${response.status})`);
+}
+
 // ---------------------------------------------------------------------------
 // Waiting
 // ---------------------------------------------------------------------------
@@ -213,7 +351,7 @@ export async function waitFor(predicate, timeoutMs = 5000, describe = "condition
     const value = await predicate();
     if (value) return value;
     if (Date.now() >= deadline) {
-      const what = typeof describe === "function" ? describe() : describe;
+      const what = typeof describe === "function" ? await describe() : describe;
       throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
     }
     await new Promise((resolve) => setTimeout(resolve, 10));

@@ -181,3 +181,432 @@ pub async fn wait_until(mut f: impl FnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Helpers added for bad_input.rs, publish.rs and cli.rs. They only add to the ones above.
+// ---------------------------------------------------------------------------------------------
+
+/// Reads one HTTP/1.1 response from `s`: headers, then a `Content-Length` body (or everything
+/// up to EOF without one). A reset after the whole response arrived is not an error: a server
+/// that answers before reading the request body may reset the connection when it closes it.
+async fn read_response(s: &mut TcpStream) -> std::io::Result<(u16, String, Vec<u8>)> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    let complete = |buf: &[u8]| -> Option<(usize, Option<usize>)> {
+        let split = buf.windows(4).position(|w| w == b"\r\n\r\n")?;
+        let head = String::from_utf8_lossy(&buf[..split]).to_ascii_lowercase();
+        let len = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse::<usize>().ok());
+        Some((split, len))
+    };
+    let end = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        if let Some((split, Some(len))) = complete(&buf)
+            && buf.len() >= split + 4 + len
+        {
+            break;
+        }
+        let n = match tokio::time::timeout_at(end, s.read(&mut chunk)).await {
+            Err(_) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "http response timed out",
+                ));
+            }
+            Ok(Ok(n)) => n,
+            // Reset after the headers: keep what arrived; the length check below decides.
+            Ok(Err(_)) if complete(&buf).is_some() => 0,
+            Ok(Err(e)) => return Err(e),
+        };
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let Some((split, len)) = complete(&buf) else {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            format!(
+                "connection closed before the response headers: {:?}",
+                String::from_utf8_lossy(&buf)
+            ),
+        ));
+    };
+    let head = String::from_utf8_lossy(&buf[..split]).to_string();
+    let status = head
+        .get(9..12)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad status line: {head}")))?;
+    let mut body = buf[split + 4..].to_vec();
+    if let Some(len) = len {
+        if body.len() < len {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "response body cut short",
+            ));
+        }
+        body.truncate(len);
+    }
+    Ok((status, head, body))
+}
+
+/// Like [`http`], but returns connection errors (refused, reset) instead of panicking, and
+/// tolerates a reset that follows a complete response.
+pub async fn try_http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> std::io::Result<(u16, String, Vec<u8>)> {
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    )
+    .into_bytes();
+    for (k, v) in headers {
+        req.extend_from_slice(format!("{k}: {v}\r\n").as_bytes());
+    }
+    req.extend_from_slice(b"\r\n");
+    req.extend_from_slice(body);
+    raw_http(addr, &req).await
+}
+
+/// Sends `request` (a whole HTTP/1.1 request, as bytes) and reads the response. A write that
+/// fails because the server already answered and closed is ignored: the response decides.
+pub async fn raw_http(addr: SocketAddr, request: &[u8]) -> std::io::Result<(u16, String, Vec<u8>)> {
+    let mut s = tokio::time::timeout(DEADLINE, TcpStream::connect(addr))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+    let _ = s.write_all(request).await;
+    read_response(&mut s).await
+}
+
+/// The body as JSON, or a JSON string holding the text when it is not JSON.
+pub fn body_json(body: &[u8]) -> serde_json::Value {
+    serde_json::from_slice(body)
+        .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(body).into_owned()))
+}
+
+/// `POST /api/publish` with `authorization` (the whole header value, if any) and `body`;
+/// returns (status, headers, body as JSON).
+pub async fn post_publish(
+    addr: SocketAddr,
+    authorization: Option<&str>,
+    body: &[u8],
+) -> (u16, String, serde_json::Value) {
+    let mut headers = vec![("Content-Type", "application/json")];
+    if let Some(a) = authorization {
+        headers.push(("Authorization", a));
+    }
+    let (status, head, body) = try_http(addr, "POST", "/api/publish", &headers, body)
+        .await
+        .expect("publish request failed");
+    (status, head, body_json(&body))
+}
+
+/// The value of one sample in `/metrics`, e.g. `metric(addr, "pushgate_joins_total")` or
+/// `metric(addr, r#"pushgate_connections{transport="websocket"}"#)`.
+pub async fn metric(addr: SocketAddr, sample: &str) -> Option<f64> {
+    let (status, _, body) = http(addr, "GET", "/metrics", &[], b"").await;
+    assert_eq!(status, 200);
+    let text = String::from_utf8(body).expect("metrics are UTF-8");
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        l.strip_prefix(sample)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+/// The sum of every sample of a metric family in `/metrics` (whatever its labels), or `None`
+/// when the family has no samples.
+pub async fn metric_sum(addr: SocketAddr, family: &str) -> Option<f64> {
+    let (status, _, body) = http(addr, "GET", "/metrics", &[], b"").await;
+    assert_eq!(status, 200);
+    let text = String::from_utf8(body).expect("metrics are UTF-8");
+    let values: Vec<f64> = text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let rest = l.strip_prefix(family)?;
+            let value = if rest.starts_with('{') {
+                rest.split_once("} ")?.1
+            } else {
+                rest.strip_prefix(' ')?
+            };
+            value.trim().parse().ok()
+        })
+        .collect();
+    if values.is_empty() {
+        None
+    } else {
+        Some(values.iter().sum())
+    }
+}
+
+/// Splits a position `"<epoch>:<offset>"`.
+pub fn split_position(p: &str) -> (String, u64) {
+    let (epoch, offset) = p.rsplit_once(':').expect("position is <epoch>:<offset>");
+    assert!(!epoch.is_empty(), "empty epoch in {p}");
+    (epoch.to_string(), offset.parse().expect("numeric offset"))
+}
+
+/// Reads after the server's close frame until the stream ends, so that tungstenite sends its
+/// close reply; returns the server's close code.
+pub async fn recv_close_then_end(ws: &mut Ws) -> u16 {
+    let code = recv_close(ws).await;
+    let end = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        match tokio::time::timeout_at(end, ws.next()).await {
+            Err(_) => panic!("the connection stayed open after the close frame"),
+            Ok(None) | Ok(Some(Err(_))) => break,
+            Ok(Some(Ok(_))) => continue,
+        }
+    }
+    code
+}
+
+/// Counts panics whose location is outside `tests/`, i.e. in the server (the in-process server
+/// runs on the test's runtime, so its task panics are otherwise swallowed by tokio).
+/// Call `install_panic_counter()` at the start of a test, and check `server_panics()` at its end.
+static SERVER_PANICS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+pub fn install_panic_counter() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let in_tests = info
+                .location()
+                .is_some_and(|l| l.file().starts_with("tests/") || l.file().contains("/tests/"));
+            if !in_tests {
+                SERVER_PANICS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+            default(info);
+        }));
+    });
+}
+
+pub fn server_panics() -> usize {
+    SERVER_PANICS.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+/// A client WebSocket frame. Client frames must be masked; `masked: false` breaks that rule.
+pub fn client_frame(fin: bool, opcode: u8, payload: &[u8], masked: bool) -> Vec<u8> {
+    let mut out = vec![(if fin { 0x80 } else { 0 }) | opcode];
+    let m = if masked { 0x80 } else { 0 };
+    if payload.len() < 126 {
+        out.push(m | payload.len() as u8);
+    } else if payload.len() <= u16::MAX as usize {
+        out.push(m | 126);
+        out.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+    } else {
+        out.push(m | 127);
+        out.extend_from_slice(&(payload.len() as u64).to_be_bytes());
+    }
+    if masked {
+        let mask = [0x5a, 0x13, 0xc7, 0x81];
+        out.extend_from_slice(&mask);
+        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    } else {
+        out.extend_from_slice(payload);
+    }
+    out
+}
+
+pub const OP_CONTINUATION: u8 = 0x0;
+pub const OP_TEXT: u8 = 0x1;
+pub const OP_BINARY: u8 = 0x2;
+pub const OP_CLOSE: u8 = 0x8;
+pub const OP_PING: u8 = 0x9;
+pub const OP_PONG: u8 = 0xA;
+
+/// A WebSocket client on a plain TcpStream, with the handshake done by hand, for sending
+/// frames no well-behaved client library would send.
+pub struct RawWs {
+    pub stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+/// What the server sent: a frame, or the end of the TCP stream.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RawEvent {
+    Frame {
+        fin: bool,
+        opcode: u8,
+        payload: Vec<u8>,
+    },
+    Eof,
+}
+
+pub async fn raw_connect(addr: SocketAddr) -> RawWs {
+    let mut stream = tokio::time::timeout(DEADLINE, TcpStream::connect(addr))
+        .await
+        .expect("connect timed out")
+        .expect("connect failed");
+    let req = format!(
+        "GET /socket/websocket?vsn=2.0.0 HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\n\
+         Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Sec-WebSocket-Version: 13\r\n\r\n"
+    );
+    stream.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let split = loop {
+        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break p;
+        }
+        let n = tokio::time::timeout(DEADLINE, stream.read(&mut chunk))
+            .await
+            .expect("handshake timed out")
+            .expect("handshake read failed");
+        assert!(n > 0, "connection closed during the handshake");
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..split]).to_string();
+    assert!(
+        head.starts_with("HTTP/1.1 101"),
+        "handshake refused: {head}"
+    );
+    // RFC 6455 §1.3's example key and its accept value.
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="),
+        "wrong accept key: {head}"
+    );
+    buf.drain(..split + 4);
+    RawWs { stream, buf }
+}
+
+impl RawWs {
+    /// Writes bytes as they are. Errors are returned: the server may have closed already.
+    pub async fn send_bytes(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.stream.write_all(bytes).await
+    }
+
+    /// Sends one masked frame.
+    pub async fn send_frame(&mut self, fin: bool, opcode: u8, payload: &[u8]) {
+        self.send_bytes(&client_frame(fin, opcode, payload, true))
+            .await
+            .expect("write failed");
+    }
+
+    pub async fn send_text(&mut self, text: &str) {
+        self.send_frame(true, OP_TEXT, text.as_bytes()).await;
+    }
+
+    /// The next frame from the server, or `Eof` when the connection ends (a reset counts).
+    pub async fn next_event(&mut self) -> RawEvent {
+        let end = tokio::time::Instant::now() + DEADLINE;
+        let mut chunk = [0u8; 8192];
+        loop {
+            if let Some((fin, opcode, payload, used)) = parse_server_frame(&self.buf) {
+                self.buf.drain(..used);
+                return RawEvent::Frame {
+                    fin,
+                    opcode,
+                    payload,
+                };
+            }
+            let n = match tokio::time::timeout_at(end, self.stream.read(&mut chunk)).await {
+                Err(_) => panic!("no frame from the server before the deadline"),
+                Ok(Ok(n)) => n,
+                Ok(Err(_)) => 0,
+            };
+            if n == 0 {
+                assert!(
+                    self.buf.is_empty(),
+                    "connection ended inside a frame: {:?}",
+                    self.buf
+                );
+                return RawEvent::Eof;
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// The next text frame as JSON (pings and pongs are skipped); panics on anything else.
+    pub async fn recv_json(&mut self) -> serde_json::Value {
+        loop {
+            match self.next_event().await {
+                RawEvent::Frame {
+                    fin: true,
+                    opcode: OP_TEXT,
+                    payload,
+                } => return serde_json::from_slice(&payload).expect("server text is JSON"),
+                RawEvent::Frame {
+                    opcode: OP_PING | OP_PONG,
+                    ..
+                } => continue,
+                other => panic!("expected a text frame, got {other:?}"),
+            }
+        }
+    }
+
+    /// Reads up to the server's close frame and returns its code (1005 when it has none).
+    /// Panics if the connection ends without a close frame or a text frame comes first.
+    pub async fn recv_close(&mut self) -> u16 {
+        loop {
+            match self.next_event().await {
+                RawEvent::Frame {
+                    opcode: OP_CLOSE,
+                    payload,
+                    ..
+                } => {
+                    if payload.len() < 2 {
+                        return 1005;
+                    }
+                    return u16::from_be_bytes([payload[0], payload[1]]);
+                }
+                RawEvent::Frame {
+                    opcode: OP_PING | OP_PONG,
+                    ..
+                } => continue,
+                other => panic!("expected a close frame, got {other:?}"),
+            }
+        }
+    }
+
+    /// After a close frame: the server must end the TCP connection (no frames follow).
+    pub async fn expect_eof(&mut self) {
+        assert_eq!(self.next_event().await, RawEvent::Eof);
+    }
+}
+
+/// Parses one unmasked server frame; `None` if `buf` does not hold a whole one yet.
+fn parse_server_frame(buf: &[u8]) -> Option<(bool, u8, Vec<u8>, usize)> {
+    if buf.len() < 2 {
+        return None;
+    }
+    assert_eq!(buf[1] & 0x80, 0, "server frames must not be masked");
+    let (len, at) = match buf[1] & 0x7f {
+        126 => {
+            if buf.len() < 4 {
+                return None;
+            }
+            (u16::from_be_bytes([buf[2], buf[3]]) as usize, 4)
+        }
+        127 => {
+            if buf.len() < 10 {
+                return None;
+            }
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&buf[2..10]);
+            (u64::from_be_bytes(b) as usize, 10)
+        }
+        n => (n as usize, 2),
+    };
+    if buf.len() < at + len {
+        return None;
+    }
+    Some((
+        buf[0] & 0x80 != 0,
+        buf[0] & 0x0f,
+        buf[at..at + len].to_vec(),
+        at + len,
+    ))
+}

@@ -1,0 +1,664 @@
+//! The real binary: `check-config`, `serve` with its flags and environment, logs, and shutdown
+//! on SIGTERM. Environment variables are set on the child only, never on the test process; every
+//! `PUSHGATE_*` variable of the test process is removed from the child's environment.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+use support::*;
+
+/// How long the binary may take to start listening.
+const STARTUP: Duration = Duration::from_secs(10);
+
+/// `pushgate` with a clean `PUSHGATE_*` environment.
+fn pushgate() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_pushgate"));
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("PUSHGATE_") {
+            c.env_remove(k);
+        }
+    }
+    c.stdin(Stdio::null());
+    c
+}
+
+/// Runs a short command (check-config) to completion, with a deadline.
+fn run(mut cmd: Command) -> Output {
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn pushgate");
+    let end = Instant::now() + STARTUP;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > end {
+            let _ = child.kill();
+            panic!("pushgate did not exit in time");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// A file under the temp dir with a unique name, removed on drop.
+struct TempFile(PathBuf);
+
+impl TempFile {
+    fn new(name: &str, contents: &str) -> TempFile {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "pushgate-cli-{}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed),
+            name
+        ));
+        std::fs::write(&path, contents).unwrap();
+        TempFile(path)
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// A running `pushgate serve`, its stderr lines, and the address it logged. Killed on drop.
+struct Served {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    log: Vec<String>,
+    addr: SocketAddr,
+}
+
+impl Served {
+    fn spawn(mut cmd: Command) -> Served {
+        cmd.stdout(Stdio::null()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn pushgate serve");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut s = Served {
+            child,
+            lines,
+            log: Vec::new(),
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+        };
+        let line = s.wait_line(|l| l.contains("listening") && l.contains("addr="));
+        s.addr = field(&line, "addr")
+            .parse()
+            .unwrap_or_else(|e| panic!("bad addr in {line:?}: {e}"));
+        assert_ne!(s.addr.port(), 0);
+        s
+    }
+
+    /// The first log line (already seen or still to come) that satisfies `pred`.
+    fn wait_line(&mut self, pred: impl Fn(&str) -> bool) -> String {
+        if let Some(l) = self.log.iter().find(|l| pred(l)) {
+            return l.clone();
+        }
+        let end = Instant::now() + STARTUP;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.log.push(line.clone());
+                    if pred(&line) {
+                        return line;
+                    }
+                }
+                Err(e) => {
+                    let status = self.child.try_wait().ok().flatten();
+                    panic!(
+                        "log line not found ({e}); exit status {status:?}; log:\n{}",
+                        self.log.join("\n")
+                    );
+                }
+            }
+        }
+    }
+
+    /// Everything logged so far.
+    fn drain_log(&mut self) -> String {
+        while let Ok(line) = self.lines.try_recv() {
+            self.log.push(line);
+        }
+        self.log.join("\n")
+    }
+
+    fn sigterm(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success());
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The value of `name=value` in a plain log line.
+fn field(line: &str, name: &str) -> String {
+    let key = format!("{name}=");
+    let at = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(&key))
+        .unwrap_or_else(|| panic!("no {name}= in {line:?}"));
+    at.trim_matches('"').to_string()
+}
+
+// ---------------------------------------------------------------------------------------------
+// check-config
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn check_config_without_a_file_prints_the_defaults_as_toml() {
+    let mut cmd = pushgate();
+    cmd.arg("check-config");
+    let out = run(cmd);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains(r#"listen = "127.0.0.1:4000""#), "{stdout}");
+    let parsed: toml::Table = stdout.parse().expect("the output is TOML");
+    assert_eq!(parsed["server"]["listen"].as_str(), Some("127.0.0.1:4000"));
+
+    // The output is itself a valid configuration that yields the same output.
+    let file = TempFile::new("roundtrip.toml", &stdout);
+    let mut cmd = pushgate();
+    cmd.arg("check-config").arg("--config").arg(&file.0);
+    let again = run(cmd);
+    assert_eq!(again.status.code(), Some(0), "{}", text(&again.stderr));
+    assert_eq!(text(&again.stdout), stdout);
+}
+
+#[test]
+fn check_config_shows_the_file_and_environment_overlay() {
+    let file = TempFile::new("ok.toml", "[history]\nsize = 7\nmax_age_secs = 9\n");
+    let mut cmd = pushgate();
+    cmd.arg("check-config")
+        .arg("--config")
+        .arg(&file.0)
+        .env("PUSHGATE_HISTORY_MAX_AGE_SECS", "60")
+        .env("PUSHGATE_LISTEN", "127.0.0.1:4100");
+    let out = run(cmd);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let parsed: toml::Table = text(&out.stdout).parse().unwrap();
+    assert_eq!(parsed["history"]["size"].as_integer(), Some(7));
+    assert_eq!(parsed["history"]["max_age_secs"].as_integer(), Some(60));
+    assert_eq!(parsed["server"]["listen"].as_str(), Some("127.0.0.1:4100"));
+}
+
+#[test]
+fn check_config_names_every_bad_key_and_exits_64() {
+    let file = TempFile::new(
+        "bad.toml",
+        "[history]\nsize = 0\n[server]\nlisten = \"nope\"\n",
+    );
+    let mut cmd = pushgate();
+    cmd.arg("check-config").arg("--config").arg(&file.0);
+    let out = run(cmd);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains("history.size"), "{stderr}");
+    assert!(stderr.contains("server.listen"), "{stderr}");
+    assert!(out.stdout.is_empty(), "no config printed on error");
+}
+
+#[test]
+fn check_config_refuses_unknown_keys_sections_and_bad_files() {
+    for (name, contents, named) in [
+        ("unknown-key.toml", "[server]\nlistenn = \"x\"\n", "listenn"),
+        (
+            "unknown-section.toml",
+            "[serverr]\nlisten = \"x\"\n",
+            "serverr",
+        ),
+        ("not-toml.toml", "[server\nlisten = ", ""),
+    ] {
+        let file = TempFile::new(name, contents);
+        let mut cmd = pushgate();
+        cmd.arg("check-config").arg("--config").arg(&file.0);
+        let out = run(cmd);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{name}: {stderr}");
+        assert!(stderr.contains(named), "{name}: {stderr}");
+    }
+    let missing = std::env::temp_dir().join(format!("pushgate-cli-missing-{}", std::process::id()));
+    let mut cmd = pushgate();
+    cmd.arg("check-config").arg("--config").arg(&missing);
+    let out = run(cmd);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(
+        stderr.contains(&*missing.to_string_lossy()),
+        "the path is named: {stderr}"
+    );
+}
+
+#[test]
+fn check_config_refuses_unknown_environment_variables() {
+    for (var, named) in [
+        ("PUSHGATE_HISTORY_SIZEE", "sizee"),
+        ("PUSHGATE_NOPE", "pushgate_nope"),
+    ] {
+        let mut cmd = pushgate();
+        cmd.arg("check-config").env(var, "1");
+        let out = run(cmd);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{var}: {stderr}");
+        assert!(stderr.to_lowercase().contains(named), "{var}: {stderr}");
+    }
+    // The two variables for logging are not config keys and are accepted.
+    let mut cmd = pushgate();
+    cmd.arg("check-config")
+        .env("PUSHGATE_LOG", "debug")
+        .env("PUSHGATE_LOG_FORMAT", "json");
+    let out = run(cmd);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+}
+
+#[test]
+fn check_config_names_the_key_of_a_wrongly_typed_value() {
+    // DESIGN.md §2: check-config prints "each problem with its key". Today the message is
+    // `config error: config: invalid type: string "abc", expected usize`.
+    let mut cmd = pushgate();
+    cmd.arg("check-config").env("PUSHGATE_HISTORY_SIZE", "abc");
+    let out = run(cmd);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(
+        stderr.contains("history.size") || stderr.contains("PUSHGATE_HISTORY_SIZE"),
+        "{stderr}"
+    );
+    let file = TempFile::new("typed.toml", "[history]\nsize = \"abc\"\n");
+    let mut cmd = pushgate();
+    cmd.arg("check-config").arg("--config").arg(&file.0);
+    let out = run(cmd);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains("history.size"), "{stderr}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// serve
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn serve_with_a_configured_token_publishes_with_it_and_never_logs_it() {
+    let mut cmd = pushgate();
+    cmd.args(["serve", "--listen", "127.0.0.1:0"])
+        .env("PUSHGATE_PUBLISH_TOKEN", TOKEN);
+    let mut p = Served::spawn(cmd);
+    let addr = p.addr;
+    assert!(addr.ip().is_loopback());
+
+    let mut ws = connect(addr).await;
+    join(&mut ws, "1", "room:cli", "{}").await;
+    let pos = publish(addr, "room:cli", "e", r#"{"via":"binary"}"#).await;
+    let m = recv(&mut ws).await;
+    assert_eq!(m[1], pos.as_str());
+    assert_eq!(m[4]["via"], "binary");
+
+    let (status, _, _) = post_publish(
+        addr,
+        Some("Bearer wrong-token-0123456789"),
+        br#"{"topic":"room:cli","event":"e","payload":1}"#,
+    )
+    .await;
+    assert_eq!(status, 401);
+
+    let log = p.drain_log();
+    assert!(
+        !log.contains(TOKEN),
+        "the configured token was logged:\n{log}"
+    );
+    assert!(
+        !log.contains('\x1b'),
+        "ANSI escapes in a non-tty log:\n{log}"
+    );
+    assert!(!log.contains("curl"), "no generated-token hint:\n{log}");
+}
+
+#[tokio::test]
+async fn serve_without_a_token_logs_a_generated_one_and_a_curl_line_that_works() {
+    let mut cmd = pushgate();
+    cmd.args(["serve", "--listen", "127.0.0.1:0"]);
+    let mut p = Served::spawn(cmd);
+    let addr = p.addr;
+    let token_line = p.wait_line(|l| l.contains("token="));
+    let token = field(&token_line, "token");
+    assert!(token.len() >= 16, "{token_line}");
+    assert!(token.chars().all(|c| c.is_ascii_alphanumeric()), "{token}");
+    let curl_line = p.wait_line(|l| l.contains("curl "));
+    let curl = &curl_line[curl_line.find("curl ").unwrap()..];
+    assert!(curl.contains(&format!("Bearer {token}")), "{curl}");
+    assert!(
+        curl.contains(&format!("http://{addr}/api/publish")),
+        "{curl}"
+    );
+    assert!(!p.drain_log().contains('\x1b'), "ANSI escapes in the log");
+
+    let mut ws = connect(addr).await;
+    let resp = join(&mut ws, "1", "room:lobby", "{}").await;
+    let (_, offset) = split_position(resp["position"].as_str().unwrap());
+
+    // The token works with our client...
+    let auth = format!("Bearer {token}");
+    let (status, _, v) = post_publish(
+        addr,
+        Some(&auth),
+        br#"{"topic":"room:lobby","event":"new_msg","payload":{"body":"ours"}}"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(
+        split_position(v["position"].as_str().unwrap()).1,
+        offset + 1
+    );
+    assert_eq!(recv(&mut ws).await[4]["body"], "ours");
+
+    // ...and the logged line, pasted into a shell, publishes (when curl is installed).
+    let has_curl = Command::new("curl")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if has_curl {
+        let mut sh = Command::new("sh");
+        sh.arg("-c").arg(format!("{curl} -sS --max-time 5"));
+        let out = run(sh);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(
+            split_position(v["position"].as_str().unwrap()).1,
+            offset + 2
+        );
+        let m = recv(&mut ws).await;
+        assert_eq!(
+            (m[3].as_str(), m[1].clone()),
+            (Some("new_msg"), v["position"].clone())
+        );
+    } else {
+        eprintln!("curl is not installed: the pasted line was not run");
+    }
+}
+
+#[tokio::test]
+async fn pushgate_listen_sets_the_address_and_the_flag_overrides_it() {
+    let mut cmd = pushgate();
+    cmd.arg("serve")
+        .env("PUSHGATE_LISTEN", "127.0.0.1:0")
+        .env("PUSHGATE_PUBLISH_TOKEN", TOKEN);
+    let p = Served::spawn(cmd);
+    assert_ne!(p.addr.port(), 4000);
+    let (status, _, _) = http(p.addr, "GET", "/healthz", &[], b"").await;
+    assert_eq!(status, 200);
+    drop(p);
+
+    // A port we hold: if the flag did not override the variable, binding it would fail.
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let held_addr = held.local_addr().unwrap();
+    let mut cmd = pushgate();
+    cmd.args(["serve", "--listen", "127.0.0.1:0"])
+        .env("PUSHGATE_LISTEN", held_addr.to_string())
+        .env("PUSHGATE_PUBLISH_TOKEN", TOKEN);
+    let p = Served::spawn(cmd);
+    assert_ne!(p.addr, held_addr);
+    let (status, _, _) = http(p.addr, "GET", "/readyz", &[], b"").await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn the_listen_flag_overrides_an_invalid_pushgate_listen() {
+    // main.rs validates the file+environment config in `load()` and only then applies
+    // `--listen`, so `PUSHGATE_LISTEN=nope pushgate serve --listen 127.0.0.1:0` exits 64 with
+    // "server.listen: must be an IP address and port", although the flag's help says it
+    // overrides server.listen and PUSHGATE_LISTEN.
+    let mut cmd = pushgate();
+    cmd.args(["serve", "--listen", "127.0.0.1:0"])
+        .env("PUSHGATE_LISTEN", "nope")
+        .env("PUSHGATE_PUBLISH_TOKEN", TOKEN);
+    let p = Served::spawn(cmd);
+    let (status, _, _) = http(p.addr, "GET", "/healthz", &[], b"").await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn serve_with_a_bad_config_exits_64_before_listening() {
+    let mut cmd = pushgate();
+    cmd.args(["serve", "--listen", "127.0.0.1:0"])
+        .env("PUSHGATE_HISTORY_SIZE", "0");
+    let out = run(cmd);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains("history.size"), "{stderr}");
+    assert!(!stderr.contains("listening"), "{stderr}");
+
+    let mut cmd = pushgate();
+    cmd.args(["serve", "--listen", "not-an-address"]);
+    let out = run(cmd);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains("server.listen"), "{stderr}");
+}
+
+#[tokio::test]
+async fn json_logs_carry_the_listening_address_as_a_field() {
+    let mut cmd = pushgate();
+    cmd.args(["serve", "--listen", "127.0.0.1:0"])
+        .env("PUSHGATE_PUBLISH_TOKEN", TOKEN)
+        .env("PUSHGATE_LOG_FORMAT", "json")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let end = Instant::now() + STARTUP;
+    let addr: SocketAddr = loop {
+        let line = rx
+            .recv_timeout(end.saturating_duration_since(Instant::now()))
+            .expect("no listening line");
+        let v: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        if v["fields"]["message"] == "listening" {
+            break v["fields"]["addr"].as_str().unwrap().parse().unwrap();
+        }
+    };
+    let (status, _, _) = http(addr, "GET", "/healthz", &[], b"").await;
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(status, 200);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shutdown
+// ---------------------------------------------------------------------------------------------
+
+const DRAIN_MS: u64 = 200;
+const GRACE_MS: u64 = 3000;
+/// Scheduling slack on top of the grace period (process exit, a loaded test machine).
+const SLACK: Duration = Duration::from_millis(700);
+
+/// Polls `/readyz` until it stops answering 200: returns "503" or "refused".
+async fn wait_not_ready(addr: SocketAddr) -> &'static str {
+    let end = tokio::time::Instant::now() + Duration::from_millis(GRACE_MS);
+    loop {
+        match try_http(addr, "GET", "/readyz", &[], b"").await {
+            Err(_) => return "refused",
+            Ok((503, head, body)) => {
+                assert!(
+                    head.to_ascii_lowercase()
+                        .contains("content-type: application/json"),
+                    "{head}"
+                );
+                assert!(
+                    body_json(&body)["reason"].is_string(),
+                    "503 with a JSON reason: {}",
+                    String::from_utf8_lossy(&body)
+                );
+                return "503";
+            }
+            Ok((200, _, _)) => {
+                assert!(
+                    tokio::time::Instant::now() < end,
+                    "/readyz still 200 while draining"
+                );
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            Ok((other, head, _)) => panic!("/readyz answered {other}: {head}"),
+        }
+    }
+}
+
+/// `n` clients joined to `topic`, each proven live by one broadcast.
+async fn joined_clients(addr: SocketAddr, topic: &str, n: usize) -> Vec<Ws> {
+    let mut clients = Vec::new();
+    for i in 0..n {
+        let mut ws = connect(addr).await;
+        join(&mut ws, &(i + 1).to_string(), topic, "{}").await;
+        clients.push(ws);
+    }
+    publish(addr, topic, "before", "1").await;
+    for ws in &mut clients {
+        assert_eq!(recv(ws).await[3], "before");
+    }
+    clients
+}
+
+/// Reads every client to its close frame concurrently; returns the close codes.
+fn read_closes(clients: Vec<Ws>) -> tokio::task::JoinHandle<Vec<u16>> {
+    tokio::spawn(async move {
+        let tasks: Vec<_> = clients
+            .into_iter()
+            .map(|mut ws| tokio::spawn(async move { recv_close_then_end(&mut ws).await }))
+            .collect();
+        let mut codes = Vec::new();
+        for t in tasks {
+            codes.push(t.await.expect("client task"));
+        }
+        codes
+    })
+}
+
+#[tokio::test]
+async fn sigterm_closes_websockets_with_1012_turns_unready_and_exits_0_in_the_grace_period() {
+    let mut cmd = pushgate();
+    cmd.args(["serve", "--listen", "127.0.0.1:0"])
+        .env("PUSHGATE_PUBLISH_TOKEN", TOKEN)
+        .env("PUSHGATE_SHUTDOWN_DRAIN_MS", DRAIN_MS.to_string())
+        .env("PUSHGATE_SHUTDOWN_GRACE_MS", GRACE_MS.to_string());
+    let mut p = Served::spawn(cmd);
+    let addr = p.addr;
+    let (status, _, _) = http(addr, "GET", "/readyz", &[], b"").await;
+    assert_eq!(status, 200);
+    let clients = joined_clients(addr, "room:drain", 5).await;
+
+    let t0 = Instant::now();
+    p.sigterm();
+    // Not ready (or not accepting) while it drains. The clients do not answer the close frames
+    // yet, so the process is certainly still draining while this is checked.
+    let how = wait_not_ready(addr).await;
+    assert!(
+        p.child.try_wait().unwrap().is_none(),
+        "readiness ({how}) must turn before the process is gone"
+    );
+    // No new WebSocket is accepted during the drain.
+    let url = format!("ws://{addr}/socket/websocket?vsn=2.0.0");
+    assert!(
+        tokio_tungstenite::connect_async(url).await.is_err(),
+        "a WebSocket was accepted during the drain"
+    );
+
+    let codes = tokio::time::timeout(
+        Duration::from_millis(GRACE_MS) + SLACK,
+        read_closes(clients),
+    )
+    .await
+    .expect("every client gets a close frame within the grace period")
+    .unwrap();
+    assert_eq!(codes, vec![1012; 5], "close codes (never 1000)");
+
+    let status = loop {
+        if let Some(status) = p.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_millis(GRACE_MS) + SLACK,
+            "still running {:?} after SIGTERM; log:\n{}",
+            t0.elapsed(),
+            p.drain_log()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    assert_eq!(status.code(), Some(0), "log:\n{}", p.drain_log());
+    assert!(
+        t0.elapsed() < Duration::from_millis(GRACE_MS) + SLACK,
+        "exit took {:?}",
+        t0.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn stopping_the_in_process_server_closes_websockets_with_1012_and_finishes_in_time() {
+    let mut c = test_config();
+    c.shutdown.drain_ms = DRAIN_MS;
+    c.shutdown.grace_ms = GRACE_MS;
+    let s = start_with(c).await;
+    let clients = joined_clients(s.addr, "room:drain", 5).await;
+
+    let t0 = Instant::now();
+    s.stop.cancel();
+    let closes = read_closes(clients);
+    wait_not_ready(s.addr).await;
+    let finished = tokio::time::timeout(Duration::from_millis(GRACE_MS) + SLACK, s.handle)
+        .await
+        .expect("run_app did not return within the grace period")
+        .expect("server task");
+    assert!(
+        finished,
+        "run_app reports tasks left over after the grace period"
+    );
+    assert!(
+        t0.elapsed() < Duration::from_millis(GRACE_MS),
+        "{:?}",
+        t0.elapsed()
+    );
+    let codes = tokio::time::timeout(SLACK, closes).await.unwrap().unwrap();
+    assert_eq!(codes, vec![1012; 5], "close codes (never 1000)");
+    assert_eq!(
+        s.app
+            .metrics
+            .connections_websocket
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+}
