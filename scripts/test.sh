@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 need_apt=()
 command -v node >/dev/null 2>&1 || need_apt+=(nodejs)
 command -v npm >/dev/null 2>&1 || need_apt+=(npm)
+command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "==> installing ${need_apt[*]}"
     if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
@@ -15,14 +16,14 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}"
 fi
 
-echo "==> cargo fmt --check"
-cargo fmt --check
+echo "==> cargo fmt --all --check"
+cargo fmt --all --check
 echo "==> cargo clippy"
-cargo clippy --all-targets --quiet -- -D warnings
-echo "==> cargo build"
-cargo build --quiet
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+echo "==> cargo build (workspace: gateway and bench tool)"
+cargo build --workspace --quiet
 echo "==> cargo test"
-cargo test --quiet
+cargo test --workspace --quiet
 
 echo "==> node tests (official phoenix client 1.8.16 and 1.7.21)"
 (

@@ -641,16 +641,23 @@ async fn an_expired_session_answers_500_to_get_and_410_to_post() {
     let mut c = config(300);
     c.longpoll.session_timeout_ms = 1500;
     let s = start_with(c).await;
-    let created = Instant::now();
+    // Two clients poll a little, then go away: `t`'s last GET carried data (its join reply),
+    // `idle`'s last GET waited out the window.
     let t = new_session(s.addr).await;
+    let idle = new_session(s.addr).await;
     post_ok(s.addr, &t, &join_line("1", "room:x", "{}")).await;
     assert_eq!(s.app.hub.subscriber_count("room:x"), 1);
+    let (body, _) = get_timed(s.addr, &idle).await;
+    assert_eq!(body["status"], 204, "{body}");
+    collect(s.addr, &t, 1).await;
+    let last_poll = Instant::now();
 
-    wait_metric(s.addr, "pushgate_longpoll_sessions_expired_total", 1.0).await;
+    wait_metric(s.addr, "pushgate_longpoll_sessions_expired_total", 2.0).await;
+    // The server stamps the poll just before answering it; allow for that gap.
     assert!(
-        created.elapsed() >= Duration::from_millis(1500),
+        last_poll.elapsed() >= Duration::from_millis(1450),
         "expired before session_timeout_ms: {:?}",
-        created.elapsed()
+        last_poll.elapsed()
     );
     let app = s.app.clone();
     wait_until(move || app.hub.subscriber_count("room:x") == 0).await;
@@ -665,6 +672,7 @@ async fn an_expired_session_answers_500_to_get_and_410_to_post() {
         post(s.addr, &t, r#"[null,"2","phoenix","heartbeat",{}]"#).await,
         json!({"status": 410})
     );
+    assert_eq!(get(s.addr, &idle).await, json!({"status": 500}));
     let never_issued = format!("lp{}", "0".repeat(32));
     assert_eq!(get(s.addr, &never_issued).await, json!({"status": 500}));
 
@@ -1089,4 +1097,31 @@ async fn a_large_backlog_arrives_whole_and_in_order_over_several_polls() {
         assert_eq!(b[4]["i"], i, "{i}");
         assert_eq!(b[4]["s"].as_str().map(str::len), Some(100_000));
     }
+}
+
+/// phoenix.js `disconnect()` and a closed tab abort the held GET: the TCP connection closes
+/// while the server is holding the poll. The session must still expire.
+#[tokio::test]
+async fn a_session_whose_held_get_was_aborted_still_expires() {
+    use tokio::io::AsyncWriteExt;
+    let mut c = config(300);
+    c.longpoll.session_timeout_ms = 1500;
+    let s = start_with(c).await;
+    let t = new_session(s.addr).await;
+    join(s.addr, &t, "1", "room:x").await;
+
+    let mut conn = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    let req = format!(
+        "GET {} HTTP/1.1\r\nHost: {}\r\nAccept: application/json\r\n\r\n",
+        url(&t),
+        s.addr
+    );
+    conn.write_all(req.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(conn); // the client goes away mid-poll
+
+    wait_metric(s.addr, "pushgate_longpoll_sessions_expired_total", 1.0).await;
+    let app = s.app.clone();
+    wait_until(move || app.hub.subscriber_count("room:x") == 0).await;
+    assert_eq!(get(s.addr, &t).await, json!({"status": 500}));
 }

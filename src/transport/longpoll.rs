@@ -292,6 +292,22 @@ fn take_frames(inner: &mut Inner) -> Result<(Vec<Bytes>, usize), Lag> {
     Ok((out, broadcasts))
 }
 
+/// Marks a GET as the session's listener for as long as it lives.
+struct Listening<'a> {
+    lp: &'a LpSession,
+    generation: u64,
+}
+
+impl Drop for Listening<'_> {
+    fn drop(&mut self) {
+        let mut inner = self.lp.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if inner.listener == self.generation {
+            inner.listener = 0;
+        }
+        inner.last_seen = Instant::now();
+    }
+}
+
 async fn poll(app: Arc<App>, lp: Arc<LpSession>) -> Response<Full<Bytes>> {
     let window = Duration::from_millis(app.config.longpoll.window_ms);
     let deadline = tokio::time::Instant::now() + window;
@@ -304,11 +320,11 @@ async fn poll(app: Arc<App>, lp: Arc<LpSession>) -> Response<Full<Bytes>> {
     };
     // A GET already waiting for this session is finished (204) by this one.
     lp.changed.notify_waiters();
-    let finish = |inner: &mut Inner| {
-        if inner.listener == generation {
-            inner.listener = 0;
-        }
-        inner.last_seen = Instant::now();
+    // However this request ends (answered, or dropped because the client went away), it stops
+    // being the listener and the inactivity clock restarts, so an abandoned session expires.
+    let _listening = Listening {
+        lp: &lp,
+        generation,
     };
     loop {
         let changed = lp.changed.notified();
@@ -317,7 +333,6 @@ async fn poll(app: Arc<App>, lp: Arc<LpSession>) -> Response<Full<Bytes>> {
         {
             let mut inner = lp.inner.lock().unwrap_or_else(|e| e.into_inner());
             if inner.closed {
-                finish(&mut inner);
                 return status_only(500);
             }
             if inner.listener != generation {
@@ -329,13 +344,11 @@ async fn poll(app: Arc<App>, lp: Arc<LpSession>) -> Response<Full<Bytes>> {
             lp.waker.clear();
             match take_frames(&mut inner) {
                 Ok((frames, broadcasts)) if !frames.is_empty() => {
-                    finish(&mut inner);
                     Metrics::add(&app.metrics.messages_delivered_longpoll, broadcasts as u64);
                     return poll_answer(200, &lp.token, &frames);
                 }
                 Ok(_) => {}
                 Err(lag) => {
-                    finish(&mut inner);
                     inner.closed = true;
                     drop(inner);
                     Metrics::add(&app.metrics.slow_consumer_closes_longpoll, 1);
@@ -348,16 +361,8 @@ async fn poll(app: Arc<App>, lp: Arc<LpSession>) -> Response<Full<Bytes>> {
         tokio::select! {
             _ = lp.waker.wait() => {}
             _ = &mut changed => {}
-            _ = tokio::time::sleep_until(deadline) => {
-                let mut inner = lp.inner.lock().unwrap_or_else(|e| e.into_inner());
-                finish(&mut inner);
-                return poll_answer(204, &lp.token, &[]);
-            }
-            _ = app.shutdown.cancelled() => {
-                let mut inner = lp.inner.lock().unwrap_or_else(|e| e.into_inner());
-                finish(&mut inner);
-                return status_only(500);
-            }
+            _ = tokio::time::sleep_until(deadline) => return poll_answer(204, &lp.token, &[]),
+            _ = app.shutdown.cancelled() => return status_only(500),
         }
     }
 }

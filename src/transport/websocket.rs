@@ -171,7 +171,12 @@ pub fn upgrade(
         match upgraded.downcast::<TokioIo<TcpStream>>() {
             Ok(parts) => {
                 let stream = parts.io.into_inner();
-                run(task_app, stream, parts.read_buf, connect).await;
+                // Copy what the client sent right after the handshake (usually nothing) and
+                // let go of hyper's read buffer, which `read_buf` would otherwise keep alive
+                // for the whole life of the connection.
+                let initial = parts.read_buf.to_vec();
+                drop(parts.read_buf);
+                run(task_app, stream, initial, connect).await;
             }
             Err(_) => {
                 tracing::error!("websocket upgrade on an unexpected stream type");
@@ -344,7 +349,7 @@ impl Drop for ConnectionGauge {
 }
 
 /// Runs one WebSocket connection until it closes.
-pub async fn run(app: Arc<App>, stream: TcpStream, initial: Bytes, connect: ConnectInfo) {
+pub async fn run(app: Arc<App>, stream: TcpStream, initial: Vec<u8>, connect: ConnectInfo) {
     app.metrics.connections_websocket.fetch_add(1, Relaxed);
     let _gauge = ConnectionGauge(app.clone());
     let max_message = app.config.limits.max_frame_bytes;
@@ -373,7 +378,7 @@ pub async fn run(app: Arc<App>, stream: TcpStream, initial: Bytes, connect: Conn
     };
 
     if !initial.is_empty() {
-        let mut data = initial.to_vec();
+        let mut data = initial;
         match process(
             &mut data,
             &mut reader,

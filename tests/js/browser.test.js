@@ -33,14 +33,27 @@ describe("demo page in headless Chromium", () => {
   const blocked = [];
 
   before(async () => {
+    mkdirSync(ARTIFACTS, { recursive: true });
+    server = await startServer({ env: { PUSHGATE_LONGPOLL_WINDOW_MS: "1000" } });
+  });
+
+  /**
+   * The browser, launched on first use. Each test calls this, so that a missing Chromium fails
+   * every test with a clear message (a failing `before` hook would only cancel them).
+   */
+  let launching = null;
+  function browserContext() {
+    launching ??= launch();
+    return launching;
+  }
+
+  async function launch() {
     // Fail (not skip) without the browser: scripts/test.sh installs it.
     assert.ok(
       existsSync(CHROMIUM),
       `${CHROMIUM} is missing: install Debian's chromium (apt-get install -y chromium; scripts/test.sh does it)`,
     );
     assert.ok(existsSync(PHOENIX_MIN_JS), `${PHOENIX_MIN_JS} is missing; run npm ci`);
-    mkdirSync(ARTIFACTS, { recursive: true });
-    server = await startServer({ env: { PUSHGATE_LONGPOLL_WINDOW_MS: "1000" } });
     userDataDir = mkdtempSync(path.join(os.tmpdir(), "pushgate-chromium-"));
     context = await chromium.launchPersistentContext(userDataDir, {
       executablePath: CHROMIUM,
@@ -70,7 +83,8 @@ describe("demo page in headless Chromium", () => {
         return route.abort();
       },
     );
-  });
+    return context;
+  }
 
   after(async () => {
     await context?.close();
@@ -80,7 +94,7 @@ describe("demo page in headless Chromium", () => {
 
   /** Opens the demo at `query`, collecting console output and page errors for failure messages. */
   async function openDemo(query) {
-    const page = await context.newPage();
+    const page = await (await browserContext()).newPage();
     const log = [];
     page.on("console", (msg) => log.push(`console.${msg.type()}: ${msg.text()}`));
     page.on("pageerror", (err) => log.push(`pageerror: ${err.message}`));
