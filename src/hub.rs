@@ -30,7 +30,6 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
-use tokio::sync::Notify;
 
 /// A position in a topic's stream: `<epoch>:<offset>`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,30 +78,34 @@ impl Entry {
 }
 
 /// Wakes one connection's task when a topic it reads has new entries. Deduplicated: many
-/// publishes before the task runs cost one wake-up.
+/// publishes before the task runs cost one wake-up. The task's waker sits in one slot (the task
+/// re-registers each time it polls), so waking costs no allocation and no lock.
 #[derive(Debug, Default)]
 pub struct Waker {
-    notify: Notify,
+    task: atomic_waker::AtomicWaker,
     scheduled: AtomicBool,
 }
 
 impl Waker {
     pub fn wake(&self) {
         if !self.scheduled.swap(true, Ordering::AcqRel) {
-            self.notify.notify_one();
+            self.task.wake();
         }
     }
 
-    /// Wakes the task even if a wake-up is already scheduled: used by a LongPoll request that
-    /// may have consumed a wake-up meant for the request that replaced it.
-    pub fn wake_again(&self) {
-        self.scheduled.store(true, Ordering::Release);
-        self.notify.notify_one();
+    /// Ready when a wake-up came since the last [`Waker::clear`]; registers the task otherwise.
+    pub fn poll_woken(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        self.task.register(cx.waker());
+        if self.scheduled.load(Ordering::Acquire) {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
     }
 
     /// Waits for a wake-up (returns at once if one came since the last [`Waker::clear`]).
     pub async fn wait(&self) {
-        self.notify.notified().await;
+        std::future::poll_fn(|cx| self.poll_woken(cx)).await
     }
 
     /// Call before reading topics, so a publish that lands during the read wakes us again.
@@ -136,6 +139,44 @@ struct TopicState {
 pub struct Topic {
     name: Arc<str>,
     state: RwLock<TopicState>,
+    /// A fanout task is sweeping this topic's subscribers (see [`Hub::publish`]).
+    fanout_scheduled: AtomicBool,
+}
+
+/// Topics with at most this many local subscribers are woken inline by the publisher.
+const INLINE_WAKE_MAX: usize = 64;
+/// A fanout task wakes this many subscribers, then yields so that they write and other work
+/// (the next publish, above all) gets in between chunks.
+const WAKE_CHUNK: usize = 256;
+
+/// Wakes every subscriber of a large topic, a chunk at a time, and sweeps again as long as
+/// messages arrived during the sweep. Publishes that land while a sweep runs wake nobody
+/// themselves: the next sweep covers them, so under load each subscriber takes many messages
+/// per wake-up (and per write), while a lone message is still delivered at once.
+async fn fanout(topic: Arc<Topic>) {
+    loop {
+        let (covered, wakers): (u64, Vec<Arc<Waker>>) = {
+            let st = topic.read_lock();
+            (
+                st.last_offset,
+                st.subscribers.iter().map(|(_, w)| w.clone()).collect(),
+            )
+        };
+        for chunk in wakers.chunks(WAKE_CHUNK) {
+            for w in chunk {
+                w.wake();
+            }
+            tokio::task::yield_now().await;
+        }
+        drop(wakers);
+        topic.fanout_scheduled.store(false, Ordering::Release);
+        if topic.read_lock().last_offset == covered {
+            return;
+        }
+        if topic.fanout_scheduled.swap(true, Ordering::AcqRel) {
+            return; // a publisher started the next sweep
+        }
+    }
 }
 
 /// A subscriber's hold on a topic. Dropping it unsubscribes.
@@ -263,6 +304,33 @@ impl TopicState {
     }
 }
 
+/// Wakes a topic's subscribers after a publish: inline for small topics (or outside a
+/// runtime), through a [`fanout`] task for large ones.
+fn wake_subscribers(topic: &Arc<Topic>) {
+    if topic.fanout_scheduled.load(Ordering::Acquire) {
+        return; // the running sweep will cover this message
+    }
+    let st = topic.read_lock();
+    let handle = if st.subscribers.len() > INLINE_WAKE_MAX {
+        tokio::runtime::Handle::try_current().ok()
+    } else {
+        None
+    };
+    match handle {
+        None => {
+            for (_, w) in st.subscribers.iter() {
+                w.wake();
+            }
+        }
+        Some(handle) => {
+            drop(st);
+            if !topic.fanout_scheduled.swap(true, Ordering::AcqRel) {
+                handle.spawn(fanout(topic.clone()));
+            }
+        }
+    }
+}
+
 /// All topics of this node.
 #[derive(Debug)]
 pub struct Hub {
@@ -306,6 +374,7 @@ impl Hub {
                 subscribers: Slab::new(),
                 removed: false,
             }),
+            fanout_scheduled: AtomicBool::new(false),
         });
         map.insert(name, topic.clone());
         self.metrics
@@ -395,11 +464,7 @@ impl Hub {
             st.last_offset = offset;
             st.trim(&self.history, now);
             drop(st);
-            let st = topic.read_lock();
-            for (_, w) in st.subscribers.iter() {
-                w.wake();
-            }
-            drop(st);
+            wake_subscribers(&topic);
             Metrics::add(&self.metrics.messages_published, 1);
             return position;
         }

@@ -337,8 +337,9 @@ async fn poll(app: Arc<App>, lp: Arc<LpSession>) -> Response<Full<Bytes>> {
             }
             if inner.listener != generation {
                 drop(inner);
-                // We may have consumed a wake-up meant for the new listener: pass it on.
-                lp.waker.wake_again();
+                // Waiting, we may have taken the session waker's single slot from the new
+                // listener: wake it so it registers again.
+                lp.changed.notify_waiters();
                 return poll_answer(204, &lp.token, &[]);
             }
             lp.waker.clear();

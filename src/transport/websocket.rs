@@ -348,7 +348,23 @@ impl Drop for ConnectionGauge {
     }
 }
 
+/// What woke the connection task.
+enum Event {
+    Shutdown,
+    Timer,
+    Writable(io::Result<()>),
+    Readable(io::Result<()>),
+    Woken,
+}
+
 /// Runs one WebSocket connection until it closes.
+///
+/// One task, one loop: take what is pending (direct frames, then broadcasts) and write it at
+/// once; then wait for whichever comes first of the socket becoming readable or writable, a
+/// topic waking us, the timer (idle timeout, drain moment, close deadline), or shutdown. The
+/// wait is a single `poll_fn` over futures that live as long as the connection, so an
+/// iteration registers nothing new: readiness uses the stream's own waker slots, the hub's
+/// [`Waker`](crate::hub::Waker) one atomic slot.
 pub async fn run(app: Arc<App>, stream: TcpStream, initial: Vec<u8>, connect: ConnectInfo) {
     app.metrics.connections_websocket.fetch_add(1, Relaxed);
     let _gauge = ConnectionGauge(app.clone());
@@ -364,6 +380,9 @@ pub async fn run(app: Arc<App>, stream: TcpStream, initial: Vec<u8>, connect: Co
     let mut last_activity = Instant::now();
     let timer = tokio::time::sleep_until(last_activity + idle_timeout);
     tokio::pin!(timer);
+    let shutdown = app.shutdown.clone();
+    let cancelled = shutdown.cancelled();
+    tokio::pin!(cancelled);
 
     let queue_close = |outbox: &mut Outbox,
                        close_sent: &mut bool,
@@ -417,71 +436,110 @@ pub async fn run(app: Arc<App>, stream: TcpStream, initial: Vec<u8>, connect: Co
                 // The socket is not draining; see whether the topics have left us behind.
                 session.check_lag().map(|()| 0)
             };
-            {
-                match collected {
-                    Ok(0) => {}
-                    Ok(n) => Metrics::add(&app.metrics.messages_delivered, n as u64),
-                    Err(lag) => {
-                        Metrics::add(&app.metrics.slow_consumer_closes, 1);
-                        let why = match lag {
-                            Lag::FellOffHistory => "slow consumer: fell off the topic history",
-                            Lag::TooManyPendingBytes => "slow consumer: too many pending bytes",
-                        };
-                        tracing::debug!(reason = why, "closing websocket");
-                        outbox.discard_unstarted();
-                        queue_close(
-                            &mut outbox,
-                            &mut close_sent,
-                            &mut timer,
-                            close_code::TRY_AGAIN_LATER,
-                            why,
-                        );
-                    }
+            match collected {
+                Ok(0) => {}
+                Ok(n) => Metrics::add(&app.metrics.messages_delivered, n as u64),
+                Err(lag) => {
+                    Metrics::add(&app.metrics.slow_consumer_closes, 1);
+                    let why = match lag {
+                        Lag::FellOffHistory => "slow consumer: fell off the topic history",
+                        Lag::TooManyPendingBytes => "slow consumer: too many pending bytes",
+                    };
+                    tracing::debug!(reason = why, "closing websocket");
+                    outbox.discard_unstarted();
+                    queue_close(
+                        &mut outbox,
+                        &mut close_sent,
+                        &mut timer,
+                        close_code::TRY_AGAIN_LATER,
+                        why,
+                    );
                 }
             }
+        }
+        // Write at once: usually the socket takes it all and no readiness wait is needed.
+        if !outbox.is_empty()
+            && let Err(e) = outbox.write_to(&stream)
+        {
+            tracing::debug!(error = %e, "websocket write failed");
+            break;
         }
         if close_sent && outbox.is_empty() && peer_closed {
             break;
         }
         let want_read = !peer_closed && outbox.bytes < READ_PAUSE_BYTES;
-        tokio::select! {
-            biased;
-            _ = app.shutdown.cancelled(), if !draining && !close_sent => {
+        let want_write = !outbox.is_empty();
+        let event = std::future::poll_fn(|cx| {
+            use std::task::Poll;
+            if !draining && !close_sent && cancelled.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Event::Shutdown);
+            }
+            if timer.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Event::Timer);
+            }
+            if want_write && let Poll::Ready(r) = stream.poll_write_ready(cx) {
+                return Poll::Ready(Event::Writable(r));
+            }
+            if want_read && let Poll::Ready(r) = stream.poll_read_ready(cx) {
+                return Poll::Ready(Event::Readable(r));
+            }
+            if !close_sent && waker.poll_woken(cx).is_ready() {
+                return Poll::Ready(Event::Woken);
+            }
+            Poll::Pending
+        })
+        .await;
+        match event {
+            Event::Woken => {}
+            Event::Shutdown => {
                 draining = true;
                 // Spread closes over the drain period so clients do not reconnect all at once.
                 let drain_ms = app.config.shutdown.drain_ms.max(1);
                 let jitter = Duration::from_millis(rand::random::<u64>() % drain_ms);
                 timer.as_mut().reset(Instant::now() + jitter);
             }
-            _ = &mut timer => {
+            Event::Timer => {
                 if close_sent {
                     break; // the peer never answered our close frame
                 } else if draining {
-                    queue_close(&mut outbox, &mut close_sent, &mut timer, close_code::RESTART, "server restart");
+                    queue_close(
+                        &mut outbox,
+                        &mut close_sent,
+                        &mut timer,
+                        close_code::RESTART,
+                        "server restart",
+                    );
                 } else if last_activity + idle_timeout > Instant::now() {
                     timer.as_mut().reset(last_activity + idle_timeout);
                 } else {
-                    queue_close(&mut outbox, &mut close_sent, &mut timer, close_code::GOING_AWAY, "idle timeout");
+                    queue_close(
+                        &mut outbox,
+                        &mut close_sent,
+                        &mut timer,
+                        close_code::GOING_AWAY,
+                        "idle timeout",
+                    );
                 }
             }
-            r = stream.writable(), if !outbox.is_empty() => {
+            Event::Writable(r) => {
                 if r.is_err() {
                     break;
                 }
-                match outbox.write_to(&stream) {
-                    Ok(_) => {}
-                    Err(e) => {
-                        tracing::debug!(error = %e, "websocket write failed");
-                        break;
-                    }
-                }
+                // The write happens at the top of the loop.
             }
-            r = stream.readable(), if want_read => {
+            Event::Readable(r) => {
                 if r.is_err() {
                     break;
                 }
                 last_activity = Instant::now();
-                match read_ready(&stream, &mut reader, &mut session, &mut outbox, max_message, close_sent) {
+                match read_ready(
+                    &stream,
+                    &mut reader,
+                    &mut session,
+                    &mut outbox,
+                    max_message,
+                    close_sent,
+                ) {
                     Ok(ReadOutcome::Open) => {}
                     Ok(ReadOutcome::Eof) | Err(_) => break,
                     Ok(ReadOutcome::PeerClose(code)) => {
@@ -491,9 +549,7 @@ pub async fn run(app: Arc<App>, stream: TcpStream, initial: Vec<u8>, connect: Co
                             Some(c) if c != 1005 && c != 1006 && c != 1015 => c,
                             _ => close_code::GOING_AWAY,
                         };
-                        if !close_sent {
-                            queue_close(&mut outbox, &mut close_sent, &mut timer, code, "");
-                        }
+                        queue_close(&mut outbox, &mut close_sent, &mut timer, code, "");
                     }
                     Ok(ReadOutcome::Violation(code, reason)) => {
                         Metrics::add(&app.metrics.bad_messages, 1);
@@ -503,7 +559,6 @@ pub async fn run(app: Arc<App>, stream: TcpStream, initial: Vec<u8>, connect: Co
                     }
                 }
             }
-            _ = waker.wait(), if !close_sent => {}
         }
     }
 }
