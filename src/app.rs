@@ -23,6 +23,9 @@ pub struct App {
     /// Every long-lived task (connections, WebSocket sessions, sweeper) is spawned on this.
     pub tracker: TaskTracker,
     draining: AtomicBool,
+    /// Wakers of live WebSocket connections, woken at shutdown so each starts its drain.
+    /// (Cheaper per connection than a cancellation-token waiter polled on every wake-up.)
+    connections: std::sync::Mutex<slab::Slab<Arc<crate::hub::Waker>>>,
 }
 
 impl App {
@@ -43,16 +46,40 @@ impl App {
             shutdown,
             tracker: TaskTracker::new(),
             draining: AtomicBool::new(false),
+            connections: Default::default(),
         })
     }
 
     /// True once shutdown has begun; `/readyz` then answers 503.
     pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::Acquire) || self.shutdown.is_cancelled()
+        self.draining.load(Ordering::Acquire)
     }
 
+    /// Starts the drain: `/readyz` turns 503 and every WebSocket connection is woken to close.
     pub fn set_draining(&self) {
         self.draining.store(true, Ordering::Release);
+        for (_, w) in self.connections().iter() {
+            w.wake();
+        }
+    }
+
+    fn connections(&self) -> std::sync::MutexGuard<'_, slab::Slab<Arc<crate::hub::Waker>>> {
+        self.connections.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Registers a connection's waker for the drain; returns its key.
+    pub fn register_connection(&self, waker: Arc<crate::hub::Waker>) -> usize {
+        self.connections().insert(waker)
+    }
+
+    pub fn unregister_connection(&self, key: usize) {
+        let mut c = self.connections();
+        if c.contains(key) {
+            c.remove(key);
+        }
+        if c.is_empty() && c.capacity() > 1024 {
+            c.shrink_to_fit();
+        }
     }
 }
 

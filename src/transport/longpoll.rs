@@ -248,6 +248,12 @@ async fn get(app: Arc<App>, req: Request<Incoming>) -> Response<Full<Bytes>> {
     if app.is_draining() {
         return status_only(500);
     }
+    // Sessions count against the connection limit too; a client refused here retries with
+    // backoff (500 is a status every phoenix.js version handles).
+    if app.longpoll.len() >= app.config.server.max_connections {
+        tracing::warn!("longpoll session limit reached (server.max_connections)");
+        return status_only(500);
+    }
     let auth_token = req
         .headers()
         .get("x-phoenix-authtoken")

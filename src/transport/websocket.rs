@@ -340,11 +340,16 @@ fn process(
     }
 }
 
-struct ConnectionGauge(Arc<App>);
+/// Counts the connection in the gauge and registers it for the drain while it lives.
+struct Registration {
+    app: Arc<App>,
+    key: usize,
+}
 
-impl Drop for ConnectionGauge {
+impl Drop for Registration {
     fn drop(&mut self) {
-        self.0.metrics.connections_websocket.fetch_sub(1, Relaxed);
+        self.app.metrics.connections_websocket.fetch_sub(1, Relaxed);
+        self.app.unregister_connection(self.key);
     }
 }
 
@@ -364,14 +369,18 @@ enum Event {
 /// topic waking us, the timer (idle timeout, drain moment, close deadline), or shutdown. The
 /// wait is a single `poll_fn` over futures that live as long as the connection, so an
 /// iteration registers nothing new: readiness uses the stream's own waker slots, the hub's
-/// [`Waker`](crate::hub::Waker) one atomic slot.
+/// [`Waker`](crate::hub::Waker) one atomic slot, and the drain wakes us through that same
+/// waker ([`App::set_draining`]).
 pub async fn run(app: Arc<App>, stream: TcpStream, initial: Vec<u8>, connect: ConnectInfo) {
-    app.metrics.connections_websocket.fetch_add(1, Relaxed);
-    let _gauge = ConnectionGauge(app.clone());
-    let max_message = app.config.limits.max_frame_bytes;
-    let idle_timeout = Duration::from_millis(app.config.server.idle_timeout_ms);
     let mut session = Session::new(app.clone(), connect);
     let waker = session.waker().clone();
+    app.metrics.connections_websocket.fetch_add(1, Relaxed);
+    let _registration = Registration {
+        app: app.clone(),
+        key: app.register_connection(waker.clone()),
+    };
+    let max_message = app.config.limits.max_frame_bytes;
+    let idle_timeout = Duration::from_millis(app.config.server.idle_timeout_ms);
     let mut reader = MessageReader::default();
     let mut outbox = Outbox::default();
     let mut close_sent = false;
@@ -380,9 +389,6 @@ pub async fn run(app: Arc<App>, stream: TcpStream, initial: Vec<u8>, connect: Co
     let mut last_activity = Instant::now();
     let timer = tokio::time::sleep_until(last_activity + idle_timeout);
     tokio::pin!(timer);
-    let shutdown = app.shutdown.clone();
-    let cancelled = shutdown.cancelled();
-    tokio::pin!(cancelled);
 
     let queue_close = |outbox: &mut Outbox,
                        close_sent: &mut bool,
@@ -471,7 +477,7 @@ pub async fn run(app: Arc<App>, stream: TcpStream, initial: Vec<u8>, connect: Co
         let want_write = !outbox.is_empty();
         let event = std::future::poll_fn(|cx| {
             use std::task::Poll;
-            if !draining && !close_sent && cancelled.as_mut().poll(cx).is_ready() {
+            if !draining && !close_sent && app.is_draining() {
                 return Poll::Ready(Event::Shutdown);
             }
             if timer.as_mut().poll(cx).is_ready() {
