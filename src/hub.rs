@@ -56,6 +56,10 @@ pub fn parse_position(s: &str) -> Option<(&str, u64)> {
 /// One broadcast, encoded once and shared by every subscriber.
 #[derive(Debug, Clone)]
 pub struct Entry {
+    /// Local sequence number in this node's buffer (what subscribers' read positions count).
+    pub seq: u64,
+    /// Public offset in the topic's stream; 0 for a message without one (a plain Redis
+    /// PUBLISH). With the embedded broker `offset == seq`.
     pub offset: u64,
     /// The complete WebSocket text frame; `frame[text_start..]` is the bare JSON text.
     frame: Bytes,
@@ -126,7 +130,13 @@ pub enum Lag {
 #[derive(Debug)]
 struct TopicState {
     epoch: Arc<str>,
+    /// Public offset of the last message with one.
     last_offset: u64,
+    /// Local sequence number of the last entry.
+    last_seq: u64,
+    /// The node receives this topic's messages: always with the embedded broker; with Redis,
+    /// once the broker has subscribed to its channel and learned its position.
+    live: bool,
     entries: VecDeque<Entry>,
     /// Bytes ever appended in this epoch.
     total_bytes: u64,
@@ -141,6 +151,8 @@ pub struct Topic {
     state: RwLock<TopicState>,
     /// A fanout task is sweeping this topic's subscribers (see [`Hub::publish`]).
     fanout_scheduled: AtomicBool,
+    /// The hub's idle-topic notifier (external broker only).
+    idle: Option<Arc<tokio::sync::Notify>>,
 }
 
 /// Topics with at most this many local subscribers are woken inline by the publisher.
@@ -158,7 +170,7 @@ async fn fanout(topic: Arc<Topic>) {
         let (covered, wakers): (u64, Vec<Arc<Waker>>) = {
             let st = topic.read_lock();
             (
-                st.last_offset,
+                st.last_seq,
                 st.subscribers.iter().map(|(_, w)| w.clone()).collect(),
             )
         };
@@ -170,7 +182,7 @@ async fn fanout(topic: Arc<Topic>) {
         }
         drop(wakers);
         topic.fanout_scheduled.store(false, Ordering::Release);
-        if topic.read_lock().last_offset == covered {
+        if topic.read_lock().last_seq == covered {
             return;
         }
         if topic.fanout_scheduled.swap(true, Ordering::AcqRel) {
@@ -184,7 +196,7 @@ async fn fanout(topic: Arc<Topic>) {
 pub struct Subscription {
     topic: Arc<Topic>,
     key: usize,
-    /// Offset of the last entry taken.
+    /// Sequence number of the last entry taken.
     pub last: u64,
 }
 
@@ -193,6 +205,11 @@ impl Drop for Subscription {
         let mut st = self.topic.write();
         if st.subscribers.contains(self.key) {
             st.subscribers.remove(self.key);
+        }
+        let now_idle = st.subscribers.is_empty() && st.live;
+        drop(st);
+        if now_idle && let Some(idle) = &self.topic.idle {
+            idle.notify_one();
         }
     }
 }
@@ -254,16 +271,16 @@ impl Topic {
         emit: &mut dyn FnMut(&Entry),
     ) -> Result<usize, Lag> {
         let st = self.read_lock();
-        if *last >= st.last_offset {
+        if *last >= st.last_seq {
             return Ok(0);
         }
         let Some(front) = st.entries.front() else {
             return Err(Lag::FellOffHistory);
         };
-        if *last + 1 < front.offset {
+        if *last + 1 < front.seq {
             return Err(Lag::FellOffHistory);
         }
-        let first = (*last + 1 - front.offset) as usize;
+        let first = (*last + 1 - front.seq) as usize;
         if st.total_bytes - st.entries[first].cum_start > max_pending {
             return Err(Lag::TooManyPendingBytes);
         }
@@ -274,7 +291,7 @@ impl Topic {
         }
         for e in st.entries.range(first..) {
             emit(e);
-            *last = e.offset;
+            *last = e.seq;
             n += 1;
             bytes += e.frame.len();
             if bytes >= budget {
@@ -285,7 +302,76 @@ impl Topic {
     }
 }
 
+/// Where a joining subscriber starts, as far as this node's buffer can tell.
+enum Start {
+    /// At the current end (no `since`).
+    Now,
+    /// After the entry with this sequence number: everything from there on is the gap.
+    After(u64),
+    /// `since` is of this epoch but older than the buffer: the broker's history may have it.
+    NotCovered(u64),
+    /// `since` is from another epoch, malformed, or ahead of the stream.
+    Unrecoverable,
+}
+
 impl TopicState {
+    /// Encodes and appends one broadcast; `offset` 0 means it has no position.
+    fn append(
+        &mut self,
+        name: &str,
+        offset: u64,
+        event: &str,
+        payload: &[u8],
+        history: &HistoryConfig,
+    ) {
+        let position = (offset > 0).then(|| format!("{}:{}", self.epoch, offset));
+        let mut buf = Vec::with_capacity(
+            ws::MAX_HEADER + 40 + self.epoch.len() + name.len() + event.len() + payload.len(),
+        );
+        buf.resize(ws::MAX_HEADER, 0);
+        protocol::push_text_frame(&mut buf, None, position.as_deref(), name, event, payload);
+        let start = ws::frame_in_place(&mut buf, ws::OP_TEXT);
+        let frame = Bytes::from(buf).slice(start..);
+        let text_start = (ws::MAX_HEADER - start) as u8;
+        let len = frame.len() as u64;
+        let now = Instant::now();
+        self.last_seq += 1;
+        let cum_start = self.total_bytes;
+        self.entries.push_back(Entry {
+            seq: self.last_seq,
+            offset,
+            frame,
+            text_start,
+            cum_start,
+            at: now,
+        });
+        self.total_bytes += len;
+        if offset > 0 {
+            self.last_offset = offset;
+        }
+        self.trim(history, now);
+    }
+
+    fn locate(&self, since: Option<&str>) -> Start {
+        let Some(since) = since else {
+            return Start::Now;
+        };
+        match parse_position(since) {
+            Some((epoch, offset)) if epoch == &*self.epoch => {
+                if offset == self.last_offset {
+                    Start::After(self.last_seq)
+                } else if offset > self.last_offset {
+                    Start::Unrecoverable
+                } else if let Some(e) = self.entries.iter().find(|e| e.offset == offset + 1) {
+                    Start::After(e.seq - 1)
+                } else {
+                    Start::NotCovered(offset)
+                }
+            }
+            _ => Start::Unrecoverable,
+        }
+    }
+
     fn trim(&mut self, history: &HistoryConfig, now: Instant) {
         while self.entries.len() > history.size {
             self.entries.pop_front();
@@ -337,6 +423,35 @@ pub struct Hub {
     topics: Mutex<HashMap<Arc<str>, Arc<Topic>>>,
     history: HistoryConfig,
     metrics: Arc<Metrics>,
+    /// The embedded broker: topics are live from birth and their buffer is the history.
+    embedded: bool,
+    /// Told when a topic loses its last local subscriber (the Redis broker unsubscribes).
+    idle: Option<Arc<tokio::sync::Notify>>,
+}
+
+/// The outcome of a join against the local buffer (see [`Hub::join_live`]).
+#[derive(Debug)]
+pub enum LiveJoin {
+    /// Joined; nothing else to do.
+    Done(Subscription, JoinInfo),
+    /// The node does not receive this topic yet: the broker must subscribe first.
+    NotLive,
+    /// Joined at the current end; the gap `(since, position.offset]` must come from the
+    /// broker's history and be replayed to this subscriber alone.
+    NeedsHistory(Subscription, Position, u64),
+}
+
+/// What became of a message from the broker (see [`Hub::append_remote`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RemoteAppend {
+    Appended,
+    /// Already have it (an offset at or below the topic's current one).
+    Duplicate,
+    /// Offsets between the topic's current one and this message's are missing; the broker
+    /// should fetch from this offset on first.
+    Gap(u64),
+    /// No local interest in this topic.
+    NotLive,
 }
 
 fn new_epoch() -> Arc<str> {
@@ -347,12 +462,35 @@ fn new_epoch() -> Arc<str> {
 }
 
 impl Hub {
+    /// A hub for the embedded broker.
     pub fn new(history: HistoryConfig, metrics: Arc<Metrics>) -> Hub {
         Hub {
             topics: Mutex::new(HashMap::new()),
             history,
             metrics,
+            embedded: true,
+            idle: None,
         }
+    }
+
+    /// A hub fed by an external broker: topics become live when the broker says so, and
+    /// `idle` is notified when a topic loses its last local subscriber.
+    pub fn with_broker(
+        history: HistoryConfig,
+        metrics: Arc<Metrics>,
+        idle: Arc<tokio::sync::Notify>,
+    ) -> Hub {
+        Hub {
+            topics: Mutex::new(HashMap::new()),
+            history,
+            metrics,
+            embedded: false,
+            idle: Some(idle),
+        }
+    }
+
+    pub fn is_embedded(&self) -> bool {
+        self.embedded
     }
 
     fn map(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Arc<Topic>>> {
@@ -369,12 +507,15 @@ impl Hub {
             state: RwLock::new(TopicState {
                 epoch: new_epoch(),
                 last_offset: 0,
+                last_seq: 0,
+                live: self.embedded,
                 entries: VecDeque::new(),
                 total_bytes: 0,
                 subscribers: Slab::new(),
                 removed: false,
             }),
             fanout_scheduled: AtomicBool::new(false),
+            idle: self.idle.clone(),
         });
         map.insert(name, topic.clone());
         self.metrics
@@ -383,48 +524,188 @@ impl Hub {
         topic
     }
 
-    /// Subscribes `waker` to `name`, starting after `since` when it is honoured.
+    /// Subscribes `waker` to `name`, starting after `since` when it is honoured
+    /// (embedded broker: the local buffer is the whole history).
     pub fn subscribe(
         &self,
         name: &str,
         waker: Arc<Waker>,
         since: Option<&str>,
     ) -> (Subscription, JoinInfo) {
+        match self.join_live(name, waker, since) {
+            LiveJoin::Done(sub, info) => (sub, info),
+            LiveJoin::NeedsHistory(sub, position, _) => (
+                sub,
+                JoinInfo {
+                    position: position.to_string(),
+                    recovered: Some(false),
+                },
+            ),
+            LiveJoin::NotLive => unreachable!("embedded topics are always live"),
+        }
+    }
+
+    /// Joins against the local buffer if the topic is live here (see [`LiveJoin`]).
+    pub fn join_live(&self, name: &str, waker: Arc<Waker>, since: Option<&str>) -> LiveJoin {
         let mut map = self.map();
         let topic = self.get_or_create(&mut map, name);
         let mut st = topic.write();
+        drop(map);
+        if !st.live {
+            return LiveJoin::NotLive;
+        }
         st.trim(&self.history, Instant::now());
-        let current = st.last_offset;
-        let oldest = st.entries.front().map(|e| e.offset).unwrap_or(current + 1);
-        let (start, recovered) = match since {
-            None => (current, None),
-            Some(since) => match parse_position(since) {
-                Some((epoch, offset))
-                    if epoch == &*st.epoch && offset <= current && offset + 1 >= oldest =>
-                {
-                    (offset, Some(true))
-                }
-                _ => (current, Some(false)),
-            },
+        let (start, recovered, needs) = match st.locate(since) {
+            Start::Now => (st.last_seq, None, None),
+            Start::After(seq) => (seq, Some(true), None),
+            Start::Unrecoverable => (st.last_seq, Some(false), None),
+            Start::NotCovered(offset) => (st.last_seq, None, Some(offset)),
         };
-        let key = st.subscribers.insert(waker);
-        let info = JoinInfo {
-            position: format!("{}:{}", st.epoch, current),
-            recovered,
+        let key = st.subscribers.insert(waker.clone());
+        let position = Position {
+            epoch: st.epoch.clone(),
+            offset: st.last_offset,
         };
         drop(st);
-        drop(map);
-        (
-            Subscription {
-                topic,
-                key,
-                last: start,
-            },
-            info,
-        )
+        let sub = Subscription {
+            topic,
+            key,
+            last: start,
+        };
+        if recovered == Some(true) {
+            waker.wake(); // the replay is waiting in the buffer
+        }
+        match needs {
+            Some(since_offset) => LiveJoin::NeedsHistory(sub, position, since_offset),
+            None => LiveJoin::Done(
+                sub,
+                JoinInfo {
+                    position: position.to_string(),
+                    recovered,
+                },
+            ),
+        }
     }
 
-    /// Publishes one message to a topic of this node; returns its position.
+    /// Whether the node receives `name` (always true with the embedded broker).
+    pub fn is_live(&self, name: &str) -> bool {
+        self.embedded || self.map().get(name).is_some_and(|t| t.read_lock().live)
+    }
+
+    /// The broker subscribed to `name` and read its position: messages after `offset` follow.
+    pub fn go_live(&self, name: &str, epoch: &str, offset: u64) {
+        let mut map = self.map();
+        let topic = self.get_or_create(&mut map, name);
+        drop(map);
+        let mut st = topic.write();
+        if &*st.epoch != epoch {
+            st.epoch = Arc::from(epoch);
+            st.last_offset = offset;
+        } else if offset > st.last_offset {
+            st.last_offset = offset;
+        }
+        st.live = true;
+    }
+
+    /// Live topics with local subscribers and their positions (resubscribed after a reconnect).
+    pub fn live_topics(&self) -> Vec<(Arc<str>, Position)> {
+        self.map()
+            .iter()
+            .filter_map(|(name, t)| {
+                let st = t.read_lock();
+                (st.live || !st.subscribers.is_empty()).then(|| {
+                    (
+                        name.clone(),
+                        Position {
+                            epoch: st.epoch.clone(),
+                            offset: st.last_offset,
+                        },
+                    )
+                })
+            })
+            .collect()
+    }
+
+    /// Marks every topic as not received (the broker connection dropped).
+    pub fn mark_all_down(&self) {
+        for t in self.map().values() {
+            t.write().live = false;
+        }
+    }
+
+    /// Takes live topics that have no local subscriber left out of live state and returns
+    /// them (the broker unsubscribes). A join after this goes through the broker again.
+    pub fn take_idle_topics(&self) -> Vec<Arc<str>> {
+        self.map()
+            .iter()
+            .filter_map(|(name, t)| {
+                let mut st = t.write();
+                (st.live && st.subscribers.is_empty()).then(|| {
+                    st.live = false;
+                    name.clone()
+                })
+            })
+            .collect()
+    }
+
+    /// Appends a message that arrived from the broker, keeping offsets contiguous.
+    pub fn append_remote(
+        &self,
+        name: &str,
+        position: Option<(&str, u64)>,
+        event: &str,
+        payload: &[u8],
+    ) -> RemoteAppend {
+        let Some(topic) = self.map().get(name).cloned() else {
+            return RemoteAppend::NotLive;
+        };
+        let mut st = topic.write();
+        if !st.live {
+            return RemoteAppend::NotLive;
+        }
+        let offset = match position {
+            None => 0,
+            Some((epoch, offset)) => {
+                if &*st.epoch != epoch {
+                    // The stream was recreated (history lost): follow the new epoch.
+                    st.epoch = Arc::from(epoch);
+                    st.last_offset = offset.saturating_sub(1);
+                } else if offset <= st.last_offset {
+                    return RemoteAppend::Duplicate;
+                } else if offset > st.last_offset + 1 {
+                    return RemoteAppend::Gap(st.last_offset + 1);
+                }
+                offset
+            }
+        };
+        st.append(name, offset, event, payload, &self.history);
+        drop(st);
+        wake_subscribers(&topic);
+        Metrics::add(&self.metrics.messages_published, 1);
+        RemoteAppend::Appended
+    }
+
+    /// Appends a message even though offsets before it are missing (they are no longer in
+    /// the broker's history either).
+    pub fn append_remote_after_gap(
+        &self,
+        name: &str,
+        epoch: &str,
+        offset: u64,
+        event: &str,
+        payload: &[u8],
+    ) {
+        if let Some(topic) = self.map().get(name).cloned() {
+            let mut st = topic.write();
+            if &*st.epoch == epoch && offset > st.last_offset {
+                st.last_offset = offset - 1;
+            }
+            drop(st);
+            self.append_remote(name, Some((epoch, offset)), event, payload);
+        }
+    }
+
+    /// Publishes one message to a topic of this node (embedded broker); returns its position.
     /// `payload` must be valid JSON text.
     pub fn publish(&self, name: &str, event: &str, payload: &[u8]) -> Position {
         loop {
@@ -437,32 +718,11 @@ impl Hub {
                 continue;
             }
             let offset = st.last_offset + 1;
+            st.append(name, offset, event, payload, &self.history);
             let position = Position {
                 epoch: st.epoch.clone(),
                 offset,
             };
-            let pos_text = position.to_string();
-            let mut buf = Vec::with_capacity(
-                ws::MAX_HEADER + 24 + pos_text.len() + name.len() + event.len() + payload.len(),
-            );
-            buf.resize(ws::MAX_HEADER, 0);
-            protocol::push_broadcast(&mut buf, &pos_text, name, event, payload);
-            let start = ws::frame_in_place(&mut buf, ws::OP_TEXT);
-            let frame = Bytes::from(buf).slice(start..);
-            let text_start = (ws::MAX_HEADER - start) as u8;
-            let len = frame.len() as u64;
-            let now = Instant::now();
-            let cum_start = st.total_bytes;
-            st.entries.push_back(Entry {
-                offset,
-                frame,
-                text_start,
-                cum_start,
-                at: now,
-            });
-            st.total_bytes += len;
-            st.last_offset = offset;
-            st.trim(&self.history, now);
             drop(st);
             wake_subscribers(&topic);
             Metrics::add(&self.metrics.messages_published, 1);
@@ -479,7 +739,14 @@ impl Hub {
         map.retain(|_, topic| {
             let mut st = topic.write();
             st.trim(&self.history, now);
-            let keep = !st.subscribers.is_empty() || !st.entries.is_empty();
+            // Embedded: the buffer is the history, keep it. External broker: the history is
+            // the broker's; keep a topic only while it has subscribers or is subscribed.
+            let keep = !st.subscribers.is_empty()
+                || if self.embedded {
+                    !st.entries.is_empty()
+                } else {
+                    st.live
+                };
             if !keep {
                 st.removed = true;
             }
