@@ -12,6 +12,7 @@
 //! - [`hub`]: topics, their shared history buffers, positions and local subscribers.
 //! - [`metrics`]: counters rendered for Prometheus.
 //! - [`app`]: the shared state handed to every connection.
+//! - [`systemd`]: socket activation, readiness/stopping notifications and watchdog pings.
 #![forbid(unsafe_code)]
 
 pub mod api;
@@ -23,6 +24,7 @@ pub mod protocol;
 pub mod router;
 pub mod server;
 pub mod session;
+pub mod systemd;
 pub mod transport;
 pub mod ws;
 

@@ -104,8 +104,16 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
+            // Before any thread exists: listenfd clears LISTEN_FDS/LISTEN_PID from the environment.
+            let inherited = match pushgate::systemd::take_listeners() {
+                Ok(l) => l,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(1);
+                }
+            };
             init_tracing();
-            match serve(c) {
+            match serve(c, inherited) {
                 Ok(true) => ExitCode::SUCCESS,
                 Ok(false) => ExitCode::from(1),
                 Err(e) => {
@@ -117,7 +125,9 @@ fn main() -> ExitCode {
     }
 }
 
-fn serve(config: Config) -> anyhow::Result<bool> {
+/// Runs the gateway on `inherited` (sockets passed by systemd) or, when there are none, on a
+/// listener bound to `server.listen`.
+fn serve(config: Config, inherited: Vec<std::net::TcpListener>) -> anyhow::Result<bool> {
     // One worker thread means a single-threaded runtime: no work-stealing machinery at all,
     // which is what a one-core droplet (or a server pinned to one core) wants.
     let mut rt = if config.server.worker_threads == 1 {
@@ -130,14 +140,33 @@ fn serve(config: Config) -> anyhow::Result<bool> {
     }
     let rt = rt.enable_all().build().context("starting the runtime")?;
     rt.block_on(async move {
-        let addr = config.listen_addr();
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("binding {addr} (server.listen)"))?;
-        let local = listener.local_addr()?;
+        let listeners = if inherited.is_empty() {
+            let addr = config.listen_addr();
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding {addr} (server.listen)"))?;
+            vec![listener]
+        } else {
+            tracing::info!(
+                count = inherited.len(),
+                "using the sockets passed by systemd (LISTEN_FDS); server.listen is not used"
+            );
+            inherited
+                .into_iter()
+                .map(tokio::net::TcpListener::from_std)
+                .collect::<Result<_, _>>()
+                .context("adopting a socket passed by systemd")?
+        };
+        let mut addrs = Vec::with_capacity(listeners.len());
+        for l in &listeners {
+            addrs.push(l.local_addr()?);
+        }
+        let local = addrs[0];
         let generated = config.publish.token.is_empty();
         let app = App::new(config, CancellationToken::new());
-        tracing::info!(addr = %local, broker = "embedded", "listening");
+        for addr in &addrs {
+            tracing::info!(%addr, broker = "embedded", "listening");
+        }
         if generated {
             tracing::info!(
                 token = %app.publish_token,
@@ -149,7 +178,17 @@ fn serve(config: Config) -> anyhow::Result<bool> {
                 local
             );
         }
-        Ok(pushgate::run_app(vec![listener], app, shutdown_signal()).await)
+        if let Some(every) = pushgate::systemd::watchdog_interval() {
+            tokio::spawn(pushgate::systemd::watchdog(every));
+        }
+        // Listening (connections queue in the backlog from here on) and the embedded broker is
+        // ready: tell systemd (Type=notify). STOPPING=1 follows when the drain begins.
+        pushgate::systemd::notify_ready(&format!("listening on {local}"));
+        let shutdown = async {
+            shutdown_signal().await;
+            pushgate::systemd::notify_stopping();
+        };
+        Ok(pushgate::run_app(listeners, app, shutdown).await)
     })
 }
 

@@ -1,0 +1,465 @@
+//! The real binary under the two systemd protocols it speaks, driven the way systemd drives it:
+//!
+//! - sd_notify: the test binds its own `NOTIFY_SOCKET` (a Unix datagram socket) and reads
+//!   `READY=1`, `WATCHDOG=1` and `STOPPING=1` from it;
+//! - socket activation: the test binds the listening socket itself and hands it to pushgate as
+//!   fd 3 with `LISTEN_FDS=1` and `LISTEN_PID` set to the child's own pid (a `sh` wrapper sets it
+//!   before `exec`, as systemd does after `fork`); keeping its copy of the socket across a
+//!   restart, as `pushgate.socket` does, shows that no connection is refused meanwhile.
+//!
+//! Environment variables are set on the child only; the child gets none of the test process's
+//! `PUSHGATE_*`, `NOTIFY_SOCKET`, `LISTEN_*` or `WATCHDOG_*` variables.
+
+mod support;
+
+use command_fds::{CommandFdExt, FdMapping};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixDatagram;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// How long the binary may take to start, answer, or stop.
+const DEADLINE: Duration = Duration::from_secs(10);
+
+/// `pushgate serve` with a clean environment and short drain settings.
+fn pushgate_serve(extra: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_pushgate"));
+    clean_env(&mut c);
+    c.arg("serve").args(extra);
+    c
+}
+
+fn clean_env(c: &mut Command) {
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy().into_owned();
+        if k.starts_with("PUSHGATE_")
+            || k.starts_with("LISTEN_")
+            || k.starts_with("WATCHDOG_")
+            || k == "NOTIFY_SOCKET"
+        {
+            c.env_remove(k);
+        }
+    }
+    c.env("PUSHGATE_PUBLISH_TOKEN", support::TOKEN)
+        .env("PUSHGATE_SHUTDOWN_DRAIN_MS", "50")
+        .env("PUSHGATE_SHUTDOWN_GRACE_MS", "3000")
+        .env("PUSHGATE_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+}
+
+/// `pushgate serve --listen 127.0.0.1:0` started the way systemd starts a socket-activated
+/// service: `listener` as fd 3, `LISTEN_FDS=1`, `LISTEN_PID` = the pid that runs pushgate.
+fn socket_activated(listener: &TcpListener) -> Proc {
+    let mut c = Command::new("sh");
+    clean_env(&mut c);
+    c.args([
+        "-c",
+        r#"LISTEN_PID=$$; export LISTEN_PID; exec "$0" "$@""#,
+        env!("CARGO_BIN_EXE_pushgate"),
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+    ])
+    .env("LISTEN_FDS", "1")
+    .env("LISTEN_FDNAMES", "pushgate.socket");
+    let fd: OwnedFd = listener.try_clone().expect("dup the listener").into();
+    c.fd_mappings(vec![FdMapping {
+        parent_fd: fd,
+        child_fd: 3,
+    }])
+    .expect("map fd 3");
+    Proc::spawn(c)
+}
+
+/// A running child, its stderr lines (read by a thread), killed on drop.
+struct Proc {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    log: Vec<String>,
+}
+
+impl Proc {
+    fn spawn(mut c: Command) -> Proc {
+        let mut child = c.spawn().expect("spawn pushgate");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Proc {
+            child,
+            lines,
+            log: Vec::new(),
+        }
+    }
+
+    /// The first line (from now on) containing `needle`.
+    fn wait_line(&mut self, needle: &str) -> String {
+        let end = Instant::now() + DEADLINE;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.log.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(e) => panic!(
+                    "no log line with {needle:?} ({e}); exit {:?}; log:\n{}",
+                    self.child.try_wait().ok().flatten(),
+                    self.log.join("\n")
+                ),
+            }
+        }
+    }
+
+    /// The address from the first `listening addr=` line.
+    fn listening_addr(&mut self) -> SocketAddr {
+        let line = self.wait_line("listening addr=");
+        let word = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("addr="))
+            .unwrap_or_else(|| panic!("no addr= in {line:?}"));
+        word.trim_matches('"').parse().expect("an address")
+    }
+
+    fn sigterm(&self) {
+        let ok = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("run kill")
+            .success();
+        assert!(ok, "kill -TERM failed");
+    }
+
+    fn wait_exit(&mut self) -> ExitStatus {
+        let end = Instant::now() + DEADLINE;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(200)) {
+                    self.log.push(line);
+                }
+                return status;
+            }
+            assert!(
+                Instant::now() < end,
+                "pushgate did not exit; log:\n{}",
+                self.log.join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A notification socket of the test's own, in a fresh directory (removed on drop).
+struct NotifySocket {
+    dir: PathBuf,
+    path: PathBuf,
+    sock: UnixDatagram,
+    seen: Vec<String>,
+}
+
+impl NotifySocket {
+    fn new() -> NotifySocket {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "pushgate-notify-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("notify.sock");
+        let sock = UnixDatagram::bind(&path).expect("bind the notify socket");
+        NotifySocket {
+            dir,
+            path,
+            sock,
+            seen: Vec::new(),
+        }
+    }
+
+    /// The next datagram, before `end`; `None` at `end`.
+    fn recv_until(&mut self, end: Instant) -> Option<String> {
+        let left = end.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return None;
+        }
+        self.sock.set_read_timeout(Some(left)).unwrap();
+        let mut buf = [0u8; 4096];
+        match self.sock.recv(&mut buf) {
+            Ok(n) => {
+                let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+                self.seen.push(msg.clone());
+                Some(msg)
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                None
+            }
+            Err(e) => panic!("recv on the notify socket: {e}"),
+        }
+    }
+
+    /// The next datagram; panics after the deadline.
+    fn recv(&mut self) -> String {
+        self.recv_until(Instant::now() + DEADLINE)
+            .unwrap_or_else(|| panic!("no notification in time; seen: {:?}", self.seen))
+    }
+}
+
+impl Drop for NotifySocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn lines(msg: &str) -> Vec<&str> {
+    msg.lines().collect()
+}
+
+/// Sends a `Connection: close` GET on `stream` and returns the status code of the answer.
+fn get_status(mut stream: TcpStream, path: &str) -> u16 {
+    stream.set_read_timeout(Some(DEADLINE)).unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    read_status(stream)
+}
+
+fn read_status(mut stream: TcpStream) -> u16 {
+    let mut answer = Vec::new();
+    stream
+        .read_to_end(&mut answer)
+        .expect("read the HTTP answer");
+    let text = String::from_utf8_lossy(&answer);
+    text.split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP answer: {text:?}"))
+}
+
+#[test]
+fn ready_watchdog_and_stopping_are_sent_to_notify_socket() {
+    let mut notify = NotifySocket::new();
+    let mut c = pushgate_serve(&["--listen", "127.0.0.1:0"]);
+    // 100 ms: systemd's WatchdogSec=100ms; pushgate should ping every 50 ms.
+    c.env("NOTIFY_SOCKET", &notify.path)
+        .env("WATCHDOG_USEC", "100000");
+    let mut p = Proc::spawn(c);
+
+    let first = notify.recv();
+    assert!(
+        lines(&first).contains(&"READY=1"),
+        "first notification must be READY=1, got {first:?}"
+    );
+    assert!(
+        first
+            .lines()
+            .any(|l| l.starts_with("STATUS=listening on 127.0.0.1:")),
+        "READY=1 should carry a STATUS line, got {first:?}"
+    );
+    // READY=1 means connections are served from now on.
+    let addr = p.listening_addr();
+    assert_eq!(
+        get_status(TcpStream::connect(addr).unwrap(), "/readyz"),
+        200
+    );
+
+    // Pings at half the interval: at least 5 within a second (10 expected).
+    let start = Instant::now();
+    let mut pings = 0;
+    while pings < 5 {
+        let msg = notify
+            .recv_until(start + Duration::from_secs(1))
+            .unwrap_or_else(|| panic!("only {pings} WATCHDOG=1 in 1 s; seen {:?}", notify.seen));
+        assert_eq!(msg.trim_end(), "WATCHDOG=1", "unexpected notification");
+        pings += 1;
+    }
+
+    p.sigterm();
+    let stopping = loop {
+        let msg = notify.recv();
+        if msg.trim_end() != "WATCHDOG=1" {
+            break msg;
+        }
+    };
+    assert!(
+        lines(&stopping).contains(&"STOPPING=1"),
+        "after SIGTERM expected STOPPING=1, got {stopping:?}"
+    );
+    let status = p.wait_exit();
+    assert!(
+        status.success(),
+        "exit {status:?}; log:\n{}",
+        p.log.join("\n")
+    );
+    assert!(
+        !notify.seen.iter().skip(1).any(|m| m.contains("READY=1")),
+        "READY=1 sent twice: {:?}",
+        notify.seen
+    );
+}
+
+#[test]
+fn no_watchdog_pings_when_the_watchdog_is_for_another_process() {
+    let mut notify = NotifySocket::new();
+    let mut c = pushgate_serve(&["--listen", "127.0.0.1:0"]);
+    // systemd sets WATCHDOG_PID; a value naming another process means "not for you".
+    c.env("NOTIFY_SOCKET", &notify.path)
+        .env("WATCHDOG_USEC", "20000")
+        .env("WATCHDOG_PID", "1");
+    let mut p = Proc::spawn(c);
+    let first = notify.recv();
+    assert!(lines(&first).contains(&"READY=1"), "got {first:?}");
+    // Proving an absence: at 10 ms pings, 300 ms would have brought about 30.
+    let quiet = notify.recv_until(Instant::now() + Duration::from_millis(300));
+    assert_eq!(quiet, None, "pinged a watchdog that is not ours");
+    p.sigterm();
+    assert!(p.wait_exit().success());
+}
+
+#[test]
+fn without_notify_socket_nothing_is_sent_and_serving_works() {
+    let mut p = Proc::spawn(pushgate_serve(&["--listen", "127.0.0.1:0"]));
+    let addr = p.listening_addr();
+    assert_eq!(
+        get_status(TcpStream::connect(addr).unwrap(), "/healthz"),
+        200
+    );
+    p.sigterm();
+    let status = p.wait_exit();
+    assert!(status.success(), "log:\n{}", p.log.join("\n"));
+    assert!(
+        !p.log.iter().any(|l| l.contains("cannot notify systemd")),
+        "log:\n{}",
+        p.log.join("\n")
+    );
+}
+
+#[test]
+fn serves_the_socket_systemd_passes_and_a_restart_refuses_no_connection() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    // The socket unit's socket: bound and listening before any pushgate runs.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+
+    // A client arriving before the service started waits in the accept queue.
+    let mut early = TcpStream::connect(addr).expect("connect to the socket unit's socket");
+    write!(
+        early,
+        "GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    early.set_read_timeout(Some(DEADLINE)).unwrap();
+
+    let mut first = socket_activated(&listener);
+    first.wait_line("passed by systemd");
+    assert_eq!(
+        first.listening_addr(),
+        addr,
+        "must serve the passed socket, not server.listen / --listen"
+    );
+    assert_eq!(read_status(early), 200, "the queued client was not served");
+
+    // A WebSocket client of the first process is told to reconnect (1012) when it stops.
+    rt.block_on(async {
+        let mut ws = support::connect(addr).await;
+        support::join(&mut ws, "1", "room:restart", "{}").await;
+        first.sigterm();
+        assert_eq!(support::recv_close(&mut ws).await, 1012);
+    });
+    let status = first.wait_exit();
+    assert!(
+        status.success(),
+        "exit {status:?}; log:\n{}",
+        first.log.join("\n")
+    );
+
+    // No process serves the socket now, but it is still listening: a connection made during
+    // the restart is accepted by the kernel and answered by the next process.
+    let gap = TcpStream::connect(addr).expect("a connection during the restart was refused");
+    let mut second = socket_activated(&listener);
+    assert_eq!(second.listening_addr(), addr);
+    assert_eq!(get_status(gap, "/readyz"), 200);
+    rt.block_on(async {
+        let mut ws = support::connect(addr).await;
+        let reply = support::join(&mut ws, "1", "room:restart", "{}").await;
+        assert!(reply["position"].is_string(), "join reply {reply}");
+    });
+    second.sigterm();
+    assert!(second.wait_exit().success());
+}
+
+#[test]
+fn listen_fds_for_another_process_are_ignored() {
+    // LISTEN_PID names another process: the fds are not ours, server.listen is bound instead.
+    let mut c = pushgate_serve(&["--listen", "127.0.0.1:0"]);
+    c.env("LISTEN_FDS", "1").env("LISTEN_PID", "1");
+    let mut p = Proc::spawn(c);
+    let addr = p.listening_addr();
+    assert_ne!(addr.port(), 0);
+    assert_eq!(
+        get_status(TcpStream::connect(addr).unwrap(), "/healthz"),
+        200
+    );
+    assert!(!p.log.iter().any(|l| l.contains("passed by systemd")));
+    p.sigterm();
+    assert!(p.wait_exit().success());
+}
+
+#[test]
+fn a_passed_fd_that_is_not_a_tcp_listener_is_a_clear_error() {
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut c = Command::new("sh");
+    clean_env(&mut c);
+    c.args([
+        "-c",
+        r#"LISTEN_PID=$$; export LISTEN_PID; exec "$0" "$@""#,
+        env!("CARGO_BIN_EXE_pushgate"),
+        "serve",
+    ])
+    .env("LISTEN_FDS", "1");
+    c.fd_mappings(vec![FdMapping {
+        parent_fd: OwnedFd::from(udp),
+        child_fd: 3,
+    }])
+    .unwrap();
+    let mut p = Proc::spawn(c);
+    let line = p.wait_line("LISTEN_FDS");
+    assert!(line.contains("fd 3"), "{line}");
+    let status = p.wait_exit();
+    assert_eq!(status.code(), Some(1), "log:\n{}", p.log.join("\n"));
+}
