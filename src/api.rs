@@ -186,14 +186,32 @@ pub async fn publish(app: Arc<App>, req: Request<Incoming>) -> Response<Full<Byt
     } else {
         body.extend_from_slice(b"{\"position\":");
     }
-    for (i, item) in items.iter().enumerate() {
-        let pos = app
-            .hub
-            .publish(&item.topic, &item.event, item.payload.get().as_bytes());
+    let messages: Vec<crate::broker::Message> = items
+        .iter()
+        .map(|i| crate::broker::Message {
+            topic: &i.topic,
+            event: &i.event,
+            payload: i.payload.get(),
+        })
+        .collect();
+    let positions = match app.broker.publish(&app.hub, &messages).await {
+        Ok(p) => p,
+        Err(crate::broker::PublishError::Unavailable(e)) => {
+            tracing::warn!(error = %e, "publish failed: broker unavailable");
+            return error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("broker unavailable, nothing published after the first failure: {e}"),
+            );
+        }
+        Err(crate::broker::PublishError::Rejected(e)) => {
+            return error_response(StatusCode::BAD_REQUEST, &e);
+        }
+    };
+    for (i, pos) in positions.iter().enumerate() {
         if i > 0 {
             body.push(b',');
         }
-        protocol::push_json_str(&mut body, &pos.to_string());
+        protocol::push_json_str(&mut body, pos);
     }
     body.extend_from_slice(if is_batch { b"]}" } else { b"}" });
     json_response(StatusCode::OK, body)

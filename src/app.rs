@@ -13,6 +13,7 @@ use tokio_util::task::TaskTracker;
 pub struct App {
     pub config: Config,
     pub hub: Hub,
+    pub broker: crate::broker::Broker,
     /// This node's LongPoll sessions.
     pub longpoll: crate::transport::longpoll::Registry,
     pub metrics: Arc<Metrics>,
@@ -37,8 +38,27 @@ impl App {
         } else {
             config.publish.token.clone()
         };
+        let (hub, broker) = if config.redis.url.is_empty() {
+            (
+                Hub::new(config.history.clone(), metrics.clone()),
+                crate::broker::Broker::Embedded,
+            )
+        } else {
+            // `Config::validate` has checked the URL.
+            let r = crate::broker::redis::RedisBroker::new(
+                &config.redis.url,
+                &config.redis.prefix,
+                config.history.clone(),
+            )
+            .expect("redis.url was validated");
+            (
+                Hub::with_broker(config.history.clone(), metrics.clone(), r.idle.clone()),
+                crate::broker::Broker::Redis(Arc::new(r)),
+            )
+        };
         Arc::new(App {
-            hub: Hub::new(config.history.clone(), metrics.clone()),
+            hub,
+            broker,
             longpoll: Default::default(),
             metrics,
             publish_token,

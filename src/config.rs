@@ -168,12 +168,23 @@ impl Default for HistoryConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct RedisConfig {
-    /// Redis URL; empty (the default) uses the embedded in-process broker.
-    /// Environment: `PUSHGATE_REDIS_URL`. (The Redis broker is not built yet.)
+    /// Redis URL (`redis://host:port/db`, `rediss://` for TLS, `redis+unix:///path`); empty
+    /// (the default) uses the embedded in-process broker. Environment: `PUSHGATE_REDIS_URL`.
     pub url: String,
+    /// Prefix of every key and channel pushgate uses. Default `pushgate:`.
+    pub prefix: String,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            url: String::new(),
+            prefix: "pushgate:".into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -376,11 +387,10 @@ impl Config {
         if self.history.max_age_secs == 0 {
             bad("history.max_age_secs", "must be at least 1");
         }
-        if !self.redis.url.is_empty() {
-            bad(
-                "redis.url",
-                "the Redis broker is not available in this version; leave it empty",
-            );
+        if !self.redis.url.is_empty()
+            && let Err(e) = redis::Client::open(self.redis.url.as_str())
+        {
+            bad("redis.url", &format!("not a Redis URL: {e}"));
         }
         if self.shutdown.grace_ms < self.shutdown.drain_ms {
             bad("shutdown.grace_ms", "must be at least shutdown.drain_ms");

@@ -22,6 +22,12 @@ pub struct Metrics {
     pub topics: AtomicI64,
     pub recoveries: AtomicU64,
     pub recovery_failures: AtomicU64,
+    pub redis_connected: AtomicI64,
+    pub redis_reconnects: AtomicU64,
+    pub redis_resubscriptions: AtomicU64,
+    pub redis_subscribed_topics: AtomicI64,
+    pub redis_gaps: AtomicU64,
+    pub redis_bad_messages: AtomicU64,
 }
 
 impl Metrics {
@@ -122,6 +128,42 @@ impl Metrics {
                 ("{recovered=\"true\"}", c(&self.recoveries)),
                 ("{recovered=\"false\"}", c(&self.recovery_failures)),
             ],
+        );
+        one(
+            "pushgate_redis_connected",
+            "gauge",
+            "1 while the Redis subscriber connection is up (Redis broker only).",
+            &[("", g(&self.redis_connected))],
+        );
+        one(
+            "pushgate_redis_reconnects_total",
+            "counter",
+            "Times the Redis subscriber connection was lost and re-established.",
+            &[("", c(&self.redis_reconnects))],
+        );
+        one(
+            "pushgate_redis_resubscriptions_total",
+            "counter",
+            "Topics resubscribed after a Redis reconnect.",
+            &[("", c(&self.redis_resubscriptions))],
+        );
+        one(
+            "pushgate_redis_subscribed_topics",
+            "gauge",
+            "Topics this node is subscribed to in Redis.",
+            &[("", g(&self.redis_subscribed_topics))],
+        );
+        one(
+            "pushgate_redis_gaps_total",
+            "counter",
+            "Messages the Redis history no longer had when a gap was filled.",
+            &[("", c(&self.redis_gaps))],
+        );
+        one(
+            "pushgate_redis_bad_messages_total",
+            "counter",
+            "Messages on a topic channel that were not pushgate envelopes.",
+            &[("", c(&self.redis_bad_messages))],
         );
         out
     }

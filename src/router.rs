@@ -29,13 +29,19 @@ pub async fn route(
         "/api/publish" => api::publish(app, req).await,
         "/healthz" => json_response(StatusCode::OK, &b"{\"status\":\"ok\"}"[..]),
         "/readyz" => {
-            if app.is_draining() {
-                json_response(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    &b"{\"status\":\"unavailable\",\"reason\":\"draining\"}"[..],
-                )
+            let reason = if app.is_draining() {
+                Err("draining".to_string())
             } else {
-                json_response(StatusCode::OK, &b"{\"status\":\"ready\"}"[..])
+                app.broker.readiness()
+            };
+            match reason {
+                Ok(()) => json_response(StatusCode::OK, &b"{\"status\":\"ready\"}"[..]),
+                Err(reason) => {
+                    let mut body = b"{\"status\":\"unavailable\",\"reason\":".to_vec();
+                    crate::protocol::push_json_str(&mut body, &reason);
+                    body.push(b'}');
+                    json_response(StatusCode::SERVICE_UNAVAILABLE, body)
+                }
             }
         }
         "/metrics" => {

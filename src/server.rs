@@ -28,6 +28,10 @@ pub async fn run(listeners: Vec<TcpListener>, app: Arc<App>) -> bool {
         app.tracker
             .spawn(accept_loop(listener, app.clone(), slots.clone()));
     }
+    if let crate::broker::Broker::Redis(r) = &app.broker {
+        app.tracker
+            .spawn(crate::broker::redis::run(app.clone(), r.clone()));
+    }
     let sweeper_app = app.clone();
     app.tracker.spawn(async move {
         let mut tick = tokio::time::interval(SWEEP_INTERVAL);

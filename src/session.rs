@@ -10,7 +10,7 @@
 //! never talks to a broker other than through the [`Hub`](crate::hub::Hub).
 
 use crate::app::App;
-use crate::hub::{Entry, Lag, Subscription, Waker};
+use crate::hub::{Entry, Lag, LiveJoin, Subscription, Waker};
 use crate::metrics::Metrics;
 use crate::protocol::{self, Inbound, ParseError, Payload};
 use std::collections::VecDeque;
@@ -39,11 +39,37 @@ pub struct Session {
     app: Arc<App>,
     waker: Arc<Waker>,
     channels: Vec<Channel>,
+    /// Joins the broker is completing (Redis only).
+    pending: Vec<PendingJoin>,
+    /// Where the broker leaves completed joins; created on the first deferred join.
+    mailbox: Option<Arc<Mailbox>>,
     direct: VecDeque<DirectFrame>,
     /// Bytes in `direct`.
     direct_bytes: usize,
     #[allow(dead_code)] // read by topic authorization, which is a later issue
     connect: ConnectInfo,
+}
+
+#[derive(Debug)]
+struct PendingJoin {
+    topic: String,
+    join_ref: String,
+    msg_ref: Option<String>,
+}
+
+type JoinDone = (String, String, Result<crate::broker::Joined, String>);
+
+/// Completed joins handed back by the broker's task.
+#[derive(Default)]
+struct Mailbox {
+    any: std::sync::atomic::AtomicBool,
+    done: std::sync::Mutex<Vec<JoinDone>>,
+}
+
+impl std::fmt::Debug for Mailbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Mailbox")
+    }
 }
 
 /// `since` from join params; other keys are the application's and are ignored.
@@ -58,6 +84,8 @@ impl Session {
             app,
             waker: Arc::new(Waker::default()),
             channels: Vec::new(),
+            pending: Vec::new(),
+            mailbox: None,
             direct: VecDeque::new(),
             direct_bytes: 0,
             connect,
@@ -163,12 +191,19 @@ impl Session {
                 return;
             }
         };
+        if let Some(i) = self.pending.iter().position(|p| p.topic == msg.topic) {
+            // A join still in progress is superseded; its outcome will be dropped.
+            let old = self.pending.swap_remove(i);
+            self.reply(protocol::encode_close(&old.join_ref, &msg.topic));
+        }
         if let Some(i) = self.channel_index(&msg.topic) {
             // Joining a topic that is already joined: close the old channel first (the client
             // drops this as stale), then join afresh, as Phoenix does.
             let old = self.channels.swap_remove(i);
             self.reply(protocol::encode_close(&old.join_ref, &msg.topic));
-        } else if self.channels.len() >= self.app.config.limits.max_topics_per_connection {
+        } else if self.channels.len() + self.pending.len()
+            >= self.app.config.limits.max_topics_per_connection
+        {
             self.join_error(
                 &msg,
                 Some(&join_ref),
@@ -176,10 +211,67 @@ impl Session {
             );
             return;
         }
-        let (sub, info) = self
+        if self.app.hub.is_embedded() {
+            let (sub, info) =
+                self.app
+                    .hub
+                    .subscribe(&msg.topic, self.waker.clone(), since.as_deref());
+            self.finish_join(join_ref, msg.msg_ref, msg.topic, sub, info, Vec::new());
+            return;
+        }
+        let started = match self
             .app
             .hub
-            .subscribe(&msg.topic, self.waker.clone(), since.as_deref());
+            .join_live(&msg.topic, self.waker.clone(), since.as_deref())
+        {
+            LiveJoin::Done(sub, info) => {
+                self.finish_join(join_ref, msg.msg_ref, msg.topic, sub, info, Vec::new());
+                return;
+            }
+            LiveJoin::NotLive => None,
+            LiveJoin::NeedsHistory(sub, position, since_offset) => {
+                Some((sub, position, since_offset))
+            }
+        };
+        // The broker completes this join (subscribe, position, history); see `settle`.
+        let mailbox = self.mailbox.get_or_insert_with(Default::default).clone();
+        let waker = self.waker.clone();
+        let (topic, jr) = (msg.topic.clone(), join_ref.clone());
+        self.pending.push(PendingJoin {
+            topic: msg.topic.clone(),
+            join_ref,
+            msg_ref: msg.msg_ref,
+        });
+        self.app.broker.join(crate::broker::JoinRequest {
+            topic: msg.topic,
+            since,
+            waker: self.waker.clone(),
+            started,
+            done: Box::new(move |result| {
+                mailbox
+                    .done
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push((topic, jr, result));
+                mailbox
+                    .any
+                    .store(true, std::sync::atomic::Ordering::Release);
+                waker.wake();
+            }),
+        });
+    }
+
+    /// Answers a join and starts delivering: the reply, then `replay` (missed messages from
+    /// the broker's history), then live broadcasts from the subscription.
+    fn finish_join(
+        &mut self,
+        join_ref: String,
+        msg_ref: Option<String>,
+        topic: String,
+        sub: crate::hub::Subscription,
+        info: crate::hub::JoinInfo,
+        replay: Vec<DirectFrame>,
+    ) {
         let mut response = Vec::with_capacity(64);
         response.extend_from_slice(b"{\"position\":");
         protocol::push_json_str(&mut response, &info.position);
@@ -197,16 +289,54 @@ impl Session {
         response.push(b'}');
         self.reply(protocol::encode_reply(
             Some(&join_ref),
-            msg.msg_ref.as_deref(),
-            &msg.topic,
+            msg_ref.as_deref(),
+            &topic,
             "ok",
             &response,
         ));
+        for frame in replay {
+            self.reply(frame);
+        }
         Metrics::add(&self.app.metrics.joins, 1);
         self.channels.push(Channel { join_ref, sub });
         // Replayed messages (if any) are waiting in the topic buffer.
         if info.recovered == Some(true) {
             self.waker.wake();
+        }
+    }
+
+    /// Takes in joins the broker has completed. Transports call this before taking frames.
+    pub fn settle(&mut self) {
+        let Some(mailbox) = &self.mailbox else {
+            return;
+        };
+        if !mailbox.any.swap(false, std::sync::atomic::Ordering::AcqRel) {
+            return;
+        }
+        let done = std::mem::take(&mut *mailbox.done.lock().unwrap_or_else(|e| e.into_inner()));
+        for (topic, join_ref, result) in done {
+            let Some(i) = self
+                .pending
+                .iter()
+                .position(|p| p.topic == topic && p.join_ref == join_ref)
+            else {
+                continue; // left or rejoined meanwhile: the subscription is dropped here
+            };
+            let p = self.pending.swap_remove(i);
+            match result {
+                Ok((sub, info, replay)) => {
+                    self.finish_join(p.join_ref, p.msg_ref, p.topic, sub, info, replay)
+                }
+                Err(reason) => {
+                    Metrics::add(&self.app.metrics.join_errors, 1);
+                    self.reply(protocol::encode_error_reply(
+                        Some(&p.join_ref),
+                        p.msg_ref.as_deref(),
+                        &p.topic,
+                        &reason,
+                    ));
+                }
+            }
         }
     }
 
@@ -218,6 +348,12 @@ impl Session {
             "ok",
             b"{}",
         );
+        if let Some(i) = self.pending.iter().position(|p| p.topic == msg.topic) {
+            let p = self.pending.swap_remove(i);
+            self.reply(ok);
+            self.reply(protocol::encode_close(&p.join_ref, &msg.topic));
+            return;
+        }
         match self.channel_index(&msg.topic) {
             None => self.reply(ok),
             Some(i) => {

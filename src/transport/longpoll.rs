@@ -287,6 +287,7 @@ async fn get(app: Arc<App>, req: Request<Incoming>) -> Response<Full<Bytes>> {
 fn take_frames(inner: &mut Inner) -> Result<(Vec<Bytes>, usize), Lag> {
     let mut out = Vec::new();
     let mut bytes = 0;
+    inner.session.settle();
     while let Some(f) = inner.session.pop_direct() {
         bytes += f.len();
         out.push(Bytes::from(f));

@@ -427,6 +427,7 @@ pub async fn run(app: Arc<App>, stream: TcpStream, initial: Vec<u8>, connect: Co
     loop {
         if !close_sent {
             // Direct frames first (a join reply precedes what the join replays), then broadcasts.
+            session.settle();
             while let Some(f) = session.pop_direct() {
                 let (h, n) = ws::header(ws::OP_TEXT, f.len());
                 let mut framed = Vec::with_capacity(n + f.len());

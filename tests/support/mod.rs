@@ -610,3 +610,95 @@ fn parse_server_frame(buf: &[u8]) -> Option<(bool, u8, Vec<u8>, usize)> {
         at + len,
     ))
 }
+
+/// A real `redis-server` on a free port, stopped on drop.
+pub struct RedisServer {
+    pub port: u16,
+    child: Option<std::process::Child>,
+}
+
+impl RedisServer {
+    pub fn start() -> RedisServer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut r = RedisServer { port, child: None };
+        r.spawn();
+        r
+    }
+
+    fn spawn(&mut self) {
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (scripts/test.sh installs it)");
+        self.child = Some(child);
+        let end = std::time::Instant::now() + DEADLINE;
+        while self.cli(&["ping"]).trim() != "PONG" {
+            assert!(
+                std::time::Instant::now() < end,
+                "redis-server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// Runs `redis-cli` against this server; returns its output.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = std::process::Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout).to_string()
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Stops and starts again on the same port (no persistence: the data is gone).
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+pub fn redis_config(url: &str) -> Config {
+    let mut c = test_config();
+    c.redis.url = url.to_string();
+    c
+}
+
+/// Waits until `/readyz` answers `status`.
+pub async fn wait_ready(addr: SocketAddr, status: u16) {
+    let end = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        if http(addr, "GET", "/readyz", &[], b"").await.0 == status {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < end,
+            "/readyz never answered {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

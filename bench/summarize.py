@@ -1,0 +1,38 @@
+#!/usr/bin/env python3
+"""Medians (and min-max spread) per scenario and adapter from pushgate-bench JSON lines."""
+import json, statistics, sys
+from collections import defaultdict
+
+METRICS = {
+    "idle": ["server_kib_per_connection", "idle_cpu_percent"],
+    "fanout": ["server_cpu_per_delivery_us", "deliveries_per_s", "latency_p50_us", "latency_p99_us", "missing", "client_cpu_per_delivery_us"],
+    "longpoll": ["server_cpu_per_delivery_us", "latency_p50_us", "latency_p99_us", "missing"],
+    "publish": ["publish_per_s", "server_cpu_per_publish_us"],
+    "connect": ["connects_per_s", "connect_failures"],
+    "many-topics": ["server_cpu_per_delivery_us", "latency_p99_us", "missing"],
+}
+
+runs = defaultdict(list)
+for path in sys.argv[1:]:
+    for line in open(path):
+        try:
+            d = json.loads(line)
+        except ValueError:
+            continue
+        key = (d["scenario"], d.get("subscribers"), d.get("rate"), d["adapter"])
+        runs[key].append(d)
+
+print("| scenario | N | rate | adapter | runs | " + " | ".join(["metric: median (min-max)"]) + " |")
+print("|---|---|---|---|---|---|")
+for key in sorted(runs, key=lambda k: (k[0], k[1] or 0, k[2] or 0, k[3])):
+    scenario, n, rate, adapter = key
+    cells = []
+    for m in METRICS.get(scenario, []):
+        vals = [r[m] for r in runs[key] if m in r]
+        if not vals:
+            continue
+        med = statistics.median(vals)
+        fmt = (lambda v: f"{v:.3g}") if isinstance(med, float) else str
+        cells.append(f"{m} {fmt(med)} ({fmt(min(vals))}-{fmt(max(vals))})")
+    rate_s = "flat" if rate == 0 else ("" if rate is None else f"{rate:g}/s")
+    print(f"| {scenario} | {n} | {rate_s} | {adapter} | {len(runs[key])} | {'; '.join(cells)} |")
