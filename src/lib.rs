@@ -10,6 +10,7 @@
 //! - [`session`]: one client's channels and replies, transport-neutral, no I/O.
 //! - [`transport`]: drives a session over a WebSocket.
 //! - [`hub`]: topics, their shared history buffers, positions and local subscribers.
+//! - [`broker`]: the Redis broker (cross-node fanout, history streams); embedded otherwise.
 //! - [`metrics`]: counters rendered for Prometheus.
 //! - [`app`]: the shared state handed to every connection.
 //! - [`systemd`]: socket activation, readiness/stopping notifications and watchdog pings.
@@ -17,6 +18,7 @@
 
 pub mod api;
 pub mod app;
+pub mod broker;
 pub mod config;
 pub mod hub;
 pub mod metrics;
