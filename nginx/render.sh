@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Renders the nginx site template: nginx/render.sh [NAME=VALUE ...] < pushgate.conf > site.conf
+#
+# Variables and their defaults (for a droplet serving example.com):
+#   server_name        example.com            names this site answers to (space-separated)
+#   listen_http        80                     plain HTTP listen address (IPv4)
+#   listen_http_v6     [::]:80                plain HTTP listen address (IPv6)
+#   listen_https       443                    HTTPS listen address (IPv4)
+#   listen_https_v6    [::]:443               HTTPS listen address (IPv6)
+#   https_port_suffix  (empty)                ":8443" when HTTPS is not on 443 (redirects)
+#   tls_dir            /var/lib/pushgate/tls  where pushgate writes fullchain.pem, privkey.pem
+#   static_root        /var/www/app           your static files
+#   pushgate_upstream  127.0.0.1:4000         pushgate (pushgate.socket's ListenStream=)
+#   app_upstream       127.0.0.1:3000         your app
+#
+# Fails on an unknown name and on any {{ ... }} left unfilled.
+set -euo pipefail
+
+declare -A v=(
+    [server_name]=example.com
+    [listen_http]=80
+    [listen_http_v6]='[::]:80'
+    [listen_https]=443
+    [listen_https_v6]='[::]:443'
+    [https_port_suffix]=''
+    [tls_dir]=/var/lib/pushgate/tls
+    [static_root]=/var/www/app
+    [pushgate_upstream]=127.0.0.1:4000
+    [app_upstream]=127.0.0.1:3000
+)
+for arg in "$@"; do
+    name=${arg%%=*}
+    if [[ "$arg" != *=* || -z "${v[$name]+set}" ]]; then
+        echo "render.sh: unknown variable in '$arg' (known: ${!v[*]})" >&2
+        exit 2
+    fi
+    v[$name]=${arg#*=}
+done
+
+text=$(cat)
+for name in "${!v[@]}"; do
+    text=${text//"{{ $name }}"/"${v[$name]}"}
+done
+if left=$(grep -o '{{[^}]*}}' <<<"$text"); then
+    echo "render.sh: unfilled: $left" >&2
+    exit 2
+fi
+printf '%s\n' "$text"
