@@ -19,6 +19,9 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     /// The bearer token `POST /api/publish` requires (configured or generated at start).
     pub publish_token: String,
+    /// This node's id (8 hex digits): LongPoll tokens carry it so any node can route a
+    /// request to the session's owner.
+    pub node_id: String,
     /// Cancelled when the node starts to shut down.
     pub shutdown: CancellationToken,
     /// Every long-lived task (connections, WebSocket sessions, sweeper) is spawned on this.
@@ -38,6 +41,7 @@ impl App {
         } else {
             config.publish.token.clone()
         };
+        let node_id = format!("{:08x}", rand::random::<u32>());
         let (hub, broker) = if config.redis.url.is_empty() {
             (
                 Hub::new(config.history.clone(), metrics.clone()),
@@ -49,6 +53,7 @@ impl App {
                 &config.redis.url,
                 &config.redis.prefix,
                 config.history.clone(),
+                &node_id,
             )
             .expect("redis.url was validated");
             (
@@ -62,6 +67,7 @@ impl App {
             longpoll: Default::default(),
             metrics,
             publish_token,
+            node_id,
             config,
             shutdown,
             tracker: TaskTracker::new(),

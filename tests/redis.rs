@@ -5,7 +5,17 @@ mod support;
 use std::time::Duration;
 use support::*;
 
+fn log() {
+    if std::env::var_os("TEST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter("pushgate=debug")
+            .with_test_writer()
+            .try_init();
+    }
+}
+
 async fn node(redis: &RedisServer) -> TestServer {
+    log();
     let s = start_with(redis_config(&redis.url())).await;
     wait_ready(s.addr, 200).await;
     s
@@ -233,6 +243,115 @@ async fn a_redis_restart_turns_readyz_red_fails_publishes_loudly_and_recovers() 
         publish(a.addr, "room:z", "n", &n.to_string()).await;
     }
     for n in 1..5 {
+        assert_eq!(recv(&mut ws).await[4], n);
+    }
+}
+
+fn lp_url(token: &str) -> String {
+    format!("/socket/longpoll?vsn=2.0.0&token={token}")
+}
+
+async fn lp(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> serde_json::Value {
+    let (status, _, body) = http(addr, method, path, &[], body).await;
+    assert_eq!(status, 200);
+    serde_json::from_slice(&body).unwrap()
+}
+
+/// Every frame of a poll answer, parsed.
+fn frames(v: &serde_json::Value) -> Vec<serde_json::Value> {
+    v["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| serde_json::from_str(m.as_str().unwrap()).unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_longpoll_session_is_served_by_any_node() {
+    let redis = RedisServer::start();
+    let mut ca = redis_config(&redis.url());
+    ca.longpoll.window_ms = 300;
+    ca.longpoll.session_timeout_ms = 5000;
+    let a = start_with(ca.clone()).await;
+    let b = start_with(ca).await;
+    wait_ready(a.addr, 200).await;
+    wait_ready(b.addr, 200).await;
+    let nodes = [a.addr, b.addr];
+
+    // The session is created on A...
+    let first = lp(a.addr, "GET", "/socket/longpoll?vsn=2.0.0&", b"").await;
+    assert_eq!(first["status"], 410);
+    let token = first["token"].as_str().unwrap().to_string();
+    // ...joined through B...
+    let r = lp(
+        b.addr,
+        "POST",
+        &lp_url(&token),
+        br#"["1","1","room:lp","phx_join",{}]"#,
+    )
+    .await;
+    assert_eq!(r["status"], 200);
+    // ...and polled on both, alternately, while messages are published on both.
+    let mut got = Vec::new();
+    let mut joined = false;
+    let mut published = 0;
+    for round in 0..60 {
+        if joined && published < 20 {
+            publish(nodes[published % 2], "room:lp", "n", &published.to_string()).await;
+            published += 1;
+        }
+        let v = lp(nodes[round % 2], "GET", &lp_url(&token), b"").await;
+        assert!(v["status"] == 200 || v["status"] == 204, "{v}");
+        for f in frames(&v) {
+            if f[3] == "phx_reply" {
+                joined = true;
+            } else {
+                got.push(f[4].as_u64().unwrap());
+            }
+        }
+        if got.len() == 20 {
+            break;
+        }
+    }
+    assert_eq!(got, (0..20).collect::<Vec<u64>>());
+
+    // The owner stops: its sessions are gone for the other node too.
+    a.stop.cancel();
+    assert!(a.handle.await.unwrap());
+    let v = lp(b.addr, "GET", &lp_url(&token), b"").await;
+    assert_eq!(v["status"], 500, "{v}");
+}
+
+#[tokio::test]
+async fn a_drained_node_hands_its_clients_over_without_loss() {
+    let redis = RedisServer::start();
+    let a = node(&redis).await;
+    let b = node(&redis).await;
+    let mut ws = connect(a.addr).await;
+    join(&mut ws, "1", "room:d", "{}").await;
+    let mut last = String::new();
+    for n in 0..5 {
+        publish(b.addr, "room:d", "n", &n.to_string()).await;
+        let m = recv(&mut ws).await;
+        assert_eq!(m[4], n);
+        last = m[1].as_str().unwrap().to_string();
+    }
+    a.stop.cancel();
+    assert_eq!(recv_close(&mut ws).await, 1012);
+    // Published while the client moves to node B.
+    for n in 5..10 {
+        publish(b.addr, "room:d", "n", &n.to_string()).await;
+    }
+    let mut ws = connect(b.addr).await;
+    let r = join(&mut ws, "2", "room:d", &format!(r#"{{"since":"{last}"}}"#)).await;
+    assert_eq!(r["recovered"], true);
+    for n in 5..10 {
         assert_eq!(recv(&mut ws).await[4], n);
     }
 }

@@ -64,6 +64,27 @@ pub struct RedisBroker {
     /// Notified by the hub when a topic loses its last local subscriber.
     pub idle: Arc<Notify>,
     status: Mutex<Result<(), String>>,
+    /// This node's channel, where other nodes send LongPoll requests for our sessions and
+    /// answers to the requests we forwarded.
+    node_channel: String,
+    next_request: std::sync::atomic::AtomicU64,
+    replies: Mutex<std::collections::HashMap<u64, tokio::sync::oneshot::Sender<String>>>,
+}
+
+/// A LongPoll request or answer travelling between nodes.
+#[derive(serde::Serialize, Deserialize)]
+struct Routed {
+    /// "req" or "rep".
+    t: String,
+    id: u64,
+    /// Requests: the node to answer.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    from: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    token: String,
+    /// Requests: the POST body (absent for a GET). Answers: the JSON answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    body: Option<String>,
 }
 
 /// A message as it travels on a topic's channel.
@@ -78,7 +99,12 @@ struct Envelope<'a> {
 
 impl RedisBroker {
     /// Checks the URL; connects later (in [`run`] and on first publish).
-    pub fn new(url: &str, prefix: &str, history: HistoryConfig) -> Result<RedisBroker, String> {
+    pub fn new(
+        url: &str,
+        prefix: &str,
+        history: HistoryConfig,
+        node_id: &str,
+    ) -> Result<RedisBroker, String> {
         let client = redis::Client::open(url).map_err(|e| e.to_string())?;
         let (tx, rx) = mpsc::channel(JOIN_QUEUE);
         Ok(RedisBroker {
@@ -92,6 +118,9 @@ impl RedisBroker {
             join_queue: Mutex::new(Some(rx)),
             idle: Arc::new(Notify::new()),
             status: Mutex::new(Err("redis: connecting".into())),
+            node_channel: format!("{prefix}node:{node_id}"),
+            next_request: std::sync::atomic::AtomicU64::new(1),
+            replies: Mutex::new(Default::default()),
         })
     }
 
@@ -160,6 +189,60 @@ impl RedisBroker {
             }
         }
         Ok(out)
+    }
+
+    /// Sends a LongPoll request to the node that owns the session and waits for its answer.
+    /// `None` when that node is not listening (gone) or does not answer within `wait`.
+    pub async fn forward_longpoll(
+        &self,
+        owner: &str,
+        token: &str,
+        post_body: Option<&[u8]>,
+        wait: Duration,
+    ) -> Option<String> {
+        let id = self.next_request.fetch_add(1, Relaxed);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.replies
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, tx);
+        let forget = || {
+            self.replies
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&id);
+        };
+        let request = Routed {
+            t: "req".into(),
+            id,
+            from: self.node_channel.clone(),
+            token: token.into(),
+            body: post_body.map(|b| String::from_utf8_lossy(b).into_owned()),
+        };
+        let Ok(text) = serde_json::to_string(&request) else {
+            forget();
+            return None;
+        };
+        let Ok(mut con) = self.commands().await else {
+            forget();
+            return None;
+        };
+        let receivers: Result<u64, _> = redis::cmd("PUBLISH")
+            .arg(format!("{}node:{owner}", self.prefix))
+            .arg(text)
+            .query_async(&mut con)
+            .await;
+        if !matches!(receivers, Ok(n) if n > 0) {
+            forget();
+            return None; // the owner is gone: the client reconnects and rejoins
+        }
+        match tokio::time::timeout(wait, rx).await {
+            Ok(Ok(answer)) => Some(answer),
+            _ => {
+                forget();
+                None
+            }
+        }
     }
 
     /// Queues a join for the broker task.
@@ -310,7 +393,7 @@ pub async fn run(app: Arc<App>, broker: Arc<RedisBroker>) {
                     app.metrics.redis_subscribed_topics.fetch_sub(idle.len() as i64, Relaxed);
                 }
                 _ = ping.tick() => {
-                    match tokio::time::timeout(PING_TIMEOUT, sink.ping::<String>()).await {
+                    match tokio::time::timeout(PING_TIMEOUT, sink.ping::<redis::Value>()).await {
                         Ok(Ok(_)) => {}
                         Ok(Err(e)) => break format!("redis: ping failed: {e}"),
                         Err(_) => break "redis: ping timed out".to_string(),
@@ -334,6 +417,7 @@ async fn resubscribe(
     sink: &mut redis::aio::PubSubSink,
     con: &mut ConnectionManager,
 ) -> Result<usize, redis::RedisError> {
+    sink.subscribe(&broker.node_channel).await?;
     let topics = app.hub.live_topics();
     for chunk in topics.chunks(SUBSCRIBE_BATCH) {
         let channels: Vec<String> = chunk.iter().map(|(t, _)| broker.channel(t)).collect();
@@ -398,8 +482,17 @@ async fn catch_up(
     Ok(())
 }
 
-async fn on_message(app: &App, broker: &RedisBroker, con: &mut ConnectionManager, msg: redis::Msg) {
+async fn on_message(
+    app: &Arc<App>,
+    broker: &RedisBroker,
+    con: &mut ConnectionManager,
+    msg: redis::Msg,
+) {
     let channel = msg.get_channel_name();
+    if channel == broker.node_channel {
+        on_routed(app, broker, msg.get_payload_bytes());
+        return;
+    }
     let Some(topic) = channel.strip_prefix(&broker.prefix) else {
         return;
     };
@@ -433,6 +526,49 @@ async fn on_message(app: &App, broker: &RedisBroker, con: &mut ConnectionManager
         }
         RemoteAppend::Appended | RemoteAppend::Duplicate | RemoteAppend::NotLive => {}
     }
+}
+
+/// A LongPoll request for one of our sessions, or the answer to one we forwarded.
+fn on_routed(app: &Arc<App>, broker: &RedisBroker, payload: &[u8]) {
+    let Ok(m) = serde_json::from_slice::<Routed>(payload) else {
+        return;
+    };
+    if m.t == "rep" {
+        let tx = broker
+            .replies
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&m.id);
+        if let (Some(tx), Some(body)) = (tx, m.body) {
+            let _ = tx.send(body);
+        }
+        return;
+    }
+    // A request: serve it like a local one (a GET may be held), then answer the sender.
+    let app = app.clone();
+    let commands = broker.commands.get().cloned();
+    app.tracker.clone().spawn(async move {
+        let answer = crate::transport::longpoll::serve_forwarded(
+            app,
+            &m.token,
+            m.body.as_deref().map(str::as_bytes),
+        )
+        .await;
+        let reply = Routed {
+            t: "rep".into(),
+            id: m.id,
+            from: String::new(),
+            token: String::new(),
+            body: Some(String::from_utf8_lossy(&answer).into_owned()),
+        };
+        if let (Some(mut con), Ok(text)) = (commands, serde_json::to_string(&reply)) {
+            let _: Result<u64, _> = redis::cmd("PUBLISH")
+                .arg(&m.from)
+                .arg(text)
+                .query_async(&mut con)
+                .await;
+        }
+    });
 }
 
 /// Completes a join: subscribe if needed, read the position, replay the gap from the stream.

@@ -125,9 +125,10 @@ fn close(s: &LpSession) {
     s.changed.notify_waiters();
 }
 
-fn new_token() -> String {
+/// `lp`, this node's id (8 hex digits), then 24 random hex digits.
+fn new_token(node_id: &str) -> String {
     let r: u128 = rand::random();
-    format!("{TOKEN_PREFIX}{r:032x}")
+    format!("{TOKEN_PREFIX}{node_id}{:024x}", r >> 32)
 }
 
 fn looks_like_ours(token: &str) -> bool {
@@ -173,11 +174,11 @@ fn answer(body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     r
 }
 
-fn status_only(status: u16) -> Response<Full<Bytes>> {
-    answer(format!("{{\"status\":{status}}}"))
+fn status_only(status: u16) -> Bytes {
+    Bytes::from(format!("{{\"status\":{status}}}"))
 }
 
-fn poll_answer(status: u16, token: &str, messages: &[Bytes]) -> Response<Full<Bytes>> {
+fn poll_answer(status: u16, token: &str, messages: &[Bytes]) -> Bytes {
     let size: usize = messages.iter().map(|m| m.len() + 8).sum();
     let mut body = Vec::with_capacity(48 + token.len() + size + size / 8);
     body.extend_from_slice(format!("{{\"status\":{status},\"token\":").as_bytes());
@@ -191,15 +192,15 @@ fn poll_answer(status: u16, token: &str, messages: &[Bytes]) -> Response<Full<By
         protocol::push_json_str(&mut body, &String::from_utf8_lossy(m));
     }
     body.extend_from_slice(b"]}");
-    answer(body)
+    Bytes::from(body)
 }
 
 /// Handles any request to `/socket/longpoll`.
 pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Full<Bytes>> {
     match *req.method() {
         Method::OPTIONS => preflight(&req),
-        Method::GET => get(app, req).await,
-        Method::POST => post(app, req).await,
+        Method::GET => answer(get(app, req).await),
+        Method::POST => answer(post(app, req).await),
         _ => {
             let mut r = Response::new(Full::new(Bytes::new()));
             *r.status_mut() = StatusCode::BAD_REQUEST;
@@ -229,11 +230,14 @@ fn preflight(req: &Request<Incoming>) -> Response<Full<Bytes>> {
     r
 }
 
-async fn get(app: Arc<App>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn get(app: Arc<App>, req: Request<Incoming>) -> Bytes {
     let token = session_token(&req);
     if let Some(t) = &token {
         if let Some(lp) = app.longpoll.get(t) {
             return poll(app, lp).await;
+        }
+        if let Some(body) = forward(&app, t, None).await {
+            return body;
         }
         if looks_like_ours(t) {
             tracing::debug!("longpoll session gone; telling the client to reconnect");
@@ -264,7 +268,7 @@ async fn get(app: Arc<App>, req: Request<Incoming>) -> Response<Full<Bytes>> {
         auth_token,
     };
     let session = Session::new(app.clone(), connect);
-    let token = new_token();
+    let token = new_token(&app.node_id);
     let lp = Arc::new(LpSession {
         token: token.clone().into_boxed_str(),
         waker: session.waker().clone(),
@@ -315,7 +319,7 @@ impl Drop for Listening<'_> {
     }
 }
 
-async fn poll(app: Arc<App>, lp: Arc<LpSession>) -> Response<Full<Bytes>> {
+async fn poll(app: Arc<App>, lp: Arc<LpSession>) -> Bytes {
     let window = Duration::from_millis(app.config.longpoll.window_ms);
     let deadline = tokio::time::Instant::now() + window;
     let generation = {
@@ -375,16 +379,28 @@ async fn poll(app: Arc<App>, lp: Arc<LpSession>) -> Response<Full<Bytes>> {
     }
 }
 
-async fn post(app: Arc<App>, req: Request<Incoming>) -> Response<Full<Bytes>> {
-    let Some(lp) = session_token(&req).and_then(|t| app.longpoll.get(&t)) else {
-        return status_only(410);
-    };
+async fn post(app: Arc<App>, req: Request<Incoming>) -> Bytes {
+    let token = session_token(&req);
     let limit = app.config.longpoll.max_post_bytes;
     let body = match Limited::new(req.into_body(), limit).collect().await {
         Ok(b) => b.to_bytes(),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => return status_only(413),
         Err(_) => return status_only(400),
     };
+    let Some(token) = token else {
+        return status_only(410);
+    };
+    match app.longpoll.get(&token) {
+        Some(lp) => post_lines(&app, &lp, &body),
+        None => match forward(&app, &token, Some(&body)).await {
+            Some(answer) => answer,
+            None => status_only(410),
+        },
+    }
+}
+
+/// Handles a POST body's ndjson lines, in order, for a session of this node.
+fn post_lines(app: &Arc<App>, lp: &LpSession, body: &[u8]) -> Bytes {
     let lines: Vec<&[u8]> = body
         .split(|b| *b == b'\n')
         .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
@@ -409,12 +425,48 @@ async fn post(app: Arc<App>, req: Request<Incoming>) -> Response<Full<Bytes>> {
             drop(inner);
             lp.changed.notify_waiters();
             Metrics::add(&app.metrics.slow_consumer_closes_longpoll, 1);
-            app.longpoll.remove(&app, &lp.token);
+            app.longpoll.remove(app, &lp.token);
             return status_only(410);
         }
     }
     lp.waker.wake();
     status_only(200)
+}
+
+/// The node that created a session token (`lp` + node id + random).
+fn owner(token: &str) -> Option<&str> {
+    looks_like_ours(token).then(|| &token[TOKEN_PREFIX.len()..TOKEN_PREFIX.len() + 8])
+}
+
+/// A request for a session another node owns is handed to that node through Redis and its
+/// answer relayed (LongPoll without sticky sessions). `None` when the token is not another
+/// node's, there is no Redis, or the owner is gone.
+async fn forward(app: &Arc<App>, token: &str, post_body: Option<&[u8]>) -> Option<Bytes> {
+    let owner = owner(token)?;
+    if owner == app.node_id {
+        return None;
+    }
+    let crate::broker::Broker::Redis(r) = &app.broker else {
+        return None;
+    };
+    let wait = Duration::from_millis(app.config.longpoll.window_ms) + Duration::from_secs(5);
+    r.forward_longpoll(owner, token, post_body, wait)
+        .await
+        .map(Bytes::from)
+}
+
+/// Serves a LongPoll request forwarded by another node; returns the answer's JSON body.
+pub async fn serve_forwarded(app: Arc<App>, token: &str, post_body: Option<&[u8]>) -> Bytes {
+    let Some(lp) = app.longpoll.get(token) else {
+        return match post_body {
+            Some(_) => status_only(410),
+            None => status_only(500),
+        };
+    };
+    match post_body {
+        None => poll(app, lp).await,
+        Some(body) => post_lines(&app, &lp, body),
+    }
 }
 
 fn handle_line(session: &mut Session, line: &[u8], max_frame: usize) {
@@ -455,7 +507,7 @@ mod tests {
 
     #[test]
     fn tokens_are_recognised_by_shape() {
-        let t = new_token();
+        let t = new_token("0123abcd");
         assert!(looks_like_ours(&t));
         assert!(!looks_like_ours("user-secret"));
         assert!(!looks_like_ours(&t[..t.len() - 1]));
