@@ -122,6 +122,8 @@ pub struct Http {
     stream: TcpStream,
     host: String,
     buf: Vec<u8>,
+    source: IpAddr,
+    server: SocketAddr,
 }
 
 impl Http {
@@ -130,11 +132,38 @@ impl Http {
             stream: connect_from(source, server).await?,
             host: server.to_string(),
             buf: Vec::with_capacity(4096),
+            source,
+            server,
         })
     }
 
-    /// Sends a request and reads the whole response (Content-Length bodies only).
+    /// Like [`Http::request_once`], reconnecting once if the server had closed the idle
+    /// keep-alive connection (as nginx does after `keepalive_requests`).
     pub async fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &str,
+        body: &[u8],
+    ) -> io::Result<(u16, String, Vec<u8>)> {
+        match self.request_once(method, path, headers, body).await {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::UnexpectedEof
+                        | io::ErrorKind::ConnectionReset
+                        | io::ErrorKind::BrokenPipe
+                ) =>
+            {
+                self.stream = connect_from(self.source, self.server).await?;
+                self.request_once(method, path, headers, body).await
+            }
+            r => r,
+        }
+    }
+
+    /// Sends a request and reads the whole response (Content-Length bodies only).
+    pub async fn request_once(
         &mut self,
         method: &str,
         path: &str,

@@ -376,8 +376,22 @@ async fn run_inner(a: RunArgs) -> Result<bool, String> {
     };
 
     if let Some(mut child) = spawned {
-        let _ = child.start_kill();
-        let _ = child.wait().await;
+        // SIGTERM first: nginx's master then stops its workers (a SIGKILL would orphan them,
+        // still listening).
+        if let Some(pid) = child.id() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(pid.to_string())
+                .status()
+                .await;
+        }
+        if tokio::time::timeout(Duration::from_secs(10), child.wait())
+            .await
+            .is_err()
+        {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+        }
     }
     report(&out);
     Ok(ok)
