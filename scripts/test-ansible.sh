@@ -1,0 +1,209 @@
+#!/usr/bin/env bash
+# Tests ansible/ for real:
+#   1. ansible-lint (production profile) and ansible-playbook --syntax-check, from a virtualenv
+#      with pinned ansible-core, ansible (for the community.general.chroot connection the
+#      test uses; the role itself needs only ansible-core) and ansible-lint;
+#   2. applies site.yml to a fresh copy of a Debian 12 root filesystem made by debootstrap,
+#      over a chroot connection, with service management off (nothing runs in a chroot);
+#   3. checks the result: the user, files and permissions, the rendered config accepted by
+#      `pushgate check-config` (as the pushgate user, with the environment file), the rendered
+#      nginx site accepted by `nginx -t`, the units accepted by `systemd-analyze verify`, the
+#      firewall rules by `nft -c`; then a second apply must report zero changes.
+#
+# Needs root (debootstrap, chroot). The root filesystem and the virtualenv are cached under
+# PUSHGATE_TEST_CACHE (default /var/cache/pushgate-test) and reused: the first run takes a few
+# minutes (debootstrap, package downloads), later ones about one.
+#
+# Usage: scripts/test-ansible.sh [path/to/pushgate]   (default target/debug/pushgate)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPO=$PWD
+BIN=$(realpath "${1:-target/debug/pushgate}")
+CACHE=${PUSHGATE_TEST_CACHE:-/var/cache/pushgate-test}
+SUITE=bookworm
+MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
+ANSIBLE_CORE=2.19.14
+ANSIBLE=12.3.0
+ANSIBLE_LINT=26.10.1
+TOKEN=ansible-test-token-0123456789abcdef
+
+if [ "$(id -u)" != 0 ]; then
+    echo "scripts/test-ansible.sh needs root (debootstrap, chroot); try sudo" >&2
+    exit 1
+fi
+mkdir -p "$CACHE"
+
+passed=0
+failed=0
+check() { # check "what" command...
+    local what=$1
+    shift
+    if out=$("$@" 2>&1); then
+        echo "    ok: $what"
+        passed=$((passed + 1))
+    else
+        echo "    FAILED: $what"
+        echo "$out" | sed 's/^/        /' | tail -40
+        failed=$((failed + 1))
+    fi
+}
+
+# --- 1. virtualenv, lint, syntax check ---------------------------------------------------------
+VENV=$CACHE/venv-ansible-$ANSIBLE_CORE-$ANSIBLE_LINT
+if [ ! -f "$VENV/.complete" ]; then
+    echo "==> creating $VENV (ansible-core $ANSIBLE_CORE, ansible $ANSIBLE, ansible-lint $ANSIBLE_LINT)"
+    rm -rf "$VENV"
+    python3 -m venv "$VENV"
+    "$VENV/bin/pip" install -q --disable-pip-version-check \
+        "ansible-core==$ANSIBLE_CORE" "ansible==$ANSIBLE" "ansible-lint==$ANSIBLE_LINT"
+    touch "$VENV/.complete"
+fi
+export PATH="$VENV/bin:$PATH"
+export ANSIBLE_NOCOLOR=1 ANSIBLE_FORCE_COLOR=0 ANSIBLE_CONFIG="$REPO/ansible/ansible.cfg"
+
+echo "==> ansible-lint --profile production"
+(cd ansible && ansible-lint --offline --profile production --nocolor -q)
+echo "==> ansible-playbook --syntax-check"
+(cd ansible && ansible-playbook --syntax-check -i inventory.example.yml site.yml >/dev/null)
+
+# --- 2. the root filesystem ----------------------------------------------------------------------
+PACKAGES=$(python3 - "$REPO/ansible/roles/pushgate/defaults/main.yml" <<'EOF'
+import re, sys
+text = open(sys.argv[1]).read()
+block = re.search(r"^pushgate_packages:\n((?:  - .*\n)+)", text, re.M).group(1)
+print(" ".join(line.split("- ", 1)[1].strip() for line in block.splitlines()))
+EOF
+)
+BASE=$CACHE/rootfs-$SUITE
+if [ ! -f "$BASE/.complete" ]; then
+    command -v debootstrap >/dev/null || {
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap
+    }
+    echo "==> debootstrap $SUITE into $BASE (cached for later runs)"
+    rm -rf "$BASE"
+    debootstrap --variant=minbase --include=python3,python3-apt,systemd,ca-certificates \
+        "$SUITE" "$BASE" "$MIRROR" >"$CACHE/debootstrap.log" 2>&1 || {
+        tail -30 "$CACHE/debootstrap.log"
+        exit 1
+    }
+    # As in container images: packages installed in the chroot start no services.
+    printf '#!/bin/sh\nexit 101\n' >"$BASE/usr/sbin/policy-rc.d"
+    chmod 0755 "$BASE/usr/sbin/policy-rc.d"
+    cp /etc/resolv.conf "$BASE/etc/resolv.conf"
+    # Download (not install) the role's packages, so applying the role installs them offline.
+    chroot "$BASE" apt-get update -qq
+    # shellcheck disable=SC2086
+    DEBIAN_FRONTEND=noninteractive chroot "$BASE" apt-get install -y -qq --download-only $PACKAGES >/dev/null
+    touch "$BASE/.complete"
+fi
+
+WORK=$(mktemp -d "$CACHE/work.XXXXXX")
+cleanup() { rm -rf "$WORK"; }
+trap cleanup EXIT
+ROOT=$WORK/root
+echo "==> copying the root filesystem to $ROOT"
+cp -a "$BASE" "$ROOT"
+cp /etc/resolv.conf "$ROOT/etc/resolv.conf"
+
+cat >"$WORK/inventory.yml" <<EOF
+pushgate:
+  hosts:
+    rootfs:
+      ansible_connection: community.general.chroot
+      ansible_host: $ROOT
+  vars:
+    pushgate_manage_services: false
+    pushgate_domain: pushgate.test
+    pushgate_binary_src: $BIN
+    pushgate_publish_token: $TOKEN
+    pushgate_listen: 127.0.0.1:4100
+    pushgate_settings:
+      history: {size: 2000, max_age_secs: 600}
+      server: {worker_threads: 1}
+    pushgate_env: {PUSHGATE_LOG: info}
+EOF
+
+apply() { # apply LOGFILE
+    (cd ansible && ansible-playbook -i "$WORK/inventory.yml" site.yml) >"$1" 2>&1 || {
+        tail -60 "$1"
+        echo "ansible-playbook failed (log: $1)"
+        return 1
+    }
+}
+
+# --- 3. apply and check --------------------------------------------------------------------------
+echo "==> first apply of site.yml to the chroot"
+start=$(date +%s)
+apply "$WORK/apply1.log"
+grep -E '^rootfs +:' "$WORK/apply1.log" | sed 's/^/    /'
+echo "    ($(($(date +%s) - start)) s)"
+
+echo "==> checks on the provisioned root filesystem"
+in_root() { chroot "$ROOT" "$@"; }
+stat_is() { # stat_is PATH "owner:group mode"
+    local got
+    got=$(chroot "$ROOT" stat -c '%U:%G %a' "$1" 2>&1)
+    [ "$got" = "$2" ] || { echo "$1: $got, expected $2"; return 1; }
+}
+user_ok() {
+    local entry
+    entry=$(in_root getent passwd pushgate) || { echo "no user pushgate"; return 1; }
+    IFS=: read -r _ _ uid _ _ home shell <<<"$entry"
+    [ "$uid" -lt 1000 ] && [ "$home" = /var/lib/pushgate ] && [ "$shell" = /usr/sbin/nologin ] ||
+        { echo "pushgate user: $entry"; return 1; }
+}
+check "system user pushgate (nologin, home /var/lib/pushgate)" user_ok
+check "binary root:root 755" stat_is /usr/local/bin/pushgate "root:root 755"
+check "binary is the one given" cmp "$BIN" "$ROOT/usr/local/bin/pushgate"
+check "config root:pushgate 640" stat_is /etc/pushgate/pushgate.toml "root:pushgate 640"
+check "environment file root:root 600" stat_is /etc/pushgate/pushgate.env "root:root 600"
+check "token in the environment file" grep -qx "PUSHGATE_PUBLISH_TOKEN=$TOKEN" "$ROOT/etc/pushgate/pushgate.env"
+check "state dir pushgate:pushgate 750" stat_is /var/lib/pushgate "pushgate:pushgate 750"
+check "tls dir pushgate:pushgate 750" stat_is /var/lib/pushgate/tls "pushgate:pushgate 750"
+check "stand-in private key pushgate:pushgate 600" stat_is /var/lib/pushgate/tls/privkey.pem "pushgate:pushgate 600"
+check "stand-in certificate for the domain" sh -c "openssl x509 -in '$ROOT/var/lib/pushgate/tls/fullchain.pem' -noout -subject | grep -q pushgate.test"
+
+check_config() {
+    # As the service would run it: the pushgate user, the environment file's variables.
+    local env out
+    mapfile -t env < <(grep -E '^[A-Z_]+=' "$ROOT/etc/pushgate/pushgate.env")
+    out=$(chroot --userspec=pushgate:pushgate "$ROOT" /usr/bin/env -i "${env[@]}" \
+        /usr/local/bin/pushgate check-config --config /etc/pushgate/pushgate.toml) || {
+        echo "$out"
+        return 1
+    }
+    grep -q '^size = 2000$' <<<"$out" && grep -q '^worker_threads = 1$' <<<"$out" &&
+        grep -q 'token = "(set, hidden)"' <<<"$out" && grep -q '^listen = "127.0.0.1:4100"$' <<<"$out" || { echo "$out"; return 1; }
+}
+check "pushgate check-config accepts the rendered config (as user pushgate)" check_config
+check "nginx -t accepts the rendered site" in_root nginx -t
+check "nginx site enabled, default site removed" sh -c "test -L '$ROOT/etc/nginx/sites-enabled/pushgate.conf' && ! test -e '$ROOT/etc/nginx/sites-enabled/default'"
+check "nginx site: server_name and upstreams rendered" sh -c "grep -q 'server_name pushgate.test;' '$ROOT/etc/nginx/sites-available/pushgate.conf' && grep -q 'server 127.0.0.1:4100;' '$ROOT/etc/nginx/sites-available/pushgate.conf'"
+check "nginx worker_connections and worker_rlimit_nofile" sh -c "grep -qE '^\s*worker_connections 200000;' '$ROOT/etc/nginx/nginx.conf' && grep -qE '^worker_rlimit_nofile 250000;' '$ROOT/etc/nginx/nginx.conf'"
+verify_units() {
+    local out
+    out=$(systemd-analyze verify --man=no --root="$ROOT" pushgate.service pushgate.socket \
+        pushgate-tls-reload.path pushgate-tls-reload.service 2>&1) || { echo "$out"; return 1; }
+    [ -z "$out" ] || { echo "$out"; return 1; }
+}
+check "systemd-analyze verify accepts the installed units" verify_units
+check "pushgate.socket listens where configured (drop-in)" grep -qx 'ListenStream=127.0.0.1:4100' "$ROOT/etc/systemd/system/pushgate.socket.d/listen.conf"
+check "sysctl settings for many sockets" grep -qx 'fs.nr_open = 1048576' "$ROOT/etc/sysctl.d/60-pushgate.conf"
+check "nft -c accepts the firewall rules" in_root nft -c -f /etc/nftables.conf
+check "firewall opens only 22, 80, 443" grep -q 'tcp dport { 22, 80, 443 } accept' "$ROOT/etc/nftables.conf"
+
+echo "==> second apply: must change nothing"
+apply "$WORK/apply2.log"
+recap=$(grep -E '^rootfs +:' "$WORK/apply2.log")
+echo "    $recap"
+idempotent() {
+    grep -q 'changed=0 ' <<<"$recap" && grep -q 'failed=0 ' <<<"$recap" || {
+        grep -E '^changed:' -B2 "$WORK/apply2.log"
+        return 1
+    }
+}
+check "second apply reports zero changes" idempotent
+
+echo "ansible: $passed passed, $failed failed"
+[ "$failed" = 0 ]
