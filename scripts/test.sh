@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh Debian/Ubuntu machine: installs what it needs when missing,
-# then runs formatting and lint checks, the Rust tests, and the Node tests that drive the
-# official phoenix client against the real binary.
+# then runs formatting and lint checks, the Rust tests, the systemd unit checks, the Node tests
+# that drive the official phoenix client against the real binary (directly and through nginx),
+# and the Ansible test (a debootstrap root filesystem cached under /var/cache/pushgate-test).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,7 +10,15 @@ need_apt=()
 command -v node >/dev/null 2>&1 || need_apt+=(nodejs)
 command -v npm >/dev/null 2>&1 || need_apt+=(npm)
 command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
-command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
+# Deployment tests: nginx with the brotli modules (tests/js/nginx.test.js), systemd-analyze
+# (scripts/test-systemd.sh), debootstrap and a Python venv (scripts/test-ansible.sh).
+[ -x /usr/sbin/nginx ] || need_apt+=(nginx)
+[ -f /usr/lib/nginx/modules/ngx_http_brotli_filter_module.so ] || need_apt+=(libnginx-mod-http-brotli-filter)
+[ -f /usr/lib/nginx/modules/ngx_http_brotli_static_module.so ] || need_apt+=(libnginx-mod-http-brotli-static)
+command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
+command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
+command -v debootstrap >/dev/null 2>&1 || need_apt+=(debootstrap)
+python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need_apt+=(python3-venv)
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "==> installing ${need_apt[*]}"
     if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
@@ -26,10 +35,19 @@ cargo build --workspace --quiet
 echo "==> cargo test"
 cargo test --workspace --quiet
 
-echo "==> node tests (official phoenix client 1.8.16 and 1.7.21)"
+echo "==> systemd units (systemd-analyze verify, security)"
+./scripts/test-systemd.sh target/debug/pushgate
+
+echo "==> node tests (official phoenix client 1.8.16 and 1.7.21; nginx in front)"
 (
     cd tests/js
     npm ci --no-audit --no-fund --loglevel=error
     PUSHGATE_BIN="$PWD/../../target/debug/pushgate" npm test
 )
+echo "==> ansible (lint, apply to a Debian 12 root filesystem, idempotence)"
+if [ "$(id -u)" = 0 ]; then
+    ./scripts/test-ansible.sh target/debug/pushgate
+else
+    sudo ./scripts/test-ansible.sh target/debug/pushgate
+fi
 echo "==> all tests passed"
