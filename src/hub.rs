@@ -160,6 +160,10 @@ const INLINE_WAKE_MAX: usize = 64;
 /// A fanout task wakes this many subscribers, then yields so that they write and other work
 /// (the next publish, above all) gets in between chunks.
 const WAKE_CHUNK: usize = 256;
+/// When messages kept arriving during a sweep (the topic is busy), the next sweep waits this
+/// long to gather more, so each subscriber writes more messages per `writev`. A sweep that
+/// starts after a quiet moment never waits: sparse traffic is not delayed.
+const BUSY_BATCH_WINDOW: Duration = Duration::from_millis(2);
 
 /// Wakes every subscriber of a large topic, a chunk at a time, and sweeps again as long as
 /// messages arrived during the sweep. Publishes that land while a sweep runs wake nobody
@@ -181,6 +185,12 @@ async fn fanout(topic: Arc<Topic>) {
             tokio::task::yield_now().await;
         }
         drop(wakers);
+        if topic.read_lock().last_seq != covered {
+            // Busy: gather for a moment before the next sweep (publishers see the sweep as
+            // still scheduled and wake nobody themselves).
+            tokio::time::sleep(BUSY_BATCH_WINDOW).await;
+            continue;
+        }
         topic.fanout_scheduled.store(false, Ordering::Release);
         if topic.read_lock().last_seq == covered {
             return;
