@@ -27,7 +27,7 @@ for rep in $(seq "$reps"); do
         run $a fanout -n 15000 -m 50 --rate 10 --workers 3
         run $a longpoll -n 1000 -m 50 --rate 10
         run $a longpoll -n 5000 -m 50 --rate 10
-        run $a publish --publishers 4 --duration 3
+        run $a publish --publishers 32 --duration 3
         run $a connect -n 10000 --workers 2 --duration 0.5
         run $a many-topics -n 5000 --publishers 4
     done
