@@ -17,6 +17,8 @@ pub struct App {
     /// This node's LongPoll sessions.
     pub longpoll: crate::transport::longpoll::Registry,
     pub metrics: Arc<Metrics>,
+    /// The ACME task's open challenges (`[acme]`).
+    pub acme: crate::acme::Acme,
     /// The bearer token `POST /api/publish` requires (configured or generated at start).
     pub publish_token: String,
     /// This node's id (8 hex digits): LongPoll tokens carry it so any node can route a
@@ -66,6 +68,7 @@ impl App {
             broker,
             longpoll: Default::default(),
             metrics,
+            acme: Default::default(),
             publish_token,
             node_id,
             config,

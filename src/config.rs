@@ -27,6 +27,7 @@ pub struct Config {
     pub redis: RedisConfig,
     pub shutdown: ShutdownConfig,
     pub demo: DemoConfig,
+    pub acme: AcmeConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -229,6 +230,180 @@ impl Default for DemoConfig {
     }
 }
 
+/// Let's Encrypt's production directory, the default `acme.directory_url`.
+pub const LETS_ENCRYPT_PRODUCTION: &str = "https://acme-v02.api.letsencrypt.org/directory";
+/// Let's Encrypt's staging directory, used with `acme.staging = true`.
+pub const LETS_ENCRYPT_STAGING: &str = "https://acme-staging-v02.api.letsencrypt.org/directory";
+
+/// Certificates from an ACME CA (Let's Encrypt), see [`crate::acme`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AcmeConfig {
+    /// Obtain and renew certificates. Default false.
+    pub enabled: bool,
+    /// Names the certificate is for (no wildcards, no IP addresses), at most 100. In TOML a
+    /// list; in `PUSHGATE_ACME_DOMAINS` separated by commas. Default empty.
+    #[serde(deserialize_with = "names_list")]
+    pub domains: Vec<String>,
+    /// E-mail address for the CA's expiry notices (without `mailto:`). Default empty (none).
+    pub contact: String,
+    /// The ACME directory. Default Let's Encrypt's production directory.
+    pub directory_url: String,
+    /// Use Let's Encrypt's staging directory instead (untrusted certificates, generous rate
+    /// limits: for trying a setup). Default false.
+    pub staging: bool,
+    /// PEM file with the root certificate(s) of the ACME server's HTTPS, for a private or test
+    /// CA. Empty (the default) trusts the usual public roots.
+    pub root_ca_file: String,
+    /// Where `fullchain.pem` and `privkey.pem` are written (the shipped nginx config reads
+    /// them). Default `/var/lib/pushgate/tls`.
+    pub cert_dir: String,
+    /// Where the ACME account key and the issued certificates are cached, so that a restart
+    /// reuses them without a new order. Default `/var/lib/pushgate/acme`.
+    pub state_dir: String,
+    /// Shell command run (`sh -c`) after each new certificate is written, for example
+    /// `systemctl reload nginx`. Default empty (none).
+    pub reload_command: String,
+    /// How the CA checks control of the names: `http-01` (pushgate answers
+    /// `/.well-known/acme-challenge/` on its HTTP listener; nginx proxies it). Default `http-01`.
+    pub challenge: AcmeChallenge,
+}
+
+/// The ACME challenge type.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum AcmeChallenge {
+    #[serde(rename = "http-01")]
+    Http01,
+}
+
+impl Default for AcmeConfig {
+    fn default() -> Self {
+        AcmeConfig {
+            enabled: false,
+            domains: Vec::new(),
+            contact: String::new(),
+            directory_url: LETS_ENCRYPT_PRODUCTION.into(),
+            staging: false,
+            root_ca_file: String::new(),
+            cert_dir: "/var/lib/pushgate/tls".into(),
+            state_dir: "/var/lib/pushgate/acme".into(),
+            reload_command: String::new(),
+            challenge: AcmeChallenge::Http01,
+        }
+    }
+}
+
+impl AcmeConfig {
+    /// The directory URL in effect (`staging` switches to Let's Encrypt's staging).
+    pub fn directory(&self) -> &str {
+        if self.staging {
+            LETS_ENCRYPT_STAGING
+        } else {
+            &self.directory_url
+        }
+    }
+
+    fn validate(&self, bad: &mut dyn FnMut(&str, &str)) {
+        if !self.enabled {
+            return;
+        }
+        if self.domains.is_empty() {
+            bad(
+                "acme.domains",
+                "must name at least one domain when acme.enabled is true",
+            );
+        }
+        if self.domains.len() > 100 {
+            bad("acme.domains", "at most 100 names (the CA's limit)");
+        }
+        for (i, d) in self.domains.iter().enumerate() {
+            if let Err(why) = check_domain(d) {
+                bad("acme.domains", &format!("{d:?}: {why}"));
+            } else if self.domains[..i].contains(d) {
+                bad("acme.domains", &format!("{d:?} is listed twice"));
+            }
+        }
+        let contact = self
+            .contact
+            .strip_prefix("mailto:")
+            .unwrap_or(&self.contact);
+        if !self.contact.is_empty()
+            && (contact.split('@').count() != 2
+                || contact.starts_with('@')
+                || contact.ends_with('@')
+                || contact.contains(|c: char| c.is_whitespace() || c == ','))
+        {
+            bad("acme.contact", "must be one e-mail address (or empty)");
+        }
+        if !self.directory_url.starts_with("https://") {
+            bad("acme.directory_url", "must be an https:// URL");
+        }
+        if self.staging && self.directory_url != LETS_ENCRYPT_PRODUCTION {
+            bad(
+                "acme.staging",
+                "cannot be combined with a custom acme.directory_url",
+            );
+        }
+        if self.cert_dir.is_empty() {
+            bad("acme.cert_dir", "must be a directory path");
+        }
+        if self.state_dir.is_empty() {
+            bad("acme.state_dir", "must be a directory path");
+        }
+    }
+}
+
+/// Checks one certificate name: a DNS name of at least two labels, letters, digits and
+/// hyphens, no wildcard (neither challenge type can prove one), no IP address.
+fn check_domain(d: &str) -> Result<(), &'static str> {
+    if d.starts_with("*.") {
+        return Err("wildcards need the DNS-01 challenge, which pushgate does not do");
+    }
+    if d.parse::<std::net::IpAddr>().is_ok() {
+        return Err("IP addresses are not supported, name a domain");
+    }
+    if d.is_empty() || d.len() > 253 {
+        return Err("must be 1 to 253 characters");
+    }
+    if !d.contains('.') {
+        return Err("must be a fully qualified name like example.com");
+    }
+    for label in d.split('.') {
+        let ok = !label.is_empty()
+            && label.len() <= 63
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if !ok {
+            return Err(
+                "each dot-separated label must be 1 to 63 lowercase letters, digits or inner hyphens",
+            );
+        }
+    }
+    Ok(())
+}
+
+/// A list of names from a TOML array, or from a string separated by commas (the environment).
+fn names_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Names {
+        List(Vec<String>),
+        Text(String),
+    }
+    Ok(match Names::deserialize(d)? {
+        Names::List(l) => l,
+        Names::Text(t) => t
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect(),
+    })
+}
+
 /// A problem with one key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
@@ -395,6 +570,7 @@ impl Config {
         if self.shutdown.grace_ms < self.shutdown.drain_ms {
             bad("shutdown.grace_ms", "must be at least shutdown.drain_ms");
         }
+        self.acme.validate(&mut bad);
         if p.is_empty() { Ok(()) } else { Err(p) }
     }
 
@@ -472,5 +648,64 @@ mod tests {
         let p = c.validate().unwrap_err();
         let keys: Vec<_> = p.iter().map(|p| p.key.as_str()).collect();
         assert_eq!(keys, ["server.listen", "history.size"]);
+    }
+
+    #[test]
+    fn acme_domains_from_the_environment_and_their_problems() {
+        let c = Config::load(
+            None,
+            env(&[
+                ("PUSHGATE_ACME_ENABLED", "true"),
+                ("PUSHGATE_ACME_DOMAINS", "example.com, www.example.com"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.acme.domains, ["example.com", "www.example.com"]);
+        c.validate().unwrap();
+        assert_eq!(c.acme.directory(), LETS_ENCRYPT_PRODUCTION);
+
+        let mut c = Config::default();
+        c.acme.enabled = true;
+        let p = c.validate().unwrap_err();
+        assert_eq!(p[0].key, "acme.domains", "{p:?}");
+        c.acme.domains = [
+            "*.example.com",
+            "localhost",
+            "Example.com",
+            "10.0.0.1",
+            "a..b",
+            "ok.example",
+            "ok.example",
+        ]
+        .map(String::from)
+        .to_vec();
+        c.acme.contact = "not an address".into();
+        c.acme.directory_url = "http://ca.test/dir".into();
+        c.acme.staging = true;
+        let p = c.validate().unwrap_err();
+        let keys: Vec<_> = p.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "acme.domains",
+                "acme.domains",
+                "acme.domains",
+                "acme.domains",
+                "acme.domains",
+                "acme.domains",
+                "acme.contact",
+                "acme.directory_url",
+                "acme.staging"
+            ],
+            "{p:?}"
+        );
+        assert!(p[0].message.contains("DNS-01"), "{p:?}");
+        assert!(p[5].message.contains("twice"), "{p:?}");
+
+        c.acme.domains = vec!["example.com".into()];
+        c.acme.contact = "mailto:admin@example.com".into();
+        c.acme.directory_url = LETS_ENCRYPT_PRODUCTION.into();
+        c.validate().unwrap();
+        assert_eq!(c.acme.directory(), LETS_ENCRYPT_STAGING);
     }
 }

@@ -13,9 +13,11 @@
 //! - [`broker`]: the Redis broker (cross-node fanout, history streams); embedded otherwise.
 //! - [`metrics`]: counters rendered for Prometheus.
 //! - [`app`]: the shared state handed to every connection.
+//! - [`acme`]: certificates from Let's Encrypt (ACME), HTTP-01 answers, export for nginx.
 //! - [`systemd`]: socket activation, readiness/stopping notifications and watchdog pings.
 #![forbid(unsafe_code)]
 
+pub mod acme;
 pub mod api;
 pub mod app;
 pub mod broker;

@@ -28,6 +28,20 @@ pub struct Metrics {
     pub redis_subscribed_topics: AtomicI64,
     pub redis_gaps: AtomicU64,
     pub redis_bad_messages: AtomicU64,
+    /// 1 when `acme.enabled`; the ACME metrics are rendered only then.
+    pub acme_enabled: AtomicI64,
+    /// Unix time (s) the exported certificate expires; 0 before there is one.
+    pub acme_certificate_not_after: AtomicI64,
+    /// 1 while the exported certificate is the self-signed placeholder.
+    pub acme_placeholder: AtomicI64,
+    /// 1 when the last certificate order succeeded, 0 when it failed.
+    pub acme_last_order_success: AtomicI64,
+    /// Unix time (s) of the last certificate order's outcome; 0 before the first.
+    pub acme_last_order_time: AtomicI64,
+    pub acme_orders_ok: AtomicU64,
+    pub acme_orders_failed: AtomicU64,
+    pub acme_export_errors: AtomicU64,
+    pub acme_reload_failures: AtomicU64,
 }
 
 impl Metrics {
@@ -165,6 +179,63 @@ impl Metrics {
             "Messages on a topic channel that were not pushgate envelopes.",
             &[("", c(&self.redis_bad_messages))],
         );
+        if g(&self.acme_enabled) == 1 {
+            let not_after = g(&self.acme_certificate_not_after);
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64);
+            one(
+                "pushgate_acme_certificate_expiry_timestamp_seconds",
+                "gauge",
+                "Unix time the exported certificate expires (0 before there is one).",
+                &[("", not_after)],
+            );
+            one(
+                "pushgate_acme_certificate_expiry_seconds",
+                "gauge",
+                "Seconds until the exported certificate expires (negative once expired; 0 before there is one).",
+                &[("", if not_after == 0 { 0 } else { not_after - now })],
+            );
+            one(
+                "pushgate_acme_certificate_placeholder",
+                "gauge",
+                "1 while the exported certificate is the self-signed placeholder.",
+                &[("", g(&self.acme_placeholder))],
+            );
+            one(
+                "pushgate_acme_last_renewal_success",
+                "gauge",
+                "1 when the last certificate order succeeded, 0 when it failed or none finished yet.",
+                &[("", g(&self.acme_last_order_success))],
+            );
+            one(
+                "pushgate_acme_last_renewal_timestamp_seconds",
+                "gauge",
+                "Unix time the last certificate order succeeded or failed (0 before the first).",
+                &[("", g(&self.acme_last_order_time))],
+            );
+            one(
+                "pushgate_acme_renewals_total",
+                "counter",
+                "Certificate orders by result.",
+                &[
+                    ("{result=\"ok\"}", c(&self.acme_orders_ok)),
+                    ("{result=\"error\"}", c(&self.acme_orders_failed)),
+                ],
+            );
+            one(
+                "pushgate_acme_export_errors_total",
+                "counter",
+                "Failed writes of fullchain.pem/privkey.pem to acme.cert_dir.",
+                &[("", c(&self.acme_export_errors))],
+            );
+            one(
+                "pushgate_acme_reload_command_failures_total",
+                "counter",
+                "Runs of acme.reload_command that failed or timed out.",
+                &[("", c(&self.acme_reload_failures))],
+            );
+        }
         out
     }
 }

@@ -61,6 +61,9 @@ pub async fn route(
             );
             r
         }
+        p if p.starts_with(crate::acme::CHALLENGE_PATH_PREFIX) => {
+            crate::acme::challenge_response(&app, p)
+        }
         _ => error_response(StatusCode::NOT_FOUND, "not found"),
     }
 }

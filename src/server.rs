@@ -32,6 +32,9 @@ pub async fn run(listeners: Vec<TcpListener>, app: Arc<App>) -> bool {
         app.tracker
             .spawn(crate::broker::redis::run(app.clone(), r.clone()));
     }
+    if app.config.acme.enabled {
+        app.tracker.spawn(crate::acme::run(app.clone()));
+    }
     let sweeper_app = app.clone();
     app.tracker.spawn(async move {
         let mut tick = tokio::time::interval(SWEEP_INTERVAL);

@@ -50,7 +50,7 @@ const DEADLINE_MS = 10_000;
 
 /** A free TCP port on 127.0.0.1 and [::1] (checked on both, then released). */
 async function freePort() {
-  for (;;) {
+  for (let attempt = 1; attempt <= 20; attempt++) {
     const port = await new Promise((resolve, reject) => {
       const s = net.createServer();
       s.once("error", reject);
@@ -66,6 +66,7 @@ async function freePort() {
     });
     if (v6free) return port;
   }
+  throw new Error("no port free on both 127.0.0.1 and [::1] (is IPv6 loopback configured?)");
 }
 
 /** An HTTP(S) request; resolves with {status, headers, body: Buffer}. Never decompresses. */

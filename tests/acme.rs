@@ -1,0 +1,895 @@
+//! ACME (`[acme]`, src/acme.rs) against Let's Encrypt's test CA: Debian's `pebble` with
+//! `pebble-challtestsrv` answering DNS (every name resolves to 127.0.0.1), on free ports, with a
+//! CA and listener certificate made here (the package ships none). Validation is real: Pebble's
+//! validator fetches `/.well-known/acme-challenge/<token>` over HTTP, through the shipped nginx
+//! site (nginx/pushgate.conf rendered by nginx/render.sh) or straight from pushgate.
+//!
+//! pushgate is the real binary, so that a restart is a real restart and its logs can be read.
+//! Environment variables are set on child processes only. Processes are stopped with SIGTERM
+//! when a test ends (nginx orphans its workers on SIGKILL).
+
+mod support;
+
+use rustls_acme::futures_rustls::pki_types::pem::PemObject;
+use rustls_acme::futures_rustls::pki_types::{CertificateDer, ServerName};
+use rustls_acme::rustls::client::danger::ServerCertVerifier;
+use rustls_acme::rustls::{ClientConfig, RootCertStore};
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// The certificate name the tests order (challtestsrv resolves it to 127.0.0.1).
+const DOMAIN: &str = "pushgate.test";
+/// Start-up of a helper process.
+const STARTUP: Duration = Duration::from_secs(15);
+/// An issuance against Pebble takes about 3 s (authorization polling backs off 1 s, 2 s, ...);
+/// allow a failed first attempt and its backoff.
+const ISSUANCE: Duration = Duration::from_secs(45);
+const NGINX: &str = "/usr/sbin/nginx";
+const NGINX_MODULES: &str = "/usr/lib/nginx/modules";
+
+// ---------------------------------------------------------------------------------------------
+// Scaffolding
+// ---------------------------------------------------------------------------------------------
+
+/// A fresh directory for one test, removed when the test passes.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!("pushgate-acme-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        // nginx workers run as nobody when the tests run as root.
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        TempDir(p)
+    }
+    fn path(&self, rel: &str) -> PathBuf {
+        self.0.join(rel)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// A free TCP port on 127.0.0.1 (and on [::1], for nginx's IPv6 listen lines).
+fn free_port() -> u16 {
+    loop {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        if std::net::TcpListener::bind(("::1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// A child process whose stdout and stderr are collected; stopped with SIGTERM on drop.
+struct Proc {
+    name: &'static str,
+    child: Child,
+    log: Arc<Mutex<String>>,
+}
+
+impl Proc {
+    fn spawn(name: &'static str, mut cmd: Command) -> Proc {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        let log = Arc::new(Mutex::new(String::new()));
+        let out: Box<dyn Read + Send> = Box::new(child.stdout.take().unwrap());
+        let err: Box<dyn Read + Send> = Box::new(child.stderr.take().unwrap());
+        for pipe in [out, err] {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines() {
+                    let Ok(line) = line else { break };
+                    let mut l = log.lock().unwrap();
+                    l.push_str(&line);
+                    l.push('\n');
+                }
+            });
+        }
+        Proc { name, child, log }
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    fn count(&self, needle: &str) -> usize {
+        self.log().matches(needle).count()
+    }
+
+    /// Waits until the log contains `needle`, or fails with the log.
+    async fn wait_log(&mut self, needle: &str, within: Duration) {
+        let end = Instant::now() + within;
+        while !self.log().contains(needle) {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "{} exited ({status}) before logging {needle:?}:\n{}",
+                    self.name,
+                    self.log()
+                );
+            }
+            assert!(
+                Instant::now() < end,
+                "{} did not log {needle:?} in time:\n{}",
+                self.name,
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// SIGTERM, then waits for the exit (SIGKILL after a deadline).
+    fn stop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_some() {
+            return;
+        }
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let end = Instant::now() + Duration::from_secs(10);
+        while self.child.try_wait().ok().flatten().is_none() {
+            if Instant::now() > end {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Waits for a TCP listener on `addr`.
+async fn wait_listening(addr: SocketAddr, what: &str) {
+    let end = Instant::now() + STARTUP;
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        assert!(Instant::now() < end, "{what} is not listening on {addr}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Polls `f` every 100 ms until it gives `Some`, or fails with `what()`.
+async fn poll<T, F, Fut>(within: Duration, mut f: F, what: impl Fn() -> String) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let end = Instant::now() + within;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < end, "timed out waiting: {}", what());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn roots(pem: &[u8]) -> RootCertStore {
+    let mut roots = RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(pem) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    assert!(!roots.is_empty(), "no certificate in the root PEM");
+    roots
+}
+
+fn client_config(roots_pem: &[u8]) -> Arc<ClientConfig> {
+    let provider = Arc::new(rustls_acme::rustls::crypto::ring::default_provider());
+    Arc::new(
+        ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots(roots_pem))
+            .with_no_client_auth(),
+    )
+}
+
+/// A TLS handshake with `addr` for `name`, verified against `roots_pem`; the peer's chain.
+async fn handshake(
+    addr: SocketAddr,
+    name: &str,
+    roots_pem: &[u8],
+) -> Result<Vec<CertificateDer<'static>>, String> {
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let connector = tokio_rustls::TlsConnector::from(client_config(roots_pem));
+    let server_name = ServerName::try_from(name.to_string()).map_err(|e| e.to_string())?;
+    let tls = tokio::time::timeout(STARTUP, connector.connect(server_name, tcp))
+        .await
+        .map_err(|_| "handshake timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    Ok(tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .unwrap_or_default()
+        .iter()
+        .map(|c| c.clone().into_owned())
+        .collect())
+}
+
+/// `GET path` over HTTPS (HTTP/1.1, `Connection: close`); the status and body.
+async fn https_get(
+    addr: SocketAddr,
+    name: &str,
+    path: &str,
+    roots_pem: &[u8],
+) -> Result<(u16, Vec<u8>), String> {
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let connector = tokio_rustls::TlsConnector::from(client_config(roots_pem));
+    let server_name = ServerName::try_from(name.to_string()).map_err(|e| e.to_string())?;
+    let mut tls = connector
+        .connect(server_name, tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    tls.write_all(req.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(STARTUP, tls.read_to_end(&mut buf)).await;
+    match read {
+        Ok(Ok(_)) => {}
+        // Go's server may close without close_notify.
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof && !buf.is_empty() => {}
+        Ok(Err(e)) => return Err(e.to_string()),
+        Err(_) => return Err("response timed out".into()),
+    }
+    let split = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or("no header end")?;
+    let status = String::from_utf8_lossy(&buf[9..12])
+        .parse()
+        .map_err(|_| "bad status line")?;
+    Ok((status, buf[split + 4..].to_vec()))
+}
+
+/// The PEM certificate blocks in `text` (handles a chunked body).
+fn pem_blocks(text: &[u8]) -> Vec<u8> {
+    let text = String::from_utf8_lossy(text);
+    let mut out = String::new();
+    let mut rest = &text[..];
+    while let Some(start) = rest.find("-----BEGIN CERTIFICATE-----") {
+        let end_marker = "-----END CERTIFICATE-----";
+        let Some(end) = rest[start..].find(end_marker) else {
+            break;
+        };
+        out.push_str(&rest[start..start + end + end_marker.len()]);
+        out.push('\n');
+        rest = &rest[start + end + end_marker.len()..];
+    }
+    out.into_bytes()
+}
+
+fn first_cert(chain_pem: &[u8]) -> CertificateDer<'static> {
+    CertificateDer::pem_slice_iter(chain_pem)
+        .next()
+        .expect("no certificate in PEM")
+        .unwrap()
+}
+
+fn is_placeholder(chain_pem: &[u8]) -> bool {
+    let der = first_cert(chain_pem);
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+    cert.subject().to_string().contains("placeholder")
+}
+
+/// A throwaway CA and a `localhost`/`127.0.0.1` certificate it signed, for Pebble's HTTPS.
+struct TestCa {
+    ca_pem: String,
+    listener_cert_pem: String,
+    listener_key_pem: String,
+}
+
+fn make_test_ca() -> TestCa {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    ca.distinguished_name
+        .push(DnType::CommonName, "pushgate test CA for pebble");
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let mut leaf = CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+    leaf.distinguished_name
+        .push(DnType::CommonName, "localhost");
+    let cert = leaf.signed_by(&key, &ca_cert, &ca_key).unwrap();
+    TestCa {
+        ca_pem: ca_cert.pem(),
+        listener_cert_pem: cert.pem(),
+        listener_key_pem: key.serialize_pem(),
+    }
+}
+
+/// Pebble and its DNS (pebble-challtestsrv) on free ports.
+struct Pebble {
+    pebble: Proc,
+    _dns: Proc,
+    acme: SocketAddr,
+    management: SocketAddr,
+    /// The test CA, trusted for Pebble's own HTTPS (`acme.root_ca_file`).
+    ca_file: PathBuf,
+    ca_pem: Vec<u8>,
+}
+
+impl Pebble {
+    /// `http_port`: where the validator fetches HTTP-01 answers. `validity_secs`: lifetime of
+    /// the issued certificates (Pebble's default is years).
+    async fn start(dir: &Path, http_port: u16, validity_secs: Option<u64>) -> Pebble {
+        let ca = make_test_ca();
+        std::fs::write(dir.join("pebble-ca.pem"), &ca.ca_pem).unwrap();
+        std::fs::write(dir.join("pebble-cert.pem"), &ca.listener_cert_pem).unwrap();
+        std::fs::write(dir.join("pebble-key.pem"), &ca.listener_key_pem).unwrap();
+        let dns_port = free_port();
+        let dns_management = free_port();
+        let mut cmd = Command::new("pebble-challtestsrv");
+        cmd.args(["-dns01", &format!("127.0.0.1:{dns_port}")])
+            .args(["-http01", "", "-https01", "", "-tlsalpn01", ""])
+            .args(["-management", &format!("127.0.0.1:{dns_management}")])
+            .args(["-defaultIPv4", "127.0.0.1", "-defaultIPv6", ""]);
+        let mut dns = Proc::spawn("pebble-challtestsrv", cmd);
+        dns.wait_log("Starting challenge servers", STARTUP).await;
+        for port in [dns_port, dns_management] {
+            let addr = format!("127.0.0.1:{port}").parse().unwrap();
+            wait_listening(addr, "pebble-challtestsrv").await;
+        }
+
+        let acme: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let management: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let mut config = serde_json::json!({"pebble": {
+            "listenAddress": acme.to_string(),
+            "managementListenAddress": management.to_string(),
+            "certificate": dir.join("pebble-cert.pem"),
+            "privateKey": dir.join("pebble-key.pem"),
+            "httpPort": http_port,
+            "tlsPort": free_port(),
+            "ocspResponderURL": "",
+            "externalAccountBindingRequired": false,
+        }});
+        if let Some(v) = validity_secs {
+            config["pebble"]["certificateValidityPeriod"] = v.into();
+        }
+        std::fs::write(dir.join("pebble.json"), config.to_string()).unwrap();
+        let mut cmd = Command::new("pebble");
+        cmd.arg("-config")
+            .arg(dir.join("pebble.json"))
+            .args(["-dnsserver", &format!("127.0.0.1:{dns_port}")])
+            // Real validation, without Pebble's random 0-15 s validation delays, and without
+            // its deliberate 5 % nonce rejections (rustls-acme retries a whole order then).
+            .env("PEBBLE_VA_NOSLEEP", "1")
+            .env("PEBBLE_WFE_NONCEREJECT", "0")
+            .env_remove("PEBBLE_VA_ALWAYS_VALID");
+        let pebble = Proc::spawn("pebble", cmd);
+        let ca_pem = ca.ca_pem.into_bytes();
+        let p = Pebble {
+            pebble,
+            _dns: dns,
+            acme,
+            management,
+            ca_file: dir.join("pebble-ca.pem"),
+            ca_pem,
+        };
+        let ca_pem = p.ca_pem.clone();
+        poll(
+            STARTUP,
+            || {
+                let ca_pem = ca_pem.clone();
+                async move {
+                    matches!(
+                        https_get(acme, "127.0.0.1", "/dir", &ca_pem).await,
+                        Ok((200, _))
+                    )
+                    .then_some(())
+                }
+            },
+            || format!("pebble to answer /dir:\n{}", p.pebble.log()),
+        )
+        .await;
+        p
+    }
+
+    fn directory_url(&self) -> String {
+        format!("https://{}/dir", self.acme)
+    }
+
+    /// Pebble's root (regenerated on every start), which issued certificates chain to.
+    async fn root(&self) -> Vec<u8> {
+        let (status, body) = https_get(self.management, "127.0.0.1", "/roots/0", &self.ca_pem)
+            .await
+            .unwrap();
+        assert_eq!(status, 200);
+        let pem = pem_blocks(&body);
+        assert!(!pem.is_empty(), "no PEM at /roots/0");
+        pem
+    }
+
+    /// New-order requests Pebble has answered.
+    fn orders(&self) -> usize {
+        self.pebble.count("/order-plz -> calling handler()")
+    }
+}
+
+/// `pushgate serve` on `listen` with `config` (a TOML file written here).
+fn pushgate(dir: &Path, listen: SocketAddr, config: &str) -> Proc {
+    let file = dir.join("pushgate.toml");
+    std::fs::write(&file, config).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pushgate"));
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("PUSHGATE_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.arg("serve")
+        .arg("--config")
+        .arg(&file)
+        .args(["--listen", &listen.to_string()])
+        .env("PUSHGATE_LOG", "info,rustls_acme=info")
+        .env("PUSHGATE_LOG_FORMAT", "plain");
+    Proc::spawn("pushgate", cmd)
+}
+
+fn acme_config(pebble: &Pebble, cert_dir: &Path, state_dir: &Path, reload: &str) -> String {
+    format!(
+        r#"[publish]
+token = "{token}"
+[shutdown]
+drain_ms = 10
+grace_ms = 2000
+[acme]
+enabled = true
+domains = ["{DOMAIN}"]
+contact = "admin@{DOMAIN}"
+directory_url = "{url}"
+root_ca_file = "{ca}"
+cert_dir = "{cert_dir}"
+state_dir = "{state_dir}"
+reload_command = '''{reload}'''
+"#,
+        token = support::TOKEN,
+        url = pebble.directory_url(),
+        ca = pebble.ca_file.display(),
+        cert_dir = cert_dir.display(),
+        state_dir = state_dir.display(),
+    )
+}
+
+async fn metric(addr: SocketAddr, sample: &str) -> f64 {
+    support::metric(addr, sample)
+        .await
+        .unwrap_or_else(|| panic!("no sample {sample} in /metrics"))
+}
+
+/// nginx with the shipped site template, rendered for this test, in the foreground.
+struct Nginx {
+    _proc: Proc,
+    prefix: PathBuf,
+}
+
+impl Nginx {
+    fn conf(prefix: &Path) -> PathBuf {
+        prefix.join("conf/nginx.conf")
+    }
+
+    /// The command that reloads it (what `systemctl reload nginx` does).
+    fn reload_command(prefix: &Path) -> String {
+        format!(
+            "{NGINX} -p {p} -e {p}/logs/error.log -c {c} -s reload",
+            p = prefix.display(),
+            c = Nginx::conf(prefix).display()
+        )
+    }
+
+    fn prepare(prefix: &Path, http: u16, https: u16, pushgate: SocketAddr, tls_dir: &Path) {
+        for d in ["conf", "logs", "tmp", "static"] {
+            std::fs::create_dir_all(prefix.join(d)).unwrap();
+        }
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let template = std::fs::read(repo.join("nginx/pushgate.conf")).unwrap();
+        let vars = [
+            format!("server_name={DOMAIN}"),
+            format!("listen_http=127.0.0.1:{http}"),
+            format!("listen_http_v6=[::1]:{http}"),
+            format!("listen_https=127.0.0.1:{https}"),
+            format!("listen_https_v6=[::1]:{https}"),
+            format!("https_port_suffix=:{https}"),
+            format!("tls_dir={}", tls_dir.display()),
+            format!("static_root={}", prefix.join("static").display()),
+            format!("pushgate_upstream={pushgate}"),
+            // No app behind this site in these tests.
+            format!("app_upstream=127.0.0.1:{}", free_port()),
+        ];
+        let mut render = Command::new(repo.join("nginx/render.sh"))
+            .args(&vars)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("nginx/render.sh");
+        std::io::Write::write_all(&mut render.stdin.take().unwrap(), &template).unwrap();
+        let out = render.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "render.sh: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::fs::write(prefix.join("conf/pushgate.conf"), &out.stdout).unwrap();
+        let p = prefix.display();
+        let main = format!(
+            r#"load_module {NGINX_MODULES}/ngx_http_brotli_filter_module.so;
+load_module {NGINX_MODULES}/ngx_http_brotli_static_module.so;
+worker_processes 1;
+pid {p}/nginx.pid;
+error_log {p}/logs/error.log info;
+events {{ worker_connections 1024; }}
+http {{
+    include /etc/nginx/mime.types;
+    default_type application/octet-stream;
+    access_log {p}/logs/access.log;
+    client_body_temp_path {p}/tmp/body;
+    proxy_temp_path {p}/tmp/proxy;
+    fastcgi_temp_path {p}/tmp/fastcgi;
+    uwsgi_temp_path {p}/tmp/uwsgi;
+    scgi_temp_path {p}/tmp/scgi;
+    include {p}/conf/pushgate.conf;
+}}
+"#
+        );
+        std::fs::write(Nginx::conf(prefix), main).unwrap();
+    }
+
+    async fn start(prefix: &Path, https: u16) -> Nginx {
+        let mut cmd = Command::new(NGINX);
+        cmd.arg("-p")
+            .arg(prefix)
+            .arg("-e")
+            .arg(prefix.join("logs/error.log"))
+            .arg("-c")
+            .arg(Nginx::conf(prefix))
+            .args(["-g", "daemon off;"]);
+        let proc = Proc::spawn("nginx", cmd);
+        wait_listening(format!("127.0.0.1:{https}").parse().unwrap(), "nginx").await;
+        Nginx {
+            _proc: proc,
+            prefix: prefix.to_path_buf(),
+        }
+    }
+
+    fn error_log(&self) -> String {
+        std::fs::read_to_string(self.prefix.join("logs/error.log")).unwrap_or_default()
+    }
+}
+
+fn reloads(file: &Path) -> usize {
+    std::fs::read_to_string(file)
+        .map(|s| s.lines().count())
+        .unwrap_or(0)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------------------------
+
+/// Behind nginx: the placeholder lets nginx start, the HTTP-01 challenge is answered through
+/// nginx, the certificate is exported, the reload command makes nginx serve it, and a restart
+/// of pushgate reuses the cached certificate without a new order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http01_through_nginx_exports_reloads_and_a_restart_reuses_the_certificate() {
+    let tmp = TempDir::new("nginx");
+    let (http, https) = (free_port(), free_port());
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let pebble = Pebble::start(&tmp.0, http, None).await;
+    let prefix = tmp.path("nginx");
+    let tls_dir = tmp.path("tls");
+    let state_dir = tmp.path("state");
+    let reload_log = tmp.path("reloads");
+    Nginx::prepare(&prefix, http, https, listen, &tls_dir);
+    let reload = format!(
+        "{} && echo reloaded >> {}",
+        Nginx::reload_command(&prefix),
+        reload_log.display()
+    );
+    let config = acme_config(&pebble, &tls_dir, &state_dir, &reload);
+
+    let mut gw = pushgate(&tmp.0, listen, &config);
+    gw.wait_log("listening", STARTUP).await;
+    // The placeholder comes first, so that nginx can start before any certificate exists.
+    let placeholder = poll(
+        STARTUP,
+        || async { std::fs::read(tls_dir.join("fullchain.pem")).ok() },
+        || format!("the placeholder:\n{}", gw.log()),
+    )
+    .await;
+    let nginx = Nginx::start(&prefix, https).await;
+    let root = pebble.root().await;
+    let nginx_https: SocketAddr = format!("127.0.0.1:{https}").parse().unwrap();
+
+    // nginx serves Pebble's certificate, verified against Pebble's root, once pushgate has
+    // written it and run the reload command.
+    let served = poll(
+        ISSUANCE,
+        || {
+            let root = root.clone();
+            async move { handshake(nginx_https, DOMAIN, &root).await.ok() }
+        },
+        || {
+            format!(
+                "nginx to serve a certificate from Pebble's root\n--- pushgate:\n{}\n--- pebble:\n{}\n--- nginx:\n{}",
+                gw.log(),
+                pebble.pebble.log(),
+                nginx.error_log()
+            )
+        },
+    )
+    .await;
+    assert!(is_placeholder(&placeholder));
+    let chain = std::fs::read(tls_dir.join("fullchain.pem")).unwrap();
+    assert!(!is_placeholder(&chain));
+    assert_eq!(
+        served[0],
+        first_cert(&chain),
+        "nginx serves the exported file"
+    );
+    assert!(
+        served.len() >= 2,
+        "the chain includes Pebble's intermediate"
+    );
+    let key_mode = std::fs::metadata(tls_dir.join("privkey.pem"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(key_mode & 0o777, 0o600);
+    assert_eq!(reloads(&reload_log), 1, "{}", gw.log());
+    assert_eq!(
+        std::fs::read_dir(&tls_dir).unwrap().count(),
+        2,
+        "only the two files, no temporaries"
+    );
+    assert!(pebble.pebble.count("Issued certificate serial") >= 1);
+    assert!(
+        gw.log().contains("answering http-01 challenge"),
+        "{}",
+        gw.log()
+    );
+    assert_eq!(
+        metric(listen, r#"pushgate_acme_renewals_total{result="ok"}"#).await,
+        1.0
+    );
+    assert_eq!(
+        metric(listen, "pushgate_acme_last_renewal_success").await,
+        1.0
+    );
+    assert_eq!(
+        metric(listen, "pushgate_acme_certificate_placeholder").await,
+        0.0
+    );
+    let expiry = metric(listen, "pushgate_acme_certificate_expiry_seconds").await;
+    assert!(expiry > 86400.0, "expires in {expiry} s");
+
+    // An unknown token is a 404 through nginx (and no challenge is open now).
+    let (status, _, _) = support::http(
+        format!("127.0.0.1:{http}").parse().unwrap(),
+        "GET",
+        "/.well-known/acme-challenge/nope",
+        &[],
+        b"",
+    )
+    .await;
+    assert_eq!(status, 404);
+
+    // Restart: the cached account and certificate are used; no new order, nothing rewritten,
+    // no reload.
+    let orders = pebble.orders();
+    assert!(orders >= 1, "{}", pebble.pebble.log());
+    gw.stop();
+    let mut gw = pushgate(&tmp.0, listen, &config);
+    gw.wait_log("using the cached certificate", STARTUP).await;
+    let expiry = metric(listen, "pushgate_acme_certificate_expiry_seconds").await;
+    assert!(expiry > 86400.0, "expires in {expiry} s");
+    assert_eq!(
+        metric(listen, r#"pushgate_acme_renewals_total{result="ok"}"#).await,
+        0.0
+    );
+    assert_eq!(pebble.orders(), orders, "a restart must not order again");
+    assert_eq!(std::fs::read(tls_dir.join("fullchain.pem")).unwrap(), chain);
+    assert_eq!(reloads(&reload_log), 1);
+    let served = handshake(nginx_https, DOMAIN, &root).await.unwrap();
+    assert_eq!(served[0], first_cert(&chain));
+    drop(nginx);
+}
+
+/// Straight from pushgate's listener (Pebble's validator connects to it), with certificates
+/// that live 15 s: the renewal replaces the certificate and runs the reload command again; with
+/// Pebble stopped, the next renewal fails visibly and the current certificate stays in place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewal_replaces_the_certificate_and_a_stopped_ca_leaves_it_in_place() {
+    let tmp = TempDir::new("renewal");
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut pebble = Pebble::start(&tmp.0, listen.port(), Some(15)).await;
+    let tls_dir = tmp.path("tls");
+    let reload_log = tmp.path("reloads");
+    let reload = format!("echo reloaded >> {}", reload_log.display());
+    let config = acme_config(&pebble, &tls_dir, &tmp.path("state"), &reload);
+    let mut gw = pushgate(&tmp.0, listen, &config);
+    gw.wait_log("listening", STARTUP).await;
+
+    let first = poll(
+        ISSUANCE,
+        || async {
+            (reloads(&reload_log) == 1)
+                .then(|| std::fs::read(tls_dir.join("fullchain.pem")).unwrap())
+        },
+        || {
+            format!(
+                "the first certificate\n--- pushgate:\n{}\n--- pebble:\n{}",
+                gw.log(),
+                pebble.pebble.log()
+            )
+        },
+    )
+    .await;
+    assert!(!is_placeholder(&first));
+    // Renewal when a third of the lifetime is left: about 10 s after issuance.
+    let second = poll(
+        ISSUANCE,
+        || async {
+            (reloads(&reload_log) == 2)
+                .then(|| std::fs::read(tls_dir.join("fullchain.pem")).unwrap())
+        },
+        || format!("the renewed certificate\n--- pushgate:\n{}", gw.log()),
+    )
+    .await;
+    assert_ne!(first_cert(&first), first_cert(&second));
+    assert_eq!(
+        metric(listen, r#"pushgate_acme_renewals_total{result="ok"}"#).await,
+        2.0
+    );
+    let root = pebble.root().await;
+    let verifier = rustls_acme::rustls::client::WebPkiServerVerifier::builder_with_provider(
+        Arc::new(roots(&root)),
+        Arc::new(rustls_acme::rustls::crypto::ring::default_provider()),
+    )
+    .build()
+    .unwrap();
+    let chain: Vec<_> = CertificateDer::pem_slice_iter(&second)
+        .map(|c| c.unwrap())
+        .collect();
+    verifier
+        .verify_server_cert(
+            &chain[0],
+            &chain[1..],
+            &ServerName::try_from(DOMAIN).unwrap(),
+            &[],
+            rustls_acme::futures_rustls::pki_types::UnixTime::now(),
+        )
+        .expect("the renewed chain verifies against Pebble's root");
+
+    // The CA goes away before the next renewal.
+    pebble.pebble.stop();
+    poll(
+        ISSUANCE,
+        || async {
+            (support::metric(listen, r#"pushgate_acme_renewals_total{result="error"}"#).await?
+                >= 1.0)
+                .then_some(())
+        },
+        || format!("a failed renewal\n--- pushgate:\n{}", gw.log()),
+    )
+    .await;
+    assert_eq!(
+        metric(listen, "pushgate_acme_last_renewal_success").await,
+        0.0
+    );
+    assert!(
+        gw.log().contains("certificate order failed"),
+        "{}",
+        gw.log()
+    );
+    assert_eq!(
+        std::fs::read(tls_dir.join("fullchain.pem")).unwrap(),
+        second
+    );
+    assert_eq!(reloads(&reload_log), 2);
+    let (status, _, _) = support::http(listen, "GET", "/healthz", &[], b"").await;
+    assert_eq!(status, 200, "the gateway keeps serving");
+}
+
+/// No CA reachable and an export directory that cannot be created: both are logged with the
+/// key to fix and counted, and the gateway serves as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_ca_and_unwritable_cert_dir_are_reported_and_the_gateway_keeps_serving() {
+    let tmp = TempDir::new("unreachable");
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let closed = free_port();
+    // A regular file where a directory is needed: unwritable even for root.
+    std::fs::write(tmp.path("file"), b"x").unwrap();
+    let ca = make_test_ca();
+    std::fs::write(tmp.path("ca.pem"), &ca.ca_pem).unwrap();
+    let config = format!(
+        r#"[publish]
+token = "{token}"
+[acme]
+enabled = true
+domains = ["{DOMAIN}"]
+directory_url = "https://127.0.0.1:{closed}/dir"
+root_ca_file = "{ca}"
+cert_dir = "{cert_dir}"
+state_dir = "{state}"
+"#,
+        token = support::TOKEN,
+        ca = tmp.path("ca.pem").display(),
+        cert_dir = tmp.path("file/tls").display(),
+        state = tmp.path("state").display(),
+    );
+    let mut gw = pushgate(&tmp.0, listen, &config);
+    gw.wait_log("listening", STARTUP).await;
+    gw.wait_log("acme.cert_dir: cannot write to", STARTUP).await;
+    gw.wait_log("certificate order failed", STARTUP).await;
+    assert!(
+        gw.log().contains(&format!("127.0.0.1:{closed}")),
+        "the log names the directory URL:\n{}",
+        gw.log()
+    );
+    assert!(metric(listen, r#"pushgate_acme_renewals_total{result="error"}"#).await >= 1.0);
+    assert_eq!(
+        metric(listen, "pushgate_acme_last_renewal_success").await,
+        0.0
+    );
+    assert_eq!(
+        metric(listen, "pushgate_acme_certificate_expiry_timestamp_seconds").await,
+        0.0
+    );
+    let (status, _, _) = support::http(listen, "GET", "/healthz", &[], b"").await;
+    assert_eq!(status, 200);
+    let pos = support::publish(listen, "room:acme", "m", "{}").await;
+    assert!(pos.ends_with(":1"), "{pos}");
+}
+
+/// A bad domain list is refused before serving, naming the key.
+#[test]
+fn a_bad_domain_list_is_a_config_error() {
+    let tmp = TempDir::new("badconfig");
+    let file = tmp.path("pushgate.toml");
+    std::fs::write(
+        &file,
+        "[acme]\nenabled = true\ndomains = [\"*.example.com\", \"example\"]\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_pushgate"))
+        .arg("check-config")
+        .arg("--config")
+        .arg(&file)
+        .env_remove("PUSHGATE_ACME_DOMAINS")
+        .env_remove("PUSHGATE_ACME_ENABLED")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("acme.domains: \"*.example.com\""), "{err}");
+    assert!(err.contains("acme.domains: \"example\""), "{err}");
+}
