@@ -175,9 +175,19 @@ impl Worker {
     }
 }
 
-/// Source address of worker `w`: 127.0.0.10, 127.0.0.11, ...
+/// Source address of worker `w`: 127.R.0.10, 127.R.0.11, ... where R is picked once per run,
+/// so that one run's sockets in TIME_WAIT never hold the ports the next run needs.
 fn source(w: usize) -> IpAddr {
-    IpAddr::V4(Ipv4Addr::new(127, 0, (w / 200) as u8, 10 + (w % 200) as u8))
+    static RUN: std::sync::OnceLock<u8> = std::sync::OnceLock::new();
+    let run = *RUN.get_or_init(|| {
+        (std::process::id() as u64 ^ client::now_micros()).wrapping_mul(0x9E37_79B9) as u8 % 250 + 1
+    });
+    IpAddr::V4(Ipv4Addr::new(
+        127,
+        run,
+        (w / 200) as u8,
+        10 + (w % 200) as u8,
+    ))
 }
 
 async fn spawn_workers(
@@ -705,7 +715,8 @@ mod tests {
 
     #[test]
     fn sources_are_distinct_loopback_addresses() {
-        assert_eq!(source(0).to_string(), "127.0.0.10");
+        assert!(source(0).to_string().ends_with(".0.10"));
+        assert!(source(0).is_loopback());
         assert_ne!(source(1), source(201));
     }
 }
