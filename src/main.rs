@@ -165,7 +165,7 @@ fn serve(config: Config, inherited: Vec<std::net::TcpListener>) -> anyhow::Resul
         let generated = config.publish.token.is_empty();
         let app = App::new(config, CancellationToken::new());
         for addr in &addrs {
-            tracing::info!(%addr, broker = "embedded", "listening");
+            tracing::info!(%addr, broker = app.broker.name(), "listening");
         }
         if generated {
             tracing::info!(
@@ -181,9 +181,16 @@ fn serve(config: Config, inherited: Vec<std::net::TcpListener>) -> anyhow::Resul
         if let Some(every) = pushgate::systemd::watchdog_interval() {
             tokio::spawn(pushgate::systemd::watchdog(every));
         }
-        // Listening (connections queue in the backlog from here on) and the embedded broker is
-        // ready: tell systemd (Type=notify). STOPPING=1 follows when the drain begins.
-        pushgate::systemd::notify_ready(&format!("listening on {local}"));
+        // Listening (connections queue in the backlog from here on); once the broker is ready
+        // too (at once for the embedded one, when the Redis subscriber is up otherwise), tell
+        // systemd (Type=notify). STOPPING=1 follows when the drain begins.
+        let ready_app = app.clone();
+        tokio::spawn(async move {
+            while ready_app.broker.readiness().is_err() && !ready_app.is_draining() {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            pushgate::systemd::notify_ready(&format!("listening on {local}"));
+        });
         let shutdown = async {
             shutdown_signal().await;
             pushgate::systemd::notify_stopping();
