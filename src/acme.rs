@@ -3,7 +3,8 @@
 //! What it owns: the `[acme]` task ([`run`]), the HTTP-01 challenge answers
 //! ([`challenge_response`], routed from `/.well-known/acme-challenge/`), the state directory
 //! (account key and issued certificates, so a restart reuses them without a new order), and the
-//! export directory (`fullchain.pem`, `privkey.pem`). It does not serve TLS itself.
+//! export directory (`fullchain.pem`, `privkey.pem`). It does not serve TLS itself: at the edge,
+//! [`crate::tls`] serves with [`Acme::resolver`] (which also answers TLS-ALPN-01).
 //!
 //! The flow: at start, when the export directory has no certificate yet, a short-lived
 //! self-signed placeholder is written so that nginx can start. `rustls-acme`'s [`AcmeState`]
@@ -17,7 +18,7 @@
 
 use crate::api::error_response;
 use crate::app::App;
-use crate::config::AcmeConfig;
+use crate::config::{AcmeChallenge, AcmeConfig};
 use crate::metrics::Metrics;
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -61,6 +62,13 @@ impl Acme {
     /// The key authorization for an HTTP-01 challenge `token`, while that challenge is open.
     pub fn key_authorization(&self, token: &str) -> Option<String> {
         self.resolver.get()?.get_http_01_key_auth(token)
+    }
+
+    /// The certificate resolver for a TLS listener: the current certificate, or the
+    /// TLS-ALPN-01 challenge certificate for a handshake offering only `acme-tls/1`. `None`
+    /// until the ACME task has started.
+    pub fn resolver(&self) -> Option<Arc<ResolvesServerCertAcme>> {
+        self.resolver.get().cloned()
     }
 }
 
@@ -156,7 +164,10 @@ pub async fn run(app: Arc<App>) {
         rustls_acme::AcmeConfig::new_with_client_config(&c.domains, client_config)
             .directory(c.directory())
             .contact(contact)
-            .challenge_type(UseChallenge::Http01)
+            .challenge_type(match c.challenge {
+                AcmeChallenge::Http01 => UseChallenge::Http01,
+                AcmeChallenge::TlsAlpn01 => UseChallenge::TlsAlpn01,
+            })
             .cache(cache)
             .state();
     let _ = app.acme.resolver.set(state.resolver());

@@ -28,6 +28,7 @@ pub struct Config {
     pub shutdown: ShutdownConfig,
     pub demo: DemoConfig,
     pub acme: AcmeConfig,
+    pub tls: TlsConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -265,7 +266,9 @@ pub struct AcmeConfig {
     /// `systemctl reload nginx`. Default empty (none).
     pub reload_command: String,
     /// How the CA checks control of the names: `http-01` (pushgate answers
-    /// `/.well-known/acme-challenge/` on its HTTP listener; nginx proxies it). Default `http-01`.
+    /// `/.well-known/acme-challenge/` on its HTTP listeners; behind nginx, nginx proxies it) or
+    /// `tls-alpn-01` (answered in the TLS handshake on `tls.listen`, which the CA reaches on
+    /// port 443). Default `http-01`.
     pub challenge: AcmeChallenge,
 }
 
@@ -274,6 +277,75 @@ pub struct AcmeConfig {
 pub enum AcmeChallenge {
     #[serde(rename = "http-01")]
     Http01,
+    #[serde(rename = "tls-alpn-01")]
+    TlsAlpn01,
+}
+
+/// pushgate terminating TLS itself, at the edge (no nginx in front), see [`crate::tls`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Address of the HTTPS listener (HTTP/1.1 and HTTP/2 by ALPN), for example `0.0.0.0:443`.
+    /// Its certificate comes from `[acme]`. Empty (the default): no TLS listener.
+    /// Environment: `PUSHGATE_TLS_LISTEN`.
+    pub listen: String,
+    /// Address of a plain-HTTP listener that redirects to HTTPS (and answers HTTP-01
+    /// challenges), for example `0.0.0.0:80`. Empty (the default): none.
+    pub redirect_listen: String,
+    /// Time a client has to complete the TLS handshake, in ms. Default 10000.
+    pub handshake_timeout_ms: u64,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            listen: String::new(),
+            redirect_listen: String::new(),
+            handshake_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl TlsConfig {
+    fn validate(&self, acme: &AcmeConfig, bad: &mut dyn FnMut(&str, &str)) {
+        if !self.listen.is_empty() {
+            if self.listen.parse::<SocketAddr>().is_err() {
+                bad(
+                    "tls.listen",
+                    "must be an IP address and port, like 0.0.0.0:443",
+                );
+            }
+            if !acme.enabled {
+                bad(
+                    "tls.listen",
+                    "needs acme.enabled = true (the certificate comes from ACME)",
+                );
+            }
+        }
+        if !self.redirect_listen.is_empty() {
+            if self.redirect_listen.parse::<SocketAddr>().is_err() {
+                bad(
+                    "tls.redirect_listen",
+                    "must be an IP address and port, like 0.0.0.0:80",
+                );
+            }
+            if self.listen.is_empty() {
+                bad(
+                    "tls.redirect_listen",
+                    "needs tls.listen (where it redirects to)",
+                );
+            }
+        }
+        if acme.enabled && acme.challenge == AcmeChallenge::TlsAlpn01 && self.listen.is_empty() {
+            bad(
+                "acme.challenge",
+                "tls-alpn-01 is answered on tls.listen, which is not set",
+            );
+        }
+        if self.handshake_timeout_ms < 100 {
+            bad("tls.handshake_timeout_ms", "must be at least 100");
+        }
+    }
 }
 
 impl Default for AcmeConfig {
@@ -571,6 +643,7 @@ impl Config {
             bad("shutdown.grace_ms", "must be at least shutdown.drain_ms");
         }
         self.acme.validate(&mut bad);
+        self.tls.validate(&self.acme, &mut bad);
         if p.is_empty() { Ok(()) } else { Err(p) }
     }
 
@@ -707,5 +780,49 @@ mod tests {
         c.acme.directory_url = LETS_ENCRYPT_PRODUCTION.into();
         c.validate().unwrap();
         assert_eq!(c.acme.directory(), LETS_ENCRYPT_STAGING);
+    }
+
+    #[test]
+    fn tls_listeners_need_acme_and_tls_alpn_needs_a_listener() {
+        let c = Config::load(
+            None,
+            env(&[
+                ("PUSHGATE_TLS_LISTEN", "0.0.0.0:443"),
+                ("PUSHGATE_TLS_REDIRECT_LISTEN", "0.0.0.0:80"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.tls.listen, "0.0.0.0:443");
+        assert_eq!(c.tls.redirect_listen, "0.0.0.0:80");
+        let keys: Vec<_> = c
+            .validate()
+            .unwrap_err()
+            .into_iter()
+            .map(|p| p.key)
+            .collect();
+        assert_eq!(keys, ["tls.listen"]);
+
+        let mut c = Config::default();
+        c.acme.enabled = true;
+        c.acme.domains = vec!["example.com".into()];
+        c.acme.challenge = AcmeChallenge::TlsAlpn01;
+        c.tls.redirect_listen = "nope".into();
+        let keys: Vec<_> = c
+            .validate()
+            .unwrap_err()
+            .into_iter()
+            .map(|p| p.key)
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "tls.redirect_listen",
+                "tls.redirect_listen",
+                "acme.challenge"
+            ]
+        );
+        c.tls.listen = "127.0.0.1:8443".into();
+        c.tls.redirect_listen = "127.0.0.1:8080".into();
+        c.validate().unwrap();
     }
 }

@@ -14,6 +14,7 @@
 //! - [`metrics`]: counters rendered for Prometheus.
 //! - [`app`]: the shared state handed to every connection.
 //! - [`acme`]: certificates from Let's Encrypt (ACME), HTTP-01 answers, export for nginx.
+//! - [`tls`]: at the edge, TLS with the ACME certificate (HTTP/1.1 and HTTP/2), HTTPS redirect.
 //! - [`systemd`]: socket activation, readiness/stopping notifications and watchdog pings.
 #![forbid(unsafe_code)]
 
@@ -29,6 +30,7 @@ pub mod router;
 pub mod server;
 pub mod session;
 pub mod systemd;
+pub mod tls;
 pub mod transport;
 pub mod ws;
 
@@ -58,8 +60,15 @@ pub async fn run_app(
     app: Arc<App>,
     shutdown: impl Future<Output = ()>,
 ) -> bool {
+    let edge = match tls::Listeners::bind(&app.config).await {
+        Ok(edge) => edge,
+        Err(e) => {
+            tracing::error!("{e}");
+            return false;
+        }
+    };
     let token = app.shutdown.clone();
-    let served = server::run(listeners, app);
+    let served = server::run(listeners, app, edge);
     tokio::pin!(served);
     tokio::select! {
         done = &mut served => return done,

@@ -189,9 +189,7 @@ fn serve(config: Config, inherited: Vec<std::net::TcpListener>) -> anyhow::Resul
             while ready_app.broker.readiness().is_err() && !ready_app.is_draining() {
                 tokio::time::sleep(std::time::Duration::from_millis(10)).await;
             }
-            if !ready_app.is_draining() {
-                pushgate::systemd::notify_ready(&format!("listening on {local}"));
-            }
+            pushgate::systemd::notify_ready(&format!("listening on {local}"));
         });
         let shutdown = async {
             shutdown_signal().await;

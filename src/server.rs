@@ -22,8 +22,9 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Serves `listeners` until `app.shutdown` is cancelled, then drains and returns.
 /// Returns `true` when every task ended within the grace period.
-pub async fn run(listeners: Vec<TcpListener>, app: Arc<App>) -> bool {
+pub async fn run(listeners: Vec<TcpListener>, app: Arc<App>, edge: crate::tls::Listeners) -> bool {
     let slots = Arc::new(Semaphore::new(app.config.server.max_connections));
+    edge.spawn(&app, &slots);
     for listener in listeners {
         app.tracker
             .spawn(accept_loop(listener, app.clone(), slots.clone()));

@@ -339,9 +339,14 @@ struct Pebble {
 }
 
 impl Pebble {
-    /// `http_port`: where the validator fetches HTTP-01 answers. `validity_secs`: lifetime of
+    /// `http_port`, `tls_port`: where the validator checks HTTP-01 and TLS-ALPN-01 answers. `validity_secs`: lifetime of
     /// the issued certificates (Pebble's default is years).
-    async fn start(dir: &Path, http_port: u16, validity_secs: Option<u64>) -> Pebble {
+    async fn start(
+        dir: &Path,
+        http_port: u16,
+        tls_port: u16,
+        validity_secs: Option<u64>,
+    ) -> Pebble {
         let ca = make_test_ca();
         std::fs::write(dir.join("pebble-ca.pem"), &ca.ca_pem).unwrap();
         std::fs::write(dir.join("pebble-cert.pem"), &ca.listener_cert_pem).unwrap();
@@ -368,7 +373,7 @@ impl Pebble {
             "certificate": dir.join("pebble-cert.pem"),
             "privateKey": dir.join("pebble-key.pem"),
             "httpPort": http_port,
-            "tlsPort": free_port(),
+            "tlsPort": tls_port,
             "ocspResponderURL": "",
             "externalAccountBindingRequired": false,
         }});
@@ -603,7 +608,7 @@ async fn http01_through_nginx_exports_reloads_and_a_restart_reuses_the_certifica
     let tmp = TempDir::new("nginx");
     let (http, https) = (free_port(), free_port());
     let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let pebble = Pebble::start(&tmp.0, http, None).await;
+    let pebble = Pebble::start(&tmp.0, http, free_port(), None).await;
     let prefix = tmp.path("nginx");
     let tls_dir = tmp.path("tls");
     let state_dir = tmp.path("state");
@@ -730,7 +735,7 @@ async fn http01_through_nginx_exports_reloads_and_a_restart_reuses_the_certifica
 async fn renewal_replaces_the_certificate_and_a_stopped_ca_leaves_it_in_place() {
     let tmp = TempDir::new("renewal");
     let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let mut pebble = Pebble::start(&tmp.0, listen.port(), Some(15)).await;
+    let mut pebble = Pebble::start(&tmp.0, listen.port(), free_port(), Some(15)).await;
     let tls_dir = tmp.path("tls");
     let reload_log = tmp.path("reloads");
     let reload = format!("echo reloaded >> {}", reload_log.display());
@@ -892,4 +897,127 @@ fn a_bad_domain_list_is_a_config_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("acme.domains: \"*.example.com\""), "{err}");
     assert!(err.contains("acme.domains: \"example\""), "{err}");
+}
+
+/// A TLS connection to `addr` for `name` offering `alpn`, verified against `roots_pem`.
+async fn tls_connect(
+    addr: SocketAddr,
+    name: &str,
+    alpn: &[&[u8]],
+    roots_pem: &[u8],
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let mut config = (*client_config(roots_pem)).clone();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from(name.to_string()).unwrap(), tcp)
+        .await
+        .expect("TLS handshake")
+}
+
+/// One HTTP/1.1 request over TLS with ALPN `http/1.1`; the status line's code and the body.
+async fn https1(addr: SocketAddr, path: &str, roots_pem: &[u8]) -> (u16, String) {
+    let mut tls = tls_connect(addr, DOMAIN, &[b"http/1.1"], roots_pem).await;
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: {DOMAIN}\r\nConnection: close\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    );
+    tls.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(STARTUP, tls.read_to_end(&mut buf))
+        .await
+        .expect("https response timed out");
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map_or("", |b| b.1).to_string();
+    (status, body)
+}
+
+/// At the edge: TLS-ALPN-01 answered on pushgate's own TLS listener, then HTTPS with HTTP/1.1
+/// and HTTP/2 by ALPN verified against Pebble's root (LongPoll over HTTP/2 included), WebSocket
+/// over TLS refused with 501 (the transport needs a raw TCP stream; phoenix.js falls back to
+/// LongPoll), and the plain listener redirecting to HTTPS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_alpn01_at_the_edge_serves_http1_and_http2_and_redirects() {
+    use http_body_util::BodyExt;
+    let tmp = TempDir::new("edge");
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let https: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let redirect: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    // Pebble's HTTP-01 validator points at a closed port: only TLS-ALPN-01 can succeed.
+    let pebble = Pebble::start(&tmp.0, free_port(), https.port(), None).await;
+    let config = format!(
+        "{}challenge = \"tls-alpn-01\"\n[tls]\nlisten = \"{https}\"\nredirect_listen = \"{redirect}\"\n",
+        acme_config(&pebble, &tmp.path("tls"), &tmp.path("state"), "")
+    );
+    let gw = pushgate(&tmp.0, listen, &config);
+    let root = pebble.root().await;
+    let served = poll(
+        ISSUANCE,
+        || {
+            let root = root.clone();
+            async move { handshake(https, DOMAIN, &root).await.ok() }
+        },
+        || {
+            format!(
+                "pushgate's TLS listener to serve Pebble's certificate\n--- pushgate:\n{}\n--- pebble:\n{}",
+                gw.log(),
+                pebble.pebble.log()
+            )
+        },
+    )
+    .await;
+    assert!(
+        gw.log().contains("answered a tls-alpn-01 challenge"),
+        "{}",
+        gw.log()
+    );
+    assert!(!gw.log().contains("answering http-01 challenge"));
+    let exported = std::fs::read(tmp.path("tls/fullchain.pem")).unwrap();
+    assert_eq!(served[0], first_cert(&exported));
+
+    // HTTP/1.1 by ALPN.
+    let (status, body) = https1(https, "/healthz", &root).await;
+    assert_eq!(status, 200, "{body}");
+    // WebSocket over this listener: refused, so that phoenix.js falls back to LongPoll.
+    let (status, body) = https1(https, "/socket/websocket?vsn=2.0.0", &root).await;
+    assert_eq!(status, 501, "{body}");
+
+    // HTTP/2 by ALPN: a request, and a LongPoll session opening.
+    let tls = tls_connect(https, DOMAIN, &[b"h2", b"http/1.1"], &root).await;
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut h2, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    for (path, want) in [("/healthz", "ok"), ("/socket/longpoll?vsn=2.0.0", "token")] {
+        let req = hyper::Request::get(format!("https://{DOMAIN}{path}"))
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let resp = h2.send_request(req).await.unwrap();
+        assert_eq!(resp.version(), hyper::Version::HTTP_2);
+        let status = resp.status();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let body = String::from_utf8_lossy(&body);
+        assert_eq!(status, 200, "{path}: {body}");
+        assert!(body.contains(want), "{path}: {body}");
+    }
+
+    // The plain listener redirects to HTTPS, keeping path and query.
+    let request = format!(
+        "GET /socket/longpoll?vsn=2.0.0 HTTP/1.1\r\nHost: {DOMAIN}\r\nConnection: close\r\n\r\n"
+    );
+    let (status, head, _) = support::raw_http(redirect, request.as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(status, 301, "{head}");
+    let location = format!(
+        "location: https://{DOMAIN}:{}/socket/longpoll?vsn=2.0.0",
+        https.port()
+    );
+    assert!(head.to_ascii_lowercase().contains(&location), "{head}");
+    assert!(metric(listen, r#"pushgate_acme_renewals_total{result="ok"}"#).await >= 1.0);
 }

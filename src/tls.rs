@@ -1,0 +1,324 @@
+//! At the edge: pushgate terminates TLS itself (`tls.listen`), with the certificate from
+//! [`crate::acme`], and serves HTTP/1.1 and HTTP/2 by ALPN; optionally a plain-HTTP listener
+//! (`tls.redirect_listen`) redirects to HTTPS and answers HTTP-01 challenges.
+//!
+//! Each connection's TLS handshake runs inside its own tracked task under
+//! `tls.handshake_timeout_ms`, never in the accept loop. A ClientHello that offers only the
+//! `acme-tls/1` protocol is a TLS-ALPN-01 validation: it gets the challenge certificate from
+//! the ACME resolver and the connection ends after the handshake. Everything else is served by
+//! hyper (HTTP/1.1 or HTTP/2) through [`crate::router`], sharing `server.max_connections`
+//! with the plain listeners.
+//!
+//! Not yet: WebSocket over TLS. The WebSocket transport runs on a raw `TcpStream` (it waits for
+//! readiness and writes with `writev`), which a TLS stream is not, so `/socket/websocket` on
+//! this listener answers 501 and phoenix.js falls back to LongPoll (`longPollFallbackMs`),
+//! which works over HTTP/1.1 and HTTP/2 here.
+
+use crate::app::App;
+use crate::router;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode, header};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use rustls_acme::rustls::ServerConfig;
+use rustls_acme::rustls::server::Acceptor;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::task::TaskTracker;
+
+/// The edge listeners, bound before serving (an address in use stops the start).
+#[derive(Debug, Default)]
+pub struct Listeners {
+    pub https: Option<TcpListener>,
+    pub redirect: Option<TcpListener>,
+}
+
+impl Listeners {
+    /// Binds `tls.listen` and `tls.redirect_listen` when set.
+    pub async fn bind(config: &crate::config::Config) -> std::io::Result<Listeners> {
+        async fn one(key: &str, addr: &str) -> std::io::Result<Option<TcpListener>> {
+            if addr.is_empty() {
+                return Ok(None);
+            }
+            let l = TcpListener::bind(addr).await.map_err(|e| {
+                std::io::Error::new(e.kind(), format!("binding {addr} ({key}): {e}"))
+            })?;
+            tracing::info!(addr = %l.local_addr()?, "listening ({key})");
+            Ok(Some(l))
+        }
+        Ok(Listeners {
+            https: one("tls.listen", &config.tls.listen).await?,
+            redirect: one("tls.redirect_listen", &config.tls.redirect_listen).await?,
+        })
+    }
+
+    /// Spawns their accept loops on `app.tracker`; the HTTPS one shares `slots`.
+    pub fn spawn(self, app: &Arc<App>, slots: &Arc<Semaphore>) {
+        if let Some(l) = self.https {
+            let https_port = l.local_addr().map_or(443, |a| a.port());
+            app.tracker
+                .spawn(accept_loop(l, app.clone(), slots.clone(), Kind::Https));
+            if let Some(r) = self.redirect {
+                app.tracker.spawn(accept_loop(
+                    r,
+                    app.clone(),
+                    slots.clone(),
+                    Kind::Redirect { https_port },
+                ));
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Https,
+    Redirect { https_port: u16 },
+}
+
+/// Runs hyper's connection futures (HTTP/2 streams) on the tracker, so shutdown waits for them.
+#[derive(Clone)]
+struct TrackedExecutor(TaskTracker);
+
+impl<F> hyper::rt::Executor<F> for TrackedExecutor
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        self.0.spawn(fut);
+    }
+}
+
+async fn accept_loop(listener: TcpListener, app: Arc<App>, slots: Arc<Semaphore>, kind: Kind) {
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let permit = tokio::select! {
+            _ = app.shutdown.cancelled() => return,
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+        };
+        let (stream, peer) = tokio::select! {
+            _ = app.shutdown.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, backoff_ms = backoff.as_millis() as u64, "accept failed");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            },
+        };
+        backoff = Duration::from_millis(5);
+        app.metrics
+            .connections_accepted
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let _ = stream.set_nodelay(true);
+        let conn_app = app.clone();
+        app.tracker.spawn(async move {
+            match kind {
+                Kind::Https => serve_tls(conn_app, stream, peer, permit).await,
+                Kind::Redirect { https_port } => {
+                    serve_redirect(conn_app, stream, https_port, permit).await
+                }
+            }
+        });
+    }
+}
+
+/// The server configurations for one handshake: the challenge one (ALPN `acme-tls/1`) and
+/// the normal one (ALPN `h2`, `http/1.1`), both resolving through the ACME resolver.
+fn server_configs(app: &App) -> Option<(Arc<ServerConfig>, Arc<ServerConfig>)> {
+    let resolver = app.acme.resolver()?;
+    let provider = Arc::new(rustls_acme::rustls::crypto::ring::default_provider());
+    let build = |alpn: Vec<Vec<u8>>| {
+        let mut c = ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .ok()?
+            .with_no_client_auth()
+            .with_cert_resolver(resolver.clone());
+        c.alpn_protocols = alpn;
+        Some(Arc::new(c))
+    };
+    Some((
+        build(vec![rustls_acme::acme::ACME_TLS_ALPN_NAME.to_vec()])?,
+        build(vec![b"h2".to_vec(), b"http/1.1".to_vec()])?,
+    ))
+}
+
+async fn serve_tls(
+    app: Arc<App>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    permit: OwnedSemaphorePermit,
+) {
+    let Some((challenge, normal)) = server_configs(&app) else {
+        tracing::debug!(%peer, "tls: no certificate source yet; closing");
+        return;
+    };
+    let timeout = Duration::from_millis(app.config.tls.handshake_timeout_ms);
+    let handshake = async {
+        let start = tokio_rustls::LazyConfigAcceptor::new(Acceptor::default(), stream).await?;
+        let is_challenge = rustls_acme::is_tls_alpn_challenge(&start.client_hello());
+        let config = if is_challenge { challenge } else { normal };
+        start.into_stream(config).await.map(|s| (s, is_challenge))
+    };
+    let tls = match tokio::time::timeout(timeout, handshake).await {
+        Ok(Ok((tls, false))) => tls,
+        Ok(Ok((_, true))) => {
+            tracing::info!(%peer, "answered a tls-alpn-01 challenge");
+            return;
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "tls handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "tls handshake timed out");
+            return;
+        }
+    };
+    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+    tracing::trace!(%peer, h2, "tls connection");
+    // Requests take the slot for a WebSocket upgrade in the plain listener; here none does,
+    // and it is released when the connection ends.
+    let slot = Arc::new(std::sync::Mutex::new(Some(permit)));
+    let svc_app = app.clone();
+    let service = service_fn(move |req: Request<Incoming>| {
+        let app = svc_app.clone();
+        let slot = slot.clone();
+        async move {
+            if req.uri().path() == "/socket/websocket" {
+                return Ok::<_, std::convert::Infallible>(websocket_not_over_tls());
+            }
+            Ok(router::route(app, req, &slot).await)
+        }
+    });
+    let mut builder =
+        hyper_util::server::conn::auto::Builder::new(TrackedExecutor(app.tracker.clone()));
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_millis(
+            app.config.server.header_read_timeout_ms,
+        ))
+        .keep_alive(true);
+    builder.http2().timer(TokioTimer::new());
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!(%peer, error = %e, "https connection error");
+            }
+        }
+        _ = app.shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let grace = Duration::from_millis(app.config.shutdown.grace_ms);
+            let _ = tokio::time::timeout(grace, conn).await;
+        }
+    }
+}
+
+/// 501 for `/socket/websocket` over TLS (see the module docs); phoenix.js then uses LongPoll.
+fn websocket_not_over_tls() -> Response<Full<Bytes>> {
+    crate::api::error_response(
+        StatusCode::NOT_IMPLEMENTED,
+        "WebSocket over pushgate's own TLS listener is not supported yet; use LongPoll (/socket/longpoll) or put nginx in front",
+    )
+}
+
+async fn serve_redirect(
+    app: Arc<App>,
+    stream: TcpStream,
+    https_port: u16,
+    _permit: OwnedSemaphorePermit,
+) {
+    let svc_app = app.clone();
+    let service = service_fn(move |req: Request<Incoming>| {
+        let app = svc_app.clone();
+        async move { Ok::<_, std::convert::Infallible>(redirect(&app, &req, https_port)) }
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_millis(
+            app.config.server.header_read_timeout_ms,
+        ));
+    let conn = builder.serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = app.shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let grace = Duration::from_millis(app.config.shutdown.grace_ms);
+            let _ = tokio::time::timeout(grace, conn).await;
+        }
+    }
+}
+
+/// HTTP-01 challenges are answered; everything else is sent to the same host over HTTPS.
+fn redirect(app: &App, req: &Request<Incoming>, https_port: u16) -> Response<Full<Bytes>> {
+    let path = req.uri().path();
+    if path.starts_with(crate::acme::CHALLENGE_PATH_PREFIX) {
+        return crate::acme::challenge_response(app, path);
+    }
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(host_without_port)
+        .filter(|h| {
+            !h.is_empty()
+                && h.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-.[]:".contains(&b))
+        });
+    let Some(host) = host else {
+        return crate::api::error_response(StatusCode::BAD_REQUEST, "missing or bad Host header");
+    };
+    let port = if https_port == 443 {
+        String::new()
+    } else {
+        format!(":{https_port}")
+    };
+    let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let location = format!("https://{host}{port}{target}");
+    let mut r = Response::new(Full::new(Bytes::new()));
+    *r.status_mut() = StatusCode::MOVED_PERMANENTLY;
+    match header::HeaderValue::from_str(&location) {
+        Ok(v) => {
+            r.headers_mut().insert(header::LOCATION, v);
+            r
+        }
+        Err(_) => crate::api::error_response(StatusCode::BAD_REQUEST, "bad request target"),
+    }
+}
+
+/// `example.com:80` -> `example.com`; `[::1]:80` -> `[::1]`.
+fn host_without_port(h: &str) -> &str {
+    if h.starts_with('[') {
+        return h.find(']').map_or(h, |i| &h[..=i]);
+    }
+    h.rsplit_once(':').map_or(h, |(host, _)| host)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_without_port;
+
+    #[test]
+    fn hosts_lose_their_port() {
+        assert_eq!(host_without_port("example.com:8080"), "example.com");
+        assert_eq!(host_without_port("example.com"), "example.com");
+        assert_eq!(host_without_port("[::1]:80"), "[::1]");
+        assert_eq!(host_without_port("[::1]"), "[::1]");
+    }
+}
