@@ -677,9 +677,13 @@ impl Hub {
             None => 0,
             Some((epoch, offset)) => {
                 if &*st.epoch != epoch {
-                    // The stream was recreated (history lost): follow the new epoch.
+                    // The stream was recreated (history lost): follow the new epoch from its
+                    // first message, fetching any we have not seen.
                     st.epoch = Arc::from(epoch);
-                    st.last_offset = offset.saturating_sub(1);
+                    st.last_offset = 0;
+                    if offset > 1 {
+                        return RemoteAppend::Gap(1);
+                    }
                 } else if offset <= st.last_offset {
                     return RemoteAppend::Duplicate;
                 } else if offset > st.last_offset + 1 {

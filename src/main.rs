@@ -189,7 +189,9 @@ fn serve(config: Config, inherited: Vec<std::net::TcpListener>) -> anyhow::Resul
             while ready_app.broker.readiness().is_err() && !ready_app.is_draining() {
                 tokio::time::sleep(std::time::Duration::from_millis(10)).await;
             }
-            pushgate::systemd::notify_ready(&format!("listening on {local}"));
+            if !ready_app.is_draining() {
+                pushgate::systemd::notify_ready(&format!("listening on {local}"));
+            }
         });
         let shutdown = async {
             shutdown_signal().await;

@@ -236,13 +236,30 @@ impl RedisBroker {
             forget();
             return None; // the owner is gone: the client reconnects and rejoins
         }
-        match tokio::time::timeout(wait, rx).await {
-            Ok(Ok(answer)) => Some(answer),
-            _ => {
-                forget();
-                None
+        // Wait for the answer, checking every second that the owner still listens: a node
+        // that stops may drop a request it received, and the client should not wait long.
+        let deadline = tokio::time::Instant::now() + wait;
+        tokio::pin!(rx);
+        loop {
+            let step = (tokio::time::Instant::now() + Duration::from_secs(1)).min(deadline);
+            match tokio::time::timeout_at(step, &mut rx).await {
+                Ok(Ok(answer)) => return Some(answer),
+                Ok(Err(_)) => break,
+                Err(_) if tokio::time::Instant::now() >= deadline => break,
+                Err(_) => {
+                    let listening: Result<(String, u64), _> = redis::cmd("PUBSUB")
+                        .arg("NUMSUB")
+                        .arg(format!("{}node:{owner}", self.prefix))
+                        .query_async(&mut con)
+                        .await;
+                    if matches!(listening, Ok((_, 0))) {
+                        break;
+                    }
+                }
             }
         }
+        forget();
+        None
     }
 
     /// Queues a join for the broker task.
@@ -351,6 +368,18 @@ pub async fn run(app: Arc<App>, broker: Arc<RedisBroker>) {
                 continue;
             }
         };
+        // Load the publish script so backends can call it by SHA (EVALSHA) at once.
+        let loaded: Result<String, _> = redis::cmd("SCRIPT")
+            .arg("LOAD")
+            .arg(PUBLISH_SCRIPT)
+            .query_async(&mut con)
+            .await;
+        match loaded {
+            Ok(sha) => {
+                tracing::info!(sha = %sha, "redis: publish script loaded; backends may call it with EVALSHA (see README)")
+            }
+            Err(e) => tracing::warn!(error = %e, "redis: could not load the publish script"),
+        }
         let (mut sink, mut stream) = pubsub.split();
         match resubscribe(&app, &broker, &mut sink, &mut con).await {
             Ok(n) => {
@@ -425,14 +454,21 @@ async fn resubscribe(
     }
     for (topic, known) in &topics {
         let (epoch, offset) = broker.position(con, topic).await?;
-        if epoch == *known.epoch && offset > known.offset {
+        if epoch == *known.epoch {
             app.hub.go_live(topic, &epoch, known.offset);
-            catch_up(app, broker, con, topic, known.offset + 1, offset).await?;
+            if offset > known.offset {
+                catch_up(app, broker, con, topic, known.offset + 1, offset).await?;
+            }
         } else {
-            if epoch != *known.epoch && known.offset > 0 {
+            // The history was recreated (Redis restarted without persistence, or the topic
+            // expired): deliver the new epoch from its first message.
+            if known.offset > 0 {
                 tracing::warn!(%topic, "redis: topic history was recreated; continuing in the new epoch");
             }
-            app.hub.go_live(topic, &epoch, offset);
+            app.hub.go_live(topic, &epoch, 0);
+            if offset > 0 {
+                catch_up(app, broker, con, topic, 1, offset).await?;
+            }
         }
     }
     Metrics::add(&app.metrics.redis_resubscriptions, topics.len() as u64);

@@ -1,0 +1,814 @@
+// pushgate's Redis broker with several nodes, driven by the official phoenix client
+// (1.8.16 and 1.7.21): cross-node fanout, recovery on another node, a Redis restart and killed
+// pub/sub connections under a steady publisher, and LongPoll through a real nginx round-robin
+// upstream (no sticky sessions).
+//
+// Every test starts its own `redis-server` (on a free port, no persistence) and its own
+// pushgate nodes, and stops them when it ends. Needs `redis-server`, `redis-cli` and `nginx`
+// (REDIS_SERVER_BIN, REDIS_CLI_BIN, NGINX_BIN override the paths).
+
+import assert from "node:assert/strict";
+import { execFile, spawn } from "node:child_process";
+import { chmodSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import net from "node:net";
+import os from "node:os";
+import path from "node:path";
+import { describe, it } from "node:test";
+import {
+  CLIENTS,
+  PUBLISH_TOKEN,
+  makeLongPollSocket,
+  makeSocket,
+  metric,
+  publish,
+  quietPeriod,
+  replyTo,
+  showExchanges,
+  showFrames,
+  startServer,
+  uniqueTopic,
+  waitFor,
+} from "./support.js";
+
+const REDIS_SERVER = process.env.REDIS_SERVER_BIN ?? "redis-server";
+const REDIS_CLI = process.env.REDIS_CLI_BIN ?? "redis-cli";
+const NGINX = process.env.NGINX_BIN ?? "/usr/sbin/nginx";
+
+const TEST_TIMEOUT_MS = 30_000;
+const DEADLINE_MS = 10_000;
+const PUSH_TIMEOUT_MS = 3000;
+const WINDOW_MS = 500;
+
+const range = (from, to) => Array.from({ length: to - from + 1 }, (_, i) => from + i);
+const delay = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+const epochOf = (position) => position.slice(0, position.lastIndexOf(":"));
+const offsetOf = (position) => Number(position.slice(position.lastIndexOf(":") + 1));
+
+// ---------------------------------------------------------------------------
+// Processes: redis-server, nginx (pushgate nodes come from support.js)
+// ---------------------------------------------------------------------------
+
+const children = new Set();
+process.on("exit", () => {
+  for (const child of children) child.kill("SIGKILL");
+});
+
+/** A free TCP port on 127.0.0.1 (checked, then released: the caller retries if it is taken). */
+function freePort() {
+  return new Promise((resolve, reject) => {
+    const s = net.createServer();
+    s.once("error", reject);
+    s.listen(0, "127.0.0.1", () => {
+      const { port } = s.address();
+      s.close(() => resolve(port));
+    });
+  });
+}
+
+/** Runs a command; resolves with {code, stdout, stderr} (never rejects on a non-zero exit). */
+function run(file, args, timeoutMs = 5000) {
+  return new Promise((resolve) => {
+    execFile(file, args, { timeout: timeoutMs }, (error, stdout, stderr) => {
+      resolve({ code: error ? (error.code ?? -1) : 0, stdout: String(stdout), stderr: String(stderr), error });
+    });
+  });
+}
+
+/** Spawns a long-running child that is SIGKILLed if the test process exits first. */
+function spawnChild(file, args) {
+  const proc = spawn(file, args, { stdio: ["ignore", "pipe", "pipe"] });
+  children.add(proc);
+  const output = [];
+  proc.stdout.on("data", (d) => output.push(String(d)));
+  proc.stderr.on("data", (d) => output.push(String(d)));
+  const state = { proc, output, exit: null };
+  state.exited = new Promise((resolve) => {
+    proc.once("exit", (code, signal) => {
+      children.delete(proc);
+      state.exit = { code, signal };
+      resolve(state.exit);
+    });
+    proc.once("error", (err) => {
+      children.delete(proc);
+      state.exit = { code: null, signal: null, error: err.message };
+      resolve(state.exit);
+    });
+  });
+  return state;
+}
+
+/** SIGTERM, wait for the exit, SIGKILL after a deadline. */
+async function terminate(child) {
+  if (!child || child.exit) return child?.exit;
+  child.proc.kill("SIGTERM");
+  const timer = setTimeout(() => child.proc.kill("SIGKILL"), DEADLINE_MS);
+  try {
+    return await child.exited;
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+/**
+ * A redis-server of this test on a free port; `stop()` and `start()` (same port again) model a
+ * restart. No persistence, so a restart loses every key.
+ */
+async function startRedis() {
+  for (let attempt = 1; ; attempt++) {
+    const redis = new RedisServer(await freePort());
+    try {
+      await redis.start();
+      return redis;
+    } catch (e) {
+      await redis.stop();
+      if (attempt >= 3) throw e;
+    }
+  }
+}
+
+class RedisServer {
+  constructor(port) {
+    this.port = port;
+    this.url = `redis://127.0.0.1:${port}/`;
+    this.child = null;
+  }
+
+  async start() {
+    this.child = spawnChild(REDIS_SERVER, [
+      "--port", String(this.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+    ]);
+    const child = this.child;
+    await waitFor(
+      async () => {
+        if (child.exit) throw new Error(`redis-server exited ${JSON.stringify(child.exit)}: ${child.output.join("")}`);
+        const { stdout } = await this.cli("ping");
+        return stdout.trim() === "PONG";
+      },
+      DEADLINE_MS,
+      () => `redis-server on port ${this.port} to answer PING: ${child.output.join("").slice(-2000)}`,
+    );
+  }
+
+  async stop() {
+    await terminate(this.child);
+  }
+
+  /** redis-cli against this server; resolves with {code, stdout, stderr}. */
+  cli(...args) {
+    return run(REDIS_CLI, ["-p", String(this.port), ...args], 3000);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Per-test resources
+// ---------------------------------------------------------------------------
+
+/** Collects what a test starts and tears it all down (sockets, nginx, nodes, redis) in t.after. */
+function resources(t) {
+  const res = { sockets: [], nodes: [], nginx: [], redis: [], dirs: [] };
+  t.after(async () => {
+    for (const socket of res.sockets) {
+      try {
+        socket.disconnect();
+      } catch {
+        // already torn down
+      }
+    }
+    for (const n of res.nginx) await terminate(n);
+    await Promise.all(res.nodes.map((node) => node.stop()));
+    for (const r of res.redis) await r.stop();
+    for (const d of res.dirs) rmSync(d, { recursive: true, force: true });
+  });
+  return res;
+}
+
+async function redisFor(res) {
+  const redis = await startRedis();
+  res.redis.push(redis);
+  return redis;
+}
+
+/** GET /readyz: {status, body}. */
+async function readyz(node) {
+  try {
+    const r = await fetch(`${node.url}/readyz`, { signal: AbortSignal.timeout(2000) });
+    return { status: r.status, body: await r.text() };
+  } catch (e) {
+    return { status: 0, body: String(e) };
+  }
+}
+
+async function waitReady(node, status, label = node.url) {
+  let last;
+  await waitFor(
+    async () => {
+      last = await readyz(node);
+      return last.status === status;
+    },
+    DEADLINE_MS,
+    () => `${label} /readyz to answer ${status}; last: ${last?.status} ${last?.body}`,
+  );
+  return last;
+}
+
+/** Starts `count` pushgate nodes on `redis` and waits until each one's /readyz is 200. */
+async function startNodes(res, redis, count, env = {}) {
+  const nodes = await Promise.all(
+    range(1, count).map(() => startServer({ env: { PUSHGATE_REDIS_URL: redis.url, ...env } })),
+  );
+  res.nodes.push(...nodes);
+  nodes.forEach((node, i) => (node.label = `node ${"ABC"[i]} (${node.addr})`));
+  await Promise.all(nodes.map((node) => waitReady(node, 200, node.label)));
+  return nodes;
+}
+
+// ---------------------------------------------------------------------------
+// Clients and checks
+// ---------------------------------------------------------------------------
+
+/** Decoded frames of one direction, as `[join_ref, ref, topic, event, payload]`. */
+function decoded(frames, direction) {
+  return frames.filter(([dir]) => dir === direction).map(([, text]) => JSON.parse(text));
+}
+
+/**
+ * Receiving state for one logical subscriber of `topic`: `params` is the channel params function
+ * asking for what was missed since the last broadcast seen (`{since}`), shared by every socket the
+ * subscriber uses; `received` collects `{seq, ref}` of each `event` broadcast.
+ */
+function tracker(label, topic, event = "seq") {
+  const tr = { label, topic, event, last: null, received: [], joins: [], joinErrors: [], frames: null };
+  tr.params = () => (tr.last ? { since: tr.last } : {});
+  return tr;
+}
+
+/** Joins `tr.topic` on `socket` with `tr.params`, recording broadcasts and join replies in `tr`. */
+function attach(tr, socket) {
+  const channel = socket.channel(tr.topic, tr.params);
+  channel.on(tr.event, (payload, ref) => {
+    tr.received.push({ seq: payload.seq, ref });
+    tr.last = ref;
+  });
+  channel
+    .join(PUSH_TIMEOUT_MS)
+    .receive("ok", (response) => tr.joins.push(response))
+    .receive("error", (response) => tr.joinErrors.push(response));
+  return channel;
+}
+
+/** A WebSocket subscriber of `topic` on `node`, joined (waits for the join reply). */
+async function wsSubscriber(res, client, node, topic, label) {
+  const tr = tracker(`phoenix ${client.version} on ${label ?? node.label}`, topic);
+  const { socket, frames } = makeSocket(client, node);
+  res.sockets.push(socket);
+  tr.socket = socket;
+  tr.frames = frames;
+  tr.opens = 0;
+  socket.onOpen(() => tr.opens++);
+  tr.channel = attach(tr, socket);
+  socket.connect();
+  await waitFor(() => tr.joins.length >= 1, DEADLINE_MS, () => `${tr.label}: the join reply\n${showFrames(frames)}`);
+  return tr;
+}
+
+/** "3-7, 12" for [3,4,5,6,7,12]. */
+function ranges(numbers) {
+  const out = [];
+  for (let i = 0; i < numbers.length; ) {
+    let j = i;
+    while (j + 1 < numbers.length && numbers[j + 1] === numbers[j] + 1) j++;
+    out.push(i === j ? `${numbers[i]}` : `${numbers[i]}-${numbers[j]}`);
+    i = j + 1;
+  }
+  return out.join(", ") || "none";
+}
+
+/** What is wrong with a received sequence, for assertion messages. */
+function diagnose(tr, positions) {
+  const seqs = tr.received.map((m) => m.seq);
+  const counts = new Map();
+  for (const s of seqs) counts.set(s, (counts.get(s) ?? 0) + 1);
+  const missing = range(0, positions.length - 1).filter((s) => !counts.has(s));
+  const duplicated = [...counts].filter(([, n]) => n > 1).map(([s]) => s).sort((a, b) => a - b);
+  const outOfOrder = seqs.findIndex((s, i) => i > 0 && s <= seqs[i - 1]);
+  const missingPositions = missing.slice(0, 20).map((s) => `${s}@${positions[s]}`).join(" ");
+  return (
+    `${tr.label}: received ${seqs.length} of ${positions.length}; missing [${ranges(missing)}] ` +
+    `(seq@position: ${missingPositions}); duplicated [${ranges(duplicated)}]; ` +
+    `first out-of-order index ${outOfOrder}; joins ${JSON.stringify(tr.joins)}` +
+    (tr.opens !== undefined ? `; socket opened ${tr.opens} time(s)` : "")
+  );
+}
+
+/** Asserts `tr` received seq 0..positions.length-1 exactly once, in order, each with its position as ref. */
+function assertComplete(tr, positions) {
+  const why = diagnose(tr, positions);
+  assert.deepEqual(tr.received.map((m) => m.seq), range(0, positions.length - 1), why);
+  assert.deepEqual(tr.received.map((m) => m.ref), positions, `${why}\nrefs are not the published positions`);
+}
+
+/** POST /api/publish once: {ok, status, position, body, error}. Never throws. */
+async function tryPublish(node, topic, event, payload) {
+  try {
+    const r = await fetch(`${node.url}/api/publish`, {
+      method: "POST",
+      headers: { "content-type": "application/json", authorization: `Bearer ${PUBLISH_TOKEN}` },
+      body: JSON.stringify({ topic, event, payload }),
+      signal: AbortSignal.timeout(5000),
+    });
+    const body = await r.text();
+    if (r.ok) return { ok: true, status: r.status, position: JSON.parse(body).position, body };
+    return { ok: false, status: r.status, body };
+  } catch (e) {
+    return { ok: false, status: 0, error: String(e.cause ?? e) };
+  }
+}
+
+/**
+ * A steady publisher of `{seq}` for seq 0..count-1 on `topic`, alternating over `nodes`. Each seq
+ * is retried (on a 503 or a connection error, 10 ms apart) until it succeeds, so each is published
+ * exactly once; any other status stops it with an error. `positions[seq]` is each one's position,
+ * `next` the next seq to publish, `failures` every failed attempt.
+ */
+function steadyPublisher(nodes, topic, count, paceMs = 2) {
+  const pub = { next: 0, positions: [], publishedAt: [], failures: [], done: false, error: null, stop: false };
+  pub.finished = (async () => {
+    for (let seq = 0; seq < count; seq++) {
+      const deadline = Date.now() + 20_000;
+      for (let attempt = 0; ; attempt++) {
+        if (pub.stop) throw new Error(`publisher stopped at seq ${seq}`);
+        const node = nodes[(seq + attempt) % nodes.length];
+        const r = await tryPublish(node, topic, "seq", { seq });
+        if (r.ok) {
+          pub.positions[seq] = r.position;
+          pub.publishedAt[seq] = new Date().toISOString();
+          break;
+        }
+        pub.failures.push({ seq, node: node.label, status: r.status, body: r.body, error: r.error, at: Date.now() });
+        if (r.status !== 503 && r.status !== 0) {
+          throw new Error(`publish of seq ${seq} on ${node.label} answered ${r.status}: ${r.body}`);
+        }
+        if (Date.now() > deadline) throw new Error(`seq ${seq} not published within 20 s: ${JSON.stringify(r)}`);
+        await delay(10);
+      }
+      pub.next = seq + 1;
+      if (paceMs) await delay(paceMs);
+    }
+    pub.done = true;
+  })().catch((e) => {
+    pub.error = e;
+  });
+  return pub;
+}
+
+/**
+ * Waits (one deadline for all) until every subscriber has at least `count` messages, then a
+ * little longer so that duplicates would show up. Never throws: the caller's exact assertion
+ * explains what is missing.
+ */
+async function settle(subs, count) {
+  await waitFor(() => subs.every((sub) => sub.received.length >= count), DEADLINE_MS, "every subscriber").catch(() => {});
+  await quietPeriod(300);
+}
+
+/** The Redis-related lines a node logged, for assertion messages. */
+function redisLogLines(node, count = 15) {
+  return node.logs
+    .filter((l) => /redis/i.test(l))
+    .slice(-count)
+    .map((l) => `  ${l}`)
+    .join("\n");
+}
+
+async function waitPublisher(pub, timeoutMs = 20_000) {
+  await waitFor(() => pub.done || pub.error, timeoutMs, () => `the publisher to finish (at seq ${pub.next})`);
+  assert.equal(pub.error, null, `publisher: ${pub.error?.stack}\nfailures: ${JSON.stringify(pub.failures.slice(-5))}`);
+}
+
+// ---------------------------------------------------------------------------
+// nginx
+// ---------------------------------------------------------------------------
+
+function nginxConf(prefix, port, upstreams) {
+  const proxy = `
+            proxy_pass http://pg;
+            proxy_http_version 1.1;
+            proxy_buffering off;
+            proxy_read_timeout 30s;`;
+  return `
+worker_processes 1;
+pid ${prefix}/nginx.pid;
+error_log ${prefix}/logs/error.log info;
+events { worker_connections 256; }
+http {
+    log_format pg '$request_method $request_uri $status upstream=$upstream_addr rt=$request_time';
+    access_log ${prefix}/logs/access.log pg;
+    client_body_temp_path ${prefix}/tmp/body;
+    proxy_temp_path ${prefix}/tmp/proxy;
+    fastcgi_temp_path ${prefix}/tmp/fastcgi;
+    uwsgi_temp_path ${prefix}/tmp/uwsgi;
+    scgi_temp_path ${prefix}/tmp/scgi;
+    # Round robin, no ip_hash: consecutive requests of one client go to different nodes.
+    upstream pg {
+${upstreams.map((u) => `        server ${u};`).join("\n")}
+    }
+    server {
+        listen 127.0.0.1:${port};
+        location /socket/ {${proxy}
+        }
+        location /api/ {${proxy}
+        }
+    }
+}
+`;
+}
+
+/** nginx in the foreground with a private prefix, round-robin over `upstreams`. */
+async function startNginx(res, upstreams) {
+  const prefix = mkdtempSync(path.join(os.tmpdir(), "pushgate-redis-nginx-"));
+  res.dirs.push(prefix);
+  chmodSync(prefix, 0o755);
+  for (const d of ["conf", "logs", "tmp"]) mkdirSync(path.join(prefix, d), { mode: 0o755 });
+  for (let attempt = 1; ; attempt++) {
+    const port = await freePort();
+    writeFileSync(path.join(prefix, "conf/nginx.conf"), nginxConf(prefix, port, upstreams));
+    const child = spawnChild(NGINX, ["-p", prefix, "-e", `${prefix}/logs/error.log`, "-c", "conf/nginx.conf", "-g", "daemon off;"]);
+    try {
+      await waitFor(
+        async () => {
+          if (child.exit) throw new Error(`nginx exited ${JSON.stringify(child.exit)}: ${child.output.join("")}`);
+          return new Promise((resolve) => {
+            const s = net.connect(port, "127.0.0.1", () => {
+              s.destroy();
+              resolve(true);
+            });
+            s.once("error", () => resolve(false));
+          });
+        },
+        DEADLINE_MS,
+        () => `nginx to listen on ${port}: ${child.output.join("")}`,
+      );
+    } catch (e) {
+      await terminate(child);
+      if (attempt >= 3) throw e;
+      continue;
+    }
+    res.nginx.push(child);
+    const nginx = {
+      child,
+      prefix,
+      url: `http://127.0.0.1:${port}`,
+      /** Parsed access log lines: {method, uri, status, upstream}. */
+      accessLog() {
+        let text = "";
+        try {
+          text = readFileSync(path.join(prefix, "logs/access.log"), "utf8");
+        } catch {
+          // nothing logged yet
+        }
+        return text
+          .split("\n")
+          .filter(Boolean)
+          .map((line) => {
+            const [method, uri, status] = line.split(" ");
+            const upstream = /upstream=(.*) rt=/.exec(line)?.[1] ?? "";
+            const seconds = Number(/rt=(\S+)/.exec(line)?.[1]);
+            return { method, uri, status: Number(status), upstream, seconds, line };
+          });
+      },
+      errorLog() {
+        try {
+          return readFileSync(path.join(prefix, "logs/error.log"), "utf8").split("\n").slice(-20).join("\n");
+        } catch {
+          return "(no error log)";
+        }
+      },
+    };
+    nginx.label = `nginx (${nginx.url})`;
+    return nginx;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// The tests
+// ---------------------------------------------------------------------------
+
+describe("Redis broker with several pushgate nodes", () => {
+  it("fans out across three nodes to both clients on every node, in order, with positions as refs", { timeout: TEST_TIMEOUT_MS }, async (t) => {
+    const res = resources(t);
+    const redis = await redisFor(res);
+    const nodes = await startNodes(res, redis, 3);
+    const topic = uniqueTopic("fanout");
+
+    const subs = [];
+    for (const node of nodes) {
+      for (const client of CLIENTS) subs.push(await wsSubscriber(res, client, node, topic));
+    }
+    for (const sub of subs) {
+      // The first join created the topic's epoch in Redis at offset 0; nothing was published yet.
+      assert.match(sub.joins[0].position, /^[^:]+:0$/, `${sub.label}: ${JSON.stringify(sub.joins[0])}`);
+    }
+    assert.equal(new Set(subs.map((s) => epochOf(s.joins[0].position))).size, 1, "every node sees the same epoch");
+
+    const positions = [];
+    for (let seq = 0; seq < 30; seq++) {
+      positions.push((await publish(nodes[seq % 3], topic, "seq", { seq })).position);
+    }
+    // Offsets are assigned in Redis: consecutive across the nodes that published them.
+    assert.deepEqual(positions.map(offsetOf), range(1, 30), `positions ${positions}`);
+    assert.equal(new Set(positions.map(epochOf)).size, 1, `positions ${positions}`);
+
+    for (const sub of subs) {
+      await waitFor(() => sub.received.length >= 30, DEADLINE_MS, () => `${diagnose(sub, positions)}\n${showFrames(sub.frames)}`);
+    }
+    await quietPeriod(200); // duplicates would show up here
+    for (const sub of subs) assertComplete(sub, positions);
+  });
+
+  it("recovers on another node what a client missed, exactly once and in order, then goes on live", { timeout: TEST_TIMEOUT_MS }, async (t) => {
+    const res = resources(t);
+    const redis = await redisFor(res);
+    const [a, b] = await startNodes(res, redis, 2);
+
+    await Promise.all(
+      CLIENTS.map(async (client) => {
+        const topic = uniqueTopic("recover");
+        const tr = tracker(`phoenix ${client.version}`, topic);
+        const positions = [];
+        const publishOn = async (node, count) => {
+          for (let i = 0; i < count; i++) {
+            positions.push((await publish(node, topic, "seq", { seq: positions.length })).position);
+          }
+        };
+
+        // On node A: join, receive three messages (published on both nodes), disconnect.
+        const first = makeSocket(client, a);
+        res.sockets.push(first.socket);
+        attach(tr, first.socket);
+        first.socket.connect();
+        await waitFor(() => tr.joins.length === 1, DEADLINE_MS, () => `${tr.label}: join on A\n${showFrames(first.frames)}`);
+        await publishOn(a, 2);
+        await publishOn(b, 1);
+        await waitFor(() => tr.received.length === 3, DEADLINE_MS, () => `${diagnose(tr, positions)}\n${showFrames(first.frames)}`);
+        await new Promise((resolve) => first.socket.disconnect(resolve));
+
+        // Missed: 50 messages published on node B while the client is away.
+        await publishOn(b, 50);
+
+        // A new socket to node B, same params function (so `since` is the last position seen).
+        const second = makeSocket(client, b);
+        res.sockets.push(second.socket);
+        attach(tr, second.socket);
+        second.socket.connect();
+        await waitFor(() => tr.joins.length === 2, DEADLINE_MS, () => `${tr.label}: join on B\n${showFrames(second.frames)}`);
+        assert.equal(tr.joins[1].recovered, true, `${tr.label}: join on B answered ${JSON.stringify(tr.joins[1])}`);
+        const rejoin = decoded(second.frames, "out").find((f) => f[3] === "phx_join");
+        assert.deepEqual(rejoin[4], { since: positions[2] }, `${tr.label}: the join on B carries the last position seen`);
+
+        await waitFor(() => tr.received.length >= 53, DEADLINE_MS, () => `${diagnose(tr, positions)}\n${showFrames(second.frames)}`);
+        // The replay follows the join reply.
+        const inbound = decoded(second.frames, "in");
+        const reply = inbound.findIndex((f) => f[3] === "phx_reply" && f[1] === rejoin[1]);
+        const firstReplayed = inbound.findIndex((f) => f[3] === "seq");
+        assert.ok(reply !== -1 && reply < firstReplayed, `${tr.label}: replay before the join reply\n${showFrames(second.frames, 60)}`);
+
+        // Then live messages, published on both nodes.
+        await publishOn(a, 3);
+        await publishOn(b, 2);
+        await waitFor(() => tr.received.length >= 58, DEADLINE_MS, () => `${diagnose(tr, positions)}\n${showFrames(second.frames)}`);
+        await quietPeriod(200); // duplicates would show up here
+        assertComplete(tr, positions);
+      }),
+    );
+  });
+
+  it("loses nothing for subscribers on two nodes when Redis restarts under a steady publisher", { timeout: TEST_TIMEOUT_MS }, async (t) => {
+    const res = resources(t);
+    const redis = await redisFor(res);
+    const nodes = await startNodes(res, redis, 2);
+    const topic = uniqueTopic("restart");
+    const subs = [];
+    for (const node of nodes) {
+      for (const client of CLIENTS) subs.push(await wsSubscriber(res, client, node, topic));
+    }
+
+    const COUNT = 300;
+    const pub = steadyPublisher(nodes, topic, COUNT);
+    await waitFor(() => pub.next >= 80 || pub.error, DEADLINE_MS, "80 messages published");
+    assert.equal(pub.error, null, String(pub.error));
+
+    await redis.stop();
+    const stoppedAt = pub.next;
+    // /readyz turns red on every node, with the reason; publishing fails loudly (503).
+    for (const node of nodes) {
+      const down = await waitReady(node, 503, node.label);
+      const body = JSON.parse(down.body);
+      assert.equal(body.status, "unavailable", down.body);
+      assert.match(body.reason, /redis/, down.body);
+    }
+    await waitFor(() => pub.failures.some((f) => f.status === 503), DEADLINE_MS, () => `a publish answered 503; failures ${JSON.stringify(pub.failures.slice(-3))}`);
+    assert.ok(stoppedAt < COUNT, `the publisher finished (${stoppedAt}) before Redis stopped`);
+
+    await redis.start(); // same port, empty
+    for (const node of nodes) await waitReady(node, 200, node.label);
+    await waitPublisher(pub);
+
+    // The restart really happened mid-stream: positions after it are in a new epoch.
+    const epochs = [...new Set(pub.positions.map(epochOf))];
+    assert.ok(epochs.length >= 2, `one epoch only: ${epochs}`);
+    assert.ok(pub.next === COUNT && stoppedAt < COUNT);
+
+    await settle(subs, COUNT);
+    const incomplete = subs.filter((sub) => JSON.stringify(sub.received.map((m) => m.seq)) !== JSON.stringify(range(0, COUNT - 1)));
+    const firstOfEpoch = epochs.map((e) => {
+      const seq = pub.positions.findIndex((p) => epochOf(p) === e);
+      return `seq ${seq}@${pub.positions[seq]} published at ${pub.publishedAt[seq]}`;
+    });
+    assert.deepEqual(
+      incomplete.map((sub) => diagnose(sub, pub.positions)),
+      [],
+      `subscribers with gaps or duplicates (Redis stopped after seq ${stoppedAt - 1}; first message of each epoch: ` +
+        `${firstOfEpoch.join(", ")}; publish failures: ${JSON.stringify(pub.failures)})\n` +
+        `redis lines of the node logs:\n${nodes.map((n) => `${n.label}:\n${redisLogLines(n)}`).join("\n")}`,
+    );
+    for (const sub of subs) assertComplete(sub, pub.positions);
+  });
+
+  it("loses nothing when the pub/sub connections are killed (CLIENT KILL TYPE pubsub) under a steady publisher", { timeout: TEST_TIMEOUT_MS }, async (t) => {
+    const res = resources(t);
+    const redis = await redisFor(res);
+    const nodes = await startNodes(res, redis, 2);
+    const topic = uniqueTopic("kill");
+    const subs = [];
+    for (const node of nodes) {
+      for (const client of CLIENTS) subs.push(await wsSubscriber(res, client, node, topic));
+    }
+    const reconnects = (node) => metric(node, "pushgate_redis_reconnects_total");
+    const connected = (node) => metric(node, "pushgate_redis_connected");
+
+    const COUNT = 300;
+    const pub = steadyPublisher(nodes, topic, COUNT);
+    for (const [round, at] of [[1, 60], [2, 160]]) {
+      await waitFor(() => pub.next >= at || pub.error, DEADLINE_MS, `${at} messages published`);
+      const killed = await redis.cli("CLIENT", "KILL", "TYPE", "pubsub");
+      // One subscriber connection per node.
+      assert.ok(Number(killed.stdout.trim()) >= nodes.length, `CLIENT KILL TYPE pubsub: ${JSON.stringify(killed)}`);
+      // Each node notices, reconnects and is connected again.
+      for (const node of nodes) {
+        await waitFor(
+          async () => (await reconnects(node)) >= round && (await connected(node)) === 1,
+          DEADLINE_MS,
+          async () => `${node.label}: reconnect ${round}: reconnects ${await reconnects(node)}, connected ${await connected(node)}`,
+        );
+      }
+      assert.ok(pub.next < COUNT, `the publisher finished before kill ${round}`);
+    }
+    await waitPublisher(pub);
+    // The command connection is not a pub/sub one: publishing never failed.
+    assert.deepEqual(pub.failures, [], "publishes failed");
+    for (const node of nodes) {
+      assert.ok((await metric(node, "pushgate_redis_resubscriptions_total")) >= 2, `${node.label}: resubscriptions`);
+      await waitReady(node, 200, node.label);
+    }
+
+    await settle(subs, COUNT);
+    for (const sub of subs) assertComplete(sub, pub.positions);
+  });
+
+  for (const client of CLIENTS) {
+    it(`serves phoenix ${client.version} over LongPoll through an nginx round-robin upstream and survives losing the session's node`, { timeout: TEST_TIMEOUT_MS }, async (t) => {
+      const res = resources(t);
+      const redis = await redisFor(res);
+      const nodes = await startNodes(res, redis, 2, { PUSHGATE_LONGPOLL_WINDOW_MS: String(WINDOW_MS) });
+      const nginx = await startNginx(res, nodes.map((n) => n.addr));
+      const topic = uniqueTopic("lp-nginx");
+
+      const made = makeLongPollSocket(client, nginx);
+      const { socket, frames, exchanges } = made;
+      res.sockets.push(socket);
+      let opens = 0;
+      socket.onOpen(() => opens++);
+      const tr = tracker(`phoenix ${client.version} LongPoll via nginx`, topic);
+      const channel = attach(tr, socket);
+      socket.connect();
+      const evidence = () =>
+        `frames:\n${showFrames(frames)}\nexchanges:\n${showExchanges(exchanges)}\nnginx access log:\n${nginx
+          .accessLog()
+          .slice(-25)
+          .map((l) => `  ${l.line}`)
+          .join("\n")}\nnginx error log:\n${nginx.errorLog()}`;
+
+      await waitFor(() => tr.joins.length === 1 || tr.joinErrors.length, DEADLINE_MS, () => `the join\n${evidence()}`);
+      assert.equal(tr.joins.length, 1, `join refused: ${JSON.stringify(tr.joinErrors)}\n${evidence()}`);
+      assert.ok(socket.conn instanceof made.Transport, "not on LongPoll");
+      const session = exchanges.find((e) => e.answer?.status === 410)?.answer.token;
+      assert.ok(session, `no session token\n${evidence()}`);
+
+      // Which node owns the session (its registry holds it): exactly one of the two.
+      const sessionsOn = (node) => metric(node, 'pushgate_connections{transport="longpoll"}');
+      const counts = await Promise.all(nodes.map(sessionsOn));
+      assert.deepEqual([...counts].sort(), [0, 1], `longpoll sessions per node: ${counts}`);
+      const owner = nodes[counts.indexOf(1)];
+      const other = nodes[counts.indexOf(0)];
+
+      // A burst of 40 publishes through nginx (so spread over both nodes), all at once.
+      const published = await Promise.all(
+        range(0, 39).map((seq) => publish(nginx, topic, "seq", { seq }).then(({ position }) => ({ seq, position }))),
+      );
+      // Delivery order is position order.
+      published.sort((x, y) => offsetOf(x.position) - offsetOf(y.position));
+      let positions = published.map((p) => p.position);
+      const burstOrder = published.map((p) => p.seq);
+      await waitFor(() => tr.received.length >= 40, DEADLINE_MS, () => `40 broadcasts, got ${tr.received.length}\n${evidence()}`);
+      await quietPeriod(200); // duplicates would show up here
+      assert.deepEqual(tr.received.map((m) => m.ref), positions, `refs are not the positions in order\n${evidence()}`);
+      assert.deepEqual(tr.received.map((m) => m.seq), burstOrder, "payloads do not match their positions");
+      assert.deepEqual(positions.map(offsetOf), range(1, 40), "positions are consecutive across nodes");
+      const publishers = new Set(nginx.accessLog().filter((l) => l.uri === "/api/publish").map((l) => l.upstream));
+      assert.equal(publishers.size, 2, `publishes reached ${[...publishers]}`);
+
+      // A client push is refused with an error reply (through whichever node nginx picks).
+      const { status, response } = await replyTo(channel.push("shout", { a: 1 }, PUSH_TIMEOUT_MS));
+      assert.equal(status, "error", `push reply ${status} ${JSON.stringify(response)}\n${evidence()}`);
+      assert.equal(typeof response.reason, "string", JSON.stringify(response));
+
+      // Prove there is no stickiness: the session's polls and posts reach the node that does not
+      // own it (which forwards them through Redis). Each push is one POST and one GET; a request
+      // to another path in between shifts the round-robin parity.
+      const sessionRequests = () => nginx.accessLog().filter((l) => l.uri.includes(`token=${session}`));
+      const servedByOther = (method) => sessionRequests().some((l) => l.method === method && l.upstream === other.addr);
+      for (let i = 0; i < 8 && !(servedByOther("GET") && servedByOther("POST")); i++) {
+        const r = await replyTo(channel.push("shout", { i }, PUSH_TIMEOUT_MS));
+        assert.equal(r.status, "error", `push ${i}: ${r.status}\n${evidence()}`);
+        if (i % 2 === 1) await publish(nginx, uniqueTopic("parity"), "x", {});
+      }
+      const upstreams = (method) => [...new Set(sessionRequests().filter((l) => l.method === method).map((l) => l.upstream))].sort();
+      assert.deepEqual(upstreams("GET"), [owner.addr, other.addr].sort(), `session GETs went to ${upstreams("GET")}\n${evidence()}`);
+      assert.ok(servedByOther("POST"), `no session POST reached the non-owner ${other.addr}\n${evidence()}`);
+      for (const l of sessionRequests()) assert.equal(l.status, 200, `nginx answered ${l.line}\n${evidence()}`);
+      assert.equal(opens, 1, `the socket reopened before any node stopped\n${evidence()}`);
+
+      // Stop the owning node while the client's pending poll is one the other node has forwarded
+      // to it through Redis. With only this client's requests going through nginx, round robin
+      // alternates strictly: once every request the client finished is logged, the last one went
+      // to the owner and one GET is outstanding, that GET went to the other node.
+      const clientLines = () => nginx.accessLog().filter((l) => l.uri.startsWith("/socket/longpoll"));
+      let loggedBeforeStop = 0;
+      await waitFor(
+        () => {
+          const lines = clientLines();
+          const done = exchanges.filter((e) => e.answer !== undefined);
+          const pending = exchanges.filter((e) => e.answer === undefined);
+          loggedBeforeStop = lines.length;
+          return (
+            lines.length === done.length &&
+            pending.length === 1 &&
+            pending[0].method === "GET" &&
+            lines.at(-1).upstream === owner.addr
+          );
+        },
+        DEADLINE_MS,
+        () => `a poll forwarded by ${other.label}\n${evidence()}`,
+      );
+      const exchangesBefore = exchanges.length;
+      const stoppedAt = Date.now();
+      const exit = await owner.stop();
+      assert.equal(exit.code, 0, `${owner.label} exit ${JSON.stringify(exit)}`);
+      for (let seq = 40; seq < 50; seq++) positions.push((await publish(other, topic, "seq", { seq })).position);
+      await waitFor(() => tr.joins.length >= 2, DEADLINE_MS, () => `the rejoin on ${other.label}\n${evidence()}`);
+      const recoveredAfterMs = Date.now() - stoppedAt;
+      assert.equal(tr.joins[1].recovered, true, `rejoin answered ${JSON.stringify(tr.joins[1])}\n${evidence()}`);
+      const rejoin = decoded(frames, "out").filter((f) => f[3] === "phx_join").at(-1);
+      assert.deepEqual(rejoin[4], { since: positions[39] }, "the rejoin carries the last position seen");
+      const newSession = exchanges.slice(exchangesBefore).find((e) => e.answer?.status === 410)?.answer.token;
+      assert.ok(newSession && newSession !== session, `no new session after the stop\n${evidence()}`);
+      assert.equal(await sessionsOn(other), 1, `${other.label} does not hold the new session`);
+
+      for (let seq = 50; seq < 60; seq++) positions.push((await publish(nginx, topic, "seq", { seq })).position);
+      await waitFor(() => tr.received.length >= 60, DEADLINE_MS, () => `60 broadcasts, got ${tr.received.length}\n${evidence()}`);
+      await quietPeriod(300); // duplicates would show up here
+      assert.deepEqual(
+        tr.received.map((m) => m.seq),
+        [...burstOrder, ...range(40, 59)],
+        `every message exactly once, in order (recovered ${recoveredAfterMs} ms after the stop)\n${evidence()}`,
+      );
+      assert.deepEqual(tr.received.map((m) => m.ref), positions, "refs are the published positions");
+      // The poll pending at the stop was indeed the forwarded one, and nginx answered it.
+      const pendingAtStop = clientLines()[loggedBeforeStop];
+      assert.ok(pendingAtStop?.uri.includes(`token=${session}`), `${pendingAtStop?.line}\n${evidence()}`);
+      assert.equal(pendingAtStop.upstream, other.addr, `the poll pending at the stop: ${pendingAtStop.line}\n${evidence()}`);
+      // The new session's requests were all answered by the surviving node (nginx may have
+      // tried the stopped one first: "$upstream_addr" then lists both).
+      const newSessionLines = nginx.accessLog().filter((l) => l.uri.includes(`token=${newSession}`));
+      assert.ok(newSessionLines.length > 0, evidence());
+      for (const l of newSessionLines) {
+        assert.equal(l.upstream.split(",").at(-1).trim(), other.addr, `${l.line}\n${evidence()}`);
+        assert.equal(l.status, 200, `${l.line}\n${evidence()}`);
+      }
+      const perNode = (method) =>
+        nodes.map((n) => `${n === owner ? "owner" : "other"} ${sessionRequests().filter((l) => l.method === method && l.upstream === n.addr).length}`).join(", ");
+      t.diagnostic(`first session's requests via nginx: GET ${perNode("GET")}; POST ${perNode("POST")}`);
+      t.diagnostic(`rejoined ${recoveredAfterMs} ms after ${owner.label} stopped; the forwarded poll answered ${JSON.stringify(exchanges[exchangesBefore - 1].answer)} after ${pendingAtStop.seconds} s`);
+    });
+  }
+});
