@@ -286,10 +286,11 @@ describe("nginx site (nginx/pushgate.conf) in front of pushgate", () => {
 
     for (const url of [`${plain}/.well-known/acme-challenge/tok123`, `${base}/.well-known/acme-challenge/tok123`]) {
       const c = await request(url, { ca });
-      // pushgate answers (no ACME yet: its JSON 404), not the app and not a redirect.
+      // pushgate answers (an unknown challenge token: its JSON 404), not the app and not a
+      // redirect.
       assert.equal(c.status, 404, `${url}: ${c.status} ${c.body}`);
       assert.equal(c.headers["x-app"], undefined, `${url} went to the app`);
-      assert.deepEqual(JSON.parse(c.body), { error: "not found" });
+      assert.equal(typeof JSON.parse(c.body).error, "string", c.body);
     }
   });
 
