@@ -178,9 +178,10 @@ fn status_only(status: u16) -> Bytes {
     Bytes::from(format!("{{\"status\":{status}}}"))
 }
 
+/// A poll answer; `messages` are already JSON string literals.
 fn poll_answer(status: u16, token: &str, messages: &[Bytes]) -> Bytes {
-    let size: usize = messages.iter().map(|m| m.len() + 8).sum();
-    let mut body = Vec::with_capacity(48 + token.len() + size + size / 8);
+    let size: usize = messages.iter().map(|m| m.len() + 1).sum();
+    let mut body = Vec::with_capacity(48 + token.len() + size);
     body.extend_from_slice(format!("{{\"status\":{status},\"token\":").as_bytes());
     protocol::push_json_str(&mut body, token);
     body.extend_from_slice(b",\"messages\":[");
@@ -188,8 +189,7 @@ fn poll_answer(status: u16, token: &str, messages: &[Bytes]) -> Bytes {
         if i > 0 {
             body.push(b',');
         }
-        // Frames are our own JSON, hence UTF-8; each goes out as a JSON string (§2.2).
-        protocol::push_json_str(&mut body, &String::from_utf8_lossy(m));
+        body.extend_from_slice(m);
     }
     body.extend_from_slice(b"]}");
     Bytes::from(body)
@@ -294,12 +294,17 @@ fn take_frames(inner: &mut Inner) -> Result<(Vec<Bytes>, usize), Lag> {
     inner.session.settle();
     while let Some(f) = inner.session.pop_direct() {
         bytes += f.len();
-        out.push(Bytes::from(f));
+        let mut s = Vec::with_capacity(f.len() + f.len() / 4 + 2);
+        protocol::push_json_str(&mut s, &String::from_utf8_lossy(&f));
+        out.push(Bytes::from(s));
     }
     let budget = RESPONSE_BATCH_BYTES.saturating_sub(bytes).max(1);
-    let broadcasts = inner
-        .session
-        .collect_broadcasts(budget, &mut |e| out.push(e.text()))?;
+    let broadcasts = inner.session.collect_broadcasts(budget, &mut |e| {
+        let text = e.text();
+        let mut s = Vec::with_capacity(text.len() + text.len() / 4 + 2);
+        protocol::push_json_str(&mut s, &String::from_utf8_lossy(&text));
+        out.push(Bytes::from(s));
+    })?;
     Ok((out, broadcasts))
 }
 
@@ -374,7 +379,7 @@ async fn poll(app: Arc<App>, lp: Arc<LpSession>) -> Bytes {
             _ = lp.waker.wait() => {}
             _ = &mut changed => {}
             _ = tokio::time::sleep_until(deadline) => return poll_answer(204, &lp.token, &[]),
-            _ = app.shutdown.cancelled() => return status_only(500),
+            // Shutdown closes every session (`Registry::close_all`), which `changed` reports.
         }
     }
 }
