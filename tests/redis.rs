@@ -355,3 +355,23 @@ async fn a_drained_node_hands_its_clients_over_without_loss() {
         assert_eq!(recv(&mut ws).await[4], n);
     }
 }
+
+#[tokio::test]
+async fn a_frozen_redis_turns_readyz_red_within_seconds_and_the_node_recovers() {
+    let redis = RedisServer::start();
+    let a = node(&redis).await;
+    let mut ws = connect(a.addr).await;
+    join(&mut ws, "1", "room:f", "{}").await;
+    redis.pause();
+    let t0 = std::time::Instant::now();
+    wait_ready(a.addr, 503).await;
+    assert!(
+        t0.elapsed() < Duration::from_secs(4),
+        "readyz took {:?} to notice",
+        t0.elapsed()
+    );
+    redis.resume();
+    wait_ready(a.addr, 200).await;
+    publish(a.addr, "room:f", "n", "1").await;
+    assert_eq!(recv(&mut ws).await[4], 1);
+}

@@ -51,6 +51,11 @@ const BACKOFF_CAP: Duration = Duration::from_secs(5);
 /// silent Redis turns `/readyz` red within a couple of seconds.
 const PING_EVERY: Duration = Duration::from_secs(1);
 const PING_TIMEOUT: Duration = Duration::from_secs(1);
+/// Longest wait for one subscriber-connection command (SUBSCRIBE/UNSUBSCRIBE); past it the
+/// connection is treated as dead, so a stalled Redis never stalls the node.
+const SUBSCRIBER_COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest resubscription and catch-up after a reconnect before trying again.
+const RESUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub struct RedisBroker {
     client: redis::Client,
@@ -381,15 +386,27 @@ pub async fn run(app: Arc<App>, broker: Arc<RedisBroker>) {
             Err(e) => tracing::warn!(error = %e, "redis: could not load the publish script"),
         }
         let (mut sink, mut stream) = pubsub.split();
-        match resubscribe(&app, &broker, &mut sink, &mut con).await {
-            Ok(n) => {
+        match tokio::time::timeout(
+            RESUBSCRIBE_TIMEOUT,
+            resubscribe(&app, &broker, &mut sink, &mut con),
+        )
+        .await
+        {
+            Ok(Ok(n)) => {
                 if n > 0 {
                     tracing::info!(topics = n, "redis: resubscribed");
                 }
             }
-            Err(e) => {
+            Ok(Err(e)) => {
                 broker.set_status(Err(format!("redis: resubscribe failed: {e}")));
                 tracing::warn!(error = %e, "redis resubscribe failed");
+                app.hub.mark_all_down();
+                continue;
+            }
+            Err(_) => {
+                broker.set_status(Err("redis: resubscribe timed out".into()));
+                tracing::warn!("redis resubscribe timed out");
+                app.hub.mark_all_down();
                 continue;
             }
         }
@@ -413,13 +430,19 @@ pub async fn run(app: Arc<App>, broker: Arc<RedisBroker>) {
                 }
                 _ = broker.idle.notified() => {
                     let idle = app.hub.take_idle_topics();
+                    app.metrics.redis_subscribed_topics.fetch_sub(idle.len() as i64, Relaxed);
+                    let mut failed = None;
                     for chunk in idle.chunks(SUBSCRIBE_BATCH) {
                         let channels: Vec<String> = chunk.iter().map(|t| broker.channel(t)).collect();
-                        if let Err(e) = sink.unsubscribe(channels).await {
-                            tracing::debug!(error = %e, "redis unsubscribe failed");
+                        match tokio::time::timeout(SUBSCRIBER_COMMAND_TIMEOUT, sink.unsubscribe(channels)).await {
+                            Ok(Ok(())) => {}
+                            Ok(Err(e)) => failed = Some(format!("redis: unsubscribe failed: {e}")),
+                            Err(_) => failed = Some("redis: unsubscribe timed out".to_string()),
                         }
                     }
-                    app.metrics.redis_subscribed_topics.fetch_sub(idle.len() as i64, Relaxed);
+                    if let Some(reason) = failed {
+                        break reason;
+                    }
                 }
                 _ = ping.tick() => {
                     match tokio::time::timeout(PING_TIMEOUT, sink.ping::<redis::Value>()).await {
@@ -629,9 +652,21 @@ async fn on_join(
             Some(s) => s,
             None => {
                 if !app.hub.is_live(&topic) {
-                    if let Err(e) = sink.subscribe(broker.channel(&topic)).await {
-                        connection_error = Some(e.to_string());
-                        return Err("broker unavailable".to_string());
+                    let subscribed = tokio::time::timeout(
+                        SUBSCRIBER_COMMAND_TIMEOUT,
+                        sink.subscribe(broker.channel(&topic)),
+                    )
+                    .await;
+                    match subscribed {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => {
+                            connection_error = Some(format!("subscribe failed: {e}"));
+                            return Err("broker unavailable".to_string());
+                        }
+                        Err(_) => {
+                            connection_error = Some("subscribe timed out".to_string());
+                            return Err("broker unavailable".to_string());
+                        }
                     }
                     app.metrics.redis_subscribed_topics.fetch_add(1, Relaxed);
                     let (epoch, offset) = broker
