@@ -723,7 +723,23 @@ async fn http01_through_nginx_exports_reloads_and_a_restart_reuses_the_certifica
     assert_eq!(pebble.orders(), orders, "a restart must not order again");
     assert_eq!(std::fs::read(tls_dir.join("fullchain.pem")).unwrap(), chain);
     assert_eq!(reloads(&reload_log), 1);
-    let served = handshake(nginx_https, DOMAIN, &root).await.unwrap();
+    // nginx's reload swaps workers gracefully: an old worker may still take a connection for a
+    // moment, so wait for the exported certificate rather than taking the first handshake.
+    let served = poll(
+        STARTUP,
+        || {
+            let root = root.clone();
+            async move { handshake(nginx_https, DOMAIN, &root).await.ok() }
+        },
+        || {
+            format!(
+                "nginx to serve the exported certificate
+{}",
+                nginx.error_log()
+            )
+        },
+    )
+    .await;
     assert_eq!(served[0], first_cert(&chain));
     drop(nginx);
 }
