@@ -9,10 +9,10 @@
 //! hyper (HTTP/1.1 or HTTP/2) through [`crate::router`], sharing `server.max_connections`
 //! with the plain listeners.
 //!
-//! Not yet: WebSocket over TLS. The WebSocket transport runs on a raw `TcpStream` (it waits for
-//! readiness and writes with `writev`), which a TLS stream is not, so `/socket/websocket` on
-//! this listener answers 501 and phoenix.js falls back to LongPoll (`longPollFallbackMs`),
-//! which works over HTTP/1.1 and HTTP/2 here.
+//! WebSockets work here too: over HTTP/1.1 by the usual upgrade, over HTTP/2 by extended
+//! CONNECT (RFC 8441, enabled on the HTTP/2 side). Either way the WebSocket transport runs on
+//! its polled adapter (`transport::websocket::Polled`), which stages reads and writes in
+//! buffers; the zero-buffer path is for plain TCP behind nginx.
 
 use crate::app::App;
 use crate::router;
@@ -195,12 +195,7 @@ async fn serve_tls(
     let service = service_fn(move |req: Request<Incoming>| {
         let app = svc_app.clone();
         let slot = slot.clone();
-        async move {
-            if req.uri().path() == "/socket/websocket" {
-                return Ok::<_, std::convert::Infallible>(websocket_not_over_tls());
-            }
-            Ok(router::route(app, req, &slot).await)
-        }
+        async move { Ok::<_, std::convert::Infallible>(router::route(app, req, &slot).await) }
     });
     let mut builder =
         hyper_util::server::conn::auto::Builder::new(TrackedExecutor(app.tracker.clone()));
@@ -211,7 +206,11 @@ async fn serve_tls(
             app.config.server.header_read_timeout_ms,
         ))
         .keep_alive(true);
-    builder.http2().timer(TokioTimer::new());
+    // RFC 8441: WebSocket over HTTP/2 by extended CONNECT.
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .enable_connect_protocol();
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
     tokio::pin!(conn);
     tokio::select! {
@@ -226,14 +225,6 @@ async fn serve_tls(
             let _ = tokio::time::timeout(grace, conn).await;
         }
     }
-}
-
-/// 501 for `/socket/websocket` over TLS (see the module docs); phoenix.js then uses LongPoll.
-fn websocket_not_over_tls() -> Response<Full<Bytes>> {
-    crate::api::error_response(
-        StatusCode::NOT_IMPLEMENTED,
-        "WebSocket over pushgate's own TLS listener is not supported yet; use LongPoll (/socket/longpoll) or put nginx in front",
-    )
 }
 
 async fn serve_redirect(

@@ -949,10 +949,38 @@ async fn https1(addr: SocketAddr, path: &str, roots_pem: &[u8]) -> (u16, String)
     (status, body)
 }
 
+/// A Phoenix join and a heartbeat over a client WebSocket, whatever carries it.
+async fn phoenix_join_and_heartbeat<S>(mut ws: tokio_tungstenite::WebSocketStream<S>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let next = async |ws: &mut tokio_tungstenite::WebSocketStream<S>| loop {
+        let m = tokio::time::timeout(STARTUP, ws.next())
+            .await
+            .expect("no frame in time")
+            .expect("stream ended")
+            .expect("websocket error");
+        if let Message::Text(t) = m {
+            return serde_json::from_str::<serde_json::Value>(&t).unwrap();
+        }
+    };
+    ws.send(Message::text(r#"["1","1","room:edge","phx_join",{}]"#))
+        .await
+        .unwrap();
+    let reply = next(&mut ws).await;
+    assert_eq!(reply[4]["status"], "ok", "{reply}");
+    ws.send(Message::text(r#"[null,"2","phoenix","heartbeat",{}]"#))
+        .await
+        .unwrap();
+    assert_eq!(next(&mut ws).await[1], "2");
+}
+
 /// At the edge: TLS-ALPN-01 answered on pushgate's own TLS listener, then HTTPS with HTTP/1.1
-/// and HTTP/2 by ALPN verified against Pebble's root (LongPoll over HTTP/2 included), WebSocket
-/// over TLS refused with 501 (the transport needs a raw TCP stream; phoenix.js falls back to
-/// LongPoll), and the plain listener redirecting to HTTPS.
+/// and HTTP/2 by ALPN verified against Pebble's root (LongPoll over HTTP/2 included), a Phoenix
+/// WebSocket over TLS by HTTP/1.1 upgrade and over HTTP/2 by RFC 8441 extended CONNECT, and the
+/// plain listener redirecting to HTTPS.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_alpn01_at_the_edge_serves_http1_and_http2_and_redirects() {
     use http_body_util::BodyExt;
@@ -995,9 +1023,13 @@ async fn tls_alpn01_at_the_edge_serves_http1_and_http2_and_redirects() {
     // HTTP/1.1 by ALPN.
     let (status, body) = https1(https, "/healthz", &root).await;
     assert_eq!(status, 200, "{body}");
-    // WebSocket over this listener: refused, so that phoenix.js falls back to LongPoll.
-    let (status, body) = https1(https, "/socket/websocket?vsn=2.0.0", &root).await;
-    assert_eq!(status, 501, "{body}");
+    // A Phoenix WebSocket over TLS (HTTP/1.1 upgrade).
+    let tls = tls_connect(https, DOMAIN, &[b"http/1.1"], &root).await;
+    let (ws, _) =
+        tokio_tungstenite::client_async(format!("wss://{DOMAIN}/socket/websocket?vsn=2.0.0"), tls)
+            .await
+            .expect("websocket over TLS");
+    phoenix_join_and_heartbeat(ws).await;
 
     // HTTP/2 by ALPN: a request, and a LongPoll session opening.
     let tls = tls_connect(https, DOMAIN, &[b"h2", b"http/1.1"], &root).await;
@@ -1021,6 +1053,26 @@ async fn tls_alpn01_at_the_edge_serves_http1_and_http2_and_redirects() {
         assert_eq!(status, 200, "{path}: {body}");
         assert!(body.contains(want), "{path}: {body}");
     }
+
+    // A Phoenix WebSocket over HTTP/2 (RFC 8441 extended CONNECT) on the same connection.
+    let mut req = hyper::Request::builder()
+        .method(hyper::Method::CONNECT)
+        .uri(format!("https://{DOMAIN}/socket/websocket?vsn=2.0.0"))
+        .header("sec-websocket-version", "13")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    req.extensions_mut()
+        .insert(hyper::ext::Protocol::from_static("websocket"));
+    let resp = h2.send_request(req).await.expect("extended CONNECT");
+    assert_eq!(resp.status(), 200);
+    let upgraded = hyper::upgrade::on(resp).await.expect("h2 websocket stream");
+    let ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+        hyper_util::rt::TokioIo::new(upgraded),
+        tokio_tungstenite::tungstenite::protocol::Role::Client,
+        None,
+    )
+    .await;
+    phoenix_join_and_heartbeat(ws).await;
 
     // The plain listener redirects to HTTPS, keeping path and query.
     let request = format!(

@@ -24,7 +24,9 @@ use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
+use std::task::{Context, Poll};
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
@@ -87,9 +89,17 @@ pub fn upgrade(
     mut req: Request<Incoming>,
     permit: Option<OwnedSemaphorePermit>,
 ) -> Response<Full<Bytes>> {
-    if req.method() != hyper::Method::GET
-        || !header_has_token(&req, header::UPGRADE, "websocket")
-        || !header_has_token(&req, header::CONNECTION, "upgrade")
+    // RFC 8441: over HTTP/2 a WebSocket is an extended CONNECT with `:protocol websocket`,
+    // answered 200 without the key/accept exchange.
+    let h2_connect = req.method() == hyper::Method::CONNECT
+        && req
+            .extensions()
+            .get::<hyper::ext::Protocol>()
+            .is_some_and(|p| p.as_str().eq_ignore_ascii_case("websocket"));
+    if !h2_connect
+        && (req.method() != hyper::Method::GET
+            || !header_has_token(&req, header::UPGRADE, "websocket")
+            || !header_has_token(&req, header::CONNECTION, "upgrade"))
     {
         return plain(
             StatusCode::BAD_REQUEST,
@@ -111,9 +121,10 @@ pub fn upgrade(
         );
         return r;
     }
-    let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned() else {
+    let key = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned();
+    if key.is_none() && !h2_connect {
         return plain(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key\n");
-    };
+    }
     let query = req.uri().query().unwrap_or("").to_string();
     if !query_param(&query, "vsn").is_some_and(|v| v.starts_with("2.")) {
         return plain(
@@ -136,19 +147,22 @@ pub fn upgrade(
         }
     }
     let mut resp = Response::new(Full::new(Bytes::new()));
-    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let h = resp.headers_mut();
-    h.insert(
-        header::UPGRADE,
-        header::HeaderValue::from_static("websocket"),
-    );
-    h.insert(
-        header::CONNECTION,
-        header::HeaderValue::from_static("Upgrade"),
-    );
-    if let Ok(accept) = header::HeaderValue::from_str(&ws::accept_key(key.as_bytes())) {
-        h.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    if let Some(key) = key.filter(|_| !h2_connect) {
+        h.insert(
+            header::UPGRADE,
+            header::HeaderValue::from_static("websocket"),
+        );
+        h.insert(
+            header::CONNECTION,
+            header::HeaderValue::from_static("Upgrade"),
+        );
+        if let Ok(accept) = header::HeaderValue::from_str(&ws::accept_key(key.as_bytes())) {
+            h.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+        }
+        *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     }
+    let h = resp.headers_mut();
     if offered_phoenix {
         h.insert(
             header::SEC_WEBSOCKET_PROTOCOL,
@@ -178,12 +192,156 @@ pub fn upgrade(
                 drop(parts.read_buf);
                 run(task_app, stream, initial, connect).await;
             }
-            Err(_) => {
-                tracing::error!("websocket upgrade on an unexpected stream type");
+            // TLS at the edge, or an HTTP/2 stream (RFC 8441): the polled adapter.
+            // Boxed, so that this branch does not enlarge every plain-TCP connection's task.
+            Err(upgraded) => {
+                let io = Polled::new(TokioIo::new(upgraded));
+                Box::pin(run(task_app, io, Vec::new(), connect)).await
             }
         }
     });
     resp
+}
+
+/// What the WebSocket task needs from its byte stream: readiness plus non-blocking reads and
+/// vectored writes, the shape of `TcpStream`'s own API. The plain-TCP path (behind nginx) uses
+/// the stream directly and so keeps no buffer while idle; [`Polled`] adapts any other stream
+/// (TLS at the edge, an HTTP/2 stream for RFC 8441) at the cost of staging buffers.
+pub trait WsIo {
+    fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+    fn try_read(&mut self, buf: &mut [u8]) -> io::Result<usize>;
+    fn poll_write_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+    fn try_write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize>;
+    /// Bytes accepted by `try_write_vectored` still to be pushed out (see [`Polled`]).
+    fn wants_flush(&self) -> bool {
+        false
+    }
+}
+
+impl WsIo for TcpStream {
+    fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        TcpStream::poll_read_ready(self, cx)
+    }
+    fn try_read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        TcpStream::try_read(self, buf)
+    }
+    fn poll_write_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        TcpStream::poll_write_ready(self, cx)
+    }
+    fn try_write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        TcpStream::try_write_vectored(self, bufs)
+    }
+}
+
+/// Bytes [`Polled`] accepts for writing before it reports `WouldBlock` (like a socket buffer).
+const POLLED_WRITE_STAGE: usize = 64 * 1024;
+/// [`Polled`]'s read chunk.
+const POLLED_READ_CHUNK: usize = 8 * 1024;
+
+/// Adapts any `AsyncRead + AsyncWrite` stream to [`WsIo`]: reads are staged in a buffer filled
+/// when readiness is polled; writes are copied into a staging buffer that readiness polling
+/// pushes out and flushes.
+pub struct Polled<S> {
+    io: S,
+    read: Vec<u8>,
+    read_start: usize,
+    read_end: usize,
+    eof: bool,
+    write: Vec<u8>,
+    write_start: usize,
+}
+
+impl<S> Polled<S> {
+    pub fn new(io: S) -> Polled<S> {
+        Polled {
+            io,
+            read: Vec::new(),
+            read_start: 0,
+            read_end: 0,
+            eof: false,
+            write: Vec::new(),
+            write_start: 0,
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> WsIo for Polled<S> {
+    fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.read_start < self.read_end || self.eof {
+            return Poll::Ready(Ok(()));
+        }
+        if self.read.len() < POLLED_READ_CHUNK {
+            self.read.resize(POLLED_READ_CHUNK, 0);
+        }
+        let mut rb = ReadBuf::new(&mut self.read);
+        match std::pin::Pin::new(&mut self.io).poll_read(cx, &mut rb) {
+            Poll::Ready(Ok(())) => {
+                let n = rb.filled().len();
+                self.read_start = 0;
+                self.read_end = n;
+                self.eof = n == 0;
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn try_read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.read_start < self.read_end {
+            let n = buf.len().min(self.read_end - self.read_start);
+            buf[..n].copy_from_slice(&self.read[self.read_start..self.read_start + n]);
+            self.read_start += n;
+            return Ok(n);
+        }
+        if self.eof {
+            return Ok(0);
+        }
+        Err(io::ErrorKind::WouldBlock.into())
+    }
+
+    fn poll_write_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.write_start < self.write.len() {
+            match std::pin::Pin::new(&mut self.io).poll_write(cx, &self.write[self.write_start..]) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => self.write_start += n,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        match std::pin::Pin::new(&mut self.io).poll_flush(cx) {
+            Poll::Ready(Ok(())) => {
+                self.write.clear();
+                self.write_start = 0;
+                if self.write.capacity() > POLLED_WRITE_STAGE {
+                    self.write = Vec::new();
+                }
+                Poll::Ready(Ok(()))
+            }
+            other => other,
+        }
+    }
+
+    fn try_write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        let room = POLLED_WRITE_STAGE.saturating_sub(self.write.len() - self.write_start);
+        if room == 0 {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        let mut taken = 0;
+        for b in bufs {
+            let n = b.len().min(room - taken);
+            self.write.extend_from_slice(&b[..n]);
+            taken += n;
+            if taken == room {
+                break;
+            }
+        }
+        Ok(taken)
+    }
+
+    fn wants_flush(&self) -> bool {
+        !self.write.is_empty()
+    }
 }
 
 /// Frames waiting to be written, each complete; `offset` bytes of the front one are written.
@@ -216,7 +374,7 @@ impl Outbox {
     }
 
     /// Writes as much as the socket takes. `Ok(true)` when everything was written.
-    fn write_to(&mut self, stream: &TcpStream) -> io::Result<bool> {
+    fn write_to<S: WsIo>(&mut self, stream: &mut S) -> io::Result<bool> {
         while !self.frames.is_empty() {
             let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
             let mut n = 0;
@@ -265,8 +423,8 @@ enum ReadOutcome {
 
 /// Reads what the socket has into a stack buffer and processes every complete message.
 /// A plain function, so the buffer lives on the stack only while it runs.
-fn read_ready(
-    stream: &TcpStream,
+fn read_ready<S: WsIo>(
+    stream: &mut S,
     reader: &mut MessageReader,
     session: &mut Session,
     outbox: &mut Outbox,
@@ -371,7 +529,7 @@ enum Event {
 /// iteration registers nothing new: readiness uses the stream's own waker slots, the hub's
 /// [`Waker`](crate::hub::Waker) one atomic slot, and the drain wakes us through that same
 /// waker ([`App::set_draining`]).
-pub async fn run(app: Arc<App>, stream: TcpStream, initial: Vec<u8>, connect: ConnectInfo) {
+pub async fn run<S: WsIo>(app: Arc<App>, mut stream: S, initial: Vec<u8>, connect: ConnectInfo) {
     let mut session = Session::new(app.clone(), connect);
     let waker = session.waker().clone();
     app.metrics.connections_websocket.fetch_add(1, Relaxed);
@@ -466,7 +624,7 @@ pub async fn run(app: Arc<App>, stream: TcpStream, initial: Vec<u8>, connect: Co
         }
         // Write at once: usually the socket takes it all and no readiness wait is needed.
         if !outbox.is_empty()
-            && let Err(e) = outbox.write_to(&stream)
+            && let Err(e) = outbox.write_to(&mut stream)
         {
             tracing::debug!(error = %e, "websocket write failed");
             break;
@@ -475,7 +633,7 @@ pub async fn run(app: Arc<App>, stream: TcpStream, initial: Vec<u8>, connect: Co
             break;
         }
         let want_read = !peer_closed && outbox.bytes < READ_PAUSE_BYTES;
-        let want_write = !outbox.is_empty();
+        let want_write = !outbox.is_empty() || stream.wants_flush();
         let event = std::future::poll_fn(|cx| {
             use std::task::Poll;
             if !draining && !close_sent && app.is_draining() {
@@ -540,7 +698,7 @@ pub async fn run(app: Arc<App>, stream: TcpStream, initial: Vec<u8>, connect: Co
                 }
                 last_activity = Instant::now();
                 match read_ready(
-                    &stream,
+                    &mut stream,
                     &mut reader,
                     &mut session,
                     &mut outbox,
