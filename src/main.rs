@@ -35,6 +35,11 @@ enum Command {
         /// Redis URL (overrides redis.url and PUSHGATE_REDIS_URL).
         #[arg(long)]
         redis: Option<String>,
+        /// Edge mode: serve HTTPS (HTTP/1.1 and HTTP/2, WebSockets included) at this address
+        /// with a certificate obtained by ACME TLS-ALPN-01 (sets tls.listen, acme.enabled and
+        /// acme.challenge = "tls-alpn-01"; acme.domains must be configured).
+        #[arg(long, value_name = "ADDR")]
+        tls: Option<String>,
     },
     /// Print the effective configuration, or each problem with its key (exit 64).
     CheckConfig {
@@ -92,6 +97,7 @@ fn main() -> ExitCode {
             config,
             listen,
             redis,
+            tls,
         } => {
             let c = match load(config.as_ref(), |c| {
                 if let Some(l) = listen {
@@ -99,6 +105,11 @@ fn main() -> ExitCode {
                 }
                 if let Some(r) = redis {
                     c.redis.url = r;
+                }
+                if let Some(addr) = tls {
+                    c.tls.listen = addr;
+                    c.acme.enabled = true;
+                    c.acme.challenge = pushgate::config::AcmeChallenge::TlsAlpn01;
                 }
             }) {
                 Ok(c) => c,

@@ -461,6 +461,14 @@ async fn serve_with_a_bad_config_exits_64_before_listening() {
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(64), "{stderr}");
     assert!(stderr.contains("server.listen"), "{stderr}");
+
+    // Edge mode needs the domains to ask certificates for.
+    let mut cmd = pushgate();
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--tls", "127.0.0.1:0"]);
+    let out = run(cmd);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains("acme.domains"), "{stderr}");
 }
 
 #[tokio::test]
