@@ -758,6 +758,9 @@ async fn renewal_replaces_the_certificate_and_a_stopped_ca_leaves_it_in_place() 
     let config = acme_config(&pebble, &tls_dir, &tmp.path("state"), &reload);
     let mut gw = pushgate(&tmp.0, listen, &config);
     gw.wait_log("listening", STARTUP).await;
+    // A client connected through both renewals must stay connected.
+    let mut client = support::connect(listen).await;
+    support::join(&mut client, "1", "room:renewal", "{}").await;
 
     let first = poll(
         ISSUANCE,
@@ -786,6 +789,12 @@ async fn renewal_replaces_the_certificate_and_a_stopped_ca_leaves_it_in_place() 
     )
     .await;
     assert_ne!(first_cert(&first), first_cert(&second));
+    support::publish(listen, "room:renewal", "after", "2").await;
+    assert_eq!(
+        support::recv(&mut client).await[4],
+        2,
+        "the client connected before the renewals still receives"
+    );
     assert_eq!(
         metric(listen, r#"pushgate_acme_renewals_total{result="ok"}"#).await,
         2.0
