@@ -37,4 +37,13 @@ if awk -v l="$level" -v m="$MAX_EXPOSURE" 'BEGIN { exit !(l > m) }'; then
     grep '✗' <<<"$out" || true
     echo "exposure level $level is above $MAX_EXPOSURE"; exit 1
 fi
-echo "systemd units: 2 passed, 0 failed"
+echo "==> edge drop-in: systemd-analyze verify pushgate.service with systemd/pushgate-edge.conf"
+mkdir -p "$root/etc/systemd/system/pushgate.service.d"
+cp systemd/pushgate-edge.conf "$root/etc/systemd/system/pushgate.service.d/edge.conf"
+out=$(systemd-analyze verify --man=no --root="$root" pushgate.service 2>&1) || {
+    echo "$out"; echo "systemd-analyze verify failed with the edge drop-in"; exit 1; }
+if [ -n "$out" ]; then echo "$out"; echo "systemd-analyze verify printed warnings"; exit 1; fi
+out=$(systemd-analyze security --offline=yes --root="$root" pushgate.service 2>&1 || true)
+line=$(grep -o 'Overall exposure level for pushgate.service: [0-9.]*' <<<"$out" || true)
+echo "    exposure level with the edge drop-in: ${line##* }"
+echo "systemd units: 3 passed, 0 failed"
