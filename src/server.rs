@@ -15,7 +15,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// How often old history is trimmed and empty topics are forgotten.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
@@ -26,8 +26,12 @@ pub async fn run(listeners: Vec<TcpListener>, app: Arc<App>, edge: crate::tls::L
     let slots = Arc::new(Semaphore::new(app.config.server.max_connections));
     edge.spawn(&app, &slots);
     for listener in listeners {
-        app.tracker
-            .spawn(accept_loop(listener, app.clone(), slots.clone()));
+        app.tracker.spawn(accept_loop(
+            listener,
+            app.clone(),
+            slots.clone(),
+            serve_plain,
+        ));
     }
     if let crate::broker::Broker::Redis(r) = &app.broker {
         app.tracker
@@ -36,31 +40,14 @@ pub async fn run(listeners: Vec<TcpListener>, app: Arc<App>, edge: crate::tls::L
     if app.config.acme.enabled {
         app.tracker.spawn(crate::acme::run(app.clone()));
     }
-    let sweeper_app = app.clone();
-    app.tracker.spawn(async move {
-        let mut tick = tokio::time::interval(SWEEP_INTERVAL);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = sweeper_app.shutdown.cancelled() => break,
-                _ = tick.tick() => sweeper_app.hub.sweep(),
-            }
-        }
-    });
-    let longpoll_app = app.clone();
-    app.tracker.spawn(async move {
-        // Check often enough that a session outlives its timeout by at most a quarter of it.
-        let every = Duration::from_millis(longpoll_app.config.longpoll.session_timeout_ms / 4);
-        let mut tick = tokio::time::interval(every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = longpoll_app.shutdown.cancelled() => break,
-                _ = tick.tick() => longpoll_app.longpoll.sweep(&longpoll_app),
-            }
-        }
-        longpoll_app.longpoll.close_all();
-    });
+    spawn_periodic(&app, SWEEP_INTERVAL, |app| app.hub.sweep(), |_| {});
+    // Check often enough that a session outlives its timeout by at most a quarter of it.
+    spawn_periodic(
+        &app,
+        Duration::from_millis(app.config.longpoll.session_timeout_ms / 4),
+        |app| app.longpoll.sweep(app),
+        |app| app.longpoll.close_all(),
+    );
     app.shutdown.cancelled().await;
     app.set_draining();
     tracing::info!(
@@ -83,7 +70,19 @@ pub async fn run(listeners: Vec<TcpListener>, app: Arc<App>, edge: crate::tls::L
     finished
 }
 
-async fn accept_loop(listener: TcpListener, app: Arc<App>, slots: Arc<Semaphore>) {
+/// Accepts on `listener` until shutdown, a connection slot taken before each accept; transient
+/// accept errors (typically EMFILE) back off and retry. Each connection is handed to `serve` in
+/// its own tracked task, with the slot it holds. Shared by the plain listener and the edge
+/// listeners (`crate::tls`).
+pub(crate) async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    app: Arc<App>,
+    slots: Arc<Semaphore>,
+    serve: F,
+) where
+    F: Fn(Arc<App>, TcpStream, std::net::SocketAddr, OwnedSemaphorePermit) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let mut backoff = Duration::from_millis(5);
     loop {
         let permit = tokio::select! {
@@ -114,19 +113,42 @@ async fn accept_loop(listener: TcpListener, app: Arc<App>, slots: Arc<Semaphore>
             .connections_accepted
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let _ = stream.set_nodelay(true);
-        let conn_app = app.clone();
-        app.tracker.spawn(async move {
-            serve_connection(conn_app, stream, permit).await;
-            tracing::trace!(%peer, "connection done");
-        });
+        app.tracker.spawn(serve(app.clone(), stream, peer, permit));
     }
 }
 
-async fn serve_connection(
+/// Runs `tick` every `every` until shutdown, then `last` once.
+fn spawn_periodic(
+    app: &Arc<App>,
+    every: Duration,
+    tick: impl Fn(&App) + Send + 'static,
+    last: impl FnOnce(&App) + Send + 'static,
+) {
+    let app2 = app.clone();
+    app.tracker.spawn(async move {
+        let mut interval = tokio::time::interval(every);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = app2.shutdown.cancelled() => break,
+                _ = interval.tick() => tick(&app2),
+            }
+        }
+        last(&app2);
+    });
+}
+
+async fn serve_plain(
     app: Arc<App>,
     stream: TcpStream,
-    permit: tokio::sync::OwnedSemaphorePermit,
+    peer: std::net::SocketAddr,
+    permit: OwnedSemaphorePermit,
 ) {
+    serve_connection(app, stream, permit).await;
+    tracing::trace!(%peer, "connection done");
+}
+
+async fn serve_connection(app: Arc<App>, stream: TcpStream, permit: OwnedSemaphorePermit) {
     // The slot moves into a WebSocket task on upgrade; otherwise it is released when this
     // connection ends.
     let slot = Arc::new(std::sync::Mutex::new(Some(permit)));

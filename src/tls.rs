@@ -16,6 +16,7 @@
 
 use crate::app::App;
 use crate::router;
+use crate::server::accept_loop;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -62,23 +63,19 @@ impl Listeners {
         if let Some(l) = self.https {
             let https_port = l.local_addr().map_or(443, |a| a.port());
             app.tracker
-                .spawn(accept_loop(l, app.clone(), slots.clone(), Kind::Https));
+                .spawn(accept_loop(l, app.clone(), slots.clone(), serve_tls));
             if let Some(r) = self.redirect {
                 app.tracker.spawn(accept_loop(
                     r,
                     app.clone(),
                     slots.clone(),
-                    Kind::Redirect { https_port },
+                    move |app, stream, _peer, permit| {
+                        serve_redirect(app, stream, https_port, permit)
+                    },
                 ));
             }
         }
     }
-}
-
-#[derive(Clone, Copy)]
-enum Kind {
-    Https,
-    Redirect { https_port: u16 },
 }
 
 /// Runs hyper's connection futures (HTTP/2 streams) on the tracker, so shutdown waits for them.
@@ -92,45 +89,6 @@ where
 {
     fn execute(&self, fut: F) {
         self.0.spawn(fut);
-    }
-}
-
-async fn accept_loop(listener: TcpListener, app: Arc<App>, slots: Arc<Semaphore>, kind: Kind) {
-    let mut backoff = Duration::from_millis(5);
-    loop {
-        let permit = tokio::select! {
-            _ = app.shutdown.cancelled() => return,
-            p = slots.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return,
-            },
-        };
-        let (stream, peer) = tokio::select! {
-            _ = app.shutdown.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, backoff_ms = backoff.as_millis() as u64, "accept failed");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
-                    continue;
-                }
-            },
-        };
-        backoff = Duration::from_millis(5);
-        app.metrics
-            .connections_accepted
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let _ = stream.set_nodelay(true);
-        let conn_app = app.clone();
-        app.tracker.spawn(async move {
-            match kind {
-                Kind::Https => serve_tls(conn_app, stream, peer, permit).await,
-                Kind::Redirect { https_port } => {
-                    serve_redirect(conn_app, stream, https_port, permit).await
-                }
-            }
-        });
     }
 }
 
