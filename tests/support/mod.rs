@@ -418,12 +418,8 @@ pub fn client_frame(fin: bool, opcode: u8, payload: &[u8], masked: bool) -> Vec<
     out
 }
 
-pub const OP_CONTINUATION: u8 = 0x0;
-pub const OP_TEXT: u8 = 0x1;
-pub const OP_BINARY: u8 = 0x2;
-pub const OP_CLOSE: u8 = 0x8;
-pub const OP_PING: u8 = 0x9;
-pub const OP_PONG: u8 = 0xA;
+#[allow(unused_imports)] // each test binary uses some of them
+pub use pushgate::ws::{OP_BINARY, OP_CLOSE, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT};
 
 /// A WebSocket client on a plain TcpStream, with the handshake done by hand, for sending
 /// frames no well-behaved client library would send.
