@@ -749,23 +749,26 @@ describe("Redis broker with several pushgate nodes", () => {
       assert.equal(opens, 1, `the socket reopened before any node stopped\n${evidence()}`);
 
       // Stop the owning node while the client's pending poll is one the other node has forwarded
-      // to it through Redis. With only this client's requests going through nginx, round robin
-      // alternates strictly: once every request the client finished is logged, the last one went
-      // to the owner and one GET is outstanding, that GET went to the other node.
+      // to it through Redis. nginx (one worker, two equal servers) alternates strictly in the order
+      // it dispatches requests, which is not the order its log lists them (a POST can finish before
+      // the GET sent ahead of it). So count: with every other request finished and logged, the one
+      // outstanding GET is dispatch number N+1, which goes where the first request went when N is
+      // even, and to the other server when N is odd. The first request (the 410 GET) finished
+      // before anything else was sent, so it is the first line of the log.
       const clientLines = () => nginx.accessLog().filter((l) => l.uri.startsWith("/socket/longpoll"));
+      const servers = nodes.map((n) => n.addr);
       let loggedBeforeStop = 0;
       await waitFor(
         () => {
+          const all = nginx.accessLog();
           const lines = clientLines();
           const done = exchanges.filter((e) => e.answer !== undefined);
           const pending = exchanges.filter((e) => e.answer === undefined);
           loggedBeforeStop = lines.length;
-          return (
-            lines.length === done.length &&
-            pending.length === 1 &&
-            pending[0].method === "GET" &&
-            lines.at(-1).upstream === owner.addr
-          );
+          if (lines.length !== done.length || pending.length !== 1 || pending[0].method !== "GET") return false;
+          const first = all[0].upstream;
+          const next = all.length % 2 === 0 ? first : servers.find((s) => s !== first);
+          return next === other.addr;
         },
         DEADLINE_MS,
         () => `a poll forwarded by ${other.label}\n${evidence()}`,
