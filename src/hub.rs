@@ -157,8 +157,11 @@ pub struct Topic {
 
 /// Topics with at most this many local subscribers are woken inline by the publisher.
 const INLINE_WAKE_MAX: usize = 64;
-/// A fanout task wakes this many subscribers, then yields so that they write and other work
-/// (the next publish, above all) gets in between chunks.
+/// On a busy topic, a fanout task wakes this many subscribers, then yields so that they write
+/// and other work (the next publish, above all) gets in between chunks. A sweep after a quiet
+/// moment wakes everyone at once instead: every subscriber's write is then queued ahead of the
+/// requests their deliveries provoke (the next LongPoll GET above all), which keeps the last
+/// delivery early.
 const WAKE_CHUNK: usize = 256;
 /// When messages kept arriving during a sweep (the topic is busy), the next sweep waits this
 /// long to gather more, so each subscriber writes more messages per `writev`. A sweep that
@@ -170,6 +173,7 @@ const BUSY_BATCH_WINDOW: Duration = Duration::from_millis(2);
 /// themselves: the next sweep covers them, so under load each subscriber takes many messages
 /// per wake-up (and per write), while a lone message is still delivered at once.
 async fn fanout(topic: Arc<Topic>) {
+    let mut busy = false;
     loop {
         let (covered, wakers): (u64, Vec<Arc<Waker>>) = {
             let st = topic.read_lock();
@@ -178,14 +182,20 @@ async fn fanout(topic: Arc<Topic>) {
                 st.subscribers.iter().map(|(_, w)| w.clone()).collect(),
             )
         };
-        for chunk in wakers.chunks(WAKE_CHUNK) {
+        let chunk = if busy {
+            WAKE_CHUNK
+        } else {
+            wakers.len().max(1)
+        };
+        for chunk in wakers.chunks(chunk) {
             for w in chunk {
                 w.wake();
             }
             tokio::task::yield_now().await;
         }
         drop(wakers);
-        if topic.read_lock().last_seq != covered {
+        busy = topic.read_lock().last_seq != covered;
+        if busy {
             // Busy: gather for a moment before the next sweep (publishers see the sweep as
             // still scheduled and wake nobody themselves).
             tokio::time::sleep(BUSY_BATCH_WINDOW).await;

@@ -90,12 +90,10 @@ pub async fn read_head(s: &mut TcpStream, buf: &mut Vec<u8>) -> io::Result<(u16,
                 .ok_or_else(|| io::Error::other("bad status line"))?;
             return Ok((status, head, end + 4));
         }
-        let mut chunk = [0u8; 4096];
-        let n = s.read(&mut chunk).await?;
-        if n == 0 {
+        buf.reserve(4096);
+        if s.read_buf(buf).await? == 0 {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
-        buf.extend_from_slice(&chunk[..n]);
     }
 }
 
@@ -183,12 +181,10 @@ impl Http {
         let (status, head, body_start) = read_head(&mut self.stream, &mut self.buf).await?;
         let len = content_length(&head);
         while self.buf.len() < body_start + len {
-            let mut chunk = [0u8; 8192];
-            let n = self.stream.read(&mut chunk).await?;
-            if n == 0 {
+            self.buf.reserve(body_start + len - self.buf.len());
+            if self.stream.read_buf(&mut self.buf).await? == 0 {
                 return Err(io::ErrorKind::UnexpectedEof.into());
             }
-            self.buf.extend_from_slice(&chunk[..n]);
         }
         let body = self.buf[body_start..body_start + len].to_vec();
         Ok((status, head, body))
@@ -307,10 +303,9 @@ impl WsClient {
                 self.buf.drain(..self.start);
                 self.start = 0;
             }
-            let old = self.buf.len();
-            self.buf.resize(old + 16 * 1024, 0);
-            let n = self.stream.read(&mut self.buf[old..]).await?;
-            self.buf.truncate(old + n);
+            // Read into spare capacity: no zeroing of a fresh buffer per read.
+            self.buf.reserve(16 * 1024);
+            let n = self.stream.read_buf(&mut self.buf).await?;
             if n == 0 {
                 return Err(io::ErrorKind::UnexpectedEof.into());
             }
