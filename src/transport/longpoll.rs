@@ -234,6 +234,10 @@ async fn get(app: Arc<App>, req: Request<Incoming>) -> Bytes {
     let token = session_token(&req);
     if let Some(t) = &token {
         if let Some(lp) = app.longpoll.get(t) {
+            // The request's head points into hyper's read buffer: let go of it before holding
+            // the poll, so hyper can reuse that buffer for the next request instead of
+            // allocating a new one.
+            drop(req);
             return poll(app, lp).await;
         }
         if let Some(body) = forward(&app, t, None).await {
