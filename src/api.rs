@@ -40,11 +40,7 @@ pub fn json_response(status: StatusCode, body: impl Into<Bytes>) -> Response<Ful
 
 /// `{"error": message}` with `status`.
 pub fn error_response(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
-    let mut body = Vec::with_capacity(16 + message.len());
-    body.extend_from_slice(b"{\"error\":");
-    protocol::push_json_str(&mut body, message);
-    body.push(b'}');
-    json_response(status, body)
+    Answer::error(status, message).into_response()
 }
 
 /// Compares in time independent of where the first difference is.
@@ -55,11 +51,9 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn authorized(app: &App, req: &Request<Incoming>) -> bool {
-    let Some(value) = req.headers().get(header::AUTHORIZATION) else {
-        return false;
-    };
-    let Ok(value) = value.to_str() else {
+/// Whether an `Authorization` header value carries the publish token.
+fn authorized(app: &App, authorization: Option<&[u8]>) -> bool {
+    let Some(value) = authorization.and_then(|v| std::str::from_utf8(v).ok()) else {
         return false;
     };
     let Some((scheme, token)) = value.split_once(' ') else {
@@ -114,7 +108,71 @@ fn parse_item(raw: &str) -> Result<PublishItem<'_>, String> {
     Ok(item)
 }
 
-/// Handles `POST /api/publish`.
+/// A publish answer, before it is framed (by hyper, or by [`crate::http1`]).
+#[derive(Debug)]
+pub struct Answer {
+    pub status: StatusCode,
+    /// `{"position": ...}`, `{"positions": [...]}` or `{"error": ...}`.
+    pub body: Vec<u8>,
+    /// A 401 names the scheme it wants (`www-authenticate: Bearer`).
+    pub bearer_challenge: bool,
+}
+
+impl Answer {
+    fn error(status: StatusCode, message: &str) -> Answer {
+        let mut body = Vec::with_capacity(16 + message.len());
+        body.extend_from_slice(b"{\"error\":");
+        protocol::push_json_str(&mut body, message);
+        body.push(b'}');
+        Answer {
+            status,
+            body,
+            bearer_challenge: false,
+        }
+    }
+
+    pub fn into_response(self) -> Response<Full<Bytes>> {
+        let mut r = json_response(self.status, self.body);
+        if self.bearer_challenge {
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+        }
+        r
+    }
+}
+
+/// The checks made before the body is read: the bearer token, then the declared size.
+/// `Ok` carries the body size limit.
+pub fn check_head(
+    app: &App,
+    authorization: Option<&[u8]>,
+    content_length: Option<u64>,
+) -> Result<usize, Answer> {
+    if !authorized(app, authorization) {
+        let mut a = Answer::error(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong bearer token (Authorization: Bearer <PUSHGATE_PUBLISH_TOKEN>)",
+        );
+        a.bearer_challenge = true;
+        return Err(a);
+    }
+    let limit = app.config.publish.max_body_bytes;
+    if content_length.is_some_and(|n| n > limit as u64) {
+        return Err(too_big(limit));
+    }
+    Ok(limit)
+}
+
+pub fn too_big(limit: usize) -> Answer {
+    Answer::error(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        &format!("body larger than {limit} bytes (publish.max_body_bytes)"),
+    )
+}
+
+/// Handles `POST /api/publish` (served by hyper).
 pub async fn publish(app: Arc<App>, req: Request<Incoming>) -> Response<Full<Bytes>> {
     if req.method() != hyper::Method::POST {
         let mut r = error_response(StatusCode::METHOD_NOT_ALLOWED, "use POST to publish");
@@ -122,62 +180,54 @@ pub async fn publish(app: Arc<App>, req: Request<Incoming>) -> Response<Full<Byt
             .insert(header::ALLOW, header::HeaderValue::from_static("POST"));
         return r;
     }
-    if !authorized(&app, &req) {
-        let mut r = error_response(
-            StatusCode::UNAUTHORIZED,
-            "missing or wrong bearer token (Authorization: Bearer <PUSHGATE_PUBLISH_TOKEN>)",
-        );
-        r.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            header::HeaderValue::from_static("Bearer"),
-        );
-        return r;
-    }
-    let limit = app.config.publish.max_body_bytes;
-    let too_big = || {
-        error_response(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            &format!("body larger than {limit} bytes (publish.max_body_bytes)"),
-        )
-    };
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
-        return too_big();
-    }
+    let authorization = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .map(|v| v.as_bytes());
+    let limit = match check_head(&app, authorization, declared) {
+        Ok(limit) => limit,
+        Err(a) => return a.into_response(),
+    };
     let body = match Limited::new(req.into_body(), limit).collect().await {
         Ok(b) => b.to_bytes(),
         Err(e) => {
             if e.is::<http_body_util::LengthLimitError>() {
-                return too_big();
+                return too_big(limit).into_response();
             }
             return error_response(StatusCode::BAD_REQUEST, "could not read the request body");
         }
     };
-    let text = match std::str::from_utf8(&body) {
+    publish_body(&app, &body).await.into_response()
+}
+
+/// Publishes what an authorized request's body asks for.
+pub async fn publish_body(app: &App, body: &[u8]) -> Answer {
+    let text = match std::str::from_utf8(body) {
         Ok(t) => t,
-        Err(_) => return error_response(StatusCode::BAD_REQUEST, "body is not UTF-8"),
+        Err(_) => return Answer::error(StatusCode::BAD_REQUEST, "body is not UTF-8"),
     };
     let is_batch = text.trim_start().starts_with('[');
     let items: Vec<PublishItem> = if is_batch {
         let raws: Vec<&RawValue> = match serde_json::from_str(text) {
             Ok(r) => r,
             Err(e) => {
-                return error_response(StatusCode::BAD_REQUEST, &format!("invalid JSON: {e}"));
+                return Answer::error(StatusCode::BAD_REQUEST, &format!("invalid JSON: {e}"));
             }
         };
         if raws.is_empty() {
-            return error_response(StatusCode::BAD_REQUEST, "empty batch: nothing to publish");
+            return Answer::error(StatusCode::BAD_REQUEST, "empty batch: nothing to publish");
         }
         let mut items = Vec::with_capacity(raws.len());
         for (i, raw) in raws.iter().enumerate() {
             match parse_item(raw.get()) {
                 Ok(item) => items.push(item),
                 Err(e) => {
-                    return error_response(StatusCode::BAD_REQUEST, &format!("item {i}: {e}"));
+                    return Answer::error(StatusCode::BAD_REQUEST, &format!("item {i}: {e}"));
                 }
             }
         }
@@ -185,7 +235,7 @@ pub async fn publish(app: Arc<App>, req: Request<Incoming>) -> Response<Full<Byt
     } else {
         match parse_item(text) {
             Ok(item) => vec![item],
-            Err(e) => return error_response(StatusCode::BAD_REQUEST, &e),
+            Err(e) => return Answer::error(StatusCode::BAD_REQUEST, &e),
         }
     };
     let mut body = Vec::with_capacity(32 * items.len() + 16);
@@ -206,13 +256,13 @@ pub async fn publish(app: Arc<App>, req: Request<Incoming>) -> Response<Full<Byt
         Ok(p) => p,
         Err(crate::broker::PublishError::Unavailable(e)) => {
             tracing::warn!(error = %e, "publish failed: broker unavailable");
-            return error_response(
+            return Answer::error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 &format!("broker unavailable, nothing published after the first failure: {e}"),
             );
         }
         Err(crate::broker::PublishError::Rejected(e)) => {
-            return error_response(StatusCode::BAD_REQUEST, &e);
+            return Answer::error(StatusCode::BAD_REQUEST, &e);
         }
     };
     for (i, pos) in positions.iter().enumerate() {
@@ -222,5 +272,9 @@ pub async fn publish(app: Arc<App>, req: Request<Incoming>) -> Response<Full<Byt
         protocol::push_json_str(&mut body, pos);
     }
     body.extend_from_slice(if is_batch { b"]}" } else { b"}" });
-    json_response(StatusCode::OK, body)
+    Answer {
+        status: StatusCode::OK,
+        body,
+        bearer_challenge: false,
+    }
 }

@@ -88,9 +88,20 @@ impl Entry {
 pub struct Waker {
     task: atomic_waker::AtomicWaker,
     scheduled: AtomicBool,
+    /// Woken ahead of the others when a quiet topic gets a message (see [`WAKE_CHUNK`]).
+    eager: AtomicBool,
 }
 
 impl Waker {
+    /// Marks the subscriber as one whose delivery provokes a request (a LongPoll poll).
+    pub fn set_eager(&self) {
+        self.eager.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_eager(&self) -> bool {
+        self.eager.load(Ordering::Relaxed)
+    }
+
     pub fn wake(&self) {
         if !self.scheduled.swap(true, Ordering::AcqRel) {
             self.task.wake();
@@ -157,11 +168,10 @@ pub struct Topic {
 
 /// Topics with at most this many local subscribers are woken inline by the publisher.
 const INLINE_WAKE_MAX: usize = 64;
-/// On a busy topic, a fanout task wakes this many subscribers, then yields so that they write
-/// and other work (the next publish, above all) gets in between chunks. A sweep after a quiet
-/// moment wakes everyone at once instead: every subscriber's write is then queued ahead of the
-/// requests their deliveries provoke (the next LongPoll GET above all), which keeps the last
-/// delivery early.
+/// A fanout task wakes this many subscribers, then yields so that they write and other work
+/// (the next publish, above all) gets in between chunks. Eager subscribers (LongPoll polls) of
+/// a topic that was quiet are all woken first, at once: each answer provokes the client's next
+/// request, which then queues behind every other answer instead of in between them.
 const WAKE_CHUNK: usize = 256;
 /// When messages kept arriving during a sweep (the topic is busy), the next sweep waits this
 /// long to gather more, so each subscriber writes more messages per `writev`. A sweep that
@@ -182,12 +192,13 @@ async fn fanout(topic: Arc<Topic>) {
                 st.subscribers.iter().map(|(_, w)| w.clone()).collect(),
             )
         };
-        let chunk = if busy {
-            WAKE_CHUNK
-        } else {
-            wakers.len().max(1)
-        };
-        for chunk in wakers.chunks(chunk) {
+        if !busy {
+            for w in wakers.iter().filter(|w| w.is_eager()) {
+                w.wake();
+            }
+        }
+        // (Waking an eager subscriber again below is a no-op until it has run.)
+        for chunk in wakers.chunks(WAKE_CHUNK) {
             for w in chunk {
                 w.wake();
             }

@@ -3,6 +3,7 @@
 //! Map of the crate (see ARCHITECTURE.md for the bird's-eye view):
 //! - [`config`]: the configuration sections, defaults, environment overlay and validation.
 //! - [`server`]: accept loop, connection limit, per-connection HTTP, shutdown and drain.
+//! - [`http1`]: the lean HTTP/1.1 loop for publish and LongPoll connections (hyper does the rest).
 //! - [`router`]: path to handler; `/healthz`, `/readyz`, `/metrics`, demo page.
 //! - [`api`]: `POST /api/publish`.
 //! - [`protocol`]: Phoenix V2 frames, parse and encode, no I/O.
@@ -23,6 +24,7 @@ pub mod api;
 pub mod app;
 pub mod broker;
 pub mod config;
+pub mod http1;
 pub mod hub;
 pub mod metrics;
 pub mod protocol;

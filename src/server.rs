@@ -9,7 +9,7 @@
 //! tracked task up to `shutdown.grace_ms`.
 
 use crate::app::App;
-use crate::router;
+use crate::{http1, router};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use std::sync::Arc;
@@ -138,17 +138,29 @@ fn spawn_periodic(
     });
 }
 
+/// A plain connection: publish and LongPoll connections go to the lean HTTP/1 loop
+/// ([`crate::http1`]), everything else (and whatever that loop hands back) to hyper.
 async fn serve_plain(
     app: Arc<App>,
     stream: TcpStream,
     peer: std::net::SocketAddr,
     permit: OwnedSemaphorePermit,
 ) {
-    serve_connection(app, stream, permit).await;
+    match http1::first(&app, &stream).await {
+        http1::First::Lean => match http1::serve(&app, stream).await {
+            http1::End::Closed => {}
+            http1::End::Hyper(rewound) => serve_connection(app, rewound, permit).await,
+        },
+        http1::First::Hyper => serve_connection(app, stream, permit).await,
+        http1::First::Closed => {}
+    }
     tracing::trace!(%peer, "connection done");
 }
 
-async fn serve_connection(app: Arc<App>, stream: TcpStream, permit: OwnedSemaphorePermit) {
+async fn serve_connection<S>(app: Arc<App>, stream: S, permit: OwnedSemaphorePermit)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     // The slot moves into a WebSocket task on upgrade; otherwise it is released when this
     // connection ends.
     let slot = Arc::new(std::sync::Mutex::new(Some(permit)));

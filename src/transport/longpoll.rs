@@ -48,7 +48,7 @@ pub struct Registry {
 }
 
 #[derive(Debug)]
-struct LpSession {
+pub struct LpSession {
     token: Box<str>,
     inner: Mutex<Inner>,
     /// Signals a superseded listener or a closed session.
@@ -141,18 +141,20 @@ fn looks_like_ours(token: &str) -> bool {
 
 /// The session token: the `X-Phoenix-Longpoll-Token` header, else the **last** `token` query
 /// value (a user param called `token` comes first).
-fn session_token(req: &Request<Incoming>) -> Option<String> {
-    if let Some(v) = req
-        .headers()
-        .get("x-phoenix-longpoll-token")
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty())
-    {
-        return Some(v.to_string());
+pub fn session_token<'a>(header: Option<&'a str>, query: &'a str) -> Option<&'a str> {
+    if let Some(v) = header.filter(|v| !v.is_empty()) {
+        return Some(v);
     }
-    query_param(req.uri().query().unwrap_or(""), "token")
-        .filter(|t| !t.is_empty())
-        .map(|t| t.to_string())
+    query_param(query, "token").filter(|t| !t.is_empty())
+}
+
+fn token_of(req: &Request<Incoming>) -> Option<&str> {
+    session_token(
+        req.headers()
+            .get("x-phoenix-longpoll-token")
+            .and_then(|v| v.to_str().ok()),
+        req.uri().query().unwrap_or(""),
+    )
 }
 
 /// An HTTP 200 JSON answer with the headers every LongPoll response carries.
@@ -174,7 +176,7 @@ fn answer(body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     r
 }
 
-fn status_only(status: u16) -> Bytes {
+pub fn status_only(status: u16) -> Bytes {
     Bytes::from(format!("{{\"status\":{status}}}"))
 }
 
@@ -199,8 +201,31 @@ fn poll_answer(status: u16, token: &str, messages: &[Bytes]) -> Bytes {
 pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Full<Bytes>> {
     match *req.method() {
         Method::OPTIONS => preflight(&req),
-        Method::GET => answer(get(app, req).await),
-        Method::POST => answer(post(app, req).await),
+        Method::GET => {
+            let query = req.uri().query().unwrap_or("");
+            let auth_token = req
+                .headers()
+                .get("x-phoenix-authtoken")
+                .and_then(|v| v.to_str().ok());
+            let get = Get::begin(&app, token_of(&req), query, auth_token);
+            // The request's head points into hyper's read buffer: let go of it before holding
+            // the poll, so hyper can reuse that buffer for the next request instead of
+            // allocating a new one.
+            drop(req);
+            answer(get.finish(app).await)
+        }
+        Method::POST => {
+            let token = token_of(&req).map(str::to_string);
+            let limit = app.config.longpoll.max_post_bytes;
+            let body = match Limited::new(req.into_body(), limit).collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                    return answer(status_only(413));
+                }
+                Err(_) => return answer(status_only(400)),
+            };
+            answer(post(&app, token.as_deref(), &body).await)
+        }
         _ => {
             let mut r = Response::new(Full::new(Bytes::new()));
             *r.status_mut() = StatusCode::BAD_REQUEST;
@@ -230,26 +255,54 @@ fn preflight(req: &Request<Incoming>) -> Response<Full<Bytes>> {
     r
 }
 
-async fn get(app: Arc<App>, req: Request<Incoming>) -> Bytes {
-    let token = session_token(&req);
-    if let Some(t) = &token {
-        if let Some(lp) = app.longpoll.get(t) {
-            // The request's head points into hyper's read buffer: let go of it before holding
-            // the poll, so hyper can reuse that buffer for the next request instead of
-            // allocating a new one.
-            drop(req);
-            return poll(app, lp).await;
+/// A LongPoll GET, decided from its head alone: answered at once, or held (a poll of one of
+/// our sessions, or one forwarded to the node that owns the session).
+pub enum Get {
+    Done(Bytes),
+    Poll(Arc<LpSession>),
+    Forward(String),
+}
+
+impl Get {
+    /// `token`: the session token ([`session_token`]); `query`: the URL's query string;
+    /// `auth_token`: the `X-Phoenix-AuthToken` header.
+    pub fn begin(
+        app: &Arc<App>,
+        token: Option<&str>,
+        query: &str,
+        auth_token: Option<&str>,
+    ) -> Get {
+        if let Some(t) = token {
+            if let Some(lp) = app.longpoll.get(t) {
+                return Get::Poll(lp);
+            }
+            if owner(t).is_some_and(|o| o != app.node_id)
+                && matches!(app.broker, crate::broker::Broker::Redis(_))
+            {
+                return Get::Forward(t.to_string());
+            }
+            if looks_like_ours(t) {
+                tracing::debug!("longpoll session gone; telling the client to reconnect");
+                return Get::Done(status_only(500));
+            }
         }
-        if let Some(body) = forward(&app, t, None).await {
-            return body;
-        }
-        if looks_like_ours(t) {
-            tracing::debug!("longpoll session gone; telling the client to reconnect");
-            return status_only(500);
+        Get::Done(new_session(app, query, auth_token))
+    }
+
+    /// The answer's body.
+    pub async fn finish(self, app: Arc<App>) -> Bytes {
+        match self {
+            Get::Done(body) => body,
+            Get::Poll(lp) => poll(app, lp).await,
+            // A token of another node whose owner does not answer: gone (see the module doc).
+            Get::Forward(token) => forward(&app, &token, None)
+                .await
+                .unwrap_or_else(|| status_only(500)),
         }
     }
-    // A new session.
-    let query = req.uri().query().unwrap_or("");
+}
+
+fn new_session(app: &Arc<App>, query: &str, auth_token: Option<&str>) -> Bytes {
     if !query_param(query, "vsn").is_some_and(|v| v.starts_with("2.")) {
         return status_only(403);
     }
@@ -262,16 +315,12 @@ async fn get(app: Arc<App>, req: Request<Incoming>) -> Bytes {
         tracing::warn!("longpoll session limit reached (server.max_connections)");
         return status_only(500);
     }
-    let auth_token = req
-        .headers()
-        .get("x-phoenix-authtoken")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
     let connect = ConnectInfo {
         query: query.to_string(),
-        auth_token,
+        auth_token: auth_token.map(str::to_string),
     };
     let session = Session::new(app.clone(), connect);
+    session.waker().set_eager();
     let token = new_token(&app.node_id);
     let lp = Arc::new(LpSession {
         token: token.clone().into_boxed_str(),
@@ -388,20 +437,14 @@ async fn poll(app: Arc<App>, lp: Arc<LpSession>) -> Bytes {
     }
 }
 
-async fn post(app: Arc<App>, req: Request<Incoming>) -> Bytes {
-    let token = session_token(&req);
-    let limit = app.config.longpoll.max_post_bytes;
-    let body = match Limited::new(req.into_body(), limit).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => return status_only(413),
-        Err(_) => return status_only(400),
-    };
+/// A LongPoll POST whose body (at most `longpoll.max_post_bytes`) has been read.
+pub async fn post(app: &Arc<App>, token: Option<&str>, body: &[u8]) -> Bytes {
     let Some(token) = token else {
         return status_only(410);
     };
-    match app.longpoll.get(&token) {
-        Some(lp) => post_lines(&app, &lp, &body),
-        None => match forward(&app, &token, Some(&body)).await {
+    match app.longpoll.get(token) {
+        Some(lp) => post_lines(app, &lp, body),
+        None => match forward(app, token, Some(body)).await {
             Some(answer) => answer,
             None => status_only(410),
         },

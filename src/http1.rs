@@ -1,0 +1,492 @@
+//! A lean HTTP/1.1 loop for the requests a busy node answers most: `POST /api/publish` and
+//! LongPoll `GET`/`POST /socket/longpoll`, each on a keep-alive connection that carries nothing
+//! else. hyper serves everything else.
+//!
+//! Why: these requests are small and many, and hyper's general machinery (request and header
+//! maps, a body channel, a timer per request, response encoding) cost about as much per request
+//! as the kernel's work. Here a request head is parsed in place with `httparse` (hyper's own
+//! parser), the body is read into the same buffer, and the answer's head is written from static
+//! pieces together with its body in one `write`. Figures in BENCHMARKS.md.
+//!
+//! The scope is narrow on purpose: HTTP/1.1 requests with no body or a `Content-Length` body,
+//! to the paths above, with the methods above. The first request that is anything else (another
+//! path or method, HTTP/1.0, `Transfer-Encoding`, `Expect`, `Upgrade`, a malformed or oversized
+//! head) hands the connection, with the bytes already read, to hyper, which serves it exactly as
+//! it would have from the start. A connection whose first request is not one of ours never
+//! enters this loop: its request line is peeked, not read, so a WebSocket upgrade still reaches
+//! hyper with the bare socket (and keeps the zero-buffer WebSocket path).
+
+use crate::api;
+use crate::app::App;
+use crate::transport::longpoll;
+use hyper::StatusCode;
+use std::cell::RefCell;
+use std::io::{self, Write};
+use std::ops::Range;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+
+/// Headers a request may carry here (more: hyper takes it).
+const MAX_HEADERS: usize = 48;
+/// A head larger than this goes to hyper (which answers 431 when it is too large for it too).
+const MAX_HEAD_BYTES: usize = 16 * 1024;
+/// While a poll is held, bytes the client sends ahead (a pipelined request) are kept up to
+/// this much; beyond it we stop reading until the answer is out.
+const MAX_AHEAD_BYTES: usize = 64 * 1024;
+/// Bytes peeked to read the first request line.
+const PEEK_BYTES: usize = 256;
+
+/// What a connection's first request line says.
+pub enum First {
+    /// One of ours: serve the connection with [`serve`].
+    Lean,
+    /// Anything else, or a request line not complete in the first segment: hyper.
+    Hyper,
+    /// The client went away, or the node is shutting down.
+    Closed,
+}
+
+/// Peeks at the first request line without consuming it.
+pub async fn first(app: &App, stream: &TcpStream) -> First {
+    let mut head = [0u8; PEEK_BYTES];
+    let n = tokio::select! {
+        r = stream.peek(&mut head) => match r {
+            Ok(0) | Err(_) => return First::Closed,
+            Ok(n) => n,
+        },
+        _ = app.shutdown.cancelled() => return First::Closed,
+    };
+    match request_line(&head[..n]) {
+        Some((method, path)) if takes(app, method, path) => First::Lean,
+        _ => First::Hyper,
+    }
+}
+
+/// `(method, path)` of a complete request line.
+fn request_line(head: &[u8]) -> Option<(&[u8], &[u8])> {
+    let end = head.iter().position(|b| *b == b'\n')?;
+    let mut parts = head[..end].split(|b| *b == b' ');
+    let method = parts.next()?;
+    let target = parts.next()?;
+    let path = target.split(|b| *b == b'?').next()?;
+    Some((method, path))
+}
+
+fn takes(app: &App, method: &[u8], path: &[u8]) -> bool {
+    match (method, path) {
+        (b"POST", b"/api/publish") => true,
+        (b"GET" | b"POST", b"/socket/longpoll") => app.config.longpoll.enabled,
+        _ => false,
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Route {
+    Publish,
+    LongPollGet,
+    LongPollPost,
+}
+
+/// What the handlers need from a parsed head, as ranges into the connection's buffer (so the
+/// buffer may grow while the body is read).
+struct Head {
+    route: Route,
+    len: usize,
+    content_length: u64,
+    close: bool,
+    query: Range<usize>,
+    authorization: Option<Range<usize>>,
+    longpoll_token: Option<Range<usize>>,
+    auth_token: Option<Range<usize>>,
+}
+
+enum Parsed {
+    Ours(Head),
+    Partial,
+    /// Not ours, or not something this loop handles: hyper's turn.
+    Hyper,
+}
+
+/// Where `part` (a slice of `buf`, or an empty string from elsewhere) lies in `buf`.
+fn range_of(buf: &[u8], part: &[u8]) -> Range<usize> {
+    match (part.as_ptr() as usize).checked_sub(buf.as_ptr() as usize) {
+        Some(start) if !part.is_empty() && start + part.len() <= buf.len() => {
+            start..start + part.len()
+        }
+        _ => 0..0,
+    }
+}
+
+fn parse(app: &App, buf: &[u8]) -> Parsed {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) if buf.len() <= MAX_HEAD_BYTES => return Parsed::Partial,
+        _ => return Parsed::Hyper,
+    };
+    if len > MAX_HEAD_BYTES || req.version != Some(1) {
+        return Parsed::Hyper;
+    }
+    let (Some(method), Some(target)) = (req.method, req.path) else {
+        return Parsed::Hyper;
+    };
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let route = match (method, path) {
+        ("POST", "/api/publish") => Route::Publish,
+        ("GET", "/socket/longpoll") if app.config.longpoll.enabled => Route::LongPollGet,
+        ("POST", "/socket/longpoll") if app.config.longpoll.enabled => Route::LongPollPost,
+        _ => return Parsed::Hyper,
+    };
+    let mut head = Head {
+        route,
+        len,
+        content_length: 0,
+        close: false,
+        query: range_of(buf, query.as_bytes()),
+        authorization: None,
+        longpoll_token: None,
+        auth_token: None,
+    };
+    let mut seen_length = false;
+    for h in req.headers.iter() {
+        let name = h.name;
+        if name.eq_ignore_ascii_case("content-length") {
+            let n = std::str::from_utf8(h.value)
+                .ok()
+                .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|v| v.parse::<u64>().ok());
+            match n {
+                Some(n) if !seen_length => head.content_length = n,
+                // Repeated or malformed: hyper decides (and refuses).
+                _ => return Parsed::Hyper,
+            }
+            seen_length = true;
+        } else if name.eq_ignore_ascii_case("transfer-encoding")
+            || name.eq_ignore_ascii_case("expect")
+            || name.eq_ignore_ascii_case("upgrade")
+        {
+            return Parsed::Hyper;
+        } else if name.eq_ignore_ascii_case("connection") {
+            head.close |= h
+                .value
+                .split(|b| *b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
+        } else if name.eq_ignore_ascii_case("authorization") {
+            head.authorization = Some(range_of(buf, h.value));
+        } else if name.eq_ignore_ascii_case("x-phoenix-longpoll-token") {
+            head.longpoll_token = Some(range_of(buf, h.value));
+        } else if name.eq_ignore_ascii_case("x-phoenix-authtoken") {
+            head.auth_token = Some(range_of(buf, h.value));
+        }
+    }
+    Parsed::Ours(head)
+}
+
+/// The text at `r` in `buf`, if it is UTF-8.
+fn text<'a>(buf: &'a [u8], r: &Option<Range<usize>>) -> Option<&'a str> {
+    r.as_ref()
+        .and_then(|r| std::str::from_utf8(&buf[r.clone()]).ok())
+}
+
+/// How a connection left the loop.
+pub enum End {
+    Closed,
+    /// A request this loop does not take: hyper serves the connection from here, starting with
+    /// the bytes already read.
+    Hyper(Rewind),
+}
+
+/// Serves requests until the connection closes or one of them is not ours.
+pub async fn serve(app: &Arc<App>, mut stream: TcpStream) -> End {
+    let mut buf: Vec<u8> = Vec::with_capacity(4096);
+    let mut out: Vec<u8> = Vec::with_capacity(512);
+    loop {
+        // A complete head.
+        let mut deadline = None;
+        let head = loop {
+            match parse(app, &buf) {
+                Parsed::Ours(head) => break head,
+                Parsed::Hyper => return End::Hyper(Rewind::new(buf, stream)),
+                Parsed::Partial => {}
+            }
+            buf.reserve(4096);
+            let read = if buf.is_empty() {
+                // Between requests: wait for the next one, or shut down.
+                tokio::select! {
+                    r = stream.read_buf(&mut buf) => r,
+                    _ = app.shutdown.cancelled() => return End::Closed,
+                }
+            } else {
+                // Part of a head arrived: the rest must come within the header timeout.
+                let d = *deadline.get_or_insert_with(|| {
+                    tokio::time::Instant::now()
+                        + Duration::from_millis(app.config.server.header_read_timeout_ms)
+                });
+                match tokio::time::timeout_at(d, stream.read_buf(&mut buf)).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        tracing::debug!("request head not complete in time; closing");
+                        return End::Closed;
+                    }
+                }
+            };
+            match read {
+                Ok(0) | Err(_) => return End::Closed,
+                Ok(_) => {}
+            }
+        };
+
+        // Checks before the body, then the body.
+        let limit = match head.route {
+            Route::Publish => {
+                match api::check_head(
+                    app,
+                    head.authorization.clone().map(|r| &buf[r]),
+                    Some(head.content_length),
+                ) {
+                    Ok(limit) => limit,
+                    Err(answer) => {
+                        // The body stays unread: answer, then close.
+                        json(&mut out, &answer, true);
+                        let _ = stream.write_all(&out).await;
+                        return End::Closed;
+                    }
+                }
+            }
+            Route::LongPollPost => app.config.longpoll.max_post_bytes,
+            Route::LongPollGet => 0,
+        };
+        if head.content_length > limit as u64 {
+            // Only a LongPoll POST gets here (`check_head` answered a publish).
+            longpoll_answer(&mut out, &longpoll::status_only(413), true);
+            let _ = stream.write_all(&out).await;
+            return End::Closed;
+        }
+        let end = head.len + head.content_length as usize;
+        while buf.len() < end {
+            buf.reserve(end - buf.len());
+            match stream.read_buf(&mut buf).await {
+                Ok(0) | Err(_) => return End::Closed,
+                Ok(_) => {}
+            }
+        }
+
+        // The answer.
+        let close = head.close || app.shutdown.is_cancelled();
+        match head.route {
+            Route::Publish => {
+                let answer = api::publish_body(app, &buf[head.len..end]).await;
+                json(&mut out, &answer, close);
+            }
+            Route::LongPollPost => {
+                let query = std::str::from_utf8(&buf[head.query.clone()]).unwrap_or("");
+                let token = longpoll::session_token(text(&buf, &head.longpoll_token), query);
+                let body = longpoll::post(app, token, &buf[head.len..end]).await;
+                longpoll_answer(&mut out, &body, close);
+            }
+            Route::LongPollGet => {
+                let query = std::str::from_utf8(&buf[head.query.clone()]).unwrap_or("");
+                let token = longpoll::session_token(text(&buf, &head.longpoll_token), query);
+                let get = longpoll::Get::begin(app, token, query, text(&buf, &head.auth_token));
+                let body = match get {
+                    longpoll::Get::Done(body) => body,
+                    held => {
+                        // Held: a client that goes away ends the poll (and frees its session's
+                        // listener slot); bytes it sends ahead wait in the buffer.
+                        let finish = held.finish(app.clone());
+                        tokio::pin!(finish);
+                        loop {
+                            tokio::select! {
+                                body = &mut finish => break body,
+                                r = stream.read_buf(&mut buf), if buf.len() < end + MAX_AHEAD_BYTES => {
+                                    match r {
+                                        Ok(0) | Err(_) => return End::Closed,
+                                        Ok(_) => {}
+                                    }
+                                }
+                            }
+                        }
+                    }
+                };
+                longpoll_answer(&mut out, &body, close || app.shutdown.is_cancelled());
+            }
+        }
+        if stream.write_all(&out).await.is_err() {
+            return End::Closed;
+        }
+        if close || app.shutdown.is_cancelled() {
+            let _ = stream.shutdown().await;
+            return End::Closed;
+        }
+        buf.drain(..end);
+    }
+}
+
+/// A publish answer, framed.
+fn json(out: &mut Vec<u8>, answer: &api::Answer, close: bool) {
+    let extra: &[u8] = if answer.bearer_challenge {
+        b"www-authenticate: Bearer\r\n"
+    } else {
+        b""
+    };
+    frame(
+        out,
+        answer.status,
+        b"content-type: application/json\r\n",
+        extra,
+        &answer.body,
+        close,
+    );
+}
+
+/// A LongPoll answer (always HTTP 200; the status is in the body), framed.
+fn longpoll_answer(out: &mut Vec<u8>, body: &[u8], close: bool) {
+    frame(
+        out,
+        StatusCode::OK,
+        b"content-type: application/json; charset=utf-8\r\n",
+        b"cache-control: no-store\r\naccess-control-allow-origin: *\r\n",
+        body,
+        close,
+    );
+}
+
+fn frame(
+    out: &mut Vec<u8>,
+    status: StatusCode,
+    content_type: &[u8],
+    extra: &[u8],
+    body: &[u8],
+    close: bool,
+) {
+    out.clear();
+    out.reserve(160 + body.len());
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(content_type);
+    out.extend_from_slice(extra);
+    out.extend_from_slice(b"content-length: ");
+    let _ = write!(out, "{}", body.len());
+    out.extend_from_slice(b"\r\ndate: ");
+    with_date(|d| out.extend_from_slice(d));
+    out.extend_from_slice(b"\r\n");
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(body);
+}
+
+thread_local! {
+    /// The `date` header value, formatted once per second per thread.
+    static DATE: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+}
+
+fn with_date(f: impl FnOnce(&[u8])) {
+    let now = SystemTime::now();
+    let secs = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    DATE.with(|cell| {
+        let mut d = cell.borrow_mut();
+        if d.0 != secs {
+            *d = (secs, httpdate::fmt_http_date(now));
+        }
+        f(d.1.as_bytes());
+    });
+}
+
+/// A connection handed to hyper mid-stream: the bytes already read come first.
+pub struct Rewind {
+    read: Vec<u8>,
+    pos: usize,
+    inner: TcpStream,
+}
+
+impl Rewind {
+    fn new(read: Vec<u8>, inner: TcpStream) -> Rewind {
+        Rewind {
+            read,
+            pos: 0,
+            inner,
+        }
+    }
+}
+
+impl AsyncRead for Rewind {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.pos < self.read.len() {
+            let n = buf.remaining().min(self.read.len() - self.pos);
+            let start = self.pos;
+            buf.put_slice(&self.read[start..start + n]);
+            self.pos += n;
+            if self.pos == self.read.len() {
+                self.read = Vec::new();
+                self.pos = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Rewind {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_lines() {
+        assert_eq!(
+            request_line(b"POST /api/publish HTTP/1.1\r\nHost: x\r\n"),
+            Some((&b"POST"[..], &b"/api/publish"[..]))
+        );
+        assert_eq!(
+            request_line(b"GET /socket/longpoll?vsn=2.0.0&token=a HTTP/1.1\r\n"),
+            Some((&b"GET"[..], &b"/socket/longpoll"[..]))
+        );
+        assert_eq!(request_line(b"GET /socket/longpoll?vsn=2.0"), None);
+    }
+}
