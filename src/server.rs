@@ -17,6 +17,34 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+/// Listen backlog asked for (the kernel caps it at `net.core.somaxconn`, 4096 by default), as
+/// nginx does: a connection storm then waits in the kernel's queue instead of having its SYNs
+/// dropped and retried a second later. (tokio's default is 1024.)
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds a listening socket (`SO_REUSEADDR`, like tokio's own `bind`) with [`LISTEN_BACKLOG`].
+pub async fn bind(addr: &str) -> std::io::Result<TcpListener> {
+    let mut last = None;
+    for addr in tokio::net::lookup_host(addr).await? {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        match socket
+            .bind(addr)
+            .and_then(|()| socket.listen(LISTEN_BACKLOG))
+        {
+            Ok(l) => return Ok(l),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, "no address to bind")
+    }))
+}
+
 /// How often old history is trimmed and empty topics are forgotten.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
 

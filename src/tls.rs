@@ -46,7 +46,7 @@ impl Listeners {
             if addr.is_empty() {
                 return Ok(None);
             }
-            let l = TcpListener::bind(addr).await.map_err(|e| {
+            let l = crate::server::bind(addr).await.map_err(|e| {
                 std::io::Error::new(e.kind(), format!("binding {addr} ({key}): {e}"))
             })?;
             tracing::info!(addr = %l.local_addr()?, "listening ({key})");
