@@ -270,7 +270,12 @@ pub async fn serve(app: &Arc<App>, mut stream: TcpStream) -> End {
         let end = head.len + head.content_length as usize;
         while buf.len() < end {
             buf.reserve(end - buf.len());
-            match stream.read_buf(&mut buf).await {
+            // A body that stalls does not hold up a shutdown.
+            let read = tokio::select! {
+                r = stream.read_buf(&mut buf) => r,
+                _ = app.shutdown.cancelled() => return End::Closed,
+            };
+            match read {
                 Ok(0) | Err(_) => return End::Closed,
                 Ok(_) => {}
             }

@@ -385,3 +385,29 @@ async fn a_held_poll_whose_client_leaves_lets_the_session_expire() {
     wait_until(|| s.app.longpoll.is_empty()).await;
     assert_eq!(server_panics(), 0);
 }
+
+#[tokio::test]
+async fn a_stalled_body_does_not_hold_up_a_shutdown() {
+    install_panic_counter();
+    let s = start().await;
+    let mut c = Conn::open(s.addr).await;
+    // A whole head and part of its body; the rest never comes.
+    c.send(
+        format!(
+            "POST /api/publish HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {TOKEN}\r\n\
+             Content-Length: 100\r\n\r\n{{\"topic\":"
+        )
+        .as_bytes(),
+    )
+    .await;
+    // A publish on another connection, answered after the server (this test's own runtime)
+    // has taken in the bytes above: the first connection is then waiting for the rest.
+    let mut other = Conn::open(s.addr).await;
+    other.send(&publish_request("lean:stall", 1, "")).await;
+    assert_eq!(other.answer().await.status, 200);
+    s.stop.cancel();
+    // Every task ends within the grace period (`run` returns true).
+    assert!(s.handle.await.unwrap(), "a task outlived the grace period");
+    c.closed().await;
+    assert_eq!(server_panics(), 0);
+}
