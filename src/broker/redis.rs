@@ -57,6 +57,9 @@ const SUBSCRIBER_COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest resubscription and catch-up after a reconnect before trying again.
 const RESUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Forwarded LongPoll requests waiting for the owner's answer, by request id.
+type ReplySlots = Mutex<std::collections::HashMap<u64, tokio::sync::oneshot::Sender<String>>>;
+
 pub struct RedisBroker {
     client: redis::Client,
     prefix: String,
@@ -73,7 +76,7 @@ pub struct RedisBroker {
     /// answers to the requests we forwarded.
     node_channel: String,
     next_request: std::sync::atomic::AtomicU64,
-    replies: Mutex<std::collections::HashMap<u64, tokio::sync::oneshot::Sender<String>>>,
+    replies: ReplySlots,
 }
 
 /// A LongPoll request or answer travelling between nodes.
@@ -211,11 +214,23 @@ impl RedisBroker {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(id, tx);
-        let forget = || {
-            self.replies
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&id);
+        // However this ends (answered, given up, or dropped because the client went away), the
+        // reply slot goes with it.
+        struct Slot<'a> {
+            replies: &'a ReplySlots,
+            id: u64,
+        }
+        impl Drop for Slot<'_> {
+            fn drop(&mut self) {
+                self.replies
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&self.id);
+            }
+        }
+        let _slot = Slot {
+            replies: &self.replies,
+            id,
         };
         let request = Routed {
             t: "req".into(),
@@ -225,11 +240,9 @@ impl RedisBroker {
             body: post_body.map(|b| String::from_utf8_lossy(b).into_owned()),
         };
         let Ok(text) = serde_json::to_string(&request) else {
-            forget();
             return None;
         };
         let Ok(mut con) = self.commands().await else {
-            forget();
             return None;
         };
         let receivers: Result<u64, _> = redis::cmd("PUBLISH")
@@ -238,7 +251,6 @@ impl RedisBroker {
             .query_async(&mut con)
             .await;
         if !matches!(receivers, Ok(n) if n > 0) {
-            forget();
             return None; // the owner is gone: the client reconnects and rejoins
         }
         // Wait for the answer, checking every second that the owner still listens: a node
@@ -263,7 +275,6 @@ impl RedisBroker {
                 }
             }
         }
-        forget();
         None
     }
 
