@@ -27,15 +27,34 @@ struct PublishItem<'a> {
     payload: &'a RawValue,
 }
 
-/// A JSON response with `content-type: application/json`.
-pub fn json_response(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+/// The headers of a JSON answer (both HTTP paths send exactly these).
+pub const JSON_HEADERS: &[(&str, &str)] = &[("content-type", "application/json")];
+/// ... and of a 401, which names the scheme it wants.
+pub const CHALLENGE_HEADERS: &[(&str, &str)] = &[
+    ("content-type", "application/json"),
+    ("www-authenticate", "Bearer"),
+];
+
+/// A hyper response with `headers` (static names and values).
+pub fn response_with(
+    status: StatusCode,
+    headers: &'static [(&'static str, &'static str)],
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(body.into()));
     *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static("application/json"),
-    );
+    for (name, value) in headers {
+        r.headers_mut().insert(
+            header::HeaderName::from_static(name),
+            header::HeaderValue::from_static(value),
+        );
+    }
     r
+}
+
+/// A JSON response with `content-type: application/json`.
+pub fn json_response(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    response_with(status, JSON_HEADERS, body)
 }
 
 /// `{"error": message}` with `status`.
@@ -132,14 +151,12 @@ impl Answer {
     }
 
     pub fn into_response(self) -> Response<Full<Bytes>> {
-        let mut r = json_response(self.status, self.body);
-        if self.bearer_challenge {
-            r.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                header::HeaderValue::from_static("Bearer"),
-            );
-        }
-        r
+        let headers = if self.bearer_challenge {
+            CHALLENGE_HEADERS
+        } else {
+            JSON_HEADERS
+        };
+        response_with(self.status, headers, self.body)
     }
 }
 

@@ -60,9 +60,9 @@ pub async fn first(app: &App, stream: &TcpStream) -> First {
         },
         _ = app.shutdown.cancelled() => return First::Closed,
     };
-    match request_line(&head[..n]) {
-        Some((method, path)) if takes(app, method, path) => First::Lean,
-        _ => First::Hyper,
+    match request_line(&head[..n]).and_then(|(method, path)| route(app, method, path)) {
+        Some(_) => First::Lean,
+        None => First::Hyper,
     }
 }
 
@@ -76,19 +76,21 @@ fn request_line(head: &[u8]) -> Option<(&[u8], &[u8])> {
     Some((method, path))
 }
 
-fn takes(app: &App, method: &[u8], path: &[u8]) -> bool {
-    match (method, path) {
-        (b"POST", b"/api/publish") => true,
-        (b"GET" | b"POST", b"/socket/longpoll") => app.config.longpoll.enabled,
-        _ => false,
-    }
-}
-
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Route {
     Publish,
     LongPollGet,
     LongPollPost,
+}
+
+/// The requests this loop takes: the one routing table for the peek and the parse.
+fn route(app: &App, method: &[u8], path: &[u8]) -> Option<Route> {
+    match (method, path) {
+        (b"POST", b"/api/publish") => Some(Route::Publish),
+        (b"GET", b"/socket/longpoll") if app.config.longpoll.enabled => Some(Route::LongPollGet),
+        (b"POST", b"/socket/longpoll") if app.config.longpoll.enabled => Some(Route::LongPollPost),
+        _ => None,
+    }
 }
 
 /// What the handlers need from a parsed head, as ranges into the connection's buffer (so the
@@ -136,11 +138,8 @@ fn parse(app: &App, buf: &[u8]) -> Parsed {
         return Parsed::Hyper;
     };
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
-    let route = match (method, path) {
-        ("POST", "/api/publish") => Route::Publish,
-        ("GET", "/socket/longpoll") if app.config.longpoll.enabled => Route::LongPollGet,
-        ("POST", "/socket/longpoll") if app.config.longpoll.enabled => Route::LongPollPost,
-        _ => return Parsed::Hyper,
+    let Some(route) = route(app, method.as_bytes(), path.as_bytes()) else {
+        return Parsed::Hyper;
     };
     let mut head = Head {
         route,
@@ -252,7 +251,7 @@ pub async fn serve(app: &Arc<App>, mut stream: TcpStream) -> End {
                     Ok(limit) => limit,
                     Err(answer) => {
                         // The body stays unread: answer, then close.
-                        json(&mut out, &answer, true);
+                        Answer::Publish(answer).frame(&mut out, true);
                         let _ = stream.write_all(&out).await;
                         return End::Closed;
                     }
@@ -263,7 +262,7 @@ pub async fn serve(app: &Arc<App>, mut stream: TcpStream) -> End {
         };
         if head.content_length > limit as u64 {
             // Only a LongPoll POST gets here (`check_head` answered a publish).
-            longpoll_answer(&mut out, &longpoll::status_only(413), true);
+            Answer::LongPoll(longpoll::status_only(413)).frame(&mut out, true);
             let _ = stream.write_all(&out).await;
             return End::Closed;
         }
@@ -282,17 +281,12 @@ pub async fn serve(app: &Arc<App>, mut stream: TcpStream) -> End {
         }
 
         // The answer.
-        let close = head.close || app.shutdown.is_cancelled();
-        match head.route {
-            Route::Publish => {
-                let answer = api::publish_body(app, &buf[head.len..end]).await;
-                json(&mut out, &answer, close);
-            }
+        let answer = match head.route {
+            Route::Publish => Answer::Publish(api::publish_body(app, &buf[head.len..end]).await),
             Route::LongPollPost => {
                 let query = std::str::from_utf8(&buf[head.query.clone()]).unwrap_or("");
                 let token = longpoll::session_token(text(&buf, &head.longpoll_token), query);
-                let body = longpoll::post(app, token, &buf[head.len..end]).await;
-                longpoll_answer(&mut out, &body, close);
+                Answer::LongPoll(longpoll::post(app, token, &buf[head.len..end]).await)
             }
             Route::LongPollGet => {
                 let query = std::str::from_utf8(&buf[head.query.clone()]).unwrap_or("");
@@ -318,13 +312,15 @@ pub async fn serve(app: &Arc<App>, mut stream: TcpStream) -> End {
                         }
                     }
                 };
-                longpoll_answer(&mut out, &body, close || app.shutdown.is_cancelled());
+                Answer::LongPoll(body)
             }
-        }
+        };
+        let close = head.close || app.shutdown.is_cancelled();
+        answer.frame(&mut out, close);
         if stream.write_all(&out).await.is_err() {
             return End::Closed;
         }
-        if close || app.shutdown.is_cancelled() {
+        if close {
             let _ = stream.shutdown().await;
             return End::Closed;
         }
@@ -332,62 +328,43 @@ pub async fn serve(app: &Arc<App>, mut stream: TcpStream) -> End {
     }
 }
 
-/// A publish answer, framed.
-fn json(out: &mut Vec<u8>, answer: &api::Answer, close: bool) {
-    let extra: &[u8] = if answer.bearer_challenge {
-        b"www-authenticate: Bearer\r\n"
-    } else {
-        b""
-    };
-    frame(
-        out,
-        answer.status,
-        b"content-type: application/json\r\n",
-        extra,
-        &answer.body,
-        close,
-    );
+enum Answer {
+    Publish(api::Answer),
+    /// Always HTTP 200; the LongPoll status is in the body.
+    LongPoll(bytes::Bytes),
 }
 
-/// A LongPoll answer (always HTTP 200; the status is in the body), framed.
-fn longpoll_answer(out: &mut Vec<u8>, body: &[u8], close: bool) {
-    frame(
-        out,
-        StatusCode::OK,
-        b"content-type: application/json; charset=utf-8\r\n",
-        b"cache-control: no-store\r\naccess-control-allow-origin: *\r\n",
-        body,
-        close,
-    );
-}
-
-fn frame(
-    out: &mut Vec<u8>,
-    status: StatusCode,
-    content_type: &[u8],
-    extra: &[u8],
-    body: &[u8],
-    close: bool,
-) {
-    out.clear();
-    out.reserve(160 + body.len());
-    out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(status.as_str().as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
-    out.extend_from_slice(b"\r\n");
-    out.extend_from_slice(content_type);
-    out.extend_from_slice(extra);
-    out.extend_from_slice(b"content-length: ");
-    let _ = write!(out, "{}", body.len());
-    out.extend_from_slice(b"\r\ndate: ");
-    with_date(|d| out.extend_from_slice(d));
-    out.extend_from_slice(b"\r\n");
-    if close {
-        out.extend_from_slice(b"connection: close\r\n");
+impl Answer {
+    /// The whole response, head and body, into `out`. The headers are the ones the hyper path
+    /// sends ([`api::JSON_HEADERS`], [`longpoll::ANSWER_HEADERS`]).
+    fn frame(&self, out: &mut Vec<u8>, close: bool) {
+        let (status, headers, body): (_, &[(&str, &str)], &[u8]) = match self {
+            Answer::Publish(a) if a.bearer_challenge => (a.status, api::CHALLENGE_HEADERS, &a.body),
+            Answer::Publish(a) => (a.status, api::JSON_HEADERS, &a.body),
+            Answer::LongPoll(body) => (StatusCode::OK, longpoll::ANSWER_HEADERS, body),
+        };
+        out.clear();
+        out.reserve(160 + body.len());
+        out.extend_from_slice(b"HTTP/1.1 ");
+        out.extend_from_slice(status.as_str().as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+        out.extend_from_slice(b"\r\n");
+        for (name, value) in headers {
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        let _ = write!(out, "content-length: {}\r\ndate: ", body.len());
+        with_date(|d| out.extend_from_slice(d));
+        out.extend_from_slice(b"\r\n");
+        if close {
+            out.extend_from_slice(b"connection: close\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+        out.extend_from_slice(body);
     }
-    out.extend_from_slice(b"\r\n");
-    out.extend_from_slice(body);
 }
 
 thread_local! {

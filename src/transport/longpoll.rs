@@ -157,23 +157,16 @@ fn token_of(req: &Request<Incoming>) -> Option<&str> {
     )
 }
 
-/// An HTTP 200 JSON answer with the headers every LongPoll response carries.
+/// The headers every LongPoll answer carries (both HTTP paths send exactly these).
+pub const ANSWER_HEADERS: &[(&str, &str)] = &[
+    ("content-type", "application/json; charset=utf-8"),
+    ("cache-control", "no-store"),
+    ("access-control-allow-origin", "*"),
+];
+
+/// An HTTP 200 JSON answer with [`ANSWER_HEADERS`].
 fn answer(body: impl Into<Bytes>) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(body.into()));
-    let h = r.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static("application/json; charset=utf-8"),
-    );
-    h.insert(
-        header::CACHE_CONTROL,
-        header::HeaderValue::from_static("no-store"),
-    );
-    h.insert(
-        header::ACCESS_CONTROL_ALLOW_ORIGIN,
-        header::HeaderValue::from_static("*"),
-    );
-    r
+    crate::api::response_with(StatusCode::OK, ANSWER_HEADERS, body)
 }
 
 pub fn status_only(status: u16) -> Bytes {
@@ -276,9 +269,7 @@ impl Get {
             if let Some(lp) = app.longpoll.get(t) {
                 return Get::Poll(lp);
             }
-            if owner(t).is_some_and(|o| o != app.node_id)
-                && matches!(app.broker, crate::broker::Broker::Redis(_))
-            {
+            if route_elsewhere(app, t).is_some() {
                 return Get::Forward(t.to_string());
             }
             if looks_like_ours(t) {
@@ -494,17 +485,24 @@ fn owner(token: &str) -> Option<&str> {
 /// answer relayed (LongPoll without sticky sessions). `None` when the token is not another
 /// node's, there is no Redis, or the owner is gone.
 async fn forward(app: &Arc<App>, token: &str, post_body: Option<&[u8]>) -> Option<Bytes> {
-    let owner = owner(token)?;
-    if owner == app.node_id {
-        return None;
-    }
-    let crate::broker::Broker::Redis(r) = &app.broker else {
-        return None;
-    };
+    let (r, owner) = route_elsewhere(app, token)?;
     let wait = Duration::from_millis(app.config.longpoll.window_ms) + Duration::from_secs(5);
     r.forward_longpoll(owner, token, post_body, wait)
         .await
         .map(Bytes::from)
+}
+
+/// The Redis broker and the owning node, when `token` is another node's session and Redis can
+/// carry the request there.
+fn route_elsewhere<'a>(
+    app: &'a App,
+    token: &'a str,
+) -> Option<(&'a crate::broker::redis::RedisBroker, &'a str)> {
+    let owner = owner(token).filter(|o| *o != app.node_id)?;
+    match &app.broker {
+        crate::broker::Broker::Redis(r) => Some((r, owner)),
+        _ => None,
+    }
 }
 
 /// Serves a LongPoll request forwarded by another node; returns the answer's JSON body.
