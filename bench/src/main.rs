@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 mod client;
+mod floor;
 mod procstat;
 mod worker;
 
@@ -41,6 +42,9 @@ enum Cmd {
     /// Internal: a load-generating worker process.
     #[command(hide = true)]
     Worker(worker::WorkerArgs),
+    /// A reference server doing the least work possible for a WebSocket fanout (use with
+    /// `--adapter nchan`): the floor under any server's CPU per delivery here (see BENCHMARKS.md).
+    Floor(floor::FloorArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
@@ -119,6 +123,7 @@ fn main() {
     let cli = Cli::parse();
     match cli.command {
         Cmd::Worker(a) => worker::run(a),
+        Cmd::Floor(a) => floor::run(a),
         Cmd::Run(a) => {
             if a.load_cpu >= 0 && std::env::var_os("PGBENCH_PINNED").is_none() {
                 // Re-run ourselves pinned to the load core; workers inherit the affinity.

@@ -30,12 +30,27 @@ fn free_port() -> u16 {
 }
 
 fn run(scenario: &str, extra: &[&str]) -> serde_json::Value {
+    run_against(
+        |server| {
+            format!(
+                "env PUSHGATE_LOG=warn {} serve --listen {server}",
+                pushgate().display()
+            )
+        },
+        scenario,
+        extra,
+    )
+}
+
+/// Runs `scenario` against the server `spawn(address)` starts.
+fn run_against(
+    spawn: impl Fn(&str) -> String,
+    scenario: &str,
+    extra: &[&str],
+) -> serde_json::Value {
     let port = free_port();
     let server = format!("127.0.0.1:{port}");
-    let spawn = format!(
-        "env PUSHGATE_LOG=warn {} serve --listen {server}",
-        pushgate().display()
-    );
+    let spawn = spawn(&server);
     let out = Command::new(bench())
         .args(["run", scenario, "--server", &server, "--spawn", &spawn])
         .args(["--load-cpu", "-1", "--timeout", "60", "--duration", "0.3"])
@@ -97,4 +112,16 @@ fn many_topics() {
     let v = run("many-topics", &["-n", "40", "--publishers", "2"]);
     assert_eq!(v["deliveries"], 40);
     assert_eq!(v["missing"], 0);
+}
+
+#[test]
+fn fanout_against_the_floor_server() {
+    let v = run_against(
+        |server| format!("{} floor --listen {server}", bench().display()),
+        "fanout",
+        &["--adapter", "nchan", "-n", "20", "-m", "5", "--rate", "50"],
+    );
+    assert_eq!(v["deliveries"], 100);
+    assert_eq!(v["missing"], 0);
+    assert!(v["server_cpu_s"].as_f64().unwrap() > 0.0);
 }
