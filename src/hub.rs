@@ -27,7 +27,7 @@ use crate::ws;
 use bytes::Bytes;
 use slab::Slab;
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -81,18 +81,67 @@ impl Entry {
     }
 }
 
+/// Writes bytes straight to a connection's socket, without waiting (see [`Waker::park`]).
+pub trait DirectSink: Send + Sync {
+    /// Writes what the socket takes at once; `WouldBlock` when it takes nothing.
+    fn try_send(&self, frame: &[u8]) -> std::io::Result<usize>;
+}
+
+/// A parked connection: its socket, and the unwritten tail of a frame a sweep began.
+struct Parked {
+    sink: Arc<dyn DirectSink>,
+    partial: Option<(Bytes, usize)>,
+}
+
 /// Wakes one connection's task when a topic it reads has new entries. Deduplicated: many
 /// publishes before the task runs cost one wake-up. The task's waker sits in one slot (the task
 /// re-registers each time it polls), so waking costs no allocation and no lock.
-#[derive(Debug, Default)]
+///
+/// A connection that waits with nothing to write may also *park* here: then a publish whose
+/// message is the only one a subscriber lacks writes that frame straight to the socket
+/// ([`Subscriber::try_deliver`]), and the task is not woken at all. Waking, scheduling and
+/// polling a task cost about as much as the send itself when every message goes out alone.
+/// The lock decides who writes: the sweep only while the connection is parked, the task only
+/// after it has unparked, so frames never interleave and a subscription's position has one
+/// writer at a time.
+#[derive(Default)]
 pub struct Waker {
     task: atomic_waker::AtomicWaker,
     scheduled: AtomicBool,
     /// Woken ahead of the others when a quiet topic gets a message (see [`WAKE_CHUNK`]).
     eager: AtomicBool,
+    parked: Mutex<Option<Parked>>,
+}
+
+impl std::fmt::Debug for Waker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Waker")
+            .field("scheduled", &self.scheduled)
+            .field("eager", &self.eager)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Waker {
+    /// The connection waits with nothing queued to write: a publish may write to `sink`
+    /// directly until [`Waker::unpark`].
+    pub fn park(&self, sink: &Arc<dyn DirectSink>) {
+        *self.parked_slot() = Some(Parked {
+            sink: sink.clone(),
+            partial: None,
+        });
+    }
+
+    /// The connection runs again. Returns the frame a publish could only partly write and how
+    /// much of it went out: the rest must be written before anything else.
+    pub fn unpark(&self) -> Option<(Bytes, usize)> {
+        self.parked_slot().take().and_then(|p| p.partial)
+    }
+
+    fn parked_slot(&self) -> std::sync::MutexGuard<'_, Option<Parked>> {
+        self.parked.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Marks the subscriber as one whose delivery provokes a request (a LongPoll poll).
     pub fn set_eager(&self) {
         self.eager.store(true, Ordering::Relaxed);
@@ -138,6 +187,64 @@ pub enum Lag {
     TooManyPendingBytes,
 }
 
+/// One subscription as its topic sees it: whom to wake, and (shared with the connection's
+/// [`Subscription`]) the sequence number of the last entry taken.
+#[derive(Debug)]
+pub struct Subscriber {
+    waker: Arc<Waker>,
+    last: AtomicU64,
+    /// Set once the join's reply is queued ([`Subscription::allow_direct`]): only then may a
+    /// publish write to this subscriber directly, after that reply.
+    direct: AtomicBool,
+}
+
+impl Subscriber {
+    /// Writes entry `seq` (`frame`) straight to the subscriber's socket when its connection is
+    /// parked and `seq` is the only entry it lacks. `true` when that delivered it whole;
+    /// `false` when the connection must be woken instead (also after a partial write, whose
+    /// tail the connection then writes first).
+    fn try_deliver(&self, seq: u64, frame: &Bytes) -> bool {
+        // Cheap checks first; the position is checked again under the lock.
+        if !self.direct.load(Ordering::Relaxed) || self.last.load(Ordering::Relaxed) + 1 != seq {
+            return false;
+        }
+        let Ok(mut slot) = self.waker.parked.try_lock() else {
+            return false; // the connection is parking or unparking right now
+        };
+        let Some(p) = slot.as_mut() else {
+            return false;
+        };
+        if p.partial.is_some() || self.last.load(Ordering::Relaxed) + 1 != seq {
+            return false;
+        }
+        match p.sink.try_send(frame) {
+            Ok(n) if n == frame.len() => {
+                self.last.store(seq, Ordering::Relaxed);
+                true
+            }
+            Ok(n) if n > 0 => {
+                p.partial = Some((frame.clone(), n));
+                self.last.store(seq, Ordering::Relaxed);
+                false
+            }
+            // Nothing went out (full socket buffer, or an error the task will meet itself).
+            _ => false,
+        }
+    }
+
+    /// Delivers entry `seq` directly if possible, wakes the connection otherwise. Returns
+    /// whether it was delivered directly.
+    fn deliver_or_wake(&self, lone: Option<&(u64, Bytes)>) -> bool {
+        if let Some((seq, frame)) = lone
+            && self.try_deliver(*seq, frame)
+        {
+            return true;
+        }
+        self.waker.wake();
+        false
+    }
+}
+
 #[derive(Debug)]
 struct TopicState {
     epoch: Arc<str>,
@@ -151,7 +258,7 @@ struct TopicState {
     entries: VecDeque<Entry>,
     /// Bytes ever appended in this epoch.
     total_bytes: u64,
-    subscribers: Slab<Arc<Waker>>,
+    subscribers: Slab<Arc<Subscriber>>,
     /// Set when the sweeper removed the topic from the map; publishers then look it up again.
     removed: bool,
 }
@@ -182,29 +289,30 @@ const BUSY_BATCH_WINDOW: Duration = Duration::from_millis(2);
 /// messages arrived during the sweep. Publishes that land while a sweep runs wake nobody
 /// themselves: the next sweep covers them, so under load each subscriber takes many messages
 /// per wake-up (and per write), while a lone message is still delivered at once.
-async fn fanout(topic: Arc<Topic>) {
+async fn fanout(topic: Arc<Topic>, metrics: Arc<Metrics>) {
     let mut busy = false;
     loop {
-        let (covered, wakers): (u64, Vec<Arc<Waker>>) = {
+        let (covered, newest, subs) = {
             let st = topic.read_lock();
-            (
-                st.last_seq,
-                st.subscribers.iter().map(|(_, w)| w.clone()).collect(),
-            )
+            (st.last_seq, st.newest(), st.snapshot())
         };
         if !busy {
-            for w in wakers.iter().filter(|w| w.is_eager()) {
-                w.wake();
+            for s in subs.iter().filter(|s| s.waker.is_eager()) {
+                s.waker.wake();
             }
         }
         // (Waking an eager subscriber again below is a no-op until it has run.)
-        for chunk in wakers.chunks(WAKE_CHUNK) {
-            for w in chunk {
-                w.wake();
+        let mut direct = 0;
+        for chunk in subs.chunks(WAKE_CHUNK) {
+            for s in chunk {
+                direct += u64::from(s.deliver_or_wake(newest.as_ref()));
             }
             tokio::task::yield_now().await;
         }
-        drop(wakers);
+        if direct > 0 {
+            Metrics::add(&metrics.messages_delivered, direct);
+        }
+        drop(subs);
         busy = topic.read_lock().last_seq != covered;
         if busy {
             // Busy: gather for a moment before the next sweep (publishers see the sweep as
@@ -227,8 +335,7 @@ async fn fanout(topic: Arc<Topic>) {
 pub struct Subscription {
     topic: Arc<Topic>,
     key: usize,
-    /// Sequence number of the last entry taken.
-    pub last: u64,
+    shared: Arc<Subscriber>,
 }
 
 impl Drop for Subscription {
@@ -248,6 +355,34 @@ impl Drop for Subscription {
 impl Subscription {
     pub fn topic(&self) -> &Arc<Topic> {
         &self.topic
+    }
+
+    /// Sequence number of the last entry taken.
+    pub fn last(&self) -> u64 {
+        self.shared.last.load(Ordering::Relaxed)
+    }
+
+    pub fn set_last(&self, seq: u64) {
+        self.shared.last.store(seq, Ordering::Relaxed);
+    }
+
+    /// Hands `emit` the entries after the last one taken (see [`Topic::read`]) and moves on.
+    pub fn read(
+        &self,
+        max_pending: u64,
+        budget: usize,
+        emit: &mut dyn FnMut(&Entry),
+    ) -> Result<usize, Lag> {
+        let mut last = self.last();
+        let r = self.topic.read(&mut last, max_pending, budget, emit);
+        self.set_last(last);
+        r
+    }
+
+    /// The join's reply is queued ahead of anything else this connection writes: from now on
+    /// a publish may write to this subscriber directly while its connection is parked.
+    pub fn allow_direct(&self) {
+        self.shared.direct.store(true, Ordering::Relaxed);
     }
 }
 
@@ -287,7 +422,7 @@ impl Topic {
 
     /// `Err` when `sub` has fallen behind (see the slow-consumer policy above).
     pub fn lag(&self, sub: &Subscription, max_pending: u64) -> Result<(), Lag> {
-        let mut last = sub.last;
+        let mut last = sub.last();
         self.read(&mut last, max_pending, 0, &mut |_| {})
             .map(|_| ())
     }
@@ -346,6 +481,15 @@ enum Start {
 }
 
 impl TopicState {
+    /// The newest entry's sequence number and frame: what a direct delivery writes.
+    fn newest(&self) -> Option<(u64, Bytes)> {
+        self.entries.back().map(|e| (e.seq, e.frame.clone()))
+    }
+
+    fn snapshot(&self) -> Vec<Arc<Subscriber>> {
+        self.subscribers.iter().map(|(_, s)| s.clone()).collect()
+    }
+
     /// Encodes and appends one broadcast; `offset` 0 means it has no position.
     fn append(
         &mut self,
@@ -421,9 +565,10 @@ impl TopicState {
     }
 }
 
-/// Wakes a topic's subscribers after a publish: inline for small topics (or outside a
-/// runtime), through a [`fanout`] task for large ones.
-fn wake_subscribers(topic: &Arc<Topic>) {
+/// Wakes a topic's subscribers after a publish (or writes the message to them directly, see
+/// [`Waker::park`]): inline for small topics (or outside a runtime), through a [`fanout`] task
+/// for large ones.
+fn wake_subscribers(topic: &Arc<Topic>, metrics: &Arc<Metrics>) {
     if topic.fanout_scheduled.load(Ordering::Acquire) {
         return; // the running sweep will cover this message
     }
@@ -435,14 +580,21 @@ fn wake_subscribers(topic: &Arc<Topic>) {
     };
     match handle {
         None => {
-            for (_, w) in st.subscribers.iter() {
-                w.wake();
+            // Outside the lock: a direct delivery is a socket write.
+            let (newest, subs) = (st.newest(), st.snapshot());
+            drop(st);
+            let direct = subs
+                .iter()
+                .filter(|s| s.deliver_or_wake(newest.as_ref()))
+                .count();
+            if direct > 0 {
+                Metrics::add(&metrics.messages_delivered, direct as u64);
             }
         }
         Some(handle) => {
             drop(st);
             if !topic.fanout_scheduled.swap(true, Ordering::AcqRel) {
-                handle.spawn(fanout(topic.clone()));
+                handle.spawn(fanout(topic.clone(), metrics.clone()));
             }
         }
     }
@@ -592,17 +744,18 @@ impl Hub {
             Start::Unrecoverable => (st.last_seq, Some(false), None),
             Start::NotCovered(offset) => (st.last_seq, None, Some(offset)),
         };
-        let key = st.subscribers.insert(waker.clone());
+        let shared = Arc::new(Subscriber {
+            waker: waker.clone(),
+            last: AtomicU64::new(start),
+            direct: AtomicBool::new(false),
+        });
+        let key = st.subscribers.insert(shared.clone());
         let position = Position {
             epoch: st.epoch.clone(),
             offset: st.last_offset,
         };
         drop(st);
-        let sub = Subscription {
-            topic,
-            key,
-            last: start,
-        };
+        let sub = Subscription { topic, key, shared };
         if recovered == Some(true) {
             waker.wake(); // the replay is waiting in the buffer
         }
@@ -715,7 +868,7 @@ impl Hub {
         };
         st.append(name, offset, event, payload, &self.history);
         drop(st);
-        wake_subscribers(&topic);
+        wake_subscribers(&topic, &self.metrics);
         Metrics::add(&self.metrics.messages_published, 1);
         RemoteAppend::Appended
     }
@@ -759,7 +912,7 @@ impl Hub {
                 offset,
             };
             drop(st);
-            wake_subscribers(&topic);
+            wake_subscribers(&topic, &self.metrics);
             Metrics::add(&self.metrics.messages_published, 1);
             return position;
         }
@@ -819,9 +972,9 @@ mod tests {
         )
     }
 
-    fn texts(topic: &Topic, sub: &mut Subscription) -> Result<Vec<String>, Lag> {
+    fn texts(sub: &Subscription) -> Result<Vec<String>, Lag> {
         let mut got = Vec::new();
-        topic.read(&mut sub.last, u64::MAX, usize::MAX, &mut |e| {
+        sub.read(u64::MAX, usize::MAX, &mut |e| {
             got.push(String::from_utf8(e.text().to_vec()).unwrap())
         })?;
         Ok(got)
@@ -830,13 +983,12 @@ mod tests {
     #[test]
     fn live_subscribers_get_each_message_once_in_order() {
         let h = hub(10);
-        let (mut sub, info) = h.subscribe("t", Arc::new(Waker::default()), None);
+        let (sub, info) = h.subscribe("t", Arc::new(Waker::default()), None);
         assert!(info.position.ends_with(":0"));
         let p1 = h.publish("t", "e", b"1");
         let p2 = h.publish("t", "e", b"2");
         assert_eq!(p1.offset + 1, p2.offset);
-        let topic = sub.topic().clone();
-        let got = texts(&topic, &mut sub).unwrap();
+        let got = texts(&sub).unwrap();
         assert_eq!(
             got,
             [
@@ -844,7 +996,7 @@ mod tests {
                 format!("[null,\"{p2}\",\"t\",\"e\",2]")
             ]
         );
-        assert!(texts(&topic, &mut sub).unwrap().is_empty());
+        assert!(texts(&sub).unwrap().is_empty());
     }
 
     #[test]
@@ -853,11 +1005,10 @@ mod tests {
         let p1 = h.publish("t", "e", b"1");
         h.publish("t", "e", b"2");
         h.publish("t", "e", b"3");
-        let (mut sub, info) = h.subscribe("t", Arc::new(Waker::default()), Some(&p1.to_string()));
+        let (sub, info) = h.subscribe("t", Arc::new(Waker::default()), Some(&p1.to_string()));
         assert_eq!(info.recovered, Some(true));
         h.publish("t", "e", b"4");
-        let topic = sub.topic().clone();
-        let got = texts(&topic, &mut sub).unwrap();
+        let got = texts(&sub).unwrap();
         let payloads: Vec<_> = got.iter().map(|t| &t[t.len() - 2..t.len() - 1]).collect();
         assert_eq!(payloads, ["2", "3", "4"]);
     }
@@ -900,15 +1051,14 @@ mod tests {
     #[test]
     fn a_subscriber_that_falls_off_the_buffer_lags() {
         let h = hub(3);
-        let (mut sub, _) = h.subscribe("t", Arc::new(Waker::default()), None);
+        let (sub, _) = h.subscribe("t", Arc::new(Waker::default()), None);
         for i in 0..5 {
             h.publish("t", "e", i.to_string().as_bytes());
         }
-        let topic = sub.topic().clone();
-        assert_eq!(texts(&topic, &mut sub), Err(Lag::FellOffHistory));
-        let (mut sub2, _) = h.subscribe("t", Arc::new(Waker::default()), None);
+        assert_eq!(texts(&sub), Err(Lag::FellOffHistory));
+        let (sub2, _) = h.subscribe("t", Arc::new(Waker::default()), None);
         h.publish("t", "e", b"123456");
-        let r = topic.read(&mut sub2.last, 10, usize::MAX, &mut |_| {});
+        let r = sub2.read(10, usize::MAX, &mut |_| {});
         assert_eq!(r, Err(Lag::TooManyPendingBytes));
     }
 
@@ -923,6 +1073,100 @@ mod tests {
         assert_eq!(h.subscriber_count("t"), 1);
         drop(sub);
         assert_eq!(h.subscriber_count("t"), 0);
+    }
+
+    /// A socket stand-in: takes up to `room` bytes per write and records them.
+    #[derive(Default)]
+    struct Sink {
+        room: std::sync::atomic::AtomicUsize,
+        got: Mutex<Vec<u8>>,
+    }
+
+    impl DirectSink for Sink {
+        fn try_send(&self, frame: &[u8]) -> std::io::Result<usize> {
+            let n = frame.len().min(self.room.load(Ordering::Relaxed));
+            if n == 0 {
+                return Err(std::io::ErrorKind::WouldBlock.into());
+            }
+            self.got.lock().unwrap().extend_from_slice(&frame[..n]);
+            Ok(n)
+        }
+    }
+
+    fn sink(room: usize) -> (Arc<Sink>, Arc<dyn DirectSink>) {
+        let s = Arc::new(Sink::default());
+        s.room.store(room, Ordering::Relaxed);
+        (s.clone(), s)
+    }
+
+    #[test]
+    fn a_parked_connection_gets_a_lone_message_written_without_a_wake_up() {
+        let h = hub(10);
+        let w = Arc::new(Waker::default());
+        let (sub, _) = h.subscribe("t", w.clone(), None);
+        let (got, dyn_sink) = sink(usize::MAX);
+        // Before the join's reply is queued, nothing is written directly.
+        w.park(&dyn_sink);
+        h.publish("t", "e", b"1");
+        assert!(w.scheduled.load(Ordering::Acquire));
+        assert!(got.got.lock().unwrap().is_empty());
+        let texts1 = texts(&sub).unwrap();
+        assert!(
+            texts1.len() == 1 && texts1[0].ends_with("\"e\",1]"),
+            "{texts1:?}"
+        );
+        w.clear();
+        sub.allow_direct();
+        // Parked, and the new message is the only one missing: written, no wake-up.
+        h.publish("t", "e", b"2");
+        assert!(!w.scheduled.load(Ordering::Acquire));
+        let frame = got.got.lock().unwrap().clone();
+        assert_eq!(usize::from(frame[1]), frame.len() - 2, "one whole frame");
+        assert!(frame.ends_with(b"\"e\",2]"));
+        assert_eq!(h.metrics.messages_delivered.load(Ordering::Relaxed), 1);
+        assert!(texts(&sub).unwrap().is_empty(), "taken once only");
+        // Unparked (the task runs): woken, nothing written behind its back.
+        assert_eq!(w.unpark(), None);
+        h.publish("t", "e", b"3");
+        assert!(w.scheduled.load(Ordering::Acquire));
+        assert_eq!(got.got.lock().unwrap().len(), frame.len());
+        w.clear();
+        // Parked again but two messages behind: woken to write both in one go.
+        w.park(&dyn_sink);
+        h.publish("t", "e", b"4");
+        assert!(w.scheduled.load(Ordering::Acquire));
+        assert_eq!(texts(&sub).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_partly_written_frame_is_finished_by_the_connection_first() {
+        let h = hub(10);
+        let w = Arc::new(Waker::default());
+        let (sub, _) = h.subscribe("t", w.clone(), None);
+        sub.allow_direct();
+        let (got, dyn_sink) = sink(5);
+        w.park(&dyn_sink);
+        h.publish("t", "e", b"1");
+        assert!(
+            w.scheduled.load(Ordering::Acquire),
+            "woken to write the rest"
+        );
+        let (frame, written) = w.unpark().expect("the started frame");
+        assert_eq!(written, 5);
+        assert_eq!(&frame[..5], &got.got.lock().unwrap()[..]);
+        assert!(
+            texts(&sub).unwrap().is_empty(),
+            "the frame is the connection's now"
+        );
+        // A socket that takes nothing: woken, and the message still waits in the buffer.
+        w.clear();
+        let (got, dyn_sink) = sink(0);
+        w.park(&dyn_sink);
+        h.publish("t", "e", b"2");
+        assert!(w.scheduled.load(Ordering::Acquire));
+        assert_eq!(w.unpark(), None);
+        assert!(got.got.lock().unwrap().is_empty());
+        assert_eq!(texts(&sub).unwrap().len(), 1);
     }
 
     #[test]
@@ -946,18 +1190,16 @@ mod tests {
     #[test]
     fn a_broadcast_frame_is_a_valid_websocket_frame_around_the_text() {
         let h = hub(10);
-        let (mut sub, _) = h.subscribe("t", Arc::new(Waker::default()), None);
+        let (sub, _) = h.subscribe("t", Arc::new(Waker::default()), None);
         h.publish("t", "e", &vec![b'1'; 300]);
-        let topic = sub.topic().clone();
-        topic
-            .read(&mut sub.last, u64::MAX, usize::MAX, &mut |e| {
-                let f = e.ws_frame();
-                assert_eq!(f[0], 0x81);
-                assert_eq!(f[1], 126);
-                let len = u16::from_be_bytes([f[2], f[3]]) as usize;
-                assert_eq!(len, e.text().len());
-                assert_eq!(&f[4..], &e.text()[..]);
-            })
-            .unwrap();
+        sub.read(u64::MAX, usize::MAX, &mut |e| {
+            let f = e.ws_frame();
+            assert_eq!(f[0], 0x81);
+            assert_eq!(f[1], 126);
+            let len = u16::from_be_bytes([f[2], f[3]]) as usize;
+            assert_eq!(len, e.text().len());
+            assert_eq!(&f[4..], &e.text()[..]);
+        })
+        .unwrap();
     }
 }

@@ -298,6 +298,7 @@ impl Session {
             self.reply(frame);
         }
         Metrics::add(&self.app.metrics.joins, 1);
+        sub.allow_direct();
         self.channels.push(Channel { join_ref, sub });
         // Replayed messages (if any) are waiting in the topic buffer.
         if info.recovered == Some(true) {
@@ -438,13 +439,12 @@ impl Session {
         let mut total = 0;
         let mut bytes = 0usize;
         for ch in &mut self.channels {
-            let topic = ch.sub.topic().clone();
             let remaining = budget.saturating_sub(bytes);
             let mut count_bytes = |e: &Entry| {
                 bytes += e.ws_frame().len();
                 emit(e)
             };
-            total += topic.read(&mut ch.sub.last, max_pending, remaining, &mut count_bytes)?;
+            total += ch.sub.read(max_pending, remaining, &mut count_bytes)?;
             if bytes >= budget {
                 // Come back for the rest: the waker stays set so the transport loops again.
                 self.waker.wake();

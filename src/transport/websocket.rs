@@ -9,7 +9,7 @@
 //! frames itself (that is [`crate::protocol`]); it moves bytes and enforces WebSocket rules.
 
 use crate::app::App;
-use crate::hub::Lag;
+use crate::hub::{DirectSink, Lag};
 use crate::metrics::Metrics;
 use crate::protocol;
 use crate::session::{ConnectInfo, Session};
@@ -190,7 +190,7 @@ pub fn upgrade(
                 // for the whole life of the connection.
                 let initial = parts.read_buf.to_vec();
                 drop(parts.read_buf);
-                run(task_app, stream, initial, connect).await;
+                run(task_app, Arc::new(stream), initial, connect).await;
             }
             // TLS at the edge, or an HTTP/2 stream (RFC 8441): the polled adapter.
             // Boxed, so that this branch does not enlarge every plain-TCP connection's task.
@@ -216,9 +216,15 @@ pub trait WsIo {
     fn wants_flush(&self) -> bool {
         false
     }
+    /// A handle publishes may write to while the connection is parked (see
+    /// [`Waker::park`](crate::hub::Waker::park)); `None` when writes must go through the task.
+    fn direct_sink(&self) -> Option<Arc<dyn DirectSink>> {
+        None
+    }
 }
 
-impl WsIo for TcpStream {
+/// The plain-TCP path: the task and the hub's sweeps share the socket.
+impl WsIo for Arc<TcpStream> {
     fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         TcpStream::poll_read_ready(self, cx)
     }
@@ -232,8 +238,19 @@ impl WsIo for TcpStream {
         // `sendmsg` rather than `writev`: the socket call skips the VFS layer (file position
         // lock, permission hooks), a measurable share of a small send on this path.
         self.try_io(tokio::io::Interest::WRITABLE, || {
-            socket2::SockRef::from(&*self).send_vectored(bufs)
+            socket2::SockRef::from(&**self).send_vectored(bufs)
         })
+    }
+    fn direct_sink(&self) -> Option<Arc<dyn DirectSink>> {
+        Some(self.clone())
+    }
+}
+
+impl DirectSink for TcpStream {
+    fn try_send(&self, frame: &[u8]) -> io::Result<usize> {
+        // Straight to the socket: if it takes nothing, the woken task finds that out through
+        // tokio's readiness and waits for writability itself.
+        socket2::SockRef::from(self).send(frame)
     }
 }
 
@@ -360,6 +377,15 @@ impl Outbox {
     fn push(&mut self, frame: Bytes) {
         self.bytes += frame.len();
         self.frames.push_back(frame);
+    }
+
+    /// Queues the rest of a frame whose first `written` bytes a publish wrote directly; only
+    /// on an empty outbox (the connection parks only then).
+    fn push_started(&mut self, frame: Bytes, written: usize) {
+        debug_assert!(self.frames.is_empty() && written < frame.len());
+        self.bytes += frame.len() - written;
+        self.frames.push_back(frame);
+        self.offset = written;
     }
 
     fn is_empty(&self) -> bool {
@@ -536,6 +562,7 @@ enum Event {
 pub async fn run<S: WsIo>(app: Arc<App>, mut stream: S, initial: Vec<u8>, connect: ConnectInfo) {
     let mut session = Session::new(app.clone(), connect);
     let waker = session.waker().clone();
+    let sink = stream.direct_sink();
     app.metrics.connections_websocket.fetch_add(1, Relaxed);
     let _registration = Registration {
         app: app.clone(),
@@ -638,6 +665,14 @@ pub async fn run<S: WsIo>(app: Arc<App>, mut stream: S, initial: Vec<u8>, connec
         }
         let want_read = !peer_closed && outbox.bytes < READ_PAUSE_BYTES;
         let want_write = !outbox.is_empty() || stream.wants_flush();
+        // Nothing queued: park, so that a lone new broadcast is written by the publish itself.
+        let parked = match &sink {
+            Some(sink) if !close_sent && outbox.is_empty() => {
+                waker.park(sink);
+                true
+            }
+            _ => false,
+        };
         let event = std::future::poll_fn(|cx| {
             use std::task::Poll;
             if !draining && !close_sent && app.is_draining() {
@@ -658,6 +693,9 @@ pub async fn run<S: WsIo>(app: Arc<App>, mut stream: S, initial: Vec<u8>, connec
             Poll::Pending
         })
         .await;
+        if parked && let Some((frame, written)) = waker.unpark() {
+            outbox.push_started(frame, written);
+        }
         match event {
             Event::Woken => {}
             Event::Shutdown => {
