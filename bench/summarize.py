@@ -19,7 +19,9 @@ for path in sys.argv[1:]:
             d = json.loads(line)
         except ValueError:
             continue
-        key = (d["scenario"], d.get("subscribers"), d.get("rate"), d["adapter"])
+        # A run's label (e.g. "floor", "before") tells apart runs with the same adapter.
+        adapter = d["adapter"] + (f" [{d['label']}]" if d.get("label") else "")
+        key = (d["scenario"], d.get("subscribers"), d.get("rate"), adapter)
         runs[key].append(d)
 
 print("| scenario | N | rate | adapter | runs | " + " | ".join(["metric: median (min-max)"]) + " |")

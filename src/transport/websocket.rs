@@ -252,6 +252,9 @@ impl DirectSink for TcpStream {
         // tokio's readiness and waits for writability itself.
         socket2::SockRef::from(self).send(frame)
     }
+    fn prefetch(&self) {
+        std::hint::black_box(std::os::fd::AsRawFd::as_raw_fd(self));
+    }
 }
 
 /// Bytes [`Polled`] accepts for writing before it reports `WouldBlock` (like a socket buffer).
@@ -562,7 +565,13 @@ enum Event {
 pub async fn run<S: WsIo>(app: Arc<App>, mut stream: S, initial: Vec<u8>, connect: ConnectInfo) {
     let mut session = Session::new(app.clone(), connect);
     let waker = session.waker().clone();
-    let sink = stream.direct_sink();
+    let direct = match stream.direct_sink() {
+        Some(sink) => {
+            waker.set_sink(sink);
+            true
+        }
+        None => false,
+    };
     app.metrics.connections_websocket.fetch_add(1, Relaxed);
     let _registration = Registration {
         app: app.clone(),
@@ -666,13 +675,10 @@ pub async fn run<S: WsIo>(app: Arc<App>, mut stream: S, initial: Vec<u8>, connec
         let want_read = !peer_closed && outbox.bytes < READ_PAUSE_BYTES;
         let want_write = !outbox.is_empty() || stream.wants_flush();
         // Nothing queued: park, so that a lone new broadcast is written by the publish itself.
-        let parked = match &sink {
-            Some(sink) if !close_sent && outbox.is_empty() => {
-                waker.park(sink);
-                true
-            }
-            _ => false,
-        };
+        let parked = direct && !close_sent && outbox.is_empty();
+        if parked {
+            waker.park();
+        }
         let event = std::future::poll_fn(|cx| {
             use std::task::Poll;
             if !draining && !close_sent && app.is_draining() {
