@@ -140,6 +140,11 @@ impl Waker {
         let _ = self.sink.set(sink);
     }
 
+    /// Whether publishes can write to this connection's socket (see [`Waker::set_sink`]).
+    pub fn has_sink(&self) -> bool {
+        self.sink.get().is_some()
+    }
+
     /// The connection waits with nothing queued to write: a publish may write to its socket
     /// directly until [`Waker::unpark`]. (Without a socket, parking changes nothing.)
     pub fn park(&self) {

@@ -298,7 +298,9 @@ impl Session {
             self.reply(frame);
         }
         Metrics::add(&self.app.metrics.joins, 1);
-        sub.allow_direct();
+        if self.waker.has_sink() {
+            sub.allow_direct();
+        }
         self.channels.push(Channel { join_ref, sub });
         // Replayed messages (if any) are waiting in the topic buffer.
         if info.recovered == Some(true) {
