@@ -9,7 +9,7 @@
 //! history and receiving live messages are the same operation: there is no seam between them.
 //! When a message is the only one a subscriber lacks and its connection waits idle ("parked"),
 //! the publish writes the shared frame to the socket itself instead of waking the connection
-//! (see [`Waker`] and [`Subscriber`]).
+//! (see [`Waker`] and [`Direct`]).
 //!
 //! Slow-consumer policy (written down once, here): a subscriber whose next entry has left the
 //! buffer (trimmed by `history.size` or `history.max_age_secs`), or whose pending bytes exceed
@@ -107,7 +107,7 @@ struct Parked {
 ///
 /// A connection that waits with nothing to write may also *park* here: then a publish whose
 /// message is the only one a subscriber lacks writes that frame straight to the socket
-/// ([`Subscriber::try_deliver`]), and the task is not woken at all. Waking, scheduling and
+/// ([`Direct::try_deliver`]), and the task is not woken at all. Waking, scheduling and
 /// polling a task cost about as much as the send itself when every message goes out alone.
 /// The lock decides who writes: the sweep only while the connection is parked, the task only
 /// after it has unparked, so frames never interleave and a subscription's position has one
@@ -120,7 +120,7 @@ pub struct Waker {
     eager: AtomicBool,
     /// The connection's socket, when its transport can be written to directly. Set once; it
     /// lives as long as the waker, which outlives the connection's task by at most the sweep
-    /// in progress.
+    /// in progress or a broker join in flight (bounded by the broker's timeouts).
     sink: std::sync::OnceLock<Arc<dyn DirectSink>>,
     parked: Mutex<Parked>,
 }
@@ -208,25 +208,62 @@ pub enum Lag {
     TooManyPendingBytes,
 }
 
-/// One subscription as its topic sees it: whom to wake, and (shared with the connection's
-/// [`Subscription`]) the sequence number of the last entry taken.
+/// One subscription as its topic sees it.
+#[derive(Debug, Clone)]
+enum Subscriber {
+    /// Woken to read for itself (LongPoll; WebSockets over TLS or HTTP/2). Its position stays
+    /// in its [`Subscription`], so a sweep touches nothing but the waker.
+    Wake(Arc<Waker>),
+    /// Its connection can be written to directly (see [`Direct`]).
+    Direct(Arc<Direct>),
+}
+
+impl Subscriber {
+    fn waker(&self) -> &Arc<Waker> {
+        match self {
+            Subscriber::Wake(w) => w,
+            Subscriber::Direct(d) => &d.waker,
+        }
+    }
+
+    /// Delivers entry `newest` directly if possible, wakes the connection otherwise. Returns
+    /// whether it was delivered directly.
+    fn deliver_or_wake(&self, newest: Option<&(u64, Bytes)>) -> bool {
+        match self {
+            Subscriber::Wake(w) => {
+                w.wake();
+                false
+            }
+            Subscriber::Direct(d) => d.deliver_or_wake(newest),
+        }
+    }
+
+    fn prefetch(&self, seq: u64) {
+        if let Subscriber::Direct(d) = self {
+            d.prefetch(seq);
+        }
+    }
+}
+
+/// A subscription whose connection a publish may write to directly: shared between the topic
+/// and the connection's [`Subscription`], it holds the sequence number of the last entry taken.
 #[derive(Debug)]
-pub struct Subscriber {
+pub struct Direct {
     waker: Arc<Waker>,
     last: AtomicU64,
     /// Set once the join's reply is queued ([`Subscription::allow_direct`]): only then may a
     /// publish write to this subscriber directly, after that reply.
-    direct: AtomicBool,
+    allowed: AtomicBool,
 }
 
-impl Subscriber {
+impl Direct {
     /// Writes entry `seq` (`frame`) straight to the subscriber's socket when its connection is
     /// parked and `seq` is the only entry it lacks. `true` when that delivered it whole;
     /// `false` when the connection must be woken instead (also after a partial write, whose
     /// tail the connection then writes first).
     fn try_deliver(&self, seq: u64, frame: &Bytes) -> bool {
         // Cheap checks first; the position is checked again under the lock.
-        if !self.direct.load(Ordering::Relaxed) || self.last.load(Ordering::Relaxed) + 1 != seq {
+        if !self.allowed.load(Ordering::Relaxed) || self.last.load(Ordering::Relaxed) + 1 != seq {
             return false;
         }
         let Some(sink) = self.waker.sink.get() else {
@@ -265,9 +302,9 @@ impl Subscriber {
         false
     }
 
-    /// Reads what [`Subscriber::try_deliver`] of entry `seq` will read, without waiting on it.
+    /// Reads what [`Direct::try_deliver`] of entry `seq` will read, without waiting on it.
     fn prefetch(&self, seq: u64) {
-        if self.direct.load(Ordering::Relaxed) && self.last.load(Ordering::Relaxed) + 1 == seq {
+        if self.allowed.load(Ordering::Relaxed) && self.last.load(Ordering::Relaxed) + 1 == seq {
             std::hint::black_box(self.waker.scheduled.load(Ordering::Relaxed));
             if let Some(sink) = self.waker.sink.get() {
                 sink.prefetch();
@@ -282,7 +319,7 @@ const PREFETCH_GROUP: usize = 16;
 /// Delivers the newest entry to each of `subs` directly where it can, wakes the others;
 /// returns how many were delivered directly. Works on a copy of the subscriber list, so no
 /// lock is held while it writes.
-fn deliver_all(subs: &[Arc<Subscriber>], newest: Option<&(u64, Bytes)>) -> u64 {
+fn deliver_all(subs: &[Subscriber], newest: Option<&(u64, Bytes)>) -> u64 {
     let mut direct = 0;
     for group in subs.chunks(PREFETCH_GROUP) {
         if let Some((seq, _)) = newest {
@@ -310,7 +347,7 @@ struct TopicState {
     entries: VecDeque<Entry>,
     /// Bytes ever appended in this epoch.
     total_bytes: u64,
-    subscribers: Slab<Arc<Subscriber>>,
+    subscribers: Slab<Subscriber>,
     /// Set when the sweeper removed the topic from the map; publishers then look it up again.
     removed: bool,
 }
@@ -349,8 +386,8 @@ async fn fanout(topic: Arc<Topic>, metrics: Arc<Metrics>) {
             (st.last_seq, st.newest(), st.snapshot())
         };
         if !busy {
-            for s in subs.iter().filter(|s| s.waker.is_eager()) {
-                s.waker.wake();
+            for s in subs.iter().filter(|s| s.waker().is_eager()) {
+                s.waker().wake();
             }
         }
         // (Waking an eager subscriber again below is a no-op until it has run.)
@@ -385,7 +422,15 @@ async fn fanout(topic: Arc<Topic>, metrics: Arc<Metrics>) {
 pub struct Subscription {
     topic: Arc<Topic>,
     key: usize,
-    shared: Arc<Subscriber>,
+    last: Last,
+}
+
+/// Where a subscription keeps the sequence number of the last entry it took.
+#[derive(Debug)]
+enum Last {
+    Own(u64),
+    /// Shared with the topic, which may deliver to it directly.
+    Shared(Arc<Direct>),
 }
 
 impl Drop for Subscription {
@@ -409,16 +454,22 @@ impl Subscription {
 
     /// Sequence number of the last entry taken.
     pub fn last(&self) -> u64 {
-        self.shared.last.load(Ordering::Relaxed)
+        match &self.last {
+            Last::Own(n) => *n,
+            Last::Shared(d) => d.last.load(Ordering::Relaxed),
+        }
     }
 
-    pub fn set_last(&self, seq: u64) {
-        self.shared.last.store(seq, Ordering::Relaxed);
+    fn set_last(&mut self, seq: u64) {
+        match &mut self.last {
+            Last::Own(n) => *n = seq,
+            Last::Shared(d) => d.last.store(seq, Ordering::Relaxed),
+        }
     }
 
     /// Hands `emit` the entries after the last one taken (see [`Topic::read`]) and moves on.
     pub fn read(
-        &self,
+        &mut self,
         max_pending: u64,
         budget: usize,
         emit: &mut dyn FnMut(&Entry),
@@ -430,9 +481,12 @@ impl Subscription {
     }
 
     /// The join's reply is queued ahead of anything else this connection writes: from now on
-    /// a publish may write to this subscriber directly while its connection is parked.
+    /// a publish may write to this subscriber directly while its connection is parked (when
+    /// its connection can be written to at all).
     pub fn allow_direct(&self) {
-        self.shared.direct.store(true, Ordering::Relaxed);
+        if let Last::Shared(d) = &self.last {
+            d.allowed.store(true, Ordering::Relaxed);
+        }
     }
 }
 
@@ -536,7 +590,7 @@ impl TopicState {
         self.entries.back().map(|e| (e.seq, e.frame.clone()))
     }
 
-    fn snapshot(&self) -> Vec<Arc<Subscriber>> {
+    fn snapshot(&self) -> Vec<Subscriber> {
         self.subscribers.iter().map(|(_, s)| s.clone()).collect()
     }
 
@@ -791,18 +845,24 @@ impl Hub {
             Start::Unrecoverable => (st.last_seq, Some(false), None),
             Start::NotCovered(offset) => (st.last_seq, None, Some(offset)),
         };
-        let shared = Arc::new(Subscriber {
-            waker: waker.clone(),
-            last: AtomicU64::new(start),
-            direct: AtomicBool::new(false),
-        });
-        let key = st.subscribers.insert(shared.clone());
+        // Only a connection with a socket to write to shares its position with the topic.
+        let (entry, last) = if waker.has_sink() {
+            let d = Arc::new(Direct {
+                waker: waker.clone(),
+                last: AtomicU64::new(start),
+                allowed: AtomicBool::new(false),
+            });
+            (Subscriber::Direct(d.clone()), Last::Shared(d))
+        } else {
+            (Subscriber::Wake(waker.clone()), Last::Own(start))
+        };
+        let key = st.subscribers.insert(entry);
         let position = Position {
             epoch: st.epoch.clone(),
             offset: st.last_offset,
         };
         drop(st);
-        let sub = Subscription { topic, key, shared };
+        let sub = Subscription { topic, key, last };
         if recovered == Some(true) {
             waker.wake(); // the replay is waiting in the buffer
         }
@@ -1019,7 +1079,7 @@ mod tests {
         )
     }
 
-    fn texts(sub: &Subscription) -> Result<Vec<String>, Lag> {
+    fn texts(sub: &mut Subscription) -> Result<Vec<String>, Lag> {
         let mut got = Vec::new();
         sub.read(u64::MAX, usize::MAX, &mut |e| {
             got.push(String::from_utf8(e.text().to_vec()).unwrap())
@@ -1030,12 +1090,12 @@ mod tests {
     #[test]
     fn live_subscribers_get_each_message_once_in_order() {
         let h = hub(10);
-        let (sub, info) = h.subscribe("t", Arc::new(Waker::default()), None);
+        let (mut sub, info) = h.subscribe("t", Arc::new(Waker::default()), None);
         assert!(info.position.ends_with(":0"));
         let p1 = h.publish("t", "e", b"1");
         let p2 = h.publish("t", "e", b"2");
         assert_eq!(p1.offset + 1, p2.offset);
-        let got = texts(&sub).unwrap();
+        let got = texts(&mut sub).unwrap();
         assert_eq!(
             got,
             [
@@ -1043,7 +1103,7 @@ mod tests {
                 format!("[null,\"{p2}\",\"t\",\"e\",2]")
             ]
         );
-        assert!(texts(&sub).unwrap().is_empty());
+        assert!(texts(&mut sub).unwrap().is_empty());
     }
 
     #[test]
@@ -1052,10 +1112,10 @@ mod tests {
         let p1 = h.publish("t", "e", b"1");
         h.publish("t", "e", b"2");
         h.publish("t", "e", b"3");
-        let (sub, info) = h.subscribe("t", Arc::new(Waker::default()), Some(&p1.to_string()));
+        let (mut sub, info) = h.subscribe("t", Arc::new(Waker::default()), Some(&p1.to_string()));
         assert_eq!(info.recovered, Some(true));
         h.publish("t", "e", b"4");
-        let got = texts(&sub).unwrap();
+        let got = texts(&mut sub).unwrap();
         let payloads: Vec<_> = got.iter().map(|t| &t[t.len() - 2..t.len() - 1]).collect();
         assert_eq!(payloads, ["2", "3", "4"]);
     }
@@ -1098,12 +1158,12 @@ mod tests {
     #[test]
     fn a_subscriber_that_falls_off_the_buffer_lags() {
         let h = hub(3);
-        let (sub, _) = h.subscribe("t", Arc::new(Waker::default()), None);
+        let (mut sub, _) = h.subscribe("t", Arc::new(Waker::default()), None);
         for i in 0..5 {
             h.publish("t", "e", i.to_string().as_bytes());
         }
-        assert_eq!(texts(&sub), Err(Lag::FellOffHistory));
-        let (sub2, _) = h.subscribe("t", Arc::new(Waker::default()), None);
+        assert_eq!(texts(&mut sub), Err(Lag::FellOffHistory));
+        let (mut sub2, _) = h.subscribe("t", Arc::new(Waker::default()), None);
         h.publish("t", "e", b"123456");
         let r = sub2.read(10, usize::MAX, &mut |_| {});
         assert_eq!(r, Err(Lag::TooManyPendingBytes));
@@ -1150,15 +1210,15 @@ mod tests {
     fn a_parked_connection_gets_a_lone_message_written_without_a_wake_up() {
         let h = hub(10);
         let w = Arc::new(Waker::default());
-        let (sub, _) = h.subscribe("t", w.clone(), None);
         let (got, dyn_sink) = sink(usize::MAX);
         w.set_sink(dyn_sink);
+        let (mut sub, _) = h.subscribe("t", w.clone(), None);
         // Before the join's reply is queued, nothing is written directly.
         w.park();
         h.publish("t", "e", b"1");
         assert!(w.scheduled.load(Ordering::Acquire));
         assert!(got.got.lock().unwrap().is_empty());
-        let texts1 = texts(&sub).unwrap();
+        let texts1 = texts(&mut sub).unwrap();
         assert!(
             texts1.len() == 1 && texts1[0].ends_with("\"e\",1]"),
             "{texts1:?}"
@@ -1172,7 +1232,7 @@ mod tests {
         assert_eq!(usize::from(frame[1]), frame.len() - 2, "one whole frame");
         assert!(frame.ends_with(b"\"e\",2]"));
         assert_eq!(h.metrics.messages_delivered.load(Ordering::Relaxed), 1);
-        assert!(texts(&sub).unwrap().is_empty(), "taken once only");
+        assert!(texts(&mut sub).unwrap().is_empty(), "taken once only");
         // Unparked (the task runs): woken, nothing written behind its back.
         assert_eq!(w.unpark(), None);
         h.publish("t", "e", b"3");
@@ -1183,17 +1243,29 @@ mod tests {
         w.park();
         h.publish("t", "e", b"4");
         assert!(w.scheduled.load(Ordering::Acquire));
-        assert_eq!(texts(&sub).unwrap().len(), 2);
+        assert_eq!(texts(&mut sub).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_connection_without_a_socket_is_always_woken() {
+        let h = hub(10);
+        let w = Arc::new(Waker::default());
+        let (mut sub, _) = h.subscribe("t", w.clone(), None);
+        sub.allow_direct();
+        w.park();
+        h.publish("t", "e", b"1");
+        assert!(w.scheduled.load(Ordering::Acquire));
+        assert_eq!(texts(&mut sub).unwrap().len(), 1);
     }
 
     #[test]
     fn a_partly_written_frame_is_finished_by_the_connection_first() {
         let h = hub(10);
         let w = Arc::new(Waker::default());
-        let (sub, _) = h.subscribe("t", w.clone(), None);
-        sub.allow_direct();
         let (got, dyn_sink) = sink(5);
         w.set_sink(dyn_sink);
+        let (mut sub, _) = h.subscribe("t", w.clone(), None);
+        sub.allow_direct();
         w.park();
         h.publish("t", "e", b"1");
         assert!(
@@ -1204,7 +1276,7 @@ mod tests {
         assert_eq!(written, 5);
         assert_eq!(&frame[..5], &got.got.lock().unwrap()[..]);
         assert!(
-            texts(&sub).unwrap().is_empty(),
+            texts(&mut sub).unwrap().is_empty(),
             "the frame is the connection's now"
         );
         // A socket that takes nothing: woken, and the message still waits in the buffer.
@@ -1215,7 +1287,7 @@ mod tests {
         assert!(w.scheduled.load(Ordering::Acquire));
         assert_eq!(w.unpark(), None);
         assert_eq!(got.got.lock().unwrap().len(), 5);
-        assert_eq!(texts(&sub).unwrap().len(), 1);
+        assert_eq!(texts(&mut sub).unwrap().len(), 1);
     }
 
     #[test]
@@ -1239,7 +1311,7 @@ mod tests {
     #[test]
     fn a_broadcast_frame_is_a_valid_websocket_frame_around_the_text() {
         let h = hub(10);
-        let (sub, _) = h.subscribe("t", Arc::new(Waker::default()), None);
+        let (mut sub, _) = h.subscribe("t", Arc::new(Waker::default()), None);
         h.publish("t", "e", &vec![b'1'; 300]);
         sub.read(u64::MAX, usize::MAX, &mut |e| {
             let f = e.ws_frame();

@@ -298,9 +298,7 @@ impl Session {
             self.reply(frame);
         }
         Metrics::add(&self.app.metrics.joins, 1);
-        if self.waker.has_sink() {
-            sub.allow_direct();
-        }
+        sub.allow_direct();
         self.channels.push(Channel { join_ref, sub });
         // Replayed messages (if any) are waiting in the topic buffer.
         if info.recovered == Some(true) {
