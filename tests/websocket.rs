@@ -294,6 +294,45 @@ async fn a_slow_consumer_is_closed_with_1013_and_does_not_slow_the_others() {
 }
 
 #[tokio::test]
+async fn direct_writes_that_fill_the_socket_hand_the_rest_to_the_connection() {
+    // One message at a time to a subscriber that does not read: while its connection is parked,
+    // each publish writes the frame to the socket itself, until the socket takes only part of
+    // one; the connection's task must then finish that frame before anything else. And once the
+    // client reads and the socket drains, the task must come back for what waited in the topic
+    // meanwhile: the publishes are over, so nothing else will wake it (this stalled before).
+    let mut c = test_config();
+    c.history.size = 1000;
+    c.limits.max_pending_bytes = 256 * 1024 * 1024;
+    c.publish.max_body_bytes = 1024 * 1024;
+    let s = start_with(c).await;
+    let mut ws = connect(s.addr).await;
+    join(&mut ws, "1", "room:d", "{}").await;
+    let blob = "y".repeat(200_000);
+    let count = 150; // 30 MB: more than loopback's socket buffers hold
+    for n in 0..count {
+        publish(
+            s.addr,
+            "room:d",
+            "e",
+            &format!(r#"{{"n":{n},"blob":"{blob}"}}"#),
+        )
+        .await;
+    }
+    for n in 0..count {
+        let m = recv(&mut ws).await;
+        assert_eq!(m[4]["n"], n, "out of order");
+        assert_eq!(m[4]["blob"].as_str().map(str::len), Some(blob.len()));
+    }
+    assert_eq!(
+        s.app
+            .metrics
+            .slow_consumer_closes
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+}
+
+#[tokio::test]
 async fn a_large_topic_swept_by_the_fanout_task_delivers_everything_in_order() {
     // More subscribers than are woken inline, so deliveries go through the chunked fanout task,
     // with publishes landing while sweeps run.

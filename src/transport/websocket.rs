@@ -623,6 +623,8 @@ pub async fn run<S: WsIo>(app: Arc<App>, mut stream: S, initial: Vec<u8>, connec
     }
 
     loop {
+        // Set when the topics were not read because a write batch is still in flight.
+        let mut took_nothing = false;
         if !close_sent {
             // Direct frames first (a join reply precedes what the join replays), then broadcasts.
             session.settle();
@@ -639,6 +641,7 @@ pub async fn run<S: WsIo>(app: Arc<App>, mut stream: S, initial: Vec<u8>, connec
                 session.collect_broadcasts(budget, &mut |e| outbox.push(e.ws_frame().clone()))
             } else {
                 // The socket is not draining; see whether the topics have left us behind.
+                took_nothing = true;
                 session.check_lag().map(|()| 0)
             };
             match collected {
@@ -668,6 +671,11 @@ pub async fn run<S: WsIo>(app: Arc<App>, mut stream: S, initial: Vec<u8>, connec
         {
             tracing::debug!(error = %e, "websocket write failed");
             break;
+        }
+        if took_nothing && outbox.bytes < WRITE_BATCH_BYTES {
+            // The socket drained: come back for what waited in the topics meanwhile (no
+            // publish may come to wake us for it).
+            waker.wake();
         }
         if close_sent && outbox.is_empty() && peer_closed {
             break;
