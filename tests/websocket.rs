@@ -333,6 +333,60 @@ async fn direct_writes_that_fill_the_socket_hand_the_rest_to_the_connection() {
 }
 
 #[tokio::test]
+async fn direct_writes_from_two_topics_to_one_connection_never_interleave() {
+    // Both topics' publishes write to the same parked socket; frames must stay whole and each
+    // topic in order, across partial writes handed to the task.
+    let mut c = test_config();
+    c.history.size = 1000;
+    c.limits.max_pending_bytes = 256 * 1024 * 1024;
+    c.publish.max_body_bytes = 1024 * 1024;
+    let s = start_with(c).await;
+    let mut ws = connect(s.addr).await;
+    join(&mut ws, "1", "room:a", "{}").await;
+    join(&mut ws, "2", "room:b", "{}").await;
+    let count = 100;
+    let (addr_a, addr_b) = (s.addr, s.addr);
+    // Two publishers at once, each one message at a time, sizes differing so that partial
+    // writes land at different offsets.
+    let a = tokio::spawn(async move {
+        let blob = "a".repeat(150_001);
+        for n in 0..count {
+            publish(
+                addr_a,
+                "room:a",
+                "e",
+                &format!(r#"{{"n":{n},"blob":"{blob}"}}"#),
+            )
+            .await;
+        }
+    });
+    let b = tokio::spawn(async move {
+        let blob = "b".repeat(70_003);
+        for n in 0..count {
+            publish(
+                addr_b,
+                "room:b",
+                "e",
+                &format!(r#"{{"n":{n},"blob":"{blob}"}}"#),
+            )
+            .await;
+        }
+    });
+    a.await.unwrap();
+    b.await.unwrap();
+    let mut next = std::collections::HashMap::from([("room:a", 0), ("room:b", 0)]);
+    for _ in 0..2 * count {
+        let m = recv(&mut ws).await;
+        let topic = m[2].as_str().unwrap().to_string();
+        let expected = next.get_mut(topic.as_str()).expect("a joined topic");
+        assert_eq!(m[4]["n"], *expected, "{topic} out of order");
+        let len = if topic == "room:a" { 150_001 } else { 70_003 };
+        assert_eq!(m[4]["blob"].as_str().map(str::len), Some(len));
+        *expected += 1;
+    }
+}
+
+#[tokio::test]
 async fn a_large_topic_swept_by_the_fanout_task_delivers_everything_in_order() {
     // More subscribers than are woken inline, so deliveries go through the chunked fanout task,
     // with publishes landing while sweeps run.
