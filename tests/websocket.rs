@@ -293,6 +293,18 @@ async fn a_slow_consumer_is_closed_with_1013_and_does_not_slow_the_others() {
     assert_eq!(recv_close(&mut slow).await, 1013);
 }
 
+/// A server that lets a subscriber fall far behind (large messages, no slow-consumer close),
+/// and a connected client.
+async fn start_for_large_backlogs() -> (TestServer, Ws) {
+    let mut c = test_config();
+    c.history.size = 1000;
+    c.limits.max_pending_bytes = 256 * 1024 * 1024;
+    c.publish.max_body_bytes = 1024 * 1024;
+    let s = start_with(c).await;
+    let ws = connect(s.addr).await;
+    (s, ws)
+}
+
 #[tokio::test]
 async fn direct_writes_that_fill_the_socket_hand_the_rest_to_the_connection() {
     // One message at a time to a subscriber that does not read: while its connection is parked,
@@ -300,12 +312,7 @@ async fn direct_writes_that_fill_the_socket_hand_the_rest_to_the_connection() {
     // one; the connection's task must then finish that frame before anything else. And once the
     // client reads and the socket drains, the task must come back for what waited in the topic
     // meanwhile: the publishes are over, so nothing else will wake it (this stalled before).
-    let mut c = test_config();
-    c.history.size = 1000;
-    c.limits.max_pending_bytes = 256 * 1024 * 1024;
-    c.publish.max_body_bytes = 1024 * 1024;
-    let s = start_with(c).await;
-    let mut ws = connect(s.addr).await;
+    let (s, mut ws) = start_for_large_backlogs().await;
     join(&mut ws, "1", "room:d", "{}").await;
     let blob = "y".repeat(200_000);
     let count = 150; // 30 MB: more than loopback's socket buffers hold
@@ -336,12 +343,7 @@ async fn direct_writes_that_fill_the_socket_hand_the_rest_to_the_connection() {
 async fn direct_writes_from_two_topics_to_one_connection_never_interleave() {
     // Both topics' publishes write to the same parked socket; frames must stay whole and each
     // topic in order, across partial writes handed to the task.
-    let mut c = test_config();
-    c.history.size = 1000;
-    c.limits.max_pending_bytes = 256 * 1024 * 1024;
-    c.publish.max_body_bytes = 1024 * 1024;
-    let s = start_with(c).await;
-    let mut ws = connect(s.addr).await;
+    let (s, mut ws) = start_for_large_backlogs().await;
     join(&mut ws, "1", "room:a", "{}").await;
     join(&mut ws, "2", "room:b", "{}").await;
     let count = 100;
