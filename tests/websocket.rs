@@ -305,6 +305,14 @@ async fn start_for_large_backlogs() -> (TestServer, Ws) {
     (s, ws)
 }
 
+/// Publishes `{"n":0..count,"blob":"xx…"}` (a blob of `len` bytes) to `topic`, one at a time.
+async fn publish_numbered(addr: std::net::SocketAddr, topic: &'static str, count: u64, len: usize) {
+    let blob = "x".repeat(len);
+    for n in 0..count {
+        publish(addr, topic, "e", &format!(r#"{{"n":{n},"blob":"{blob}"}}"#)).await;
+    }
+}
+
 #[tokio::test]
 async fn direct_writes_that_fill_the_socket_hand_the_rest_to_the_connection() {
     // One message at a time to a subscriber that does not read: while its connection is parked,
@@ -314,21 +322,12 @@ async fn direct_writes_that_fill_the_socket_hand_the_rest_to_the_connection() {
     // meanwhile: the publishes are over, so nothing else will wake it (this stalled before).
     let (s, mut ws) = start_for_large_backlogs().await;
     join(&mut ws, "1", "room:d", "{}").await;
-    let blob = "y".repeat(200_000);
     let count = 150; // 30 MB: more than loopback's socket buffers hold
-    for n in 0..count {
-        publish(
-            s.addr,
-            "room:d",
-            "e",
-            &format!(r#"{{"n":{n},"blob":"{blob}"}}"#),
-        )
-        .await;
-    }
+    publish_numbered(s.addr, "room:d", count, 200_000).await;
     for n in 0..count {
         let m = recv(&mut ws).await;
         assert_eq!(m[4]["n"], n, "out of order");
-        assert_eq!(m[4]["blob"].as_str().map(str::len), Some(blob.len()));
+        assert_eq!(m[4]["blob"].as_str().map(str::len), Some(200_000));
     }
     assert_eq!(
         s.app
@@ -350,30 +349,8 @@ async fn direct_writes_from_two_topics_to_one_connection_never_interleave() {
     let (addr_a, addr_b) = (s.addr, s.addr);
     // Two publishers at once, each one message at a time, sizes differing so that partial
     // writes land at different offsets.
-    let a = tokio::spawn(async move {
-        let blob = "a".repeat(150_001);
-        for n in 0..count {
-            publish(
-                addr_a,
-                "room:a",
-                "e",
-                &format!(r#"{{"n":{n},"blob":"{blob}"}}"#),
-            )
-            .await;
-        }
-    });
-    let b = tokio::spawn(async move {
-        let blob = "b".repeat(70_003);
-        for n in 0..count {
-            publish(
-                addr_b,
-                "room:b",
-                "e",
-                &format!(r#"{{"n":{n},"blob":"{blob}"}}"#),
-            )
-            .await;
-        }
-    });
+    let a = tokio::spawn(publish_numbered(addr_a, "room:a", count, 150_001));
+    let b = tokio::spawn(publish_numbered(addr_b, "room:b", count, 70_003));
     a.await.unwrap();
     b.await.unwrap();
     let mut next = std::collections::HashMap::from([("room:a", 0), ("room:b", 0)]);
