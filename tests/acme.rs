@@ -62,15 +62,9 @@ impl Drop for TempDir {
     }
 }
 
-/// A free TCP port on 127.0.0.1 (and on [::1], for nginx's IPv6 listen lines).
+/// A free TCP port on 127.0.0.1 and on [::1] (for nginx's IPv6 listen lines).
 fn free_port() -> u16 {
-    loop {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = l.local_addr().unwrap().port();
-        if std::net::TcpListener::bind(("::1", port)).is_ok() {
-            return port;
-        }
-    }
+    support::free_port_v4_v6()
 }
 
 /// A child process whose stdout and stderr are collected; stopped with SIGTERM on drop.

@@ -19,14 +19,25 @@ fn pushgate() -> PathBuf {
     p
 }
 
+/// A port for a server the bench starts: free when checked, handed out once per test process,
+/// and below the kernel's ephemeral range (32768 and up by default), so that none of the many
+/// client sockets the scenarios running alongside open can take it before the server binds it.
 fn free_port() -> u16 {
-    // The port is released before the server binds it; the bench's readiness poll tolerates
-    // the small window, and each scenario gets its own port.
-    TcpListener::bind("127.0.0.1:0")
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap();
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+        .subsec_nanos() as usize
+        + std::process::id() as usize;
+    for i in 0.. {
+        let port = (20_000 + (seed + i * 7919) % 12_000) as u16;
+        if !given.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.push(port);
+            return port;
+        }
+    }
+    unreachable!()
 }
 
 fn run(scenario: &str, extra: &[&str]) -> serde_json::Value {

@@ -48,23 +48,24 @@ const DEADLINE_MS = 10_000;
 // Scaffolding: certificate, static files, app stand-in, nginx
 // ---------------------------------------------------------------------------
 
-/** A free TCP port on 127.0.0.1 and [::1] (checked on both, then released). */
+/** Whether `port` can be listened on at `host` right now (checked, then released). */
+function canListen(port, host) {
+  return new Promise((resolve) => {
+    const s = net.createServer();
+    s.once("error", () => resolve(false));
+    s.listen(port, host, () => s.close(() => resolve(true)));
+  });
+}
+
+/**
+ * A free TCP port on 127.0.0.1 and [::1], below the kernel's ephemeral range (32768 and up by
+ * default): a port from that range, released after the check, can be taken by any outgoing
+ * connection of a test running alongside before nginx binds it.
+ */
 async function freePort() {
-  for (let attempt = 1; attempt <= 20; attempt++) {
-    const port = await new Promise((resolve, reject) => {
-      const s = net.createServer();
-      s.once("error", reject);
-      s.listen(0, "127.0.0.1", () => {
-        const { port } = s.address();
-        s.close(() => resolve(port));
-      });
-    });
-    const v6free = await new Promise((resolve) => {
-      const s = net.createServer();
-      s.once("error", () => resolve(false));
-      s.listen(port, "::1", () => s.close(() => resolve(true)));
-    });
-    if (v6free) return port;
+  for (let attempt = 1; attempt <= 200; attempt++) {
+    const port = 20000 + Math.floor(Math.random() * 12000);
+    if ((await canListen(port, "127.0.0.1")) && (await canListen(port, "::1"))) return port;
   }
   throw new Error("no port free on both 127.0.0.1 and [::1] (is IPv6 loopback configured?)");
 }

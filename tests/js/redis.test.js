@@ -53,16 +53,22 @@ process.on("exit", () => {
   for (const child of children) child.kill("SIGKILL");
 });
 
-/** A free TCP port on 127.0.0.1 (checked, then released: the caller retries if it is taken). */
-function freePort() {
-  return new Promise((resolve, reject) => {
-    const s = net.createServer();
-    s.once("error", reject);
-    s.listen(0, "127.0.0.1", () => {
-      const { port } = s.address();
-      s.close(() => resolve(port));
+/**
+ * A free TCP port on 127.0.0.1 (checked, then released), below the kernel's ephemeral range
+ * (32768 and up by default), where no outgoing connection of a test running alongside can take it
+ * before the process it is for binds it.
+ */
+async function freePort() {
+  for (let attempt = 1; attempt <= 200; attempt++) {
+    const port = 20000 + Math.floor(Math.random() * 12000);
+    const free = await new Promise((resolve) => {
+      const s = net.createServer();
+      s.once("error", () => resolve(false));
+      s.listen(port, "127.0.0.1", () => s.close(() => resolve(true)));
     });
-  });
+    if (free) return port;
+  }
+  throw new Error("no free port on 127.0.0.1");
 }
 
 /** Runs a command; resolves with {code, stdout, stderr} (never rejects on a non-zero exit). */

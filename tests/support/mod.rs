@@ -607,6 +607,35 @@ fn parse_server_frame(buf: &[u8]) -> Option<(bool, u8, Vec<u8>, usize)> {
     ))
 }
 
+/// A free TCP port on 127.0.0.1 for a process a test starts, handed out once per test process.
+/// Taken below the kernel's ephemeral range (32768 and up by default): a port from that range,
+/// released after the check, can be taken by any outgoing connection (of a test running
+/// alongside, Pebble's validator, nginx) before the process it is for binds it.
+pub fn free_port() -> u16 {
+    pick_port(false)
+}
+
+/// The same, free on [::1] too.
+#[allow(dead_code)] // not every test binary uses it
+pub fn free_port_v4_v6() -> u16 {
+    pick_port(true)
+}
+
+fn pick_port(v6: bool) -> u16 {
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap();
+    loop {
+        let port = 20_000 + rand::random::<u16>() % 12_000;
+        if !given.contains(&port)
+            && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && (!v6 || std::net::TcpListener::bind(("::1", port)).is_ok())
+        {
+            given.push(port);
+            return port;
+        }
+    }
+}
+
 /// A real `redis-server` on a free port, stopped on drop.
 pub struct RedisServer {
     pub port: u16,
@@ -615,11 +644,7 @@ pub struct RedisServer {
 
 impl RedisServer {
     pub fn start() -> RedisServer {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let mut r = RedisServer { port, child: None };
         r.spawn();
         r
