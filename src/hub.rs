@@ -229,13 +229,13 @@ impl Subscriber {
     /// Delivers entry `newest` directly if possible, wakes the connection otherwise. Returns
     /// whether it was delivered directly.
     fn deliver_or_wake(&self, newest: Option<&(u64, Bytes)>) -> bool {
-        match self {
-            Subscriber::Wake(w) => {
-                w.wake();
-                false
-            }
-            Subscriber::Direct(d) => d.deliver_or_wake(newest),
+        if let (Subscriber::Direct(d), Some((seq, frame))) = (self, newest)
+            && d.try_deliver(*seq, frame)
+        {
+            return true;
         }
+        self.waker().wake();
+        false
     }
 
     fn prefetch(&self, seq: u64) {
@@ -288,18 +288,6 @@ impl Direct {
             // Nothing went out (full socket buffer, or an error the task will meet itself).
             _ => false,
         }
-    }
-
-    /// Delivers entry `seq` directly if possible, wakes the connection otherwise. Returns
-    /// whether it was delivered directly.
-    fn deliver_or_wake(&self, lone: Option<&(u64, Bytes)>) -> bool {
-        if let Some((seq, frame)) = lone
-            && self.try_deliver(*seq, frame)
-        {
-            return true;
-        }
-        self.waker.wake();
-        false
     }
 
     /// Reads what [`Direct::try_deliver`] of entry `seq` will read, without waiting on it.

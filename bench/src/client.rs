@@ -220,6 +220,30 @@ pub async fn publish(
     Ok((200..300).contains(&status))
 }
 
+/// One final text frame carrying `payload`; `masked` (as a client must) with a mask of zeros,
+/// which is valid and leaves the payload as it is.
+pub fn text_frame(payload: &[u8], masked: bool) -> Vec<u8> {
+    let mask_bit = if masked { 0x80 } else { 0 };
+    let mut f = Vec::with_capacity(payload.len() + 14);
+    f.push(0x81);
+    match payload.len() {
+        n if n < 126 => f.push(mask_bit | n as u8),
+        n if n <= 0xFFFF => {
+            f.push(mask_bit | 126);
+            f.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            f.push(mask_bit | 127);
+            f.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    if masked {
+        f.extend_from_slice(&[0, 0, 0, 0]);
+    }
+    f.extend_from_slice(payload);
+    f
+}
+
 /// A client WebSocket: handshake, masked writes, unmasked frame reads.
 pub struct WsClient {
     pub stream: TcpStream,
@@ -249,21 +273,7 @@ impl WsClient {
 
     /// Sends a masked text frame (mask of zeros: valid, and free).
     pub async fn send_text(&mut self, text: &[u8]) -> io::Result<()> {
-        let mut f = Vec::with_capacity(text.len() + 14);
-        f.push(0x81);
-        let len = text.len();
-        if len < 126 {
-            f.push(0x80 | len as u8);
-        } else if len <= 0xFFFF {
-            f.push(0x80 | 126);
-            f.extend_from_slice(&(len as u16).to_be_bytes());
-        } else {
-            f.push(0x80 | 127);
-            f.extend_from_slice(&(len as u64).to_be_bytes());
-        }
-        f.extend_from_slice(&[0, 0, 0, 0]);
-        f.extend_from_slice(text);
-        self.stream.write_all(&f).await
+        self.stream.write_all(&text_frame(text, true)).await
     }
 
     /// Reads the next data frame's payload; `Ok(None)` on a close frame.

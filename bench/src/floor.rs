@@ -143,7 +143,7 @@ fn serve_http(mut r: BufReader<TcpStream>, first: Head, topics: &Topics) -> io::
             "POST" if !topic.is_empty() => {
                 r.get_mut()
                     .write_all(b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n")?;
-                let frame = frame(&body);
+                let frame = crate::client::text_frame(&body, false);
                 let mut all = topics.lock().unwrap();
                 if let Some(subs) = all.get_mut(topic) {
                     // A subscriber whose write fails is gone.
@@ -166,23 +166,4 @@ fn serve_http(mut r: BufReader<TcpStream>, first: Head, topics: &Topics) -> io::
         }
         head = read_head(&mut r)?;
     }
-}
-
-/// One unmasked text frame carrying `payload`.
-fn frame(payload: &[u8]) -> Vec<u8> {
-    let mut f = Vec::with_capacity(payload.len() + 10);
-    f.push(0x81);
-    match payload.len() {
-        n if n < 126 => f.push(n as u8),
-        n if n <= 0xFFFF => {
-            f.push(126);
-            f.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            f.push(127);
-            f.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    f.extend_from_slice(payload);
-    f
 }
