@@ -204,6 +204,9 @@ pub enum End {
 pub async fn serve(app: &Arc<App>, mut stream: TcpStream) -> End {
     let mut buf: Vec<u8> = Vec::with_capacity(4096);
     let mut out: Vec<u8> = Vec::with_capacity(512);
+    // Registered with the shutdown token once per connection, not once per wait.
+    let shutdown = app.shutdown.cancelled();
+    tokio::pin!(shutdown);
     loop {
         // A complete head.
         let mut deadline = None;
@@ -217,8 +220,9 @@ pub async fn serve(app: &Arc<App>, mut stream: TcpStream) -> End {
             let read = if buf.is_empty() {
                 // Between requests: wait for the next one, or shut down.
                 tokio::select! {
+                    biased;
                     r = stream.read_buf(&mut buf) => r,
-                    _ = app.shutdown.cancelled() => return End::Closed,
+                    _ = &mut shutdown => return End::Closed,
                 }
             } else {
                 // Part of a head arrived: the rest must come within the header timeout.
@@ -271,8 +275,9 @@ pub async fn serve(app: &Arc<App>, mut stream: TcpStream) -> End {
             buf.reserve(end - buf.len());
             // A body that stalls does not hold up a shutdown.
             let read = tokio::select! {
+                biased;
                 r = stream.read_buf(&mut buf) => r,
-                _ = app.shutdown.cancelled() => return End::Closed,
+                _ = &mut shutdown => return End::Closed,
             };
             match read {
                 Ok(0) | Err(_) => return End::Closed,
@@ -301,6 +306,7 @@ pub async fn serve(app: &Arc<App>, mut stream: TcpStream) -> End {
                         tokio::pin!(finish);
                         loop {
                             tokio::select! {
+                                biased;
                                 body = &mut finish => break body,
                                 r = stream.read_buf(&mut buf), if buf.len() < end + MAX_AHEAD_BYTES => {
                                     match r {

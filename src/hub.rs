@@ -70,6 +70,9 @@ pub struct Entry {
     /// Bytes appended to the topic before this entry (for lag accounting).
     cum_start: u64,
     at: Instant,
+    /// The text as a JSON string literal (how a LongPoll answer carries it), made by the first
+    /// LongPoll subscriber that takes the entry and shared by the rest.
+    json_string: std::sync::OnceLock<Bytes>,
 }
 
 impl Entry {
@@ -81,6 +84,13 @@ impl Entry {
     /// The JSON text `[null,"<position>",topic,event,payload]`.
     pub fn text(&self) -> Bytes {
         self.frame.slice(self.text_start as usize..)
+    }
+
+    /// The text as a JSON string literal, escaped once per entry.
+    pub fn json_string(&self) -> Bytes {
+        self.json_string
+            .get_or_init(|| crate::protocol::json_string(&self.frame[self.text_start as usize..]))
+            .clone()
     }
 }
 
@@ -611,6 +621,7 @@ impl TopicState {
             text_start,
             cum_start,
             at: now,
+            json_string: std::sync::OnceLock::new(),
         });
         self.total_bytes += len;
         if offset > 0 {

@@ -194,6 +194,13 @@ pub fn push_json_str(out: &mut Vec<u8>, s: &str) {
     let _ = serde_json::to_writer(&mut *out, s);
 }
 
+/// `text` (JSON we encoded, so UTF-8) as a JSON string literal.
+pub fn json_string(text: &[u8]) -> Bytes {
+    let mut s = Vec::with_capacity(text.len() + text.len() / 4 + 2);
+    push_json_str(&mut s, &String::from_utf8_lossy(text));
+    Bytes::from(s)
+}
+
 fn push_opt_str(out: &mut Vec<u8>, s: Option<&str>) {
     match s {
         Some(s) => push_json_str(out, s),

@@ -54,8 +54,29 @@ pub fn scan_messages(data: &[u8], mut f: impl FnMut(u64, u64)) {
     }
 }
 
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
+/// Where `needle` first occurs in `hay`: candidates by their first byte, then compared whole
+/// (a slice comparison at every position costs more than the rest of a LongPoll delivery).
+pub fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    let (&first, _) = needle.split_first()?;
+    let mut at = 0;
+    while let Some(i) = hay.get(at..)?.iter().position(|&b| b == first) {
+        if hay[at + i..].starts_with(needle) {
+            return Some(at + i);
+        }
+        at += i + 1;
+    }
+    None
+}
+
+/// The `status` of a Phoenix LongPoll answer (pushgate writes it first; searched otherwise).
+pub fn lp_status(body: &[u8]) -> Option<u64> {
+    const KEY: &[u8] = b"\"status\":";
+    let at = if body.get(1..).is_some_and(|b| b.starts_with(KEY)) {
+        1
+    } else {
+        find(body, KEY)?
+    };
+    Some(number_after(body, at + KEY.len()).0)
 }
 
 fn number_after(data: &[u8], mut i: usize) -> (u64, usize) {
@@ -324,5 +345,49 @@ impl WsClient {
 
     pub fn slice(&self, range: (usize, usize)) -> &[u8] {
         &self.buf[range.0..range.1]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn find_matches_a_slice_search() {
+        let hay = b"aab\"status\":200,\"pgseq\":7,\"pgts\":9 pgseq";
+        for needle in [
+            &b"pgseq"[..],
+            b"\"status\":",
+            b"a",
+            b"ab",
+            b"9 p",
+            b"zz",
+            b"pgseqq",
+        ] {
+            let naive = hay.windows(needle.len()).position(|w| w == needle);
+            assert_eq!(
+                find(hay, needle),
+                naive,
+                "{:?}",
+                String::from_utf8_lossy(needle)
+            );
+        }
+        assert_eq!(find(b"", b"x"), None);
+    }
+
+    #[test]
+    fn lp_status_reads_the_answer_status_wherever_it_is() {
+        assert_eq!(
+            lp_status(br#"{"status":200,"token":"lp1","messages":[]}"#),
+            Some(200)
+        );
+        assert_eq!(lp_status(br#"{"token":"lp1","status":410}"#), Some(410));
+        assert_eq!(lp_status(br#"{"token":"lp1"}"#), None);
+        let mut seen = Vec::new();
+        scan_messages(
+            br#"{"status":200,"messages":["{\"pgseq\":3,\"pgts\":11}","{\"pgseq\":4,\"pgts\":12}"]}"#,
+            |s, t| seen.push((s, t)),
+        );
+        assert_eq!(seen, [(3, 11), (4, 12)]);
     }
 }

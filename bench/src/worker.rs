@@ -321,19 +321,17 @@ async fn lp_subscriber(
                     join.as_bytes(),
                 )
                 .await?;
-            if !body.windows(12).any(|w| w == b"\"status\":200") {
+            if client::lp_status(&body) != Some(200) {
                 return Err(std::io::Error::other("join post refused"));
             }
             let mut joined = false;
             let mut permit = permit;
             loop {
                 let (_, _, body) = http.request("GET", &url, "", b"").await?;
-                if body.windows(12).any(|w| w == b"\"status\":500")
-                    || body.windows(12).any(|w| w == b"\"status\":410")
-                {
+                if matches!(client::lp_status(&body), Some(500 | 410)) {
                     return Err(std::io::Error::other("longpoll session lost"));
                 }
-                if !joined && body.windows(9).any(|w| w == b"phx_reply") {
+                if !joined && client::find(&body, b"phx_reply").is_some() {
                     joined = true;
                     permit.take();
                     mark_setup(a, sh, sd, true);

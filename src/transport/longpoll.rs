@@ -31,28 +31,30 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode, header};
 use std::collections::HashMap;
+use std::io::Write as _;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::{Duration, Instant};
-use tokio::sync::Notify;
 
 /// Bytes of frames one GET response carries at most; the rest goes with the next poll, which
 /// the client sends at once.
 const RESPONSE_BATCH_BYTES: usize = 256 * 1024;
 const TOKEN_PREFIX: &str = "lp";
+const TOKEN_LEN: usize = TOKEN_PREFIX.len() + 32;
 
-/// This node's LongPoll sessions.
+/// This node's LongPoll sessions, keyed by the 128 bits their token's hex digits spell (the
+/// table holds the key itself, so a lookup reads no string off the heap).
 #[derive(Debug, Default)]
 pub struct Registry {
-    sessions: Mutex<HashMap<Box<str>, Arc<LpSession>>>,
+    sessions: Mutex<HashMap<u128, Arc<LpSession>>>,
 }
 
 #[derive(Debug)]
 pub struct LpSession {
-    token: Box<str>,
+    /// Held inline: every poll's answer carries it.
+    token: [u8; TOKEN_LEN],
     inner: Mutex<Inner>,
-    /// Signals a superseded listener or a closed session.
-    changed: Notify,
     /// The session's waker: topics (and POSTs) wake the waiting GET through it.
     waker: Arc<Waker>,
 }
@@ -67,19 +69,37 @@ struct Inner {
     /// without a GET pending are dropped.
     last_seen: Instant,
     closed: bool,
+    /// The listening GET's task, woken when a newer GET supersedes it or the session closes
+    /// (the session waker has one slot, which the newer GET takes).
+    held: Option<std::task::Waker>,
+}
+
+impl Inner {
+    /// Ends the listening GET's wait; call after releasing the lock.
+    fn take_held(&mut self) -> Option<std::task::Waker> {
+        self.held.take()
+    }
+}
+
+impl LpSession {
+    fn token(&self) -> &str {
+        // Made by `new_token`: ASCII.
+        std::str::from_utf8(&self.token).unwrap_or_default()
+    }
 }
 
 impl Registry {
-    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<Box<str>, Arc<LpSession>>> {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<u128, Arc<LpSession>>> {
         self.sessions.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn get(&self, token: &str) -> Option<Arc<LpSession>> {
-        self.map().get(token).cloned()
+        self.map().get(&token_key(token)?).cloned()
     }
 
     fn remove(&self, app: &App, token: &str) {
-        if self.map().remove(token).is_some() {
+        let Some(key) = token_key(token) else { return };
+        if self.map().remove(&key).is_some() {
             app.metrics.connections_longpoll.fetch_sub(1, Relaxed);
         }
     }
@@ -121,8 +141,14 @@ impl Registry {
 }
 
 fn close(s: &LpSession) {
-    s.inner.lock().unwrap_or_else(|e| e.into_inner()).closed = true;
-    s.changed.notify_waiters();
+    let held = {
+        let mut inner = s.inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner.closed = true;
+        inner.take_held()
+    };
+    if let Some(w) = held {
+        w.wake();
+    }
 }
 
 /// `lp`, this node's id (8 hex digits), then 24 random hex digits.
@@ -131,8 +157,16 @@ fn new_token(node_id: &str) -> String {
     format!("{TOKEN_PREFIX}{node_id}{:024x}", r >> 32)
 }
 
+/// The registry key of a token of our shape: its 32 hex digits as a number.
+fn token_key(token: &str) -> Option<u128> {
+    if !looks_like_ours(token) {
+        return None;
+    }
+    u128::from_str_radix(&token[TOKEN_PREFIX.len()..], 16).ok()
+}
+
 fn looks_like_ours(token: &str) -> bool {
-    token.len() == TOKEN_PREFIX.len() + 32
+    token.len() == TOKEN_LEN
         && token.starts_with(TOKEN_PREFIX)
         && token[TOKEN_PREFIX.len()..]
             .bytes()
@@ -173,13 +207,15 @@ pub fn status_only(status: u16) -> Bytes {
     Bytes::from(format!("{{\"status\":{status}}}"))
 }
 
-/// A poll answer; `messages` are already JSON string literals.
+/// A poll answer; `messages` are already JSON string literals, `token` is one of ours (hex
+/// digits, nothing to escape).
 fn poll_answer(status: u16, token: &str, messages: &[Bytes]) -> Bytes {
     let size: usize = messages.iter().map(|m| m.len() + 1).sum();
     let mut body = Vec::with_capacity(48 + token.len() + size);
-    body.extend_from_slice(format!("{{\"status\":{status},\"token\":").as_bytes());
-    protocol::push_json_str(&mut body, token);
-    body.extend_from_slice(b",\"messages\":[");
+    // Writing into a Vec cannot fail.
+    let _ = write!(body, "{{\"status\":{status},\"token\":\"");
+    body.extend_from_slice(token.as_bytes());
+    body.extend_from_slice(b"\",\"messages\":[");
     for (i, m) in messages.iter().enumerate() {
         if i > 0 {
             body.push(b',');
@@ -314,7 +350,10 @@ fn new_session(app: &Arc<App>, query: &str, auth_token: Option<&str>) -> Bytes {
     session.waker().set_eager();
     let token = new_token(&app.node_id);
     let lp = Arc::new(LpSession {
-        token: token.clone().into_boxed_str(),
+        token: token
+            .as_bytes()
+            .try_into()
+            .expect("new_token makes tokens of our shape"),
         waker: session.waker().clone(),
         inner: Mutex::new(Inner {
             session,
@@ -322,10 +361,11 @@ fn new_session(app: &Arc<App>, query: &str, auth_token: Option<&str>) -> Bytes {
             generations: 0,
             last_seen: Instant::now(),
             closed: false,
+            held: None,
         }),
-        changed: Notify::new(),
     });
-    app.longpoll.map().insert(lp.token.clone(), lp);
+    let key = token_key(&token).expect("new_token makes tokens of our shape");
+    app.longpoll.map().insert(key, lp);
     app.metrics.connections_longpoll.fetch_add(1, Relaxed);
     poll_answer(410, &token, &[])
 }
@@ -338,17 +378,12 @@ fn take_frames(inner: &mut Inner) -> Result<(Vec<Bytes>, usize), Lag> {
     inner.session.settle();
     while let Some(f) = inner.session.pop_direct() {
         bytes += f.len();
-        let mut s = Vec::with_capacity(f.len() + f.len() / 4 + 2);
-        protocol::push_json_str(&mut s, &String::from_utf8_lossy(&f));
-        out.push(Bytes::from(s));
+        out.push(protocol::json_string(&f));
     }
     let budget = RESPONSE_BATCH_BYTES.saturating_sub(bytes).max(1);
-    let broadcasts = inner.session.collect_broadcasts(budget, &mut |e| {
-        let text = e.text();
-        let mut s = Vec::with_capacity(text.len() + text.len() / 4 + 2);
-        protocol::push_json_str(&mut s, &String::from_utf8_lossy(&text));
-        out.push(Bytes::from(s));
-    })?;
+    let broadcasts = inner
+        .session
+        .collect_broadcasts(budget, &mut |e| out.push(e.json_string()))?;
     Ok((out, broadcasts))
 }
 
@@ -363,6 +398,7 @@ impl Drop for Listening<'_> {
         let mut inner = self.lp.inner.lock().unwrap_or_else(|e| e.into_inner());
         if inner.listener == self.generation {
             inner.listener = 0;
+            inner.held = None;
         }
         inner.last_seen = Instant::now();
     }
@@ -370,43 +406,39 @@ impl Drop for Listening<'_> {
 
 async fn poll(app: Arc<App>, lp: Arc<LpSession>) -> Bytes {
     let window = Duration::from_millis(app.config.longpoll.window_ms);
-    let deadline = tokio::time::Instant::now() + window;
-    let generation = {
+    let expiry = tokio::time::sleep(window);
+    tokio::pin!(expiry);
+    let (generation, superseded) = {
         let mut inner = lp.inner.lock().unwrap_or_else(|e| e.into_inner());
         inner.generations += 1;
         inner.listener = inner.generations;
         inner.last_seen = Instant::now();
-        inner.generations
+        (inner.generations, inner.take_held())
     };
     // A GET already waiting for this session is finished (204) by this one.
-    lp.changed.notify_waiters();
+    if let Some(w) = superseded {
+        w.wake();
+    }
     // However this request ends (answered, or dropped because the client went away), it stops
     // being the listener and the inactivity clock restarts, so an abandoned session expires.
     let _listening = Listening {
         lp: &lp,
         generation,
     };
-    loop {
-        let changed = lp.changed.notified();
-        tokio::pin!(changed);
-        changed.as_mut().enable();
-        {
-            let mut inner = lp.inner.lock().unwrap_or_else(|e| e.into_inner());
+    std::future::poll_fn(|cx| {
+        let mut inner = lp.inner.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
             if inner.closed {
-                return status_only(500);
+                return Poll::Ready(status_only(500));
             }
             if inner.listener != generation {
-                drop(inner);
-                // Waiting, we may have taken the session waker's single slot from the new
-                // listener: wake it so it registers again.
-                lp.changed.notify_waiters();
-                return poll_answer(204, &lp.token, &[]);
+                return Poll::Ready(poll_answer(204, lp.token(), &[]));
             }
             lp.waker.clear();
             match take_frames(&mut inner) {
                 Ok((frames, broadcasts)) if !frames.is_empty() => {
                     Metrics::add(&app.metrics.messages_delivered_longpoll, broadcasts as u64);
-                    return poll_answer(200, &lp.token, &frames);
+                    return Poll::Ready(poll_answer(200, lp.token(), &frames));
                 }
                 Ok(_) => {}
                 Err(lag) => {
@@ -414,18 +446,27 @@ async fn poll(app: Arc<App>, lp: Arc<LpSession>) -> Bytes {
                     drop(inner);
                     Metrics::add(&app.metrics.slow_consumer_closes_longpoll, 1);
                     tracing::debug!(?lag, "longpoll session fell behind; closing it");
-                    app.longpoll.remove(&app, &lp.token);
-                    return status_only(500);
+                    app.longpoll.remove(&app, lp.token());
+                    return Poll::Ready(status_only(500));
                 }
             }
+            // Registered under the lock: a newer GET takes both slots only after it has
+            // become the listener, which this one then sees when woken.
+            if !inner.held.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                inner.held = Some(cx.waker().clone());
+            }
+            if lp.waker.poll_woken(cx).is_pending() {
+                break;
+            }
+            // Something arrived while we read: read again.
         }
-        tokio::select! {
-            _ = lp.waker.wait() => {}
-            _ = &mut changed => {}
-            _ = tokio::time::sleep_until(deadline) => return poll_answer(204, &lp.token, &[]),
-            // Shutdown closes every session (`Registry::close_all`), which `changed` reports.
+        drop(inner);
+        match expiry.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(poll_answer(204, lp.token(), &[])),
+            Poll::Pending => Poll::Pending,
         }
-    }
+    })
+    .await
 }
 
 /// A LongPoll POST whose body (at most `longpoll.max_post_bytes`) has been read.
@@ -465,10 +506,13 @@ fn post_lines(app: &Arc<App>, lp: &LpSession, body: &[u8]) -> Bytes {
         // A client that posts but never polls must not grow our memory.
         if inner.session.direct_bytes() as u64 > app.config.limits.max_pending_bytes {
             inner.closed = true;
+            let held = inner.take_held();
             drop(inner);
-            lp.changed.notify_waiters();
+            if let Some(w) = held {
+                w.wake();
+            }
             Metrics::add(&app.metrics.slow_consumer_closes_longpoll, 1);
-            app.longpoll.remove(app, &lp.token);
+            app.longpoll.remove(app, lp.token());
             return status_only(410);
         }
     }
