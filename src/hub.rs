@@ -384,8 +384,14 @@ async fn fanout(topic: Arc<Topic>, metrics: Arc<Metrics>) {
             (st.last_seq, st.newest(), st.snapshot())
         };
         if !busy {
-            for s in subs.iter().filter(|s| s.waker().is_eager()) {
-                s.waker().wake();
+            // Only LongPoll polls are eager, and they are woken, never written to directly:
+            // the others' wakers are not read here.
+            for s in &subs {
+                if let Subscriber::Wake(w) = s
+                    && w.is_eager()
+                {
+                    w.wake();
+                }
             }
         }
         // (Waking an eager subscriber again below is a no-op until it has run.)
@@ -845,7 +851,7 @@ impl Hub {
             Start::NotCovered(offset) => (st.last_seq, None, Some(offset)),
         };
         // Only a connection with a socket to write to shares its position with the topic.
-        let (entry, last) = if waker.has_sink() {
+        let (entry, last) = if waker.has_sink() && !waker.is_eager() {
             let d = Arc::new(Direct {
                 waker: waker.clone(),
                 last: AtomicU64::new(start),
