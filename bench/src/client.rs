@@ -3,6 +3,7 @@
 //! no JSON parsing of messages beyond finding two numbers.
 
 use std::io;
+use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
@@ -100,16 +101,16 @@ pub async fn connect_from(source: IpAddr, server: SocketAddr) -> io::Result<TcpS
     Ok(s)
 }
 
-/// Reads an HTTP response head; returns (status, head text, bytes after the head).
-pub async fn read_head(s: &mut TcpStream, buf: &mut Vec<u8>) -> io::Result<(u16, String, usize)> {
+/// Reads an HTTP response head into `buf`; returns (status, length of the head, where the
+/// bytes after it start).
+pub async fn read_head(s: &mut TcpStream, buf: &mut Vec<u8>) -> io::Result<(u16, usize, usize)> {
     loop {
         if let Some(end) = find(buf, b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..end]).to_string();
-            let status = head
-                .get(9..12)
+            let status = std::str::from_utf8(buf.get(9..12).unwrap_or_default())
+                .ok()
                 .and_then(|s| s.parse().ok())
                 .ok_or_else(|| io::Error::other("bad status line"))?;
-            return Ok((status, head, end + 4));
+            return Ok((status, end, end + 4));
         }
         buf.reserve(4096);
         if s.read_buf(buf).await? == 0 {
@@ -118,13 +119,13 @@ pub async fn read_head(s: &mut TcpStream, buf: &mut Vec<u8>) -> io::Result<(u16,
     }
 }
 
-fn content_length(head: &str) -> usize {
-    head.lines()
+fn content_length(head: &[u8]) -> usize {
+    head.split(|&b| b == b'\n')
         .find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case("content-length")
-                .then(|| v.trim().parse().ok())
-                .flatten()
+            let colon = l.iter().position(|&b| b == b':')?;
+            l[..colon]
+                .eq_ignore_ascii_case(b"content-length")
+                .then(|| number_after(l, colon + 1).0 as usize)
         })
         .unwrap_or(0)
 }
@@ -141,6 +142,7 @@ pub struct Http {
     stream: TcpStream,
     host: String,
     buf: Vec<u8>,
+    out: Vec<u8>,
     source: IpAddr,
     server: SocketAddr,
 }
@@ -151,6 +153,7 @@ impl Http {
             stream: connect_from(source, server).await?,
             host: server.to_string(),
             buf: Vec::with_capacity(4096),
+            out: Vec::with_capacity(512),
             source,
             server,
         })
@@ -164,8 +167,8 @@ impl Http {
         path: &str,
         headers: &str,
         body: &[u8],
-    ) -> io::Result<(u16, String, Vec<u8>)> {
-        match self.request_once(method, path, headers, body).await {
+    ) -> io::Result<Reply<'_>> {
+        let (status, head_end, body) = match self.request_once(method, path, headers, body).await {
             Err(e)
                 if matches!(
                     e.kind(),
@@ -178,38 +181,52 @@ impl Http {
                 self.request_once(method, path, headers, body).await
             }
             r => r,
-        }
+        }?;
+        Ok(Reply {
+            status,
+            head: std::str::from_utf8(&self.buf[..head_end]).unwrap_or_default(),
+            body: &self.buf[body],
+        })
     }
 
-    /// Sends a request and reads the whole response (Content-Length bodies only).
-    pub async fn request_once(
+    /// Sends a request and reads the whole response (Content-Length bodies only) into the
+    /// connection's buffer; returns the status, the head's length and where the body is. The
+    /// request is written from a buffer the connection keeps: nothing is allocated per request.
+    async fn request_once(
         &mut self,
         method: &str,
         path: &str,
         headers: &str,
         body: &[u8],
-    ) -> io::Result<(u16, String, Vec<u8>)> {
-        let req = format!(
+    ) -> io::Result<(u16, usize, std::ops::Range<usize>)> {
+        self.out.clear();
+        // Writing into a Vec cannot fail.
+        let _ = write!(
+            self.out,
             "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Length: {}\r\n{headers}\r\n",
             self.host,
             body.len()
         );
-        let mut out = Vec::with_capacity(req.len() + body.len());
-        out.extend_from_slice(req.as_bytes());
-        out.extend_from_slice(body);
-        self.stream.write_all(&out).await?;
+        self.out.extend_from_slice(body);
+        self.stream.write_all(&self.out).await?;
         self.buf.clear();
-        let (status, head, body_start) = read_head(&mut self.stream, &mut self.buf).await?;
-        let len = content_length(&head);
+        let (status, head_end, body_start) = read_head(&mut self.stream, &mut self.buf).await?;
+        let len = content_length(&self.buf[..head_end]);
         while self.buf.len() < body_start + len {
             self.buf.reserve(body_start + len - self.buf.len());
             if self.stream.read_buf(&mut self.buf).await? == 0 {
                 return Err(io::ErrorKind::UnexpectedEof.into());
             }
         }
-        let body = self.buf[body_start..body_start + len].to_vec();
-        Ok((status, head, body))
+        Ok((status, head_end, body_start..body_start + len))
     }
+}
+
+/// A response, borrowed from its connection's buffer until the next request.
+pub struct Reply<'a> {
+    pub status: u16,
+    pub head: &'a str,
+    pub body: &'a [u8],
 }
 
 /// Publishes one message; returns true on success.
@@ -220,13 +237,14 @@ pub async fn publish(
     topic: &str,
     body: &str,
 ) -> io::Result<bool> {
-    let (status, _, _) = match adapter {
+    let status = match adapter {
         Adapter::Phoenix => {
             let json = format!(r#"{{"topic":"{topic}","event":"m","payload":{body}}}"#);
             let headers =
                 format!("Authorization: Bearer {token}\r\nContent-Type: application/json\r\n");
             http.request("POST", "/api/publish", &headers, json.as_bytes())
                 .await?
+                .status
         }
         Adapter::Nchan => {
             http.request(
@@ -236,6 +254,7 @@ pub async fn publish(
                 body.as_bytes(),
             )
             .await?
+            .status
         }
     };
     Ok((200..300).contains(&status))

@@ -274,8 +274,8 @@ async fn wait_ready(addr: SocketAddr, adapter: Adapter, deadline: Instant) -> Re
                 Adapter::Phoenix => "/readyz",
                 Adapter::Nchan => "/pub/bench:ready",
             };
-            if let Ok((status, _, _)) = h.request("GET", path, "", b"").await
-                && status < 500
+            if let Ok(reply) = h.request("GET", path, "", b"").await
+                && reply.status < 500
             {
                 return Ok(());
             }
@@ -292,7 +292,7 @@ async fn nchan_subscribers(addr: SocketAddr, topic: &str) -> Option<u64> {
     let mut h = Http::connect(IpAddr::V4(Ipv4Addr::LOCALHOST), addr)
         .await
         .ok()?;
-    let (_, _, body) = h
+    let reply = h
         .request(
             "GET",
             &format!("/pub/{topic}"),
@@ -301,7 +301,7 @@ async fn nchan_subscribers(addr: SocketAddr, topic: &str) -> Option<u64> {
         )
         .await
         .ok()?;
-    let v: Value = serde_json::from_slice(&body).ok()?;
+    let v: Value = serde_json::from_slice(reply.body).ok()?;
     v["subscribers"].as_u64()
 }
 

@@ -7,6 +7,7 @@ use base64::Engine;
 use hdrhistogram::Histogram;
 use hdrhistogram::serialization::{Serializer, V2Serializer};
 use std::cell::RefCell;
+use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -304,8 +305,8 @@ async fn lp_subscriber(
     match a.adapter {
         Adapter::Phoenix => {
             let base = "/socket/longpoll?vsn=2.0.0";
-            let (_, _, body) = http.request("GET", &format!("{base}&"), "", b"").await?;
-            let v: serde_json::Value = serde_json::from_slice(&body)
+            let first = http.request("GET", &format!("{base}&"), "", b"").await?;
+            let v: serde_json::Value = serde_json::from_slice(first.body)
                 .map_err(|e| std::io::Error::other(format!("bad first poll: {e}")))?;
             let token = v["token"]
                 .as_str()
@@ -313,7 +314,7 @@ async fn lp_subscriber(
                 .to_string();
             let url = format!("{base}&token={token}");
             let join = format!(r#"["1","1","{topic}","phx_join",{{}}]"#);
-            let (_, _, body) = http
+            let reply = http
                 .request(
                     "POST",
                     &url,
@@ -321,36 +322,38 @@ async fn lp_subscriber(
                     join.as_bytes(),
                 )
                 .await?;
-            if client::lp_status(&body) != Some(200) {
+            if client::lp_status(reply.body) != Some(200) {
                 return Err(std::io::Error::other("join post refused"));
             }
             let mut joined = false;
             let mut permit = permit;
             loop {
-                let (_, _, body) = http.request("GET", &url, "", b"").await?;
-                if matches!(client::lp_status(&body), Some(500 | 410)) {
+                let body = http.request("GET", &url, "", b"").await?.body;
+                if matches!(client::lp_status(body), Some(500 | 410)) {
                     return Err(std::io::Error::other("longpoll session lost"));
                 }
-                if !joined && client::find(&body, b"phx_reply").is_some() {
+                if !joined && client::find(body, b"phx_reply").is_some() {
                     joined = true;
                     permit.take();
                     mark_setup(a, sh, sd, true);
                 }
-                client::scan_messages(&body, |seq, ts| sh.on_message(i, &mut expected, seq, ts));
+                client::scan_messages(body, |seq, ts| sh.on_message(i, &mut expected, seq, ts));
             }
         }
         Adapter::Nchan => {
             // Nchan long-poll: each response carries one message and the headers that name the
             // next one; a subscriber is registered once its first request is waiting.
             let path = format!("/sub/{topic}");
-            let mut cond = String::new();
+            // The next request's conditional headers; two buffers swapped, none allocated.
+            let (mut cond, mut headers) = (String::new(), String::new());
             let mut first = true;
             let mut permit = permit;
             loop {
-                let headers = std::mem::take(&mut cond);
+                std::mem::swap(&mut headers, &mut cond);
+                cond.clear();
                 let fut = http.request("GET", &path, &headers, b"");
                 tokio::pin!(fut);
-                let (status, head, body) = if first {
+                let client::Reply { status, head, body } = if first {
                     // Give the request a moment to arrive, then report ready; the coordinator
                     // also checks Nchan's own subscriber count before publishing.
                     first = false;
@@ -368,15 +371,14 @@ async fn lp_subscriber(
                     fut.await?
                 };
                 if status == 200 {
-                    client::scan_messages(&body, |seq, ts| {
-                        sh.on_message(i, &mut expected, seq, ts)
-                    });
+                    client::scan_messages(body, |seq, ts| sh.on_message(i, &mut expected, seq, ts));
                 }
-                if let Some(lm) = client::header_value(&head, "last-modified") {
-                    cond.push_str(&format!("If-Modified-Since: {lm}\r\n"));
+                // Writing into a String cannot fail.
+                if let Some(lm) = client::header_value(head, "last-modified") {
+                    let _ = write!(cond, "If-Modified-Since: {lm}\r\n");
                 }
-                if let Some(et) = client::header_value(&head, "etag") {
-                    cond.push_str(&format!("If-None-Match: {et}\r\n"));
+                if let Some(et) = client::header_value(head, "etag") {
+                    let _ = write!(cond, "If-None-Match: {et}\r\n");
                 }
             }
         }
