@@ -104,6 +104,36 @@ pub trait DirectSink: Send + Sync {
     fn prefetch(&self) {}
 }
 
+/// Where a publish writes a parked connection's frames (see [`Waker::set_sink`]).
+pub enum Sink {
+    /// The connection's own socket, held in the waker itself, so that a publish reaches it
+    /// without following one more pointer per subscriber; the connection's task reads and
+    /// writes it through [`Waker::tcp`].
+    Tcp(tokio::net::TcpStream),
+    /// Any other writer.
+    Other(Arc<dyn DirectSink>),
+}
+
+impl Sink {
+    fn try_send(&self, frame: &[u8]) -> std::io::Result<usize> {
+        match self {
+            // Straight to the socket: if it takes nothing, the woken task finds that out
+            // through tokio's readiness and waits for writability itself.
+            Sink::Tcp(s) => socket2::SockRef::from(s).send(frame),
+            Sink::Other(s) => s.try_send(frame),
+        }
+    }
+
+    fn prefetch(&self) {
+        match self {
+            Sink::Tcp(s) => {
+                std::hint::black_box(std::os::fd::AsRawFd::as_raw_fd(s));
+            }
+            Sink::Other(s) => s.prefetch(),
+        }
+    }
+}
+
 /// Whether the connection is parked, and the unwritten tail of a frame a publish began.
 #[derive(Default)]
 struct Parked {
@@ -131,7 +161,7 @@ pub struct Waker {
     /// The connection's socket, when its transport can be written to directly. Set once; it
     /// lives as long as the waker, which outlives the connection's task by at most the sweep
     /// in progress or a broker join in flight (bounded by the broker's timeouts).
-    sink: std::sync::OnceLock<Arc<dyn DirectSink>>,
+    sink: std::sync::OnceLock<Sink>,
     parked: Mutex<Parked>,
 }
 
@@ -146,8 +176,16 @@ impl std::fmt::Debug for Waker {
 
 impl Waker {
     /// Gives publishes the connection's socket to write to while the connection is parked.
-    pub fn set_sink(&self, sink: Arc<dyn DirectSink>) {
+    pub fn set_sink(&self, sink: Sink) {
         let _ = self.sink.set(sink);
+    }
+
+    /// The connection's socket, when the waker holds it ([`Sink::Tcp`]).
+    pub fn tcp(&self) -> Option<&tokio::net::TcpStream> {
+        match self.sink.get() {
+            Some(Sink::Tcp(s)) => Some(s),
+            _ => None,
+        }
     }
 
     /// Whether publishes can write to this connection's socket (see [`Waker::set_sink`]).
@@ -1189,12 +1227,12 @@ mod tests {
 
     /// A socket stand-in: takes up to `room` bytes per write and records them.
     #[derive(Default)]
-    struct Sink {
+    struct FakeSocket {
         room: std::sync::atomic::AtomicUsize,
         got: Mutex<Vec<u8>>,
     }
 
-    impl DirectSink for Sink {
+    impl DirectSink for FakeSocket {
         fn try_send(&self, frame: &[u8]) -> std::io::Result<usize> {
             let n = frame.len().min(self.room.load(Ordering::Relaxed));
             if n == 0 {
@@ -1205,8 +1243,8 @@ mod tests {
         }
     }
 
-    fn sink(room: usize) -> (Arc<Sink>, Arc<dyn DirectSink>) {
-        let s = Arc::new(Sink::default());
+    fn sink(room: usize) -> (Arc<FakeSocket>, Arc<dyn DirectSink>) {
+        let s = Arc::new(FakeSocket::default());
         s.room.store(room, Ordering::Relaxed);
         (s.clone(), s)
     }
@@ -1216,7 +1254,7 @@ mod tests {
         let h = hub(10);
         let w = Arc::new(Waker::default());
         let (got, dyn_sink) = sink(usize::MAX);
-        w.set_sink(dyn_sink);
+        w.set_sink(Sink::Other(dyn_sink));
         let (mut sub, _) = h.subscribe("t", w.clone(), None);
         // Before the join's reply is queued, nothing is written directly.
         w.park();
@@ -1268,7 +1306,7 @@ mod tests {
         let h = hub(10);
         let w = Arc::new(Waker::default());
         let (got, dyn_sink) = sink(5);
-        w.set_sink(dyn_sink);
+        w.set_sink(Sink::Other(dyn_sink));
         let (mut sub, _) = h.subscribe("t", w.clone(), None);
         sub.allow_direct();
         w.park();

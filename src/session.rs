@@ -80,9 +80,14 @@ struct JoinParams {
 
 impl Session {
     pub fn new(app: Arc<App>, connect: ConnectInfo) -> Session {
+        Session::with_waker(app, connect, Arc::new(Waker::default()))
+    }
+
+    /// A session woken through `waker` (which may already hold the connection's socket).
+    pub fn with_waker(app: Arc<App>, connect: ConnectInfo, waker: Arc<Waker>) -> Session {
         Session {
             app,
-            waker: Arc::new(Waker::default()),
+            waker,
             channels: Vec::new(),
             pending: Vec::new(),
             mailbox: None,

@@ -9,7 +9,7 @@
 //! frames itself (that is [`crate::protocol`]); it moves bytes and enforces WebSocket rules.
 
 use crate::app::App;
-use crate::hub::{DirectSink, Lag};
+use crate::hub::{Lag, Sink, Waker};
 use crate::metrics::Metrics;
 use crate::protocol;
 use crate::session::{ConnectInfo, Session};
@@ -190,7 +190,7 @@ pub fn upgrade(
                 // for the whole life of the connection.
                 let initial = parts.read_buf.to_vec();
                 drop(parts.read_buf);
-                run(task_app, Arc::new(stream), initial, connect).await;
+                run(task_app, SharedTcp::new(stream), initial, connect).await;
             }
             // TLS at the edge, or an HTTP/2 stream (RFC 8441): the polled adapter.
             // Boxed, so that this branch does not enlarge every plain-TCP connection's task.
@@ -216,44 +216,50 @@ pub trait WsIo {
     fn wants_flush(&self) -> bool {
         false
     }
-    /// A handle publishes may write to while the connection is parked (see
-    /// [`Waker::park`](crate::hub::Waker::park)); `None` when writes must go through the task.
-    fn direct_sink(&self) -> Option<Arc<dyn DirectSink>> {
+    /// The hub waker that holds the connection's socket, so that publishes may write to it
+    /// while the connection is parked (see [`Waker::park`]); `None` when writes must go
+    /// through the task.
+    fn waker(&self) -> Option<Arc<Waker>> {
         None
     }
 }
 
-/// The plain-TCP path: the task and the hub's sweeps share the socket.
-impl WsIo for Arc<TcpStream> {
+/// The plain-TCP path: the socket lives in the connection's hub waker ([`Sink::Tcp`]), which
+/// the task and the hub's sweeps share.
+pub struct SharedTcp(Arc<Waker>);
+
+impl SharedTcp {
+    fn new(stream: TcpStream) -> SharedTcp {
+        let waker = Arc::new(Waker::default());
+        waker.set_sink(Sink::Tcp(stream));
+        SharedTcp(waker)
+    }
+
+    fn stream(&self) -> &TcpStream {
+        self.0.tcp().expect("SharedTcp::new put the socket in the waker")
+    }
+}
+
+impl WsIo for SharedTcp {
     fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        TcpStream::poll_read_ready(self, cx)
+        self.stream().poll_read_ready(cx)
     }
     fn try_read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        TcpStream::try_read(self, buf)
+        self.stream().try_read(buf)
     }
     fn poll_write_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        TcpStream::poll_write_ready(self, cx)
+        self.stream().poll_write_ready(cx)
     }
     fn try_write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
         // `sendmsg` rather than `writev`: the socket call skips the VFS layer (file position
         // lock, permission hooks), a measurable share of a small send on this path.
-        self.try_io(tokio::io::Interest::WRITABLE, || {
-            socket2::SockRef::from(&**self).send_vectored(bufs)
+        let s = self.stream();
+        s.try_io(tokio::io::Interest::WRITABLE, || {
+            socket2::SockRef::from(s).send_vectored(bufs)
         })
     }
-    fn direct_sink(&self) -> Option<Arc<dyn DirectSink>> {
-        Some(self.clone())
-    }
-}
-
-impl DirectSink for TcpStream {
-    fn try_send(&self, frame: &[u8]) -> io::Result<usize> {
-        // Straight to the socket: if it takes nothing, the woken task finds that out through
-        // tokio's readiness and waits for writability itself.
-        socket2::SockRef::from(self).send(frame)
-    }
-    fn prefetch(&self) {
-        std::hint::black_box(std::os::fd::AsRawFd::as_raw_fd(self));
+    fn waker(&self) -> Option<Arc<Waker>> {
+        Some(self.0.clone())
     }
 }
 
@@ -563,15 +569,13 @@ enum Event {
 /// [`Waker`](crate::hub::Waker) one atomic slot, and the drain wakes us through that same
 /// waker ([`App::set_draining`]).
 pub async fn run<S: WsIo>(app: Arc<App>, mut stream: S, initial: Vec<u8>, connect: ConnectInfo) {
-    let mut session = Session::new(app.clone(), connect);
-    let waker = session.waker().clone();
-    let direct = match stream.direct_sink() {
-        Some(sink) => {
-            waker.set_sink(sink);
-            true
-        }
-        None => false,
+    let session_waker = stream.waker();
+    let direct = session_waker.is_some();
+    let mut session = match session_waker {
+        Some(w) => Session::with_waker(app.clone(), connect, w),
+        None => Session::new(app.clone(), connect),
     };
+    let waker = session.waker().clone();
     app.metrics.connections_websocket.fetch_add(1, Relaxed);
     let _registration = Registration {
         app: app.clone(),
