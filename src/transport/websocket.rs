@@ -236,7 +236,9 @@ impl SharedTcp {
     }
 
     fn stream(&self) -> &TcpStream {
-        self.0.tcp().expect("SharedTcp::new put the socket in the waker")
+        self.0
+            .tcp()
+            .expect("SharedTcp::new put the socket in the waker")
     }
 }
 
