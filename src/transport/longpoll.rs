@@ -74,13 +74,6 @@ struct Inner {
     held: Option<std::task::Waker>,
 }
 
-impl Inner {
-    /// Ends the listening GET's wait; call after releasing the lock.
-    fn take_held(&mut self) -> Option<std::task::Waker> {
-        self.held.take()
-    }
-}
-
 impl LpSession {
     fn token(&self) -> &str {
         // Made by `new_token`: ASCII.
@@ -140,11 +133,12 @@ impl Registry {
     }
 }
 
+/// Marks the session closed and wakes its listening GET, which answers `{"status":500}`.
 fn close(s: &LpSession) {
     let held = {
         let mut inner = s.inner.lock().unwrap_or_else(|e| e.into_inner());
         inner.closed = true;
-        inner.take_held()
+        inner.held.take()
     };
     if let Some(w) = held {
         w.wake();
@@ -413,7 +407,7 @@ async fn poll(app: Arc<App>, lp: Arc<LpSession>) -> Bytes {
         inner.generations += 1;
         inner.listener = inner.generations;
         inner.last_seen = Instant::now();
-        (inner.generations, inner.take_held())
+        (inner.generations, inner.held.take())
     };
     // A GET already waiting for this session is finished (204) by this one.
     if let Some(w) = superseded {
@@ -505,12 +499,8 @@ fn post_lines(app: &Arc<App>, lp: &LpSession, body: &[u8]) -> Bytes {
         }
         // A client that posts but never polls must not grow our memory.
         if inner.session.direct_bytes() as u64 > app.config.limits.max_pending_bytes {
-            inner.closed = true;
-            let held = inner.take_held();
             drop(inner);
-            if let Some(w) = held {
-                w.wake();
-            }
+            close(lp);
             Metrics::add(&app.metrics.slow_consumer_closes_longpoll, 1);
             app.longpoll.remove(app, lp.token());
             return status_only(410);
