@@ -2,7 +2,9 @@
 # The whole test suite, on a fresh Debian/Ubuntu machine: installs what it needs when missing,
 # then runs formatting and lint checks, the Rust tests, the systemd unit checks, the Node tests
 # that drive the official phoenix client against the real binary (directly and through nginx),
-# and the Ansible test (a debootstrap root filesystem cached under /var/cache/pushgate-test).
+# Autobahn|Testsuite's WebSocket conformance cases (tests/js/autobahn.test.js; its Python 2.7
+# virtualenv is cached), and the Ansible test (a debootstrap root filesystem cached under
+# /var/cache/pushgate-test).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -41,11 +43,21 @@ cargo test --workspace --quiet
 echo "==> systemd units (systemd-analyze verify, security)"
 ./scripts/test-systemd.sh target/debug/pushgate
 
-echo "==> node tests (official phoenix client 1.8.16 and 1.7.21; nginx in front)"
+echo "==> conformance build (feature autobahn-echo) and Autobahn|Testsuite's virtualenv"
+# The same target directory: only the pushgate crate is built again, and the plain build is
+# restored right after (cargo keeps both).
+cargo build -p pushgate --features autobahn-echo --quiet
+cp target/debug/pushgate target/debug/pushgate-autobahn
+cargo build --workspace --quiet
+WSTEST=$(./scripts/autobahn-env.sh)
+
+echo "==> node tests (official phoenix client 1.8.16 and 1.7.21; nginx in front; Autobahn)"
 (
     cd tests/js
     npm ci --no-audit --no-fund --loglevel=error
-    PUSHGATE_BIN="$PWD/../../target/debug/pushgate" npm test
+    PUSHGATE_BIN="$PWD/../../target/debug/pushgate" \
+        PUSHGATE_AUTOBAHN_BIN="$PWD/../../target/debug/pushgate-autobahn" WSTEST="$WSTEST" \
+        npm test
 )
 echo "==> ansible (lint, apply to a Debian 12 root filesystem, idempotence)"
 if [ "$(id -u)" = 0 ]; then

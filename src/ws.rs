@@ -368,6 +368,16 @@ pub fn encode_close(code: u16, reason: &str) -> Vec<u8> {
     encode_frame(OP_CLOSE, &payload)
 }
 
+/// The close frame that answers a peer's close: its code echoed (RFC 6455 §5.5.1), or no code
+/// when it gave none (so a client that sent none sees 1005, never a 1000 we chose; see
+/// PHOENIX-PROTOCOL.md §1.6).
+pub fn encode_close_reply(code: Option<u16>) -> Vec<u8> {
+    match code {
+        Some(code) => encode_close(code, ""),
+        None => encode_frame(OP_CLOSE, b""),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -477,6 +487,13 @@ mod tests {
             .feed(&mut frags, 100, &mut |_| Flow::Continue)
             .unwrap_err();
         assert_eq!(err.code, 1009);
+    }
+
+    #[test]
+    fn a_close_is_answered_with_its_own_code_or_none() {
+        assert_eq!(encode_close_reply(Some(4001)), [0x88, 2, 0x0f, 0xa1]);
+        assert_eq!(encode_close_reply(Some(1000)), [0x88, 2, 0x03, 0xe8]);
+        assert_eq!(encode_close_reply(None), [0x88, 0]);
     }
 
     #[test]

@@ -502,6 +502,15 @@ fn process(
 ) -> ReadOutcome {
     let mut peer_close = None;
     let result = reader.feed(data, max_message, &mut |m| match m {
+        // The conformance build (Cargo feature `autobahn-echo`) echoes data messages.
+        Message::Text(t) if cfg!(feature = "autobahn-echo") => {
+            outbox.push(Bytes::from(ws::encode_frame(ws::OP_TEXT, t)));
+            Flow::Continue
+        }
+        Message::Binary(b) if cfg!(feature = "autobahn-echo") => {
+            outbox.push(Bytes::from(ws::encode_frame(ws::OP_BINARY, b)));
+            Flow::Continue
+        }
         Message::Text(t) => {
             if !discard {
                 match protocol::parse_text(t) {
@@ -594,13 +603,13 @@ pub async fn run<S: WsIo>(app: Arc<App>, mut stream: S, initial: Vec<u8>, connec
     let timer = tokio::time::sleep_until(last_activity + idle_timeout);
     tokio::pin!(timer);
 
+    // `frame`: the close frame to send (ours, or the reply to the peer's).
     let queue_close = |outbox: &mut Outbox,
                        close_sent: &mut bool,
                        timer: &mut std::pin::Pin<&mut tokio::time::Sleep>,
-                       code: u16,
-                       reason: &str| {
+                       frame: Vec<u8>| {
         if !*close_sent {
-            outbox.push(Bytes::from(ws::encode_close(code, reason)));
+            outbox.push(Bytes::from(frame));
             *close_sent = true;
             timer.as_mut().reset(Instant::now() + CLOSE_TIMEOUT);
         }
@@ -619,11 +628,12 @@ pub async fn run<S: WsIo>(app: Arc<App>, mut stream: S, initial: Vec<u8>, connec
             ReadOutcome::Open | ReadOutcome::Eof => {}
             ReadOutcome::PeerClose(code) => {
                 peer_closed = true;
-                let code = code.unwrap_or(close_code::GOING_AWAY);
-                queue_close(&mut outbox, &mut close_sent, &mut timer, code, "");
+                let reply = ws::encode_close_reply(code);
+                queue_close(&mut outbox, &mut close_sent, &mut timer, reply);
             }
             ReadOutcome::Violation(code, reason) => {
-                queue_close(&mut outbox, &mut close_sent, &mut timer, code, reason);
+                let frame = ws::encode_close(code, reason);
+                queue_close(&mut outbox, &mut close_sent, &mut timer, frame);
             }
         }
     }
@@ -665,8 +675,7 @@ pub async fn run<S: WsIo>(app: Arc<App>, mut stream: S, initial: Vec<u8>, connec
                         &mut outbox,
                         &mut close_sent,
                         &mut timer,
-                        close_code::TRY_AGAIN_LATER,
-                        why,
+                        ws::encode_close(close_code::TRY_AGAIN_LATER, why),
                     );
                 }
             }
@@ -733,8 +742,7 @@ pub async fn run<S: WsIo>(app: Arc<App>, mut stream: S, initial: Vec<u8>, connec
                         &mut outbox,
                         &mut close_sent,
                         &mut timer,
-                        close_code::RESTART,
-                        "server restart",
+                        ws::encode_close(close_code::RESTART, "server restart"),
                     );
                 } else if last_activity + idle_timeout > Instant::now() {
                     timer.as_mut().reset(last_activity + idle_timeout);
@@ -743,8 +751,7 @@ pub async fn run<S: WsIo>(app: Arc<App>, mut stream: S, initial: Vec<u8>, connec
                         &mut outbox,
                         &mut close_sent,
                         &mut timer,
-                        close_code::GOING_AWAY,
-                        "idle timeout",
+                        ws::encode_close(close_code::GOING_AWAY, "idle timeout"),
                     );
                 }
             }
@@ -771,18 +778,16 @@ pub async fn run<S: WsIo>(app: Arc<App>, mut stream: S, initial: Vec<u8>, connec
                     Ok(ReadOutcome::Eof) | Err(_) => break,
                     Ok(ReadOutcome::PeerClose(code)) => {
                         peer_closed = true;
-                        // Echo the client's code, as RFC 6455 asks; the client chose it.
-                        let code = match code {
-                            Some(c) if c != 1005 && c != 1006 && c != 1015 => c,
-                            _ => close_code::GOING_AWAY,
-                        };
-                        queue_close(&mut outbox, &mut close_sent, &mut timer, code, "");
+                        // The client chose its code (the parser refuses the reserved ones).
+                        let reply = ws::encode_close_reply(code);
+                        queue_close(&mut outbox, &mut close_sent, &mut timer, reply);
                     }
                     Ok(ReadOutcome::Violation(code, reason)) => {
                         Metrics::add(&app.metrics.bad_messages, 1);
                         tracing::debug!(code, reason, "websocket protocol violation");
                         peer_closed = true; // nothing more from this peer is worth reading
-                        queue_close(&mut outbox, &mut close_sent, &mut timer, code, reason);
+                        let frame = ws::encode_close(code, reason);
+                        queue_close(&mut outbox, &mut close_sent, &mut timer, frame);
                     }
                 }
             }

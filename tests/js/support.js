@@ -207,7 +207,7 @@ process.on("exit", () => {
 /**
  * Starts `pushgate serve --listen <listen>` and resolves once it logs its
  * address. Options: `listen` (default "127.0.0.1:0"), `args` (extra CLI args),
- * `env` (extra environment). PUSHGATE_* variables of the calling environment
+ * `env` (extra environment), `bin` (another build of the binary). PUSHGATE_* variables of the calling environment
  * are not passed on, so a developer's shell cannot change what a test sees.
  *
  * Returns `{url, port, addr, proc, logs, stop()}`; `logs` collects every
@@ -225,7 +225,8 @@ export async function startServer(opts = {}) {
     ...opts.env,
   });
   const args = ["serve", "--listen", listen, ...(opts.args ?? [])];
-  const proc = spawn(PUSHGATE_BIN, args, { env, stdio: ["ignore", "pipe", "pipe"] });
+  const bin = opts.bin ?? PUSHGATE_BIN;
+  const proc = spawn(bin, args, { env, stdio: ["ignore", "pipe", "pipe"] });
   running.add(proc);
 
   const logs = [];
@@ -243,7 +244,7 @@ export async function startServer(opts = {}) {
       reject(new Error(`pushgate ${args.join(" ")}: ${why}\n${logs.slice(-40).join("\n")}`));
     };
     const timer = setTimeout(() => fail(`no "listening addr=" line within ${STARTUP_DEADLINE_MS} ms`), STARTUP_DEADLINE_MS);
-    proc.once("error", (err) => fail(`cannot start ${PUSHGATE_BIN}: ${err.message}`));
+    proc.once("error", (err) => fail(`cannot start ${bin}: ${err.message}`));
     exited.then(({ code, signal }) => fail(`exited early (code ${code}, signal ${signal})`));
     for (const stream of [proc.stdout, proc.stderr]) {
       readline.createInterface({ input: stream }).on("line", (raw) => {
