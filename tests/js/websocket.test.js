@@ -117,6 +117,20 @@ for (const client of CLIENTS) {
 
       const { status, response } = await replyTo(left.leave(PUSH_TIMEOUT_MS));
       assert.equal(status, "ok", `leave reply ${status} ${JSON.stringify(response)}\n${showFrames(frames)}`);
+      // phoenix resolves leave() with "ok" locally as soon as it sends phx_leave, before the
+      // server has read it: a publish now could rightly reach the channel still joined. Wait for
+      // the server's own reply and close.
+      await waitFor(
+        () => {
+          const [leaveFrame] = decoded(frames, "out").filter((f) => f[2] === leftTopic && f[3] === "phx_leave");
+          if (!leaveFrame) return false;
+          const inbound = decoded(frames, "in").filter((f) => f[2] === leftTopic);
+          return inbound.some((f) => f[3] === "phx_reply" && f[1] === leaveFrame[1] && f[4].status === "ok")
+            && inbound.some((f) => f[3] === "phx_close");
+        },
+        5000,
+        () => `the server's leave reply and phx_close\n${showFrames(frames)}`,
+      );
 
       // The client drops messages for topics it left, so look at the raw frames.
       await publish(server, leftTopic, "new_msg", { n: 1 });
