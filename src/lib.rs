@@ -69,12 +69,6 @@ pub async fn run_app(
             return false;
         }
     };
-    if cfg!(feature = "autobahn-echo") {
-        tracing::warn!(
-            "conformance build (feature autobahn-echo): WebSocket messages are echoed, not \
-             handled as Phoenix; never deploy this binary"
-        );
-    }
     let token = app.shutdown.clone();
     let served = server::run(listeners, app, edge);
     tokio::pin!(served);

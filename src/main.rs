@@ -175,6 +175,13 @@ fn serve(config: Config, inherited: Vec<std::net::TcpListener>) -> anyhow::Resul
         let local = addrs[0];
         let generated = config.publish.token.is_empty();
         let app = App::new(config, CancellationToken::new());
+        if cfg!(feature = "autobahn-echo") {
+            // Before "listening", which tests wait for.
+            tracing::warn!(
+                "conformance build (feature autobahn-echo): WebSocket messages are echoed, not \
+                 handled as Phoenix; never deploy this binary"
+            );
+        }
         for addr in &addrs {
             tracing::info!(%addr, broker = app.broker.name(), "listening");
         }

@@ -13,7 +13,7 @@ import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { test } from "node:test";
-import { startServer } from "./support.js";
+import { startServer, waitFor } from "./support.js";
 
 const BIN = process.env.PUSHGATE_AUTOBAHN_BIN;
 const WSTEST = process.env.WSTEST;
@@ -54,9 +54,11 @@ test("Autobahn|Testsuite fuzzing client: every case conforms", { timeout: RUN_DE
   const server = await startServer({ bin: BIN });
   const dir = mkdtempSync(path.join(os.tmpdir(), "pushgate-autobahn-"));
   try {
-    assert.ok(
-      server.logs.some((l) => l.includes("autobahn-echo")),
-      `${BIN} is not the conformance build:\n${server.logs.join("\n")}`,
+    // The build says so before it says "listening" (though on its own line, read separately).
+    await waitFor(
+      () => server.logs.some((l) => l.includes("autobahn-echo")),
+      2000,
+      () => `${BIN} to say it is the conformance build:\n${server.logs.join("\n")}`,
     );
     const reports = path.join(dir, "reports");
     const spec = {
