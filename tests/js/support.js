@@ -359,6 +359,21 @@ export async function waitFor(predicate, timeoutMs = 5000, describe = "condition
   }
 }
 
+/**
+ * Whether recorded `frames` hold the server's own "ok" reply to the client's phx_leave of `topic`
+ * and its phx_close. phoenix resolves leave() with "ok" locally as soon as it sends phx_leave,
+ * before the server has read it, so a test that must know the leave took effect waits for this.
+ */
+export function leaveAcknowledged(frames, topic) {
+  const decoded = (direction) =>
+    frames.filter(([dir]) => dir === direction).map(([, text]) => JSON.parse(text));
+  const [leaveFrame] = decoded("out").filter((f) => f[2] === topic && f[3] === "phx_leave");
+  if (!leaveFrame) return false;
+  const inbound = decoded("in").filter((f) => f[2] === topic);
+  return inbound.some((f) => f[3] === "phx_reply" && f[1] === leaveFrame[1] && f[4].status === "ok")
+    && inbound.some((f) => f[3] === "phx_close");
+}
+
 /** Resolves after `ms`; only for proving that something does NOT happen. */
 export function quietPeriod(ms) {
   return new Promise((resolve) => setTimeout(resolve, ms));

@@ -14,6 +14,7 @@ import {
   startServer,
   uniqueTopic,
   waitFor,
+  leaveAcknowledged,
 } from "./support.js";
 
 const POSITION = /^[^:]+:\d+$/;
@@ -121,13 +122,7 @@ for (const client of CLIENTS) {
       // server has read it: a publish now could rightly reach the channel still joined. Wait for
       // the server's own reply and close.
       await waitFor(
-        () => {
-          const [leaveFrame] = decoded(frames, "out").filter((f) => f[2] === leftTopic && f[3] === "phx_leave");
-          if (!leaveFrame) return false;
-          const inbound = decoded(frames, "in").filter((f) => f[2] === leftTopic);
-          return inbound.some((f) => f[3] === "phx_reply" && f[1] === leaveFrame[1] && f[4].status === "ok")
-            && inbound.some((f) => f[3] === "phx_close");
-        },
+        () => leaveAcknowledged(frames, leftTopic),
         5000,
         () => `the server's leave reply and phx_close\n${showFrames(frames)}`,
       );
