@@ -79,6 +79,11 @@ impl LpSession {
         // Made by `new_token`: ASCII.
         std::str::from_utf8(&self.token).unwrap_or_default()
     }
+
+    /// The session's state (a panic elsewhere while holding it does not lose the session).
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 impl Registry {
@@ -111,7 +116,7 @@ impl Registry {
         let now = Instant::now();
         let mut expired = Vec::new();
         self.map().retain(|_, s| {
-            let inner = s.inner.lock().unwrap_or_else(|e| e.into_inner());
+            let inner = s.lock();
             let keep = inner.listener != 0 || now.duration_since(inner.last_seen) < timeout;
             if !keep {
                 expired.push(s.clone());
@@ -136,7 +141,7 @@ impl Registry {
 /// Marks the session closed and wakes its listening GET, which answers `{"status":500}`.
 fn close(s: &LpSession) {
     let held = {
-        let mut inner = s.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut inner = s.lock();
         inner.closed = true;
         inner.held.take()
     };
@@ -389,7 +394,7 @@ struct Listening<'a> {
 
 impl Drop for Listening<'_> {
     fn drop(&mut self) {
-        let mut inner = self.lp.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut inner = self.lp.lock();
         if inner.listener == self.generation {
             inner.listener = 0;
             inner.held = None;
@@ -403,7 +408,7 @@ async fn poll(app: Arc<App>, lp: Arc<LpSession>) -> Bytes {
     let expiry = tokio::time::sleep(window);
     tokio::pin!(expiry);
     let (generation, superseded) = {
-        let mut inner = lp.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut inner = lp.lock();
         inner.generations += 1;
         inner.listener = inner.generations;
         inner.last_seen = Instant::now();
@@ -420,7 +425,7 @@ async fn poll(app: Arc<App>, lp: Arc<LpSession>) -> Bytes {
         generation,
     };
     std::future::poll_fn(|cx| {
-        let mut inner = lp.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut inner = lp.lock();
         loop {
             if inner.closed {
                 return Poll::Ready(status_only(500));
@@ -490,7 +495,7 @@ fn post_lines(app: &Arc<App>, lp: &LpSession, body: &[u8]) -> Bytes {
     }
     let max_frame = app.config.limits.max_frame_bytes;
     {
-        let mut inner = lp.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut inner = lp.lock();
         if inner.closed {
             return status_only(410);
         }

@@ -548,6 +548,26 @@ fn process(
     }
 }
 
+/// The close frame a read's outcome calls for: the reply to the peer's close (its own code,
+/// which the parser has checked), or ours for a protocol violation (counted). Either way nothing
+/// more from the peer is worth reading. The bytes that came with the upgrade and later reads go
+/// through here alike.
+fn close_for(outcome: &ReadOutcome, app: &App, peer_closed: &mut bool) -> Option<Vec<u8>> {
+    match *outcome {
+        ReadOutcome::Open | ReadOutcome::Eof => None,
+        ReadOutcome::PeerClose(code) => {
+            *peer_closed = true;
+            Some(ws::encode_close_reply(code))
+        }
+        ReadOutcome::Violation(code, reason) => {
+            Metrics::add(&app.metrics.bad_messages, 1);
+            tracing::debug!(code, reason, "websocket protocol violation");
+            *peer_closed = true;
+            Some(ws::encode_close(code, reason))
+        }
+    }
+}
+
 /// Counts the connection in the gauge and registers it for the drain while it lives.
 struct Registration {
     app: Arc<App>,
@@ -617,24 +637,16 @@ pub async fn run<S: WsIo>(app: Arc<App>, mut stream: S, initial: Vec<u8>, connec
 
     if !initial.is_empty() {
         let mut data = initial;
-        match process(
+        let outcome = process(
             &mut data,
             &mut reader,
             &mut session,
             &mut outbox,
             max_message,
             false,
-        ) {
-            ReadOutcome::Open | ReadOutcome::Eof => {}
-            ReadOutcome::PeerClose(code) => {
-                peer_closed = true;
-                let reply = ws::encode_close_reply(code);
-                queue_close(&mut outbox, &mut close_sent, &mut timer, reply);
-            }
-            ReadOutcome::Violation(code, reason) => {
-                let frame = ws::encode_close(code, reason);
-                queue_close(&mut outbox, &mut close_sent, &mut timer, frame);
-            }
+        );
+        if let Some(frame) = close_for(&outcome, &app, &mut peer_closed) {
+            queue_close(&mut outbox, &mut close_sent, &mut timer, frame);
         }
     }
 
@@ -774,20 +786,11 @@ pub async fn run<S: WsIo>(app: Arc<App>, mut stream: S, initial: Vec<u8>, connec
                     max_message,
                     close_sent,
                 ) {
-                    Ok(ReadOutcome::Open) => {}
                     Ok(ReadOutcome::Eof) | Err(_) => break,
-                    Ok(ReadOutcome::PeerClose(code)) => {
-                        peer_closed = true;
-                        // The client chose its code (the parser refuses the reserved ones).
-                        let reply = ws::encode_close_reply(code);
-                        queue_close(&mut outbox, &mut close_sent, &mut timer, reply);
-                    }
-                    Ok(ReadOutcome::Violation(code, reason)) => {
-                        Metrics::add(&app.metrics.bad_messages, 1);
-                        tracing::debug!(code, reason, "websocket protocol violation");
-                        peer_closed = true; // nothing more from this peer is worth reading
-                        let frame = ws::encode_close(code, reason);
-                        queue_close(&mut outbox, &mut close_sent, &mut timer, frame);
+                    Ok(outcome) => {
+                        if let Some(frame) = close_for(&outcome, &app, &mut peer_closed) {
+                            queue_close(&mut outbox, &mut close_sent, &mut timer, frame);
+                        }
                     }
                 }
             }
