@@ -29,9 +29,10 @@ pub fn now_micros() -> u64 {
         .unwrap_or(0)
 }
 
-/// The JSON payload of message `seq`, padded to about `size` bytes.
-pub fn payload(seq: u64, size: usize) -> String {
-    let head = format!("{{\"pgseq\":{seq},\"pgts\":{},\"pad\":\"", now_micros());
+/// The JSON payload of message `seq`, stamped `ts` (wall-clock µs; latency is measured from
+/// it), padded to about `size` bytes.
+pub fn payload(seq: u64, ts: u64, size: usize) -> String {
+    let head = format!("{{\"pgseq\":{seq},\"pgts\":{ts},\"pad\":\"");
     let pad = size.saturating_sub(head.len() + 2);
     let mut s = String::with_capacity(head.len() + pad + 2);
     s.push_str(&head);

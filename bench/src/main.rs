@@ -432,7 +432,7 @@ async fn publish_scenario(
             let (mut ok, mut failed) = (0u64, 0u64);
             let mut seq = 0;
             while Instant::now() < until {
-                let body = client::payload(seq, size);
+                let body = client::payload(seq, client::now_micros(), size);
                 seq += 1;
                 if client::publish(&mut http, adapter, &token, "bench:pub", &body).await? {
                     ok += 1;
@@ -566,7 +566,7 @@ async fn subscriber_scenario(
             } else {
                 vec!["bench:fan".to_string()]
             };
-            publish_messages(a, token, &topics, deadline).await?;
+            let behind = publish_messages(a, token, &topics, deadline).await?;
             let publish_secs = t0.elapsed().as_secs_f64();
             // Give deliveries time to finish, then ask stragglers to report.
             let drain = (Instant::now() + Duration::from_secs(10)).min(deadline);
@@ -603,6 +603,9 @@ async fn subscriber_scenario(
             out.set("rate", a.rate);
             out.set("payload_bytes", a.payload);
             out.set("publish_s", publish_secs);
+            // How late the publisher got behind its schedule (a server that answers publishes
+            // slowly holds the next one back); latency counts from each message's due time.
+            out.set("publish_behind_max_ms", behind.as_secs_f64() * 1000.0);
             out.set("deliveries", received);
             out.set("expected_deliveries", expected);
             out.set("missing", missing);
@@ -635,12 +638,13 @@ async fn subscriber_scenario(
     Ok(ok)
 }
 
+/// Publishes the run's messages; returns how far the publishers fell behind their schedule.
 async fn publish_messages(
     a: &RunArgs,
     token: &str,
     topics: &[String],
     deadline: Instant,
-) -> Result<(), String> {
+) -> Result<Duration, String> {
     let conns = if topics.len() > 1 {
         a.publishers.max(1)
     } else {
@@ -654,34 +658,46 @@ async fn publish_messages(
         tasks.push(tokio::spawn(async move {
             let mut http = Http::connect(source(200 + c), server).await?;
             let interval = (rate > 0.0).then(|| Duration::from_secs_f64(1.0 / rate));
-            let start = Instant::now();
+            let (start, start_wall) = (Instant::now(), client::now_micros());
+            let mut behind = Duration::ZERO;
             for seq in 0..messages {
+                // At a fixed rate, each message carries the time it was due, not the time it
+                // went out: a server that answers a publish late delays the next one, and that
+                // wait is part of the next message's latency (no coordinated omission).
+                let mut due_ts = None;
                 if let Some(iv) = interval {
-                    let at = start + iv.mul_f64(seq as f64);
+                    let due = iv.mul_f64(seq as f64);
                     let now = Instant::now();
-                    if at > now {
-                        tokio::time::sleep(at - now).await;
+                    if start + due > now {
+                        tokio::time::sleep(start + due - now).await;
+                    } else {
+                        behind = behind.max(now - (start + due));
                     }
+                    due_ts = Some(start_wall + due.as_micros() as u64);
                 }
                 if Instant::now() > deadline {
                     break;
                 }
                 for topic in &mine {
-                    let body = client::payload(seq, size);
+                    let ts = due_ts.unwrap_or_else(client::now_micros);
+                    let body = client::payload(seq, ts, size);
                     if !client::publish(&mut http, adapter, &token, topic, &body).await? {
                         return Err(std::io::Error::other(format!("publish to {topic} refused")));
                     }
                 }
             }
-            Ok::<_, std::io::Error>(())
+            Ok::<_, std::io::Error>(behind)
         }));
     }
+    let mut behind = Duration::ZERO;
     for t in tasks {
-        t.await
+        let b = t
+            .await
             .map_err(|e| e.to_string())?
             .map_err(|e| format!("publisher: {e}"))?;
+        behind = behind.max(b);
     }
-    Ok(())
+    Ok(behind)
 }
 
 fn report(out: &Outcome) {
@@ -713,7 +729,7 @@ mod tests {
 
     #[test]
     fn payload_has_the_requested_size() {
-        let p = client::payload(3, 200);
+        let p = client::payload(3, 1_700_000_000_000_000, 200);
         assert_eq!(p.len(), 200);
         assert!(serde_json::from_str::<Value>(&p).is_ok());
     }
