@@ -5,8 +5,8 @@ from collections import defaultdict
 
 METRICS = {
     "idle": ["server_kib_per_connection", "idle_cpu_percent"],
-    "fanout": ["server_cpu_per_delivery_us", "deliveries_per_s", "latency_p50_us", "latency_p99_us", "missing", "client_cpu_per_delivery_us"],
-    "longpoll": ["server_cpu_per_delivery_us", "latency_p50_us", "latency_p99_us", "missing"],
+    "fanout": ["server_cpu_per_delivery_us", "deliveries_per_s", "latency_p50_us", "latency_p99_us", "missing", "client_cpu_per_delivery_us", "publish_behind_max_ms"],
+    "longpoll": ["server_cpu_per_delivery_us", "latency_p50_us", "latency_p99_us", "missing", "client_cpu_per_delivery_us", "publish_behind_max_ms"],
     "publish": ["publish_per_s", "server_cpu_per_publish_us"],
     "connect": ["connects_per_s", "connect_failures"],
     "many-topics": ["server_cpu_per_delivery_us", "latency_p99_us", "missing"],
