@@ -23,22 +23,27 @@ run() { # adapter scenario args...   (adapter "floor": the floor server, spoken 
     $bench run "$@" --adapter "$adapter" --label "$label" --server 127.0.0.1:$port --spawn "$spawn" \
         2>/dev/null >> "$out" || echo "run failed: $adapter $label $*" >&2
 }
+# Each scenario runs on both servers (and the floor) back to back, so that a repetition's pair is
+# measured minutes apart at most: these VMs drift by 10-20 % over a session, and summarize.py
+# reports each budget's ratio per repetition as well as the ratio of the medians.
+both() { # scenario args...
+    run phoenix "$@"
+    run nchan "$@"
+}
 for rep in $(seq "$reps"); do
-    for a in phoenix nchan; do
-        run $a idle -n 15000 --workers 3 --duration 3
-        run $a fanout -n 5000 -m 1000 --rate 0
-        run $a fanout -n 15000 -m 300 --rate 0 --workers 3
-        run $a fanout -n 5000 -m 100 --rate 10
-        run $a fanout -n 15000 -m 50 --rate 10 --workers 3
-        run $a longpoll -n 1000 -m 50 --rate 10
-        run $a longpoll -n 5000 -m 50 --rate 10
-        run $a publish --publishers 32 --duration 3
-        run $a connect -n 10000 --workers 2 --duration 0.5
-        run $a many-topics -n 5000 --publishers 4
-    done
+    both idle -n 15000 --workers 3 --duration 3
+    both fanout -n 5000 -m 1000 --rate 0
+    both fanout -n 15000 -m 300 --rate 0 --workers 3
+    both fanout -n 5000 -m 100 --rate 10
     # What the kernel alone charges when every message is sent alone (BENCHMARKS.md, the floor).
     run floor fanout -n 5000 -m 100 --rate 10
+    both fanout -n 15000 -m 50 --rate 10 --workers 3
     run floor fanout -n 15000 -m 50 --rate 10 --workers 3
+    both longpoll -n 1000 -m 50 --rate 10
+    both longpoll -n 5000 -m 50 --rate 10
+    both publish --publishers 32 --duration 3
+    both connect -n 10000 --workers 2 --duration 0.5
+    both many-topics -n 5000 --publishers 4
     echo "repetition $rep done" >&2
 done
 python3 bench/summarize.py "$out"

@@ -1,5 +1,8 @@
 #!/usr/bin/env python3
-"""Medians (and min-max spread) per scenario and adapter from pushgate-bench JSON lines."""
+"""Medians (and min-max spread) per scenario and adapter from pushgate-bench JSON lines, then
+pushgate's figures over Nchan's (and the floor's over Nchan's) per repetition: the k-th run of a
+scenario on one server is paired with the k-th on the other, as bench/compare.sh runs them back
+to back."""
 import json, statistics, sys
 from collections import defaultdict
 
@@ -38,3 +41,34 @@ for key in sorted(runs, key=lambda k: (k[0], k[1] or 0, k[2] or 0, k[3])):
         cells.append(f"{m} {fmt(med)} ({fmt(min(vals))}-{fmt(max(vals))})")
     rate_s = "flat" if rate == 0 else ("" if rate is None else f"{rate:g}/s")
     print(f"| {scenario} | {n} | {rate_s} | {adapter} | {len(runs[key])} | {'; '.join(cells)} |")
+
+# The budgets' ratios, repetition by repetition.
+RATIOS = {
+    "idle": "server_kib_per_connection",
+    "fanout": "server_cpu_per_delivery_us",
+    "longpoll": "latency_p99_us",
+    "publish": "publish_per_s",
+    "connect": "connects_per_s",
+    "many-topics": "server_cpu_per_delivery_us",
+}
+EXTRA = {"fanout": ["latency_p99_us"], "longpoll": ["server_cpu_per_delivery_us"]}
+print()
+print("| scenario | N | rate | ratio | of metric | median of paired ratios (each repetition) | ratio of medians |")
+print("|---|---|---|---|---|---|---|")
+for key in sorted(runs, key=lambda k: (k[0], k[1] or 0, k[2] or 0, k[3])):
+    scenario, n, rate, adapter = key
+    if adapter == "nchan":
+        continue
+    base = runs.get((scenario, n, rate, "nchan"))
+    if not base:
+        continue
+    for m in [RATIOS.get(scenario)] + EXTRA.get(scenario, []):
+        mine = [r[m] for r in runs[key] if m in r]
+        theirs = [r[m] for r in base if m in r]
+        if not m or not mine or len(mine) != len(theirs) or 0 in theirs:
+            continue  # a failed run leaves nothing to pair with
+        paired = [a / b for a, b in zip(mine, theirs)]
+        rate_s = "flat" if rate == 0 else ("" if rate is None else f"{rate:g}/s")
+        each = ", ".join(f"{p:.3f}" for p in paired)
+        of_medians = statistics.median(mine) / statistics.median(theirs)
+        print(f"| {scenario} | {n} | {rate_s} | {adapter} / nchan | {m} | {statistics.median(paired):.3f} ({each}) | {of_medians:.3f} |")
