@@ -24,7 +24,7 @@ run() { # adapter scenario args...   (adapter "floor": the floor server, spoken 
         2>/dev/null >> "$out" || echo "run failed: $adapter $label $*" >&2
 }
 # Each scenario runs on both servers (and the floor) back to back, so that a repetition's pair is
-# measured minutes apart at most: these VMs drift by 10-20 % over a session, and summarize.py
+# measured within a minute or so: these VMs drift by 10-20 % over a session, and summarize.py
 # reports each budget's ratio per repetition as well as the ratio of the medians.
 both() { # scenario args...
     run phoenix "$@"
