@@ -37,19 +37,21 @@ echo "==> cargo clippy"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 echo "==> cargo build (workspace: gateway and bench tool)"
 cargo build --workspace --quiet
-echo "==> cargo test"
-cargo test --workspace --quiet
-
-echo "==> systemd units (systemd-analyze verify, security)"
-./scripts/test-systemd.sh target/debug/pushgate
-
 echo "==> conformance build (feature autobahn-echo) and Autobahn|Testsuite's virtualenv"
 # The same target directory: only the pushgate crate is built again, and the plain build is
-# restored right after (cargo keeps both).
+# restored right after (cargo keeps both). The Rust tests run the suite over the TLS edge
+# (tests/acme.rs), the Node tests over a plain socket (tests/js/autobahn.test.js).
 cargo build -p pushgate --features autobahn-echo --quiet
 cp target/debug/pushgate target/debug/pushgate-autobahn
 cargo build --workspace --quiet
 WSTEST=$(./scripts/autobahn-env.sh)
+
+echo "==> cargo test"
+PUSHGATE_AUTOBAHN_BIN="$PWD/target/debug/pushgate-autobahn" WSTEST="$WSTEST" \
+    cargo test --workspace --quiet
+
+echo "==> systemd units (systemd-analyze verify, security)"
+./scripts/test-systemd.sh target/debug/pushgate
 
 echo "==> node tests (official phoenix client 1.8.16 and 1.7.21; nginx in front; Autobahn)"
 (

@@ -436,9 +436,19 @@ impl Pebble {
 
 /// `pushgate serve` on `listen` with `config` (a TOML file written here).
 fn pushgate(dir: &Path, listen: SocketAddr, config: &str) -> Proc {
+    pushgate_bin(
+        Path::new(env!("CARGO_BIN_EXE_pushgate")),
+        dir,
+        listen,
+        config,
+    )
+}
+
+/// [`pushgate`] with another build of the binary (the conformance build, say).
+fn pushgate_bin(bin: &Path, dir: &Path, listen: SocketAddr, config: &str) -> Proc {
     let file = dir.join("pushgate.toml");
     std::fs::write(&file, config).unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pushgate"));
+    let mut cmd = Command::new(bin);
     for (k, _) in std::env::vars_os() {
         if k.to_string_lossy().starts_with("PUSHGATE_") {
             cmd.env_remove(k);
@@ -1091,4 +1101,102 @@ async fn tls_alpn01_at_the_edge_serves_http1_and_http2_and_redirects() {
     );
     assert!(head.to_ascii_lowercase().contains(&location), "{head}");
     assert!(metric(listen, r#"pushgate_acme_renewals_total{result="ok"}"#).await >= 1.0);
+}
+
+/// RFC 6455 conformance over the TLS edge: Autobahn|Testsuite's fuzzing client against the
+/// conformance build (Cargo feature `autobahn-echo`, which echoes data messages) behind its own
+/// TLS listener with a certificate issued by Pebble, so the frame layer is judged through the
+/// adapter that TLS streams take (`Polled`: staged reads, explicitly flushed writes), as
+/// tests/js/autobahn.test.js judges it on a plain socket. Needs PUSHGATE_AUTOBAHN_BIN (that build)
+/// and WSTEST (from scripts/autobahn-env.sh); scripts/test.sh sets both, and without them the
+/// test says it is skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn autobahn_conformance_over_tls_at_the_edge() {
+    let (Some(bin), Some(wstest)) = (
+        std::env::var_os("PUSHGATE_AUTOBAHN_BIN"),
+        std::env::var_os("WSTEST"),
+    ) else {
+        eprintln!("skipped: set PUSHGATE_AUTOBAHN_BIN and WSTEST (scripts/test.sh does)");
+        return;
+    };
+    let tmp = TempDir::new("autobahn-tls");
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let https: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let pebble = Pebble::start(&tmp.0, free_port(), https.port(), None).await;
+    let config = format!(
+        "{}challenge = \"tls-alpn-01\"\n[tls]\nlisten = \"{https}\"\n",
+        acme_config(&pebble, &tmp.path("tls"), &tmp.path("state"), "")
+    );
+    let gw = pushgate_bin(Path::new(&bin), &tmp.0, listen, &config);
+    let root = pebble.root().await;
+    poll(
+        ISSUANCE,
+        || {
+            let root = root.clone();
+            async move { handshake(https, DOMAIN, &root).await.ok() }
+        },
+        || {
+            format!(
+                "the TLS listener to serve Pebble's certificate:\n{}",
+                gw.log()
+            )
+        },
+    )
+    .await;
+    assert!(
+        gw.log().contains("autobahn-echo"),
+        "not the conformance build:\n{}",
+        gw.log()
+    );
+
+    // Performance (9.*) is the bench tool's job; compression (12.*, 13.*) is not offered.
+    let reports = tmp.path("reports");
+    let spec = serde_json::json!({
+        "outdir": reports,
+        "servers": [{"agent": "pushgate", "url": format!("wss://{https}/socket/websocket?vsn=2.0.0")}],
+        "cases": ["*"],
+        "exclude-cases": ["9.*", "12.*", "13.*"],
+        "exclude-agent-cases": {},
+    });
+    std::fs::write(tmp.path("spec.json"), spec.to_string()).unwrap();
+    let run = tokio::process::Command::new(&wstest)
+        .args(["-m", "fuzzingclient", "-s", "spec.json"])
+        .current_dir(&tmp.0)
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(300), run)
+        .await
+        .expect("wstest to finish within 5 minutes")
+        .expect("wstest to start");
+    let output =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "wstest failed:\n{output}");
+
+    // wstest exits 0 whatever the verdicts: they are in its report. NON-STRICT (a violation
+    // noticed at the end of a message) and INFORMATIONAL (no verdict) conform.
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(reports.join("index.json")).unwrap()).unwrap();
+    let results = index["pushgate"].as_object().cloned().unwrap_or_default();
+    assert!(
+        results.len() > 200,
+        "only {} cases ran:\n{output}",
+        results.len()
+    );
+    let conforms =
+        |v: &serde_json::Value| matches!(v.as_str(), Some("OK" | "NON-STRICT" | "INFORMATIONAL"));
+    let failed: Vec<String> = results
+        .iter()
+        .filter(|(_, r)| !conforms(&r["behavior"]) || !conforms(&r["behaviorClose"]))
+        .map(|(id, r)| format!("{id} {}/{}", r["behavior"], r["behaviorClose"]))
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "cases that do not conform over TLS:\n{}",
+        failed.join("\n")
+    );
+    // The node is still well after the fuzzing.
+    let (status, _) = https1(https, "/healthz", &root).await;
+    assert_eq!(status, 200);
+    assert!(!gw.log().contains("panicked"), "{}", gw.log());
 }

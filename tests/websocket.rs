@@ -450,6 +450,46 @@ async fn the_session_also_runs_over_any_byte_stream_through_the_polled_adapter()
     assert_eq!(next_json(&mut ws).await[1], "9");
 }
 
+#[tokio::test]
+async fn a_client_close_over_the_polled_adapter_is_answered_before_the_stream_ends() {
+    // The adapter stages writes: the close reply must be flushed before the task lets the
+    // stream go (Autobahn over TLS found it dropped; tests/acme.rs runs the whole suite there).
+    use futures_util::StreamExt;
+    use pushgate::transport::websocket::{Polled, run};
+    use tokio_tungstenite::tungstenite::protocol::{CloseFrame, frame::coding::CloseCode};
+    let s = start().await;
+    let (client, server) = tokio::io::duplex(256);
+    let task = tokio::spawn(run(
+        s.app.clone(),
+        Polled::new(server),
+        Vec::new(),
+        Default::default(),
+    ));
+    let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+        client,
+        tokio_tungstenite::tungstenite::protocol::Role::Client,
+        None,
+    )
+    .await;
+    ws.send(Message::Close(Some(CloseFrame {
+        code: CloseCode::Normal,
+        reason: "bye".into(),
+    })))
+    .await
+    .unwrap();
+    let reply = tokio::time::timeout(DEADLINE, ws.next())
+        .await
+        .expect("a reply before the deadline");
+    match reply {
+        Some(Ok(Message::Close(Some(f)))) => assert_eq!(f.code, CloseCode::Normal),
+        other => panic!("expected the close reply, got {other:?}"),
+    }
+    tokio::time::timeout(DEADLINE, task)
+        .await
+        .expect("the connection task to end after the closing handshake")
+        .unwrap();
+}
+
 async fn next_json<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>) -> serde_json::Value
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,

@@ -704,7 +704,9 @@ pub async fn run<S: WsIo>(app: Arc<App>, mut stream: S, initial: Vec<u8>, connec
             // publish may come to wake us for it).
             waker.wake();
         }
-        if close_sent && outbox.is_empty() && peer_closed {
+        // Done once both close frames have crossed and ours is out: on a staged stream (TLS, an
+        // HTTP/2 stream) an empty outbox only means the bytes are staged, not yet flushed.
+        if close_sent && outbox.is_empty() && !stream.wants_flush() && peer_closed {
             break;
         }
         let want_read = !peer_closed && outbox.bytes < READ_PAUSE_BYTES;
