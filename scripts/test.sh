@@ -47,7 +47,7 @@ cargo build --workspace --quiet
 WSTEST=$(./scripts/autobahn-env.sh)
 
 echo "==> cargo test"
-PUSHGATE_AUTOBAHN_BIN="$PWD/target/debug/pushgate-autobahn" WSTEST="$WSTEST" \
+AUTOBAHN_SERVER_BIN="$PWD/target/debug/pushgate-autobahn" WSTEST="$WSTEST" \
     cargo test --workspace --quiet
 
 echo "==> systemd units (systemd-analyze verify, security)"

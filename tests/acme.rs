@@ -1107,16 +1107,17 @@ async fn tls_alpn01_at_the_edge_serves_http1_and_http2_and_redirects() {
 /// conformance build (Cargo feature `autobahn-echo`, which echoes data messages) behind its own
 /// TLS listener with a certificate issued by Pebble, so the frame layer is judged through the
 /// adapter that TLS streams take (`Polled`: staged reads, explicitly flushed writes), as
-/// tests/js/autobahn.test.js judges it on a plain socket. Needs PUSHGATE_AUTOBAHN_BIN (that build)
+/// tests/js/autobahn.test.js judges it on a plain socket. Needs AUTOBAHN_SERVER_BIN (that build)
 /// and WSTEST (from scripts/autobahn-env.sh); scripts/test.sh sets both, and without them the
-/// test says it is skipped.
+/// test says it is skipped. (Not a `PUSHGATE_` name: every pushgate a test starts would take that
+/// for a config key.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn autobahn_conformance_over_tls_at_the_edge() {
     let (Some(bin), Some(wstest)) = (
-        std::env::var_os("PUSHGATE_AUTOBAHN_BIN"),
+        std::env::var_os("AUTOBAHN_SERVER_BIN"),
         std::env::var_os("WSTEST"),
     ) else {
-        eprintln!("skipped: set PUSHGATE_AUTOBAHN_BIN and WSTEST (scripts/test.sh does)");
+        eprintln!("skipped: set AUTOBAHN_SERVER_BIN and WSTEST (scripts/test.sh does)");
         return;
     };
     let tmp = TempDir::new("autobahn-tls");
