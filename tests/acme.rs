@@ -963,7 +963,9 @@ async fn https1(addr: SocketAddr, path: &str, roots_pem: &[u8]) -> (u16, String)
 }
 
 /// A Phoenix join and a heartbeat over a client WebSocket, whatever carries it.
-async fn phoenix_join_and_heartbeat<S>(mut ws: tokio_tungstenite::WebSocketStream<S>)
+async fn phoenix_join_and_heartbeat<S>(
+    mut ws: tokio_tungstenite::WebSocketStream<S>,
+) -> tokio_tungstenite::WebSocketStream<S>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
@@ -988,6 +990,7 @@ where
         .await
         .unwrap();
     assert_eq!(next(&mut ws).await[1], "2");
+    ws
 }
 
 /// At the edge: TLS-ALPN-01 answered on pushgate's own TLS listener, then HTTPS with HTTP/1.1
@@ -1042,7 +1045,19 @@ async fn tls_alpn01_at_the_edge_serves_http1_and_http2_and_redirects() {
         tokio_tungstenite::client_async(format!("wss://{DOMAIN}/socket/websocket?vsn=2.0.0"), tls)
             .await
             .expect("websocket over TLS");
-    phoenix_join_and_heartbeat(ws).await;
+    let mut ws = phoenix_join_and_heartbeat(ws).await;
+    // The closing handshake, then TLS's own: close_notify, not a bare end of the TCP stream
+    // (which rustls reports as an unexpected EOF).
+    {
+        use futures_util::{SinkExt, StreamExt};
+        use tokio_tungstenite::tungstenite::Message;
+        ws.send(Message::Close(None)).await.unwrap();
+        let reply = tokio::time::timeout(STARTUP, ws.next()).await.unwrap();
+        assert!(matches!(reply, Some(Ok(Message::Close(_)))), "{reply:?}");
+        let mut rest = [0u8; 64];
+        let end = tokio::time::timeout(STARTUP, ws.get_mut().read(&mut rest)).await;
+        assert!(matches!(end, Ok(Ok(0))), "the TLS stream's end: {end:?}");
+    }
 
     // HTTP/2 by ALPN: a request, and a LongPoll session opening.
     let tls = tls_connect(https, DOMAIN, &[b"h2", b"http/1.1"], &root).await;

@@ -222,6 +222,11 @@ pub trait WsIo {
     fn waker(&self) -> Option<Arc<Waker>> {
         None
     }
+    /// Ends the stream once the task is done with it: TLS says `close_notify`, an HTTP/2 stream
+    /// ends. A plain socket simply closes when dropped.
+    fn poll_close(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
 }
 
 /// The plain-TCP path: the socket lives in the connection's hub waker ([`Sink::Tcp`]), which
@@ -373,6 +378,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsIo for Polled<S> {
 
     fn wants_flush(&self) -> bool {
         !self.write.is_empty()
+    }
+
+    fn poll_close(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 
@@ -797,6 +806,14 @@ pub async fn run<S: WsIo>(app: Arc<App>, mut stream: S, initial: Vec<u8>, connec
                 }
             }
         }
+    }
+    if !direct {
+        // A staged stream (TLS, HTTP/2) ends properly; bounded: the peer may be gone.
+        let _ = tokio::time::timeout(
+            CLOSE_TIMEOUT,
+            std::future::poll_fn(|cx| stream.poll_close(cx)),
+        )
+        .await;
     }
 }
 
