@@ -993,6 +993,21 @@ where
     ws
 }
 
+/// Sends a close frame, expects the server's reply, then a clean end of the underlying stream.
+async fn close_and_see_a_clean_end<S>(mut ws: tokio_tungstenite::WebSocketStream<S>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    ws.send(Message::Close(None)).await.unwrap();
+    let reply = tokio::time::timeout(STARTUP, ws.next()).await.unwrap();
+    assert!(matches!(reply, Some(Ok(Message::Close(_)))), "{reply:?}");
+    let mut rest = [0u8; 64];
+    let end = tokio::time::timeout(STARTUP, ws.get_mut().read(&mut rest)).await;
+    assert!(matches!(end, Ok(Ok(0))), "the stream's end: {end:?}");
+}
+
 /// At the edge: TLS-ALPN-01 answered on pushgate's own TLS listener, then HTTPS with HTTP/1.1
 /// and HTTP/2 by ALPN verified against Pebble's root (LongPoll over HTTP/2 included), a Phoenix
 /// WebSocket over TLS by HTTP/1.1 upgrade and over HTTP/2 by RFC 8441 extended CONNECT, and the
@@ -1045,19 +1060,9 @@ async fn tls_alpn01_at_the_edge_serves_http1_and_http2_and_redirects() {
         tokio_tungstenite::client_async(format!("wss://{DOMAIN}/socket/websocket?vsn=2.0.0"), tls)
             .await
             .expect("websocket over TLS");
-    let mut ws = phoenix_join_and_heartbeat(ws).await;
     // The closing handshake, then TLS's own: close_notify, not a bare end of the TCP stream
     // (which rustls reports as an unexpected EOF).
-    {
-        use futures_util::{SinkExt, StreamExt};
-        use tokio_tungstenite::tungstenite::Message;
-        ws.send(Message::Close(None)).await.unwrap();
-        let reply = tokio::time::timeout(STARTUP, ws.next()).await.unwrap();
-        assert!(matches!(reply, Some(Ok(Message::Close(_)))), "{reply:?}");
-        let mut rest = [0u8; 64];
-        let end = tokio::time::timeout(STARTUP, ws.get_mut().read(&mut rest)).await;
-        assert!(matches!(end, Ok(Ok(0))), "the TLS stream's end: {end:?}");
-    }
+    close_and_see_a_clean_end(phoenix_join_and_heartbeat(ws).await).await;
 
     // HTTP/2 by ALPN: a request, and a LongPoll session opening.
     let tls = tls_connect(https, DOMAIN, &[b"h2", b"http/1.1"], &root).await;
@@ -1100,7 +1105,8 @@ async fn tls_alpn01_at_the_edge_serves_http1_and_http2_and_redirects() {
         None,
     )
     .await;
-    phoenix_join_and_heartbeat(ws).await;
+    // The closing handshake over an HTTP/2 stream: the reply arrives, then the stream ends.
+    close_and_see_a_clean_end(phoenix_join_and_heartbeat(ws).await).await;
 
     // The plain listener redirects to HTTPS, keeping path and query.
     let request = format!(
