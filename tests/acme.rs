@@ -224,6 +224,25 @@ async fn handshake(
         .collect())
 }
 
+/// Waits until `addr` completes a handshake for [`DOMAIN`] verified against `roots_pem`; the
+/// chain it served. `what` describes the wait (and the logs to read) for the failure message.
+async fn served_chain(
+    addr: SocketAddr,
+    roots_pem: &[u8],
+    within: Duration,
+    what: impl Fn() -> String,
+) -> Vec<CertificateDer<'static>> {
+    poll(
+        within,
+        || {
+            let root = roots_pem.to_vec();
+            async move { handshake(addr, DOMAIN, &root).await.ok() }
+        },
+        what,
+    )
+    .await
+}
+
 /// `GET path` over HTTPS (HTTP/1.1, `Connection: close`); the status and body.
 async fn https_get(
     addr: SocketAddr,
@@ -640,21 +659,14 @@ async fn http01_through_nginx_exports_reloads_and_a_restart_reuses_the_certifica
 
     // nginx serves Pebble's certificate, verified against Pebble's root, once pushgate has
     // written it and run the reload command.
-    let served = poll(
-        ISSUANCE,
-        || {
-            let root = root.clone();
-            async move { handshake(nginx_https, DOMAIN, &root).await.ok() }
-        },
-        || {
-            format!(
-                "nginx to serve a certificate from Pebble's root\n--- pushgate:\n{}\n--- pebble:\n{}\n--- nginx:\n{}",
-                gw.log(),
-                pebble.pebble.log(),
-                nginx.error_log()
-            )
-        },
-    )
+    let served = served_chain(nginx_https, &root, ISSUANCE, || {
+        format!(
+            "nginx to serve a certificate from Pebble's root\n--- pushgate:\n{}\n--- pebble:\n{}\n--- nginx:\n{}",
+            gw.log(),
+            pebble.pebble.log(),
+            nginx.error_log()
+        )
+    })
     .await;
     assert!(is_placeholder(&placeholder));
     let chain = std::fs::read(tls_dir.join("fullchain.pem")).unwrap();
@@ -729,20 +741,13 @@ async fn http01_through_nginx_exports_reloads_and_a_restart_reuses_the_certifica
     assert_eq!(reloads(&reload_log), 1);
     // nginx's reload swaps workers gracefully: an old worker may still take a connection for a
     // moment, so wait for the exported certificate rather than taking the first handshake.
-    let served = poll(
-        STARTUP,
-        || {
-            let root = root.clone();
-            async move { handshake(nginx_https, DOMAIN, &root).await.ok() }
-        },
-        || {
-            format!(
-                "nginx to serve the exported certificate
+    let served = served_chain(nginx_https, &root, STARTUP, || {
+        format!(
+            "nginx to serve the exported certificate
 {}",
-                nginx.error_log()
-            )
-        },
-    )
+            nginx.error_log()
+        )
+    })
     .await;
     assert_eq!(served[0], first_cert(&chain));
     drop(nginx);
@@ -1027,20 +1032,13 @@ async fn tls_alpn01_at_the_edge_serves_http1_and_http2_and_redirects() {
     );
     let gw = pushgate(&tmp.0, listen, &config);
     let root = pebble.root().await;
-    let served = poll(
-        ISSUANCE,
-        || {
-            let root = root.clone();
-            async move { handshake(https, DOMAIN, &root).await.ok() }
-        },
-        || {
-            format!(
-                "pushgate's TLS listener to serve Pebble's certificate\n--- pushgate:\n{}\n--- pebble:\n{}",
-                gw.log(),
-                pebble.pebble.log()
-            )
-        },
-    )
+    let served = served_chain(https, &root, ISSUANCE, || {
+        format!(
+            "pushgate's TLS listener to serve Pebble's certificate\n--- pushgate:\n{}\n--- pebble:\n{}",
+            gw.log(),
+            pebble.pebble.log()
+        )
+    })
     .await;
     assert!(
         gw.log().contains("answered a tls-alpn-01 challenge"),
@@ -1151,19 +1149,12 @@ async fn autobahn_conformance_over_tls_at_the_edge() {
     );
     let gw = pushgate_bin(Path::new(&bin), &tmp.0, listen, &config);
     let root = pebble.root().await;
-    poll(
-        ISSUANCE,
-        || {
-            let root = root.clone();
-            async move { handshake(https, DOMAIN, &root).await.ok() }
-        },
-        || {
-            format!(
-                "the TLS listener to serve Pebble's certificate:\n{}",
-                gw.log()
-            )
-        },
-    )
+    served_chain(https, &root, ISSUANCE, || {
+        format!(
+            "the TLS listener to serve Pebble's certificate:\n{}",
+            gw.log()
+        )
+    })
     .await;
     assert!(
         gw.log().contains("autobahn-echo"),

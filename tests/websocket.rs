@@ -411,21 +411,8 @@ async fn a_large_topic_swept_by_the_fanout_task_delivers_everything_in_order() {
 async fn the_session_also_runs_over_any_byte_stream_through_the_polled_adapter() {
     // TLS at the edge and HTTP/2 streams (RFC 8441) reach the transport as plain
     // AsyncRead + AsyncWrite streams; an in-memory pipe stands in for them here.
-    use pushgate::transport::websocket::{Polled, run};
     let s = start().await;
-    let (client, server) = tokio::io::duplex(256);
-    tokio::spawn(run(
-        s.app.clone(),
-        Polled::new(server),
-        Vec::new(),
-        Default::default(),
-    ));
-    let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
-        client,
-        tokio_tungstenite::tungstenite::protocol::Role::Client,
-        None,
-    )
-    .await;
+    let (mut ws, _task) = over_a_pipe(&s).await;
     ws.send(Message::text(r#"["1","1","room:p","phx_join",{}]"#))
         .await
         .unwrap();
@@ -455,22 +442,9 @@ async fn a_client_close_over_the_polled_adapter_is_answered_before_the_stream_en
     // The adapter stages writes: the close reply must be flushed before the task lets the
     // stream go (Autobahn over TLS found it dropped; tests/acme.rs runs the whole suite there).
     use futures_util::StreamExt;
-    use pushgate::transport::websocket::{Polled, run};
     use tokio_tungstenite::tungstenite::protocol::{CloseFrame, frame::coding::CloseCode};
     let s = start().await;
-    let (client, server) = tokio::io::duplex(256);
-    let task = tokio::spawn(run(
-        s.app.clone(),
-        Polled::new(server),
-        Vec::new(),
-        Default::default(),
-    ));
-    let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
-        client,
-        tokio_tungstenite::tungstenite::protocol::Role::Client,
-        None,
-    )
-    .await;
+    let (mut ws, task) = over_a_pipe(&s).await;
     ws.send(Message::Close(Some(CloseFrame {
         code: CloseCode::Normal,
         reason: "bye".into(),
@@ -488,6 +462,31 @@ async fn a_client_close_over_the_polled_adapter_is_answered_before_the_stream_en
         .await
         .expect("the connection task to end after the closing handshake")
         .unwrap();
+}
+
+/// A WebSocket session run over an in-memory pipe through the `Polled` adapter (standing in for
+/// TLS at the edge and HTTP/2 streams): the client end, and the connection task.
+async fn over_a_pipe(
+    s: &TestServer,
+) -> (
+    tokio_tungstenite::WebSocketStream<tokio::io::DuplexStream>,
+    tokio::task::JoinHandle<()>,
+) {
+    use pushgate::transport::websocket::{Polled, run};
+    let (client, server) = tokio::io::duplex(256);
+    let task = tokio::spawn(run(
+        s.app.clone(),
+        Polled::new(server),
+        Vec::new(),
+        Default::default(),
+    ));
+    let ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+        client,
+        tokio_tungstenite::tungstenite::protocol::Role::Client,
+        None,
+    )
+    .await;
+    (ws, task)
 }
 
 async fn next_json<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>) -> serde_json::Value
