@@ -15,6 +15,10 @@ METRICS = {
     "many-topics": ["server_cpu_per_delivery_us", "latency_p99_us", "missing"],
 }
 
+def rate_label(rate):
+    return "flat" if rate == 0 else ("" if rate is None else f"{rate:g}/s")
+
+
 runs = defaultdict(list)
 for path in sys.argv[1:]:
     for line in open(path):
@@ -39,8 +43,7 @@ for key in sorted(runs, key=lambda k: (k[0], k[1] or 0, k[2] or 0, k[3])):
         med = statistics.median(vals)
         fmt = (lambda v: f"{v:.3g}") if isinstance(med, float) else str
         cells.append(f"{m} {fmt(med)} ({fmt(min(vals))}-{fmt(max(vals))})")
-    rate_s = "flat" if rate == 0 else ("" if rate is None else f"{rate:g}/s")
-    print(f"| {scenario} | {n} | {rate_s} | {adapter} | {len(runs[key])} | {'; '.join(cells)} |")
+    print(f"| {scenario} | {n} | {rate_label(rate)} | {adapter} | {len(runs[key])} | {'; '.join(cells)} |")
 
 # The budgets' ratios, repetition by repetition.
 RATIOS = {
@@ -68,7 +71,6 @@ for key in sorted(runs, key=lambda k: (k[0], k[1] or 0, k[2] or 0, k[3])):
         if not m or not mine or len(mine) != len(theirs) or 0 in theirs:
             continue  # a failed run leaves nothing to pair with
         paired = [a / b for a, b in zip(mine, theirs)]
-        rate_s = "flat" if rate == 0 else ("" if rate is None else f"{rate:g}/s")
         each = ", ".join(f"{p:.3f}" for p in paired)
         of_medians = statistics.median(mine) / statistics.median(theirs)
-        print(f"| {scenario} | {n} | {rate_s} | {adapter} / nchan | {m} | {statistics.median(paired):.3f} ({each}) | {of_medians:.3f} |")
+        print(f"| {scenario} | {n} | {rate_label(rate)} | {adapter} / nchan | {m} | {statistics.median(paired):.3f} ({each}) | {of_medians:.3f} |")

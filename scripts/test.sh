@@ -2,8 +2,8 @@
 # The whole test suite, on a fresh Debian/Ubuntu machine: installs what it needs when missing,
 # then runs formatting and lint checks, the Rust tests, the systemd unit checks, the Node tests
 # that drive the official phoenix client against the real binary (directly and through nginx),
-# Autobahn|Testsuite's WebSocket conformance cases (tests/js/autobahn.test.js; its Python 2.7
-# virtualenv is cached), and the Ansible test (a debootstrap root filesystem cached under
+# Autobahn|Testsuite's WebSocket conformance cases on a plain socket (tests/js/autobahn.test.js)
+# and through the TLS edge (tests/acme.rs; its Python 2.7 virtualenv is cached), and the Ansible test (a debootstrap root filesystem cached under
 # /var/cache/pushgate-test).
 set -euo pipefail
 cd "$(dirname "$0")/.."

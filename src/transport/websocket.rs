@@ -807,14 +807,13 @@ pub async fn run<S: WsIo>(app: Arc<App>, mut stream: S, initial: Vec<u8>, connec
             }
         }
     }
-    if !direct {
-        // A staged stream (TLS, HTTP/2) ends properly; bounded: the peer may be gone.
-        let _ = tokio::time::timeout(
-            CLOSE_TIMEOUT,
-            std::future::poll_fn(|cx| stream.poll_close(cx)),
-        )
-        .await;
-    }
+    // A staged stream (TLS, HTTP/2) ends properly, a plain socket at once; bounded: the peer
+    // may be gone.
+    let _ = tokio::time::timeout(
+        CLOSE_TIMEOUT,
+        std::future::poll_fn(|cx| stream.poll_close(cx)),
+    )
+    .await;
 }
 
 #[cfg(test)]

@@ -18,12 +18,10 @@ import { startServer, waitFor } from "./support.js";
 const BIN = process.env.PUSHGATE_AUTOBAHN_BIN;
 const WSTEST = process.env.WSTEST;
 const RUN_DEADLINE_MS = 5 * 60_000;
-// Performance (9.*) is the bench tool's job (BENCHMARKS.md); compression (12.*, 13.*) is not
-// offered (no permessage-deflate: nginx compresses HTTP, not WebSocket frames).
-const EXCLUDED = ["9.*", "12.*", "13.*"];
-// Autobahn's verdicts that mean "conforms": NON-STRICT is a violation noticed at the end of a
-// message rather than at the byte where it began; INFORMATIONAL cases have no verdict.
-const CONFORMS = new Set(["OK", "NON-STRICT", "INFORMATIONAL"]);
+// Which cases run and which verdicts conform, shared with the TLS run in tests/acme.rs.
+const POLICY = JSON.parse(readFileSync(new URL("../autobahn-policy.json", import.meta.url), "utf8"));
+const EXCLUDED = POLICY["exclude-cases"];
+const CONFORMS = new Set(POLICY.conforms);
 
 /** Runs `cmd` in `cwd` to its end; rejects after `deadlineMs`. Resolves with its output. */
 function run(cmd, args, cwd, deadlineMs) {
