@@ -1046,7 +1046,18 @@ async fn tls_alpn01_at_the_edge_serves_http1_and_http2_and_redirects() {
         gw.log()
     );
     assert!(!gw.log().contains("answering http-01 challenge"));
-    let exported = std::fs::read(tmp.path("tls/fullchain.pem")).unwrap();
+    // rustls-acme serves a new certificate before it tells us to export it: wait for the file.
+    let chain_file = tmp.path("tls/fullchain.pem");
+    let exported = poll(
+        STARTUP,
+        || async {
+            std::fs::read(&chain_file)
+                .ok()
+                .filter(|pem| !is_placeholder(pem))
+        },
+        || format!("the issued certificate to be exported:\n{}", gw.log()),
+    )
+    .await;
     assert_eq!(served[0], first_cert(&exported));
 
     // HTTP/1.1 by ALPN.
