@@ -53,7 +53,7 @@ AUTOBAHN_SERVER_BIN="$PWD/target/debug/pushgate-autobahn" WSTEST="$WSTEST" \
 echo "==> systemd units (systemd-analyze verify, security)"
 ./scripts/test-systemd.sh target/debug/pushgate
 
-echo "==> node tests (official phoenix client 1.8.16 and 1.7.21; nginx in front; Autobahn)"
+echo "==> node tests (official phoenix client 1.8.17 and 1.7.23; nginx in front; Autobahn)"
 (
     cd tests/js
     npm ci --no-audit --no-fund --loglevel=error

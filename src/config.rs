@@ -220,7 +220,7 @@ pub struct DemoConfig {
 
 /// The official client the demo page loads by default.
 pub const DEFAULT_PHOENIX_JS_URL: &str =
-    "https://cdn.jsdelivr.net/npm/phoenix@1.8.16/priv/static/phoenix.min.js";
+    "https://cdn.jsdelivr.net/npm/phoenix@1.8.17/priv/static/phoenix.min.js";
 
 impl Default for DemoConfig {
     fn default() -> Self {

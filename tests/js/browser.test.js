@@ -20,7 +20,7 @@ const HERE = path.dirname(fileURLToPath(import.meta.url));
 const ARTIFACTS = path.join(HERE, "artifacts");
 const CHROMIUM = process.env.PUSHGATE_CHROMIUM ?? "/usr/bin/chromium";
 // The server's default demo.phoenix_js_url (config.rs DEFAULT_PHOENIX_JS_URL).
-const PHOENIX_CDN_URL = "https://cdn.jsdelivr.net/npm/phoenix@1.8.16/priv/static/phoenix.min.js";
+const PHOENIX_CDN_URL = "https://cdn.jsdelivr.net/npm/phoenix@1.8.17/priv/static/phoenix.min.js";
 const PHOENIX_MIN_JS = path.resolve(require.resolve("phoenix"), "../phoenix.min.js");
 const TEST_TIMEOUT_MS = 30_000;
 const UI_TIMEOUT_MS = 10_000;

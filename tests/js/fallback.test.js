@@ -1,5 +1,5 @@
 // The official phoenix client's automatic WebSocket→LongPoll fallback (`longPollFallbackMs`,
-// PHOENIX-PROTOCOL.md §3) against pushgate, for 1.8.16 and 1.7.21: with WebSockets switched off
+// PHOENIX-PROTOCOL.md §3) against pushgate, for 1.8.17 and 1.7.23: with WebSockets switched off
 // (`websocket.enabled = false`, upgrades answered 404) the client falls back to LongPoll and
 // works; with a healthy server it stays on WebSocket, because heartbeats are answered at once.
 // Run with `npm test` (see support.js for how the server is found).

@@ -1,4 +1,4 @@
-// The official phoenix client (1.8.16 and 1.7.21) against pushgate over LongPoll
+// The official phoenix client (1.8.17 and 1.7.23) against pushgate over LongPoll
 // (/socket/longpoll). 1.8.x makes its requests with fetch here; 1.7.x needs XMLHttpRequest,
 // which support.js provides from the `xhr2` package for 1.7 sockets only.
 // Run with `npm test` (see support.js for how the server is found).

@@ -1,5 +1,5 @@
 // pushgate's Redis broker with several nodes, driven by the official phoenix client
-// (1.8.16 and 1.7.21): cross-node fanout, recovery on another node, a Redis restart and killed
+// (1.8.17 and 1.7.23): cross-node fanout, recovery on another node, a Redis restart and killed
 // pub/sub connections under a steady publisher, and LongPoll through a real nginx round-robin
 // upstream (no sticky sessions).
 //

@@ -1,5 +1,5 @@
 // Shared helpers for the pushgate integration tests that drive the official
-// phoenix client (1.8.16 as `phoenix`, 1.7.21 as `phx17`) from Node.
+// phoenix client (1.8.17 as `phoenix`, 1.7.23 as `phx17`) from Node.
 //
 //   cargo build && cd tests/js && npm ci && npm test
 //
@@ -67,7 +67,7 @@ function loadClient(packageName, expectedVersion, globalObject = undefined) {
 const PHX17_GLOBAL = Object.create(globalThis, { XMLHttpRequest: { value: XHR2, enumerable: true } });
 
 /** The client versions every test runs against. */
-export const CLIENTS = [loadClient("phoenix", "1.8.16"), loadClient("phx17", "1.7.21", PHX17_GLOBAL)];
+export const CLIENTS = [loadClient("phoenix", "1.8.17"), loadClient("phx17", "1.7.23", PHX17_GLOBAL)];
 
 /**
  * Makes (but does not connect) a phoenix Socket for `client` talking to the

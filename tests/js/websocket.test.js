@@ -1,4 +1,4 @@
-// The official phoenix client (1.8.16 and 1.7.21) against pushgate over WebSocket.
+// The official phoenix client (1.8.17 and 1.7.23) against pushgate over WebSocket.
 // Run with `npm test` (see support.js for how the server is found).
 
 import assert from "node:assert/strict";
