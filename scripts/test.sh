@@ -3,8 +3,9 @@
 # then runs formatting and lint checks, the Rust tests, the systemd unit checks, the Node tests
 # that drive the official phoenix client against the real binary (directly and through nginx),
 # Autobahn|Testsuite's WebSocket conformance cases on a plain socket (tests/js/autobahn.test.js)
-# and through the TLS edge (tests/acme.rs; its Python 2.7 virtualenv is cached), and the Ansible test (a debootstrap root filesystem cached under
-# /var/cache/pushgate-test).
+# and through the TLS edge (tests/acme.rs; its Python 2.7 virtualenv is cached), the demo page in
+# Chromium at the TLS edge over HTTP/2 (tests/acme.rs with tests/js/edge-browser.js), and the
+# Ansible test (a debootstrap root filesystem cached under /var/cache/pushgate-test).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -46,8 +47,12 @@ cp target/debug/pushgate target/debug/pushgate-autobahn
 cargo build --workspace --quiet
 WSTEST=$(./scripts/autobahn-env.sh)
 
+echo "==> npm ci (tests/js: the phoenix clients, playwright-core for Chromium)"
+(cd tests/js && npm ci --no-audit --no-fund --loglevel=error)
+
 echo "==> cargo test"
-AUTOBAHN_SERVER_BIN="$PWD/target/debug/pushgate-autobahn" WSTEST="$WSTEST" \
+# EDGE_BROWSER_TEST: tests/acme.rs drives Chromium at the TLS edge through tests/js/edge-browser.js.
+AUTOBAHN_SERVER_BIN="$PWD/target/debug/pushgate-autobahn" WSTEST="$WSTEST" EDGE_BROWSER_TEST=1 \
     cargo test --workspace --quiet
 
 echo "==> systemd units (systemd-analyze verify, security)"
@@ -56,7 +61,6 @@ echo "==> systemd units (systemd-analyze verify, security)"
 echo "==> node tests (official phoenix client 1.8.17 and 1.7.23; nginx in front; Autobahn)"
 (
     cd tests/js
-    npm ci --no-audit --no-fund --loglevel=error
     PUSHGATE_BIN="$PWD/../../target/debug/pushgate" \
         PUSHGATE_AUTOBAHN_BIN="$PWD/../../target/debug/pushgate-autobahn" WSTEST="$WSTEST" \
         npm test

@@ -10,6 +10,9 @@ pub struct Metrics {
     pub connections_websocket: AtomicI64,
     pub connections_longpoll: AtomicI64,
     pub connections_accepted: AtomicU64,
+    /// WebSocket handshakes answered: HTTP/1.1 upgrades, HTTP/2 extended CONNECTs (RFC 8441).
+    pub websocket_upgrades_http1: AtomicU64,
+    pub websocket_upgrades_http2: AtomicU64,
     pub joins: AtomicU64,
     pub join_errors: AtomicU64,
     pub messages_published: AtomicU64,
@@ -73,6 +76,15 @@ impl Metrics {
             "counter",
             "TCP connections accepted.",
             &[("", c(&self.connections_accepted))],
+        );
+        one(
+            "pushgate_websocket_upgrades_total",
+            "counter",
+            "WebSocket handshakes answered, by HTTP version (2: RFC 8441 extended CONNECT).",
+            &[
+                ("{http=\"1.1\"}", c(&self.websocket_upgrades_http1)),
+                ("{http=\"2\"}", c(&self.websocket_upgrades_http2)),
+            ],
         );
         one(
             "pushgate_joins_total",

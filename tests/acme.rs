@@ -1017,47 +1017,88 @@ where
 /// and HTTP/2 by ALPN verified against Pebble's root (LongPoll over HTTP/2 included), a Phoenix
 /// WebSocket over TLS by HTTP/1.1 upgrade and over HTTP/2 by RFC 8441 extended CONNECT, and the
 /// plain listener redirecting to HTTPS.
+/// Pebble, and pushgate (the binary `bin`) at the edge: `tls.listen` on a free port plus the
+/// `[tls]` lines in `tls_extra`, its certificate issued by TLS-ALPN-01 (Pebble's HTTP-01
+/// validator points at a closed port). Returns once the TLS listener serves that certificate.
+struct Edge {
+    _pebble: Pebble,
+    gw: Proc,
+    /// The plain listener (`/metrics`).
+    listen: SocketAddr,
+    https: SocketAddr,
+    /// Pebble's root, which the served chain verifies against.
+    root: Vec<u8>,
+    served: Vec<CertificateDer<'static>>,
+}
+
+impl Edge {
+    async fn start(tmp: &TempDir, bin: &Path, tls_extra: &str) -> Edge {
+        let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let https: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let pebble = Pebble::start(&tmp.0, free_port(), https.port(), None).await;
+        let config = format!(
+            "{}challenge = \"tls-alpn-01\"\n[tls]\nlisten = \"{https}\"\n{tls_extra}",
+            acme_config(&pebble, &tmp.path("tls"), &tmp.path("state"), "")
+        );
+        let gw = pushgate_bin(bin, &tmp.0, listen, &config);
+        let root = pebble.root().await;
+        let served = served_chain(https, &root, ISSUANCE, || {
+            format!(
+                "pushgate's TLS listener to serve Pebble's certificate\n--- pushgate:\n{}\n--- pebble:\n{}",
+                gw.log(),
+                pebble.pebble.log()
+            )
+        })
+        .await;
+        Edge {
+            _pebble: pebble,
+            gw,
+            listen,
+            https,
+            root,
+            served,
+        }
+    }
+
+    /// The issued chain, once exported to `cert_dir` (rustls-acme serves a new certificate
+    /// before it emits the event the exporter acts on: the file can lag a moment).
+    async fn exported_chain(&self, tmp: &TempDir) -> Vec<u8> {
+        let chain_file = tmp.path("tls/fullchain.pem");
+        poll(
+            STARTUP,
+            || async {
+                std::fs::read(&chain_file)
+                    .ok()
+                    .filter(|pem| !is_placeholder(pem))
+            },
+            || format!("the issued certificate to be exported:\n{}", self.gw.log()),
+        )
+        .await
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_alpn01_at_the_edge_serves_http1_and_http2_and_redirects() {
     use http_body_util::BodyExt;
     let tmp = TempDir::new("edge");
-    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let https: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let redirect: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    // Pebble's HTTP-01 validator points at a closed port: only TLS-ALPN-01 can succeed.
-    let pebble = Pebble::start(&tmp.0, free_port(), https.port(), None).await;
-    let config = format!(
-        "{}challenge = \"tls-alpn-01\"\n[tls]\nlisten = \"{https}\"\nredirect_listen = \"{redirect}\"\n",
-        acme_config(&pebble, &tmp.path("tls"), &tmp.path("state"), "")
-    );
-    let gw = pushgate(&tmp.0, listen, &config);
-    let root = pebble.root().await;
-    let served = served_chain(https, &root, ISSUANCE, || {
-        format!(
-            "pushgate's TLS listener to serve Pebble's certificate\n--- pushgate:\n{}\n--- pebble:\n{}",
-            gw.log(),
-            pebble.pebble.log()
-        )
-    })
-    .await;
+    let bin = Path::new(env!("CARGO_BIN_EXE_pushgate"));
+    let edge = Edge::start(&tmp, bin, &format!("redirect_listen = \"{redirect}\"\n")).await;
+    let exported = edge.exported_chain(&tmp).await;
+    let Edge {
+        _pebble,
+        gw,
+        listen,
+        https,
+        root,
+        served,
+    } = edge;
     assert!(
         gw.log().contains("answered a tls-alpn-01 challenge"),
         "{}",
         gw.log()
     );
     assert!(!gw.log().contains("answering http-01 challenge"));
-    // rustls-acme serves a new certificate before it tells us to export it: wait for the file.
-    let chain_file = tmp.path("tls/fullchain.pem");
-    let exported = poll(
-        STARTUP,
-        || async {
-            std::fs::read(&chain_file)
-                .ok()
-                .filter(|pem| !is_placeholder(pem))
-        },
-        || format!("the issued certificate to be exported:\n{}", gw.log()),
-    )
-    .await;
     assert_eq!(served[0], first_cert(&exported));
 
     // HTTP/1.1 by ALPN.
@@ -1116,6 +1157,10 @@ async fn tls_alpn01_at_the_edge_serves_http1_and_http2_and_redirects() {
     .await;
     // The closing handshake over an HTTP/2 stream: the reply arrives, then the stream ends.
     close_and_see_a_clean_end(phoenix_join_and_heartbeat(ws).await).await;
+    for (http, want) in [("1.1", 1.0), ("2", 1.0)] {
+        let sample = format!("pushgate_websocket_upgrades_total{{http=\"{http}\"}}");
+        assert_eq!(metric(listen, &sample).await, want, "{sample}");
+    }
 
     // The plain listener redirects to HTTPS, keeping path and query.
     let request = format!(
@@ -1151,22 +1196,14 @@ async fn autobahn_conformance_over_tls_at_the_edge() {
         return;
     };
     let tmp = TempDir::new("autobahn-tls");
-    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let https: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let pebble = Pebble::start(&tmp.0, free_port(), https.port(), None).await;
-    let config = format!(
-        "{}challenge = \"tls-alpn-01\"\n[tls]\nlisten = \"{https}\"\n",
-        acme_config(&pebble, &tmp.path("tls"), &tmp.path("state"), "")
-    );
-    let gw = pushgate_bin(Path::new(&bin), &tmp.0, listen, &config);
-    let root = pebble.root().await;
-    served_chain(https, &root, ISSUANCE, || {
-        format!(
-            "the TLS listener to serve Pebble's certificate:\n{}",
-            gw.log()
-        )
-    })
-    .await;
+    let edge = Edge::start(&tmp, Path::new(&bin), "").await;
+    let Edge {
+        _pebble,
+        gw,
+        https,
+        root,
+        ..
+    } = edge;
     assert!(
         gw.log().contains("autobahn-echo"),
         "not the conformance build:\n{}",
@@ -1224,4 +1261,88 @@ async fn autobahn_conformance_over_tls_at_the_edge() {
     let (status, _) = https1(https, "/healthz", &root).await;
     assert_eq!(status, 200);
     assert!(!gw.log().contains("panicked"), "{}", gw.log());
+}
+
+/// The demo page in a real browser at the edge: headless Chromium loads it from pushgate's own
+/// TLS listener (the certificate Pebble issued), joins over wss:// and over LongPoll, publishes
+/// through the page's form and sees the message, with the page, the publish and the polls on
+/// HTTP/2 (ALPN). The browser is driven by tests/js/edge-browser.js (playwright-core, from
+/// `npm ci` in tests/js). Needs EDGE_BROWSER_TEST=1 (scripts/test.sh sets it after `npm ci`);
+/// without it the test says it is skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_page_in_chromium_at_the_edge() {
+    if std::env::var_os("EDGE_BROWSER_TEST").is_none() {
+        eprintln!(
+            "skipped: set EDGE_BROWSER_TEST=1 after `npm ci` in tests/js (scripts/test.sh does)"
+        );
+        return;
+    }
+    let tmp = TempDir::new("edge-browser");
+    let edge = Edge::start(&tmp, Path::new(env!("CARGO_BIN_EXE_pushgate")), "").await;
+    let chain = edge.exported_chain(&tmp).await;
+    assert_eq!(edge.served[0], first_cert(&chain));
+    let js = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/js");
+    let run = tokio::process::Command::new("node")
+        .arg("edge-browser.js")
+        .current_dir(&js)
+        .env(
+            "EDGE_ORIGIN",
+            format!("https://{DOMAIN}:{}", edge.https.port()),
+        )
+        .env("EDGE_CHAIN", tmp.path("tls/fullchain.pem"))
+        .env("EDGE_TOKEN", support::TOKEN)
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(120), run)
+        .await
+        .expect("edge-browser.js to finish within 2 minutes")
+        .expect("node to start");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let report = format!(
+        "edge-browser.js:\n{stdout}{}\n--- pushgate:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        edge.gw.log()
+    );
+    assert!(out.status.success(), "{report}");
+    let seen: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON line");
+    for (transport, kinds) in [
+        ("websocket", &["page", "api/publish"][..]),
+        ("longpoll", &["page", "api/publish", "socket/longpoll"][..]),
+    ] {
+        for kind in kinds {
+            assert_eq!(seen[transport][kind], "h2", "{transport} {kind}: {report}");
+        }
+    }
+    for transport in ["websocket", "longpoll"] {
+        let sample = format!("pushgate_messages_delivered_total{{transport=\"{transport}\"}}");
+        assert!(metric(edge.listen, &sample).await >= 1.0, "{report}");
+    }
+    // Closing the page closed its WebSocket: the connection is gone, not left open.
+    poll(
+        STARTUP,
+        || async {
+            let open = metric(
+                edge.listen,
+                r#"pushgate_connections{transport="websocket"}"#,
+            )
+            .await;
+            (open == 0.0).then_some(())
+        },
+        || format!("the browser's WebSocket to be closed:\n{}", edge.gw.log()),
+    )
+    .await;
+    // Chromium's WebSocket rode the page's HTTP/2 connection (RFC 8441), not a new HTTP/1.1 one.
+    let h2 = metric(
+        edge.listen,
+        r#"pushgate_websocket_upgrades_total{http="2"}"#,
+    )
+    .await;
+    let h1 = metric(
+        edge.listen,
+        r#"pushgate_websocket_upgrades_total{http="1.1"}"#,
+    )
+    .await;
+    assert_eq!((h2, h1), (1.0, 0.0), "{report}");
+    assert!(!edge.gw.log().contains("panicked"), "{}", edge.gw.log());
 }

@@ -63,6 +63,8 @@ async fn every_subscriber_gets_every_message_in_order() {
         "{metrics}"
     );
     assert!(metrics.contains("pushgate_connections{transport=\"websocket\"} 20"));
+    assert!(metrics.contains("pushgate_websocket_upgrades_total{http=\"1.1\"} 20"));
+    assert!(metrics.contains("pushgate_websocket_upgrades_total{http=\"2\"} 0"));
 }
 
 #[tokio::test]

@@ -171,6 +171,14 @@ pub fn upgrade(
     }
     let on_upgrade = hyper::upgrade::on(&mut req);
     drop(req);
+    let m = &app.metrics;
+    Metrics::add(
+        match h2_connect {
+            true => &m.websocket_upgrades_http2,
+            false => &m.websocket_upgrades_http1,
+        },
+        1,
+    );
     let connect = ConnectInfo { query, auth_token };
     let task_app = app.clone();
     app.tracker.spawn(async move {
