@@ -19,6 +19,8 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     /// The ACME task's open challenges (`[acme]`).
     pub acme: crate::acme::Acme,
+    /// Private topics and connect tokens (`[auth]`).
+    pub auth: crate::auth::Auth,
     /// The bearer token `POST /api/publish` requires (configured or generated at start).
     pub publish_token: String,
     /// This node's id (8 hex digits): LongPoll tokens carry it so any node can route a
@@ -69,6 +71,7 @@ impl App {
             longpoll: Default::default(),
             metrics,
             acme: Default::default(),
+            auth: crate::auth::Auth::new(&config.auth),
             publish_token,
             node_id,
             config,

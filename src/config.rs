@@ -29,6 +29,7 @@ pub struct Config {
     pub demo: DemoConfig,
     pub acme: AcmeConfig,
     pub tls: TlsConfig,
+    pub auth: AuthConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -279,6 +280,42 @@ pub enum AcmeChallenge {
     Http01,
     #[serde(rename = "tls-alpn-01")]
     TlsAlpn01,
+}
+
+/// Private topics and the connect tokens that open them, see [`crate::auth`].
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Secret that signs connect tokens (JWT, HS256), at least 32 bytes. Required when a topic
+    /// is private. Environment: `PUSHGATE_AUTH_SECRET`. Default empty.
+    pub secret: String,
+    /// Topic patterns that need a connect token to join (`*` matches any run of characters):
+    /// `["user:*", "private-*"]`, or `["*"]` for every topic. In `PUSHGATE_AUTH_PRIVATE_TOPICS`
+    /// separated by commas. Default empty: every topic is public.
+    #[serde(deserialize_with = "names_list")]
+    pub private_topics: Vec<String>,
+}
+
+impl AuthConfig {
+    fn validate(&self, bad: &mut dyn FnMut(&str, &str)) {
+        if !self.secret.is_empty() && self.secret.len() < 32 {
+            bad(
+                "auth.secret",
+                "must be at least 32 bytes (HS256 wants a 256-bit key), e.g. `openssl rand -hex 32`",
+            );
+        }
+        if !self.private_topics.is_empty() && self.secret.is_empty() {
+            bad(
+                "auth.secret",
+                "required when auth.private_topics is set (it verifies the connect tokens)",
+            );
+        }
+        for p in &self.private_topics {
+            if p.is_empty() || p.len() > 255 {
+                bad("auth.private_topics", "each pattern must be 1 to 255 bytes");
+            }
+        }
+    }
 }
 
 /// pushgate terminating TLS itself, at the edge (no nginx in front), see [`crate::tls`].
@@ -644,6 +681,7 @@ impl Config {
         }
         self.acme.validate(&mut bad);
         self.tls.validate(&self.acme, &mut bad);
+        self.auth.validate(&mut bad);
         if p.is_empty() { Ok(()) } else { Err(p) }
     }
 
@@ -721,6 +759,32 @@ mod tests {
         let p = c.validate().unwrap_err();
         let keys: Vec<_> = p.iter().map(|p| p.key.as_str()).collect();
         assert_eq!(keys, ["server.listen", "history.size"]);
+    }
+
+    #[test]
+    fn auth_from_the_environment_and_its_problems() {
+        let c = Config::load(
+            None,
+            env(&[
+                ("PUSHGATE_AUTH_SECRET", "0123456789abcdef0123456789abcdef"),
+                ("PUSHGATE_AUTH_PRIVATE_TOPICS", "user:*, private-*"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.auth.private_topics, ["user:*", "private-*"]);
+        c.validate().unwrap();
+
+        let mut c = Config::default();
+        c.auth.private_topics = vec!["user:*".into(), String::new()];
+        let p = c.validate().unwrap_err();
+        let keys: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["auth.secret", "auth.private_topics"], "{p:?}");
+        assert!(p[0].message.contains("required"), "{p:?}");
+        c.auth.private_topics.pop();
+        c.auth.secret = "short".into();
+        let p = c.validate().unwrap_err();
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(p[0].message.contains("at least 32 bytes"), "{p:?}");
     }
 
     #[test]

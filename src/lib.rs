@@ -9,6 +9,7 @@
 //! - [`protocol`]: Phoenix V2 frames, parse and encode, no I/O.
 //! - [`ws`]: our RFC 6455 frame layer, no I/O.
 //! - [`session`]: one client's channels and replies, transport-neutral, no I/O.
+//! - [`auth`]: private topics and the connect tokens (JWT) that open them, no I/O.
 //! - [`transport`]: drives a session over a WebSocket.
 //! - [`hub`]: topics, their shared history buffers, positions and local subscribers.
 //! - [`broker`]: the Redis broker (cross-node fanout, history streams); embedded otherwise.
@@ -22,6 +23,7 @@
 pub mod acme;
 pub mod api;
 pub mod app;
+pub mod auth;
 pub mod broker;
 pub mod config;
 pub mod http1;

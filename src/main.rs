@@ -85,6 +85,9 @@ fn main() -> ExitCode {
                 if !c.publish.token.is_empty() {
                     c.publish.token = "(set, hidden)".into();
                 }
+                if !c.auth.secret.is_empty() {
+                    c.auth.secret = "(set, hidden)".into();
+                }
                 match toml::to_string_pretty(&c) {
                     Ok(text) => print!("{text}"),
                     Err(e) => eprintln!("cannot print the configuration: {e}"),

@@ -46,7 +46,7 @@ pub struct Session {
     direct: VecDeque<DirectFrame>,
     /// Bytes in `direct`.
     direct_bytes: usize,
-    #[allow(dead_code)] // read by topic authorization, which is a later issue
+    /// Checked by [`Auth::may_join`](crate::auth::Auth::may_join) for private topics.
     connect: ConnectInfo,
 }
 
@@ -174,6 +174,19 @@ impl Session {
                 Some(&join_ref),
                 "invalid topic: must be 1 to 255 bytes and not \"phoenix\"",
             );
+            return;
+        }
+        if let Err(refusal) = self.app.auth.may_join(&self.connect, &msg.topic) {
+            Metrics::add(&self.app.metrics.join_errors, 1);
+            tracing::debug!(topic = %msg.topic, detail = %refusal.0, "join refused: unauthorized");
+            let response = serde_json::json!({"reason": "unauthorized", "detail": refusal.0});
+            self.reply(protocol::encode_reply(
+                Some(&join_ref),
+                msg.msg_ref.as_deref(),
+                &msg.topic,
+                "error",
+                response.to_string().as_bytes(),
+            ));
             return;
         }
         let since = match &msg.payload {

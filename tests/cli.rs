@@ -200,10 +200,16 @@ fn check_config_shows_the_file_and_environment_overlay() {
         .arg("--config")
         .arg(&file.0)
         .env("PUSHGATE_HISTORY_MAX_AGE_SECS", "60")
-        .env("PUSHGATE_LISTEN", "127.0.0.1:4100");
+        .env("PUSHGATE_LISTEN", "127.0.0.1:4100")
+        .env("PUSHGATE_AUTH_SECRET", "a-connect-token-secret-of-32-bytes")
+        .env("PUSHGATE_AUTH_PRIVATE_TOPICS", "user:*");
     let out = run(cmd);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    // Secrets are never printed.
+    assert!(!text(&out.stdout).contains("a-connect-token-secret"));
     let parsed: toml::Table = text(&out.stdout).parse().unwrap();
+    assert_eq!(parsed["auth"]["secret"].as_str(), Some("(set, hidden)"));
+    assert_eq!(parsed["auth"]["private_topics"][0].as_str(), Some("user:*"));
     assert_eq!(parsed["history"]["size"].as_integer(), Some(7));
     assert_eq!(parsed["history"]["max_age_secs"].as_integer(), Some(60));
     assert_eq!(parsed["server"]["listen"].as_str(), Some("127.0.0.1:4100"));
