@@ -40,6 +40,10 @@ impl App {
     /// Builds the shared state. An empty `publish.token` is replaced by a random one.
     pub fn new(config: Config, shutdown: CancellationToken) -> Arc<App> {
         let metrics = Arc::new(Metrics::default());
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+        metrics
+            .start_time
+            .store(now.map_or(0, |d| d.as_secs() as i64), Ordering::Relaxed);
         let publish_token = if config.publish.token.is_empty() {
             generate_token()
         } else {

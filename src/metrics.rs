@@ -45,6 +45,8 @@ pub struct Metrics {
     pub acme_orders_failed: AtomicU64,
     pub acme_export_errors: AtomicU64,
     pub acme_reload_failures: AtomicU64,
+    /// Unix time (s) the process started serving (`App::new`).
+    pub start_time: AtomicI64,
 }
 
 impl Metrics {
@@ -248,6 +250,88 @@ impl Metrics {
                 &[("", c(&self.acme_reload_failures))],
             );
         }
+        render_process(&mut out, g(&self.start_time));
         out
+    }
+}
+
+/// The standard `process_*` metrics of Prometheus client libraries, from /proc/self (Linux).
+/// A file that cannot be read leaves its metric out rather than reporting a wrong zero.
+fn render_process(out: &mut String, start_time: i64) {
+    let mut one = |name: &str, kind: &str, help: &str, value: f64| {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+        );
+    };
+    // utime and stime, fields 14 and 15, in USER_HZ (100 on Linux); the command name (field 2)
+    // may hold spaces, so count from its closing parenthesis.
+    if let Some(ticks) = std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            let mut f = s.rsplit_once(')')?.1.split_whitespace().skip(11);
+            Some(f.next()?.parse::<u64>().ok()? + f.next()?.parse::<u64>().ok()?)
+        })
+    {
+        one(
+            "process_cpu_seconds_total",
+            "counter",
+            "Total user and system CPU time spent in seconds.",
+            ticks as f64 / 100.0,
+        );
+    }
+    if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
+        let kib = |key: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(key))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        };
+        if let Some(v) = kib("VmRSS:") {
+            one(
+                "process_resident_memory_bytes",
+                "gauge",
+                "Resident memory size in bytes.",
+                (v * 1024) as f64,
+            );
+        }
+        if let Some(v) = kib("VmSize:") {
+            one(
+                "process_virtual_memory_bytes",
+                "gauge",
+                "Virtual memory size in bytes.",
+                (v * 1024) as f64,
+            );
+        }
+    }
+    if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
+        one(
+            "process_open_fds",
+            "gauge",
+            "Number of open file descriptors.",
+            dir.count() as f64,
+        );
+    }
+    if let Some(max) = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|l| {
+            let line = l.lines().find(|l| l.starts_with("Max open files"))?;
+            line.split_whitespace().nth(3)?.parse::<u64>().ok()
+        })
+    {
+        one(
+            "process_max_fds",
+            "gauge",
+            "Maximum number of open file descriptors (the soft limit).",
+            max as f64,
+        );
+    }
+    if start_time > 0 {
+        one(
+            "process_start_time_seconds",
+            "gauge",
+            "Start time of the process since unix epoch in seconds.",
+            start_time as f64,
+        );
     }
 }

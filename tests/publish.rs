@@ -463,6 +463,25 @@ async fn health_readiness_metrics_and_not_found() {
             "{name} missing:\n{text}"
         );
     }
+    // The standard process metrics, with plausible values.
+    let sample = |name: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("{name} missing:\n{text}"))
+            .parse()
+            .unwrap()
+    };
+    assert!(sample("process_resident_memory_bytes") > 1e6);
+    assert!(sample("process_virtual_memory_bytes") >= sample("process_resident_memory_bytes"));
+    let fds = sample("process_open_fds");
+    assert!(fds >= 3.0 && fds <= sample("process_max_fds"), "{fds}");
+    assert!(sample("process_cpu_seconds_total") >= 0.0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let started = sample("process_start_time_seconds");
+    assert!(started <= now && started > now - 600.0, "{started}");
     // Every sample line is `name[{labels}] number`, and every family has a TYPE.
     for line in text
         .lines()
