@@ -1,6 +1,7 @@
-// The demo page at `/` in headless Chromium, over plain HTTP (demo-page.js drives the browser
-// and the page; tests/acme.rs runs the same page at the TLS edge over HTTP/2 through
-// edge-browser.js). Screenshots go to tests/js/artifacts/ (git-ignored).
+// The demo page at `/` in headless Chromium, over plain HTTP: on WebSocket, on LongPoll, and
+// falling back to LongPoll by itself when the server has WebSockets switched off (demo-page.js
+// drives the browser and the page; tests/acme.rs runs the same page at the TLS edge over HTTP/2
+// through edge-browser.js). Screenshots go to tests/js/artifacts/ (git-ignored).
 // Run with `npm test` (see support.js for how the server is found).
 
 import assert from "node:assert/strict";
@@ -74,4 +75,37 @@ describe("demo page in headless Chromium", () => {
       }
     });
   }
+});
+
+describe("demo page in headless Chromium, WebSockets switched off at the server", () => {
+  let server;
+  let browser = null;
+
+  before(async () => {
+    server = await startServer({ env: { PUSHGATE_WEBSOCKET_ENABLED: "false" } });
+  });
+
+  after(async () => {
+    await browser?.close();
+    await server?.stop();
+  });
+
+  it("falls back to LongPoll by itself (longPollFallbackMs), publishes and receives", { timeout: TEST_TIMEOUT_MS }, async () => {
+    browser = await launchBrowser(new URL(server.url).origin);
+    const demo = await openDemo(browser, `${server.url}/`);
+    try {
+      await waitForTransport(demo, "longpoll");
+      const body = `after the fallback ${Math.random().toString(36).slice(2, 8)}`;
+      await publishThroughForm(demo, body, PUBLISH_TOKEN);
+      await waitForMessage(demo, body);
+      assert.equal(await metric(server, 'pushgate_connections{transport="longpoll"}'), 1);
+      const errors = demo.log.filter((line) => line.startsWith("pageerror"));
+      assert.deepEqual(errors, [], demo.describe());
+    } finally {
+      await demo.page
+        .screenshot({ path: path.join(ARTIFACTS, "demo-fallback.png"), fullPage: true })
+        .catch(() => {});
+      await demo.page.close();
+    }
+  });
 });
