@@ -21,6 +21,8 @@ pub struct App {
     pub acme: crate::acme::Acme,
     /// Private topics and connect tokens (`[auth]`).
     pub auth: crate::auth::Auth,
+    /// Client pushes forwarded to the app (`[forward]`), when `forward.url` is set.
+    pub forward: Option<Arc<crate::forward::Forwarder>>,
     /// The bearer token `POST /api/publish` requires (configured or generated at start).
     pub publish_token: String,
     /// This node's id (8 hex digits): LongPoll tokens carry it so any node can route a
@@ -69,6 +71,13 @@ impl App {
                 crate::broker::Broker::Redis(Arc::new(r)),
             )
         };
+        let forward = crate::forward::Forwarder::new(
+            &config.forward,
+            &publish_token,
+            config.limits.max_frame_bytes,
+            metrics.clone(),
+        )
+        .map(Arc::new);
         Arc::new(App {
             hub,
             broker,
@@ -76,6 +85,7 @@ impl App {
             metrics,
             acme: Default::default(),
             auth: crate::auth::Auth::new(&config.auth),
+            forward,
             publish_token,
             node_id,
             config,

@@ -101,7 +101,7 @@ impl Auth {
 
 /// The token a client connected with: the phoenix.js `authToken`, else the first `token` query
 /// value (LongPoll appends its own session token after the client's params, as the last one).
-fn connect_token(connect: &ConnectInfo) -> Option<&str> {
+pub fn connect_token(connect: &ConnectInfo) -> Option<&str> {
     if let Some(t) = connect.auth_token.as_deref().filter(|t| !t.is_empty()) {
         return Some(t);
     }

@@ -30,6 +30,7 @@ pub struct Config {
     pub acme: AcmeConfig,
     pub tls: TlsConfig,
     pub auth: AuthConfig,
+    pub forward: ForwardConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -314,6 +315,76 @@ impl AuthConfig {
             if p.is_empty() || p.len() > 255 {
                 bad("auth.private_topics", "each pattern must be 1 to 255 bytes");
             }
+        }
+    }
+}
+
+/// Client pushes forwarded to the application, see [`crate::forward`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ForwardConfig {
+    /// Where client pushes are POSTed, an `http://` URL (your app, on this host or network).
+    /// Default empty: client pushes get an error reply.
+    pub url: String,
+    /// Topic patterns whose pushes are forwarded (`*` matches any run of characters). Required
+    /// with `url`. In `PUSHGATE_FORWARD_TOPICS` separated by commas. Default empty.
+    #[serde(deserialize_with = "names_list")]
+    pub topics: Vec<String>,
+    /// How long the app has to answer a push, waiting for a free slot included, in ms; then
+    /// the push gets an error reply. Default 5000.
+    pub timeout_ms: u64,
+    /// Pushes one connection may have waiting for the app (they go one at a time, in order);
+    /// more get an error reply. Default 16.
+    pub max_queued: usize,
+    /// Requests at the app at once, across every connection. Default 64.
+    pub max_concurrent: usize,
+}
+
+impl Default for ForwardConfig {
+    fn default() -> Self {
+        ForwardConfig {
+            url: String::new(),
+            topics: Vec::new(),
+            timeout_ms: 5000,
+            max_queued: 16,
+            max_concurrent: 64,
+        }
+    }
+}
+
+impl ForwardConfig {
+    fn validate(&self, bad: &mut dyn FnMut(&str, &str)) {
+        if !self.url.is_empty() {
+            let ok = self
+                .url
+                .parse::<hyper::Uri>()
+                .is_ok_and(|u| u.scheme_str() == Some("http") && u.host().is_some());
+            if !ok {
+                bad(
+                    "forward.url",
+                    "must be an http:// URL, like http://127.0.0.1:3000/pushgate/push",
+                );
+            }
+            if self.topics.is_empty() {
+                bad(
+                    "forward.topics",
+                    "required with forward.url: the topic patterns whose pushes are forwarded",
+                );
+            }
+        }
+        for p in &self.topics {
+            if p.is_empty() || p.len() > 255 {
+                bad("forward.topics", "each pattern must be 1 to 255 bytes");
+            }
+        }
+        if !(100..=60_000).contains(&self.timeout_ms) {
+            bad("forward.timeout_ms", "must be between 100 and 60000");
+        }
+        if self.max_queued == 0 {
+            bad("forward.max_queued", "must be at least 1");
+        }
+        if self.max_concurrent == 0 {
+            bad("forward.max_concurrent", "must be at least 1");
         }
     }
 }
@@ -682,6 +753,7 @@ impl Config {
         self.acme.validate(&mut bad);
         self.tls.validate(&self.acme, &mut bad);
         self.auth.validate(&mut bad);
+        self.forward.validate(&mut bad);
         if p.is_empty() { Ok(()) } else { Err(p) }
     }
 
@@ -759,6 +831,37 @@ mod tests {
         let p = c.validate().unwrap_err();
         let keys: Vec<_> = p.iter().map(|p| p.key.as_str()).collect();
         assert_eq!(keys, ["server.listen", "history.size"]);
+    }
+
+    #[test]
+    fn forward_from_the_environment_and_its_problems() {
+        let c = Config::load(
+            None,
+            env(&[
+                ("PUSHGATE_FORWARD_URL", "http://127.0.0.1:3000/pushgate"),
+                ("PUSHGATE_FORWARD_TOPICS", "room:*,chat:*"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.forward.topics, ["room:*", "chat:*"]);
+        c.validate().unwrap();
+
+        let mut c = Config::default();
+        c.forward.url = "https://example.com/x".into();
+        c.forward.timeout_ms = 10;
+        c.forward.max_queued = 0;
+        let p = c.validate().unwrap_err();
+        let keys: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "forward.url",
+                "forward.topics",
+                "forward.timeout_ms",
+                "forward.max_queued"
+            ],
+            "{p:?}"
+        );
     }
 
     #[test]

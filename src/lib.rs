@@ -10,6 +10,7 @@
 //! - [`ws`]: our RFC 6455 frame layer, no I/O.
 //! - [`session`]: one client's channels and replies, transport-neutral, no I/O.
 //! - [`auth`]: private topics and the connect tokens (JWT) that open them, no I/O.
+//! - [`forward`]: client pushes forwarded to the application over HTTP, in order per connection.
 //! - [`transport`]: drives a session over a WebSocket.
 //! - [`hub`]: topics, their shared history buffers, positions and local subscribers.
 //! - [`broker`]: the Redis broker (cross-node fanout, history streams); embedded otherwise.
@@ -26,6 +27,7 @@ pub mod app;
 pub mod auth;
 pub mod broker;
 pub mod config;
+pub mod forward;
 pub mod http1;
 pub mod hub;
 pub mod metrics;

@@ -45,6 +45,10 @@ pub struct Metrics {
     pub acme_orders_failed: AtomicU64,
     pub acme_export_errors: AtomicU64,
     pub acme_reload_failures: AtomicU64,
+    /// Client pushes forwarded to the app (`[forward]`): answered 2xx, 4xx, or not at all.
+    pub forward_ok: AtomicU64,
+    pub forward_refused: AtomicU64,
+    pub forward_failed: AtomicU64,
     /// Unix time (s) the process started serving (`App::new`).
     pub start_time: AtomicI64,
 }
@@ -155,6 +159,16 @@ impl Metrics {
             &[
                 ("{recovered=\"true\"}", c(&self.recoveries)),
                 ("{recovered=\"false\"}", c(&self.recovery_failures)),
+            ],
+        );
+        one(
+            "pushgate_forward_requests_total",
+            "counter",
+            "Client pushes forwarded to the app (forward.url), by outcome: ok (2xx), error (4xx), failed (anything else).",
+            &[
+                ("{result=\"ok\"}", c(&self.forward_ok)),
+                ("{result=\"error\"}", c(&self.forward_refused)),
+                ("{result=\"failed\"}", c(&self.forward_failed)),
             ],
         );
         one(

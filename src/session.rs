@@ -48,6 +48,8 @@ pub struct Session {
     direct_bytes: usize,
     /// Checked by [`Auth::may_join`](crate::auth::Auth::may_join) for private topics.
     connect: ConnectInfo,
+    /// Pushes on their way to the app (`[forward]`); opened by the first forwarded push.
+    lane: Option<crate::forward::Lane>,
 }
 
 #[derive(Debug)]
@@ -59,11 +61,13 @@ struct PendingJoin {
 
 type JoinDone = (String, String, Result<crate::broker::Joined, String>);
 
-/// Completed joins handed back by the broker's task.
+/// Completed joins handed back by the broker's task, and replies to forwarded pushes.
 #[derive(Default)]
 struct Mailbox {
     any: std::sync::atomic::AtomicBool,
     done: std::sync::Mutex<Vec<JoinDone>>,
+    /// Replies to pushes the app has answered (`[forward]`).
+    replies: std::sync::Mutex<Vec<DirectFrame>>,
 }
 
 impl std::fmt::Debug for Mailbox {
@@ -94,6 +98,7 @@ impl Session {
             direct: VecDeque::new(),
             direct_bytes: 0,
             connect,
+            lane: None,
         }
     }
 
@@ -332,7 +337,12 @@ impl Session {
         if !mailbox.any.swap(false, std::sync::atomic::Ordering::AcqRel) {
             return;
         }
+        let replies =
+            std::mem::take(&mut *mailbox.replies.lock().unwrap_or_else(|e| e.into_inner()));
         let done = std::mem::take(&mut *mailbox.done.lock().unwrap_or_else(|e| e.into_inner()));
+        for frame in replies {
+            self.reply(frame);
+        }
         for (topic, join_ref, result) in done {
             let Some(i) = self
                 .pending
@@ -408,12 +418,63 @@ impl Session {
             return; // stale: sent for an earlier join of this topic
         }
         let join_ref = self.channels[i].join_ref.clone();
+        let forwarder = self.app.forward.clone();
+        if let Some(fwd) =
+            forwarder.filter(|f| !msg.event.starts_with("phx_") && f.forwards(&msg.topic))
+        {
+            let refuse = match msg.payload {
+                Payload::Binary(_) => Some("binary pushes are not forwarded"),
+                Payload::Json(payload) => {
+                    let job = crate::forward::Job {
+                        join_ref: join_ref.clone(),
+                        msg_ref: msg.msg_ref.clone(),
+                        topic: msg.topic.clone(),
+                        event: msg.event,
+                        payload,
+                        token: crate::auth::connect_token(&self.connect).map(str::to_string),
+                    };
+                    let lane = match self.lane.take() {
+                        Some(lane) => lane,
+                        None => self.open_lane(&fwd),
+                    };
+                    let queued = lane.send(job);
+                    self.lane = Some(lane);
+                    (!queued).then_some("too many pushes waiting for the app (forward.max_queued)")
+                }
+            };
+            if let Some(reason) = refuse {
+                self.reply(protocol::encode_error_reply(
+                    Some(&join_ref),
+                    msg.msg_ref.as_deref(),
+                    &msg.topic,
+                    reason,
+                ));
+            }
+            return;
+        }
         self.reply(protocol::encode_error_reply(
             Some(&join_ref),
             msg.msg_ref.as_deref(),
             &msg.topic,
             "client pushes are not accepted on this topic",
         ));
+    }
+
+    /// A lane to the app whose replies come back through the mailbox, like completed joins.
+    fn open_lane(&mut self, fwd: &Arc<crate::forward::Forwarder>) -> crate::forward::Lane {
+        let mailbox = self.mailbox.get_or_insert_with(Default::default).clone();
+        let waker = self.waker.clone();
+        fwd.lane(&self.app.tracker, move |frame| {
+            mailbox
+                .replies
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(frame);
+            mailbox
+                .any
+                .store(true, std::sync::atomic::Ordering::Release);
+            waker.wake();
+        })
     }
 
     /// Takes the oldest direct frame.

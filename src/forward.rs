@@ -1,0 +1,223 @@
+//! Client pushes forwarded to the application (`[forward]`).
+//!
+//! A push on a joined topic that matches `forward.topics` (any event but the protocol's own
+//! `phx_*`) is POSTed to `forward.url` as JSON `{"topic", "event", "payload", "token"}` (`token`:
+//! what the client connected with, see [`crate::auth`], or null), with the publish token as its
+//! bearer so the app knows the request comes from pushgate. The app's answer is the push's
+//! reply: a 2xx answer's JSON body is an "ok" reply's response, a 4xx answer's an "error"
+//! reply's (an empty body counts as `{}`); anything else (5xx, no connection, no answer within
+//! `forward.timeout_ms`, a body that is not JSON or is larger than `limits.max_frame_bytes`) is
+//! an "error" reply `{"reason": "forward failed", "detail": ...}`.
+//!
+//! One connection's pushes go one at a time, in order (a [`Lane`] per session with at most
+//! `forward.max_queued` waiting); at most `forward.max_concurrent` requests are at the app at
+//! once, over kept-alive connections (hyper-util's pooled client).
+
+use crate::auth::glob_match;
+use crate::config::ForwardConfig;
+use crate::metrics::Metrics;
+use crate::protocol;
+use crate::session::DirectFrame;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::{Request, StatusCode, Uri, header};
+use hyper_util::client::legacy::{Client, connect::HttpConnector};
+use hyper_util::rt::TokioExecutor;
+use serde_json::value::RawValue;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::task::TaskTracker;
+
+/// The `[forward]` settings with their HTTP client.
+pub struct Forwarder {
+    client: Client<HttpConnector, Full<Bytes>>,
+    uri: Uri,
+    topics: Vec<String>,
+    bearer: header::HeaderValue,
+    timeout: Duration,
+    max_queued: usize,
+    max_answer: usize,
+    /// One permit per request at the app.
+    slots: Semaphore,
+    /// Set after a failed request, so a failing app is logged once, not once per push.
+    failing: AtomicBool,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Forwarder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Forwarder")
+            .field("uri", &self.uri)
+            .field("topics", &self.topics)
+            .finish()
+    }
+}
+
+/// One push on its way to the app.
+#[derive(Debug)]
+pub struct Job {
+    pub join_ref: String,
+    pub msg_ref: Option<String>,
+    pub topic: String,
+    pub event: String,
+    pub payload: Box<RawValue>,
+    pub token: Option<String>,
+}
+
+/// One session's pushes, in order, to the app; the task behind it ends when the lane is dropped.
+#[derive(Debug)]
+pub struct Lane {
+    tx: mpsc::Sender<Job>,
+}
+
+impl Lane {
+    /// Queues `job`; false when `forward.max_queued` pushes are already waiting.
+    pub fn send(&self, job: Job) -> bool {
+        self.tx.try_send(job).is_ok()
+    }
+}
+
+impl Forwarder {
+    /// `None` when `forward.url` is empty. `config` has been validated; `bearer` is the publish
+    /// token; `max_answer` caps the app's answer (it becomes one frame to the client).
+    pub fn new(
+        config: &ForwardConfig,
+        bearer: &str,
+        max_answer: usize,
+        metrics: Arc<Metrics>,
+    ) -> Option<Forwarder> {
+        let uri = config.url.parse::<Uri>().ok()?;
+        let bearer = header::HeaderValue::from_str(&format!("Bearer {bearer}")).ok()?;
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        Some(Forwarder {
+            client: Client::builder(TokioExecutor::new()).build(connector),
+            uri,
+            topics: config.topics.clone(),
+            bearer,
+            timeout: Duration::from_millis(config.timeout_ms),
+            max_queued: config.max_queued,
+            max_answer,
+            slots: Semaphore::new(config.max_concurrent),
+            failing: AtomicBool::new(false),
+            metrics,
+        })
+    }
+
+    /// Whether pushes on `topic` go to the app.
+    pub fn forwards(&self, topic: &str) -> bool {
+        self.topics.iter().any(|p| glob_match(p, topic))
+    }
+
+    /// Opens a lane; each push's reply frame is handed to `deliver`.
+    pub fn lane(
+        self: &Arc<Self>,
+        tracker: &TaskTracker,
+        deliver: impl Fn(DirectFrame) + Send + 'static,
+    ) -> Lane {
+        let (tx, mut rx) = mpsc::channel::<Job>(self.max_queued);
+        let fwd = self.clone();
+        tracker.spawn(async move {
+            while let Some(job) = rx.recv().await {
+                let reply = fwd.answer(job).await;
+                deliver(reply);
+            }
+        });
+        Lane { tx }
+    }
+
+    /// Asks the app and encodes its answer as the push's reply.
+    async fn answer(&self, job: Job) -> DirectFrame {
+        let outcome = tokio::time::timeout(self.timeout, self.ask(&job))
+            .await
+            .unwrap_or_else(
+                |_| Err("the app did not answer within forward.timeout_ms".to_string()),
+            );
+        let failed = |detail: String| {
+            let r = serde_json::json!({"reason": "forward failed", "detail": detail});
+            r.to_string().into_bytes()
+        };
+        let (status, response, counter) = match outcome {
+            Ok((code, body)) if code.is_success() => ("ok", body, &self.metrics.forward_ok),
+            Ok((code, body)) if code.is_client_error() => {
+                ("error", body, &self.metrics.forward_refused)
+            }
+            Ok((code, _)) => (
+                "error",
+                failed(format!("the app answered {code}")),
+                &self.metrics.forward_failed,
+            ),
+            Err(detail) => ("error", failed(detail), &self.metrics.forward_failed),
+        };
+        Metrics::add(counter, 1);
+        let is_failure = std::ptr::eq(counter, &self.metrics.forward_failed);
+        if is_failure && !self.failing.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                url = %self.uri,
+                answer = %String::from_utf8_lossy(&response),
+                "forward: a push could not be handed to the app; such pushes get error replies"
+            );
+        } else if !is_failure && self.failing.swap(false, Ordering::Relaxed) {
+            tracing::info!(url = %self.uri, "forward: the app answers again");
+        }
+        protocol::encode_reply(
+            Some(&job.join_ref),
+            job.msg_ref.as_deref(),
+            &job.topic,
+            status,
+            &response,
+        )
+    }
+
+    /// One request: the app's status and its JSON answer.
+    async fn ask(&self, job: &Job) -> Result<(StatusCode, Vec<u8>), String> {
+        let _slot = self
+            .slots
+            .acquire()
+            .await
+            .map_err(|_| "shutting down".to_string())?;
+        let payload = job.payload.get();
+        let mut body = Vec::with_capacity(64 + job.topic.len() + job.event.len() + payload.len());
+        body.extend_from_slice(b"{\"topic\":");
+        protocol::push_json_str(&mut body, &job.topic);
+        body.extend_from_slice(b",\"event\":");
+        protocol::push_json_str(&mut body, &job.event);
+        body.extend_from_slice(b",\"payload\":");
+        body.extend_from_slice(payload.as_bytes());
+        body.extend_from_slice(b",\"token\":");
+        match &job.token {
+            Some(t) => protocol::push_json_str(&mut body, t),
+            None => body.extend_from_slice(b"null"),
+        }
+        body.push(b'}');
+        let req = Request::post(self.uri.clone())
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(header::AUTHORIZATION, self.bearer.clone())
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| e.to_string())?;
+        let resp = self.client.request(req).await.map_err(|e| {
+            let cause = std::error::Error::source(&e).map_or(String::new(), |s| format!(": {s}"));
+            format!("cannot reach the app ({e}{cause})")
+        })?;
+        let status = resp.status();
+        let answer = Limited::new(resp.into_body(), self.max_answer)
+            .collect()
+            .await
+            .map_err(|_| {
+                "the app's answer is larger than limits.max_frame_bytes or broke off".to_string()
+            })?
+            .to_bytes();
+        let answer = answer.trim_ascii();
+        let answer = if answer.is_empty() { b"{}" } else { answer };
+        if (status.is_success() || status.is_client_error())
+            && serde_json::from_slice::<&RawValue>(answer).is_err()
+        {
+            return Err(format!(
+                "the app answered {status} with a body that is not JSON"
+            ));
+        }
+        Ok((status, answer.to_vec()))
+    }
+}

@@ -1,0 +1,254 @@
+//! Client pushes forwarded to the application (`[forward]`, src/forward.rs): the "app" here is a
+//! real HTTP server on a free port that records each request and answers by event name.
+
+mod support;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use serde_json::{Value, json};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use support::*;
+use tokio::sync::Semaphore;
+
+/// What the app saw: the bearer it was given and each request's JSON body.
+#[derive(Default)]
+struct Seen {
+    bearers: Vec<String>,
+    bodies: Vec<Value>,
+}
+
+struct TestApp {
+    addr: SocketAddr,
+    seen: Arc<Mutex<Seen>>,
+    /// Requests with event "hold" wait for a permit here.
+    gate: Arc<Semaphore>,
+}
+
+/// Answers by event: "echo" 200 with `{"echo": payload}`, "refuse" 422 `{"reason": "nope"}`,
+/// "empty" 204, "boom" 500, "notjson" 200 `hello`, "slow" after 2 s, "hold" once released.
+async fn start_app() -> TestApp {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let gate = Arc::new(Semaphore::new(0));
+    let (s, g) = (seen.clone(), gate.clone());
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let (s, g) = (s.clone(), g.clone());
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let (s, g) = (s.clone(), g.clone());
+                        async move {
+                            let bearer =
+                                req.headers()["authorization"].to_str().unwrap().to_string();
+                            let body = req.into_body().collect().await.unwrap().to_bytes();
+                            let body: Value = serde_json::from_slice(&body).unwrap();
+                            let event = body["event"].as_str().unwrap().to_string();
+                            {
+                                let mut seen = s.lock().unwrap();
+                                seen.bearers.push(bearer);
+                                seen.bodies.push(body.clone());
+                            }
+                            let (status, answer) = match event.as_str() {
+                                "echo" => (200, json!({"echo": body["payload"]}).to_string()),
+                                "refuse" => (422, r#"{"reason":"nope"}"#.to_string()),
+                                "empty" => (204, String::new()),
+                                "boom" => (500, "oops".to_string()),
+                                "notjson" => (200, "hello".to_string()),
+                                "slow" => {
+                                    tokio::time::sleep(Duration::from_secs(2)).await;
+                                    (200, "{}".to_string())
+                                }
+                                "hold" => {
+                                    g.acquire().await.unwrap().forget();
+                                    (200, json!({"n": body["payload"]["n"]}).to_string())
+                                }
+                                _ => (404, "{}".to_string()),
+                            };
+                            let resp = hyper::Response::builder()
+                                .status(status)
+                                .body(Full::new(Bytes::from(answer)))
+                                .unwrap();
+                            Ok::<_, std::convert::Infallible>(resp)
+                        }
+                    },
+                );
+                let io = hyper_util::rt::TokioIo::new(tcp);
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(io, service)
+                    .await;
+            });
+        }
+    });
+    TestApp { addr, seen, gate }
+}
+
+fn forwarding_config(app: SocketAddr) -> pushgate::Config {
+    let mut c = test_config();
+    c.forward.url = format!("http://{app}/pushgate/push");
+    c.forward.topics = vec!["room:*".into()];
+    c.forward.timeout_ms = 500;
+    c.forward.max_queued = 4;
+    c
+}
+
+async fn push(ws: &mut Ws, msg_ref: &str, topic: &str, event: &str, payload: Value) {
+    let frame = json!(["1", msg_ref, topic, event, payload]);
+    send(ws, &frame.to_string()).await;
+}
+
+/// The next reply (skipping broadcasts); asserts its refs and topic; returns `{status, response}`.
+async fn reply(ws: &mut Ws, msg_ref: &str, topic: &str) -> Value {
+    let r = recv(ws).await;
+    assert_eq!(r[3], "phx_reply", "{r}");
+    assert_eq!(
+        (&r[0], &r[1], &r[2]),
+        (&json!("1"), &json!(msg_ref), &json!(topic)),
+        "{r}"
+    );
+    r[4].clone()
+}
+
+#[tokio::test]
+async fn pushes_go_to_the_app_and_its_answer_is_the_reply() {
+    let app = start_app().await;
+    let s = start_with(forwarding_config(app.addr)).await;
+    let url = format!("ws://{}/socket/websocket?vsn=2.0.0&token=user-7", s.addr);
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    join(&mut ws, "1", "room:lobby", "{}").await;
+
+    push(&mut ws, "2", "room:lobby", "echo", json!({"body": "hi"})).await;
+    assert_eq!(
+        reply(&mut ws, "2", "room:lobby").await,
+        json!({"status": "ok", "response": {"echo": {"body": "hi"}}})
+    );
+    {
+        let seen = app.seen.lock().unwrap();
+        assert_eq!(seen.bearers[0], format!("Bearer {TOKEN}"));
+        assert_eq!(
+            seen.bodies[0],
+            json!({"topic": "room:lobby", "event": "echo", "payload": {"body": "hi"}, "token": "user-7"})
+        );
+    }
+
+    let cases = [
+        (
+            "refuse",
+            json!({"status": "error", "response": {"reason": "nope"}}),
+        ),
+        ("empty", json!({"status": "ok", "response": {}})),
+    ];
+    for (i, (event, want)) in cases.into_iter().enumerate() {
+        let r = (10 + i).to_string();
+        push(&mut ws, &r, "room:lobby", event, json!({})).await;
+        assert_eq!(reply(&mut ws, &r, "room:lobby").await, want, "{event}");
+    }
+    for (i, (event, detail)) in [
+        ("boom", "the app answered 500"),
+        ("notjson", "not JSON"),
+        ("slow", "did not answer within forward.timeout_ms"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let r = (20 + i).to_string();
+        push(&mut ws, &r, "room:lobby", event, json!({})).await;
+        let got = reply(&mut ws, &r, "room:lobby").await;
+        assert_eq!(got["status"], "error", "{event}: {got}");
+        assert_eq!(
+            got["response"]["reason"], "forward failed",
+            "{event}: {got}"
+        );
+        let d = got["response"]["detail"].as_str().unwrap();
+        assert!(d.contains(detail), "{event}: {d}");
+    }
+
+    // Topics outside forward.topics, and binary pushes, are refused as before.
+    join(&mut ws, "1", "news:x", "{}").await;
+    push(&mut ws, "30", "news:x", "echo", json!({})).await;
+    let got = reply(&mut ws, "30", "news:x").await;
+    assert_eq!(
+        got["response"]["reason"],
+        "client pushes are not accepted on this topic"
+    );
+
+    // The connection still delivers broadcasts.
+    let position = publish(s.addr, "room:lobby", "note", "{}").await;
+    assert_eq!(recv(&mut ws).await[1], position);
+    let sum = |r: &str| format!("pushgate_forward_requests_total{{result=\"{r}\"}}");
+    assert_eq!(metric(s.addr, &sum("ok")).await, Some(2.0));
+    assert_eq!(metric(s.addr, &sum("error")).await, Some(1.0));
+    assert_eq!(metric(s.addr, &sum("failed")).await, Some(3.0));
+}
+
+#[tokio::test]
+async fn one_connections_pushes_reach_the_app_in_order_and_the_queue_is_bounded() {
+    let app = start_app().await;
+    let mut config = forwarding_config(app.addr);
+    config.forward.timeout_ms = 10_000;
+    let s = start_with(config).await;
+    let mut ws = connect(s.addr).await;
+    join(&mut ws, "1", "room:order", "{}").await;
+    // The app holds every request: one is at the app, four wait (forward.max_queued), the
+    // rest are refused at once.
+    push(&mut ws, "100", "room:order", "hold", json!({"n": 0})).await;
+    wait_until(|| app.seen.lock().unwrap().bodies.len() == 1).await;
+    for n in 1..8 {
+        push(
+            &mut ws,
+            &format!("{}", 100 + n),
+            "room:order",
+            "hold",
+            json!({"n": n}),
+        )
+        .await;
+    }
+    let mut refused = Vec::new();
+    for _ in 0..3 {
+        let r = recv(&mut ws).await;
+        assert_eq!(r[4]["status"], "error", "{r}");
+        assert_eq!(
+            r[4]["response"]["reason"],
+            "too many pushes waiting for the app (forward.max_queued)"
+        );
+        refused.push(r[1].as_str().unwrap().to_string());
+    }
+    assert_eq!(refused, ["105", "106", "107"]);
+    app.gate.add_permits(8);
+    for n in 0..5 {
+        let got = reply(&mut ws, &format!("{}", 100 + n), "room:order").await;
+        assert_eq!(got, json!({"status": "ok", "response": {"n": n}}));
+    }
+    let order: Vec<Value> = app
+        .seen
+        .lock()
+        .unwrap()
+        .bodies
+        .iter()
+        .map(|b| b["payload"]["n"].clone())
+        .collect();
+    assert_eq!(order, [0, 1, 2, 3, 4]);
+}
+
+#[tokio::test]
+async fn an_unreachable_app_fails_each_push_with_a_reason_and_the_node_keeps_serving() {
+    let mut config = test_config();
+    config.forward.url = format!("http://127.0.0.1:{}/push", free_port());
+    config.forward.topics = vec!["*".into()];
+    let s = start_with(config).await;
+    let mut ws = connect(s.addr).await;
+    join(&mut ws, "1", "room:lobby", "{}").await;
+    for r in ["2", "3"] {
+        push(&mut ws, r, "room:lobby", "echo", json!({})).await;
+        let got = reply(&mut ws, r, "room:lobby").await;
+        assert_eq!(got["response"]["reason"], "forward failed", "{got}");
+        let d = got["response"]["detail"].as_str().unwrap();
+        assert!(d.contains("cannot reach the app"), "{d}");
+    }
+    let position = publish(s.addr, "room:lobby", "note", "{}").await;
+    assert_eq!(recv(&mut ws).await[1], position);
+}
