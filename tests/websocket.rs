@@ -263,27 +263,31 @@ async fn a_slow_consumer_is_closed_with_1013_and_does_not_slow_the_others() {
     });
     let blob = "x".repeat(10_000);
     let auth = format!("Bearer {TOKEN}");
-    for b in 0..batches {
-        let items: Vec<String> = (0..per_batch)
-            .map(|i| {
-                format!(
-                    r#"{{"topic":"room:s","event":"e","payload":{{"n":{},"blob":"{blob}"}}}}"#,
-                    b * per_batch + i
-                )
-            })
-            .collect();
-        let body = format!("[{}]", items.join(","));
-        let (status, _, _) = http(
-            s.addr,
-            "POST",
-            "/api/publish",
-            &[("Authorization", &auth)],
-            body.as_bytes(),
-        )
-        .await;
-        assert_eq!(status, 200);
-    }
-    assert_eq!(reader.await.unwrap(), batches * per_batch);
+    let addr = s.addr;
+    let publisher = tokio::spawn(async move {
+        for b in 0..batches {
+            let items: Vec<String> = (0..per_batch)
+                .map(|i| {
+                    format!(
+                        r#"{{"topic":"room:s","event":"e","payload":{{"n":{},"blob":"{blob}"}}}}"#,
+                        b * per_batch + i
+                    )
+                })
+                .collect();
+            let body = format!("[{}]", items.join(","));
+            let (status, _, _) = http(
+                addr,
+                "POST",
+                "/api/publish",
+                &[("Authorization", &auth)],
+                body.as_bytes(),
+            )
+            .await;
+            assert_eq!(status, 200);
+        }
+    });
+    // Read the slow connection as soon as it is closed: its close frame waits behind the data
+    // it did not read, and the server gives a peer that reads nothing 2 s before it lets go.
     wait_until(|| {
         s.app
             .metrics
@@ -293,6 +297,8 @@ async fn a_slow_consumer_is_closed_with_1013_and_does_not_slow_the_others() {
     })
     .await;
     assert_eq!(recv_close(&mut slow).await, 1013);
+    publisher.await.unwrap();
+    assert_eq!(reader.await.unwrap(), batches * per_batch);
 }
 
 /// A server that lets a subscriber fall far behind (large messages, no slow-consumer close),

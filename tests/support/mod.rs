@@ -104,6 +104,18 @@ pub async fn recv_close(ws: &mut Ws) -> u16 {
 
 /// Joins `topic` with `params`; returns the reply's `response` after checking status ok.
 pub async fn join(ws: &mut Ws, join_ref: &str, topic: &str, params: &str) -> serde_json::Value {
+    let reply = join_reply(ws, join_ref, topic, params).await;
+    assert_eq!(reply["status"], "ok", "join reply {reply}");
+    reply["response"].clone()
+}
+
+/// Sends a join and returns its reply's payload (`{"status", "response"}`), whatever the status.
+pub async fn join_reply(
+    ws: &mut Ws,
+    join_ref: &str,
+    topic: &str,
+    params: &str,
+) -> serde_json::Value {
     send(
         ws,
         &format!(r#"["{join_ref}","{join_ref}","{topic}","phx_join",{params}]"#),
@@ -112,9 +124,9 @@ pub async fn join(ws: &mut Ws, join_ref: &str, topic: &str, params: &str) -> ser
     let reply = recv(ws).await;
     assert_eq!(reply[0], join_ref, "join reply {reply}");
     assert_eq!(reply[1], join_ref);
+    assert_eq!(reply[2], topic, "join reply {reply}");
     assert_eq!(reply[3], "phx_reply");
-    assert_eq!(reply[4]["status"], "ok", "join reply {reply}");
-    reply[4]["response"].clone()
+    reply[4].clone()
 }
 
 /// A plain HTTP/1.1 exchange with `Connection: close`: returns (status, headers, body).
