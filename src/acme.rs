@@ -26,7 +26,7 @@ use http_body_util::Full;
 use hyper::{Response, StatusCode, header};
 use rustls_acme::futures_rustls::pki_types::CertificateDer;
 use rustls_acme::futures_rustls::pki_types::pem::PemObject;
-use rustls_acme::rustls::{ClientConfig, RootCertStore};
+use rustls_acme::rustls::ClientConfig;
 use rustls_acme::{AcmeState, EventError, EventOk, ResolvesServerCertAcme, UseChallenge};
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
@@ -96,13 +96,9 @@ pub fn challenge_response(app: &App, path: &str) -> Response<Full<Bytes>> {
 /// Problems the ACME task reports; each names the config key to look at.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("acme.root_ca_file: cannot read {path}: {source}")]
-    RootCaRead {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("acme.root_ca_file: {path} holds no usable PEM certificate{detail}")]
-    RootCaParse { path: String, detail: String },
+    /// `acme.root_ca_file` cannot be read or holds no certificate (the message names the key).
+    #[error("{0}")]
+    RootCa(String),
     #[error("acme.cert_dir: cannot write to {path}: {source}")]
     CertDir {
         path: PathBuf,
@@ -469,44 +465,7 @@ fn placeholder(domains: &[String]) -> Result<(String, String), rcgen::Error> {
 /// The TLS client configuration for talking to the ACME server: the public roots, plus the
 /// certificates in `acme.root_ca_file` when set.
 fn client_tls_config(c: &AcmeConfig) -> Result<Arc<ClientConfig>, Error> {
-    let mut roots = RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    if !c.root_ca_file.is_empty() {
-        let path = c.root_ca_file.clone();
-        let pem = std::fs::read(&path).map_err(|source| Error::RootCaRead {
-            path: path.clone(),
-            source,
-        })?;
-        let mut added = 0;
-        for cert in CertificateDer::pem_slice_iter(&pem) {
-            let parsed = cert
-                .map_err(|e| e.to_string())
-                .and_then(|cert| roots.add(cert).map_err(|e| e.to_string()));
-            if let Err(e) = parsed {
-                return Err(Error::RootCaParse {
-                    path,
-                    detail: format!(": {e}"),
-                });
-            }
-            added += 1;
-        }
-        if added == 0 {
-            return Err(Error::RootCaParse {
-                path,
-                detail: String::new(),
-            });
-        }
-    }
-    let provider = Arc::new(rustls_acme::rustls::crypto::ring::default_provider());
-    let config = ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| Error::RootCaParse {
-            path: c.root_ca_file.clone(),
-            detail: format!(": {e}"),
-        })?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(Arc::new(config))
+    crate::tls::client_config("acme.root_ca_file", &c.root_ca_file).map_err(Error::RootCa)
 }
 
 /// The account key and issued certificates, one file each in `acme.state_dir` (mode 0600),

@@ -323,9 +323,12 @@ impl AuthConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct ForwardConfig {
-    /// Where client pushes are POSTed, an `http://` URL (your app, on this host or network).
-    /// Default empty: client pushes get an error reply.
+    /// Where client pushes are POSTed: an `http://` or `https://` URL of your app. Default
+    /// empty: client pushes get an error reply.
     pub url: String,
+    /// PEM root certificate(s) to trust for an `https://` `url` besides the public ones (a
+    /// private CA). Default empty.
+    pub root_ca_file: String,
     /// Topic patterns whose pushes are forwarded (`*` matches any run of characters). Required
     /// with `url`. In `PUSHGATE_FORWARD_TOPICS` separated by commas. Default empty.
     #[serde(deserialize_with = "names_list")]
@@ -344,6 +347,7 @@ impl Default for ForwardConfig {
     fn default() -> Self {
         ForwardConfig {
             url: String::new(),
+            root_ca_file: String::new(),
             topics: Vec::new(),
             timeout_ms: 5000,
             max_queued: 16,
@@ -355,14 +359,13 @@ impl Default for ForwardConfig {
 impl ForwardConfig {
     fn validate(&self, bad: &mut dyn FnMut(&str, &str)) {
         if !self.url.is_empty() {
-            let ok = self
-                .url
-                .parse::<hyper::Uri>()
-                .is_ok_and(|u| u.scheme_str() == Some("http") && u.host().is_some());
+            let ok = self.url.parse::<hyper::Uri>().is_ok_and(|u| {
+                matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some()
+            });
             if !ok {
                 bad(
                     "forward.url",
-                    "must be an http:// URL, like http://127.0.0.1:3000/pushgate/push",
+                    "must be an http:// or https:// URL, like http://127.0.0.1:3000/pushgate/push",
                 );
             }
             if self.topics.is_empty() {
@@ -376,6 +379,14 @@ impl ForwardConfig {
             if p.is_empty() || p.len() > 255 {
                 bad("forward.topics", "each pattern must be 1 to 255 bytes");
             }
+        }
+        if !self.root_ca_file.is_empty()
+            && let Err(e) = crate::tls::client_config("forward.root_ca_file", &self.root_ca_file)
+        {
+            bad(
+                "forward.root_ca_file",
+                e.trim_start_matches("forward.root_ca_file: "),
+            );
         }
         if !(100..=60_000).contains(&self.timeout_ms) {
             bad("forward.timeout_ms", "must be between 100 and 60000");
@@ -847,7 +858,8 @@ mod tests {
         c.validate().unwrap();
 
         let mut c = Config::default();
-        c.forward.url = "https://example.com/x".into();
+        c.forward.url = "ftp://example.com/x".into();
+        c.forward.root_ca_file = "/nonexistent/ca.pem".into();
         c.forward.timeout_ms = 10;
         c.forward.max_queued = 0;
         let p = c.validate().unwrap_err();
@@ -857,9 +869,14 @@ mod tests {
             [
                 "forward.url",
                 "forward.topics",
+                "forward.root_ca_file",
                 "forward.timeout_ms",
                 "forward.max_queued"
             ],
+            "{p:?}"
+        );
+        assert!(
+            p[2].message.starts_with("cannot read /nonexistent/ca.pem"),
             "{p:?}"
         );
     }

@@ -21,6 +21,7 @@ use crate::session::DirectFrame;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::{Request, StatusCode, Uri, header};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use hyper_util::rt::TokioExecutor;
 use serde_json::value::RawValue;
@@ -32,7 +33,7 @@ use tokio_util::task::TaskTracker;
 
 /// The `[forward]` settings with their HTTP client.
 pub struct Forwarder {
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     uri: Uri,
     topics: Vec<String>,
     bearer: header::HeaderValue,
@@ -90,8 +91,22 @@ impl Forwarder {
     ) -> Option<Forwarder> {
         let uri = config.url.parse::<Uri>().ok()?;
         let bearer = header::HeaderValue::from_str(&format!("Bearer {bearer}")).ok()?;
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
+        // `Config::validate` has read forward.root_ca_file; should it have gone since, the
+        // public roots still serve.
+        let tls = crate::tls::client_config("forward.root_ca_file", &config.root_ca_file)
+            .or_else(|e| {
+                tracing::error!("{e}; only the public roots are trusted");
+                crate::tls::client_config("forward.root_ca_file", "")
+            })
+            .ok()?;
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        http.enforce_http(false);
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config((*tls).clone())
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
         Some(Forwarder {
             client: Client::builder(TokioExecutor::new()).build(connector),
             uri,

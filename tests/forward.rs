@@ -29,6 +29,37 @@ struct TestApp {
 /// Answers by event: "echo" 200 with `{"echo": payload}`, "refuse" 422 `{"reason": "nope"}`,
 /// "empty" 204, "boom" 500, "notjson" 200 `hello`, "slow" after 2 s, "hold" once released.
 async fn start_app() -> TestApp {
+    start_app_with(None).await
+}
+
+/// A CA (PEM) and a TLS configuration for a server at 127.0.0.1 with a certificate it issued.
+fn test_tls() -> (String, Arc<rustls_acme::rustls::ServerConfig>) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    use rustls_acme::futures_rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["127.0.0.1".into()])
+        .unwrap()
+        .signed_by(&key, &ca_cert, &ca_key)
+        .unwrap();
+    let provider = Arc::new(rustls_acme::rustls::crypto::ring::default_provider());
+    let config = rustls_acme::rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![CertificateDer::from(leaf.der().to_vec())],
+            PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
+        )
+        .unwrap();
+    (ca_cert.pem(), Arc::new(config))
+}
+
+/// [`start_app`], over TLS when `tls` is given.
+async fn start_app_with(tls: Option<Arc<rustls_acme::rustls::ServerConfig>>) -> TestApp {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let seen = Arc::new(Mutex::new(Seen::default()));
@@ -38,6 +69,7 @@ async fn start_app() -> TestApp {
         loop {
             let (tcp, _) = listener.accept().await.unwrap();
             let (s, g) = (s.clone(), g.clone());
+            let acceptor = tls.clone().map(tokio_rustls::TlsAcceptor::from);
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(
                     move |req: hyper::Request<hyper::body::Incoming>| {
@@ -77,10 +109,20 @@ async fn start_app() -> TestApp {
                         }
                     },
                 );
-                let io = hyper_util::rt::TokioIo::new(tcp);
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(io, service)
-                    .await;
+                let http = hyper::server::conn::http1::Builder::new();
+                let _ = match acceptor {
+                    None => {
+                        http.serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+                            .await
+                    }
+                    Some(acceptor) => {
+                        let Ok(tls) = acceptor.accept(tcp).await else {
+                            return; // a client that does not trust us
+                        };
+                        http.serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                            .await
+                    }
+                };
             });
         }
     });
@@ -251,4 +293,36 @@ async fn an_unreachable_app_fails_each_push_with_a_reason_and_the_node_keeps_ser
     }
     let position = publish(s.addr, "room:lobby", "note", "{}").await;
     assert_eq!(recv(&mut ws).await[1], position);
+}
+
+#[tokio::test]
+async fn an_https_app_is_reached_when_its_ca_is_trusted_and_refused_otherwise() {
+    let (ca_pem, tls) = test_tls();
+    let app = start_app_with(Some(tls)).await;
+    let dir = std::env::temp_dir().join(format!("pushgate-forward-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca_file = dir.join("ca.pem");
+    std::fs::write(&ca_file, ca_pem).unwrap();
+    for (root_ca_file, want) in [
+        (ca_file.display().to_string(), "ok"),
+        (String::new(), "error"),
+    ] {
+        let mut config = forwarding_config(app.addr);
+        config.forward.url = format!("https://{}/pushgate/push", app.addr);
+        config.forward.root_ca_file = root_ca_file;
+        let s = start_with(config).await;
+        let mut ws = connect(s.addr).await;
+        join(&mut ws, "1", "room:tls", "{}").await;
+        push(&mut ws, "2", "room:tls", "echo", json!({"n": 1})).await;
+        let got = reply(&mut ws, "2", "room:tls").await;
+        assert_eq!(got["status"], want, "{got}");
+        if want == "error" {
+            let d = got["response"]["detail"].as_str().unwrap();
+            assert!(
+                d.contains("cannot reach the app") && d.contains("certificate"),
+                "{d}"
+            );
+        }
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
 }
