@@ -47,6 +47,22 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Print a connect token for private topics, signed with auth.secret (for trying them out;
+    /// your backend mints its own).
+    Token {
+        /// TOML configuration file (for auth.secret; PUSHGATE_AUTH_SECRET works too).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// A topic pattern the token grants (repeat for more), e.g. 'user:42'.
+        #[arg(long = "channel", required = true, value_name = "PATTERN")]
+        channels: Vec<String>,
+        /// The `sub` claim: who the token is for.
+        #[arg(long)]
+        sub: Option<String>,
+        /// Seconds until the token expires.
+        #[arg(long, default_value_t = 3600)]
+        ttl: u64,
+    },
 }
 
 /// Loads the file and environment, applies `adjust` (command-line flags), then validates.
@@ -96,6 +112,33 @@ fn main() -> ExitCode {
             }
             Err(code) => code,
         },
+        Command::Token {
+            config,
+            channels,
+            sub,
+            ttl,
+        } => {
+            let c = match load(config.as_ref(), |_| {}) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            if c.auth.secret.is_empty() {
+                eprintln!(
+                    "config error: auth.secret: not set (PUSHGATE_AUTH_SECRET); it signs the token"
+                );
+                return ExitCode::from(EXIT_CONFIG);
+            }
+            match pushgate::auth::mint(&c.auth.secret, sub.as_deref(), &channels, ttl) {
+                Ok(token) => {
+                    println!("{token}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         Command::Serve {
             config,
             listen,

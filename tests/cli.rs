@@ -676,3 +676,42 @@ async fn stopping_the_in_process_server_closes_websockets_with_1012_and_finishes
         0
     );
 }
+
+#[test]
+fn token_prints_a_connect_token_signed_with_auth_secret() {
+    let secret = "a-connect-token-secret-of-32-bytes";
+    let mut cmd = pushgate();
+    cmd.args([
+        "token",
+        "--channel",
+        "user:42",
+        "--channel",
+        "team:*",
+        "--sub",
+        "42",
+    ])
+    .env("PUSHGATE_AUTH_SECRET", secret);
+    let out = run(cmd);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let token = text(&out.stdout).trim().to_string();
+    let key = jsonwebtoken::DecodingKey::from_secret(secret.as_bytes()).unwrap();
+    let validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
+    let claims = jsonwebtoken::decode::<serde_json::Value>(&token, &key, &validation)
+        .unwrap()
+        .claims;
+    assert_eq!(claims["channels"], serde_json::json!(["user:42", "team:*"]));
+    assert_eq!(claims["sub"], "42");
+    let left = claims["exp"].as_u64().unwrap() - jsonwebtoken::get_current_timestamp();
+    assert!((3500..=3600).contains(&left), "{left}");
+
+    // Without a secret there is nothing to sign with.
+    let mut cmd = pushgate();
+    cmd.args(["token", "--channel", "user:42"]);
+    let out = run(cmd);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(
+        text(&out.stderr).contains("auth.secret"),
+        "{}",
+        text(&out.stderr)
+    );
+}
