@@ -154,27 +154,29 @@ impl Forwarder {
             let r = serde_json::json!({"reason": "forward failed", "detail": detail});
             r.to_string().into_bytes()
         };
-        let (status, response, counter) = match outcome {
-            Ok((code, body)) if code.is_success() => ("ok", body, &self.metrics.forward_ok),
-            Ok((code, body)) if code.is_client_error() => {
-                ("error", body, &self.metrics.forward_refused)
-            }
-            Ok((code, _)) => (
-                "error",
-                failed(format!("the app answered {code}")),
-                &self.metrics.forward_failed,
-            ),
-            Err(detail) => ("error", failed(detail), &self.metrics.forward_failed),
+        // (reply status, response, whether the app failed to answer)
+        let (status, response, failure) = match outcome {
+            Ok((code, body)) if code.is_success() => ("ok", body, false),
+            Ok((code, body)) if code.is_client_error() => ("error", body, false),
+            Ok((code, _)) => ("error", failed(format!("the app answered {code}")), true),
+            Err(detail) => ("error", failed(detail), true),
         };
-        Metrics::add(counter, 1);
-        let is_failure = std::ptr::eq(counter, &self.metrics.forward_failed);
-        if is_failure && !self.failing.swap(true, Ordering::Relaxed) {
+        let m = &self.metrics;
+        Metrics::add(
+            match (status, failure) {
+                (_, true) => &m.forward_failed,
+                ("ok", _) => &m.forward_ok,
+                _ => &m.forward_refused,
+            },
+            1,
+        );
+        if failure && !self.failing.swap(true, Ordering::Relaxed) {
             tracing::warn!(
                 url = %self.uri,
                 answer = %String::from_utf8_lossy(&response),
                 "forward: a push could not be handed to the app; such pushes get error replies"
             );
-        } else if !is_failure && self.failing.swap(false, Ordering::Relaxed) {
+        } else if !failure && self.failing.swap(false, Ordering::Relaxed) {
             tracing::info!(url = %self.uri, "forward: the app answers again");
         }
         protocol::encode_reply(
