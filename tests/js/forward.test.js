@@ -4,7 +4,6 @@
 // Run with `npm test` (see support.js for how the server is found).
 
 import assert from "node:assert/strict";
-import http from "node:http";
 import { after, before, describe, it } from "node:test";
 import {
   CLIENTS,
@@ -14,6 +13,7 @@ import {
   makeSocket,
   replyTo,
   showFrames,
+  startPushApp,
   startServer,
   uniqueTopic,
 } from "./support.js";
@@ -21,35 +21,15 @@ import {
 const TEST_TIMEOUT_MS = 20_000;
 const PUSH_TIMEOUT_MS = 5000;
 
-/** The app: answers "say" with 200 {"said": body}, "refuse" with 422 {"reason": "nope"}. */
-function startApp() {
-  const seen = [];
-  const server = http.createServer((req, res) => {
-    let body = "";
-    req.on("data", (chunk) => (body += chunk));
-    req.on("end", () => {
-      const push = JSON.parse(body);
-      seen.push({ authorization: req.headers.authorization, ...push });
-      const [status, answer] =
-        push.event === "say" ? [200, { said: push.payload.body }] : [422, { reason: "nope" }];
-      res.writeHead(status, { "content-type": "application/json" });
-      res.end(JSON.stringify(answer));
-    });
-  });
-  return new Promise((resolve) => {
-    server.listen(0, "127.0.0.1", () => resolve({ server, seen, port: server.address().port }));
-  });
-}
-
 describe("client pushes forwarded to the app", () => {
   let app;
   let server;
 
   before(async () => {
-    app = await startApp();
+    app = await startPushApp();
     server = await startServer({
       env: {
-        PUSHGATE_FORWARD_URL: `http://127.0.0.1:${app.port}/pushgate/push`,
+        PUSHGATE_FORWARD_URL: app.url,
         PUSHGATE_FORWARD_TOPICS: "chat:*",
       },
     });

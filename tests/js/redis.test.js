@@ -1,7 +1,7 @@
 // pushgate's Redis broker with several nodes, driven by the official phoenix client
 // (1.8.17 and 1.7.23): cross-node fanout, recovery on another node, a Redis restart and killed
 // pub/sub connections under a steady publisher, and LongPoll through a real nginx round-robin
-// upstream (no sticky sessions).
+// upstream (no sticky sessions), client pushes forwarded to the app included.
 //
 // Every test starts its own `redis-server` (on a free port, no persistence) and its own
 // pushgate nodes, and stops them when it ends. Needs `redis-server`, `redis-cli` and `nginx`
@@ -25,6 +25,7 @@ import {
   replyTo,
   showExchanges,
   showFrames,
+  startPushApp,
   startServer,
   uniqueTopic,
   waitFor,
@@ -679,6 +680,46 @@ describe("Redis broker with several pushgate nodes", () => {
 
     await settle(subs, COUNT);
     for (const sub of subs) assertComplete(sub, pub.positions);
+  });
+
+  it("forwards LongPoll pushes to the app in order whichever node nginx picks for them", { timeout: TEST_TIMEOUT_MS }, async (t) => {
+    const res = resources(t);
+    const app = await startPushApp();
+    t.after(() => app.server.close());
+    const redis = await redisFor(res);
+    const nodes = await startNodes(res, redis, 2, {
+      PUSHGATE_LONGPOLL_WINDOW_MS: String(WINDOW_MS),
+      PUSHGATE_FORWARD_URL: app.url,
+      PUSHGATE_FORWARD_TOPICS: "chat:*",
+    });
+    const nginx = await startNginx(res, nodes.map((n) => n.addr));
+    const client = CLIENTS[0];
+    const { socket, frames, exchanges } = makeLongPollSocket(client, nginx, { params: { token: "user-9" } });
+    res.sockets.push(socket);
+    socket.connect();
+    const topic = uniqueTopic("chat");
+    const channel = socket.channel(topic, {});
+    const joined = await replyTo(channel.join(PUSH_TIMEOUT_MS));
+    assert.equal(joined.status, "ok", `${JSON.stringify(joined)}\n${showFrames(frames)}`);
+    const session = exchanges.find((e) => e.answer?.status === 410)?.answer.token;
+
+    // One push at a time, so that nginx's round-robin sends the session's POSTs to both nodes.
+    const said = [];
+    for (let i = 0; i < 6; i++) {
+      const r = await replyTo(channel.push("say", { body: `m${i}` }, PUSH_TIMEOUT_MS));
+      assert.equal(r.status, "ok", `push ${i}: ${JSON.stringify(r)}\n${showExchanges(exchanges)}`);
+      said.push(r.response.said);
+      if (i % 2 === 1) await publish(nginx, uniqueTopic("parity"), "x", {});
+    }
+    assert.deepEqual(said, range(0, 5).map((i) => `m${i}`));
+    assert.deepEqual(app.seen.filter((p) => p.topic === topic).map((p) => p.payload.body), said);
+    assert.ok(app.seen.every((p) => p.token === "user-9" && p.authorization === `Bearer ${PUBLISH_TOKEN}`));
+    const posts = nginx.accessLog().filter((l) => l.method === "POST" && l.uri.includes(`token=${session}`));
+    assert.deepEqual(
+      [...new Set(posts.map((l) => l.upstream))].sort(),
+      nodes.map((n) => n.addr).sort(),
+      "the session's POSTs reached both nodes",
+    );
   });
 
   for (const client of CLIENTS) {

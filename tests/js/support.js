@@ -8,6 +8,7 @@
 // reading its "listening addr=..." log line; nothing waits by sleeping.
 
 import { spawn } from "node:child_process";
+import http from "node:http";
 import { readFileSync } from "node:fs";
 import { createRequire } from "node:module";
 import path from "node:path";
@@ -282,6 +283,33 @@ export async function startServer(opts = {}) {
       return exited;
     },
   };
+}
+
+/**
+ * An application for `[forward]` on a free port: records every forwarded push in `seen` (with
+ * its Authorization header) and answers "say" with 200 `{"said": payload.body}`, anything else
+ * with 422 `{"reason": "nope"}`. Resolves with `{server, seen, port, url}`.
+ */
+export function startPushApp() {
+  const seen = [];
+  const server = http.createServer((req, res) => {
+    let body = "";
+    req.on("data", (chunk) => (body += chunk));
+    req.on("end", () => {
+      const push = JSON.parse(body);
+      seen.push({ authorization: req.headers.authorization, ...push });
+      const [status, answer] =
+        push.event === "say" ? [200, { said: push.payload.body }] : [422, { reason: "nope" }];
+      res.writeHead(status, { "content-type": "application/json" });
+      res.end(JSON.stringify(answer));
+    });
+  });
+  return new Promise((resolve) => {
+    server.listen(0, "127.0.0.1", () => {
+      const port = server.address().port;
+      resolve({ server, seen, port, url: `http://127.0.0.1:${port}/pushgate/push` });
+    });
+  });
 }
 
 /**
