@@ -275,14 +275,7 @@ async fn a_slow_consumer_is_closed_with_1013_and_does_not_slow_the_others() {
                 })
                 .collect();
             let body = format!("[{}]", items.join(","));
-            let (status, _, _) = http(
-                addr,
-                "POST",
-                "/api/publish",
-                &[("Authorization", &auth)],
-                body.as_bytes(),
-            )
-            .await;
+            let (status, _, _) = post_publish(addr, Some(&auth), body.as_bytes()).await;
             assert_eq!(status, 200);
         }
     });
@@ -400,14 +393,7 @@ async fn a_large_topic_swept_by_the_fanout_task_delivers_everything_in_order() {
             })
             .collect();
         let body = format!("[{}]", items.join(","));
-        let (status, _, _) = http(
-            s.addr,
-            "POST",
-            "/api/publish",
-            &[("Authorization", &auth)],
-            body.as_bytes(),
-        )
-        .await;
+        let (status, _, _) = post_publish(s.addr, Some(&auth), body.as_bytes()).await;
         assert_eq!(status, 200);
     }
     for r in readers {
