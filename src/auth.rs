@@ -126,12 +126,8 @@ pub fn connect_token(connect: &ConnectInfo) -> Option<&str> {
     if let Some(t) = connect.auth_token.as_deref().filter(|t| !t.is_empty()) {
         return Some(t);
     }
-    connect
-        .query
-        .split('&')
-        .filter_map(|kv| kv.split_once('='))
-        .find(|(k, _)| *k == "token")
-        .map(|(_, v)| v)
+    crate::transport::websocket::query_values(&connect.query, "token")
+        .next()
         .filter(|v| !v.is_empty())
 }
 

@@ -311,11 +311,15 @@ impl AuthConfig {
                 "required when auth.private_topics is set (it verifies the connect tokens)",
             );
         }
-        for p in &self.private_topics {
-            if p.is_empty() || p.len() > 255 {
-                bad("auth.private_topics", "each pattern must be 1 to 255 bytes");
-            }
-        }
+        check_patterns("auth.private_topics", &self.private_topics, bad);
+    }
+}
+
+/// Topic patterns (`*` = any run of characters, see [`crate::auth::glob_match`]): each 1 to 255
+/// bytes, like a topic.
+fn check_patterns(key: &str, patterns: &[String], bad: &mut dyn FnMut(&str, &str)) {
+    if patterns.iter().any(|p| p.is_empty() || p.len() > 255) {
+        bad(key, "each pattern must be 1 to 255 bytes");
     }
 }
 
@@ -375,11 +379,7 @@ impl ForwardConfig {
                 );
             }
         }
-        for p in &self.topics {
-            if p.is_empty() || p.len() > 255 {
-                bad("forward.topics", "each pattern must be 1 to 255 bytes");
-            }
-        }
+        check_patterns("forward.topics", &self.topics, bad);
         if !self.root_ca_file.is_empty()
             && let Err(e) = crate::tls::client_config("forward.root_ca_file", &self.root_ca_file)
         {

@@ -11,7 +11,8 @@
 //!
 //! One connection's pushes go one at a time, in order (a [`Lane`] per session with at most
 //! `forward.max_queued` waiting); at most `forward.max_concurrent` requests are at the app at
-//! once, over kept-alive connections (hyper-util's pooled client).
+//! once, over kept-alive connections (hyper-util's pooled client; `https://` through
+//! hyper-rustls with [`crate::tls::client_config`]: the public roots and `forward.root_ca_file`).
 
 use crate::auth::glob_match;
 use crate::config::ForwardConfig;
@@ -89,8 +90,20 @@ impl Forwarder {
         max_answer: usize,
         metrics: Arc<Metrics>,
     ) -> Option<Forwarder> {
-        let uri = config.url.parse::<Uri>().ok()?;
-        let bearer = header::HeaderValue::from_str(&format!("Bearer {bearer}")).ok()?;
+        if config.url.is_empty() {
+            return None;
+        }
+        // Both checked before: the URL by `Config::validate`; a publish token that cannot be a
+        // header value would fail every publish too. Said, not silently dropped, all the same.
+        let (Ok(uri), Ok(bearer)) = (
+            config.url.parse::<Uri>(),
+            header::HeaderValue::from_str(&format!("Bearer {bearer}")),
+        ) else {
+            tracing::error!(
+                "forward: forward.url or the publish token is unusable; client pushes get error replies"
+            );
+            return None;
+        };
         // `Config::validate` has read forward.root_ca_file; should it have gone since, the
         // public roots still serve.
         let tls = crate::tls::client_config("forward.root_ca_file", &config.root_ca_file)
@@ -150,10 +163,7 @@ impl Forwarder {
             .unwrap_or_else(
                 |_| Err("the app did not answer within forward.timeout_ms".to_string()),
             );
-        let failed = |detail: String| {
-            let r = serde_json::json!({"reason": "forward failed", "detail": detail});
-            r.to_string().into_bytes()
-        };
+        let failed = |detail: String| protocol::reason_and_detail("forward failed", &detail);
         // (reply status, response, whether the app failed to answer)
         let (status, response, failure) = match outcome {
             Ok((code, body)) if code.is_success() => ("ok", body, false),

@@ -249,6 +249,17 @@ pub fn encode_reply(
     out
 }
 
+/// An error response naming its cause: `{"reason": reason, "detail": detail}`.
+pub fn reason_and_detail(reason: &str, detail: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(24 + reason.len() + detail.len());
+    out.extend_from_slice(b"{\"reason\":");
+    push_json_str(&mut out, reason);
+    out.extend_from_slice(b",\"detail\":");
+    push_json_str(&mut out, detail);
+    out.push(b'}');
+    out
+}
+
 /// An error reply whose response is `{"reason": reason}`.
 pub fn encode_error_reply(
     join_ref: Option<&str>,
@@ -435,6 +446,16 @@ mod tests {
         assert_eq!(push, want);
 
         assert!(encode_binary_broadcast(&"x".repeat(256), "e", b"").is_none());
+    }
+
+    #[test]
+    fn reason_and_detail_is_escaped_json() {
+        let r = reason_and_detail("forward failed", "the app said \"no\"\n");
+        let v: serde_json::Value = serde_json::from_slice(&r).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"reason": "forward failed", "detail": "the app said \"no\"\n"})
+        );
     }
 
     #[test]

@@ -184,13 +184,12 @@ impl Session {
         if let Err(refusal) = self.app.auth.may_join(&self.connect, &msg.topic) {
             Metrics::add(&self.app.metrics.join_errors, 1);
             tracing::debug!(topic = %msg.topic, detail = %refusal.0, "join refused: unauthorized");
-            let response = serde_json::json!({"reason": "unauthorized", "detail": refusal.0});
             self.reply(protocol::encode_reply(
                 Some(&join_ref),
                 msg.msg_ref.as_deref(),
                 &msg.topic,
                 "error",
-                response.to_string().as_bytes(),
+                &protocol::reason_and_detail("unauthorized", &refusal.0),
             ));
             return;
         }

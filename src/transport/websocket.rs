@@ -62,13 +62,18 @@ fn header_has_token(req: &Request<Incoming>, name: header::HeaderName, token: &s
     })
 }
 
-/// The `vsn` query parameter (last occurrence), if any.
-pub fn query_param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
+/// Every value of the query parameter `name`, in order (raw, not percent-decoded).
+pub fn query_values<'a>(query: &'a str, name: &str) -> impl DoubleEndedIterator<Item = &'a str> {
     query
         .split('&')
         .filter_map(|kv| kv.split_once('=').or(Some((kv, ""))))
-        .rfind(|(k, _)| *k == name)
+        .filter(move |(k, _)| *k == name)
         .map(|(_, v)| v)
+}
+
+/// A query parameter's last occurrence, if any (`vsn`; LongPoll's session `token`).
+pub fn query_param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
+    query_values(query, name).next_back()
 }
 
 /// Decodes the token phoenix.js puts in `base64url.bearer.phx.<B>` (standard base64 without
