@@ -312,34 +312,6 @@ fn is_placeholder(chain_pem: &[u8]) -> bool {
     cert.subject().to_string().contains("placeholder")
 }
 
-/// A throwaway CA and a `localhost`/`127.0.0.1` certificate it signed, for Pebble's HTTPS.
-struct TestCa {
-    ca_pem: String,
-    listener_cert_pem: String,
-    listener_key_pem: String,
-}
-
-fn make_test_ca() -> TestCa {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    ca.distinguished_name
-        .push(DnType::CommonName, "pushgate test CA for pebble");
-    let ca_cert = ca.self_signed(&ca_key).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let mut leaf = CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
-    leaf.distinguished_name
-        .push(DnType::CommonName, "localhost");
-    let cert = leaf.signed_by(&key, &ca_cert, &ca_key).unwrap();
-    TestCa {
-        ca_pem: ca_cert.pem(),
-        listener_cert_pem: cert.pem(),
-        listener_key_pem: key.serialize_pem(),
-    }
-}
-
 /// Pebble and its DNS (pebble-challtestsrv) on free ports.
 struct Pebble {
     pebble: Proc,
@@ -360,10 +332,11 @@ impl Pebble {
         tls_port: u16,
         validity_secs: Option<u64>,
     ) -> Pebble {
-        let ca = make_test_ca();
+        // Pebble's own HTTPS certificate, from a throwaway CA.
+        let ca = support::TestCa::new(&["localhost", "127.0.0.1"]);
         std::fs::write(dir.join("pebble-ca.pem"), &ca.ca_pem).unwrap();
-        std::fs::write(dir.join("pebble-cert.pem"), &ca.listener_cert_pem).unwrap();
-        std::fs::write(dir.join("pebble-key.pem"), &ca.listener_key_pem).unwrap();
+        std::fs::write(dir.join("pebble-cert.pem"), &ca.cert_pem).unwrap();
+        std::fs::write(dir.join("pebble-key.pem"), &ca.key_pem).unwrap();
         let dns_port = free_port();
         let dns_management = free_port();
         let mut cmd = Command::new("pebble-challtestsrv");
@@ -867,7 +840,7 @@ async fn unreachable_ca_and_unwritable_cert_dir_are_reported_and_the_gateway_kee
     let closed = free_port();
     // A regular file where a directory is needed: unwritable even for root.
     std::fs::write(tmp.path("file"), b"x").unwrap();
-    let ca = make_test_ca();
+    let ca = support::TestCa::new(&["localhost"]);
     std::fs::write(tmp.path("ca.pem"), &ca.ca_pem).unwrap();
     let config = format!(
         r#"[publish]

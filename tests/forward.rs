@@ -34,28 +34,19 @@ async fn start_app() -> TestApp {
 
 /// A CA (PEM) and a TLS configuration for a server at 127.0.0.1 with a certificate it issued.
 fn test_tls() -> (String, Arc<rustls_acme::rustls::ServerConfig>) {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
     use rustls_acme::futures_rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca_cert = ca.self_signed(&ca_key).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let leaf = CertificateParams::new(vec!["127.0.0.1".into()])
-        .unwrap()
-        .signed_by(&key, &ca_cert, &ca_key)
-        .unwrap();
+    let ca = TestCa::new(&["127.0.0.1"]);
     let provider = Arc::new(rustls_acme::rustls::crypto::ring::default_provider());
     let config = rustls_acme::rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_no_client_auth()
         .with_single_cert(
-            vec![CertificateDer::from(leaf.der().to_vec())],
-            PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
+            vec![CertificateDer::from(ca.cert_der)],
+            PrivateKeyDer::try_from(ca.key_der).unwrap(),
         )
         .unwrap();
-    (ca_cert.pem(), Arc::new(config))
+    (ca.ca_pem, Arc::new(config))
 }
 
 /// [`start_app`], over TLS when `tls` is given.

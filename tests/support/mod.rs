@@ -32,6 +32,42 @@ pub fn test_config() -> Config {
     c
 }
 
+/// A throwaway CA and a certificate it signed for `names` (DNS names or IP addresses), for a
+/// test's TLS server (Pebble's HTTPS, an HTTPS app).
+pub struct TestCa {
+    pub ca_pem: String,
+    pub cert_pem: String,
+    pub cert_der: Vec<u8>,
+    pub key_pem: String,
+    pub key_der: Vec<u8>,
+}
+
+impl TestCa {
+    pub fn new(names: &[&str]) -> TestCa {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        ca.distinguished_name
+            .push(DnType::CommonName, "pushgate test CA");
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let mut leaf =
+            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        leaf.distinguished_name.push(DnType::CommonName, names[0]);
+        let cert = leaf.signed_by(&key, &ca_cert, &ca_key).unwrap();
+        TestCa {
+            ca_pem: ca_cert.pem(),
+            cert_pem: cert.pem(),
+            cert_der: cert.der().to_vec(),
+            key_pem: key.serialize_pem(),
+            key_der: key.serialize_der(),
+        }
+    }
+}
+
 pub async fn start() -> TestServer {
     start_with(test_config()).await
 }
