@@ -23,6 +23,8 @@ pub struct App {
     pub auth: crate::auth::Auth,
     /// Client pushes forwarded to the app (`[forward]`), when `forward.url` is set.
     pub forward: Option<Arc<crate::forward::Forwarder>>,
+    /// Phoenix Presence (`[presence]`), when `presence.topics` is set.
+    pub presence: Option<Arc<crate::presence::Presence>>,
     /// The bearer token `POST /api/publish` requires (configured or generated at start).
     pub publish_token: String,
     /// This node's id (8 hex digits): LongPoll tokens carry it so any node can route a
@@ -78,7 +80,9 @@ impl App {
             metrics.clone(),
         )
         .map(Arc::new);
+        let presence = crate::presence::Presence::new(&config.presence, &node_id).map(Arc::new);
         Arc::new(App {
+            presence,
             hub,
             broker,
             longpoll: Default::default(),

@@ -44,6 +44,12 @@ struct Claims {
     channels: Option<Vec<String>>,
 }
 
+#[derive(Deserialize)]
+struct Subject {
+    #[serde(default)]
+    sub: Option<String>,
+}
+
 impl Auth {
     /// `config` has been validated: a secret is set whenever a topic is private.
     pub fn new(config: &AuthConfig) -> Auth {
@@ -62,6 +68,17 @@ impl Auth {
     /// Whether joining `topic` needs a token.
     pub fn is_private(&self, topic: &str) -> bool {
         self.private.iter().any(|p| glob_match(p, topic))
+    }
+
+    /// The `sub` claim of the client's connect token, when it presented one that verifies.
+    pub fn subject(&self, connect: &ConnectInfo) -> Option<String> {
+        let token = connect_token(connect)?;
+        let key = self.key.as_ref()?;
+        jsonwebtoken::decode::<Subject>(token, key, &self.validation)
+            .ok()?
+            .claims
+            .sub
+            .filter(|s| !s.is_empty())
     }
 
     /// Whether the client that connected with `connect` may join `topic`.

@@ -31,6 +31,7 @@ pub struct Config {
     pub tls: TlsConfig,
     pub auth: AuthConfig,
     pub forward: ForwardConfig,
+    pub presence: PresenceConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -356,6 +357,46 @@ impl Default for ForwardConfig {
             timeout_ms: 5000,
             max_queued: 16,
             max_concurrent: 64,
+        }
+    }
+}
+
+/// Phoenix Presence on chosen topics, see [`crate::presence`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PresenceConfig {
+    /// Topic patterns whose joins are tracked (`*` matches any run of characters): a joiner gets
+    /// `presence_state`, and everyone `presence_diff`s as channels join and leave, as phoenix.js's
+    /// `Presence` expects. In `PUSHGATE_PRESENCE_TOPICS` separated by commas. Default empty.
+    #[serde(deserialize_with = "names_list")]
+    pub topics: Vec<String>,
+    /// Largest `presence` object a join may carry (it becomes the entry's meta), in bytes of
+    /// JSON. Default 512.
+    pub max_meta_bytes: usize,
+    /// Redis only: how long a node's entries outlive it when it dies without leaving (other nodes
+    /// then remove them and tell their clients), in ms. The node renews its claim every third of
+    /// this. Default 15000.
+    pub node_ttl_ms: u64,
+}
+
+impl Default for PresenceConfig {
+    fn default() -> Self {
+        PresenceConfig {
+            topics: Vec::new(),
+            max_meta_bytes: 512,
+            node_ttl_ms: 15_000,
+        }
+    }
+}
+
+impl PresenceConfig {
+    fn validate(&self, bad: &mut dyn FnMut(&str, &str)) {
+        check_patterns("presence.topics", &self.topics, bad);
+        if !(2..=65_536).contains(&self.max_meta_bytes) {
+            bad("presence.max_meta_bytes", "must be between 2 and 65536");
+        }
+        if !(300..=3_600_000).contains(&self.node_ttl_ms) {
+            bad("presence.node_ttl_ms", "must be between 300 and 3600000");
         }
     }
 }
@@ -765,6 +806,7 @@ impl Config {
         self.tls.validate(&self.acme, &mut bad);
         self.auth.validate(&mut bad);
         self.forward.validate(&mut bad);
+        self.presence.validate(&mut bad);
         if p.is_empty() { Ok(()) } else { Err(p) }
     }
 

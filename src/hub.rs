@@ -207,6 +207,13 @@ impl Waker {
         p.partial.take().map(|b| *b)
     }
 
+    /// Stops publishes from writing directly until the task has run (and parked again): for a
+    /// frame handed to the task from elsewhere (a mailbox), which must go out before any later
+    /// broadcast. A partly written frame stays for the task's [`Waker::unpark`].
+    pub fn hold(&self) {
+        self.parked_slot().on = false;
+    }
+
     fn parked_slot(&self) -> std::sync::MutexGuard<'_, Parked> {
         self.parked.lock().unwrap_or_else(|e| e.into_inner())
     }

@@ -31,6 +31,7 @@ pub mod forward;
 pub mod http1;
 pub mod hub;
 pub mod metrics;
+pub mod presence;
 pub mod protocol;
 pub mod router;
 pub mod server;

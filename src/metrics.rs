@@ -49,6 +49,9 @@ pub struct Metrics {
     pub forward_ok: AtomicU64,
     pub forward_refused: AtomicU64,
     pub forward_failed: AtomicU64,
+    /// This node's presence entries (`[presence]`), and those it removed for dead nodes.
+    pub presence_entries: AtomicU64,
+    pub presence_reaped: AtomicU64,
     /// Unix time (s) the process started serving (`App::new`).
     pub start_time: AtomicI64,
 }
@@ -170,6 +173,18 @@ impl Metrics {
                 ("{result=\"error\"}", c(&self.forward_refused)),
                 ("{result=\"failed\"}", c(&self.forward_failed)),
             ],
+        );
+        one(
+            "pushgate_presence_entries",
+            "gauge",
+            "Channels this node tracks for presence (presence.topics).",
+            &[("", c(&self.presence_entries))],
+        );
+        one(
+            "pushgate_presence_reaped_total",
+            "counter",
+            "Presence entries of dead nodes this node removed (Redis broker only).",
+            &[("", c(&self.presence_reaped))],
         );
         one(
             "pushgate_redis_connected",

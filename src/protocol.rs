@@ -288,6 +288,13 @@ pub fn encode_close(join_ref: &str, topic: &str) -> Vec<u8> {
     out
 }
 
+/// A push to one channel: `[join_ref, null, topic, event, payload]` (e.g. `presence_state`).
+pub fn encode_push(join_ref: &str, topic: &str, event: &str, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(48 + topic.len() + payload.len());
+    push_text_frame(&mut out, Some(join_ref), None, topic, event, payload);
+    out
+}
+
 /// `phx_error` for a channel, e.g. when the server drops it; the client rejoins.
 pub fn encode_channel_error(join_ref: &str, topic: &str, reason: &str) -> Vec<u8> {
     let mut payload = Vec::with_capacity(16 + reason.len());

@@ -65,6 +65,9 @@ pub async fn run(listeners: Vec<TcpListener>, app: Arc<App>, edge: crate::tls::L
         app.tracker
             .spawn(crate::broker::redis::run(app.clone(), r.clone()));
     }
+    if app.presence.is_some() {
+        app.tracker.spawn(crate::presence::run(app.clone()));
+    }
     if app.config.acme.enabled {
         app.tracker.spawn(crate::acme::run(app.clone()));
     }

@@ -25,6 +25,8 @@ pub type DirectFrame = Vec<u8>;
 struct Channel {
     join_ref: String,
     sub: Subscription,
+    /// Set on a presence topic; dropping the channel untracks it.
+    _presence: Option<crate::presence::Tracked>,
 }
 
 /// What the client presented when connecting; kept for authorization.
@@ -59,6 +61,7 @@ struct PendingJoin {
     topic: String,
     join_ref: String,
     msg_ref: Option<String>,
+    presence: Option<crate::presence::Prepared>,
 }
 
 type JoinDone = (String, String, Result<crate::broker::Joined, String>);
@@ -78,10 +81,12 @@ impl std::fmt::Debug for Mailbox {
     }
 }
 
-/// `since` from join params; other keys are the application's and are ignored.
+/// `since` and `presence` (the meta, on a presence topic) from join params; other keys are the
+/// application's and are ignored.
 #[derive(serde::Deserialize)]
 struct JoinParams {
     since: Option<String>,
+    presence: Option<Box<serde_json::value::RawValue>>,
 }
 
 impl Session {
@@ -195,11 +200,11 @@ impl Session {
             ));
             return;
         }
-        let since = match &msg.payload {
+        let (since, presence_param) = match &msg.payload {
             Payload::Json(raw) => match raw.get() {
-                "null" => None,
+                "null" => (None, None),
                 text => match serde_json::from_str::<JoinParams>(text) {
-                    Ok(p) => p.since,
+                    Ok(p) => (p.since, p.presence),
                     Err(_) => {
                         self.join_error(
                             &msg,
@@ -214,6 +219,19 @@ impl Session {
                 self.join_error(&msg, Some(&join_ref), "join params must be JSON");
                 return;
             }
+        };
+        let presence = match self.app.presence.as_ref().filter(|p| p.tracks(&msg.topic)) {
+            None => None,
+            Some(p) => match p.prepare(
+                self.app.auth.subject(&self.connect),
+                presence_param.as_deref(),
+            ) {
+                Ok(prepared) => Some(prepared),
+                Err(reason) => {
+                    self.join_error(&msg, Some(&join_ref), &reason);
+                    return;
+                }
+            },
         };
         if let Some(i) = self.pending.iter().position(|p| p.topic == msg.topic) {
             // A join still in progress is superseded; its outcome will be dropped.
@@ -240,7 +258,15 @@ impl Session {
                 self.app
                     .hub
                     .subscribe(&msg.topic, self.waker.clone(), since.as_deref());
-            self.finish_join(join_ref, msg.msg_ref, msg.topic, sub, info, Vec::new());
+            self.finish_join(
+                join_ref,
+                msg.msg_ref,
+                msg.topic,
+                sub,
+                info,
+                Vec::new(),
+                presence,
+            );
             return;
         }
         let started = match self
@@ -249,7 +275,15 @@ impl Session {
             .join_live(&msg.topic, self.waker.clone(), since.as_deref())
         {
             LiveJoin::Done(sub, info) => {
-                self.finish_join(join_ref, msg.msg_ref, msg.topic, sub, info, Vec::new());
+                self.finish_join(
+                    join_ref,
+                    msg.msg_ref,
+                    msg.topic,
+                    sub,
+                    info,
+                    Vec::new(),
+                    presence,
+                );
                 return;
             }
             LiveJoin::NotLive => None,
@@ -265,6 +299,7 @@ impl Session {
             topic: msg.topic.clone(),
             join_ref,
             msg_ref: msg.msg_ref,
+            presence,
         });
         self.app.broker.join(crate::broker::JoinRequest {
             topic: msg.topic,
@@ -286,7 +321,9 @@ impl Session {
     }
 
     /// Answers a join and starts delivering: the reply, then `replay` (missed messages from
-    /// the broker's history), then live broadcasts from the subscription.
+    /// the broker's history), then live broadcasts from the subscription. On a presence topic
+    /// the channel is tracked: its `presence_state` comes through the mailbox.
+    #[allow(clippy::too_many_arguments)]
     fn finish_join(
         &mut self,
         join_ref: String,
@@ -295,6 +332,7 @@ impl Session {
         sub: crate::hub::Subscription,
         info: crate::hub::JoinInfo,
         replay: Vec<DirectFrame>,
+        presence: Option<crate::presence::Prepared>,
     ) {
         let mut response = Vec::with_capacity(64);
         response.extend_from_slice(b"{\"position\":");
@@ -323,7 +361,18 @@ impl Session {
         }
         Metrics::add(&self.app.metrics.joins, 1);
         sub.allow_direct();
-        self.channels.push(Channel { join_ref, sub });
+        let tracked = match (presence, self.app.presence.clone()) {
+            (Some(prepared), Some(p)) => {
+                let deliver = self.mailbox_sender();
+                Some(p.start(prepared, &topic, &join_ref, Box::new(deliver)))
+            }
+            _ => None,
+        };
+        self.channels.push(Channel {
+            join_ref,
+            sub,
+            _presence: tracked,
+        });
         // Replayed messages (if any) are waiting in the topic buffer.
         if info.recovered == Some(true) {
             self.waker.wake();
@@ -354,9 +403,9 @@ impl Session {
             };
             let p = self.pending.swap_remove(i);
             match result {
-                Ok((sub, info, replay)) => {
-                    self.finish_join(p.join_ref, p.msg_ref, p.topic, sub, info, replay)
-                }
+                Ok((sub, info, replay)) => self.finish_join(
+                    p.join_ref, p.msg_ref, p.topic, sub, info, replay, p.presence,
+                ),
                 Err(reason) => {
                     Metrics::add(&self.app.metrics.join_errors, 1);
                     self.reply(protocol::encode_error_reply(
@@ -463,9 +512,16 @@ impl Session {
 
     /// A lane to the app whose replies come back through the mailbox, like completed joins.
     fn open_lane(&mut self, fwd: &Arc<crate::forward::Forwarder>) -> crate::forward::Lane {
+        let deliver = self.mailbox_sender();
+        fwd.lane(&self.app.tracker, deliver)
+    }
+
+    /// Hands frames to this session from another task (forward replies, `presence_state`):
+    /// they go out with the next `settle`.
+    fn mailbox_sender(&mut self) -> impl Fn(DirectFrame) + Send + Sync + 'static {
         let mailbox = self.mailbox.get_or_insert_with(Default::default).clone();
         let waker = self.waker.clone();
-        fwd.lane(&self.app.tracker, move |frame| {
+        move |frame| {
             mailbox
                 .replies
                 .lock()
@@ -474,8 +530,9 @@ impl Session {
             mailbox
                 .any
                 .store(true, std::sync::atomic::Ordering::Release);
+            waker.hold();
             waker.wake();
-        })
+        }
     }
 
     /// Takes the oldest direct frame.

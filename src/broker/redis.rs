@@ -155,7 +155,13 @@ impl RedisBroker {
             .clone()
     }
 
-    async fn commands(&self) -> Result<ConnectionManager, redis::RedisError> {
+    /// The key prefix (`redis.prefix`).
+    pub(crate) fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The shared command connection.
+    pub(crate) async fn commands(&self) -> Result<ConnectionManager, redis::RedisError> {
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(2)))
             .set_response_timeout(Some(Duration::from_secs(2)))

@@ -5,9 +5,10 @@
 // Run with `npm test` (see support.js for how the server is found).
 
 import assert from "node:assert/strict";
-import { createHmac, randomUUID } from "node:crypto";
+import { randomUUID } from "node:crypto";
 import { after, before, describe, it } from "node:test";
 import {
+  AUTH_SECRET,
   CLIENTS,
   disconnect,
   makeLongPollSocket,
@@ -15,20 +16,14 @@ import {
   publish,
   replyTo,
   showFrames,
+  jwt,
   startServer,
   waitFor,
 } from "./support.js";
 
-const SECRET = "a-connect-token-secret-of-32-bytes!";
+const SECRET = AUTH_SECRET;
 const TEST_TIMEOUT_MS = 20_000;
 const PUSH_TIMEOUT_MS = 3000;
-
-/** A JWT (HS256) with `claims`, as any backend's JWT library makes it. */
-function jwt(claims, secret = SECRET) {
-  const part = (value) => Buffer.from(JSON.stringify(value)).toString("base64url");
-  const signed = `${part({ alg: "HS256", typ: "JWT" })}.${part(claims)}`;
-  return `${signed}.${createHmac("sha256", secret).update(signed).digest("base64url")}`;
-}
 
 const inTenMinutes = () => Math.floor(Date.now() / 1000) + 600;
 

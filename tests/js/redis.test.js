@@ -1,7 +1,8 @@
 // pushgate's Redis broker with several nodes, driven by the official phoenix client
 // (1.8.17 and 1.7.23): cross-node fanout, recovery on another node, a Redis restart and killed
 // pub/sub connections under a steady publisher, and LongPoll through a real nginx round-robin
-// upstream (no sticky sessions), client pushes forwarded to the app included.
+// upstream (no sticky sessions), client pushes forwarded to the app included, and Phoenix
+// Presence across nodes (a killed node's entries expire, a stopped node's leave at once).
 //
 // Every test starts its own `redis-server` (on a free port, no persistence) and its own
 // pushgate nodes, and stops them when it ends. Needs `redis-server`, `redis-cli` and `nginx`
@@ -15,8 +16,10 @@ import os from "node:os";
 import path from "node:path";
 import { describe, it } from "node:test";
 import {
+  AUTH_SECRET,
   CLIENTS,
   PUBLISH_TOKEN,
+  jwt,
   makeLongPollSocket,
   makeSocket,
   metric,
@@ -859,4 +862,130 @@ describe("Redis broker with several pushgate nodes", () => {
       t.diagnostic(`rejoined ${recoveredAfterMs} ms after ${owner.label} stopped; the forwarded poll answered ${JSON.stringify(exchanges[exchangesBefore - 1].answer)} after ${pendingAtStop.seconds} s`);
     });
   }
+});
+
+// ---------------------------------------------------------------------------
+// Presence across nodes
+// ---------------------------------------------------------------------------
+
+const PRESENCE_SECRET = AUTH_SECRET;
+
+/** A connect token (JWT, HS256) for `sub`, valid for ten minutes. */
+function presenceToken(sub) {
+  return jwt({ sub, exp: Math.floor(Date.now() / 1000) + 600 }, PRESENCE_SECRET);
+}
+
+/**
+ * The presence list in one line: `key=[name,name]` per key, sorted. An anonymous key (one meta,
+ * the key being that meta's phx_ref) shows as "anon".
+ */
+function presenceSummary(presence) {
+  return presence
+    .list((key, { metas }) => {
+      const label = metas.length === 1 && key === metas[0].phx_ref ? "anon" : key;
+      return `${label}=[${metas.map((m) => m.name).sort().join(",")}]`;
+    })
+    .sort()
+    .join(" ");
+}
+
+/**
+ * A WebSocket client of `node` joined to `topic` with `{presence: {name}}` (and a connect token
+ * for `sub` when given), watched by the client's own `Presence`.
+ */
+async function presenceMember(res, client, node, topic, name, sub = undefined) {
+  const { socket, frames } = makeSocket(client, node, sub ? { params: { token: presenceToken(sub) } } : {});
+  res.sockets.push(socket);
+  socket.connect();
+  const channel = socket.channel(topic, { presence: { name } });
+  const presence = new client.Presence(channel);
+  const member = { label: `${name} (phoenix ${client.version} on ${node.label})`, socket, frames, channel, presence };
+  const joined = await replyTo(channel.join(PUSH_TIMEOUT_MS));
+  assert.equal(joined.status, "ok", `${member.label}: join ${JSON.stringify(joined)}\n${showFrames(frames)}`);
+  return member;
+}
+
+/** Waits until `member`'s presence list summary is `expected`. */
+async function waitPresence(member, expected, timeoutMs = DEADLINE_MS) {
+  await waitFor(
+    () => presenceSummary(member.presence) === expected,
+    timeoutMs,
+    () =>
+      `${member.label}'s presence list to be "${expected}"; it is "${presenceSummary(member.presence)}"\n` +
+      showFrames(member.frames.filter(([, text]) => /presence_|phx_reply|phx_join/.test(text))),
+  );
+}
+
+/** The inbound presence frames of `topic` as `[event, payload]`. */
+function presenceEvents(member, topic) {
+  return decoded(member.frames, "in")
+    .filter((f) => f[2] === topic && (f[3] === "presence_state" || f[3] === "presence_diff"))
+    .map((f) => [f[3], f[4]]);
+}
+
+describe("presence on the Redis broker", () => {
+  it("presence: clients on two nodes see each other (a token sub on both is one key); a SIGKILLed node's entries leave within presence.node_ttl_ms", { timeout: TEST_TIMEOUT_MS }, async (t) => {
+    const res = resources(t);
+    const redis = await redisFor(res);
+    const TTL_MS = 1500;
+    const [a, b] = await startNodes(res, redis, 2, {
+      PUSHGATE_PRESENCE_TOPICS: "room:*",
+      PUSHGATE_PRESENCE_NODE_TTL_MS: String(TTL_MS),
+      PUSHGATE_AUTH_SECRET: PRESENCE_SECRET,
+    });
+    const topic = uniqueTopic("room");
+    const annA = await presenceMember(res, CLIENTS[0], a, topic, "Ann@A", "ann");
+    const annB = await presenceMember(res, CLIENTS[1], b, topic, "Ann@B", "ann");
+    const bobB = await presenceMember(res, CLIENTS[0], b, topic, "Bob@B");
+    const all = "ann=[Ann@A,Ann@B] anon=[Bob@B]";
+    for (const member of [annA, annB, bobB]) await waitPresence(member, all);
+
+    const killedAt = Date.now();
+    const exit = await b.kill();
+    assert.equal(exit.signal, "SIGKILL", `${b.label} exit ${JSON.stringify(exit)}`);
+    await waitPresence(annA, "ann=[Ann@A]", DEADLINE_MS);
+    const leftAfterMs = Date.now() - killedAt;
+    t.diagnostic(`${b.label}'s entries left ${leftAfterMs} ms after its SIGKILL (presence.node_ttl_ms ${TTL_MS})`);
+    // As presence_diff leaves (not as a new state).
+    const leaves = presenceEvents(annA, topic)
+      .filter(([event, p]) => event === "presence_diff" && Object.keys(p.leaves ?? {}).length)
+      .flatMap(([, p]) => Object.values(p.leaves).flatMap((entry) => entry.metas.map((m) => m.name)))
+      .sort();
+    assert.deepEqual(leaves, ["Ann@B", "Bob@B"], `leave diffs on ${a.label}\n${showFrames(annA.frames)}`);
+
+    // The entries are gone from the shared state, not just diffed away: a newcomer on A gets
+    // a presence_state without them.
+    const newcomer = await presenceMember(res, CLIENTS[1], a, topic, "Cid@A");
+    await waitPresence(newcomer, "ann=[Ann@A] anon=[Cid@A]");
+    const [state] = presenceEvents(newcomer, topic).filter(([event]) => event === "presence_state");
+    assert.ok(state, `no presence_state for the newcomer\n${showFrames(newcomer.frames)}`);
+    const stateNames = Object.values(state[1]).flatMap((entry) => entry.metas.map((m) => m.name));
+    assert.deepEqual(stateNames.filter((n) => n.endsWith("@B")), [], `the newcomer's presence_state ${JSON.stringify(state[1])}`);
+    await waitPresence(annA, "ann=[Ann@A] anon=[Cid@A]");
+  });
+
+  it("presence: a node stopped gracefully (SIGTERM) takes its entries away at once, long before presence.node_ttl_ms", { timeout: TEST_TIMEOUT_MS }, async (t) => {
+    const res = resources(t);
+    const redis = await redisFor(res);
+    const TTL_MS = 60_000;
+    const [a, b] = await startNodes(res, redis, 2, {
+      PUSHGATE_PRESENCE_TOPICS: "room:*",
+      PUSHGATE_PRESENCE_NODE_TTL_MS: String(TTL_MS),
+      PUSHGATE_AUTH_SECRET: PRESENCE_SECRET,
+    });
+    const topic = uniqueTopic("room");
+    const annA = await presenceMember(res, CLIENTS[1], a, topic, "Ann@A");
+    const bobB = await presenceMember(res, CLIENTS[0], b, topic, "Bob@B", "bob");
+    const cidB = await presenceMember(res, CLIENTS[1], b, topic, "Cid@B");
+    const all = "anon=[Ann@A] anon=[Cid@B] bob=[Bob@B]";
+    for (const member of [annA, bobB, cidB]) await waitPresence(member, all);
+
+    const stoppedAt = Date.now();
+    const stopping = b.stop();
+    await waitPresence(annA, "anon=[Ann@A]", DEADLINE_MS);
+    const leftAfterMs = Date.now() - stoppedAt;
+    t.diagnostic(`${b.label}'s entries left ${leftAfterMs} ms after its SIGTERM (presence.node_ttl_ms ${TTL_MS})`);
+    const exit = await stopping;
+    assert.equal(exit.code, 0, `${b.label} exit ${JSON.stringify(exit)}\n${b.logs.slice(-20).join("\n")}`);
+  });
 });

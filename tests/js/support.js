@@ -8,6 +8,7 @@
 // reading its "listening addr=..." log line; nothing waits by sleeping.
 
 import { spawn } from "node:child_process";
+import { createHmac } from "node:crypto";
 import http from "node:http";
 import { readFileSync } from "node:fs";
 import { createRequire } from "node:module";
@@ -22,6 +23,16 @@ const HERE = path.dirname(fileURLToPath(import.meta.url));
 
 // The brief asked for "test-token", but the server requires at least 16
 // characters (config.rs: publish.token), so the tests use a longer one.
+/** The connect-token secret the tests configure as auth.secret (32+ bytes). */
+export const AUTH_SECRET = "a-connect-token-secret-of-32-bytes!";
+
+/** A JWT (HS256) with `claims`, as any backend's JWT library makes it. */
+export function jwt(claims, secret = AUTH_SECRET) {
+  const part = (value) => Buffer.from(JSON.stringify(value)).toString("base64url");
+  const signed = `${part({ alg: "HS256", typ: "JWT" })}.${part(claims)}`;
+  return `${signed}.${createHmac("sha256", secret).update(signed).digest("base64url")}`;
+}
+
 export const PUBLISH_TOKEN = "test-token-pushgate-js";
 export const PUSHGATE_BIN = process.env.PUSHGATE_BIN
   ? path.resolve(process.env.PUSHGATE_BIN)
@@ -58,8 +69,8 @@ function loadClient(packageName, expectedVersion, globalObject = undefined) {
   } else {
     loaded = require(packageName);
   }
-  const { Socket, LongPoll } = loaded;
-  return { version: expectedVersion, Socket, LongPoll };
+  const { Socket, LongPoll, Presence } = loaded;
+  return { version: expectedVersion, Socket, LongPoll, Presence };
 }
 
 // 1.7.x makes its LongPoll requests with XMLHttpRequest only, so it gets a global object of
@@ -211,7 +222,7 @@ process.on("exit", () => {
  * `env` (extra environment), `bin` (another build of the binary). PUSHGATE_* variables of the calling environment
  * are not passed on, so a developer's shell cannot change what a test sees.
  *
- * Returns `{url, port, addr, proc, logs, stop()}`; `logs` collects every
+ * Returns `{url, port, addr, proc, logs, stop(), kill()}`; `logs` collects every
  * output line (ANSI codes stripped).
  */
 export async function startServer(opts = {}) {
@@ -269,6 +280,11 @@ export async function startServer(opts = {}) {
     proc,
     logs,
     exited,
+    /** SIGKILL (no shutdown at all, as a crashed node), then wait for the exit. Resolves with {code, signal}. */
+    async kill() {
+      if (proc.exitCode === null && proc.signalCode === null) proc.kill("SIGKILL");
+      return exited;
+    },
     /** SIGTERM, then wait for the exit (SIGKILL after a deadline). Resolves with {code, signal}. */
     async stop() {
       if (proc.exitCode === null && proc.signalCode === null) {

@@ -1,0 +1,735 @@
+//! Phoenix Presence (`[presence]`): who is joined to a topic, on every node.
+//!
+//! A join to a topic matching `presence.topics` is tracked. The joiner gets a `presence_state`
+//! push (everyone already present, as `{key: {"metas": [meta, ...]}}`), then every subscriber,
+//! the joiner too, gets a `presence_diff` broadcast `{"joins": {key: {"metas": [meta]}},
+//! "leaves": {}}`; leaving the channel, closing the connection or a LongPoll session expiring
+//! sends the matching `leaves`. That is what a Phoenix app does with `Presence.list` and
+//! `Presence.track` after a join, and what phoenix.js's `Presence` class consumes.
+//!
+//! - **key**: the `sub` claim of the connection's connect token when it verifies
+//!   ([`crate::auth::Auth::subject`]); otherwise the entry's own `phx_ref` (an anonymous
+//!   connection is a key of its own: clients cannot claim an identity).
+//! - **meta**: `{"phx_ref", "online_at" (unix ms), ...}` plus the fields of the join params'
+//!   `presence` object (at most `presence.max_meta_bytes` of JSON).
+//!
+//! Diffs are ordinary broadcasts of the topic (published through the broker, so they reach every
+//! node and keep their order with the topic's other messages). A joiner subscribes before its
+//! state is read, so a change lands in the state, in a diff after it, or in both; phoenix.js
+//! applies a diff over a state idempotently (metas are matched by `phx_ref`), so the client's view
+//! converges either way.
+//!
+//! One task per node ([`run`]) applies the changes in order. With the embedded broker the table
+//! is that task's memory. With Redis each topic's entries live in a hash that every node reads
+//! for `presence_state`; a node renews a liveness key every third of `presence.node_ttl_ms`, and
+//! the nodes remove (and announce the leaves of) the entries of a node whose key has expired. A
+//! node that finds its own key gone (Redis restarted, or it was cut off for longer than the TTL)
+//! or that failed to write a change puts all of its entries back.
+
+use crate::app::App;
+use crate::broker::{Broker, Message};
+use crate::config::PresenceConfig;
+use crate::session::DirectFrame;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// Hands a frame to one session (through its mailbox).
+pub type Deliver = Box<dyn FnOnce(DirectFrame) + Send>;
+
+/// The `[presence]` rules and the queue to this node's presence task.
+pub struct Presence {
+    topics: Vec<String>,
+    max_meta_bytes: usize,
+    node_ttl: Duration,
+    node: String,
+    next_ref: AtomicU64,
+    ops: mpsc::UnboundedSender<Op>,
+    queue: std::sync::Mutex<Option<mpsc::UnboundedReceiver<Op>>>,
+}
+
+impl std::fmt::Debug for Presence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Presence")
+            .field("topics", &self.topics)
+            .finish()
+    }
+}
+
+/// One tracked channel: who and where.
+#[derive(Debug, Clone)]
+struct Entry {
+    topic: Arc<str>,
+    phx_ref: String,
+    key: String,
+    /// The meta: a JSON object.
+    meta: String,
+}
+
+enum Op {
+    Track {
+        entry: Entry,
+        join_ref: String,
+        state_to: Deliver,
+    },
+    Untrack {
+        topic: Arc<str>,
+        phx_ref: String,
+    },
+}
+
+/// A join that will be tracked once it is answered ([`Presence::start`]).
+#[derive(Debug)]
+pub struct Prepared {
+    key: Option<String>,
+    meta: serde_json::Map<String, serde_json::Value>,
+}
+
+/// A tracked channel; dropping it (leave, rejoin, connection gone) untracks it.
+#[derive(Debug)]
+pub struct Tracked {
+    ops: mpsc::UnboundedSender<Op>,
+    topic: Arc<str>,
+    phx_ref: String,
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        let _ = self.ops.send(Op::Untrack {
+            topic: self.topic.clone(),
+            phx_ref: std::mem::take(&mut self.phx_ref),
+        });
+    }
+}
+
+impl Presence {
+    /// `None` when no topic is tracked.
+    pub fn new(config: &PresenceConfig, node: &str) -> Option<Presence> {
+        if config.topics.is_empty() {
+            return None;
+        }
+        let (ops, queue) = mpsc::unbounded_channel();
+        Some(Presence {
+            topics: config.topics.clone(),
+            max_meta_bytes: config.max_meta_bytes,
+            node_ttl: Duration::from_millis(config.node_ttl_ms),
+            node: node.to_string(),
+            next_ref: AtomicU64::new(1),
+            ops,
+            queue: std::sync::Mutex::new(Some(queue)),
+        })
+    }
+
+    /// Whether joins of `topic` are tracked.
+    pub fn tracks(&self, topic: &str) -> bool {
+        self.topics
+            .iter()
+            .any(|p| crate::auth::glob_match(p, topic))
+    }
+
+    /// Checks a join's `presence` param before the join goes ahead; `subject` is the verified
+    /// token's `sub`. `Err` is the join's error reason.
+    pub fn prepare(
+        &self,
+        subject: Option<String>,
+        param: Option<&serde_json::value::RawValue>,
+    ) -> Result<Prepared, String> {
+        let meta = match param.map(|p| p.get()) {
+            None | Some("null") => serde_json::Map::new(),
+            Some(text) => {
+                if text.len() > self.max_meta_bytes {
+                    return Err(format!(
+                        "presence meta too large: at most {} bytes of JSON (presence.max_meta_bytes)",
+                        self.max_meta_bytes
+                    ));
+                }
+                serde_json::from_str(text)
+                    .map_err(|_| "presence must be a JSON object (the entry's meta)".to_string())?
+            }
+        };
+        Ok(Prepared { key: subject, meta })
+    }
+
+    /// Tracks a channel that has just been joined (and subscribed): `state_to` gets its
+    /// `presence_state` (addressed to `join_ref`), then everyone gets the join's diff.
+    pub fn start(
+        &self,
+        prepared: Prepared,
+        topic: &str,
+        join_ref: &str,
+        state_to: Deliver,
+    ) -> Tracked {
+        let n = self.next_ref.fetch_add(1, Ordering::Relaxed);
+        let phx_ref = format!("{}-{n:x}", self.node);
+        let mut meta = serde_json::Map::new();
+        meta.insert("phx_ref".into(), phx_ref.clone().into());
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        meta.insert("online_at".into(), now.into());
+        for (k, v) in prepared.meta {
+            if k != "phx_ref" && k != "online_at" {
+                meta.insert(k, v);
+            }
+        }
+        let topic: Arc<str> = topic.into();
+        let entry = Entry {
+            topic: topic.clone(),
+            key: prepared.key.unwrap_or_else(|| phx_ref.clone()),
+            phx_ref: phx_ref.clone(),
+            meta: serde_json::Value::Object(meta).to_string(),
+        };
+        let _ = self.ops.send(Op::Track {
+            entry,
+            join_ref: join_ref.to_string(),
+            state_to,
+        });
+        Tracked {
+            ops: self.ops.clone(),
+            topic,
+            phx_ref,
+        }
+    }
+}
+
+/// `{key: {"metas": [meta, ...]}, ...}` of `entries`.
+fn encode_state<'a>(entries: impl Iterator<Item = (&'a str, &'a str)>) -> Vec<u8> {
+    let mut by_key: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for (key, meta) in entries {
+        by_key.entry(key).or_default().push(meta);
+    }
+    let mut out = Vec::with_capacity(64);
+    out.push(b'{');
+    for (i, (key, metas)) in by_key.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        crate::protocol::push_json_str(&mut out, key);
+        out.extend_from_slice(b":{\"metas\":[");
+        for (j, meta) in metas.iter().enumerate() {
+            if j > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(meta.as_bytes());
+        }
+        out.extend_from_slice(b"]}");
+    }
+    out.push(b'}');
+    out
+}
+
+/// A `presence_diff` payload.
+fn encode_diff<'a>(joins: &[(&'a str, &'a str)], leaves: &[(&'a str, &'a str)]) -> String {
+    let mut out = Vec::with_capacity(96);
+    out.extend_from_slice(b"{\"joins\":");
+    out.extend_from_slice(&encode_state(joins.iter().copied()));
+    out.extend_from_slice(b",\"leaves\":");
+    out.extend_from_slice(&encode_state(leaves.iter().copied()));
+    out.push(b'}');
+    String::from_utf8(out).expect("JSON built from strings")
+}
+
+/// This node's entries, by topic.
+#[derive(Default)]
+struct Local {
+    topics: HashMap<Arc<str>, Vec<Entry>>,
+}
+
+impl Local {
+    fn add(&mut self, entry: Entry) {
+        self.topics
+            .entry(entry.topic.clone())
+            .or_default()
+            .push(entry);
+    }
+
+    /// Removes an entry; also says whether it was the topic's last one here.
+    fn remove(&mut self, topic: &str, phx_ref: &str) -> Option<(Entry, bool)> {
+        let list = self.topics.get_mut(topic)?;
+        let i = list.iter().position(|e| e.phx_ref == phx_ref)?;
+        let entry = list.swap_remove(i);
+        let last = list.is_empty();
+        if last {
+            self.topics.remove(topic);
+        }
+        Some((entry, last))
+    }
+
+    fn count(&self) -> usize {
+        self.topics.values().map(Vec::len).sum()
+    }
+}
+
+/// Applies presence changes in order until shutdown (spawned by `server::run` when
+/// `presence.topics` is set).
+pub async fn run(app: Arc<App>) {
+    let Some(presence) = app.presence.clone() else {
+        return;
+    };
+    let Some(mut queue) = presence
+        .queue
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take()
+    else {
+        return;
+    };
+    let mut local = Local::default();
+    let mut redis = match &app.broker {
+        Broker::Embedded => None,
+        Broker::Redis(r) => Some(redis::Store::new(r.clone(), &presence)),
+    };
+    let mut beat = tokio::time::interval(presence.node_ttl / 3);
+    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            biased;
+            () = app.shutdown.cancelled() => break,
+            op = queue.recv() => {
+                let Some(op) = op else { break };
+                match op {
+                    Op::Track { entry, join_ref, state_to } => {
+                        let state = match &mut redis {
+                            None => encode_state(
+                                local
+                                    .topics
+                                    .get(&entry.topic)
+                                    .into_iter()
+                                    .flatten()
+                                    .map(|e| (e.key.as_str(), e.meta.as_str())),
+                            ),
+                            Some(store) => store.state(&entry.topic).await,
+                        };
+                        state_to(crate::protocol::encode_push(
+                            &join_ref,
+                            &entry.topic,
+                            "presence_state",
+                            &state,
+                        ));
+                        if let Some(store) = &mut redis {
+                            store.track(&entry).await;
+                        }
+                        let diff = encode_diff(&[(&entry.key, &entry.meta)], &[]);
+                        publish_diff(&app, &entry.topic, &diff).await;
+                        local.add(entry);
+                    }
+                    Op::Untrack { topic, phx_ref } => {
+                        let Some((entry, last)) = local.remove(&topic, &phx_ref) else {
+                            continue;
+                        };
+                        let announce = match &mut redis {
+                            None => true,
+                            Some(store) => store.untrack(&entry, last).await,
+                        };
+                        if announce {
+                            let diff = encode_diff(&[], &[(&entry.key, &entry.meta)]);
+                            publish_diff(&app, &topic, &diff).await;
+                        }
+                    }
+                }
+                app.metrics.presence_entries.store(local.count() as u64, Ordering::Relaxed);
+            }
+            _ = beat.tick(), if redis.is_some() => {
+                if let Some(store) = &mut redis {
+                    store.beat(&app, &local).await;
+                }
+            }
+        }
+    }
+    if let Some(store) = &mut redis {
+        store.leave_all(&app).await;
+    }
+}
+
+/// Publishes a diff through the broker (so every node's subscribers get it, in order).
+async fn publish_diff(app: &App, topic: &str, payload: &str) {
+    let message = Message {
+        topic,
+        event: "presence_diff",
+        payload,
+    };
+    if let Err(e) = app
+        .broker
+        .publish(&app.hub, std::slice::from_ref(&message))
+        .await
+    {
+        tracing::warn!(topic, error = %e, "presence: could not publish a diff");
+    }
+}
+
+mod redis {
+    //! Presence entries in Redis: `<prefix>presence:<topic>` (a hash: `phx_ref` to
+    //! `{"key", "node", "meta"}`), `<prefix>presence:node:<id>` (the topics where a node has
+    //! entries), `<prefix>presence:nodes` (the nodes that may have entries) and
+    //! `<prefix>node:<id>` (a node's liveness key, with a TTL).
+
+    use super::{Entry, Local, encode_diff, encode_state, publish_diff};
+    use crate::app::App;
+    use crate::broker::redis::RedisBroker;
+    use redis::AsyncCommands;
+    use std::sync::Arc;
+
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct Stored {
+        key: String,
+        node: String,
+        meta: Box<serde_json::value::RawValue>,
+    }
+
+    pub(super) struct Store {
+        broker: Arc<RedisBroker>,
+        node: String,
+        ttl_ms: u64,
+        /// Set when a change could not be written: the next beat puts every entry back.
+        resync: bool,
+        /// Whether the liveness key has been set once.
+        started: bool,
+        /// The last failure logged (logged again only when it changes).
+        failing: Option<String>,
+    }
+
+    impl Store {
+        pub(super) fn new(broker: Arc<RedisBroker>, presence: &super::Presence) -> Store {
+            Store {
+                broker,
+                node: presence.node.clone(),
+                ttl_ms: presence.node_ttl.as_millis() as u64,
+                resync: false,
+                started: false,
+                failing: None,
+            }
+        }
+
+        fn key(&self, what: &str) -> String {
+            format!("{}{what}", self.broker.prefix())
+        }
+
+        fn failed(&mut self, doing: &str, e: &redis::RedisError) {
+            self.resync = true;
+            let text = format!("{doing}: {e}");
+            if self.failing.as_deref() != Some(text.as_str()) {
+                tracing::warn!(error = %text, "presence: Redis failed; entries will be put back");
+                self.failing = Some(text);
+            }
+        }
+
+        /// The topic's entries on every node, as a `presence_state` payload (empty when Redis
+        /// cannot be read: the diffs still come).
+        pub(super) async fn state(&mut self, topic: &str) -> Vec<u8> {
+            let all: Result<Vec<(String, String)>, _> = async {
+                let mut con = self.broker.commands().await?;
+                con.hgetall(self.key(&format!("presence:{topic}"))).await
+            }
+            .await;
+            match all {
+                Ok(all) => {
+                    let stored: Vec<Stored> = all
+                        .iter()
+                        .filter_map(|(_, v)| serde_json::from_str(v).ok())
+                        .collect();
+                    encode_state(stored.iter().map(|s| (s.key.as_str(), s.meta.get())))
+                }
+                Err(e) => {
+                    self.failed("reading a topic's entries", &e);
+                    b"{}".to_vec()
+                }
+            }
+        }
+
+        async fn write(&self, entry: &Entry) -> Result<(), redis::RedisError> {
+            let value = serde_json::json!({
+                "key": entry.key,
+                "node": self.node,
+                "meta": serde_json::value::RawValue::from_string(entry.meta.clone())
+                    .expect("meta is JSON"),
+            })
+            .to_string();
+            let mut con = self.broker.commands().await?;
+            redis::pipe()
+                .hset(
+                    self.key(&format!("presence:{}", entry.topic)),
+                    &entry.phx_ref,
+                    value,
+                )
+                .ignore()
+                .sadd(
+                    self.key(&format!("presence:node:{}", self.node)),
+                    &*entry.topic,
+                )
+                .ignore()
+                .query_async::<()>(&mut con)
+                .await
+        }
+
+        pub(super) async fn track(&mut self, entry: &Entry) {
+            if let Err(e) = self.write(entry).await {
+                self.failed("adding an entry", &e);
+            }
+        }
+
+        /// Removes an entry; `false` when it was not there (another node removed it and
+        /// announced the leave, or it was never written).
+        pub(super) async fn untrack(&mut self, entry: &Entry, last_here: bool) -> bool {
+            let result: Result<i64, redis::RedisError> = async {
+                let mut con = self.broker.commands().await?;
+                let (removed,): (i64,) = {
+                    let mut pipe = redis::pipe();
+                    pipe.hdel(
+                        self.key(&format!("presence:{}", entry.topic)),
+                        &entry.phx_ref,
+                    );
+                    if last_here {
+                        pipe.srem(
+                            self.key(&format!("presence:node:{}", self.node)),
+                            &*entry.topic,
+                        )
+                        .ignore();
+                    }
+                    pipe.query_async(&mut con).await?
+                };
+                Ok(removed)
+            }
+            .await;
+            match result {
+                Ok(removed) => removed > 0,
+                Err(e) => {
+                    self.failed("removing an entry", &e);
+                    true
+                }
+            }
+        }
+
+        /// Renews this node's liveness key, puts its entries back if they were lost, and
+        /// removes the entries of nodes that died.
+        pub(super) async fn beat(&mut self, app: &App, local: &Local) {
+            let renewed: Result<Option<String>, redis::RedisError> = async {
+                let mut con = self.broker.commands().await?;
+                let (previous,): (Option<String>,) = redis::pipe()
+                    .cmd("SET")
+                    .arg(self.key(&format!("node:{}", self.node)))
+                    .arg(1)
+                    .arg("PX")
+                    .arg(self.ttl_ms)
+                    .arg("GET")
+                    .sadd(self.key("presence:nodes"), &self.node)
+                    .ignore()
+                    .query_async(&mut con)
+                    .await?;
+                Ok(previous)
+            }
+            .await;
+            let previous = match renewed {
+                Ok(p) => p,
+                Err(e) => {
+                    self.failed("renewing this node's liveness key", &e);
+                    return;
+                }
+            };
+            if (previous.is_none() && self.started) || self.resync {
+                self.resync = false;
+                if self.failing.take().is_some() || previous.is_none() {
+                    tracing::info!(
+                        entries = local.count(),
+                        "presence: putting this node's entries back in Redis"
+                    );
+                }
+                self.reap(app, &self.node.clone()).await;
+                for entries in local.topics.values() {
+                    for entry in entries {
+                        self.track(entry).await;
+                        let diff = encode_diff(&[(&entry.key, &entry.meta)], &[]);
+                        publish_diff(app, &entry.topic, &diff).await;
+                    }
+                }
+            }
+            self.started = true;
+            self.reap_dead(app).await;
+        }
+
+        /// Removes the entries of nodes whose liveness key has expired (one node wins each).
+        async fn reap_dead(&mut self, app: &App) {
+            let dead: Result<Vec<String>, redis::RedisError> = async {
+                let mut con = self.broker.commands().await?;
+                let nodes: Vec<String> = con.smembers(self.key("presence:nodes")).await?;
+                let mut dead = Vec::new();
+                for id in nodes.into_iter().filter(|id| *id != self.node) {
+                    let alive: bool = con.exists(self.key(&format!("node:{id}"))).await?;
+                    if !alive {
+                        let won: i64 = con.srem(self.key("presence:nodes"), &id).await?;
+                        if won > 0 {
+                            dead.push(id);
+                        }
+                    }
+                }
+                Ok(dead)
+            }
+            .await;
+            match dead {
+                Ok(dead) => {
+                    for id in dead {
+                        let n = self.reap(app, &id).await;
+                        tracing::info!(node = %id, entries = n, "presence: removed a dead node's entries");
+                        crate::metrics::Metrics::add(&app.metrics.presence_reaped, n as u64);
+                    }
+                }
+                Err(e) => self.failed("looking for dead nodes", &e),
+            }
+        }
+
+        /// Removes every entry of node `id` and announces the leaves; returns how many.
+        async fn reap(&mut self, app: &App, id: &str) -> usize {
+            let gone: Result<Vec<(String, Vec<Stored>)>, redis::RedisError> = async {
+                let mut con = self.broker.commands().await?;
+                let node_topics = self.key(&format!("presence:node:{id}"));
+                let topics: Vec<String> = con.smembers(&node_topics).await?;
+                let mut gone = Vec::new();
+                for topic in topics {
+                    let hash = self.key(&format!("presence:{topic}"));
+                    let all: Vec<(String, String)> = con.hgetall(&hash).await?;
+                    let mut refs = Vec::new();
+                    let mut entries = Vec::new();
+                    for (phx_ref, value) in all {
+                        if let Ok(s) = serde_json::from_str::<Stored>(&value)
+                            && s.node == id
+                        {
+                            refs.push(phx_ref);
+                            entries.push(s);
+                        }
+                    }
+                    if !refs.is_empty() {
+                        let _: i64 = con.hdel(&hash, &refs).await?;
+                        gone.push((topic, entries));
+                    }
+                }
+                let _: i64 = con.del(&node_topics).await?;
+                Ok(gone)
+            }
+            .await;
+            match gone {
+                Ok(gone) => {
+                    let mut n = 0;
+                    for (topic, entries) in gone {
+                        n += entries.len();
+                        let leaves: Vec<(&str, &str)> = entries
+                            .iter()
+                            .map(|s| (s.key.as_str(), s.meta.get()))
+                            .collect();
+                        publish_diff(app, &topic, &encode_diff(&[], &leaves)).await;
+                    }
+                    n
+                }
+                Err(e) => {
+                    self.failed("removing a node's entries", &e);
+                    0
+                }
+            }
+        }
+
+        /// At shutdown: this node's entries leave, and so does the node.
+        pub(super) async fn leave_all(&mut self, app: &App) {
+            let node = self.node.clone();
+            self.reap(app, &node).await;
+            let result: Result<(), redis::RedisError> = async {
+                let mut con = self.broker.commands().await?;
+                redis::pipe()
+                    .del(self.key(&format!("node:{node}")))
+                    .ignore()
+                    .srem(self.key("presence:nodes"), &node)
+                    .ignore()
+                    .query_async::<()>(&mut con)
+                    .await
+            }
+            .await;
+            if let Err(e) = result {
+                self.failed("leaving", &e);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_groups_metas_by_key() {
+        let state = encode_state(
+            [
+                ("bob", r#"{"phx_ref":"1"}"#),
+                ("al\"ice", r#"{"phx_ref":"2"}"#),
+                ("bob", r#"{"phx_ref":"3"}"#),
+            ]
+            .into_iter(),
+        );
+        let v: serde_json::Value = serde_json::from_slice(&state).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({
+                "al\"ice": {"metas": [{"phx_ref": "2"}]},
+                "bob": {"metas": [{"phx_ref": "1"}, {"phx_ref": "3"}]},
+            })
+        );
+        assert_eq!(encode_state(std::iter::empty()), b"{}");
+    }
+
+    #[test]
+    fn diff_has_joins_and_leaves() {
+        let d = encode_diff(&[("a", r#"{"phx_ref":"1"}"#)], &[]);
+        assert_eq!(
+            d,
+            r#"{"joins":{"a":{"metas":[{"phx_ref":"1"}]}},"leaves":{}}"#
+        );
+    }
+
+    fn presence() -> Presence {
+        let config = PresenceConfig {
+            topics: vec!["room:*".into()],
+            max_meta_bytes: 64,
+            ..Default::default()
+        };
+        Presence::new(&config, "n1").unwrap()
+    }
+
+    #[test]
+    fn meta_is_checked_and_ours_wins() {
+        let p = presence();
+        assert!(p.tracks("room:1") && !p.tracks("lobby"));
+        let raw = |s: &str| serde_json::value::RawValue::from_string(s.into()).unwrap();
+        let e = p.prepare(None, Some(&raw("\"nope\""))).unwrap_err();
+        assert!(e.contains("presence must be a JSON object"), "{e}");
+        let big = format!("{{\"name\":\"{}\"}}", "x".repeat(64));
+        let e = p.prepare(None, Some(&raw(&big))).unwrap_err();
+        assert!(e.contains("presence.max_meta_bytes"), "{e}");
+
+        let prepared = p
+            .prepare(None, Some(&raw(r#"{"name":"Ann","phx_ref":"forged"}"#)))
+            .unwrap();
+        let mut queue = p.queue.lock().unwrap().take().unwrap();
+        let tracked = p.start(prepared, "room:1", "7", Box::new(|_| {}));
+        let Some(Op::Track {
+            entry, join_ref, ..
+        }) = queue.try_recv().ok()
+        else {
+            panic!("no track");
+        };
+        assert_eq!(join_ref, "7");
+        assert_eq!(entry.key, entry.phx_ref, "anonymous: its own key");
+        let meta: serde_json::Value = serde_json::from_str(&entry.meta).unwrap();
+        assert_eq!(meta["name"], "Ann");
+        assert_eq!(meta["phx_ref"], entry.phx_ref.as_str());
+        assert!(meta["online_at"].as_u64().unwrap() > 0);
+        drop(tracked);
+        assert!(
+            matches!(queue.try_recv(), Ok(Op::Untrack { phx_ref, .. }) if phx_ref == entry.phx_ref)
+        );
+
+        let prepared = p.prepare(Some("alice".into()), None).unwrap();
+        let _t = p.start(prepared, "room:1", "8", Box::new(|_| {}));
+        let Some(Op::Track { entry, .. }) = queue.try_recv().ok() else {
+            panic!("no track");
+        };
+        assert_eq!(entry.key, "alice");
+    }
+}

@@ -1,0 +1,289 @@
+//! Phoenix Presence (`[presence]`, src/presence.rs), frame by frame: `presence_state` to the
+//! joiner, `presence_diff` broadcasts as channels join and leave, keys from connect tokens, bad
+//! metas refused; and with the Redis broker across nodes, a dead node's entries removed, a
+//! restarted Redis refilled. tests/js/presence.test.js runs phoenix.js's `Presence` against it.
+
+mod support;
+
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::{Value, json};
+use std::net::SocketAddr;
+use support::*;
+
+const SECRET: &str = "a-connect-token-secret-of-32-bytes!";
+
+fn presence_config() -> pushgate::config::Config {
+    let mut c = test_config();
+    c.presence.topics = vec!["room:*".into()];
+    c
+}
+
+/// The next frame, which must be `event` on `topic`; returns its payload.
+async fn expect_event(ws: &mut Ws, topic: &str, event: &str) -> Value {
+    let m = recv(ws).await;
+    assert_eq!(
+        (m[2].as_str(), m[3].as_str()),
+        (Some(topic), Some(event)),
+        "{m}"
+    );
+    m[4].clone()
+}
+
+/// The keys of a state (or a diff's joins/leaves), each with its metas' `name`s.
+fn names(state: &Value) -> Vec<(String, Vec<String>)> {
+    let mut out: Vec<(String, Vec<String>)> = state
+        .as_object()
+        .unwrap_or_else(|| panic!("not an object: {state}"))
+        .iter()
+        .map(|(k, v)| {
+            let metas = v["metas"].as_array().unwrap_or_else(|| panic!("{v}"));
+            let mut n: Vec<String> = metas
+                .iter()
+                .map(|m| m["name"].as_str().unwrap_or("").to_string())
+                .collect();
+            n.sort();
+            (k.clone(), n)
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+fn only_names(state: &Value) -> Vec<String> {
+    let mut n: Vec<String> = names(state).into_iter().flat_map(|(_, n)| n).collect();
+    n.sort();
+    n
+}
+
+/// Joins `topic` as `name`; checks the reply, then returns the `presence_state` payload and the
+/// own join's diff.
+async fn join_as(ws: &mut Ws, join_ref: &str, topic: &str, name: &str) -> (Value, Value) {
+    join(
+        ws,
+        join_ref,
+        topic,
+        &format!(r#"{{"presence":{{"name":"{name}"}}}}"#),
+    )
+    .await;
+    let state = recv(ws).await;
+    assert_eq!(
+        state[0], join_ref,
+        "presence_state goes to the channel: {state}"
+    );
+    assert_eq!(state[3], "presence_state", "{state}");
+    let diff = expect_event(ws, topic, "presence_diff").await;
+    assert_eq!(only_names(&diff["joins"]), [name], "{diff}");
+    assert_eq!(diff["leaves"], json!({}), "{diff}");
+    (state[4].clone(), diff)
+}
+
+#[tokio::test]
+async fn joins_and_leaves_are_announced_to_everyone_on_the_topic() {
+    let s = start_with(presence_config()).await;
+    let mut ann = connect(s.addr).await;
+    let (state, diff) = join_as(&mut ann, "1", "room:1", "Ann").await;
+    assert_eq!(state, json!({}));
+    let (key, meta) = diff["joins"].as_object().unwrap().iter().next().unwrap();
+    assert_eq!(
+        meta["metas"][0]["phx_ref"],
+        key.as_str(),
+        "anonymous: keyed by its phx_ref"
+    );
+    assert!(meta["metas"][0]["online_at"].as_u64().unwrap() > 1_600_000_000_000);
+
+    let mut bob = connect(s.addr).await;
+    let (state, _) = join_as(&mut bob, "1", "room:1", "Bob").await;
+    assert_eq!(only_names(&state), ["Ann"], "{state}");
+    let diff = expect_event(&mut ann, "room:1", "presence_diff").await;
+    assert_eq!(only_names(&diff["joins"]), ["Bob"], "{diff}");
+    assert_eq!(metric(s.addr, "pushgate_presence_entries").await, Some(2.0));
+
+    // A leave, then a connection that goes away.
+    send(&mut bob, r#"["1","2","room:1","phx_leave",{}]"#).await;
+    assert_eq!(recv(&mut bob).await[3], "phx_reply");
+    assert_eq!(recv(&mut bob).await[3], "phx_close");
+    let diff = expect_event(&mut ann, "room:1", "presence_diff").await;
+    assert_eq!(diff["joins"], json!({}), "{diff}");
+    assert_eq!(only_names(&diff["leaves"]), ["Bob"], "{diff}");
+    join_as(&mut bob, "3", "room:1", "Bob").await;
+    expect_event(&mut ann, "room:1", "presence_diff").await;
+    drop(bob);
+    let diff = expect_event(&mut ann, "room:1", "presence_diff").await;
+    assert_eq!(only_names(&diff["leaves"]), ["Bob"], "{diff}");
+
+    // A later joiner sees only who is there.
+    let mut cy = connect(s.addr).await;
+    let (state, _) = join_as(&mut cy, "1", "room:1", "Cy").await;
+    assert_eq!(only_names(&state), ["Ann"], "{state}");
+}
+
+#[tokio::test]
+async fn other_topics_get_no_presence_and_bad_metas_are_refused() {
+    let s = start_with(presence_config()).await;
+    let mut ws = connect(s.addr).await;
+    join(&mut ws, "1", "lobby", r#"{"presence":{"name":"Ann"}}"#).await;
+    publish(s.addr, "lobby", "hello", "1").await;
+    let m = recv(&mut ws).await;
+    assert_eq!(m[3], "hello", "no presence frames on other topics: {m}");
+
+    for (params, says) in [
+        (r#"{"presence":"Ann"}"#.to_string(), "must be a JSON object"),
+        (r#"{"presence":[1]}"#.to_string(), "must be a JSON object"),
+        (
+            format!(r#"{{"presence":{{"name":"{}"}}}}"#, "x".repeat(600)),
+            "presence.max_meta_bytes",
+        ),
+    ] {
+        let reply = join_reply(&mut ws, "2", "room:1", &params).await;
+        assert_eq!(reply["status"], "error", "{reply}");
+        let reason = reply["response"]["reason"].as_str().unwrap();
+        assert!(reason.contains(says), "{reason:?} should say {says:?}");
+    }
+    // The connection and its channel carry on; a forged phx_ref is overwritten.
+    join(
+        &mut ws,
+        "3",
+        "room:1",
+        r#"{"presence":{"phx_ref":"mine","n":1}}"#,
+    )
+    .await;
+    assert_eq!(
+        expect_event(&mut ws, "room:1", "presence_state").await,
+        json!({})
+    );
+    let diff = expect_event(&mut ws, "room:1", "presence_diff").await;
+    let meta = diff["joins"].as_object().unwrap().values().next().unwrap()["metas"][0].clone();
+    assert_ne!(meta["phx_ref"], "mine", "{meta}");
+    assert_eq!(meta["n"], 1, "{meta}");
+    publish(s.addr, "lobby", "still", "2").await;
+    assert_eq!(recv(&mut ws).await[3], "still");
+}
+
+fn token(sub: &str) -> String {
+    let exp = jsonwebtoken::get_current_timestamp() + 600;
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &json!({"exp": exp, "sub": sub}),
+        &EncodingKey::from_secret(SECRET.as_bytes()).unwrap(),
+    )
+    .unwrap()
+}
+
+async fn connect_with_token(addr: SocketAddr, token: &str) -> Ws {
+    let url = format!("ws://{addr}/socket/websocket?vsn=2.0.0&token={token}");
+    tokio_tungstenite::connect_async(url).await.unwrap().0
+}
+
+#[tokio::test]
+async fn a_verified_token_s_subject_is_the_key() {
+    let mut c = presence_config();
+    c.auth.secret = SECRET.into();
+    let s = start_with(c).await;
+    let mut phone = connect_with_token(s.addr, &token("alice")).await;
+    let (_, diff) = join_as(&mut phone, "1", "room:2", "phone").await;
+    assert_eq!(
+        names(&diff["joins"]),
+        [("alice".into(), vec!["phone".into()])]
+    );
+    let mut laptop = connect_with_token(s.addr, &token("alice")).await;
+    let (state, _) = join_as(&mut laptop, "1", "room:2", "laptop").await;
+    assert_eq!(names(&state), [("alice".into(), vec!["phone".into()])]);
+    // A token that does not verify makes no claim: anonymous.
+    let forged = format!("{}x", token("bob"));
+    let mut other = connect_with_token(s.addr, &forged).await;
+    let (state, diff) = join_as(&mut other, "1", "room:2", "other").await;
+    assert_eq!(
+        names(&state),
+        [("alice".into(), vec!["laptop".into(), "phone".into()])]
+    );
+    assert_ne!(names(&diff["joins"])[0].0, "bob");
+}
+
+async fn node(redis: &RedisServer, ttl_ms: u64) -> TestServer {
+    let mut c = redis_config(&redis.url());
+    c.presence.topics = vec!["room:*".into()];
+    c.presence.node_ttl_ms = ttl_ms;
+    let s = start_with(c).await;
+    wait_ready(s.addr, 200).await;
+    s
+}
+
+#[tokio::test]
+async fn with_redis_every_node_sees_everyone_and_a_stopped_node_s_entries_leave() {
+    let redis = RedisServer::start();
+    let a = node(&redis, 60_000).await;
+    let b = node(&redis, 60_000).await;
+    let mut ann = connect(a.addr).await;
+    join_as(&mut ann, "1", "room:r", "Ann").await;
+    let mut bob = connect(b.addr).await;
+    let (state, _) = join_as(&mut bob, "1", "room:r", "Bob").await;
+    assert_eq!(only_names(&state), ["Ann"], "node B reads node A's entries");
+    let diff = expect_event(&mut ann, "room:r", "presence_diff").await;
+    assert_eq!(only_names(&diff["joins"]), ["Bob"], "{diff}");
+
+    // Node B stops: its entries leave at once, long before the TTL.
+    b.stop.cancel();
+    let diff = expect_event(&mut ann, "room:r", "presence_diff").await;
+    assert_eq!(only_names(&diff["leaves"]), ["Bob"], "{diff}");
+    let mut cy = connect(a.addr).await;
+    let (state, _) = join_as(&mut cy, "1", "room:r", "Cy").await;
+    assert_eq!(only_names(&state), ["Ann"], "{state}");
+}
+
+#[tokio::test]
+async fn with_redis_a_dead_node_s_entries_are_removed_and_announced() {
+    let redis = RedisServer::start();
+    // What a node that died leaves behind: entries, its topic list, no liveness key.
+    let ghost =
+        r#"{"key":"ghost","node":"deadbeef","meta":{"phx_ref":"deadbeef-1","name":"Ghost"}}"#;
+    redis.cli(&["HSET", "pushgate:presence:room:g", "deadbeef-1", ghost]);
+    redis.cli(&["SADD", "pushgate:presence:node:deadbeef", "room:g"]);
+    redis.cli(&["SADD", "pushgate:presence:nodes", "deadbeef"]);
+    // A live node with a long TTL, so it reaps from its first beats at the latest.
+    let a = node(&redis, 900).await;
+    let mut ann = connect(a.addr).await;
+    join(&mut ann, "1", "room:g", r#"{"presence":{"name":"Ann"}}"#).await;
+    // The ghost is in the state unless it was already reaped; either way its leave or its
+    // absence is all Ann ever sees of it afterwards.
+    let state = expect_event(&mut ann, "room:g", "presence_state").await;
+    let mut seen_leave = !only_names(&state).contains(&"Ghost".to_string());
+    let mut own_join = false;
+    while !(seen_leave && own_join) {
+        let diff = expect_event(&mut ann, "room:g", "presence_diff").await;
+        if only_names(&diff["leaves"]) == ["Ghost"] {
+            seen_leave = true;
+        }
+        if only_names(&diff["joins"]) == ["Ann"] {
+            own_join = true;
+        }
+    }
+    wait_until(|| redis.cli(&["HLEN", "pushgate:presence:room:g"]).trim() == "1").await;
+    assert_eq!(
+        redis
+            .cli(&["SISMEMBER", "pushgate:presence:nodes", "deadbeef"])
+            .trim(),
+        "0"
+    );
+    let reaped = metric(a.addr, "pushgate_presence_reaped_total").await;
+    assert!(seen_leave && reaped.is_some(), "{reaped:?}");
+}
+
+#[tokio::test]
+async fn with_redis_a_restarted_redis_gets_the_entries_back() {
+    let mut redis = RedisServer::start();
+    let a = node(&redis, 900).await;
+    let mut ann = connect(a.addr).await;
+    join_as(&mut ann, "1", "room:x", "Ann").await;
+    redis.restart(); // no persistence: every entry is gone
+    wait_ready(a.addr, 200).await;
+    // Within a beat or two the node notices its liveness key is gone and writes its entries
+    // back; a newcomer then sees Ann.
+    let end = tokio::time::Instant::now() + DEADLINE;
+    while redis.cli(&["HLEN", "pushgate:presence:room:x"]).trim() != "1" {
+        assert!(tokio::time::Instant::now() < end, "entries never came back");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let mut bob = connect(a.addr).await;
+    let (state, _) = join_as(&mut bob, "1", "room:x", "Bob").await;
+    assert_eq!(only_names(&state), ["Ann"], "{state}");
+}
