@@ -32,9 +32,14 @@ use crate::config::PresenceConfig;
 use crate::session::DirectFrame;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::sync::mpsc;
+
+/// Most changes waiting for the presence task (it stalls only while Redis does). Past this, new
+/// joins go ahead untracked (logged) until it catches up; leaves of tracked channels always queue,
+/// so the queue holds at most this many plus one leave per tracked channel.
+const MAX_QUEUED: usize = 65_536;
 
 /// Hands a frame to one session (through its mailbox).
 pub type Deliver = Box<dyn FnOnce(DirectFrame) + Send>;
@@ -46,8 +51,28 @@ pub struct Presence {
     node_ttl: Duration,
     node: String,
     next_ref: AtomicU64,
-    ops: mpsc::UnboundedSender<Op>,
+    ops: Sender,
     queue: std::sync::Mutex<Option<mpsc::UnboundedReceiver<Op>>>,
+}
+
+/// The queue to the presence task, with its length (see [`MAX_QUEUED`]).
+#[derive(Debug, Clone)]
+struct Sender {
+    tx: mpsc::UnboundedSender<Op>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl Sender {
+    fn send(&self, op: Op) {
+        self.queued.fetch_add(1, Ordering::Relaxed);
+        if self.tx.send(op).is_err() {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    fn full(&self) -> bool {
+        self.queued.load(Ordering::Relaxed) >= MAX_QUEUED
+    }
 }
 
 impl std::fmt::Debug for Presence {
@@ -90,14 +115,14 @@ pub struct Prepared {
 /// A tracked channel; dropping it (leave, rejoin, connection gone) untracks it.
 #[derive(Debug)]
 pub struct Tracked {
-    ops: mpsc::UnboundedSender<Op>,
+    ops: Sender,
     topic: Arc<str>,
     phx_ref: String,
 }
 
 impl Drop for Tracked {
     fn drop(&mut self) {
-        let _ = self.ops.send(Op::Untrack {
+        self.ops.send(Op::Untrack {
             topic: self.topic.clone(),
             phx_ref: std::mem::take(&mut self.phx_ref),
         });
@@ -110,7 +135,11 @@ impl Presence {
         if config.topics.is_empty() {
             return None;
         }
-        let (ops, queue) = mpsc::unbounded_channel();
+        let (tx, queue) = mpsc::unbounded_channel();
+        let ops = Sender {
+            tx,
+            queued: Default::default(),
+        };
         Some(Presence {
             topics: config.topics.clone(),
             max_meta_bytes: config.max_meta_bytes,
@@ -153,14 +182,22 @@ impl Presence {
     }
 
     /// Tracks a channel that has just been joined (and subscribed): `state_to` gets its
-    /// `presence_state` (addressed to `join_ref`), then everyone gets the join's diff.
+    /// `presence_state` (addressed to `join_ref`), then everyone gets the join's diff. `None`
+    /// while the presence task is [`MAX_QUEUED`] changes behind: the channel goes untracked.
     pub fn start(
         &self,
         prepared: Prepared,
         topic: &str,
         join_ref: &str,
         state_to: Deliver,
-    ) -> Tracked {
+    ) -> Option<Tracked> {
+        if self.ops.full() {
+            tracing::warn!(
+                topic,
+                "presence: too many changes waiting; a join goes untracked"
+            );
+            return None;
+        }
         let n = self.next_ref.fetch_add(1, Ordering::Relaxed);
         let phx_ref = format!("{}-{n:x}", self.node);
         let mut meta = serde_json::Map::new();
@@ -181,16 +218,16 @@ impl Presence {
             phx_ref: phx_ref.clone(),
             meta: serde_json::Value::Object(meta).to_string(),
         };
-        let _ = self.ops.send(Op::Track {
+        self.ops.send(Op::Track {
             entry,
             join_ref: join_ref.to_string(),
             state_to,
         });
-        Tracked {
+        Some(Tracked {
             ops: self.ops.clone(),
             topic,
             phx_ref,
-        }
+        })
     }
 }
 
@@ -289,6 +326,7 @@ pub async fn run(app: Arc<App>) {
             () = app.shutdown.cancelled() => break,
             op = queue.recv() => {
                 let Some(op) = op else { break };
+                presence.ops.queued.fetch_sub(1, Ordering::Relaxed);
                 match op {
                     Op::Track { entry, join_ref, state_to } => {
                         let state = match &mut redis {
@@ -707,7 +745,7 @@ mod tests {
             .prepare(None, Some(&raw(r#"{"name":"Ann","phx_ref":"forged"}"#)))
             .unwrap();
         let mut queue = p.queue.lock().unwrap().take().unwrap();
-        let tracked = p.start(prepared, "room:1", "7", Box::new(|_| {}));
+        let tracked = p.start(prepared, "room:1", "7", Box::new(|_| {})).unwrap();
         let Some(Op::Track {
             entry, join_ref, ..
         }) = queue.try_recv().ok()
@@ -731,5 +769,23 @@ mod tests {
             panic!("no track");
         };
         assert_eq!(entry.key, "alice");
+    }
+
+    #[test]
+    fn a_stalled_task_leaves_new_joins_untracked_but_never_loses_a_leave() {
+        let p = presence();
+        let _queue = p.queue.lock().unwrap().take().unwrap();
+        let start = || {
+            p.start(
+                p.prepare(None, None).unwrap(),
+                "room:1",
+                "1",
+                Box::new(|_| {}),
+            )
+        };
+        let tracked: Vec<Tracked> = (0..MAX_QUEUED).map(|_| start().unwrap()).collect();
+        assert!(start().is_none(), "the queue is full");
+        drop(tracked);
+        assert_eq!(p.ops.queued.load(Ordering::Relaxed), 2 * MAX_QUEUED);
     }
 }
