@@ -324,6 +324,13 @@ pub async fn run(app: Arc<App>) {
         tokio::select! {
             biased;
             () = app.shutdown.cancelled() => break,
+            // First, so the node's liveness key exists before its first entry, and renewals are
+            // never starved by a busy queue.
+            _ = beat.tick(), if redis.is_some() => {
+                if let Some(store) = &mut redis {
+                    store.beat(&app, &local).await;
+                }
+            }
             op = queue.recv() => {
                 let Some(op) = op else { break };
                 presence.ops.queued.fetch_sub(1, Ordering::Relaxed);
@@ -368,11 +375,6 @@ pub async fn run(app: Arc<App>) {
                     }
                 }
                 app.metrics.presence_entries.store(local.count() as u64, Ordering::Relaxed);
-            }
-            _ = beat.tick(), if redis.is_some() => {
-                if let Some(store) = &mut redis {
-                    store.beat(&app, &local).await;
-                }
             }
         }
     }
@@ -444,11 +446,16 @@ mod redis {
             format!("{}{what}", self.broker.prefix())
         }
 
+        /// A write failed: the next beat puts every entry back.
         fn failed(&mut self, doing: &str, e: &redis::RedisError) {
             self.resync = true;
+            self.log_failure(doing, e);
+        }
+
+        fn log_failure(&mut self, doing: &str, e: &redis::RedisError) {
             let text = format!("{doing}: {e}");
             if self.failing.as_deref() != Some(text.as_str()) {
-                tracing::warn!(error = %text, "presence: Redis failed; entries will be put back");
+                tracing::warn!(error = %text, "presence: Redis failed");
                 self.failing = Some(text);
             }
         }
@@ -470,7 +477,7 @@ mod redis {
                     encode_state(stored.iter().map(|s| (s.key.as_str(), s.meta.get())))
                 }
                 Err(e) => {
-                    self.failed("reading a topic's entries", &e);
+                    self.log_failure("reading a topic's entries", &e);
                     b"{}".to_vec()
                 }
             }
@@ -565,14 +572,15 @@ mod redis {
                     return;
                 }
             };
+            if self.failing.take().is_some() {
+                tracing::info!("presence: Redis answers again");
+            }
             if (previous.is_none() && self.started) || self.resync {
                 self.resync = false;
-                if self.failing.take().is_some() || previous.is_none() {
-                    tracing::info!(
-                        entries = local.count(),
-                        "presence: putting this node's entries back in Redis"
-                    );
-                }
+                tracing::info!(
+                    entries = local.count(),
+                    "presence: putting this node's entries back in Redis"
+                );
                 self.reap(app, &self.node.clone()).await;
                 for entries in local.topics.values() {
                     for entry in entries {

@@ -1,5 +1,6 @@
 // The demo page at `/` in headless Chromium, over plain HTTP: on WebSocket, on LongPoll, and
-// falling back to LongPoll by itself when the server has WebSockets switched off (demo-page.js
+// falling back to LongPoll by itself when the server has WebSockets switched off, and showing who
+// is here on a presence topic (demo-page.js
 // drives the browser and the page; tests/acme.rs runs the same page at the TLS edge over HTTP/2
 // through edge-browser.js). Screenshots go to tests/js/artifacts/ (git-ignored).
 // Run with `npm test` (see support.js for how the server is found).
@@ -9,8 +10,8 @@ import { mkdirSync } from "node:fs";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
 import { after, before, describe, it } from "node:test";
-import { launchBrowser, openDemo, publishThroughForm, waitForMessage, waitForTransport } from "./demo-page.js";
-import { PUBLISH_TOKEN, metric, publish, startServer } from "./support.js";
+import { UI_TIMEOUT_MS, launchBrowser, openDemo, publishThroughForm, waitForMessage, waitForTransport } from "./demo-page.js";
+import { PUBLISH_TOKEN, metric, publish, startServer, waitFor } from "./support.js";
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 const ARTIFACTS = path.join(HERE, "artifacts");
@@ -106,6 +107,66 @@ describe("demo page in headless Chromium, WebSockets switched off at the server"
         .screenshot({ path: path.join(ARTIFACTS, "demo-fallback.png"), fullPage: true })
         .catch(() => {});
       await demo.page.close();
+    }
+  });
+});
+
+describe("demo page in headless Chromium, presence on its topic", () => {
+  let server;
+  let browser = null;
+
+  before(async () => {
+    // A closed tab's LongPoll session expires within seconds.
+    server = await startServer({
+      env: {
+        PUSHGATE_PRESENCE_TOPICS: "room:*",
+        PUSHGATE_LONGPOLL_WINDOW_MS: "1000",
+        PUSHGATE_LONGPOLL_SESSION_TIMEOUT_MS: "2500",
+      },
+    });
+  });
+
+  after(async () => {
+    await browser?.close();
+    await server?.stop();
+  });
+
+  /** Waits until the page's presence line counts `n` (phoenix.js's Presence, synced). */
+  async function waitForPresence(demo, n) {
+    const shown = demo.page.locator("#presence");
+    await waitFor(
+      async () => (await demo.page.evaluate(() => document.body.dataset.presence)) === String(n),
+      UI_TIMEOUT_MS,
+      async () => `presence ${n}, shown "${await shown.textContent()}"${demo.describe()}`,
+    );
+  }
+
+  it("tabs over WebSocket and LongPoll see each other come and go", { timeout: TEST_TIMEOUT_MS }, async () => {
+    browser = await launchBrowser(new URL(server.url).origin);
+    const ws = await openDemo(browser, `${server.url}/`);
+    const lp = await openDemo(browser, `${server.url}/?transport=longpoll`);
+    try {
+      await waitForTransport(ws, "websocket");
+      await waitForTransport(lp, "longpoll");
+      await waitForPresence(ws, 2);
+      await waitForPresence(lp, 2);
+      assert.match(await ws.page.locator("#presence").textContent(), /^2 \(anonymous, anonymous\)$/);
+      // Presence diffs are not shown as messages; a published message still is.
+      const body = `with presence ${Math.random().toString(36).slice(2, 8)}`;
+      await publish(server, "room:lobby", "new_msg", { body });
+      await waitForMessage(ws, body);
+      assert.equal(await ws.page.locator("#messages li.message").count(), 1, await ws.page.locator("#messages").innerText());
+      await lp.page.close();
+      // The closed tab's LongPoll session expires and the other tab sees it go.
+      await waitForPresence(ws, 1);
+      const errors = ws.log.filter((line) => line.startsWith("pageerror"));
+      assert.deepEqual(errors, [], ws.describe());
+    } finally {
+      await ws.page
+        .screenshot({ path: path.join(ARTIFACTS, "demo-presence.png"), fullPage: true })
+        .catch(() => {});
+      await ws.page.close();
+      await lp.page.close().catch(() => {});
     }
   });
 });
