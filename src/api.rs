@@ -168,18 +168,22 @@ pub fn check_head(
     content_length: Option<u64>,
 ) -> Result<usize, Answer> {
     if !authorized(app, authorization) {
-        let mut a = Answer::error(
-            StatusCode::UNAUTHORIZED,
-            "missing or wrong bearer token (Authorization: Bearer <PUSHGATE_PUBLISH_TOKEN>)",
-        );
-        a.bearer_challenge = true;
-        return Err(a);
+        return Err(unauthorized());
     }
     let limit = app.config.publish.max_body_bytes;
     if content_length.is_some_and(|n| n > limit as u64) {
         return Err(too_big(limit));
     }
     Ok(limit)
+}
+
+fn unauthorized() -> Answer {
+    let mut a = Answer::error(
+        StatusCode::UNAUTHORIZED,
+        "missing or wrong bearer token (Authorization: Bearer <PUSHGATE_PUBLISH_TOKEN>)",
+    );
+    a.bearer_challenge = true;
+    a
 }
 
 pub fn too_big(limit: usize) -> Answer {
@@ -293,5 +297,53 @@ pub async fn publish_body(app: &App, body: &[u8]) -> Answer {
         status: StatusCode::OK,
         body,
         bearer_challenge: false,
+    }
+}
+
+/// Handles `GET /api/presence?topic=T` (the publish token as bearer): who is on a presence
+/// topic, on every node: `{"topic": T, "presences": {key: {"metas": [...]}}}`, what a joiner's
+/// `presence_state` would say.
+pub async fn presence(app: Arc<App>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.method() != hyper::Method::GET {
+        let mut r = error_response(StatusCode::METHOD_NOT_ALLOWED, "use GET for presence");
+        r.headers_mut()
+            .insert(header::ALLOW, header::HeaderValue::from_static("GET"));
+        return r;
+    }
+    let authorization = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .map(|v| v.as_bytes());
+    if !authorized(&app, authorization) {
+        return unauthorized().into_response();
+    }
+    let topic = req.uri().query().and_then(|q| {
+        form_urlencoded::parse(q.as_bytes())
+            .find(|(k, _)| k == "topic")
+            .map(|(_, v)| v.into_owned())
+    });
+    let Some(topic) = topic.filter(|t| !t.is_empty()) else {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            "missing topic: GET /api/presence?topic=<topic>",
+        );
+    };
+    let Some(presence) = app.presence.as_ref().filter(|p| p.tracks(&topic)) else {
+        return error_response(
+            StatusCode::NOT_FOUND,
+            "not a presence topic (presence.topics)",
+        );
+    };
+    match presence.list(&topic).await {
+        Ok(state) => {
+            let mut body = Vec::with_capacity(32 + topic.len() + state.len());
+            body.extend_from_slice(b"{\"topic\":");
+            protocol::push_json_str(&mut body, &topic);
+            body.extend_from_slice(b",\"presences\":");
+            body.extend_from_slice(&state);
+            body.push(b'}');
+            json_response(StatusCode::OK, body)
+        }
+        Err(e) => error_response(StatusCode::SERVICE_UNAVAILABLE, &e),
     }
 }

@@ -103,7 +103,15 @@ enum Op {
         topic: Arc<str>,
         phx_ref: String,
     },
+    /// `GET /api/presence`.
+    List {
+        topic: Arc<str>,
+        reply: tokio::sync::oneshot::Sender<Result<Vec<u8>, String>>,
+    },
 }
+
+/// How long `GET /api/presence` waits for the presence task.
+const LIST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A join that will be tracked once it is answered ([`Presence::start`]).
 #[derive(Debug)]
@@ -231,6 +239,26 @@ impl Presence {
     }
 }
 
+impl Presence {
+    /// Who is on `topic` now, on every node, as a `presence_state` payload (for
+    /// `GET /api/presence`). `Err` says why it cannot be told (HTTP 503).
+    pub async fn list(&self, topic: &str) -> Result<Vec<u8>, String> {
+        if self.ops.full() {
+            return Err("presence is busy: too many changes waiting; retry".into());
+        }
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.ops.send(Op::List {
+            topic: topic.into(),
+            reply,
+        });
+        match tokio::time::timeout(LIST_TIMEOUT, answer).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err("presence is not running (shutting down)".into()),
+            Err(_) => Err("presence did not answer within 5 s".into()),
+        }
+    }
+}
+
 /// `{key: {"metas": [meta, ...]}, ...}` of `entries`.
 fn encode_state<'a>(entries: impl Iterator<Item = (&'a str, &'a str)>) -> Vec<u8> {
     let mut by_key: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
@@ -294,6 +322,17 @@ impl Local {
         Some((entry, last))
     }
 
+    /// The topic's entries here, as a `presence_state` payload.
+    fn state(&self, topic: &str) -> Vec<u8> {
+        encode_state(
+            self.topics
+                .get(topic)
+                .into_iter()
+                .flatten()
+                .map(|e| (e.key.as_str(), e.meta.as_str())),
+        )
+    }
+
     fn count(&self) -> usize {
         self.topics.values().map(Vec::len).sum()
     }
@@ -337,14 +376,7 @@ pub async fn run(app: Arc<App>) {
                 match op {
                     Op::Track { entry, join_ref, state_to } => {
                         let state = match &mut redis {
-                            None => encode_state(
-                                local
-                                    .topics
-                                    .get(&entry.topic)
-                                    .into_iter()
-                                    .flatten()
-                                    .map(|e| (e.key.as_str(), e.meta.as_str())),
-                            ),
+                            None => local.state(&entry.topic),
                             Some(store) => store.state(&entry.topic).await,
                         };
                         state_to(crate::protocol::encode_push(
@@ -372,6 +404,16 @@ pub async fn run(app: Arc<App>) {
                             let diff = encode_diff(&[], &[(&entry.key, &entry.meta)]);
                             publish_diff(&app, &topic, &diff).await;
                         }
+                    }
+                    Op::List { topic, reply } => {
+                        let state = match &mut redis {
+                            None => Ok(local.state(&topic)),
+                            Some(store) => store
+                                .read_state(&topic)
+                                .await
+                                .map_err(|e| format!("Redis: {e}")),
+                        };
+                        let _ = reply.send(state);
                     }
                 }
                 app.metrics.presence_entries.store(local.count() as u64, Ordering::Relaxed);
@@ -463,24 +505,27 @@ mod redis {
         /// The topic's entries on every node, as a `presence_state` payload (empty when Redis
         /// cannot be read: the diffs still come).
         pub(super) async fn state(&mut self, topic: &str) -> Vec<u8> {
-            let all: Result<Vec<(String, String)>, _> = async {
-                let mut con = self.broker.commands().await?;
-                con.hgetall(self.key(&format!("presence:{topic}"))).await
-            }
-            .await;
-            match all {
-                Ok(all) => {
-                    let stored: Vec<Stored> = all
-                        .iter()
-                        .filter_map(|(_, v)| serde_json::from_str(v).ok())
-                        .collect();
-                    encode_state(stored.iter().map(|s| (s.key.as_str(), s.meta.get())))
-                }
+            match self.read_state(topic).await {
+                Ok(state) => state,
                 Err(e) => {
                     self.log_failure("reading a topic's entries", &e);
                     b"{}".to_vec()
                 }
             }
+        }
+
+        /// The topic's entries on every node, as a `presence_state` payload.
+        pub(super) async fn read_state(&self, topic: &str) -> Result<Vec<u8>, redis::RedisError> {
+            let mut con = self.broker.commands().await?;
+            let all: Vec<(String, String)> =
+                con.hgetall(self.key(&format!("presence:{topic}"))).await?;
+            let stored: Vec<Stored> = all
+                .iter()
+                .filter_map(|(_, v)| serde_json::from_str(v).ok())
+                .collect();
+            Ok(encode_state(
+                stored.iter().map(|s| (s.key.as_str(), s.meta.get())),
+            ))
         }
 
         async fn write(&self, entry: &Entry) -> Result<(), redis::RedisError> {

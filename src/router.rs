@@ -27,6 +27,7 @@ pub async fn route(
         "/socket/longpoll" if app.config.longpoll.enabled => longpoll::handle(app, req).await,
         "/socket/longpoll" => longpoll::disabled(),
         "/api/publish" => api::publish(app, req).await,
+        "/api/presence" => api::presence(app, req).await,
         "/healthz" => json_response(StatusCode::OK, &b"{\"status\":\"ok\"}"[..]),
         "/readyz" => {
             let reason = if app.is_draining() {

@@ -370,6 +370,10 @@ impl Session {
             }
             _ => None,
         };
+        if self.channels.capacity() == 0 {
+            // Most connections join one topic: room for one, not the four a first push makes.
+            self.channels.reserve_exact(1);
+        }
         self.channels.push(Channel {
             join_ref,
             sub,

@@ -199,6 +199,73 @@ async fn a_verified_token_s_subject_is_the_key() {
     assert_ne!(names(&diff["joins"])[0].0, "bob");
 }
 
+/// `GET /api/presence?topic=...` with the publish token: (status, body as JSON).
+async fn api_presence(addr: SocketAddr, query: &str) -> (u16, Value) {
+    let auth = format!("Bearer {TOKEN}");
+    let (status, _, body) = http(
+        addr,
+        "GET",
+        &format!("/api/presence{query}"),
+        &[("Authorization", &auth)],
+        b"",
+    )
+    .await;
+    (status, body_json(&body))
+}
+
+#[tokio::test]
+async fn the_app_asks_who_is_on_a_topic() {
+    let s = start_with(presence_config()).await;
+    let (status, body) = api_presence(s.addr, "?topic=room%3A5").await;
+    assert_eq!(
+        (status, &body),
+        (200, &json!({"topic": "room:5", "presences": {}}))
+    );
+    let mut ann = connect(s.addr).await;
+    let (_, diff) = join_as(&mut ann, "1", "room:5", "Ann").await;
+    let (status, body) = api_presence(s.addr, "?topic=room:5").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["presences"], diff["joins"],
+        "the same entry the clients were told of"
+    );
+
+    for (query, want, says) in [
+        ("", 400, "missing topic"),
+        ("?topic=", 400, "missing topic"),
+        ("?topic=lobby", 404, "presence.topics"),
+    ] {
+        let (status, body) = api_presence(s.addr, query).await;
+        assert_eq!(status, want, "{query}: {body}");
+        assert!(
+            body["error"].as_str().unwrap().contains(says),
+            "{query}: {body}"
+        );
+    }
+    let (status, head, _) = http(s.addr, "GET", "/api/presence?topic=room:5", &[], b"").await;
+    assert_eq!(status, 401);
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("www-authenticate: bearer"),
+        "{head}"
+    );
+    let auth = format!("Bearer {TOKEN}");
+    let (status, head, _) = http(
+        s.addr,
+        "POST",
+        "/api/presence?topic=room:5",
+        &[("Authorization", &auth)],
+        b"",
+    )
+    .await;
+    assert_eq!(status, 405);
+    assert!(head.to_ascii_lowercase().contains("allow: get"), "{head}");
+
+    // Without presence configured, no topic is a presence topic.
+    let plain = start().await;
+    assert_eq!(api_presence(plain.addr, "?topic=room:5").await.0, 404);
+}
+
 async fn node(redis: &RedisServer, ttl_ms: u64) -> TestServer {
     let mut c = redis_config(&redis.url());
     c.presence.topics = vec!["room:*".into()];
@@ -220,6 +287,12 @@ async fn with_redis_every_node_sees_everyone_and_a_stopped_node_s_entries_leave(
     assert_eq!(only_names(&state), ["Ann"], "node B reads node A's entries");
     let diff = expect_event(&mut ann, "room:r", "presence_diff").await;
     assert_eq!(only_names(&diff["joins"]), ["Bob"], "{diff}");
+    // Either node tells the app about both.
+    for n in [&a, &b] {
+        let (status, body) = api_presence(n.addr, "?topic=room:r").await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(only_names(&body["presences"]), ["Ann", "Bob"], "{body}");
+    }
 
     // Node B stops: its entries leave at once, long before the TTL.
     b.stop.cancel();
@@ -286,4 +359,24 @@ async fn with_redis_a_restarted_redis_gets_the_entries_back() {
     let mut bob = connect(a.addr).await;
     let (state, _) = join_as(&mut bob, "1", "room:x", "Bob").await;
     assert_eq!(only_names(&state), ["Ann"], "{state}");
+}
+
+#[tokio::test]
+async fn with_redis_the_api_says_when_redis_does_not_answer() {
+    let redis = RedisServer::start();
+    let a = node(&redis, 60_000).await;
+    assert_eq!(api_presence(a.addr, "?topic=room:p").await.0, 200);
+    redis.pause();
+    let (status, body) = api_presence(a.addr, "?topic=room:p").await;
+    redis.resume();
+    assert_eq!(status, 503, "{body}");
+    assert!(!body["error"].as_str().unwrap().is_empty(), "{body}");
+    let end = tokio::time::Instant::now() + DEADLINE;
+    while api_presence(a.addr, "?topic=room:p").await.0 != 200 {
+        assert!(
+            tokio::time::Instant::now() < end,
+            "the API never answered again"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }
