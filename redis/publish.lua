@@ -7,6 +7,8 @@
 -- ARGV[3]  payload, as JSON text
 -- ARGV[4]  history size (messages kept; default 1000)
 -- ARGV[5]  history age in seconds (keys expire this long after the last publish; default 300)
+-- ARGV[6]  optional: a sender id ("<node>.<connection>", a forwarded push's "sender") whose
+--          connection must not get the message ("send to others"); empty or absent for none
 -- Returns the message's position "<epoch>:<offset>".
 --
 -- The epoch changes whenever the topic's history is lost or recreated (the meta hash expired
@@ -26,8 +28,12 @@ if not epoch then
 end
 local offset = redis.call('HINCRBY', KEYS[1], 'offset', 1)
 local position = epoch .. ':' .. offset
+local exclude = ''
+if ARGV[6] and ARGV[6] ~= '' then
+  exclude = ',"exclude":' .. cjson.encode(ARGV[6])
+end
 local message = '{"position":"' .. position .. '","event":' .. cjson.encode(ARGV[2]) ..
-  ',"payload":' .. ARGV[3] .. '}'
+  ',"payload":' .. ARGV[3] .. exclude .. '}'
 local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 redis.call('XADD', KEYS[2], 'MAXLEN', size, offset .. '-0', 'm', message, 't', ms)
 redis.call('EXPIRE', KEYS[1], ttl)

@@ -1,6 +1,8 @@
 //! `POST /api/publish`: the HTTP publish API pinned in DESIGN.md §2.
 //!
-//! Body: one `{"topic", "event", "payload"}` object, or an array of them (published in order).
+//! Body: one `{"topic", "event", "payload"}` object, or an array of them (published in order);
+//! an item may add `"exclude": "<sender id>"` to leave out the connection a forwarded push came
+//! from ("send to others").
 //! Answers `200 {"position": ...}` or `200 {"positions": [...]}`; `400`/`413` with
 //! `{"error": "..."}` naming the problem; `401` for a wrong or missing bearer token.
 //! A batch is validated whole before anything is published, so a bad item publishes nothing.
@@ -25,6 +27,9 @@ struct PublishItem<'a> {
     event: std::borrow::Cow<'a, str>,
     #[serde(borrow)]
     payload: &'a RawValue,
+    /// A sender id (a forwarded push's `sender`): that connection does not get the message.
+    #[serde(borrow, default)]
+    exclude: Option<std::borrow::Cow<'a, str>>,
 }
 
 /// The headers of a JSON answer (both HTTP paths send exactly these).
@@ -94,6 +99,13 @@ fn validate(item: &PublishItem) -> Result<(), String> {
     }
     if item.event.starts_with("phx_") {
         return Err("\"event\" must not start with \"phx_\" (reserved by the protocol)".into());
+    }
+    if let Some(e) = &item.exclude
+        && !crate::session::is_sender_id(e)
+    {
+        return Err(
+            "\"exclude\" must be a sender id, as a forwarded push's \"sender\" gives it".into(),
+        );
     }
     Ok(())
 }
@@ -271,9 +283,10 @@ pub async fn publish_body(app: &App, body: &[u8]) -> Answer {
             topic: i.topic.as_ref(),
             event: i.event.as_ref(),
             payload: i.payload.get(),
+            exclude: i.exclude.as_deref(),
         })
         .collect();
-    let positions = match app.broker.publish(&app.hub, &messages).await {
+    let positions = match app.broker.publish(app, &messages).await {
         Ok(p) => p,
         Err(crate::broker::PublishError::Unavailable(e)) => {
             tracing::warn!(error = %e, "publish failed: broker unavailable");

@@ -1,8 +1,10 @@
 //! Client pushes forwarded to the application (`[forward]`).
 //!
 //! A push on a joined topic that matches `forward.topics` (any event but the protocol's own
-//! `phx_*`) is POSTed to `forward.url` as JSON `{"topic", "event", "payload", "token"}` (`token`:
-//! what the client connected with, see [`crate::auth`], or null), with the publish token as its
+//! `phx_*`) is POSTed to `forward.url` as JSON `{"topic", "event", "payload", "token", "sender"}`
+//! (`token`: what the client connected with, see [`crate::auth`], or null; `sender`: the
+//! connection's sender id, which a publish's `exclude` names to leave the pusher out), with the
+//! publish token as its
 //! bearer so the app knows the request comes from pushgate. The app's answer is the push's
 //! reply: a 2xx answer's JSON body is an "ok" reply's response, a 4xx answer's an "error"
 //! reply's (an empty body counts as `{}`); anything else (5xx, no connection, no answer within
@@ -66,6 +68,8 @@ pub struct Job {
     pub event: String,
     pub payload: Box<RawValue>,
     pub token: Option<String>,
+    /// The pushing connection's [`crate::session::sender_id`].
+    pub sender: String,
 }
 
 /// One session's pushes, in order, to the app; the task behind it ends when the lane is dropped.
@@ -218,6 +222,8 @@ impl Forwarder {
             Some(t) => protocol::push_json_str(&mut body, t),
             None => body.extend_from_slice(b"null"),
         }
+        body.extend_from_slice(b",\"sender\":");
+        protocol::push_json_str(&mut body, &job.sender);
         body.push(b'}');
         let req = Request::post(self.uri.clone())
             .header(header::CONTENT_TYPE, "application/json")

@@ -56,6 +56,16 @@ pub fn parse_position(s: &str) -> Option<(&str, u64)> {
     Some((epoch, offset.parse().ok()?))
 }
 
+/// A message to append to a topic.
+#[derive(Debug, Clone, Copy)]
+pub struct Broadcast<'a> {
+    pub event: &'a str,
+    /// JSON text.
+    pub payload: &'a [u8],
+    /// The [`Waker::id`] of a connection of this node that must not get it, or 0.
+    pub exclude: u64,
+}
+
 /// One broadcast, encoded once and shared by every subscriber.
 #[derive(Debug, Clone)]
 pub struct Entry {
@@ -73,6 +83,9 @@ pub struct Entry {
     /// The text as a JSON string literal (how a LongPoll answer carries it), made by the first
     /// LongPoll subscriber that takes the entry and shared by the rest.
     json_string: std::sync::OnceLock<Bytes>,
+    /// The [`Waker::id`] of the connection this message is not for ("send to others"; the
+    /// publish's `exclude`), or 0.
+    pub exclude: u64,
 }
 
 impl Entry {
@@ -152,8 +165,10 @@ struct Parked {
 /// The lock decides who writes: the sweep only while the connection is parked, the task only
 /// after it has unparked, so frames never interleave and a subscription's position has one
 /// writer at a time.
-#[derive(Default)]
 pub struct Waker {
+    /// This node's number for the connection (or LongPoll session), unique for the process's
+    /// life: what a publish's `exclude` names ("send to others").
+    pub id: u64,
     task: atomic_waker::AtomicWaker,
     scheduled: AtomicBool,
     /// Woken ahead of the others when a quiet topic gets a message (see [`WAKE_CHUNK`]).
@@ -163,6 +178,20 @@ pub struct Waker {
     /// in progress or a broker join in flight (bounded by the broker's timeouts).
     sink: std::sync::OnceLock<Sink>,
     parked: Mutex<Parked>,
+}
+
+impl Default for Waker {
+    fn default() -> Waker {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+        Waker {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            task: Default::default(),
+            scheduled: Default::default(),
+            eager: Default::default(),
+            sink: Default::default(),
+            parked: Default::default(),
+        }
+    }
 }
 
 impl std::fmt::Debug for Waker {
@@ -283,9 +312,9 @@ impl Subscriber {
 
     /// Delivers entry `newest` directly if possible, wakes the connection otherwise. Returns
     /// whether it was delivered directly.
-    fn deliver_or_wake(&self, newest: Option<&(u64, Bytes)>) -> bool {
-        if let (Subscriber::Direct(d), Some((seq, frame))) = (self, newest)
-            && d.try_deliver(*seq, frame)
+    fn deliver_or_wake(&self, newest: Option<&Newest>) -> bool {
+        if let (Subscriber::Direct(d), Some(n)) = (self, newest)
+            && d.try_deliver(n)
         {
             return true;
         }
@@ -313,10 +342,15 @@ pub struct Direct {
 
 impl Direct {
     /// Writes entry `seq` (`frame`) straight to the subscriber's socket when its connection is
-    /// parked and `seq` is the only entry it lacks. `true` when that delivered it whole;
-    /// `false` when the connection must be woken instead (also after a partial write, whose
-    /// tail the connection then writes first).
-    fn try_deliver(&self, seq: u64, frame: &Bytes) -> bool {
+    /// parked and `seq` is the only entry it lacks. `true` when that delivered it whole (or
+    /// skipped it: the entry excludes this connection); `false` when the connection must be
+    /// woken instead (also after a partial write, whose tail the connection then writes first).
+    fn try_deliver(&self, newest: &Newest) -> bool {
+        let Newest {
+            seq,
+            ref frame,
+            exclude,
+        } = *newest;
         // Cheap checks first; the position is checked again under the lock.
         if !self.allowed.load(Ordering::Relaxed) || self.last.load(Ordering::Relaxed) + 1 != seq {
             return false;
@@ -329,6 +363,10 @@ impl Direct {
         };
         if !p.on || p.partial.is_some() || self.last.load(Ordering::Relaxed) + 1 != seq {
             return false;
+        }
+        if exclude != 0 && exclude == self.waker.id {
+            self.last.store(seq, Ordering::Relaxed);
+            return true;
         }
         match sink.try_send(frame) {
             Ok(n) if n == frame.len() => {
@@ -359,15 +397,24 @@ impl Direct {
 /// Subscribers a sweep prefetches before writing to them (see [`DirectSink::prefetch`]).
 const PREFETCH_GROUP: usize = 16;
 
+/// What a direct delivery writes: the newest entry's sequence number and frame, and whom it
+/// skips.
+#[derive(Debug)]
+struct Newest {
+    seq: u64,
+    frame: Bytes,
+    exclude: u64,
+}
+
 /// Delivers the newest entry to each of `subs` directly where it can, wakes the others;
 /// returns how many were delivered directly. Works on a copy of the subscriber list, so no
 /// lock is held while it writes.
-fn deliver_all(subs: &[Subscriber], newest: Option<&(u64, Bytes)>) -> u64 {
+fn deliver_all(subs: &[Subscriber], newest: Option<&Newest>) -> u64 {
     let mut direct = 0;
     for group in subs.chunks(PREFETCH_GROUP) {
-        if let Some((seq, _)) = newest {
+        if let Some(n) = newest {
             for s in group {
-                s.prefetch(*seq);
+                s.prefetch(n.seq);
             }
         }
         for s in group {
@@ -634,9 +681,13 @@ enum Start {
 }
 
 impl TopicState {
-    /// The newest entry's sequence number and frame: what a direct delivery writes.
-    fn newest(&self) -> Option<(u64, Bytes)> {
-        self.entries.back().map(|e| (e.seq, e.frame.clone()))
+    /// The newest entry: what a direct delivery writes.
+    fn newest(&self) -> Option<Newest> {
+        self.entries.back().map(|e| Newest {
+            seq: e.seq,
+            frame: e.frame.clone(),
+            exclude: e.exclude,
+        })
     }
 
     fn snapshot(&self) -> Vec<Subscriber> {
@@ -644,14 +695,12 @@ impl TopicState {
     }
 
     /// Encodes and appends one broadcast; `offset` 0 means it has no position.
-    fn append(
-        &mut self,
-        name: &str,
-        offset: u64,
-        event: &str,
-        payload: &[u8],
-        history: &HistoryConfig,
-    ) {
+    fn append(&mut self, name: &str, offset: u64, message: Broadcast<'_>, history: &HistoryConfig) {
+        let Broadcast {
+            event,
+            payload,
+            exclude,
+        } = message;
         let position = (offset > 0).then(|| format!("{}:{}", self.epoch, offset));
         let mut buf = Vec::with_capacity(
             ws::MAX_HEADER + 40 + self.epoch.len() + name.len() + event.len() + payload.len(),
@@ -673,6 +722,7 @@ impl TopicState {
             cum_start,
             at: now,
             json_string: std::sync::OnceLock::new(),
+            exclude,
         });
         self.total_bytes += len;
         if offset > 0 {
@@ -994,8 +1044,7 @@ impl Hub {
         &self,
         name: &str,
         position: Option<(&str, u64)>,
-        event: &str,
-        payload: &[u8],
+        message: Broadcast<'_>,
     ) -> RemoteAppend {
         let Some(topic) = self.map().get(name).cloned() else {
             return RemoteAppend::NotLive;
@@ -1023,7 +1072,7 @@ impl Hub {
                 offset
             }
         };
-        st.append(name, offset, event, payload, &self.history);
+        st.append(name, offset, message, &self.history);
         drop(st);
         wake_subscribers(&topic, &self.metrics);
         Metrics::add(&self.metrics.messages_published, 1);
@@ -1037,8 +1086,7 @@ impl Hub {
         name: &str,
         epoch: &str,
         offset: u64,
-        event: &str,
-        payload: &[u8],
+        message: Broadcast<'_>,
     ) {
         if let Some(topic) = self.map().get(name).cloned() {
             let mut st = topic.write();
@@ -1046,13 +1094,25 @@ impl Hub {
                 st.last_offset = offset - 1;
             }
             drop(st);
-            self.append_remote(name, Some((epoch, offset)), event, payload);
+            self.append_remote(name, Some((epoch, offset)), message);
         }
     }
 
     /// Publishes one message to a topic of this node (embedded broker); returns its position.
     /// `payload` must be valid JSON text.
     pub fn publish(&self, name: &str, event: &str, payload: &[u8]) -> Position {
+        self.publish_message(
+            name,
+            Broadcast {
+                event,
+                payload,
+                exclude: 0,
+            },
+        )
+    }
+
+    /// [`Hub::publish`] of a message that may exclude one connection.
+    pub fn publish_message(&self, name: &str, message: Broadcast<'_>) -> Position {
         loop {
             let topic = {
                 let mut map = self.map();
@@ -1063,7 +1123,7 @@ impl Hub {
                 continue;
             }
             let offset = st.last_offset + 1;
-            st.append(name, offset, event, payload, &self.history);
+            st.append(name, offset, message, &self.history);
             let position = Position {
                 epoch: st.epoch.clone(),
                 offset,

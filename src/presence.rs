@@ -431,10 +431,11 @@ async fn publish_diff(app: &App, topic: &str, payload: &str) {
         topic,
         event: "presence_diff",
         payload,
+        exclude: None,
     };
     if let Err(e) = app
         .broker
-        .publish(&app.hub, std::slice::from_ref(&message))
+        .publish(app, std::slice::from_ref(&message))
         .await
     {
         tracing::warn!(topic, error = %e, "presence: could not publish a diff");

@@ -90,6 +90,28 @@ struct JoinParams {
     presence: Option<Box<serde_json::value::RawValue>>,
 }
 
+/// A connection's sender id, `<node>.<connection>`: what a forwarded push carries as `sender`,
+/// and what a publish's `exclude` names to leave that connection out ("send to others").
+pub fn sender_id(node: &str, waker: &Waker) -> String {
+    format!("{node}.{}", waker.id)
+}
+
+/// The connection (its [`Waker::id`]) a sender id names, when it is one of node `node`'s.
+pub fn local_sender(sender: &str, node: &str) -> Option<u64> {
+    let (n, id) = sender.split_once('.')?;
+    (n == node).then(|| id.parse().ok()).flatten()
+}
+
+/// Whether `sender` has the shape of a sender id (any node's).
+pub fn is_sender_id(sender: &str) -> bool {
+    sender.split_once('.').is_some_and(|(n, id)| {
+        !n.is_empty()
+            && n.len() <= 32
+            && n.bytes().all(|b| b.is_ascii_alphanumeric())
+            && id.parse::<u64>().is_ok_and(|i| i > 0)
+    })
+}
+
 impl Session {
     pub fn new(app: Arc<App>, connect: ConnectInfo) -> Session {
         Session::with_waker(app, connect, Arc::new(Waker::default()))
@@ -488,6 +510,7 @@ impl Session {
                         event: msg.event,
                         payload,
                         token: crate::auth::connect_token(&self.connect).map(str::to_string),
+                        sender: sender_id(&self.app.node_id, &self.waker),
                     };
                     let lane = match self.lane.take() {
                         Some(lane) => lane,
@@ -581,13 +604,19 @@ impl Session {
         let max_pending = self.app.config.limits.max_pending_bytes;
         let mut total = 0;
         let mut bytes = 0usize;
+        let me = self.waker.id;
         for ch in &mut self.channels {
             let remaining = budget.saturating_sub(bytes);
+            let mut skipped = 0;
             let mut count_bytes = |e: &Entry| {
+                if e.exclude == me {
+                    skipped += 1; // "send to others": not for this connection
+                    return;
+                }
                 bytes += e.ws_frame().len();
                 emit(e)
             };
-            total += ch.sub.read(max_pending, remaining, &mut count_bytes)?;
+            total += ch.sub.read(max_pending, remaining, &mut count_bytes)? - skipped;
             if bytes >= budget {
                 // Come back for the rest: the waker stays set so the transport loops again.
                 self.waker.wake();

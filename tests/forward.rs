@@ -162,9 +162,16 @@ async fn pushes_go_to_the_app_and_its_answer_is_the_reply() {
     {
         let seen = app.seen.lock().unwrap();
         assert_eq!(seen.bearers[0], format!("Bearer {TOKEN}"));
+        let mut body = seen.bodies[0].clone();
+        let sender = body.as_object_mut().unwrap().remove("sender").unwrap();
         assert_eq!(
-            seen.bodies[0],
+            body,
             json!({"topic": "room:lobby", "event": "echo", "payload": {"body": "hi"}, "token": "user-7"})
+        );
+        let sender = sender.as_str().unwrap();
+        assert!(
+            sender.starts_with(&format!("{}.", s.app.node_id)),
+            "{sender}"
         );
     }
 
@@ -316,4 +323,113 @@ async fn an_https_app_is_reached_when_its_ca_is_trusted_and_refused_otherwise() 
         }
     }
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Pushes once on `ws` (joined to `topic`) and returns the `sender` the app was told.
+async fn sender_of(app: &TestApp, ws: &mut Ws, topic: &str) -> String {
+    push(ws, "9", topic, "echo", json!({})).await;
+    assert_eq!(reply(ws, "9", topic).await["status"], "ok");
+    let seen = app.seen.lock().unwrap();
+    seen.bodies.last().unwrap()["sender"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// The events of the next `n` frames.
+async fn events(ws: &mut Ws, n: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        out.push(recv(ws).await[3].as_str().unwrap().to_string());
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_publish_can_leave_out_the_pusher_send_to_others() {
+    let app = start_app().await;
+    let s = start_with(forwarding_config(app.addr)).await;
+    // More subscribers than a publish wakes inline, so the fanout sweep delivers too.
+    let mut others = Vec::new();
+    for _ in 0..70 {
+        let mut ws = connect(s.addr).await;
+        join(&mut ws, "1", "room:o", "{}").await;
+        others.push(ws);
+    }
+    let mut ann = connect(s.addr).await;
+    join(&mut ann, "1", "room:o", "{}").await;
+    let sender = sender_of(&app, &mut ann, "room:o").await;
+    let bearer = format!("Bearer {TOKEN}");
+    // One message alone (written straight to parked connections), then a batch whose first
+    // message every connection takes with the second (the connection's own read).
+    let alone = json!({"topic": "room:o", "event": "said", "payload": {}, "exclude": sender});
+    let (status, _, body) = post_publish(s.addr, Some(&bearer), alone.to_string().as_bytes()).await;
+    assert_eq!(status, 200, "{body}");
+    let batch = json!([
+        {"topic": "room:o", "event": "said-too", "payload": {}, "exclude": sender},
+        {"topic": "room:o", "event": "for-all", "payload": {}},
+    ]);
+    let (status, _, body) = post_publish(s.addr, Some(&bearer), batch.to_string().as_bytes()).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        events(&mut ann, 1).await,
+        ["for-all"],
+        "the pusher is left out"
+    );
+    for ws in &mut others {
+        assert_eq!(events(ws, 3).await, ["said", "said-too", "for-all"]);
+    }
+    // Another node's sender id leaves nobody here out; a malformed one is refused.
+    let foreign = json!({"topic": "room:o", "event": "x", "payload": {}, "exclude": "ffffffff.1"});
+    assert_eq!(
+        post_publish(s.addr, Some(&bearer), foreign.to_string().as_bytes())
+            .await
+            .0,
+        200
+    );
+    assert_eq!(events(&mut ann, 1).await, ["x"]);
+    let bad = json!({"topic": "room:o", "event": "x", "payload": {}, "exclude": "me"});
+    let (status, _, body) = post_publish(s.addr, Some(&bearer), bad.to_string().as_bytes()).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("sender id"),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn with_redis_the_pusher_is_left_out_on_its_node_and_the_others_get_it_everywhere() {
+    let app = start_app().await;
+    let redis = RedisServer::start();
+    let node = |c: pushgate::Config| async move {
+        let s = start_with(c).await;
+        wait_ready(s.addr, 200).await;
+        s
+    };
+    let mut c = forwarding_config(app.addr);
+    c.redis.url = redis.url();
+    let a = node(c.clone()).await;
+    let b = node(c).await;
+    let mut ann = connect(a.addr).await;
+    let mut amy = connect(a.addr).await;
+    let mut bob = connect(b.addr).await;
+    for ws in [&mut ann, &mut amy, &mut bob] {
+        join(ws, "1", "room:r", "{}").await;
+    }
+    let sender = sender_of(&app, &mut ann, "room:r").await;
+    // Published on the other node, straight into Redis's script like any publish.
+    let bearer = format!("Bearer {TOKEN}");
+    let body = json!([
+        {"topic": "room:r", "event": "said", "payload": {}, "exclude": sender},
+        {"topic": "room:r", "event": "for-all", "payload": {}},
+    ]);
+    assert_eq!(
+        post_publish(b.addr, Some(&bearer), body.to_string().as_bytes())
+            .await
+            .0,
+        200
+    );
+    assert_eq!(events(&mut ann, 1).await, ["for-all"]);
+    assert_eq!(events(&mut amy, 2).await, ["said", "for-all"]);
+    assert_eq!(events(&mut bob, 2).await, ["said", "for-all"]);
 }

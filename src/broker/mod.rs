@@ -61,21 +61,32 @@ pub struct Message<'a> {
     pub topic: &'a str,
     pub event: &'a str,
     pub payload: &'a str,
+    /// A connection that must not get it ("send to others"): a sender id,
+    /// `<node>.<connection>` ([`crate::session::sender_id`]).
+    pub exclude: Option<&'a str>,
 }
 
 impl Broker {
     /// Publishes in order; returns each position.
     pub async fn publish(
         &self,
-        hub: &crate::hub::Hub,
+        app: &crate::app::App,
         messages: &[Message<'_>],
     ) -> Result<Vec<String>, PublishError> {
         match self {
             Broker::Embedded => Ok(messages
                 .iter()
                 .map(|m| {
-                    hub.publish(m.topic, m.event, m.payload.as_bytes())
-                        .to_string()
+                    let exclude = m
+                        .exclude
+                        .and_then(|s| crate::session::local_sender(s, &app.node_id))
+                        .unwrap_or(0);
+                    let message = crate::hub::Broadcast {
+                        event: m.event,
+                        payload: m.payload.as_bytes(),
+                        exclude,
+                    };
+                    app.hub.publish_message(m.topic, message).to_string()
                 })
                 .collect()),
             Broker::Redis(r) => r.publish(messages).await,

@@ -103,6 +103,23 @@ struct Envelope<'a> {
     event: String,
     #[serde(borrow)]
     payload: &'a RawValue,
+    /// The sender a publish excludes ("send to others"), as `<node>.<connection>`.
+    #[serde(default)]
+    exclude: Option<&'a str>,
+}
+
+impl Envelope<'_> {
+    /// The message for this node's hub (`node`: this node's id).
+    fn broadcast(&self, node: &str) -> hub::Broadcast<'_> {
+        hub::Broadcast {
+            event: &self.event,
+            payload: self.payload.get().as_bytes(),
+            exclude: self
+                .exclude
+                .and_then(|s| crate::session::local_sender(s, node))
+                .unwrap_or(0),
+        }
+    }
 }
 
 impl RedisBroker {
@@ -189,6 +206,7 @@ impl RedisBroker {
                 .arg(m.payload)
                 .arg(self.history.size)
                 .arg(self.history.max_age_secs)
+                .arg(m.exclude.unwrap_or(""))
                 .invoke_async(&mut con)
                 .await;
             match r {
@@ -538,20 +556,11 @@ async fn catch_up(
         };
         if offset != expected {
             Metrics::add(&app.metrics.redis_gaps, 1);
-            app.hub.append_remote_after_gap(
-                topic,
-                epoch,
-                offset,
-                &env.event,
-                env.payload.get().as_bytes(),
-            );
+            app.hub
+                .append_remote_after_gap(topic, epoch, offset, env.broadcast(&app.node_id));
         } else {
-            app.hub.append_remote(
-                topic,
-                Some((epoch, offset)),
-                &env.event,
-                env.payload.get().as_bytes(),
-            );
+            app.hub
+                .append_remote(topic, Some((epoch, offset)), env.broadcast(&app.node_id));
         }
         expected = offset + 1;
     }
@@ -582,8 +591,8 @@ async fn on_message(
         }
     };
     let position = env.position.and_then(hub::parse_position);
-    let payload = env.payload.get().as_bytes();
-    match app.hub.append_remote(topic, position, &env.event, payload) {
+    let message = env.broadcast(&app.node_id);
+    match app.hub.append_remote(topic, position, message) {
         RemoteAppend::Gap(from) => {
             let Some((epoch, offset)) = position else {
                 return;
@@ -592,12 +601,11 @@ async fn on_message(
             if catch_up(app, broker, con, topic, from, offset)
                 .await
                 .is_err()
-                || app.hub.append_remote(topic, position, &env.event, payload)
-                    == RemoteAppend::Gap(from)
+                || app.hub.append_remote(topic, position, message) == RemoteAppend::Gap(from)
             {
                 Metrics::add(&app.metrics.redis_gaps, 1);
                 app.hub
-                    .append_remote_after_gap(topic, epoch, offset, &env.event, payload);
+                    .append_remote_after_gap(topic, epoch, offset, message);
             }
         }
         RemoteAppend::Appended | RemoteAppend::Duplicate | RemoteAppend::NotLive => {}

@@ -1,6 +1,7 @@
 // Client pushes forwarded to the application ([forward], src/forward.rs) with the official
 // phoenix client (1.8.17 and 1.7.23) over WebSocket and LongPoll: `channel.push(...)` reaches
-// the app (a Node HTTP server here) in order, and the app's answer is what `receive` gets.
+// the app (a Node HTTP server here) in order, and the app's answer is what `receive` gets; the
+// app can publish to everyone but the pusher ("send to others", the publish's `exclude`).
 // Run with `npm test` (see support.js for how the server is found).
 
 import assert from "node:assert/strict";
@@ -11,11 +12,13 @@ import {
   disconnect,
   makeLongPollSocket,
   makeSocket,
+  publish,
   replyTo,
   showFrames,
   startPushApp,
   startServer,
   uniqueTopic,
+  waitFor,
 } from "./support.js";
 
 const TEST_TIMEOUT_MS = 20_000;
@@ -70,6 +73,37 @@ describe("client pushes forwarded to the app", () => {
           assert.equal(p.token, "user-42");
         }
         await disconnect(socket);
+      });
+
+      it(`phoenix ${client.version} over ${transport}: the app sends a push to the others, not to the pusher`, { timeout: TEST_TIMEOUT_MS }, async () => {
+        app.publishTo = server;
+        const topic = uniqueTopic("chat");
+        const pusher = make({});
+        const other = makeSocket(client, server, {});
+        const received = { pusher: [], other: [] };
+        const channels = {};
+        for (const [name, { socket, frames }] of [["pusher", pusher], ["other", other]]) {
+          socket.connect();
+          const channel = socket.channel(topic, {});
+          channel.on("said", (payload) => received[name].push(payload.body));
+          channel.on("after", () => received[name].push("after"));
+          const joined = await replyTo(channel.join(PUSH_TIMEOUT_MS));
+          assert.equal(joined.status, "ok", `${JSON.stringify(joined)}\n${showFrames(frames)}`);
+          channels[name] = channel;
+        }
+        const answer = await replyTo(channels.pusher.push("tell-others", { body: "hi all" }, PUSH_TIMEOUT_MS));
+        assert.equal(answer.status, "ok", `${JSON.stringify(answer)}\n${showFrames(pusher.frames)}`);
+        const sender = app.seen.filter((p) => p.topic === topic).at(-1).sender;
+        assert.match(sender, /^[0-9a-f]+\.\d+$/);
+        // A message for everyone after it: once the pusher has it, the "said" it never got
+        // would have come first.
+        await publish(server, topic, "after", {});
+        await waitFor(() => received.pusher.length > 0 && received.other.length > 1, PUSH_TIMEOUT_MS, () =>
+          `pusher ${JSON.stringify(received.pusher)}, other ${JSON.stringify(received.other)}\n${showFrames(pusher.frames)}`);
+        assert.deepEqual(received.pusher, ["after"], showFrames(pusher.frames));
+        assert.deepEqual(received.other, ["hi all", "after"], showFrames(other.frames));
+        await disconnect(pusher.socket);
+        await disconnect(other.socket);
       });
     }
   }

@@ -303,27 +303,40 @@ export async function startServer(opts = {}) {
 
 /**
  * An application for `[forward]` on a free port: records every forwarded push in `seen` (with
- * its Authorization header) and answers "say" with 200 `{"said": payload.body}`, anything else
- * with 422 `{"reason": "nope"}`. Resolves with `{server, seen, port, url}`.
+ * its Authorization header) and answers "say" with 200 `{"said": payload.body}`; "tell-others",
+ * once `publishTo` is set to a server, by publishing the payload there as "said" to everyone but
+ * the pusher (`exclude`: the push's `sender`) and answering 200 `{"position"}`; anything else
+ * with 422 `{"reason": "nope"}`. Resolves with `{server, seen, port, url, publishTo}`.
  */
 export function startPushApp() {
   const seen = [];
+  const app = { seen, publishTo: null };
   const server = http.createServer((req, res) => {
     let body = "";
     req.on("data", (chunk) => (body += chunk));
-    req.on("end", () => {
+    req.on("end", async () => {
       const push = JSON.parse(body);
       seen.push({ authorization: req.headers.authorization, ...push });
-      const [status, answer] =
-        push.event === "say" ? [200, { said: push.payload.body }] : [422, { reason: "nope" }];
+      let status = 422;
+      let answer = { reason: "nope" };
+      if (push.event === "say") {
+        [status, answer] = [200, { said: push.payload.body }];
+      } else if (push.event === "tell-others" && app.publishTo) {
+        // "Send to others": publish to the topic, leaving out the pusher's connection.
+        const item = { topic: push.topic, event: "said", payload: push.payload, exclude: push.sender };
+        const [position] = await publishBatch(app.publishTo, [item]);
+        [status, answer] = [200, { position }];
+      }
       res.writeHead(status, { "content-type": "application/json" });
       res.end(JSON.stringify(answer));
     });
   });
+  app.server = server;
   return new Promise((resolve) => {
     server.listen(0, "127.0.0.1", () => {
-      const port = server.address().port;
-      resolve({ server, seen, port, url: `http://127.0.0.1:${port}/pushgate/push` });
+      app.port = server.address().port;
+      app.url = `http://127.0.0.1:${app.port}/pushgate/push`;
+      resolve(app);
     });
   });
 }
