@@ -276,27 +276,18 @@ impl Session {
             );
             return;
         }
-        if self.app.hub.is_embedded() {
+        let live = if self.app.hub.is_embedded() {
             let (sub, info) =
                 self.app
                     .hub
                     .subscribe(&msg.topic, self.waker.clone(), since.as_deref());
-            self.finish_join(
-                join_ref,
-                msg.msg_ref,
-                msg.topic,
-                sub,
-                info,
-                Vec::new(),
-                presence,
-            );
-            return;
-        }
-        let started = match self
-            .app
-            .hub
-            .join_live(&msg.topic, self.waker.clone(), since.as_deref())
-        {
+            LiveJoin::Done(sub, info)
+        } else {
+            self.app
+                .hub
+                .join_live(&msg.topic, self.waker.clone(), since.as_deref())
+        };
+        let started = match live {
             LiveJoin::Done(sub, info) => {
                 self.finish_join(
                     join_ref,

@@ -15,6 +15,7 @@ import {
   leaveAcknowledged,
   makeLongPollSocket,
   makeSocket,
+  presenceSummary,
   publish,
   quietPeriod,
   replyTo,
@@ -69,20 +70,6 @@ function watch(client, channel) {
   return seen;
 }
 
-/**
- * The presence list in one line: `key=[name,name]` per key, sorted. An anonymous key (one meta,
- * the key being that meta's phx_ref) shows as "anon".
- */
-function summary(presence) {
-  return presence
-    .list((key, { metas }) => {
-      const label = metas.length === 1 && key === metas[0].phx_ref ? "anon" : key;
-      return `${label}=[${metas.map((m) => m.name).sort().join(",")}]`;
-    })
-    .sort()
-    .join(" ");
-}
-
 /** Every meta in the presence list, as `{key, meta}`. */
 function allMetas(presence) {
   return presence.list((key, { metas }) => metas.map((meta) => ({ key, meta }))).flat();
@@ -134,10 +121,10 @@ for (const client of CLIENTS) {
     /** Waits until `seen`'s presence list summary is `expected`. */
     async function waitList(seen, expected, made, others = [], timeoutMs = DEADLINE_MS) {
       await waitFor(
-        () => summary(seen.presence) === expected,
+        () => presenceSummary(seen.presence) === expected,
         timeoutMs,
         () =>
-          `${made.label}'s presence list to be "${expected}"; it is "${summary(seen.presence)}" ` +
+          `${made.label}'s presence list to be "${expected}"; it is "${presenceSummary(seen.presence)}" ` +
           `(state ${JSON.stringify(seen.presence.state)})\n${evidence(made, ...others)}`,
       );
     }

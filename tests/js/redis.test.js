@@ -22,6 +22,7 @@ import {
   jwt,
   makeLongPollSocket,
   makeSocket,
+  presenceSummary,
   metric,
   publish,
   quietPeriod,
@@ -873,20 +874,6 @@ const PRESENCE_SECRET = AUTH_SECRET;
 /** A connect token (JWT, HS256) for `sub`, valid for ten minutes. */
 function presenceToken(sub) {
   return jwt({ sub, exp: Math.floor(Date.now() / 1000) + 600 }, PRESENCE_SECRET);
-}
-
-/**
- * The presence list in one line: `key=[name,name]` per key, sorted. An anonymous key (one meta,
- * the key being that meta's phx_ref) shows as "anon".
- */
-function presenceSummary(presence) {
-  return presence
-    .list((key, { metas }) => {
-      const label = metas.length === 1 && key === metas[0].phx_ref ? "anon" : key;
-      return `${label}=[${metas.map((m) => m.name).sort().join(",")}]`;
-    })
-    .sort()
-    .join(" ");
 }
 
 /**

@@ -442,3 +442,17 @@ export function uniqueTopic(prefix = "room") {
   topicCounter += 1;
   return `${prefix}:t${process.pid}-${topicCounter}-${Math.random().toString(36).slice(2, 8)}`;
 }
+
+/**
+ * A phoenix.js `Presence` list in one line: `key=[name,name]` per key, sorted. An anonymous key
+ * (one meta, the key being that meta's phx_ref) shows as "anon".
+ */
+export function presenceSummary(presence) {
+  return presence
+    .list((key, { metas }) => {
+      const label = metas.length === 1 && key === metas[0].phx_ref ? "anon" : key;
+      return `${label}=[${metas.map((m) => m.name).sort().join(",")}]`;
+    })
+    .sort()
+    .join(" ");
+}
