@@ -924,6 +924,26 @@ mod tests {
     }
 
     #[test]
+    fn the_readme_documents_every_key() {
+        let readme = include_str!("../README.md");
+        let table = toml::Table::try_from(Config::default()).unwrap();
+        let mut missing = Vec::new();
+        for (section, keys) in &table {
+            for key in keys.as_table().unwrap().keys() {
+                if !readme.contains(&format!("| `{section}.{key}` |")) {
+                    missing.push(format!("{section}.{key}"));
+                }
+            }
+        }
+        assert!(table.len() >= 13, "{table:?}");
+        assert_eq!(
+            missing,
+            Vec::<String>::new(),
+            "README.md's Configuration table lacks these"
+        );
+    }
+
+    #[test]
     fn auth_from_the_environment_and_its_problems() {
         let c = Config::load(
             None,
