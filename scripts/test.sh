@@ -4,7 +4,8 @@
 # that drive the official phoenix client against the real binary (directly and through nginx),
 # Autobahn|Testsuite's WebSocket conformance cases on a plain socket (tests/js/autobahn.test.js)
 # and through the TLS edge (tests/acme.rs; its Python 2.7 virtualenv is cached), the demo page in
-# Chromium at the TLS edge over HTTP/2 (tests/acme.rs with tests/js/edge-browser.js), and the
+# Chromium at the TLS edge over HTTP/2 (tests/acme.rs with tests/js/edge-browser.js), README's
+# publish snippets (tests/js/readme.test.js), and the
 # Ansible test (a debootstrap root filesystem cached under /var/cache/pushgate-test).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +20,8 @@ command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
 [ -f /usr/lib/nginx/modules/ngx_http_brotli_filter_module.so ] || need_apt+=(libnginx-mod-http-brotli-filter)
 [ -f /usr/lib/nginx/modules/ngx_http_brotli_static_module.so ] || need_apt+=(libnginx-mod-http-brotli-static)
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
+# README's publish snippets (tests/js/readme.test.js): curl and Python 3 (below, for the venv).
+command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
 command -v debootstrap >/dev/null 2>&1 || need_apt+=(debootstrap)
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need_apt+=(python3-venv)
