@@ -225,7 +225,10 @@ impl Waker {
     /// The connection waits with nothing queued to write: a publish may write to its socket
     /// directly until [`Waker::unpark`]. (Without a socket, parking changes nothing.)
     pub fn park(&self) {
-        self.parked_slot().on = true;
+        let mut p = self.parked_slot();
+        // A wake-up already pending means the task runs again at once: nothing to gain, and a
+        // frame handed over by [`Waker::hold`]'s caller must not be overtaken meanwhile.
+        p.on = !self.scheduled.load(Ordering::Acquire);
     }
 
     /// The connection runs again. Returns the frame a publish could only partly write and how
@@ -238,7 +241,8 @@ impl Waker {
 
     /// Stops publishes from writing directly until the task has run (and parked again): for a
     /// frame handed to the task from elsewhere (a mailbox), which must go out before any later
-    /// broadcast. A partly written frame stays for the task's [`Waker::unpark`].
+    /// broadcast. Call after [`Waker::wake`] (a task that parks from then on sees the pending
+    /// wake-up and does not park). A partly written frame stays for the task's [`Waker::unpark`].
     pub fn hold(&self) {
         self.parked_slot().on = false;
     }

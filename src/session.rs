@@ -550,8 +550,8 @@ impl Session {
             mailbox
                 .any
                 .store(true, std::sync::atomic::Ordering::Release);
-            waker.hold();
             waker.wake();
+            waker.hold();
         }
     }
 
