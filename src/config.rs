@@ -374,8 +374,8 @@ pub struct PresenceConfig {
     /// JSON. Default 512.
     pub max_meta_bytes: usize,
     /// Redis only: how long a node's entries outlive it when it dies without leaving (other nodes
-    /// then remove them and tell their clients), in ms. The node renews its claim every third of
-    /// this. Default 15000.
+    /// then remove them and tell their clients), in ms. The node renews its claim every second (every
+    /// third of this, if shorter). Default 15000.
     pub node_ttl_ms: u64,
 }
 

@@ -21,7 +21,8 @@
 //!
 //! One task per node ([`run`]) applies the changes in order. With the embedded broker the table
 //! is that task's memory. With Redis each topic's entries live in a hash that every node reads
-//! for `presence_state`; a node renews a liveness key every third of `presence.node_ttl_ms`, and
+//! for `presence_state`; a node renews a liveness key every second (or every third of
+//! `presence.node_ttl_ms`, if that is shorter), and
 //! the nodes remove (and announce the leaves of) the entries of a node whose key has expired. A
 //! node that finds its own key gone (Redis restarted, or it was cut off for longer than the TTL)
 //! or that failed to write a change puts all of its entries back.
@@ -41,8 +42,9 @@ use tokio::sync::mpsc;
 /// so the queue holds at most this many plus one leave per tracked channel.
 const MAX_QUEUED: usize = 65_536;
 
-/// Hands a frame to one session (through its mailbox).
-pub type Deliver = Box<dyn FnOnce(DirectFrame) + Send>;
+/// Hands frames to one session (through its mailbox): its `presence_state`, and a fresh one
+/// if the first was incomplete (Redis did not answer).
+pub type Deliver = Arc<dyn Fn(DirectFrame) + Send + Sync>;
 
 /// The `[presence]` rules and the queue to this node's presence task.
 pub struct Presence {
@@ -109,6 +111,10 @@ enum Op {
         reply: tokio::sync::oneshot::Sender<Result<Vec<u8>, String>>,
     },
 }
+
+/// Redis only: the longest time between two beats (liveness renewal, dead-node check, and the
+/// first write after Redis returns).
+const MAX_BEAT: Duration = Duration::from_secs(1);
 
 /// How long `GET /api/presence` waits for the presence task.
 const LIST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -357,8 +363,11 @@ pub async fn run(app: Arc<App>) {
         Broker::Embedded => None,
         Broker::Redis(r) => Some(redis::Store::new(r.clone(), &presence)),
     };
-    let mut beat = tokio::time::interval(presence.node_ttl / 3);
+    let mut beat = tokio::time::interval((presence.node_ttl / 3).min(MAX_BEAT));
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Redis only: channels whose `presence_state` was sent without Redis (it was down), by
+    // phx_ref; each gets a complete one once Redis answers again.
+    let mut incomplete: HashMap<String, (Arc<str>, String, Deliver)> = HashMap::new();
     loop {
         tokio::select! {
             biased;
@@ -366,8 +375,13 @@ pub async fn run(app: Arc<App>) {
             // First, so the node's liveness key exists before its first entry, and renewals are
             // never starved by a busy queue.
             _ = beat.tick(), if redis.is_some() => {
-                if let Some(store) = &mut redis {
-                    store.beat(&app, &local).await;
+                // Not while Redis is down (nothing would wait on it); the key may expire
+                // meanwhile, and the first beat after puts this node's entries back.
+                if let Some(store) = &mut redis
+                    && app.broker.readiness().is_ok()
+                    && store.beat(&app, &local).await
+                {
+                    store.complete(&mut incomplete).await;
                 }
             }
             op = queue.recv() => {
@@ -375,30 +389,61 @@ pub async fn run(app: Arc<App>) {
                 presence.ops.queued.fetch_sub(1, Ordering::Relaxed);
                 match op {
                     Op::Track { entry, join_ref, state_to } => {
+                        // While Redis is down nothing waits on it: the joiner gets what this
+                        // node knows (a complete state follows), and the entry reaches Redis,
+                        // with its diff, when this node puts its entries back.
+                        let up = redis.is_none() || app.broker.readiness().is_ok();
                         let state = match &mut redis {
-                            None => local.state(&entry.topic),
-                            Some(store) => store.state(&entry.topic).await,
+                            None => Some(local.state(&entry.topic)),
+                            Some(store) if up => store.state(&entry.topic).await,
+                            Some(store) => {
+                                store.resync_later();
+                                None
+                            }
                         };
+                        let complete = state.is_some();
+                        let state = state.unwrap_or_else(|| local.state(&entry.topic));
                         state_to(crate::protocol::encode_push(
                             &join_ref,
                             &entry.topic,
                             "presence_state",
                             &state,
                         ));
-                        if let Some(store) = &mut redis {
-                            store.track(&entry).await;
+                        if !complete {
+                            incomplete.insert(
+                                entry.phx_ref.clone(),
+                                (entry.topic.clone(), join_ref, state_to),
+                            );
                         }
-                        let diff = encode_diff(&[(&entry.key, &entry.meta)], &[]);
-                        publish_diff(&app, &entry.topic, &diff).await;
+                        if up {
+                            if let Some(store) = &mut redis {
+                                // The liveness key exists before this node's first entry, so
+                                // that losing it later says the entries were lost too.
+                                if !store.started() {
+                                    store.beat(&app, &local).await;
+                                }
+                                store.track(&entry).await;
+                            }
+                            let diff = encode_diff(&[(&entry.key, &entry.meta)], &[]);
+                            publish_diff(&app, &entry.topic, &diff).await;
+                        }
                         local.add(entry);
                     }
                     Op::Untrack { topic, phx_ref } => {
+                        incomplete.remove(&phx_ref);
                         let Some((entry, last)) = local.remove(&topic, &phx_ref) else {
                             continue;
                         };
                         let announce = match &mut redis {
                             None => true,
-                            Some(store) => store.untrack(&entry, last).await,
+                            Some(store) if app.broker.readiness().is_ok() => {
+                                store.untrack(&entry, last).await
+                            }
+                            Some(store) => {
+                                // Put back (and announced) with the others when Redis returns.
+                                store.resync_later();
+                                false
+                            }
                         };
                         if announce {
                             let diff = encode_diff(&[], &[(&entry.key, &entry.meta)]);
@@ -408,10 +453,13 @@ pub async fn run(app: Arc<App>) {
                     Op::List { topic, reply } => {
                         let state = match &mut redis {
                             None => Ok(local.state(&topic)),
-                            Some(store) => store
-                                .read_state(&topic)
-                                .await
-                                .map_err(|e| format!("Redis: {e}")),
+                            Some(store) => match app.broker.readiness() {
+                                Err(e) => Err(format!("Redis unavailable: {e}")),
+                                Ok(()) => store
+                                    .read_state(&topic)
+                                    .await
+                                    .map_err(|e| format!("Redis: {e}")),
+                            },
                         };
                         let _ = reply.send(state);
                     }
@@ -452,6 +500,7 @@ mod redis {
     use crate::app::App;
     use crate::broker::redis::RedisBroker;
     use redis::AsyncCommands;
+    use std::collections::HashMap;
     use std::sync::Arc;
 
     #[derive(serde::Serialize, serde::Deserialize)]
@@ -503,14 +552,43 @@ mod redis {
             }
         }
 
-        /// The topic's entries on every node, as a `presence_state` payload (empty when Redis
-        /// cannot be read: the diffs still come).
-        pub(super) async fn state(&mut self, topic: &str) -> Vec<u8> {
+        /// The topic's entries on every node, as a `presence_state` payload (`None` when Redis
+        /// cannot be read).
+        pub(super) async fn state(&mut self, topic: &str) -> Option<Vec<u8>> {
             match self.read_state(topic).await {
-                Ok(state) => state,
+                Ok(state) => Some(state),
                 Err(e) => {
                     self.log_failure("reading a topic's entries", &e);
-                    b"{}".to_vec()
+                    None
+                }
+            }
+        }
+
+        /// Whether a beat has reached Redis yet.
+        pub(super) fn started(&self) -> bool {
+            self.started
+        }
+
+        /// A change was not written (Redis is down): the next beat that reaches Redis puts
+        /// every entry back.
+        pub(super) fn resync_later(&mut self) {
+            self.resync = true;
+        }
+
+        /// Sends a complete `presence_state` to each channel that got an incomplete one.
+        pub(super) async fn complete(
+            &mut self,
+            incomplete: &mut HashMap<String, (Arc<str>, String, super::Deliver)>,
+        ) {
+            let refs: Vec<String> = incomplete.keys().cloned().collect();
+            for phx_ref in refs {
+                let (topic, join_ref, _) = &incomplete[&phx_ref];
+                let Some(state) = self.state(topic).await else {
+                    return; // the next beat tries again
+                };
+                let frame = crate::protocol::encode_push(join_ref, topic, "presence_state", &state);
+                if let Some((_, _, deliver)) = incomplete.remove(&phx_ref) {
+                    deliver(frame);
                 }
             }
         }
@@ -593,8 +671,8 @@ mod redis {
         }
 
         /// Renews this node's liveness key, puts its entries back if they were lost, and
-        /// removes the entries of nodes that died.
-        pub(super) async fn beat(&mut self, app: &App, local: &Local) {
+        /// removes the entries of nodes that died. `false` when Redis did not answer.
+        pub(super) async fn beat(&mut self, app: &App, local: &Local) -> bool {
             let renewed: Result<Option<String>, redis::RedisError> = async {
                 let mut con = self.broker.commands().await?;
                 let (previous,): (Option<String>,) = redis::pipe()
@@ -615,7 +693,7 @@ mod redis {
                 Ok(p) => p,
                 Err(e) => {
                     self.failed("renewing this node's liveness key", &e);
-                    return;
+                    return false;
                 }
             };
             if self.failing.take().is_some() {
@@ -638,6 +716,7 @@ mod redis {
             }
             self.started = true;
             self.reap_dead(app).await;
+            true
         }
 
         /// Removes the entries of nodes whose liveness key has expired (one node wins each).
@@ -799,7 +878,7 @@ mod tests {
             .prepare(None, Some(&raw(r#"{"name":"Ann","phx_ref":"forged"}"#)))
             .unwrap();
         let mut queue = p.queue.lock().unwrap().take().unwrap();
-        let tracked = p.start(prepared, "room:1", "7", Box::new(|_| {})).unwrap();
+        let tracked = p.start(prepared, "room:1", "7", Arc::new(|_| {})).unwrap();
         let Some(Op::Track {
             entry, join_ref, ..
         }) = queue.try_recv().ok()
@@ -818,7 +897,7 @@ mod tests {
         );
 
         let prepared = p.prepare(Some("alice".into()), None).unwrap();
-        let _t = p.start(prepared, "room:1", "8", Box::new(|_| {}));
+        let _t = p.start(prepared, "room:1", "8", Arc::new(|_| {}));
         let Some(Op::Track { entry, .. }) = queue.try_recv().ok() else {
             panic!("no track");
         };
@@ -834,7 +913,7 @@ mod tests {
                 p.prepare(None, None).unwrap(),
                 "room:1",
                 "1",
-                Box::new(|_| {}),
+                Arc::new(|_| {}),
             )
         };
         let tracked: Vec<Tracked> = (0..MAX_QUEUED).map(|_| start().unwrap()).collect();

@@ -378,7 +378,7 @@ impl Session {
         let tracked = match (presence, self.app.presence.clone()) {
             (Some(prepared), Some(p)) => {
                 let deliver = self.mailbox_sender();
-                p.start(prepared, &topic, &join_ref, Box::new(deliver))
+                p.start(prepared, &topic, &join_ref, Arc::new(deliver))
                     .map(Box::new)
             }
             _ => None,

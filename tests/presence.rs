@@ -267,6 +267,12 @@ async fn the_app_asks_who_is_on_a_topic() {
 }
 
 async fn node(redis: &RedisServer, ttl_ms: u64) -> TestServer {
+    if std::env::var_os("TEST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter("pushgate=debug")
+            .with_test_writer()
+            .try_init();
+    }
     let mut c = redis_config(&redis.url());
     c.presence.topics = vec!["room:*".into()];
     c.presence.node_ttl_ms = ttl_ms;
@@ -379,4 +385,77 @@ async fn with_redis_the_api_says_when_redis_does_not_answer() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
+}
+
+#[tokio::test]
+async fn with_redis_down_nothing_waits_and_what_changed_meanwhile_is_announced_after() {
+    let redis = RedisServer::start();
+    let a = node(&redis, 60_000).await;
+    let b = node(&redis, 60_000).await;
+    let mut ann = connect(a.addr).await;
+    join_as(&mut ann, "1", "room:d", "Ann").await;
+    let mut bob = connect(b.addr).await;
+    join_as(&mut bob, "1", "room:d", "Bob").await;
+    redis.pause();
+    wait_ready(a.addr, 503).await;
+    // The API says so at once instead of waiting on Redis.
+    let started = tokio::time::Instant::now();
+    let (status, body) = api_presence(a.addr, "?topic=room:d").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    // Ann leaves while Redis is away; once it is back, Bob hears of it.
+    drop(ann);
+    wait_until(|| s_entries(&a) == 0).await;
+    redis.resume();
+    loop {
+        let diff = expect_event(&mut bob, "room:d", "presence_diff").await;
+        if only_names(&diff["leaves"]) == ["Ann"] {
+            break;
+        }
+    }
+    let end = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let (status, body) = api_presence(b.addr, "?topic=room:d").await;
+        if status == 200 && only_names(&body["presences"]) == ["Bob"] {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < end, "{status} {body}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// The presence entries node `s` tracks.
+fn s_entries(s: &TestServer) -> u64 {
+    s.app
+        .metrics
+        .presence_entries
+        .load(std::sync::atomic::Ordering::Relaxed)
+}
+
+#[tokio::test]
+async fn a_state_redis_could_not_give_is_completed_once_it_can() {
+    let redis = RedisServer::start();
+    let a = node(&redis, 60_000).await;
+    // A key of the wrong type: Redis answers every read and write of this topic with an error.
+    redis.cli(&["SET", "pushgate:presence:room:w", "not a hash"]);
+    let mut ann = connect(a.addr).await;
+    join(&mut ann, "1", "room:w", r#"{"presence":{"name":"Ann"}}"#).await;
+    let state = expect_event(&mut ann, "room:w", "presence_state").await;
+    assert_eq!(state, json!({}), "what the node knows without Redis");
+    redis.cli(&["DEL", "pushgate:presence:room:w"]);
+    // Within a beat: Ann's entry is written back and she gets the complete state.
+    loop {
+        let m = recv(&mut ann).await;
+        if m[3] == "presence_state" {
+            assert_eq!(m[0], "1", "{m}");
+            assert_eq!(only_names(&m[4]), ["Ann"], "{m}");
+            break;
+        }
+        assert_eq!(m[3], "presence_diff", "{m}");
+    }
+    assert_eq!(redis.cli(&["HLEN", "pushgate:presence:room:w"]).trim(), "1");
 }
