@@ -305,23 +305,25 @@ fn encode_diff<'a>(joins: &[(&'a str, &'a str)], leaves: &[(&'a str, &'a str)]) 
 /// This node's entries, by topic.
 #[derive(Default)]
 struct Local {
-    topics: HashMap<Arc<str>, Vec<Entry>>,
+    /// Topic, then phx_ref: a join, a leave and a count cost the same however many are here.
+    topics: HashMap<Arc<str>, HashMap<String, Entry>>,
+    count: usize,
 }
 
 impl Local {
     fn add(&mut self, entry: Entry) {
-        self.topics
-            .entry(entry.topic.clone())
-            .or_default()
-            .push(entry);
+        let entries = self.topics.entry(entry.topic.clone()).or_default();
+        if entries.insert(entry.phx_ref.clone(), entry).is_none() {
+            self.count += 1;
+        }
     }
 
     /// Removes an entry; also says whether it was the topic's last one here.
     fn remove(&mut self, topic: &str, phx_ref: &str) -> Option<(Entry, bool)> {
-        let list = self.topics.get_mut(topic)?;
-        let i = list.iter().position(|e| e.phx_ref == phx_ref)?;
-        let entry = list.swap_remove(i);
-        let last = list.is_empty();
+        let entries = self.topics.get_mut(topic)?;
+        let entry = entries.remove(phx_ref)?;
+        self.count -= 1;
+        let last = entries.is_empty();
         if last {
             self.topics.remove(topic);
         }
@@ -334,13 +336,17 @@ impl Local {
             self.topics
                 .get(topic)
                 .into_iter()
-                .flatten()
+                .flat_map(HashMap::values)
                 .map(|e| (e.key.as_str(), e.meta.as_str())),
         )
     }
 
+    fn entries(&self) -> impl Iterator<Item = &Entry> {
+        self.topics.values().flat_map(HashMap::values)
+    }
+
     fn count(&self) -> usize {
-        self.topics.values().map(Vec::len).sum()
+        self.count
     }
 }
 
@@ -706,12 +712,10 @@ mod redis {
                     "presence: putting this node's entries back in Redis"
                 );
                 self.reap(app, &self.node.clone()).await;
-                for entries in local.topics.values() {
-                    for entry in entries {
-                        self.track(entry).await;
-                        let diff = encode_diff(&[(&entry.key, &entry.meta)], &[]);
-                        publish_diff(app, &entry.topic, &diff).await;
-                    }
+                for entry in local.entries() {
+                    self.track(entry).await;
+                    let diff = encode_diff(&[(&entry.key, &entry.meta)], &[]);
+                    publish_diff(app, &entry.topic, &diff).await;
                 }
             }
             self.started = true;
