@@ -67,6 +67,14 @@ pub fn error_response(status: StatusCode, message: &str) -> Response<Full<Bytes>
     Answer::error(status, message).into_response()
 }
 
+/// 405 with the method the path takes (`Allow`).
+fn method_not_allowed(allow: &'static str, message: &str) -> Response<Full<Bytes>> {
+    let mut r = error_response(StatusCode::METHOD_NOT_ALLOWED, message);
+    r.headers_mut()
+        .insert(header::ALLOW, header::HeaderValue::from_static(allow));
+    r
+}
+
 /// Compares in time independent of where the first difference is.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
@@ -208,10 +216,7 @@ pub fn too_big(limit: usize) -> Answer {
 /// Handles `POST /api/publish` (served by hyper).
 pub async fn publish(app: Arc<App>, req: Request<Incoming>) -> Response<Full<Bytes>> {
     if req.method() != hyper::Method::POST {
-        let mut r = error_response(StatusCode::METHOD_NOT_ALLOWED, "use POST to publish");
-        r.headers_mut()
-            .insert(header::ALLOW, header::HeaderValue::from_static("POST"));
-        return r;
+        return method_not_allowed("POST", "use POST to publish");
     }
     let declared = req
         .headers()
@@ -318,10 +323,7 @@ pub async fn publish_body(app: &App, body: &[u8]) -> Answer {
 /// `presence_state` would say.
 pub async fn presence(app: Arc<App>, req: Request<Incoming>) -> Response<Full<Bytes>> {
     if req.method() != hyper::Method::GET {
-        let mut r = error_response(StatusCode::METHOD_NOT_ALLOWED, "use GET for presence");
-        r.headers_mut()
-            .insert(header::ALLOW, header::HeaderValue::from_static("GET"));
-        return r;
+        return method_not_allowed("GET", "use GET for presence");
     }
     let authorization = req
         .headers()

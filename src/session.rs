@@ -9,7 +9,8 @@
 //! Architecture Invariant: no I/O and no `.await` here; the session never touches a socket and
 //! never talks to a broker other than through the [`Hub`](crate::hub::Hub) (and a join request
 //! the broker completes), nor to the app other than through a forward
-//! [`Lane`](crate::forward::Lane) (a task that does the HTTP). Both answer through the mailbox.
+//! [`Lane`](crate::forward::Lane) (a task that does the HTTP); presence changes go to the
+//! presence task's queue ([`crate::presence`]). All three answer through the mailbox.
 
 use crate::app::App;
 use crate::hub::{Entry, Lag, LiveJoin, Subscription, Waker};

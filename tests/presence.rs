@@ -108,12 +108,15 @@ async fn joins_and_leaves_are_announced_to_everyone_on_the_topic() {
     join_as(&mut bob, "3", "room:1", "Bob").await;
     expect_event(&mut ann, "room:1", "presence_diff").await;
     drop(bob);
-    let diff = expect_event(&mut ann, "room:1", "presence_diff").await;
-    assert_eq!(only_names(&diff["leaves"]), ["Bob"], "{diff}");
+    bob_left_and_cy_sees_only_ann(&mut ann, s.addr, "room:1").await;
+}
 
-    // A later joiner sees only who is there.
-    let mut cy = connect(s.addr).await;
-    let (state, _) = join_as(&mut cy, "1", "room:1", "Cy").await;
+/// Ann hears that Bob left `topic`; a newcomer (Cy) on `addr` then finds only Ann there.
+async fn bob_left_and_cy_sees_only_ann(ann: &mut Ws, addr: SocketAddr, topic: &str) {
+    let diff = expect_event(ann, topic, "presence_diff").await;
+    assert_eq!(only_names(&diff["leaves"]), ["Bob"], "{diff}");
+    let mut cy = connect(addr).await;
+    let (state, _) = join_as(&mut cy, "1", topic, "Cy").await;
     assert_eq!(only_names(&state), ["Ann"], "{state}");
 }
 
@@ -302,11 +305,7 @@ async fn with_redis_every_node_sees_everyone_and_a_stopped_node_s_entries_leave(
 
     // Node B stops: its entries leave at once, long before the TTL.
     b.stop.cancel();
-    let diff = expect_event(&mut ann, "room:r", "presence_diff").await;
-    assert_eq!(only_names(&diff["leaves"]), ["Bob"], "{diff}");
-    let mut cy = connect(a.addr).await;
-    let (state, _) = join_as(&mut cy, "1", "room:r", "Cy").await;
-    assert_eq!(only_names(&state), ["Ann"], "{state}");
+    bob_left_and_cy_sees_only_ann(&mut ann, a.addr, "room:r").await;
 }
 
 #[tokio::test]
