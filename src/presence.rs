@@ -302,6 +302,35 @@ fn encode_diff<'a>(joins: &[(&'a str, &'a str)], leaves: &[(&'a str, &'a str)]) 
     String::from_utf8(out).expect("JSON built from strings")
 }
 
+/// Most queued changes applied (and announced) together.
+const MAX_BATCH: usize = 256;
+
+/// `(key, meta)` of entries that joined or left.
+type Changes = Vec<(String, String)>;
+
+/// The joins and leaves of one batch of changes, by topic.
+#[derive(Default)]
+struct Diffs {
+    topics: HashMap<Arc<str>, (Changes, Changes)>,
+}
+
+impl Diffs {
+    fn join(&mut self, e: &Entry) {
+        let t = self.topics.entry(e.topic.clone()).or_default();
+        t.0.push((e.key.clone(), e.meta.clone()));
+    }
+
+    fn leave(&mut self, e: &Entry) {
+        let t = self.topics.entry(e.topic.clone()).or_default();
+        t.1.push((e.key.clone(), e.meta.clone()));
+    }
+}
+
+/// `(key, meta)` pairs borrowed for [`encode_diff`].
+fn pairs(v: &[(String, String)]) -> Vec<(&str, &str)> {
+    v.iter().map(|(k, m)| (k.as_str(), m.as_str())).collect()
+}
+
 /// This node's entries, by topic.
 #[derive(Default)]
 struct Local {
@@ -392,83 +421,22 @@ pub async fn run(app: Arc<App>) {
             }
             op = queue.recv() => {
                 let Some(op) = op else { break };
-                presence.ops.queued.fetch_sub(1, Ordering::Relaxed);
-                match op {
-                    Op::Track { entry, join_ref, state_to } => {
-                        // While Redis is down nothing waits on it: the joiner gets what this
-                        // node knows (a complete state follows), and the entry reaches Redis,
-                        // with its diff, when this node puts its entries back.
-                        let up = redis.is_none() || app.broker.readiness().is_ok();
-                        let state = match &mut redis {
-                            None => Some(local.state(&entry.topic)),
-                            Some(store) if up => store.state(&entry.topic).await,
-                            Some(store) => {
-                                store.resync_later();
-                                None
-                            }
-                        };
-                        let complete = state.is_some();
-                        let state = state.unwrap_or_else(|| local.state(&entry.topic));
-                        state_to(crate::protocol::encode_push(
-                            &join_ref,
-                            &entry.topic,
-                            "presence_state",
-                            &state,
-                        ));
-                        if !complete {
-                            incomplete.insert(
-                                entry.phx_ref.clone(),
-                                (entry.topic.clone(), join_ref, state_to),
-                            );
-                        }
-                        if up {
-                            if let Some(store) = &mut redis {
-                                // The liveness key exists before this node's first entry, so
-                                // that losing it later says the entries were lost too.
-                                if !store.started() {
-                                    store.beat(&app, &local).await;
-                                }
-                                store.track(&entry).await;
-                            }
-                            let diff = encode_diff(&[(&entry.key, &entry.meta)], &[]);
-                            publish_diff(&app, &entry.topic, &diff).await;
-                        }
-                        local.add(entry);
-                    }
-                    Op::Untrack { topic, phx_ref } => {
-                        incomplete.remove(&phx_ref);
-                        let Some((entry, last)) = local.remove(&topic, &phx_ref) else {
-                            continue;
-                        };
-                        let announce = match &mut redis {
-                            None => true,
-                            Some(store) if app.broker.readiness().is_ok() => {
-                                store.untrack(&entry, last).await
-                            }
-                            Some(store) => {
-                                // Put back (and announced) with the others when Redis returns.
-                                store.resync_later();
-                                false
-                            }
-                        };
-                        if announce {
-                            let diff = encode_diff(&[], &[(&entry.key, &entry.meta)]);
-                            publish_diff(&app, &topic, &diff).await;
-                        }
-                    }
-                    Op::List { topic, reply } => {
-                        let state = match &mut redis {
-                            None => Ok(local.state(&topic)),
-                            Some(store) => match app.broker.readiness() {
-                                Err(e) => Err(format!("Redis unavailable: {e}")),
-                                Ok(()) => store
-                                    .read_state(&topic)
-                                    .await
-                                    .map_err(|e| format!("Redis: {e}")),
-                            },
-                        };
-                        let _ = reply.send(state);
-                    }
+                // Changes already waiting are applied together and announced in one diff per
+                // topic (a reconnect storm on a crowded topic is then not one diff per join to
+                // every subscriber); nothing waits for more.
+                let mut batch = vec![op];
+                while batch.len() < MAX_BATCH
+                    && let Ok(op) = queue.try_recv()
+                {
+                    batch.push(op);
+                }
+                presence.ops.queued.fetch_sub(batch.len(), Ordering::Relaxed);
+                let mut diffs = Diffs::default();
+                for op in batch {
+                    apply(&app, op, &mut local, &mut redis, &mut incomplete, &mut diffs).await;
+                }
+                for (topic, (joins, leaves)) in &diffs.topics {
+                    publish_diff(&app, topic, &encode_diff(&pairs(joins), &pairs(leaves))).await;
                 }
                 app.metrics.presence_entries.store(local.count() as u64, Ordering::Relaxed);
             }
@@ -476,6 +444,94 @@ pub async fn run(app: Arc<App>) {
     }
     if let Some(store) = &mut redis {
         store.leave_all(&app).await;
+    }
+}
+
+/// Applies one change: answers a join's state, writes Redis, and collects the diff.
+async fn apply(
+    app: &App,
+    op: Op,
+    local: &mut Local,
+    redis: &mut Option<redis::Store>,
+    incomplete: &mut HashMap<String, (Arc<str>, String, Deliver)>,
+    diffs: &mut Diffs,
+) {
+    match op {
+        Op::Track {
+            entry,
+            join_ref,
+            state_to,
+        } => {
+            // While Redis is down nothing waits on it: the joiner gets what this
+            // node knows (a complete state follows), and the entry reaches Redis,
+            // with its diff, when this node puts its entries back.
+            let up = redis.is_none() || app.broker.readiness().is_ok();
+            let state = match redis {
+                None => Some(local.state(&entry.topic)),
+                Some(store) if up => store.state(&entry.topic).await,
+                Some(store) => {
+                    store.resync_later();
+                    None
+                }
+            };
+            let complete = state.is_some();
+            let state = state.unwrap_or_else(|| local.state(&entry.topic));
+            state_to(crate::protocol::encode_push(
+                &join_ref,
+                &entry.topic,
+                "presence_state",
+                &state,
+            ));
+            if !complete {
+                incomplete.insert(
+                    entry.phx_ref.clone(),
+                    (entry.topic.clone(), join_ref, state_to),
+                );
+            }
+            if up {
+                if let Some(store) = redis {
+                    // The liveness key exists before this node's first entry, so
+                    // that losing it later says the entries were lost too.
+                    if !store.started() {
+                        store.beat(app, local).await;
+                    }
+                    store.track(&entry).await;
+                }
+                diffs.join(&entry);
+            }
+            local.add(entry);
+        }
+        Op::Untrack { topic, phx_ref } => {
+            incomplete.remove(&phx_ref);
+            let Some((entry, last)) = local.remove(&topic, &phx_ref) else {
+                return;
+            };
+            let announce = match redis {
+                None => true,
+                Some(store) if app.broker.readiness().is_ok() => store.untrack(&entry, last).await,
+                Some(store) => {
+                    // Put back (and announced) with the others when Redis returns.
+                    store.resync_later();
+                    false
+                }
+            };
+            if announce {
+                diffs.leave(&entry);
+            }
+        }
+        Op::List { topic, reply } => {
+            let state = match redis {
+                None => Ok(local.state(&topic)),
+                Some(store) => match app.broker.readiness() {
+                    Err(e) => Err(format!("Redis unavailable: {e}")),
+                    Ok(()) => store
+                        .read_state(&topic)
+                        .await
+                        .map_err(|e| format!("Redis: {e}")),
+                },
+            };
+            let _ = reply.send(state);
+        }
     }
 }
 

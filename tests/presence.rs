@@ -121,6 +121,51 @@ async fn bob_left_and_cy_sees_only_ann(ann: &mut Ws, addr: SocketAddr, topic: &s
 }
 
 #[tokio::test]
+async fn a_storm_of_joins_is_announced_exactly_once_each() {
+    let s = start_with(presence_config()).await;
+    let mut watcher = connect(s.addr).await;
+    join_as(&mut watcher, "1", "room:storm", "Watcher").await;
+    // 50 joins at once (no waiting for replies): changes that queue up together are announced
+    // together, and every one exactly once.
+    let mut clients = Vec::new();
+    for _ in 0..50 {
+        clients.push(connect(s.addr).await);
+    }
+    for (n, ws) in clients.iter_mut().enumerate() {
+        let params = format!(r#"{{"presence":{{"name":"c{n:02}"}}}}"#);
+        send(
+            ws,
+            &format!(r#"["1","1","room:storm","phx_join",{params}]"#),
+        )
+        .await;
+    }
+    let mut joined = Vec::new();
+    let mut diffs = 0;
+    while joined.len() < 50 {
+        let diff = expect_event(&mut watcher, "room:storm", "presence_diff").await;
+        assert_eq!(diff["leaves"], json!({}), "{diff}");
+        joined.extend(only_names(&diff["joins"]));
+        diffs += 1;
+    }
+    joined.sort();
+    let want: Vec<String> = (0..50).map(|n| format!("c{n:02}")).collect();
+    assert_eq!(joined, want);
+    assert!(
+        diffs < 50,
+        "joins that queued together were announced one by one"
+    );
+    // All at once away: every one leaves, exactly once.
+    drop(clients);
+    let mut left = Vec::new();
+    while left.len() < 50 {
+        let diff = expect_event(&mut watcher, "room:storm", "presence_diff").await;
+        left.extend(only_names(&diff["leaves"]));
+    }
+    left.sort();
+    assert_eq!(left, want);
+}
+
+#[tokio::test]
 async fn other_topics_get_no_presence_and_bad_metas_are_refused() {
     let s = start_with(presence_config()).await;
     let mut ws = connect(s.addr).await;
