@@ -302,6 +302,10 @@ fn encode_diff<'a>(joins: &[(&'a str, &'a str)], leaves: &[(&'a str, &'a str)]) 
     String::from_utf8(out).expect("JSON built from strings")
 }
 
+/// Redis only: channels whose `presence_state` was sent without Redis, by phx_ref: topic,
+/// join_ref and where to send the complete one.
+type Incomplete = HashMap<String, (Arc<str>, String, Deliver)>;
+
 /// Most queued changes applied (and announced) together.
 const MAX_BATCH: usize = 256;
 
@@ -402,7 +406,7 @@ pub async fn run(app: Arc<App>) {
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Redis only: channels whose `presence_state` was sent without Redis (it was down), by
     // phx_ref; each gets a complete one once Redis answers again.
-    let mut incomplete: HashMap<String, (Arc<str>, String, Deliver)> = HashMap::new();
+    let mut incomplete = Incomplete::new();
     loop {
         tokio::select! {
             biased;
@@ -453,7 +457,7 @@ async fn apply(
     op: Op,
     local: &mut Local,
     redis: &mut Option<redis::Store>,
-    incomplete: &mut HashMap<String, (Arc<str>, String, Deliver)>,
+    incomplete: &mut Incomplete,
     diffs: &mut Diffs,
 ) {
     match op {
@@ -562,7 +566,6 @@ mod redis {
     use crate::app::App;
     use crate::broker::redis::RedisBroker;
     use redis::AsyncCommands;
-    use std::collections::HashMap;
     use std::sync::Arc;
 
     #[derive(serde::Serialize, serde::Deserialize)]
@@ -638,10 +641,7 @@ mod redis {
         }
 
         /// Sends a complete `presence_state` to each channel that got an incomplete one.
-        pub(super) async fn complete(
-            &mut self,
-            incomplete: &mut HashMap<String, (Arc<str>, String, super::Deliver)>,
-        ) {
+        pub(super) async fn complete(&mut self, incomplete: &mut super::Incomplete) {
             let refs: Vec<String> = incomplete.keys().cloned().collect();
             for phx_ref in refs {
                 let (topic, join_ref, _) = &incomplete[&phx_ref];

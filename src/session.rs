@@ -97,10 +97,14 @@ pub fn sender_id(node: &str, waker: &Waker) -> String {
     format!("{node}.{}", waker.id)
 }
 
-/// The connection (its [`Waker::id`]) a sender id names, when it is one of node `node`'s.
-pub fn local_sender(sender: &str, node: &str) -> Option<u64> {
-    let (n, id) = sender.split_once('.')?;
-    (n == node).then(|| id.parse().ok()).flatten()
+/// The connection (its [`Waker::id`]) a publish's `exclude` names on node `node`: 0 for none
+/// here (no exclusion, or another node's connection).
+pub fn local_exclude(exclude: Option<&str>, node: &str) -> u64 {
+    exclude
+        .and_then(|sender| sender.split_once('.'))
+        .filter(|(n, _)| *n == node)
+        .and_then(|(_, id)| id.parse().ok())
+        .unwrap_or(0)
 }
 
 /// Whether `sender` has the shape of a sender id (any node's).
@@ -616,5 +620,31 @@ impl Session {
             }
         }
         Ok(total)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sender_ids_name_a_connection_of_one_node() {
+        let w = Waker::default();
+        let id = sender_id("3f1c0a9b", &w);
+        assert!(is_sender_id(&id), "{id}");
+        assert_eq!(local_exclude(Some(&id), "3f1c0a9b"), w.id);
+        assert_eq!(local_exclude(Some(&id), "00000000"), 0, "another node's");
+        assert_eq!(local_exclude(None, "3f1c0a9b"), 0);
+        for bad in [
+            "",
+            "me",
+            "3f1c0a9b.",
+            ".7",
+            "3f1c0a9b.0",
+            "3f1c0a9b.x",
+            "a-b.7",
+        ] {
+            assert!(!is_sender_id(bad), "{bad:?}");
+        }
     }
 }

@@ -77,14 +77,10 @@ impl Broker {
             Broker::Embedded => Ok(messages
                 .iter()
                 .map(|m| {
-                    let exclude = m
-                        .exclude
-                        .and_then(|s| crate::session::local_sender(s, &app.node_id))
-                        .unwrap_or(0);
                     let message = crate::hub::Broadcast {
                         event: m.event,
                         payload: m.payload.as_bytes(),
-                        exclude,
+                        exclude: crate::session::local_exclude(m.exclude, &app.node_id),
                     };
                     app.hub.publish_message(m.topic, message).to_string()
                 })

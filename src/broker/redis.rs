@@ -114,10 +114,7 @@ impl Envelope<'_> {
         hub::Broadcast {
             event: &self.event,
             payload: self.payload.get().as_bytes(),
-            exclude: self
-                .exclude
-                .and_then(|s| crate::session::local_sender(s, node))
-                .unwrap_or(0),
+            exclude: crate::session::local_exclude(self.exclude, node),
         }
     }
 }
