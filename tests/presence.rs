@@ -329,15 +329,22 @@ async fn node(redis: &RedisServer, ttl_ms: u64) -> TestServer {
     s
 }
 
-#[tokio::test]
-async fn with_redis_every_node_sees_everyone_and_a_stopped_node_s_entries_leave() {
+/// Two nodes on one Redis (a TTL of 60 s) with Ann joined to `topic` on node A, then Bob on
+/// node B; returns them with Bob's `presence_state`.
+async fn ann_on_a_bob_on_b(topic: &str) -> (RedisServer, TestServer, TestServer, Ws, Ws, Value) {
     let redis = RedisServer::start();
     let a = node(&redis, 60_000).await;
     let b = node(&redis, 60_000).await;
     let mut ann = connect(a.addr).await;
-    join_as(&mut ann, "1", "room:r", "Ann").await;
+    join_as(&mut ann, "1", topic, "Ann").await;
     let mut bob = connect(b.addr).await;
-    let (state, _) = join_as(&mut bob, "1", "room:r", "Bob").await;
+    let (state, _) = join_as(&mut bob, "1", topic, "Bob").await;
+    (redis, a, b, ann, bob, state)
+}
+
+#[tokio::test]
+async fn with_redis_every_node_sees_everyone_and_a_stopped_node_s_entries_leave() {
+    let (_redis, a, b, mut ann, _bob, state) = ann_on_a_bob_on_b("room:r").await;
     assert_eq!(only_names(&state), ["Ann"], "node B reads node A's entries");
     let diff = expect_event(&mut ann, "room:r", "presence_diff").await;
     assert_eq!(only_names(&diff["joins"]), ["Bob"], "{diff}");
@@ -401,11 +408,7 @@ async fn with_redis_a_restarted_redis_gets_the_entries_back() {
     wait_ready(a.addr, 200).await;
     // Within a beat or two the node notices its liveness key is gone and writes its entries
     // back; a newcomer then sees Ann.
-    let end = tokio::time::Instant::now() + DEADLINE;
-    while redis.cli(&["HLEN", "pushgate:presence:room:x"]).trim() != "1" {
-        assert!(tokio::time::Instant::now() < end, "entries never came back");
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    wait_until(|| redis.cli(&["HLEN", "pushgate:presence:room:x"]).trim() == "1").await;
     let mut bob = connect(a.addr).await;
     let (state, _) = join_as(&mut bob, "1", "room:x", "Bob").await;
     assert_eq!(only_names(&state), ["Ann"], "{state}");
@@ -433,13 +436,7 @@ async fn with_redis_the_api_says_when_redis_does_not_answer() {
 
 #[tokio::test]
 async fn with_redis_down_nothing_waits_and_what_changed_meanwhile_is_announced_after() {
-    let redis = RedisServer::start();
-    let a = node(&redis, 60_000).await;
-    let b = node(&redis, 60_000).await;
-    let mut ann = connect(a.addr).await;
-    join_as(&mut ann, "1", "room:d", "Ann").await;
-    let mut bob = connect(b.addr).await;
-    join_as(&mut bob, "1", "room:d", "Bob").await;
+    let (redis, a, b, ann, mut bob, _) = ann_on_a_bob_on_b("room:d").await;
     redis.pause();
     wait_ready(a.addr, 503).await;
     // The API says so at once instead of waiting on Redis.

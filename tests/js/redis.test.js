@@ -910,16 +910,21 @@ function presenceEvents(member, topic) {
     .map((f) => [f[3], f[4]]);
 }
 
+/** Two nodes on a fresh Redis tracking presence on room:*, with presence.node_ttl_ms `ttlMs`. */
+async function presenceNodes(res, ttlMs) {
+  const redis = await redisFor(res);
+  return startNodes(res, redis, 2, {
+    PUSHGATE_PRESENCE_TOPICS: "room:*",
+    PUSHGATE_PRESENCE_NODE_TTL_MS: String(ttlMs),
+    PUSHGATE_AUTH_SECRET: PRESENCE_SECRET,
+  });
+}
+
 describe("presence on the Redis broker", () => {
   it("presence: clients on two nodes see each other (a token sub on both is one key); a SIGKILLed node's entries leave within presence.node_ttl_ms", { timeout: TEST_TIMEOUT_MS }, async (t) => {
     const res = resources(t);
-    const redis = await redisFor(res);
     const TTL_MS = 1500;
-    const [a, b] = await startNodes(res, redis, 2, {
-      PUSHGATE_PRESENCE_TOPICS: "room:*",
-      PUSHGATE_PRESENCE_NODE_TTL_MS: String(TTL_MS),
-      PUSHGATE_AUTH_SECRET: PRESENCE_SECRET,
-    });
+    const [a, b] = await presenceNodes(res, TTL_MS);
     const topic = uniqueTopic("room");
     const annA = await presenceMember(res, CLIENTS[0], a, topic, "Ann@A", "ann");
     const annB = await presenceMember(res, CLIENTS[1], b, topic, "Ann@B", "ann");
@@ -953,13 +958,8 @@ describe("presence on the Redis broker", () => {
 
   it("presence: a node stopped gracefully (SIGTERM) takes its entries away at once, long before presence.node_ttl_ms", { timeout: TEST_TIMEOUT_MS }, async (t) => {
     const res = resources(t);
-    const redis = await redisFor(res);
     const TTL_MS = 60_000;
-    const [a, b] = await startNodes(res, redis, 2, {
-      PUSHGATE_PRESENCE_TOPICS: "room:*",
-      PUSHGATE_PRESENCE_NODE_TTL_MS: String(TTL_MS),
-      PUSHGATE_AUTH_SECRET: PRESENCE_SECRET,
-    });
+    const [a, b] = await presenceNodes(res, TTL_MS);
     const topic = uniqueTopic("room");
     const annA = await presenceMember(res, CLIENTS[1], a, topic, "Ann@A");
     const bobB = await presenceMember(res, CLIENTS[0], b, topic, "Bob@B", "bob");
