@@ -54,11 +54,59 @@ pub struct Metrics {
     pub presence_reaped: AtomicU64,
     /// Unix time (s) the process started serving (`App::new`).
     pub start_time: AtomicI64,
+    /// Refused connections, sessions and joins, and forced closes, by [`Refusal`] cause.
+    pub refusals: [AtomicU64; Refusal::ALL.len()],
+}
+
+/// Why a client was refused or its connection forcibly closed: the `cause` label of
+/// `pushgate_refusals_total`. One variant per protection, so an operator sees which one fired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// A read deadline passed: first bytes, request head, idle keep-alive, body, handshake.
+    Timeout,
+    /// The client address holds `limits.max_connections_per_address` connections already.
+    PerAddress,
+    /// New connections, sessions or joins over their per-address or per-connection rate.
+    RateLimit,
+    /// An `Origin` outside `server.allowed_origins`.
+    Origin,
+    /// A join that would create a topic past `limits.max_topics`.
+    TopicCap,
+    /// A connection or LongPoll session past `server.max_connections`.
+    SessionCap,
+}
+
+impl Refusal {
+    pub const ALL: [Refusal; 6] = [
+        Refusal::Timeout,
+        Refusal::PerAddress,
+        Refusal::RateLimit,
+        Refusal::Origin,
+        Refusal::TopicCap,
+        Refusal::SessionCap,
+    ];
+
+    /// The `cause` label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Refusal::Timeout => "timeout",
+            Refusal::PerAddress => "per_address",
+            Refusal::RateLimit => "rate_limit",
+            Refusal::Origin => "origin",
+            Refusal::TopicCap => "topic_cap",
+            Refusal::SessionCap => "session_cap",
+        }
+    }
 }
 
 impl Metrics {
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Relaxed);
+    }
+
+    /// Counts one refusal or forced close of `cause`.
+    pub fn refused(&self, cause: Refusal) {
+        self.refusals[cause as usize].fetch_add(1, Relaxed);
     }
 
     pub fn render(&self) -> String {
@@ -185,6 +233,20 @@ impl Metrics {
             "counter",
             "Presence entries of dead nodes this node removed (Redis broker only).",
             &[("", c(&self.presence_reaped))],
+        );
+        let refusals: Vec<(String, i64)> = Refusal::ALL
+            .iter()
+            .map(|r| {
+                let n = self.refusals[*r as usize].load(Relaxed) as i64;
+                (format!("{{cause=\"{}\"}}", r.label()), n)
+            })
+            .collect();
+        let refusals: Vec<(&str, i64)> = refusals.iter().map(|(l, n)| (l.as_str(), *n)).collect();
+        one(
+            "pushgate_refusals_total",
+            "counter",
+            "Clients refused or forcibly closed by a protection, by cause.",
+            &refusals,
         );
         one(
             "pushgate_redis_connected",
@@ -362,5 +424,25 @@ fn render_process(out: &mut String, start_time: i64) {
             "Start time of the process since unix epoch in seconds.",
             start_time as f64,
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_are_rendered_by_cause() {
+        let m = Metrics::default();
+        m.refused(Refusal::Origin);
+        m.refused(Refusal::Origin);
+        let text = m.render();
+        assert!(
+            text.contains("pushgate_refusals_total{cause=\"origin\"} 2"),
+            "{text}"
+        );
+        for r in Refusal::ALL {
+            assert!(text.contains(&format!("cause=\"{}\"", r.label())), "{text}");
+        }
     }
 }
