@@ -51,6 +51,12 @@ pub struct ServerConfig {
     /// Tokio worker threads; 0 means one per core, 1 runs a single-threaded runtime (best on a
     /// one-core server). Default 0.
     pub worker_threads: usize,
+    /// Peers whose `X-Forwarded-For` is believed when working out a client's address for the
+    /// per-address limits: networks (`10.0.0.0/8`) or addresses. Default loopback
+    /// (`127.0.0.0/8`, `::1`), where nginx sits. In `PUSHGATE_SERVER_TRUSTED_PROXIES` separated
+    /// by commas; empty: always the TCP peer.
+    #[serde(deserialize_with = "names_list")]
+    pub trusted_proxies: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -61,6 +67,7 @@ impl Default for ServerConfig {
             header_read_timeout_ms: 10_000,
             idle_timeout_ms: 90_000,
             worker_threads: 0,
+            trusted_proxies: vec!["127.0.0.0/8".into(), "::1".into()],
         }
     }
 }
@@ -79,6 +86,19 @@ pub struct LimitsConfig {
     /// rejoin. Default 4194304 (4 MiB). Pending broadcasts live in the shared topic buffer, so
     /// this bounds lag, not memory per connection.
     pub max_pending_bytes: u64,
+    /// Most WebSockets and LongPoll sessions one client address may hold at once (IPv6 counted
+    /// per /64); the next gets 429. 0: no limit. Default 256, room for an office or a mobile
+    /// carrier's NAT.
+    pub max_connections_per_address: u32,
+    /// New WebSockets and LongPoll sessions one client address may open per second, in bursts
+    /// of `connect_burst_per_address`; past it, 429. 0: no limit. Default 20.
+    pub connect_rate_per_address: u32,
+    /// See `connect_rate_per_address`. Default 100: a page reload storm after a deploy passes.
+    pub connect_burst_per_address: u32,
+    /// Joins one connection may make per second, in bursts of `max_topics_per_connection`;
+    /// further joins get an error reply (`rate limited`) and the connection lives on. 0: no
+    /// limit. Default 20.
+    pub join_rate_per_connection: u32,
 }
 
 impl Default for LimitsConfig {
@@ -87,6 +107,10 @@ impl Default for LimitsConfig {
             max_frame_bytes: 64 * 1024,
             max_topics_per_connection: 100,
             max_pending_bytes: 4 * 1024 * 1024,
+            max_connections_per_address: 256,
+            connect_rate_per_address: 20,
+            connect_burst_per_address: 100,
+            join_rate_per_connection: 20,
         }
     }
 }
@@ -754,6 +778,23 @@ impl Config {
         }
         if self.limits.max_pending_bytes < 64 * 1024 {
             bad("limits.max_pending_bytes", "must be at least 65536");
+        }
+        if let Some(p) = self
+            .server
+            .trusted_proxies
+            .iter()
+            .find(|p| crate::admission::parse_net(p).is_none())
+        {
+            bad(
+                "server.trusted_proxies",
+                &format!("{p:?} is not an address or network (like 10.0.0.0/8 or ::1)"),
+            );
+        }
+        if self.limits.connect_rate_per_address > 0 && self.limits.connect_burst_per_address == 0 {
+            bad(
+                "limits.connect_burst_per_address",
+                "must be at least 1 when limits.connect_rate_per_address is set",
+            );
         }
         if !(100..=15_000).contains(&self.longpoll.window_ms) {
             bad(

@@ -22,6 +22,7 @@
 #![forbid(unsafe_code)]
 
 pub mod acme;
+pub mod admission;
 pub mod api;
 pub mod app;
 pub mod auth;
