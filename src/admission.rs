@@ -227,6 +227,39 @@ impl Admission {
     }
 }
 
+/// The TCP peer of the connection a request arrived on: a request extension the server sets,
+/// so handlers behind hyper know who is asking.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub std::net::SocketAddr);
+
+impl Admission {
+    /// The client address of a request served by hyper: its [`Peer`] and `X-Forwarded-For`.
+    /// `None` when the server did not say who the peer is.
+    pub fn client_of<B>(&self, req: &hyper::Request<B>) -> Option<IpAddr> {
+        let peer = req.extensions().get::<Peer>()?.0.ip();
+        let xff = req.headers().get_all("x-forwarded-for");
+        Some(self.client_ip(peer, xff.iter().map(|v| v.as_bytes())))
+    }
+
+    /// [`Admission::admit`] for a client whose address may be unknown (then it is admitted
+    /// uncounted); a refusal is counted in the metrics.
+    pub fn admit_or_count(
+        self: &Arc<Self>,
+        client: Option<IpAddr>,
+        metrics: &crate::metrics::Metrics,
+    ) -> Result<Option<Admitted>, Refusal> {
+        let Some(ip) = client else { return Ok(None) };
+        match self.admit(ip) {
+            Ok(a) => Ok(Some(a)),
+            Err(cause) => {
+                metrics.refused(cause);
+                tracing::debug!(client = %ip, cause = cause.label(), "connection refused");
+                Err(cause)
+            }
+        }
+    }
+}
+
 /// A `server.trusted_proxies` entry: a network (`10.0.0.0/8`) or one address.
 pub fn parse_net(text: &str) -> Option<IpNet> {
     text.parse::<IpNet>()

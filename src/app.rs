@@ -25,6 +25,8 @@ pub struct App {
     pub forward: Option<Arc<crate::forward::Forwarder>>,
     /// Phoenix Presence (`[presence]`), when `presence.topics` is set.
     pub presence: Option<Arc<crate::presence::Presence>>,
+    /// Per-client-address limits and the join rate (`crate::admission`).
+    pub admission: Arc<crate::admission::Admission>,
     /// The bearer token `POST /api/publish` requires (configured or generated at start).
     pub publish_token: String,
     /// This node's id (8 hex digits): LongPoll tokens carry it so any node can route a
@@ -89,6 +91,7 @@ impl App {
             metrics,
             acme: Default::default(),
             auth: crate::auth::Auth::new(&config.auth),
+            admission: crate::admission::Admission::new(&config),
             forward,
             publish_token,
             node_id,

@@ -104,6 +104,7 @@ struct Head {
     authorization: Option<Range<usize>>,
     longpoll_token: Option<Range<usize>>,
     auth_token: Option<Range<usize>>,
+    forwarded_for: Option<Range<usize>>,
 }
 
 enum Parsed {
@@ -150,6 +151,7 @@ fn parse(app: &App, buf: &[u8]) -> Parsed {
         authorization: None,
         longpoll_token: None,
         auth_token: None,
+        forwarded_for: None,
     };
     let mut seen_length = false;
     for h in req.headers.iter() {
@@ -181,6 +183,12 @@ fn parse(app: &App, buf: &[u8]) -> Parsed {
             head.longpoll_token = Some(range_of(buf, h.value));
         } else if name.eq_ignore_ascii_case("x-phoenix-authtoken") {
             head.auth_token = Some(range_of(buf, h.value));
+        } else if name.eq_ignore_ascii_case("x-forwarded-for") {
+            if head.forwarded_for.is_some() {
+                // Several: hyper reads them all, in order.
+                return Parsed::Hyper;
+            }
+            head.forwarded_for = Some(range_of(buf, h.value));
         }
     }
     Parsed::Ours(head)
@@ -201,7 +209,7 @@ pub enum End {
 }
 
 /// Serves requests until the connection closes or one of them is not ours.
-pub async fn serve(app: &Arc<App>, mut stream: TcpStream) -> End {
+pub async fn serve(app: &Arc<App>, mut stream: TcpStream, peer: std::net::SocketAddr) -> End {
     let mut buf: Vec<u8> = Vec::with_capacity(4096);
     let mut out: Vec<u8> = Vec::with_capacity(512);
     // Registered with the shutdown token once per connection, not once per wait.
@@ -296,7 +304,17 @@ pub async fn serve(app: &Arc<App>, mut stream: TcpStream) -> End {
             Route::LongPollGet => {
                 let query = std::str::from_utf8(&buf[head.query.clone()]).unwrap_or("");
                 let token = longpoll::session_token(text(&buf, &head.longpoll_token), query);
-                let get = longpoll::Get::begin(app, token, query, text(&buf, &head.auth_token));
+                let client = app.admission.client_ip(
+                    peer.ip(),
+                    head.forwarded_for.iter().map(|r| &buf[r.clone()]),
+                );
+                let get = longpoll::Get::begin(
+                    app,
+                    token,
+                    query,
+                    text(&buf, &head.auth_token),
+                    Some(client),
+                );
                 let body = match get {
                     longpoll::Get::Done(body) => body,
                     held => {

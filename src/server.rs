@@ -71,7 +71,15 @@ pub async fn run(listeners: Vec<TcpListener>, app: Arc<App>, edge: crate::tls::L
     if app.config.acme.enabled {
         app.tracker.spawn(crate::acme::run(app.clone()));
     }
-    spawn_periodic(&app, SWEEP_INTERVAL, |app| app.hub.sweep(), |_| {});
+    spawn_periodic(
+        &app,
+        SWEEP_INTERVAL,
+        |app| {
+            app.hub.sweep();
+            app.admission.sweep();
+        },
+        |_| {},
+    );
     // Check often enough that a session outlives its timeout by at most a quarter of it.
     spawn_periodic(
         &app,
@@ -178,25 +186,30 @@ async fn serve_plain(
     permit: OwnedSemaphorePermit,
 ) {
     match http1::first(&app, &stream).await {
-        http1::First::Lean => match http1::serve(&app, stream).await {
+        http1::First::Lean => match http1::serve(&app, stream, peer).await {
             http1::End::Closed => {}
-            http1::End::Hyper(rewound) => serve_connection(app, rewound, permit).await,
+            http1::End::Hyper(rewound) => serve_connection(app, rewound, peer, permit).await,
         },
-        http1::First::Hyper => serve_connection(app, stream, permit).await,
+        http1::First::Hyper => serve_connection(app, stream, peer, permit).await,
         http1::First::Closed => {}
     }
     tracing::trace!(%peer, "connection done");
 }
 
-async fn serve_connection<S>(app: Arc<App>, stream: S, permit: OwnedSemaphorePermit)
-where
+async fn serve_connection<S>(
+    app: Arc<App>,
+    stream: S,
+    peer: std::net::SocketAddr,
+    permit: OwnedSemaphorePermit,
+) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     // The slot moves into a WebSocket task on upgrade; otherwise it is released when this
     // connection ends.
     let slot = Arc::new(std::sync::Mutex::new(Some(permit)));
     let svc_app = app.clone();
-    let service = service_fn(move |req| {
+    let service = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+        req.extensions_mut().insert(crate::admission::Peer(peer));
         let app = svc_app.clone();
         let slot = slot.clone();
         async move { Ok::<_, std::convert::Infallible>(router::route(app, req, &slot).await) }

@@ -56,6 +56,8 @@ pub struct Session {
     connect: ConnectInfo,
     /// Pushes on their way to the app (`[forward]`); opened by the first forwarded push.
     lane: Option<crate::forward::Lane>,
+    /// Joins this connection may still make now (`limits.join_rate_per_connection`).
+    join_budget: crate::admission::JoinBucket,
 }
 
 #[derive(Debug)]
@@ -124,6 +126,7 @@ impl Session {
 
     /// A session woken through `waker` (which may already hold the connection's socket).
     pub fn with_waker(app: Arc<App>, connect: ConnectInfo, waker: Arc<Waker>) -> Session {
+        let join_budget = app.admission.join_bucket();
         Session {
             app,
             waker,
@@ -134,6 +137,7 @@ impl Session {
             direct_bytes: 0,
             connect,
             lane: None,
+            join_budget,
         }
     }
 
@@ -205,6 +209,11 @@ impl Session {
             self.join_error(&msg, None, "join requires a ref");
             return;
         };
+        if !self.app.admission.may_join(&mut self.join_budget) {
+            self.app.metrics.refused(crate::metrics::Refusal::RateLimit);
+            self.join_error(&msg, Some(&join_ref), "rate limited");
+            return;
+        }
         if msg.topic.is_empty()
             || msg.topic.len() > protocol::MAX_FIELD_BYTES
             || msg.topic == protocol::PHOENIX_TOPIC

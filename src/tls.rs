@@ -152,7 +152,8 @@ async fn serve_tls(
     // and it is released when the connection ends.
     let slot = Arc::new(std::sync::Mutex::new(Some(permit)));
     let svc_app = app.clone();
-    let service = service_fn(move |req: Request<Incoming>| {
+    let service = service_fn(move |mut req: Request<Incoming>| {
+        req.extensions_mut().insert(crate::admission::Peer(peer));
         let app = svc_app.clone();
         let slot = slot.clone();
         async move { Ok::<_, std::convert::Infallible>(router::route(app, req, &slot).await) }

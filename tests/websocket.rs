@@ -369,8 +369,8 @@ async fn direct_writes_from_two_topics_to_one_connection_never_interleave() {
 #[tokio::test]
 async fn a_large_topic_swept_by_the_fanout_task_delivers_everything_in_order() {
     // More subscribers than are woken inline, so deliveries go through the chunked fanout task,
-    // with publishes landing while sweeps run.
-    let s = start().await;
+    // with publishes landing while sweeps run. 300 clients from one address.
+    let s = start_with(many_clients_config()).await;
     let mut readers = Vec::new();
     for i in 0..300 {
         let mut ws = connect(s.addr).await;

@@ -367,6 +367,12 @@ async fn run_inner(a: RunArgs) -> Result<bool, String> {
                 .arg("-c")
                 .arg(format!("exec {cmd}"))
                 .env("PUSHGATE_PUBLISH_TOKEN", &token)
+                // One load generator is one client address opening thousands of connections:
+                // pushgate's per-address limits (issue 16) would refuse it. Other servers
+                // ignore these.
+                .env("PUSHGATE_LIMITS_MAX_CONNECTIONS_PER_ADDRESS", "0")
+                .env("PUSHGATE_LIMITS_CONNECT_RATE_PER_ADDRESS", "0")
+                .env("PUSHGATE_LIMITS_JOIN_RATE_PER_CONNECTION", "0")
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())

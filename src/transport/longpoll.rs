@@ -57,6 +57,8 @@ pub struct LpSession {
     inner: Mutex<Inner>,
     /// The session's waker: topics (and POSTs) wake the waiting GET through it.
     waker: Arc<Waker>,
+    /// Its place in its client address's count, given back when the session goes.
+    _admitted: Option<crate::admission::Admitted>,
 }
 
 #[derive(Debug)]
@@ -235,7 +237,8 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Full<Byte
                 .headers()
                 .get("x-phoenix-authtoken")
                 .and_then(|v| v.to_str().ok());
-            let get = Get::begin(&app, token_of(&req), query, auth_token);
+            let client = app.admission.client_of(&req);
+            let get = Get::begin(&app, token_of(&req), query, auth_token, client);
             // The request's head points into hyper's read buffer: let go of it before holding
             // the poll, so hyper can reuse that buffer for the next request instead of
             // allocating a new one.
@@ -299,6 +302,7 @@ impl Get {
         token: Option<&str>,
         query: &str,
         auth_token: Option<&str>,
+        client: Option<std::net::IpAddr>,
     ) -> Get {
         if let Some(t) = token {
             if let Some(lp) = app.longpoll.get(t) {
@@ -312,7 +316,7 @@ impl Get {
                 return Get::Done(status_only(500));
             }
         }
-        Get::Done(new_session(app, query, auth_token))
+        Get::Done(new_session(app, query, auth_token, client))
     }
 
     /// The answer's body.
@@ -328,7 +332,12 @@ impl Get {
     }
 }
 
-fn new_session(app: &Arc<App>, query: &str, auth_token: Option<&str>) -> Bytes {
+fn new_session(
+    app: &Arc<App>,
+    query: &str,
+    auth_token: Option<&str>,
+    client: Option<std::net::IpAddr>,
+) -> Bytes {
     if !query_param(query, "vsn").is_some_and(|v| v.starts_with("2.")) {
         return status_only(403);
     }
@@ -341,6 +350,10 @@ fn new_session(app: &Arc<App>, query: &str, auth_token: Option<&str>) -> Bytes {
         tracing::warn!("longpoll session limit reached (server.max_connections)");
         return status_only(500);
     }
+    // Per address (`crate::admission`): refused the same way, so the client retries later.
+    let Ok(admitted) = app.admission.admit_or_count(client, &app.metrics) else {
+        return status_only(500);
+    };
     let connect = ConnectInfo {
         query: query.to_string(),
         auth_token: auth_token.map(str::to_string),
@@ -354,6 +367,7 @@ fn new_session(app: &Arc<App>, query: &str, auth_token: Option<&str>) -> Bytes {
             .try_into()
             .expect("new_token makes tokens of our shape"),
         waker: session.waker().clone(),
+        _admitted: admitted,
         inner: Mutex::new(Inner {
             session,
             listener: 0,

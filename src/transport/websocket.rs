@@ -140,6 +140,13 @@ pub fn upgrade(
     if app.is_draining() {
         return plain(StatusCode::SERVICE_UNAVAILABLE, "draining\n");
     }
+    let client = app.admission.client_of(&req);
+    let Ok(admitted) = app.admission.admit_or_count(client, &app.metrics) else {
+        return plain(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many connections from this address\n",
+        );
+    };
     let mut offered_phoenix = false;
     let mut auth_token = None;
     for v in req.headers().get_all(header::SEC_WEBSOCKET_PROTOCOL) {
@@ -188,6 +195,7 @@ pub fn upgrade(
     let task_app = app.clone();
     app.tracker.spawn(async move {
         let _permit = permit;
+        let _admitted = admitted;
         let upgraded = match on_upgrade.await {
             Ok(u) => u,
             Err(e) => {

@@ -43,6 +43,7 @@ const MODULES = process.env.NGINX_MODULES_DIR ?? "/usr/lib/nginx/modules";
 const LONGPOLL_WINDOW_MS = 15_000; // the largest longpoll.window_ms pushgate accepts
 const TEST_TIMEOUT_MS = 30_000;
 const DEADLINE_MS = 10_000;
+const PER_ADDRESS = 20; // pushgate's limits.max_connections_per_address in this file
 
 // ---------------------------------------------------------------------------
 // Scaffolding: certificate, static files, app stand-in, nginx
@@ -228,7 +229,14 @@ describe("nginx site (nginx/pushgate.conf) in front of pushgate", () => {
     ca = makeCertificate(path.join(prefix, "tls"));
     writeStatic(path.join(prefix, "static"));
 
-    pushgate = await startServer({ env: { PUSHGATE_LONGPOLL_WINDOW_MS: String(LONGPOLL_WINDOW_MS) } });
+    pushgate = await startServer({
+      env: {
+        PUSHGATE_LONGPOLL_WINDOW_MS: String(LONGPOLL_WINDOW_MS),
+        // Low enough for the per-address test to reach it; every other test's clients come
+        // from 127.0.0.1 and hold a few connections at a time.
+        PUSHGATE_LIMITS_MAX_CONNECTIONS_PER_ADDRESS: String(PER_ADDRESS),
+      },
+    });
     app = await startApp();
 
     // Ports can be taken between the check and nginx's bind: try a few times.
@@ -422,6 +430,74 @@ describe("nginx site (nginx/pushgate.conf) in front of pushgate", () => {
     }
     // Direct access (loopback, for the backend) still works.
     assert.equal((await request(`${pushgate.url}/healthz`)).status, 200);
+  });
+
+  it("limits per client address: pushgate counts the address nginx forwards, nginx stops handshake floods", { timeout: TEST_TIMEOUT_MS }, async () => {
+    const port = new URL(base).port;
+    // A WebSocket handshake through nginx from `source`: "open" (the socket, still open) or
+    // who refused it ("pushgate" or "nginx", by the 429's body).
+    const handshake = (source) =>
+      new Promise((resolve, reject) => {
+        const ws = new WebSocket(`wss://127.0.0.1:${port}/socket/websocket?vsn=2.0.0`, {
+          ca,
+          servername: "localhost",
+          localAddress: source,
+        });
+        ws.once("open", () => resolve({ outcome: "open", ws }));
+        ws.once("unexpected-response", (_req, res) => {
+          let body = "";
+          res.on("data", (d) => (body += d));
+          res.on("end", () => {
+            assert.equal(res.statusCode, 429, body);
+            resolve({ outcome: /too many connections/.test(body) ? "pushgate" : /nginx/.test(body) ? "nginx" : body });
+          });
+        });
+        ws.once("error", reject);
+      });
+    const open = [];
+    try {
+      const refusedBefore = await metric(pushgate, 'pushgate_refusals_total{cause="per_address"}');
+      // pushgate's own limit, per forwarded address.
+      for (let i = 0; i < PER_ADDRESS; i++) {
+        const r = await handshake("127.0.0.21");
+        assert.equal(r.outcome, "open", `handshake ${i}`);
+        open.push(r.ws);
+      }
+      assert.equal((await handshake("127.0.0.21")).outcome, "pushgate");
+      assert.equal(await metric(pushgate, 'pushgate_refusals_total{cause="per_address"}'), refusedBefore + 1);
+      // Another address is its own client (were the forwarded address ignored, every client
+      // would be 127.0.0.1, nginx, and this one refused too); it joins and receives.
+      const other = await handshake("127.0.0.23");
+      assert.equal(other.outcome, "open");
+      open.push(other.ws);
+      const topic = uniqueTopic("peraddr");
+      const got = new Promise((resolve) =>
+        other.ws.on("message", (m) => {
+          const f = JSON.parse(m.toString());
+          if (f[3] === "phx_reply") resolve("joined");
+        }),
+      );
+      other.ws.send(JSON.stringify(["1", "1", topic, "phx_join", {}]));
+      assert.equal(await got, "joined");
+      const delivered = new Promise((resolve) =>
+        other.ws.on("message", (m) => {
+          const f = JSON.parse(m.toString());
+          if (f[3] === "hello") resolve(f[4]);
+        }),
+      );
+      await publish(pushgate, topic, "hello", { n: 1 });
+      assert.deepEqual(await delivered, { n: 1 });
+
+      // nginx's handshake rate (burst 150): a flood of 220 at once from one address is cut
+      // by nginx before pushgate sees all of it.
+      const flood = await Promise.all(Array.from({ length: 220 }, () => handshake("127.0.0.22")));
+      for (const r of flood) if (r.ws) open.push(r.ws);
+      const by = (o) => flood.filter((r) => r.outcome === o).length;
+      assert.ok(by("nginx") > 0, `nginx refused none: ${JSON.stringify({ open: by("open"), pushgate: by("pushgate") })}`);
+      assert.ok(by("open") <= PER_ADDRESS, `pushgate let ${by("open")} in`);
+    } finally {
+      for (const ws of open) ws.terminate();
+    }
   });
 
   it("proxies everything else to the app with the forwarding headers", async () => {

@@ -32,6 +32,15 @@ pub fn test_config() -> Config {
     c
 }
 
+/// [`test_config`] for a test where one address plays many clients (hundreds of connections
+/// from 127.0.0.1 in a moment): the per-address limits (`tests/admission.rs`) are off.
+pub fn many_clients_config() -> Config {
+    let mut c = test_config();
+    c.limits.max_connections_per_address = 0;
+    c.limits.connect_rate_per_address = 0;
+    c
+}
+
 /// A throwaway CA and a certificate it signed for `names` (DNS names or IP addresses), for a
 /// test's TLS server (Pebble's HTTPS, an HTTPS app).
 pub struct TestCa {
