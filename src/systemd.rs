@@ -76,7 +76,9 @@ pub fn watchdog_interval() -> Option<Duration> {
 /// Sends `WATCHDOG=1` every `interval`, forever. Spawn it on the server's runtime; it ends
 /// with the runtime.
 pub async fn watchdog(interval: Duration) {
-    let mut tick = tokio::time::interval(interval);
+    // The first ping one interval in, not at once: READY=1 (sent as soon as the broker is
+    // ready) comes first, as systemd and tests/systemd.rs expect.
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
