@@ -500,3 +500,44 @@ async fn a_state_redis_could_not_give_is_completed_once_it_can() {
     }
     assert_eq!(redis.cli(&["HLEN", "pushgate:presence:room:w"]).trim(), "1");
 }
+
+#[tokio::test]
+async fn with_redis_topics_named_like_internal_keys_leave_no_ghosts() {
+    let redis = RedisServer::start();
+    let mut c = redis_config(&redis.url());
+    c.presence.topics = vec!["*".into()];
+    c.presence.node_ttl_ms = 60_000;
+    let a = start_with(c.clone()).await;
+    let b = start_with(c).await;
+    wait_ready(a.addr, 200).await;
+    wait_ready(b.addr, 200).await;
+    // Node A's id is in every LongPoll token it hands out.
+    let (_, _, body) = http(a.addr, "GET", "/socket/longpoll?vsn=2.0.0&", &[], b"").await;
+    let token = body_json(&body)["token"].as_str().unwrap().to_string();
+    let id_a = &token[2..10];
+    // A hostile client on B takes presence on topics named like A's internal keys, and stays.
+    let mut hostile = connect(b.addr).await;
+    for (i, topic) in [format!("node:{id_a}"), "nodes".to_string()]
+        .iter()
+        .enumerate()
+    {
+        join_as(&mut hostile, &i.to_string(), topic, "H").await;
+    }
+    let mut ann = connect(a.addr).await;
+    join_as(&mut ann, "1", "room:1", "Ann").await;
+    // Node A stops: Ann's entry leaves with it, and B does not show her as a ghost.
+    a.stop.cancel();
+    assert!(a.handle.await.unwrap());
+    let end = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let (status, body) = api_presence(b.addr, "?topic=room:1").await;
+        if status == 200 && only_names(&body["presences"]).is_empty() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < end,
+            "a ghost on node B: {status} {body}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
