@@ -63,7 +63,10 @@ impl App {
             // `Config::validate` has checked the URL.
             let r = crate::broker::redis::RedisBroker::new(
                 &config.redis.url,
-                &config.redis.prefix,
+                crate::broker::redis::Keys::new(
+                    &config.redis.prefix,
+                    &config.redis.internal_prefix(),
+                ),
                 config.history.clone(),
                 &node_id,
             )

@@ -1,12 +1,18 @@
 //! The Redis broker: cross-node fanout through pub/sub, history in capped streams.
 //!
-//! Keys, for topic `T` and prefix `P` (default `pushgate:`), hash-tagged by topic so that a
-//! move to Redis Cluster keeps a topic's keys in one slot:
-//! - `P{T}:m`: hash with the topic's `epoch` and last `offset`;
-//! - `P{T}:s`: stream of the last `history.size` messages, entry id `<offset>-0`;
-//! - `PT`: the pub/sub channel. `redis/publish.lua` assigns the offset, appends to the stream,
-//!   and publishes `{"position":"E:O","event":...,"payload":...}` atomically. A plain
+//! Keys and channels ([`Keys`]), for topic `T`, topic prefix `P` (`redis.prefix`, default
+//! `pushgate:`) and internal prefix `I` (`redis.internal_prefix`, default `pushgate.internal:`):
+//! - `PT`: the topic's pub/sub channel. `redis/publish.lua` assigns the offset, appends to the
+//!   stream, and publishes `{"position":"E:O","event":...,"payload":...}` atomically. A plain
 //!   `PUBLISH PT {"event":...,"payload":...}` is delivered live, without a position.
+//! - `P{T}:m`: hash with the topic's `epoch` and last `offset`; `P{T}:s`: stream of the last
+//!   `history.size` messages, entry id `<offset>-0`; `P{T}:p`: the topic's presence entries.
+//!   Hash-tagged by topic so that a move to Redis Cluster keeps a topic's keys in one slot.
+//! - Everything else is the nodes' own, under `I`, which no `PT` can equal (`I` and `P` differ
+//!   before either ends; `Config::validate` checks it): `Inode:<id>`, a node's control channel
+//!   (LongPoll requests and answers) and its liveness key; `Ipresence:node:<id>` and
+//!   `Ipresence:nodes` (presence bookkeeping). Every topic key ends in `}:` and one letter
+//!   after the topic, so no two topics' keys meet either.
 //!
 //! One task ([`run`]) owns the subscriber connection. It subscribes per topic, only while the
 //! topic has local subscribers (unsubscribing in batches when the hub reports idle topics), and
@@ -57,12 +63,81 @@ const SUBSCRIBER_COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest resubscription and catch-up after a reconnect before trying again.
 const RESUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Every Redis key and channel pushgate uses. Injective: distinct (topic, kind) pairs and the
+/// internal names never map to the same key or channel, whatever bytes a topic holds.
+#[derive(Debug, Clone)]
+pub struct Keys {
+    /// `redis.prefix`: topic channels and topic keys.
+    topic: String,
+    /// `redis.internal_prefix`: the nodes' own keys and channels.
+    internal: String,
+}
+
+impl Keys {
+    /// `prefix` and `internal` must differ before either ends (`Config::validate`).
+    pub fn new(prefix: &str, internal: &str) -> Keys {
+        Keys {
+            topic: prefix.to_string(),
+            internal: internal.to_string(),
+        }
+    }
+
+    /// The topic's pub/sub channel, `<prefix><topic>` (pinned: plain `PUBLISH` works).
+    pub fn channel(&self, topic: &str) -> String {
+        format!("{}{topic}", self.topic)
+    }
+
+    /// The topic a topic channel carries.
+    pub fn topic_of<'a>(&self, channel: &'a str) -> Option<&'a str> {
+        channel.strip_prefix(self.topic.as_str())
+    }
+
+    fn topic_key(&self, topic: &str, kind: char) -> String {
+        format!("{}{{{topic}}}:{kind}", self.topic)
+    }
+
+    /// The topic's meta hash (`epoch`, `offset`).
+    pub fn meta(&self, topic: &str) -> String {
+        self.topic_key(topic, 'm')
+    }
+
+    /// The topic's history stream.
+    pub fn stream(&self, topic: &str) -> String {
+        self.topic_key(topic, 's')
+    }
+
+    /// The topic's presence entries (a hash: `phx_ref` to `{"key", "node", "meta"}`).
+    pub fn presence(&self, topic: &str) -> String {
+        self.topic_key(topic, 'p')
+    }
+
+    /// A node's control channel: LongPoll requests for its sessions, answers to its requests.
+    pub fn node_channel(&self, node: &str) -> String {
+        format!("{}node:{node}", self.internal)
+    }
+
+    /// A node's presence liveness key (a TTL renewed by its beats).
+    pub fn node_alive(&self, node: &str) -> String {
+        format!("{}node:{node}", self.internal)
+    }
+
+    /// The topics where a node has presence entries (a set).
+    pub fn node_topics(&self, node: &str) -> String {
+        format!("{}presence:node:{node}", self.internal)
+    }
+
+    /// The nodes that may have presence entries (a set).
+    pub fn nodes(&self) -> String {
+        format!("{}presence:nodes", self.internal)
+    }
+}
+
 /// Forwarded LongPoll requests waiting for the owner's answer, by request id.
 type ReplySlots = Mutex<std::collections::HashMap<u64, tokio::sync::oneshot::Sender<String>>>;
 
 pub struct RedisBroker {
     client: redis::Client,
-    prefix: String,
+    keys: Keys,
     history: HistoryConfig,
     publish_script: redis::Script,
     position_script: redis::Script,
@@ -123,15 +198,16 @@ impl RedisBroker {
     /// Checks the URL; connects later (in [`run`] and on first publish).
     pub fn new(
         url: &str,
-        prefix: &str,
+        keys: Keys,
         history: HistoryConfig,
         node_id: &str,
     ) -> Result<RedisBroker, String> {
         let client = redis::Client::open(url).map_err(|e| e.to_string())?;
         let (tx, rx) = mpsc::channel(JOIN_QUEUE);
         Ok(RedisBroker {
+            node_channel: keys.node_channel(node_id),
             client,
-            prefix: prefix.to_string(),
+            keys,
             history,
             publish_script: redis::Script::new(PUBLISH_SCRIPT),
             position_script: redis::Script::new(POSITION_SCRIPT),
@@ -140,22 +216,21 @@ impl RedisBroker {
             join_queue: Mutex::new(Some(rx)),
             idle: Arc::new(Notify::new()),
             status: Mutex::new(Err("redis: connecting".into())),
-            node_channel: format!("{prefix}node:{node_id}"),
             next_request: std::sync::atomic::AtomicU64::new(1),
             replies: Mutex::new(Default::default()),
         })
     }
 
     fn meta_key(&self, topic: &str) -> String {
-        format!("{}{{{}}}:m", self.prefix, topic)
+        self.keys.meta(topic)
     }
 
     fn stream_key(&self, topic: &str) -> String {
-        format!("{}{{{}}}:s", self.prefix, topic)
+        self.keys.stream(topic)
     }
 
     fn channel(&self, topic: &str) -> String {
-        format!("{}{}", self.prefix, topic)
+        self.keys.channel(topic)
     }
 
     fn set_status(&self, s: Result<(), String>) {
@@ -169,9 +244,9 @@ impl RedisBroker {
             .clone()
     }
 
-    /// The key prefix (`redis.prefix`).
-    pub(crate) fn prefix(&self) -> &str {
-        &self.prefix
+    /// Where everything lives in Redis.
+    pub(crate) fn keys(&self) -> &Keys {
+        &self.keys
     }
 
     /// The shared command connection.
@@ -267,7 +342,7 @@ impl RedisBroker {
             return None;
         };
         let receivers: Result<u64, _> = redis::cmd("PUBLISH")
-            .arg(format!("{}node:{owner}", self.prefix))
+            .arg(self.keys.node_channel(owner))
             .arg(text)
             .query_async(&mut con)
             .await;
@@ -287,7 +362,7 @@ impl RedisBroker {
                 Err(_) => {
                     let listening: Result<(String, u64), _> = redis::cmd("PUBSUB")
                         .arg("NUMSUB")
-                        .arg(format!("{}node:{owner}", self.prefix))
+                        .arg(self.keys.node_channel(owner))
                         .query_async(&mut con)
                         .await;
                     if matches!(listening, Ok((_, 0))) {
@@ -575,7 +650,7 @@ async fn on_message(
         on_routed(app, broker, msg.get_payload_bytes());
         return;
     }
-    let Some(topic) = channel.strip_prefix(&broker.prefix) else {
+    let Some(topic) = broker.keys.topic_of(channel) else {
         return;
     };
     let payload = msg.get_payload_bytes();
@@ -625,7 +700,11 @@ fn on_routed(app: &Arc<App>, broker: &RedisBroker, payload: &[u8]) {
         }
         return;
     }
-    // A request: serve it like a local one (a GET may be held), then answer the sender.
+    // A request: serve it like a local one (a GET may be held), then answer the sender, on
+    // its node channel only.
+    if !m.from.starts_with(&broker.keys.node_channel("")) {
+        return;
+    }
     let app = app.clone();
     let commands = broker.commands.get().cloned();
     app.tracker.clone().spawn(async move {
@@ -767,4 +846,91 @@ fn replay(
         frames.push(f);
     }
     Some(frames)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Keys;
+    use std::collections::HashMap;
+
+    /// Topics that look like other topics' keys or like the nodes' own names.
+    fn hostile_topics(nodes: &[&str]) -> Vec<String> {
+        let mut t: Vec<String> = [
+            "",
+            "a",
+            "a}:m",
+            "a}:s",
+            "a}:p",
+            "a}:m{b",
+            "{a}:m",
+            "{a",
+            "}",
+            "{",
+            "}:m",
+            ":m",
+            "presence:nodes",
+            "nodes",
+            "node:",
+            ".internal:",
+            ".internal:node:x",
+            "internal:",
+            "pushgate:",
+            "pushgate.internal:node:x",
+            "room:lobby",
+            "room:lobby}:s",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        for n in nodes {
+            t.push(format!("node:{n}"));
+            t.push(format!("presence:node:{n}"));
+            t.push(format!(".internal:node:{n}"));
+        }
+        t.sort();
+        t.dedup();
+        t
+    }
+
+    #[test]
+    fn no_topic_reaches_another_topic_s_keys_or_the_nodes_own() {
+        let nodes = ["0badc0de", "deadbeef", "", "x}:m"];
+        for (prefix, internal) in [
+            ("pushgate:", "pushgate.internal:"),
+            ("app1:", "app1.internal:"),
+            ("internal:app:", "app-internal:"),
+        ] {
+            let k = Keys::new(prefix, internal);
+            // Keys and channels are separate namespaces in Redis; each must be injective.
+            let mut keys: HashMap<String, String> = HashMap::new();
+            let mut channels: HashMap<String, String> = HashMap::new();
+            let add = |map: &mut HashMap<String, String>, name: String, what: String| {
+                if let Some(other) = map.insert(name.clone(), what.clone()) {
+                    panic!("{name:?} is both {other} and {what}");
+                }
+            };
+            for n in nodes {
+                add(&mut keys, k.node_alive(n), format!("node_alive({n})"));
+                add(&mut keys, k.node_topics(n), format!("node_topics({n})"));
+                add(
+                    &mut channels,
+                    k.node_channel(n),
+                    format!("node_channel({n})"),
+                );
+            }
+            add(&mut keys, k.nodes(), "nodes".into());
+            for name in keys.keys().chain(channels.keys()) {
+                assert!(!name.starts_with(prefix), "{name:?} is under {prefix:?}");
+            }
+            for t in hostile_topics(&nodes) {
+                add(&mut keys, k.meta(&t), format!("meta({t})"));
+                add(&mut keys, k.stream(&t), format!("stream({t})"));
+                add(&mut keys, k.presence(&t), format!("presence({t})"));
+                add(&mut channels, k.channel(&t), format!("channel({t})"));
+                assert_eq!(k.topic_of(&k.channel(&t)), Some(t.as_str()));
+            }
+            assert_eq!(k.channel("room:lobby"), format!("{prefix}room:lobby"));
+            assert_eq!(k.stream("room:lobby"), format!("{prefix}{{room:lobby}}:s"));
+        }
+    }
 }
