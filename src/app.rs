@@ -69,6 +69,8 @@ impl App {
                 ),
                 config.history.clone(),
                 &node_id,
+                config.limits.max_topics_per_connection,
+                metrics.clone(),
             )
             .expect("redis.url was validated");
             (

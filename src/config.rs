@@ -71,7 +71,9 @@ pub struct LimitsConfig {
     /// Largest client message (a WebSocket frame or reassembled message), in bytes.
     /// Larger ones close the WebSocket with 1009. Default 65536.
     pub max_frame_bytes: usize,
-    /// Most topics one connection may join; further joins get an error reply. Default 100.
+    /// Most topics one connection may join; further joins get an error reply. With Redis, also
+    /// the most joins one connection may have waiting for Redis at once (more get an error
+    /// reply: a connection that joins and leaves faster than Redis answers). Default 100.
     pub max_topics_per_connection: usize,
     /// Most bytes of broadcasts a subscriber may have pending (published but not yet written to
     /// its socket). A subscriber past this, or one that falls off the end of a topic's history,

@@ -487,7 +487,7 @@ async fn topics_named_like_internal_channels_cannot_cut_nodes_off() {
     longpoll_works_through(a.addr, b.addr, &token_b, "room:after-b").await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_join_flood_on_one_connection_does_not_delay_another_client_s_join() {
     use futures_util::{SinkExt, StreamExt};
     use std::sync::Arc;
@@ -561,4 +561,55 @@ async fn a_join_flood_on_one_connection_does_not_delay_another_client_s_join() {
         .expect("no join was refused");
     assert!(reason.contains("in progress"), "{reason}");
     assert!(metric(a.addr, "pushgate_refusals_total{cause=\"rate_limit\"}").await >= Some(1.0));
+}
+
+#[tokio::test]
+async fn joins_completed_together_each_get_their_own_history() {
+    let redis = RedisServer::start();
+    let a = node(&redis).await;
+    let b = node(&redis).await;
+    // Twenty topics with different histories, published on A.
+    let mut since = Vec::new();
+    for t in 0..20 {
+        let topic = format!("room:batch{t}");
+        since.push(publish(a.addr, &topic, "n", "0").await);
+        for n in 1..=t {
+            publish(a.addr, &topic, "n", &n.to_string()).await;
+        }
+    }
+    // Twenty clients on B send their joins at once (B has none of these topics yet), so the
+    // broker completes them together; one more joins without `since`.
+    let mut clients = Vec::new();
+    for (t, p) in since.iter().enumerate() {
+        let mut ws = connect(b.addr).await;
+        let params = format!(r#"{{"since":"{p}"}}"#);
+        let topic = format!("room:batch{t}");
+        send(
+            &mut ws,
+            &format!(r#"["1","1","{topic}","phx_join",{params}]"#),
+        )
+        .await;
+        clients.push((t, topic, ws));
+    }
+    for (t, topic, ws) in &mut clients {
+        let reply = recv(ws).await;
+        assert_eq!(reply[2], topic.as_str(), "{reply}");
+        assert_eq!(reply[4]["status"], "ok", "{reply}");
+        assert_eq!(reply[4]["response"]["recovered"], true, "{reply}");
+        for n in 1..=*t {
+            let m = recv(ws).await;
+            assert_eq!(
+                (m[2].as_str(), &m[4]),
+                (Some(topic.as_str()), &n.into()),
+                "{m}"
+            );
+        }
+    }
+    // Live messages follow on every topic, without a duplicate at the seam.
+    for (t, topic, _) in &clients {
+        publish(a.addr, topic, "n", &(t + 100).to_string()).await;
+    }
+    for (t, _, ws) in &mut clients {
+        assert_eq!(recv(ws).await[4], *t + 100);
+    }
 }
