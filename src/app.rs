@@ -65,9 +65,14 @@ impl App {
             // `Config::validate` has checked the URL.
             let r = crate::broker::redis::RedisBroker::new(
                 &config.redis.url,
-                &config.redis.prefix,
+                crate::broker::redis::Keys::new(
+                    &config.redis.prefix,
+                    &config.redis.internal_prefix(),
+                ),
                 config.history.clone(),
                 &node_id,
+                config.limits.max_topics_per_connection,
+                metrics.clone(),
             )
             .expect("redis.url was validated");
             (

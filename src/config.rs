@@ -78,7 +78,9 @@ pub struct LimitsConfig {
     /// Largest client message (a WebSocket frame or reassembled message), in bytes.
     /// Larger ones close the WebSocket with 1009. Default 65536.
     pub max_frame_bytes: usize,
-    /// Most topics one connection may join; further joins get an error reply. Default 100.
+    /// Most topics one connection may join; further joins get an error reply. With Redis, also
+    /// the most joins one connection may have waiting for Redis at once (more get an error
+    /// reply: a connection that joins and leaves faster than Redis answers). Default 100.
     pub max_topics_per_connection: usize,
     /// Most bytes of broadcasts a subscriber may have pending (published but not yet written to
     /// its socket). A subscriber past this, or one that falls off the end of a topic's history,
@@ -203,8 +205,15 @@ pub struct RedisConfig {
     /// Redis URL (`redis://host:port/db`, `rediss://` for TLS, `redis+unix:///path`); empty
     /// (the default) uses the embedded in-process broker. Environment: `PUSHGATE_REDIS_URL`.
     pub url: String,
-    /// Prefix of every key and channel pushgate uses. Default `pushgate:`.
+    /// Prefix of topic data: a topic's pub/sub channel is `<prefix><topic>`, its keys
+    /// `<prefix>{<topic>}:m`, `:s` and `:p`. Default `pushgate:`.
     pub prefix: String,
+    /// Prefix of node-internal keys and channels (node control channels for LongPoll routing,
+    /// presence node liveness and node lists). It must differ from `prefix` before either
+    /// ends (neither starts with the other), so that no topic name can reach it. Default
+    /// empty: derived from `prefix`, without its trailing `:`, followed by `.internal:`
+    /// (`pushgate.internal:`); see [`RedisConfig::internal_prefix`].
+    pub internal_prefix: String,
 }
 
 impl Default for RedisConfig {
@@ -212,6 +221,53 @@ impl Default for RedisConfig {
         RedisConfig {
             url: String::new(),
             prefix: "pushgate:".into(),
+            internal_prefix: String::new(),
+        }
+    }
+}
+
+impl RedisConfig {
+    /// The internal prefix in effect: `internal_prefix`, or when empty, `prefix` without one
+    /// trailing `:` followed by `.internal:`.
+    pub fn internal_prefix(&self) -> String {
+        if !self.internal_prefix.is_empty() {
+            return self.internal_prefix.clone();
+        }
+        let base = self.prefix.strip_suffix(':').unwrap_or(&self.prefix);
+        format!("{base}.internal:")
+    }
+
+    fn validate(&self, bad: &mut dyn FnMut(&str, &str)) {
+        if self.url.is_empty() {
+            return;
+        }
+        if let Err(e) = redis::Client::open(self.url.as_str()) {
+            bad("redis.url", &format!("not a Redis URL: {e}"));
+        }
+        if self.prefix.is_empty() {
+            bad(
+                "redis.prefix",
+                "must not be empty (every channel would be a topic's, leaving no room for \
+                 the nodes' own)",
+            );
+            return;
+        }
+        let internal = self.internal_prefix();
+        if internal.starts_with(&self.prefix) || self.prefix.starts_with(&internal) {
+            let key = if self.internal_prefix.is_empty() {
+                "redis.prefix"
+            } else {
+                "redis.internal_prefix"
+            };
+            bad(
+                key,
+                &format!(
+                    "the internal prefix {internal:?} and redis.prefix {:?} must differ before \
+                     either ends, or a topic name could reach the nodes' own keys and channels \
+                     (end redis.prefix with ':' or set redis.internal_prefix)",
+                    self.prefix
+                ),
+            );
         }
     }
 }
@@ -835,11 +891,7 @@ impl Config {
         if self.history.max_age_secs == 0 {
             bad("history.max_age_secs", "must be at least 1");
         }
-        if !self.redis.url.is_empty()
-            && let Err(e) = redis::Client::open(self.redis.url.as_str())
-        {
-            bad("redis.url", &format!("not a Redis URL: {e}"));
-        }
+        self.redis.validate(&mut bad);
         if self.shutdown.grace_ms < self.shutdown.drain_ms {
             bad("shutdown.grace_ms", "must be at least shutdown.drain_ms");
         }
@@ -962,6 +1014,37 @@ mod tests {
             p[2].message.starts_with("cannot read /nonexistent/ca.pem"),
             "{p:?}"
         );
+    }
+
+    #[test]
+    fn the_internal_redis_prefix_cannot_be_reached_by_a_topic() {
+        let mut c = Config::default();
+        c.redis.url = "redis://127.0.0.1:6379/".into();
+        assert_eq!(c.redis.internal_prefix(), "pushgate.internal:");
+        c.validate().unwrap();
+        c.redis.prefix = "app1:".into();
+        assert_eq!(c.redis.internal_prefix(), "app1.internal:");
+        c.validate().unwrap();
+        let problem = |c: &Config| {
+            let p = c.validate().unwrap_err();
+            assert_eq!(p.len(), 1, "{p:?}");
+            p[0].key.clone()
+        };
+        // No trailing ':': the derived prefix would start with the topic prefix.
+        c.redis.prefix = "app".into();
+        assert_eq!(problem(&c), "redis.prefix");
+        c.redis.internal_prefix = "app-internal:".into();
+        assert_eq!(problem(&c), "redis.internal_prefix");
+        c.redis.internal_prefix = "internal:app:".into();
+        c.validate().unwrap();
+        // One may not start with the other, either way round.
+        c.redis.prefix = "internal:app:x:".into();
+        assert_eq!(problem(&c), "redis.internal_prefix");
+        c.redis.prefix = String::new();
+        assert_eq!(problem(&c), "redis.prefix");
+        // Without Redis the prefixes are not used.
+        c.redis.url = String::new();
+        c.validate().unwrap();
     }
 
     #[test]

@@ -484,6 +484,9 @@ impl Outbox {
 enum ReadOutcome {
     /// Read something (or nothing yet); keep going.
     Open,
+    /// Read as much as one round may and the socket may hold more: keep going after letting
+    /// other tasks run (a flooding client must not hold its worker thread).
+    Full,
     /// The peer closed the TCP connection.
     Eof,
     /// The peer sent a close frame with this code.
@@ -516,10 +519,10 @@ fn read_ready<S: WsIo>(
             return Ok(outcome);
         }
         if n < buf.len() {
-            break;
+            return Ok(ReadOutcome::Open);
         }
     }
-    Ok(ReadOutcome::Open)
+    Ok(ReadOutcome::Full)
 }
 
 fn process(
@@ -584,7 +587,7 @@ fn process(
 /// through here alike.
 fn close_for(outcome: &ReadOutcome, app: &App, peer_closed: &mut bool) -> Option<Vec<u8>> {
     match *outcome {
-        ReadOutcome::Open | ReadOutcome::Eof => None,
+        ReadOutcome::Open | ReadOutcome::Full | ReadOutcome::Eof => None,
         ReadOutcome::PeerClose(code) => {
             *peer_closed = true;
             Some(ws::encode_close_reply(code))
@@ -819,6 +822,10 @@ pub async fn run<S: WsIo>(app: Arc<App>, mut stream: S, initial: Vec<u8>, connec
                     close_sent,
                 ) {
                     Ok(ReadOutcome::Eof) | Err(_) => break,
+                    // Readiness is still set, so the next wait returns at once and never
+                    // yields: yield here, or a flood would keep the tasks this one woke (the
+                    // Redis broker's, queued behind it on this worker) from running.
+                    Ok(ReadOutcome::Full) => tokio::task::yield_now().await,
                     Ok(outcome) => {
                         if let Some(frame) = close_for(&outcome, &app, &mut peer_closed) {
                             queue_close(&mut outbox, &mut close_sent, &mut timer, frame);
