@@ -494,7 +494,13 @@ async fn a_join_flood_on_one_connection_does_not_delay_another_client_s_join() {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio_tungstenite::tungstenite::Message;
     let redis = RedisServer::start();
-    let a = node(&redis).await;
+    // The broker's own bounds are under test: the per-connection join rate
+    // (limits.join_rate_per_connection, tests/admission.rs), which would refuse this flood
+    // first, is off.
+    let mut config = redis_config(&redis.url());
+    config.limits.join_rate_per_connection = 0;
+    let a = start_with(config).await;
+    wait_ready(a.addr, 200).await;
 
     // The hostile socket: 30,000 join/leave pairs on fresh topics, each join needing Redis,
     // while it reads everything it is sent (so the server never stops reading it).
