@@ -1074,15 +1074,17 @@ async fn replies_piling_up_unpolled_end_the_session() {
     c.limits.max_pending_bytes = 65536;
     let s = start_with(c).await;
     let t = new_session(s.addr).await;
-    // Each heartbeat reply echoes its 1000-byte ref: about 1 KB a line, 50 KB a POST.
+    // Each heartbeat reply echoes its 255-byte ref (the most a ref may have): about 310 bytes
+    // a line, 31 KB a POST of 100 lines.
     let lines = |from: usize| {
-        (from..from + 50)
-            .map(|i| format!(r#"[null,"{i:01000}","phoenix","heartbeat",{{}}]"#))
+        (from..from + 100)
+            .map(|i| format!(r#"[null,"{i:0255}","phoenix","heartbeat",{{}}]"#))
             .collect::<Vec<_>>()
             .join("\n")
     };
     post_ok(s.addr, &t, &lines(0)).await;
-    assert_eq!(post(s.addr, &t, &lines(50)).await, json!({"status": 410}));
+    post_ok(s.addr, &t, &lines(100)).await;
+    assert_eq!(post(s.addr, &t, &lines(200)).await, json!({"status": 410}));
     assert_eq!(
         metric(
             s.addr,
