@@ -16,6 +16,9 @@ pub struct App {
     pub broker: crate::broker::Broker,
     /// This node's LongPoll sessions.
     pub longpoll: crate::transport::longpoll::Registry,
+    /// Connection slots, `server.max_connections` of them: each TCP connection holds one (taken
+    /// before accept; a WebSocket keeps its socket's), and so does each LongPoll session.
+    pub slots: Arc<tokio::sync::Semaphore>,
     pub metrics: Arc<Metrics>,
     /// The ACME task's open challenges (`[acme]`).
     pub acme: crate::acme::Acme,
@@ -86,6 +89,7 @@ impl App {
             hub,
             broker,
             longpoll: Default::default(),
+            slots: Arc::new(tokio::sync::Semaphore::new(config.server.max_connections)),
             metrics,
             acme: Default::default(),
             auth: crate::auth::Auth::new(&config.auth),

@@ -40,8 +40,10 @@ pub struct ServerConfig {
     /// Address to listen on. Default `127.0.0.1:4000` (loopback: nginx sits in front).
     /// Environment: `PUSHGATE_LISTEN`.
     pub listen: String,
-    /// Most simultaneous connections (HTTP and WebSocket); further ones wait in the kernel's
-    /// accept queue. Default 50000.
+    /// Most simultaneous clients: TCP connections (HTTP and WebSocket; a WebSocket is one) plus
+    /// LongPoll sessions (each holds one besides its connections). Further connections wait in
+    /// the kernel's accept queue; further LongPoll sessions are refused with `{"status":500}`,
+    /// and phoenix.js retries with backoff. Default 50000.
     pub max_connections: usize,
     /// Time a client has to send complete HTTP request headers, in ms. Default 10000.
     pub header_read_timeout_ms: u64,
