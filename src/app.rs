@@ -59,7 +59,8 @@ impl App {
         let node_id = format!("{:08x}", rand::random::<u32>());
         let (hub, broker) = if config.redis.url.is_empty() {
             (
-                Hub::new(config.history.clone(), metrics.clone()),
+                Hub::new(config.history.clone(), metrics.clone())
+                    .with_max_topics(config.limits.max_topics),
                 crate::broker::Broker::Embedded,
             )
         } else {
@@ -72,7 +73,8 @@ impl App {
             )
             .expect("redis.url was validated");
             (
-                Hub::with_broker(config.history.clone(), metrics.clone(), r.idle.clone()),
+                Hub::with_broker(config.history.clone(), metrics.clone(), r.idle.clone())
+                    .with_max_topics(config.limits.max_topics),
                 crate::broker::Broker::Redis(Arc::new(r)),
             )
         };

@@ -75,6 +75,11 @@ pub struct LimitsConfig {
     pub max_frame_bytes: usize,
     /// Most topics one connection may join; further joins get an error reply. Default 100.
     pub max_topics_per_connection: usize,
+    /// Most topics this node holds (with subscribers or history). A join that would create a
+    /// topic past it gets an error reply (the connection keeps its other channels); joins of
+    /// existing topics and publishes from the app are not refused. Default 100000 (an idle
+    /// topic costs about 1 KiB).
+    pub max_topics: usize,
     /// Most bytes of broadcasts a subscriber may have pending (published but not yet written to
     /// its socket). A subscriber past this, or one that falls off the end of a topic's history,
     /// is a slow consumer: its WebSocket is closed with 1013 and it recovers by position on
@@ -88,6 +93,7 @@ impl Default for LimitsConfig {
         LimitsConfig {
             max_frame_bytes: 64 * 1024,
             max_topics_per_connection: 100,
+            max_topics: 100_000,
             max_pending_bytes: 4 * 1024 * 1024,
         }
     }
@@ -753,6 +759,9 @@ impl Config {
         }
         if self.limits.max_topics_per_connection == 0 {
             bad("limits.max_topics_per_connection", "must be at least 1");
+        }
+        if self.limits.max_topics == 0 {
+            bad("limits.max_topics", "must be at least 1");
         }
         if self.limits.max_pending_bytes < 64 * 1024 {
             bad("limits.max_pending_bytes", "must be at least 65536");

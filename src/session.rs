@@ -261,6 +261,16 @@ impl Session {
                 }
             },
         };
+        if !self.app.hub.has_room_for(&msg.topic) {
+            self.app.metrics.refused(crate::metrics::Refusal::TopicCap);
+            tracing::debug!(topic = %msg.topic, "join refused: limits.max_topics reached");
+            self.join_error(
+                &msg,
+                Some(&join_ref),
+                "too many topics on this node (limits.max_topics)",
+            );
+            return;
+        }
         if let Some(i) = self.pending.iter().position(|p| p.topic == msg.topic) {
             // A join still in progress is superseded; its outcome will be dropped.
             let old = self.pending.swap_remove(i);
