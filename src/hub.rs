@@ -1448,7 +1448,11 @@ mod tests {
         assert!(h.has_room_for("other"));
         drop(sub);
         h.sweep();
-        assert_eq!(h.map().len(), 1, "only the topic with an app message is left");
+        assert_eq!(
+            h.map().len(),
+            1,
+            "only the topic with an app message is left"
+        );
     }
 
     #[test]

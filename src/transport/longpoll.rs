@@ -444,16 +444,24 @@ fn new_session(app: &Arc<App>, query: &str, auth_token: Option<&str>) -> Bytes {
     if !query_param(query, "vsn").is_some_and(|v| v.starts_with("2.")) {
         return status_only(403);
     }
+    // Kept for the session's life: bounded. 403 as for any refused connect (phoenix.js
+    // reports the error and reconnects with backoff).
+    let connect = match ConnectInfo::bounded(query, auth_token) {
+        Ok(c) => c,
+        Err(oversized) => {
+            tracing::debug!(
+                ?oversized,
+                "longpoll session refused: connect info too long"
+            );
+            return refusal(403, &oversized.reason());
+        }
+    };
     if app.is_draining() {
         return status_only(500);
     }
     let slot = match admit(app) {
         Ok(slot) => slot,
         Err(refused) => return refused,
-    };
-    let connect = ConnectInfo {
-        query: query.to_string(),
-        auth_token: auth_token.map(str::to_string),
     };
     let session = Session::new(app.clone(), connect);
     session.waker().set_eager();
