@@ -234,3 +234,57 @@ fn base64_no_pad(s: &str) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD_NO_PAD.encode(s)
 }
+
+/// A LongPoll request; returns the JSON answer (always HTTP 200).
+async fn longpoll(s: &TestServer, method: &str, token: &str, body: &str) -> Value {
+    let path = format!("/socket/longpoll?vsn=2.0.0&token={token}");
+    let (status, head, body) = try_http(s.addr, method, &path, &[], body.as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{head}");
+    body_json(&body)
+}
+
+/// The issue's case over LongPoll: a session posting 100 joins with 9 KB refs (200 such
+/// sessions held 381 MB). Every join is refused with an error reply that does not echo the
+/// ref, nothing is joined, and the session goes on working.
+#[tokio::test]
+async fn longpoll_joins_with_oversized_refs_keep_nothing() {
+    let s = start().await;
+    let token = longpoll(&s, "GET", "", "").await["token"]
+        .as_str()
+        .expect("a session")
+        .to_string();
+    let long = "9".repeat(9 * 1024);
+    let lines: Vec<String> = (0..100)
+        .map(|i| format!(r#"["{long}","{long}","room:{i}","phx_join",{{}}]"#))
+        .collect();
+    // Two POSTs of 50 (both refs of a line are 9 KB: 50 lines are 0.9 MB, under
+    // longpoll.max_post_bytes).
+    for half in lines.chunks(50) {
+        assert_eq!(
+            longpoll(&s, "POST", &token, &half.join("\n")).await["status"],
+            200
+        );
+    }
+    let mut replies = Vec::new();
+    while replies.len() < 100 {
+        let answer = longpoll(&s, "GET", &token, "").await;
+        assert_eq!(answer["status"], 200, "{answer}");
+        for m in answer["messages"].as_array().unwrap() {
+            replies.push(serde_json::from_str::<Value>(m.as_str().unwrap()).unwrap());
+        }
+    }
+    for (i, r) in replies.iter().enumerate() {
+        assert_eq!((&r[0], &r[1]), (&Value::Null, &Value::Null), "{r}");
+        assert_eq!(r[2], format!("room:{i}"), "{r}");
+        assert_eq!(r[4]["status"], "error", "{r}");
+        assert_eq!(s.app.hub.subscriber_count(&format!("room:{i}")), 0);
+    }
+    let join = r#"["1","1","room:ok","phx_join",{}]"#;
+    assert_eq!(longpoll(&s, "POST", &token, join).await["status"], 200);
+    let answer = longpoll(&s, "GET", &token, "").await;
+    let reply: Value = serde_json::from_str(answer["messages"][0].as_str().unwrap()).unwrap();
+    assert_eq!(reply[4]["status"], "ok", "{answer}");
+    assert_eq!(s.app.hub.subscriber_count("room:ok"), 1);
+}
