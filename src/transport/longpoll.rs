@@ -56,9 +56,9 @@ const TOKEN_LEN: usize = TOKEN_PREFIX.len() + 32;
 #[derive(Debug, Default)]
 pub struct Registry {
     sessions: Mutex<HashMap<u128, Arc<LpSession>>>,
-    /// Sessions in order of creation, checked after [`UNPOLLED_TIMEOUT`] for a poll. Each entry
-    /// is a session created within the last few seconds, and each session held a slot when
-    /// created, so this stays near `server.max_connections` at most.
+    /// Sessions in order of creation (32 bytes each), checked after [`UNPOLLED_TIMEOUT`] for a
+    /// poll: the sessions created in the last few seconds, each of which needed a free slot, so
+    /// about `server.max_connections` at most unless sessions also end that fast.
     fresh: Mutex<VecDeque<(Instant, u128)>>,
     /// When the last full sweep (`longpoll.session_timeout_ms`) ran.
     last_full_sweep: Mutex<Option<Instant>>,
