@@ -7,6 +7,11 @@
 //! are handled in order before `{"status":200}`; their replies go out through the next GET.
 //! Every answer is HTTP 200 with a JSON body, `cache-control: no-store` and CORS headers.
 //!
+//! Each session holds a slot of `server.max_connections` for its life, as each connection does
+//! ([`admit`], where every check on a new session is made); a session that no GET polls after
+//! the one that created it is dropped after [`UNPOLLED_TIMEOUT`], the others after
+//! `longpoll.session_timeout_ms` without a poll.
+//!
 //! Nothing is copied per session while no GET is waiting: broadcasts stay in the topic buffers
 //! and the session keeps only its read positions, exactly as a WebSocket does. A frame leaves
 //! the session when a GET response carries it. The only way a client loses such a response is a
