@@ -16,6 +16,9 @@ pub struct App {
     pub broker: crate::broker::Broker,
     /// This node's LongPoll sessions.
     pub longpoll: crate::transport::longpoll::Registry,
+    /// Connection slots, `server.max_connections` of them: each TCP connection holds one (taken
+    /// before accept; a WebSocket keeps its socket's), and so does each LongPoll session.
+    pub slots: Arc<tokio::sync::Semaphore>,
     pub metrics: Arc<Metrics>,
     /// The ACME task's open challenges (`[acme]`).
     pub acme: crate::acme::Acme,
@@ -58,7 +61,8 @@ impl App {
         let node_id = format!("{:08x}", rand::random::<u32>());
         let (hub, broker) = if config.redis.url.is_empty() {
             (
-                Hub::new(config.history.clone(), metrics.clone()),
+                Hub::new(config.history.clone(), metrics.clone())
+                    .with_max_topics(config.limits.max_topics),
                 crate::broker::Broker::Embedded,
             )
         } else {
@@ -76,7 +80,8 @@ impl App {
             )
             .expect("redis.url was validated");
             (
-                Hub::with_broker(config.history.clone(), metrics.clone(), r.idle.clone()),
+                Hub::with_broker(config.history.clone(), metrics.clone(), r.idle.clone())
+                    .with_max_topics(config.limits.max_topics),
                 crate::broker::Broker::Redis(Arc::new(r)),
             )
         };
@@ -93,6 +98,7 @@ impl App {
             hub,
             broker,
             longpoll: Default::default(),
+            slots: Arc::new(tokio::sync::Semaphore::new(config.server.max_connections)),
             metrics,
             acme: Default::default(),
             auth: crate::auth::Auth::new(&config.auth),

@@ -40,8 +40,10 @@ pub struct ServerConfig {
     /// Address to listen on. Default `127.0.0.1:4000` (loopback: nginx sits in front).
     /// Environment: `PUSHGATE_LISTEN`.
     pub listen: String,
-    /// Most simultaneous connections (HTTP and WebSocket); further ones wait in the kernel's
-    /// accept queue. Default 50000.
+    /// Most simultaneous clients: TCP connections (HTTP and WebSocket; a WebSocket is one) plus
+    /// LongPoll sessions (each holds one besides its connections). Further connections wait in
+    /// the kernel's accept queue; further LongPoll sessions are refused with `{"status":500}`,
+    /// and phoenix.js retries with backoff. Default 50000.
     pub max_connections: usize,
     /// Time a client has to send complete HTTP request headers, in ms. Default 10000.
     pub header_read_timeout_ms: u64,
@@ -82,6 +84,11 @@ pub struct LimitsConfig {
     /// the most joins one connection may have waiting for Redis at once (more get an error
     /// reply: a connection that joins and leaves faster than Redis answers). Default 100.
     pub max_topics_per_connection: usize,
+    /// Most topics this node holds (with subscribers or history). A join that would create a
+    /// topic past it gets an error reply (the connection keeps its other channels); joins of
+    /// existing topics and publishes from the app are not refused. Default 100000 (an idle
+    /// topic costs about 1 KiB).
+    pub max_topics: usize,
     /// Most bytes of broadcasts a subscriber may have pending (published but not yet written to
     /// its socket). A subscriber past this, or one that falls off the end of a topic's history,
     /// is a slow consumer: its WebSocket is closed with 1013 and it recovers by position on
@@ -108,6 +115,7 @@ impl Default for LimitsConfig {
         LimitsConfig {
             max_frame_bytes: 64 * 1024,
             max_topics_per_connection: 100,
+            max_topics: 100_000,
             max_pending_bytes: 4 * 1024 * 1024,
             max_connections_per_address: 256,
             connect_rate_per_address: 20,
@@ -831,6 +839,9 @@ impl Config {
         }
         if self.limits.max_topics_per_connection == 0 {
             bad("limits.max_topics_per_connection", "must be at least 1");
+        }
+        if self.limits.max_topics == 0 {
+            bad("limits.max_topics", "must be at least 1");
         }
         if self.limits.max_pending_bytes < 64 * 1024 {
             bad("limits.max_pending_bytes", "must be at least 65536");

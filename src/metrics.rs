@@ -188,7 +188,7 @@ impl Metrics {
         one(
             "pushgate_longpoll_sessions_expired_total",
             "counter",
-            "LongPoll sessions dropped after longpoll.session_timeout_ms without a poll.",
+            "LongPoll sessions dropped after longpoll.session_timeout_ms without a poll (5 s for one never polled after the GET that created it).",
             &[("", c(&self.longpoll_sessions_expired))],
         );
         one(

@@ -12,7 +12,7 @@ use crate::app::App;
 use crate::hub::{Lag, Sink, Waker};
 use crate::metrics::Metrics;
 use crate::protocol;
-use crate::session::{ConnectInfo, Session};
+use crate::session::{ConnectInfo, Oversized, Session};
 use crate::ws::{self, Flow, Message, MessageReader, close_code};
 use base64::Engine;
 use bytes::Bytes;
@@ -44,8 +44,8 @@ const READ_CHUNK: usize = 8 * 1024;
 /// After we send a close frame, how long we wait for the client's close frame.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
-fn plain(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+fn plain(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
     *r.status_mut() = status;
     r.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -158,6 +158,17 @@ pub fn upgrade(
             }
         }
     }
+    // Kept for the connection's life: bounded, refused before the upgrade like a bad `vsn`.
+    let connect = match ConnectInfo::bounded(&query, auth_token.as_deref()) {
+        Ok(c) => c,
+        Err(oversized) => {
+            let status = match oversized {
+                Oversized::Query => StatusCode::URI_TOO_LONG,
+                Oversized::AuthToken => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            };
+            return plain(status, format!("{}\n", oversized.reason()));
+        }
+    };
     let mut resp = Response::new(Full::new(Bytes::new()));
     let h = resp.headers_mut();
     if let Some(key) = key.filter(|_| !h2_connect) {
@@ -191,7 +202,6 @@ pub fn upgrade(
         },
         1,
     );
-    let connect = ConnectInfo { query, auth_token };
     let task_app = app.clone();
     app.tracker.spawn(async move {
         let _permit = permit;

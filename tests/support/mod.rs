@@ -246,7 +246,7 @@ pub async fn wait_until(mut f: impl FnMut() -> bool) {
 /// Reads one HTTP/1.1 response from `s`: headers, then a `Content-Length` body (or everything
 /// up to EOF without one). A reset after the whole response arrived is not an error: a server
 /// that answers before reading the request body may reset the connection when it closes it.
-async fn read_response(s: &mut TcpStream) -> std::io::Result<(u16, String, Vec<u8>)> {
+pub async fn read_response(s: &mut TcpStream) -> std::io::Result<(u16, String, Vec<u8>)> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 8192];
     let complete = |buf: &[u8]| -> Option<(usize, Option<usize>)> {
