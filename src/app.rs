@@ -25,6 +25,9 @@ pub struct App {
     pub forward: Option<Arc<crate::forward::Forwarder>>,
     /// Phoenix Presence (`[presence]`), when `presence.topics` is set.
     pub presence: Option<Arc<crate::presence::Presence>>,
+    /// Web pages allowed to connect (`server.allowed_origins`), checked once per WebSocket
+    /// upgrade and LongPoll request.
+    pub origins: crate::origin::Origins,
     /// The bearer token `POST /api/publish` requires (configured or generated at start).
     pub publish_token: String,
     /// This node's id (8 hex digits): LongPoll tokens carry it so any node can route a
@@ -89,6 +92,7 @@ impl App {
             metrics,
             acme: Default::default(),
             auth: crate::auth::Auth::new(&config.auth),
+            origins: crate::origin::Origins::new(&config.server.allowed_origins),
             forward,
             publish_token,
             node_id,

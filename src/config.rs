@@ -51,6 +51,15 @@ pub struct ServerConfig {
     /// Tokio worker threads; 0 means one per core, 1 runs a single-threaded runtime (best on a
     /// one-core server). Default 0.
     pub worker_threads: usize,
+    /// Web pages allowed to use the gateway, by the `Origin` their browser sends:
+    /// `scheme://host[:port]`, exact (`https://app.example.com`) or any subdomain
+    /// (`https://*.example.com`, not the bare domain). When set, WebSocket upgrades and LongPoll
+    /// requests from other origins get 403 and LongPoll's CORS answers name only these; requests
+    /// without an `Origin` (same-origin LongPoll GETs, clients that are not browsers) are let
+    /// through (see [`crate::origin`]). In `PUSHGATE_SERVER_ALLOWED_ORIGINS` separated by commas.
+    /// Default empty: any origin.
+    #[serde(deserialize_with = "names_list")]
+    pub allowed_origins: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -61,6 +70,7 @@ impl Default for ServerConfig {
             header_read_timeout_ms: 10_000,
             idle_timeout_ms: 90_000,
             worker_threads: 0,
+            allowed_origins: Vec::new(),
         }
     }
 }
@@ -736,6 +746,11 @@ impl Config {
                 "server.listen",
                 "must be an IP address and port, like 127.0.0.1:4000",
             );
+        }
+        for o in &self.server.allowed_origins {
+            if let Err(e) = crate::origin::check_pattern(o) {
+                bad("server.allowed_origins", &e);
+            }
         }
         if self.server.max_connections == 0 {
             bad("server.max_connections", "must be at least 1");
