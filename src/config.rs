@@ -149,7 +149,8 @@ impl Default for LongPollConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct PublishConfig {
     /// Bearer token for `POST /api/publish`. Empty (the default) means one is generated at start
-    /// and logged. Environment: `PUSHGATE_PUBLISH_TOKEN`.
+    /// and shown in the log only when that is a terminal (never in journald or a file).
+    /// Environment: `PUSHGATE_PUBLISH_TOKEN`.
     pub token: String,
     /// Largest publish request body, in bytes; larger ones get 413. Default 1048576 (1 MiB).
     pub max_body_bytes: usize,

@@ -231,7 +231,14 @@ fn serve(config: Config, inherited: Vec<std::net::TcpListener>) -> anyhow::Resul
         for addr in &addrs {
             tracing::info!(%addr, broker = app.broker.name(), "listening");
         }
-        if generated {
+        // A generated token is shown only on a terminal: a log that is not one (journald, a
+        // file) would keep the secret for anyone who can read it.
+        if generated && !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            tracing::warn!(
+                "no publish token configured (PUSHGATE_PUBLISH_TOKEN or publish.token): generated \
+                 one for this run, not shown because the log is not a terminal; set one to publish"
+            );
+        } else if generated {
             tracing::info!(
                 token = %app.publish_token,
                 "no publish token configured (PUSHGATE_PUBLISH_TOKEN); generated one for this run"

@@ -83,11 +83,39 @@ impl Served {
         cmd.stdout(Stdio::null()).stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn pushgate serve");
         let stderr = child.stderr.take().unwrap();
+        Served::reading(child, stderr)
+    }
+
+    /// `pushgate` with `args` and `env`, its stderr a terminal: run under util-linux `script`,
+    /// which gives it a pseudo-terminal and copies what it writes there to `script`'s stdout.
+    /// Log lines are returned without their ANSI colours.
+    fn spawn_on_terminal(args: &str, env: &[(&str, &str)]) -> Served {
+        let mut cmd = Command::new("script");
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("PUSHGATE_") {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.envs(env.iter().copied());
+        cmd.args(["-q", "-f", "-e", "-c"])
+            .arg(format!("exec {} {args}", env!("CARGO_BIN_EXE_pushgate")))
+            .arg("/dev/null")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = cmd
+            .spawn()
+            .expect("util-linux `script` is needed to give pushgate a terminal");
+        let stdout = child.stdout.take().unwrap();
+        Served::reading(child, stdout)
+    }
+
+    fn reading(child: Child, out: impl std::io::Read + Send + 'static) -> Served {
         let (tx, lines) = mpsc::channel();
         std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
+            for line in BufReader::new(out).lines() {
                 let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
+                if tx.send(strip_ansi(line.trim_end_matches('\r'))).is_err() {
                     break;
                 }
             }
@@ -156,6 +184,24 @@ impl Drop for Served {
             let _ = self.child.wait();
         }
     }
+}
+
+/// `line` without ANSI escape sequences (`ESC [ ... letter`).
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// The value of `name=value` in a plain log line.
@@ -346,11 +392,35 @@ async fn serve_with_a_configured_token_publishes_with_it_and_never_logs_it() {
     assert!(!log.contains("curl"), "no generated-token hint:\n{log}");
 }
 
+/// Whether `log` holds a run of 32 hex digits: the shape of a generated publish token.
+fn has_token_shape(log: &str) -> bool {
+    log.as_bytes()
+        .windows(32)
+        .any(|w| w.iter().all(|b| b.is_ascii_hexdigit()))
+}
+
 #[tokio::test]
-async fn serve_without_a_token_logs_a_generated_one_and_a_curl_line_that_works() {
+async fn serve_without_a_token_does_not_log_the_generated_one_when_stderr_is_not_a_terminal() {
     let mut cmd = pushgate();
     cmd.args(["serve", "--listen", "127.0.0.1:0"]);
     let mut p = Served::spawn(cmd);
+    let warning = p.wait_line(|l| l.contains("PUSHGATE_PUBLISH_TOKEN"));
+    assert!(warning.contains("WARN"), "{warning}");
+    assert!(warning.contains("not a terminal"), "{warning}");
+    // A request after start-up, so that everything start-up logs is in.
+    let (status, _, _) = http(p.addr, "GET", "/healthz", &[], b"").await;
+    assert_eq!(status, 200);
+    let log = p.drain_log();
+    assert!(
+        !has_token_shape(&log),
+        "a token-shaped string in the log:\n{log}"
+    );
+    assert!(!log.contains("Bearer") && !log.contains("curl"), "{log}");
+}
+
+#[tokio::test]
+async fn serve_without_a_token_on_a_terminal_shows_a_generated_one_and_a_curl_line_that_works() {
+    let mut p = Served::spawn_on_terminal("serve --listen 127.0.0.1:0", &[]);
     let addr = p.addr;
     let token_line = p.wait_line(|l| l.contains("token="));
     let token = field(&token_line, "token");
@@ -363,7 +433,6 @@ async fn serve_without_a_token_logs_a_generated_one_and_a_curl_line_that_works()
         curl.contains(&format!("http://{addr}/api/publish")),
         "{curl}"
     );
-    assert!(!p.drain_log().contains('\x1b'), "ANSI escapes in the log");
 
     let mut ws = connect(addr).await;
     let resp = join(&mut ws, "1", "room:lobby", "{}").await;
