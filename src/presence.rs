@@ -552,7 +552,7 @@ async fn publish_diff(app: &App, topic: &str, payload: &str) {
         .publish(app, std::slice::from_ref(&message))
         .await
     {
-        tracing::warn!(topic, error = %e, "presence: could not publish a diff");
+        tracing::warn!(topic = ?topic, error = ?e.to_string(), "presence: could not publish a diff");
     }
 }
 
@@ -612,7 +612,7 @@ mod redis {
         fn log_failure(&mut self, doing: &str, e: &redis::RedisError) {
             let text = format!("{doing}: {e}");
             if self.failing.as_deref() != Some(text.as_str()) {
-                tracing::warn!(error = %text, "presence: Redis failed");
+                tracing::warn!(error = ?text, "presence: Redis failed");
                 self.failing = Some(text);
             }
         }

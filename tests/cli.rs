@@ -480,6 +480,42 @@ async fn serve_without_a_token_on_a_terminal_shows_a_generated_one_and_a_curl_li
 }
 
 #[tokio::test]
+async fn client_strings_are_logged_escaped_so_a_newline_cannot_forge_a_log_line() {
+    let mut cmd = pushgate();
+    cmd.args(["serve", "--listen", "127.0.0.1:0"])
+        .env("PUSHGATE_PUBLISH_TOKEN", TOKEN)
+        .env("PUSHGATE_LOG", "debug")
+        .env("PUSHGATE_AUTH_SECRET", "0123456789abcdef0123456789abcdef")
+        .env("PUSHGATE_AUTH_PRIVATE_TOPICS", "secret:*");
+    let mut p = Served::spawn(cmd);
+    let forged = "2026-01-01T00:00:00.000000Z  INFO pushgate: forged";
+    let mut ws = connect(p.addr).await;
+    // A refused join of a private topic is logged (debug) with its topic.
+    let topic = format!("secret:a\n{forged}");
+    send(
+        &mut ws,
+        &serde_json::json!(["1", "1", topic, "phx_join", {}]).to_string(),
+    )
+    .await;
+    let reply = recv(&mut ws).await;
+    assert_eq!(reply[4]["status"], "error", "{reply}");
+    // A second one, logged after the first: once it is in, so is everything before.
+    let reply = join_reply(&mut ws, "2", "secret:sentinel", "{}").await;
+    assert_eq!(reply["status"], "error", "{reply}");
+    p.wait_line(|l| l.contains("secret:sentinel"));
+    let log = p.drain_log();
+    assert!(
+        !log.lines().any(|l| l.starts_with("2026-01-01T00:00:00")),
+        "a client's newline started a log line of its own:\n{log}"
+    );
+    assert!(
+        log.lines()
+            .any(|l| l.contains("join refused") && l.contains(r"secret:a\n2026-01-01")),
+        "the topic, escaped, in the refusal's line:\n{log}"
+    );
+}
+
+#[tokio::test]
 async fn pushgate_listen_sets_the_address_and_the_flag_overrides_it() {
     let mut cmd = pushgate();
     cmd.arg("serve")
