@@ -339,9 +339,15 @@ fn check_patterns(key: &str, patterns: &[String], bad: &mut dyn FnMut(&str, &str
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct ForwardConfig {
-    /// Where client pushes are POSTed: an `http://` or `https://` URL of your app. Default
-    /// empty: client pushes get an error reply.
+    /// Where client pushes are POSTed: an `http://` or `https://` URL of your app. Plain
+    /// `http://` only to a loopback host (`127.0.0.1`, `::1`, `localhost`) unless
+    /// `allow_insecure_http`: the publish token travels with every push. Default empty: client
+    /// pushes get an error reply.
     pub url: String,
+    /// Allow a plain-`http://` `url` to a host other than loopback (a private network you
+    /// trust), where the publish token and the pushes cross the network unencrypted. Default
+    /// false.
+    pub allow_insecure_http: bool,
     /// PEM root certificate(s) to trust for an `https://` `url` besides the public ones (a
     /// private CA). Default empty.
     pub root_ca_file: String,
@@ -363,6 +369,7 @@ impl Default for ForwardConfig {
     fn default() -> Self {
         ForwardConfig {
             url: String::new(),
+            allow_insecure_http: false,
             root_ca_file: String::new(),
             topics: Vec::new(),
             timeout_ms: 5000,
@@ -423,6 +430,17 @@ impl ForwardConfig {
                     "forward.url",
                     "must be an http:// or https:// URL, like http://127.0.0.1:3000/pushgate/push",
                 );
+            } else if !self.allow_insecure_http
+                && let Ok(u) = self.url.parse::<hyper::Uri>()
+                && u.scheme_str() == Some("http")
+                && !u.host().is_some_and(is_loopback_host)
+            {
+                bad(
+                    "forward.url",
+                    "plain http:// to a host other than loopback would send the publish token \
+                     unencrypted: use https://, or set forward.allow_insecure_http = true \
+                     (PUSHGATE_FORWARD_ALLOW_INSECURE_HTTP=true) for a private network you trust",
+                );
             }
             if self.topics.is_empty() {
                 bad(
@@ -450,6 +468,15 @@ impl ForwardConfig {
             bad("forward.max_concurrent", "must be at least 1");
         }
     }
+}
+
+/// `localhost` (and `*.localhost`), or a loopback IP address (IPv6 in brackets, as in a URL).
+fn is_loopback_host(host: &str) -> bool {
+    let h = host.trim_start_matches('[').trim_end_matches(']');
+    h.eq_ignore_ascii_case("localhost")
+        || h.to_ascii_lowercase().ends_with(".localhost")
+        || h.parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// pushgate terminating TLS itself, at the edge (no nginx in front), see [`crate::tls`].

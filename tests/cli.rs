@@ -352,9 +352,74 @@ fn check_config_names_the_key_of_a_wrongly_typed_value() {
     assert!(stderr.contains("history.size"), "{stderr}");
 }
 
+#[test]
+fn check_config_refuses_plain_http_forwarding_to_a_remote_host_unless_opted_in() {
+    let check = |url: &str, opt_in: Option<&str>| {
+        let mut cmd = pushgate();
+        cmd.arg("check-config")
+            .env("PUSHGATE_FORWARD_URL", url)
+            .env("PUSHGATE_FORWARD_TOPICS", "chat:*");
+        if let Some(v) = opt_in {
+            cmd.env("PUSHGATE_FORWARD_ALLOW_INSECURE_HTTP", v);
+        }
+        let out = run(cmd);
+        (out.status.code(), text(&out.stderr))
+    };
+    for remote in [
+        "http://app.internal:3000/push",
+        "http://10.0.0.5/push",
+        "http://[2001:db8::1]/push",
+    ] {
+        let (code, stderr) = check(remote, None);
+        assert_eq!(code, Some(64), "{remote}: {stderr}");
+        assert!(
+            stderr.contains("forward.url") && stderr.contains("forward.allow_insecure_http"),
+            "{remote}: {stderr}"
+        );
+        let (code, stderr) = check(remote, Some("true"));
+        assert_eq!(code, Some(0), "{remote} with the opt-in: {stderr}");
+    }
+    for fine in [
+        "http://127.0.0.1:3000/push",
+        "http://[::1]:3000/push",
+        "http://localhost:3000/push",
+        "https://app.example.com/push",
+    ] {
+        let (code, stderr) = check(fine, None);
+        assert_eq!(code, Some(0), "{fine}: {stderr}");
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // serve
 // ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_failed_forward_is_logged_with_its_detail_and_the_client_gets_a_generic_reply() {
+    let mut cmd = pushgate();
+    cmd.args(["serve", "--listen", "127.0.0.1:0"])
+        .env("PUSHGATE_PUBLISH_TOKEN", TOKEN)
+        .env(
+            "PUSHGATE_FORWARD_URL",
+            format!("http://127.0.0.1:{}/push", free_port()),
+        )
+        .env("PUSHGATE_FORWARD_TOPICS", "room:*");
+    let mut p = Served::spawn(cmd);
+    let mut ws = connect(p.addr).await;
+    join(&mut ws, "1", "room:f", "{}").await;
+    send(&mut ws, r#"["1","2","room:f","hello",{}]"#).await;
+    let reply = recv(&mut ws).await;
+    assert_eq!(
+        reply[4],
+        serde_json::json!({"status": "error", "response": {"reason": "forward failed"}}),
+        "{reply}"
+    );
+    let line = p.wait_line(|l| l.contains("forward"));
+    assert!(
+        line.contains("cannot reach the app") && line.contains("WARN"),
+        "{line}"
+    );
+}
 
 #[tokio::test]
 async fn serve_with_a_configured_token_publishes_with_it_and_never_logs_it() {
