@@ -104,6 +104,7 @@ fn main() -> ExitCode {
                 if !c.auth.secret.is_empty() {
                     c.auth.secret = "(set, hidden)".into();
                 }
+                c.redis.url = hide_password(&c.redis.url);
                 match toml::to_string_pretty(&c) {
                     Ok(text) => print!("{text}"),
                     Err(e) => eprintln!("cannot print the configuration: {e}"),
@@ -179,6 +180,21 @@ fn main() -> ExitCode {
                 }
             }
         }
+    }
+}
+
+/// `url` with the password of its user part (`redis://:PASSWORD@host/`) replaced by `hidden`.
+fn hide_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return url.to_string();
+    };
+    match rest[..at].split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:hidden{}", &rest[at..]),
+        None => url.to_string(),
     }
 }
 

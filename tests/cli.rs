@@ -353,6 +353,23 @@ fn check_config_names_the_key_of_a_wrongly_typed_value() {
 }
 
 #[test]
+fn check_config_hides_the_redis_password() {
+    let mut cmd = pushgate();
+    cmd.arg("check-config").env(
+        "PUSHGATE_REDIS_URL",
+        "redis://:s3cret-pass@127.0.0.1:6379/0",
+    );
+    let out = run(cmd);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(!stdout.contains("s3cret"), "{stdout}");
+    assert!(
+        stdout.contains(r#"url = "redis://:hidden@127.0.0.1:6379/0""#),
+        "{stdout}"
+    );
+}
+
+#[test]
 fn check_config_refuses_plain_http_forwarding_to_a_remote_host_unless_opted_in() {
     let check = |url: &str, opt_in: Option<&str>| {
         let mut cmd = pushgate();
