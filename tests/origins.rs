@@ -110,8 +110,10 @@ async fn longpoll_requests_from_other_origins_get_403() {
         ("GET", poll.as_str(), &b""[..]),
         ("POST", poll.as_str(), &join[..]),
     ] {
-        let (status, head, _) = http(s.addr, method, path, &[("Origin", EVIL)], body).await;
+        let (status, head, answer) = http(s.addr, method, path, &[("Origin", EVIL)], body).await;
         assert_eq!(status, 403, "{method} {path}\n{head}");
+        // phoenix.js reads the status from the body (tests/js/origins.test.js).
+        assert_eq!(body_json(&answer), serde_json::json!({"status": 403}));
         assert_eq!(header(&head, "access-control-allow-origin"), None, "{head}");
     }
     // The same on a connection hyper serves (its first request is not a LongPoll one).

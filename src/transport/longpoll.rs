@@ -197,6 +197,12 @@ pub const ANSWER_HEADERS: &[(&str, &str)] = &[
     ("access-control-allow-origin", "*"),
 ];
 
+/// [`ANSWER_HEADERS`] without CORS: a refused origin's answer.
+const ANSWER_HEADERS_NO_CORS: &[(&str, &str)] = &[
+    ("content-type", "application/json; charset=utf-8"),
+    ("cache-control", "no-store"),
+];
+
 /// An HTTP 200 JSON answer with [`ANSWER_HEADERS`].
 fn answer(body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     crate::api::response_with(StatusCode::OK, ANSWER_HEADERS, body)
@@ -243,9 +249,12 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Full<Byte
             method = %req.method(),
             "longpoll request refused: origin not in server.allowed_origins"
         );
-        return error_response(
+        // phoenix.js reads the status from the body: 403 there makes it report the error and
+        // close (1008), then reconnect with backoff, instead of stalling on a body it cannot read.
+        return crate::api::response_with(
             StatusCode::FORBIDDEN,
-            "origin not allowed (server.allowed_origins)",
+            ANSWER_HEADERS_NO_CORS,
+            status_only(403),
         );
     }
     let mut resp = respond(app.clone(), req).await;
