@@ -207,7 +207,7 @@ impl Presence {
     ) -> Option<Tracked> {
         if self.ops.full() {
             tracing::warn!(
-                topic,
+                topic = ?topic,
                 "presence: too many changes waiting; a join goes untracked"
             );
             return None;
@@ -801,7 +801,7 @@ mod redis {
                 Ok(dead) => {
                     for id in dead {
                         let n = self.reap(app, &id).await;
-                        tracing::info!(node = %id, entries = n, "presence: removed a dead node's entries");
+                        tracing::info!(node = ?id, entries = n, "presence: removed a dead node's entries");
                         crate::metrics::Metrics::add(&app.metrics.presence_reaped, n as u64);
                     }
                 }
