@@ -294,7 +294,7 @@ pub async fn publish_body(app: &App, body: &[u8]) -> Answer {
     let positions = match app.broker.publish(app, &messages).await {
         Ok(p) => p,
         Err(crate::broker::PublishError::Unavailable(e)) => {
-            tracing::warn!(error = %e, "publish failed: broker unavailable");
+            tracing::warn!(error = ?e.to_string(), "publish failed: broker unavailable");
             return Answer::error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 &format!("broker unavailable, nothing published after the first failure: {e}"),

@@ -30,6 +30,9 @@ pub struct App {
     pub presence: Option<Arc<crate::presence::Presence>>,
     /// Per-client-address limits and the join rate (`crate::admission`).
     pub admission: Arc<crate::admission::Admission>,
+    /// Web pages allowed to connect (`server.allowed_origins`), checked once per WebSocket
+    /// upgrade and LongPoll request.
+    pub origins: crate::origin::Origins,
     /// The bearer token `POST /api/publish` requires (configured or generated at start).
     pub publish_token: String,
     /// This node's id (8 hex digits): LongPoll tokens carry it so any node can route a
@@ -103,6 +106,7 @@ impl App {
             acme: Default::default(),
             auth: crate::auth::Auth::new(&config.auth),
             admission: crate::admission::Admission::new(&config),
+            origins: crate::origin::Origins::new(&config.server.allowed_origins),
             forward,
             publish_token,
             node_id,

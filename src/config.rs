@@ -59,6 +59,15 @@ pub struct ServerConfig {
     /// by commas; empty: always the TCP peer.
     #[serde(deserialize_with = "names_list")]
     pub trusted_proxies: Vec<String>,
+    /// Web pages allowed to use the gateway, by the `Origin` their browser sends:
+    /// `scheme://host[:port]`, exact (`https://app.example.com`) or any subdomain
+    /// (`https://*.example.com`, not the bare domain). When set, WebSocket upgrades and LongPoll
+    /// requests from other origins get 403 and LongPoll's CORS answers name only these; requests
+    /// without an `Origin` (same-origin LongPoll GETs, clients that are not browsers) are let
+    /// through (see [`crate::origin`]). In `PUSHGATE_SERVER_ALLOWED_ORIGINS` separated by commas.
+    /// Default empty: any origin.
+    #[serde(deserialize_with = "names_list")]
+    pub allowed_origins: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -70,6 +79,7 @@ impl Default for ServerConfig {
             idle_timeout_ms: 90_000,
             worker_threads: 0,
             trusted_proxies: vec!["127.0.0.0/8".into(), "::1".into()],
+            allowed_origins: Vec::new(),
         }
     }
 }
@@ -173,7 +183,8 @@ impl Default for LongPollConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct PublishConfig {
     /// Bearer token for `POST /api/publish`. Empty (the default) means one is generated at start
-    /// and logged. Environment: `PUSHGATE_PUBLISH_TOKEN`.
+    /// and shown in the log only when that is a terminal (never in journald or a file).
+    /// Environment: `PUSHGATE_PUBLISH_TOKEN`.
     pub token: String,
     /// Largest publish request body, in bytes; larger ones get 413. Default 1048576 (1 MiB).
     pub max_body_bytes: usize,
@@ -416,9 +427,15 @@ fn check_patterns(key: &str, patterns: &[String], bad: &mut dyn FnMut(&str, &str
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct ForwardConfig {
-    /// Where client pushes are POSTed: an `http://` or `https://` URL of your app. Default
-    /// empty: client pushes get an error reply.
+    /// Where client pushes are POSTed: an `http://` or `https://` URL of your app. Plain
+    /// `http://` only to a loopback host (`127.0.0.1`, `::1`, `localhost`) unless
+    /// `allow_insecure_http`: the publish token travels with every push. Default empty: client
+    /// pushes get an error reply.
     pub url: String,
+    /// Allow a plain-`http://` `url` to a host other than loopback (a private network you
+    /// trust), where the publish token and the pushes cross the network unencrypted. Default
+    /// false.
+    pub allow_insecure_http: bool,
     /// PEM root certificate(s) to trust for an `https://` `url` besides the public ones (a
     /// private CA). Default empty.
     pub root_ca_file: String,
@@ -440,6 +457,7 @@ impl Default for ForwardConfig {
     fn default() -> Self {
         ForwardConfig {
             url: String::new(),
+            allow_insecure_http: false,
             root_ca_file: String::new(),
             topics: Vec::new(),
             timeout_ms: 5000,
@@ -500,6 +518,17 @@ impl ForwardConfig {
                     "forward.url",
                     "must be an http:// or https:// URL, like http://127.0.0.1:3000/pushgate/push",
                 );
+            } else if !self.allow_insecure_http
+                && let Ok(u) = self.url.parse::<hyper::Uri>()
+                && u.scheme_str() == Some("http")
+                && !u.host().is_some_and(is_loopback_host)
+            {
+                bad(
+                    "forward.url",
+                    "plain http:// to a host other than loopback would send the publish token \
+                     unencrypted: use https://, or set forward.allow_insecure_http = true \
+                     (PUSHGATE_FORWARD_ALLOW_INSECURE_HTTP=true) for a private network you trust",
+                );
             }
             if self.topics.is_empty() {
                 bad(
@@ -527,6 +556,15 @@ impl ForwardConfig {
             bad("forward.max_concurrent", "must be at least 1");
         }
     }
+}
+
+/// `localhost` (and `*.localhost`), or a loopback IP address (IPv6 in brackets, as in a URL).
+fn is_loopback_host(host: &str) -> bool {
+    let h = host.trim_start_matches('[').trim_end_matches(']');
+    h.eq_ignore_ascii_case("localhost")
+        || h.to_ascii_lowercase().ends_with(".localhost")
+        || h.parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// pushgate terminating TLS itself, at the edge (no nginx in front), see [`crate::tls`].
@@ -824,6 +862,11 @@ impl Config {
                 "server.listen",
                 "must be an IP address and port, like 127.0.0.1:4000",
             );
+        }
+        for o in &self.server.allowed_origins {
+            if let Err(e) = crate::origin::check_pattern(o) {
+                bad("server.allowed_origins", &e);
+            }
         }
         if self.server.max_connections == 0 {
             bad("server.max_connections", "must be at least 1");

@@ -15,6 +15,7 @@
 //! - [`hub`]: topics, their shared history buffers, positions and local subscribers.
 //! - [`broker`]: the Redis broker (cross-node fanout, history streams); embedded otherwise.
 //! - [`metrics`]: counters rendered for Prometheus.
+//! - [`origin`]: `server.allowed_origins`, which web pages may connect, no I/O.
 //! - [`app`]: the shared state handed to every connection.
 //! - [`acme`]: certificates from Let's Encrypt (ACME), HTTP-01 answers, export for nginx.
 //! - [`tls`]: at the edge, TLS with the ACME certificate (HTTP/1.1 and HTTP/2), HTTPS redirect.
@@ -32,6 +33,7 @@ pub mod forward;
 pub mod http1;
 pub mod hub;
 pub mod metrics;
+pub mod origin;
 pub mod presence;
 pub mod protocol;
 pub mod router;

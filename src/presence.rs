@@ -207,7 +207,7 @@ impl Presence {
     ) -> Option<Tracked> {
         if self.ops.full() {
             tracing::warn!(
-                topic,
+                topic = ?topic,
                 "presence: too many changes waiting; a join goes untracked"
             );
             return None;
@@ -556,7 +556,7 @@ async fn publish_diff(app: &App, topic: &str, payload: &str) {
         .publish(app, std::slice::from_ref(&message))
         .await
     {
-        tracing::warn!(topic, error = %e, "presence: could not publish a diff");
+        tracing::warn!(topic = ?topic, error = ?e.to_string(), "presence: could not publish a diff");
     }
 }
 
@@ -617,7 +617,7 @@ mod redis {
         fn log_failure(&mut self, doing: &str, e: &redis::RedisError) {
             let text = format!("{doing}: {e}");
             if self.failing.as_deref() != Some(text.as_str()) {
-                tracing::warn!(error = %text, "presence: Redis failed");
+                tracing::warn!(error = ?text, "presence: Redis failed");
                 self.failing = Some(text);
             }
         }
@@ -792,7 +792,7 @@ mod redis {
                 Ok(dead) => {
                     for id in dead {
                         let n = self.reap(app, &id).await;
-                        tracing::info!(node = %id, entries = n, "presence: removed a dead node's entries");
+                        tracing::info!(node = ?id, entries = n, "presence: removed a dead node's entries");
                         crate::metrics::Metrics::add(&app.metrics.presence_reaped, n as u64);
                     }
                 }

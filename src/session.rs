@@ -204,7 +204,7 @@ impl Session {
     /// Answers a message that could not be parsed, with whatever ref could be recovered.
     pub fn handle_parse_error(&mut self, err: ParseError) {
         Metrics::add(&self.app.metrics.bad_messages, 1);
-        tracing::debug!(reason = %err.reason, "bad client message");
+        tracing::debug!(reason = ?err.reason, "bad client message");
         let topic = err.topic.as_deref().unwrap_or(protocol::PHOENIX_TOPIC);
         self.reply(protocol::encode_error_reply(
             err.join_ref.as_deref(),
@@ -272,7 +272,7 @@ impl Session {
         }
         if let Err(refusal) = self.app.auth.may_join(&self.connect, &msg.topic) {
             Metrics::add(&self.app.metrics.join_errors, 1);
-            tracing::debug!(topic = %msg.topic, detail = %refusal.0, "join refused: unauthorized");
+            tracing::debug!(topic = ?msg.topic, detail = ?refusal.0, "join refused: unauthorized");
             self.reply(protocol::encode_reply(
                 Some(&join_ref),
                 msg.msg_ref.as_deref(),

@@ -640,7 +640,7 @@ pub async fn run(app: Arc<App>, broker: Arc<RedisBroker>) {
                 }
             }
         };
-        tracing::warn!(reason = %reason, "redis: subscriber down; reconnecting");
+        tracing::warn!(reason = ?reason, "redis: subscriber down; reconnecting");
         broker.set_status(Err(reason));
         app.metrics.redis_connected.store(0, Relaxed);
         Metrics::add(&app.metrics.redis_reconnects, 1);
@@ -673,7 +673,10 @@ async fn resubscribe(
             // The history was recreated (Redis restarted without persistence, or the topic
             // expired): deliver the new epoch from its first message.
             if known.offset > 0 {
-                tracing::warn!(%topic, "redis: topic history was recreated; continuing in the new epoch");
+                tracing::warn!(
+                    ?topic,
+                    "redis: topic history was recreated; continuing in the new epoch"
+                );
             }
             app.hub.go_live(topic, &epoch, 0);
             if offset > 0 {
@@ -738,7 +741,7 @@ async fn on_message(
         Ok(e) => e,
         Err(e) => {
             Metrics::add(&app.metrics.redis_bad_messages, 1);
-            tracing::debug!(%topic, error = %e, "redis: message is not {{\"event\", \"payload\"}} JSON; dropped");
+            tracing::debug!(?topic, error = ?e.to_string(), "redis: message is not {{\"event\", \"payload\"}} JSON; dropped");
             return;
         }
     };

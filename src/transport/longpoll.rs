@@ -290,6 +290,12 @@ pub const ANSWER_HEADERS: &[(&str, &str)] = &[
     ("access-control-allow-origin", "*"),
 ];
 
+/// [`ANSWER_HEADERS`] without CORS: a refused origin's answer.
+const ANSWER_HEADERS_NO_CORS: &[(&str, &str)] = &[
+    ("content-type", "application/json; charset=utf-8"),
+    ("cache-control", "no-store"),
+];
+
 /// An HTTP 200 JSON answer with [`ANSWER_HEADERS`].
 fn answer(body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     crate::api::response_with(StatusCode::OK, ANSWER_HEADERS, body)
@@ -327,10 +333,47 @@ fn poll_answer(status: u16, token: &str, messages: &[Bytes]) -> Bytes {
     Bytes::from(body)
 }
 
-/// Handles any request to `/socket/longpoll`.
+/// The request headers a preflight allows: those phoenix.js sends (1.8: `Accept` and
+/// `X-Phoenix-AuthToken` on a GET, `Content-Type` on a POST; 1.7: `Content-Type`), never
+/// whatever the preflight asks for.
+const ALLOWED_HEADERS: &str = "accept, content-type, x-phoenix-authtoken";
+
+/// Handles any request to `/socket/longpoll`. With `server.allowed_origins` set, a request from
+/// another origin gets 403 and the CORS headers name the request's own (allowed) origin;
+/// otherwise they say `*`. (A LongPoll connection then never enters the lean loop of
+/// [`crate::http1`], which does not read `Origin`: see `server::serve_plain`.)
 pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let origin = req.headers().get(header::ORIGIN).cloned();
+    if !app.origins.allows(origin.as_ref().map(|v| v.as_bytes())) {
+        app.metrics.refused(crate::metrics::Refusal::Origin);
+        tracing::debug!(
+            origin = ?String::from_utf8_lossy(origin.as_ref().map_or(&b""[..], |v| v.as_bytes())),
+            method = %req.method(),
+            "longpoll request refused: origin not in server.allowed_origins"
+        );
+        // phoenix.js reads the status from the body: 403 there makes it report the error and
+        // close (1008), then reconnect with backoff, instead of stalling on a body it cannot read.
+        return crate::api::response_with(
+            StatusCode::FORBIDDEN,
+            ANSWER_HEADERS_NO_CORS,
+            status_only(403),
+        );
+    }
+    let mut resp = respond(app.clone(), req).await;
+    if !app.origins.is_open() {
+        let h = resp.headers_mut();
+        h.remove(header::ACCESS_CONTROL_ALLOW_ORIGIN);
+        if let Some(o) = origin {
+            h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, o);
+        }
+        h.insert(header::VARY, header::HeaderValue::from_static("origin"));
+    }
+    resp
+}
+
+async fn respond(app: Arc<App>, req: Request<Incoming>) -> Response<Full<Bytes>> {
     match *req.method() {
-        Method::OPTIONS => preflight(&req),
+        Method::OPTIONS => preflight(),
         Method::GET => {
             let query = req.uri().query().unwrap_or("");
             let auth_token = req
@@ -365,19 +408,20 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Full<Byte
     }
 }
 
-fn preflight(req: &Request<Incoming>) -> Response<Full<Bytes>> {
+fn preflight() -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::new()));
     let h = r.headers_mut();
     h.insert(
         header::ACCESS_CONTROL_ALLOW_ORIGIN,
         header::HeaderValue::from_static("*"),
     );
-    if let Some(v) = req.headers().get(header::ACCESS_CONTROL_REQUEST_HEADERS) {
-        h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, v.clone());
-    }
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_HEADERS,
+        header::HeaderValue::from_static(ALLOWED_HEADERS),
+    );
     h.insert(
         header::ACCESS_CONTROL_ALLOW_METHODS,
-        header::HeaderValue::from_static("get, post, options"),
+        header::HeaderValue::from_static("GET, POST"),
     );
     h.insert(
         header::ACCESS_CONTROL_MAX_AGE,

@@ -10,7 +10,7 @@
 
 use crate::app::App;
 use crate::hub::{Lag, Sink, Waker};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Refusal};
 use crate::protocol;
 use crate::session::{ConnectInfo, Oversized, Session};
 use crate::ws::{self, Flow, Message, MessageReader, close_code};
@@ -109,6 +109,19 @@ pub fn upgrade(
         return plain(
             StatusCode::BAD_REQUEST,
             "expected a WebSocket upgrade (GET with Upgrade: websocket)\n",
+        );
+    }
+    // Once per upgrade: a page outside `server.allowed_origins` may not open sockets.
+    let origin = req.headers().get(header::ORIGIN);
+    if !app.origins.allows(origin.map(|v| v.as_bytes())) {
+        app.metrics.refused(Refusal::Origin);
+        tracing::debug!(
+            origin = ?String::from_utf8_lossy(origin.map_or(&b""[..], |v| v.as_bytes())),
+            "websocket upgrade refused: origin not in server.allowed_origins"
+        );
+        return plain(
+            StatusCode::FORBIDDEN,
+            "origin not allowed (server.allowed_origins)\n",
         );
     }
     if req
