@@ -215,6 +215,10 @@ where
     tokio::select! {
         r = conn.as_mut() => {
             if let Err(e) = r {
+                if e.is_timeout() {
+                    // hyper's header timeout: a silent or idle connection, or a slow head.
+                    app.metrics.refused(crate::metrics::Refusal::Timeout);
+                }
                 tracing::debug!(error = %e, "http connection error");
             }
         }

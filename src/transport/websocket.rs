@@ -186,12 +186,20 @@ pub fn upgrade(
     );
     let connect = ConnectInfo { query, auth_token };
     let task_app = app.clone();
+    // The handshake's end (hyper hands the stream over once the answer is out) has a deadline
+    // too: a client that does not take the answer does not keep the task and its slot.
+    let handshake = Duration::from_millis(app.config.server.header_read_timeout_ms);
     app.tracker.spawn(async move {
         let _permit = permit;
-        let upgraded = match on_upgrade.await {
-            Ok(u) => u,
-            Err(e) => {
+        let upgraded = match tokio::time::timeout(handshake, on_upgrade).await {
+            Ok(Ok(u)) => u,
+            Ok(Err(e)) => {
                 tracing::debug!(error = %e, "websocket upgrade failed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!("websocket handshake not completed in time");
+                task_app.metrics.refused(crate::metrics::Refusal::Timeout);
                 return;
             }
         };
