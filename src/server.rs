@@ -194,12 +194,12 @@ where
 {
     // The slot moves into a WebSocket task on upgrade; otherwise it is released when this
     // connection ends.
-    let slot = Arc::new(std::sync::Mutex::new(Some(permit)));
+    let ctx = Arc::new(router::Conn::new(permit, false, None));
     let svc_app = app.clone();
     let service = service_fn(move |req| {
         let app = svc_app.clone();
-        let slot = slot.clone();
-        async move { Ok::<_, std::convert::Infallible>(router::route(app, req, &slot).await) }
+        let ctx = ctx.clone();
+        async move { Ok::<_, std::convert::Infallible>(router::route(app, req, &ctx).await) }
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder

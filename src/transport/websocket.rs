@@ -88,12 +88,15 @@ fn decode_auth_token(b: &str) -> Option<String> {
     String::from_utf8(bytes).ok()
 }
 
+/// What a WebSocket holds while it lives: its `server.max_connections` slot, and at the edge
+/// its place among its connection's open streams (`crate::router::Busy`).
+pub struct Hold {
+    pub permit: OwnedSemaphorePermit,
+    pub busy: Option<crate::router::BusyGuard>,
+}
+
 /// Answers a WebSocket upgrade request at `/socket/websocket` and spawns the session.
-pub fn upgrade(
-    app: Arc<App>,
-    mut req: Request<Incoming>,
-    permit: Option<OwnedSemaphorePermit>,
-) -> Response<Full<Bytes>> {
+pub fn upgrade(app: Arc<App>, mut req: Request<Incoming>, hold: Hold) -> Response<Full<Bytes>> {
     // RFC 8441: over HTTP/2 a WebSocket is an extended CONNECT with `:protocol websocket`,
     // answered 200 without the key/accept exchange.
     let h2_connect = req.method() == hyper::Method::CONNECT
@@ -190,7 +193,7 @@ pub fn upgrade(
     // too: a client that does not take the answer does not keep the task and its slot.
     let handshake = Duration::from_millis(app.config.server.header_read_timeout_ms);
     app.tracker.spawn(async move {
-        let _permit = permit;
+        let _hold = hold;
         let upgraded = match tokio::time::timeout(handshake, on_upgrade).await {
             Ok(Ok(u)) => u,
             Ok(Err(e)) => {
