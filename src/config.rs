@@ -1000,6 +1000,46 @@ mod tests {
     }
 
     #[test]
+    fn deadlines_are_named_when_too_short() {
+        let c = Config::load(
+            None,
+            env(&[
+                ("PUSHGATE_SERVER_KEEPALIVE_TIMEOUT_MS", "60000"),
+                ("PUSHGATE_SERVER_BODY_TIMEOUT_MS", "15000"),
+                ("PUSHGATE_TLS_SERVE_API_AND_METRICS", "true"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.server.keepalive_timeout_ms, 60_000);
+        assert_eq!(c.server.body_timeout_ms, 15_000);
+        assert!(c.tls.serve_api_and_metrics);
+        c.validate().unwrap();
+
+        let mut c = Config::default();
+        c.server.header_read_timeout_ms = 0;
+        c.server.keepalive_timeout_ms = 0;
+        c.server.body_timeout_ms = 99;
+        c.tls.http2_ping_interval_ms = 0;
+        c.tls.http2_max_concurrent_streams = 0;
+        let keys: Vec<_> = c
+            .validate()
+            .unwrap_err()
+            .into_iter()
+            .map(|p| p.key)
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "server.header_read_timeout_ms",
+                "server.keepalive_timeout_ms",
+                "server.body_timeout_ms",
+                "tls.http2_ping_interval_ms",
+                "tls.http2_max_concurrent_streams"
+            ]
+        );
+    }
+
+    #[test]
     fn auth_from_the_environment_and_its_problems() {
         let c = Config::load(
             None,

@@ -281,7 +281,11 @@ async fn serve_redirect(
     let conn = builder.serve_connection(TokioIo::new(stream), service);
     tokio::pin!(conn);
     tokio::select! {
-        _ = conn.as_mut() => {}
+        r = conn.as_mut() => {
+            if r.is_err_and(|e| e.is_timeout()) {
+                app.metrics.refused(Refusal::Timeout);
+            }
+        }
         _ = app.shutdown.cancelled() => {
             conn.as_mut().graceful_shutdown();
             let grace = Duration::from_millis(app.config.shutdown.grace_ms);

@@ -46,12 +46,12 @@ fn publish_head(len: usize, extra: &str) -> String {
     )
 }
 
-/// With every slot held by a socket that never sends a byte, each of them is closed at the
-/// header deadline, and a new client's `/healthz` then succeeds.
+/// With every slot held by a socket that never sends a byte (the 100 of 100), each of
+/// them is closed at the header deadline, and a new client's `/healthz` then succeeds.
 #[tokio::test]
 async fn silent_sockets_are_closed_and_free_their_slots() {
     install_panic_counter();
-    const N: usize = 8;
+    const N: usize = 100;
     let mut config = test_config();
     config.server.max_connections = N;
     config.server.header_read_timeout_ms = 500;
