@@ -1481,7 +1481,13 @@ async fn demo_page_in_chromium_at_the_edge() {
         return;
     }
     let tmp = TempDir::new("edge-browser");
-    let edge = Edge::start(&tmp, Path::new(env!("CARGO_BIN_EXE_pushgate")), "").await;
+    // The page's publish form posts to /api/publish, which the edge serves only when opted in.
+    let edge = Edge::start(
+        &tmp,
+        Path::new(env!("CARGO_BIN_EXE_pushgate")),
+        "serve_api_and_metrics = true\n",
+    )
+    .await;
     let chain = edge.exported_chain(&tmp).await;
     assert_eq!(edge.served[0], first_cert(&chain));
     let js = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/js");
