@@ -1381,6 +1381,57 @@ async fn edge_connections_have_read_deadlines() {
     assert!(timeouts >= 4.0, "{timeouts}");
 }
 
+/// HTTP/2 at the edge: a client that stops answering PINGs is closed, even with a request
+/// under way (here a POST whose body never comes, with `server.body_timeout_ms` far away).
+/// The client is raw frames over TLS, since every HTTP/2 library answers PINGs by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_client_that_stops_answering_pings_is_closed() {
+    let tmp = TempDir::new("edge-ping");
+    let bin = Path::new(env!("CARGO_BIN_EXE_pushgate"));
+    let edge = Edge::start(
+        &tmp,
+        bin,
+        "http2_ping_interval_ms = 500\n[server]\nbody_timeout_ms = 60000\n",
+    )
+    .await;
+    let mut tls = tls_connect(edge.https, DOMAIN, &[b"h2"], &edge.root).await;
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let frame = |kind: u8, flags: u8, stream: u32, payload: &[u8]| {
+        let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+        f.extend_from_slice(&[kind, flags]);
+        f.extend_from_slice(&stream.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    };
+    // HPACK, literal strings: :method POST (static 3), :scheme https (static 7), :path and
+    // :authority (names static 4 and 1).
+    let literal = |name_index: u8, value: &str| {
+        let mut b = vec![0x40 | name_index, value.len() as u8];
+        b.extend_from_slice(value.as_bytes());
+        b
+    };
+    let mut block = vec![0x83, 0x87];
+    block.extend(literal(4, "/socket/longpoll?vsn=2.0.0"));
+    block.extend(literal(1, DOMAIN));
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(frame(0x4, 0, 0, &[])); // SETTINGS
+    out.extend(frame(0x1, 0x4, 1, &block)); // HEADERS, END_HEADERS, no END_STREAM: a body follows
+    tls.write_all(&out).await.unwrap();
+    tls.flush().await.unwrap();
+    // From here the client reads what comes but answers nothing (no SETTINGS ack, no PING ack).
+    let sent = Instant::now();
+    ends_by(
+        &mut tls,
+        sent + Duration::from_secs(5),
+        "an HTTP/2 client that ignores PINGs",
+    )
+    .await;
+    assert!(
+        sent.elapsed() >= Duration::from_millis(500),
+        "closed before any PING was due"
+    );
+}
+
 /// RFC 6455 conformance over the TLS edge: Autobahn|Testsuite's fuzzing client against the
 /// conformance build (Cargo feature `autobahn-echo`, which echoes data messages) behind its own
 /// TLS listener with a certificate issued by Pebble, so the frame layer is judged through the
