@@ -35,8 +35,10 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub struct Body<B> {
     inner: B,
     stall: Duration,
-    /// Armed when a read waits; dropped when bytes come.
+    /// Made at the first wait (a body that is already there never needs one), then moved.
     timer: Option<Pin<Box<Sleep>>>,
+    /// Whether `timer` runs for the current wait.
+    armed: bool,
 }
 
 impl<B> Body<B> {
@@ -45,6 +47,7 @@ impl<B> Body<B> {
             inner,
             stall,
             timer: None,
+            armed: false,
         }
     }
 }
@@ -64,14 +67,20 @@ where
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(r) => {
-                this.timer = None;
+                this.armed = false;
                 Poll::Ready(r.map(|r| r.map_err(Into::into)))
             }
             Poll::Pending => {
                 let stall = this.stall;
-                let timer = this
-                    .timer
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(stall)));
+                let timer = match &mut this.timer {
+                    Some(t) if this.armed => t,
+                    Some(t) => {
+                        t.as_mut().reset(tokio::time::Instant::now() + stall);
+                        t
+                    }
+                    None => this.timer.insert(Box::pin(tokio::time::sleep(stall))),
+                };
+                this.armed = true;
                 ready!(timer.as_mut().poll(cx));
                 Poll::Ready(Some(Err(Box::new(BodyTimedOut))))
             }
@@ -111,4 +120,49 @@ pub fn body_timed_out(app: &App) -> Response<Full<Bytes>> {
         header::HeaderValue::from_static("close"),
     );
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    /// A body fed by a channel: each message is a frame; the sender's drop ends it.
+    struct Fed(tokio::sync::mpsc::Receiver<Bytes>);
+
+    impl hyper::body::Body for Fed {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            self.0.poll_recv(cx).map(|b| b.map(|b| Ok(Frame::data(b))))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_moving_body_is_read_and_a_stalled_one_times_out() {
+        let stall = Duration::from_millis(80);
+        // Five pieces 30 ms apart (150 ms in all, longer than the stall): read whole.
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        let feeder = tokio::spawn(async move {
+            for _ in 0..5 {
+                tokio::time::sleep(Duration::from_millis(30)).await;
+                tx.send(Bytes::from_static(b"ab")).await.unwrap();
+            }
+        });
+        let body = Body::new(Fed(rx), stall).collect().await.unwrap();
+        assert_eq!(body.to_bytes(), "ababababab");
+        feeder.await.unwrap();
+
+        // One piece, then nothing: the stall ends the read.
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        tx.send(Bytes::from_static(b"ab")).await.unwrap();
+        let start = tokio::time::Instant::now();
+        let e = Body::new(Fed(rx), stall).collect().await.unwrap_err();
+        assert!(is_timeout(&e), "{e}");
+        assert!(start.elapsed() >= stall);
+        drop(tx);
+    }
 }
