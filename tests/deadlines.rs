@@ -245,3 +245,27 @@ async fn an_idle_keep_alive_connection_under_hyper_is_closed_and_counted() {
     assert!(timeouts(s.addr).await >= 1.0);
     assert_eq!(server_panics(), 0);
 }
+
+/// A WebSocket handshake whose head stops half way (served by hyper) is closed at
+/// `server.header_read_timeout_ms` (the first bytes came at once), and counted.
+#[tokio::test]
+async fn a_stalled_websocket_handshake_is_closed_and_counted() {
+    install_panic_counter();
+    let mut config = test_config();
+    config.server.header_read_timeout_ms = 500;
+    let deadline = Duration::from_millis(500);
+    let s = start_with(config).await;
+    let mut c = TcpStream::connect(s.addr).await.unwrap();
+    c.write_all(b"GET /socket/websocket?vsn=2.0.0 HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\n")
+        .await
+        .unwrap();
+    let sent = Instant::now();
+    let (got, at) = read_until_closed(&mut c, sent + deadline + SLACK).await;
+    assert!(!got.starts_with(b"HTTP/1.1 101"), "{got:?}");
+    assert!(at >= sent + deadline - Duration::from_millis(50));
+    assert!(timeouts(s.addr).await >= 1.0);
+    // A complete handshake is unaffected.
+    let mut ws = connect(s.addr).await;
+    join(&mut ws, "1", "room:deadline", "{}").await;
+    assert_eq!(server_panics(), 0);
+}
