@@ -794,6 +794,7 @@ pub async fn run<S: WsIo>(app: Arc<App>, mut stream: S, initial: Vec<u8>, connec
                 } else if last_activity + idle_timeout > Instant::now() {
                     timer.as_mut().reset(last_activity + idle_timeout);
                 } else {
+                    app.metrics.refused(crate::metrics::Refusal::Timeout);
                     queue_close(
                         &mut outbox,
                         &mut close_sent,
