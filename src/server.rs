@@ -2,7 +2,11 @@
 //!
 //! A connection slot (a semaphore permit) is taken *before* accepting, so at most
 //! `server.max_connections` sockets are open; a WebSocket upgrade carries its slot into the
-//! WebSocket task. Accept errors (such as running out of file descriptors) back off and retry.
+//! WebSocket task (an RFC 8441 WebSocket at the edge takes a slot of its own, see
+//! `router::route`). Accept errors (such as running out of file descriptors) back off and retry.
+//! Every read has a deadline (`http1` for the lean loop and the first bytes; hyper's header
+//! timeout, `deadline::Body` for request bodies), each forced close counted as
+//! `Refusal::Timeout`.
 //! Each connection is served by hyper's HTTP/1 with upgrades, inside its own tracked task.
 //! On shutdown, HTTP connections finish their current request (`graceful_shutdown`, then we
 //! keep polling them), WebSocket tasks close themselves with 1012, and [`run`] waits for every

@@ -17,9 +17,10 @@
 //! `server.keepalive_timeout_ms` after one; HTTP/2 also sends PINGs and caps its streams.
 //!
 //! WebSockets work here too: over HTTP/1.1 by the usual upgrade, over HTTP/2 by extended
-//! CONNECT (RFC 8441, enabled on the HTTP/2 side), each holding a connection slot of its own. Either way the WebSocket transport runs on
-//! its polled adapter (`transport::websocket::Polled`), which stages reads and writes in
-//! buffers; the zero-buffer path is for plain TCP behind nginx.
+//! CONNECT (RFC 8441, enabled on the HTTP/2 side), each holding a connection slot of its own.
+//! Either way the WebSocket transport runs on its polled adapter
+//! (`transport::websocket::Polled`), which stages reads and writes in buffers; the zero-buffer
+//! path is for plain TCP behind nginx.
 
 use crate::app::App;
 use crate::metrics::Refusal;
