@@ -93,28 +93,29 @@ pub async fn route(app: Arc<App>, req: Request<Incoming>, conn: &Conn) -> Respon
     }
     match req.uri().path() {
         "/socket/websocket" if app.config.websocket.enabled => {
-            // HTTP/1.1: the connection's own slot. HTTP/2 (RFC 8441): a slot of its own, as
-            // the connection goes on serving other streams.
-            let own = match req.version() {
-                hyper::Version::HTTP_2 => None,
-                _ => conn.slot.lock().unwrap_or_else(|e| e.into_inner()).take(),
-            };
-            let permit = match own {
-                Some(p) => p,
-                None => match conn.slots.clone().try_acquire_owned() {
-                    Ok(p) => p,
-                    Err(_) => {
-                        app.metrics.refused(Refusal::SessionCap);
-                        tracing::debug!("websocket refused: server.max_connections reached");
-                        return error_response(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            "too many connections (server.max_connections)",
-                        );
-                    }
-                },
-            };
-            let busy = conn.busy.as_ref().map(Busy::enter);
-            websocket::upgrade(app, req, websocket::Hold { permit, busy })
+            let h2 = req.version() == hyper::Version::HTTP_2;
+            let metrics = app.metrics.clone();
+            websocket::upgrade(app, req, || {
+                // HTTP/1.1: the connection's own slot. HTTP/2 (RFC 8441): a slot of its own,
+                // as the connection goes on serving other streams.
+                let own = match h2 {
+                    true => None,
+                    false => conn.slot.lock().unwrap_or_else(|e| e.into_inner()).take(),
+                };
+                let permit = match own {
+                    Some(p) => p,
+                    None => match conn.slots.clone().try_acquire_owned() {
+                        Ok(p) => p,
+                        Err(_) => {
+                            metrics.refused(Refusal::SessionCap);
+                            tracing::debug!("websocket refused: server.max_connections reached");
+                            return None;
+                        }
+                    },
+                };
+                let busy = conn.busy.as_ref().map(Busy::enter);
+                Some(websocket::Hold { permit, busy })
+            })
         }
         "/socket/longpoll" if app.config.longpoll.enabled => longpoll::handle(app, req).await,
         "/socket/longpoll" => longpoll::disabled(),

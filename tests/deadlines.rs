@@ -269,3 +269,64 @@ async fn a_stalled_websocket_handshake_is_closed_and_counted() {
     join(&mut ws, "1", "room:deadline", "{}").await;
     assert_eq!(server_panics(), 0);
 }
+
+/// A connection keeps its slot through a refused WebSocket upgrade (here: no `Upgrade`
+/// header, 400): with `max_connections` connections open, one more is not served until one of
+/// them closes.
+#[tokio::test]
+async fn a_refused_websocket_upgrade_keeps_its_connections_slot() {
+    install_panic_counter();
+    let mut config = test_config();
+    config.server.max_connections = 2;
+    let s = start_with(config).await;
+    // A: a refused upgrade, then the connection stays open (keep-alive).
+    let mut a = TcpStream::connect(s.addr).await.unwrap();
+    a.write_all(b"GET /socket/websocket?vsn=2.0.0 HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 1024];
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tokio::time::timeout(DEADLINE, a.read(&mut chunk))
+            .await
+            .expect("an answer")
+            .unwrap();
+        assert!(n > 0, "closed");
+        got.extend_from_slice(&chunk[..n]);
+    }
+    assert!(
+        got.starts_with(b"HTTP/1.1 400"),
+        "{:?}",
+        String::from_utf8_lossy(&got)
+    );
+    // B: a second connection, served (its slot was waiting in the accept loop).
+    let mut b = TcpStream::connect(s.addr).await.unwrap();
+    b.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    let n = tokio::time::timeout(DEADLINE, b.read(&mut chunk))
+        .await
+        .expect("B answered")
+        .unwrap();
+    assert!(chunk[..n].starts_with(b"HTTP/1.1 200"));
+    // C: over the limit, it waits (in the kernel's queue) while A and B are open...
+    let mut c = TcpStream::connect(s.addr).await.unwrap();
+    c.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let early = tokio::time::timeout(Duration::from_millis(500), c.read(&mut chunk)).await;
+    assert!(
+        early.is_err(),
+        "a third connection was served past max_connections = 2"
+    );
+    // ...and is served once A closes.
+    drop(a);
+    let (got, _) = read_until_closed(&mut c, Instant::now() + DEADLINE).await;
+    assert!(
+        got.starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        String::from_utf8_lossy(&got)
+    );
+    drop(b);
+    assert_eq!(server_panics(), 0);
+}

@@ -95,8 +95,14 @@ pub struct Hold {
     pub busy: Option<crate::router::BusyGuard>,
 }
 
-/// Answers a WebSocket upgrade request at `/socket/websocket` and spawns the session.
-pub fn upgrade(app: Arc<App>, mut req: Request<Incoming>, hold: Hold) -> Response<Full<Bytes>> {
+/// Answers a WebSocket upgrade request at `/socket/websocket` and spawns the session. `hold`
+/// is asked for the WebSocket's slot only once the request is a valid upgrade (a refused one
+/// leaves its connection's slot in place); without one the answer is 503.
+pub fn upgrade(
+    app: Arc<App>,
+    mut req: Request<Incoming>,
+    hold: impl FnOnce() -> Option<Hold>,
+) -> Response<Full<Bytes>> {
     // RFC 8441: over HTTP/2 a WebSocket is an extended CONNECT with `:protocol websocket`,
     // answered 200 without the key/accept exchange.
     let h2_connect = req.method() == hyper::Method::CONNECT
@@ -143,6 +149,12 @@ pub fn upgrade(app: Arc<App>, mut req: Request<Incoming>, hold: Hold) -> Respons
     if app.is_draining() {
         return plain(StatusCode::SERVICE_UNAVAILABLE, "draining\n");
     }
+    let Some(hold) = hold() else {
+        return plain(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many connections (server.max_connections)\n",
+        );
+    };
     let mut offered_phoenix = false;
     let mut auth_token = None;
     for v in req.headers().get_all(header::SEC_WEBSOCKET_PROTOCOL) {
