@@ -18,6 +18,7 @@
 
 use crate::api;
 use crate::app::App;
+use crate::metrics::Refusal;
 use crate::transport::longpoll;
 use hyper::StatusCode;
 use std::cell::RefCell;
@@ -50,15 +51,23 @@ pub enum First {
     Closed,
 }
 
-/// Peeks at the first request line without consuming it.
+/// Peeks at the first request line without consuming it. A client that sends nothing within
+/// `server.header_read_timeout_ms` is closed (and counted): a silent socket must not hold its
+/// connection slot.
 pub async fn first(app: &App, stream: &TcpStream) -> First {
     let mut head = [0u8; PEEK_BYTES];
+    let deadline = Duration::from_millis(app.config.server.header_read_timeout_ms);
     let n = tokio::select! {
         r = stream.peek(&mut head) => match r {
             Ok(0) | Err(_) => return First::Closed,
             Ok(n) => n,
         },
         _ = app.shutdown.cancelled() => return First::Closed,
+        _ = tokio::time::sleep(deadline) => {
+            tracing::debug!("no request within the header timeout; closing");
+            app.metrics.refused(Refusal::Timeout);
+            return First::Closed;
+        }
     };
     match request_line(&head[..n]).and_then(|(method, path)| route(app, method, path)) {
         Some(_) => First::Lean,
@@ -215,6 +224,12 @@ pub async fn serve(app: &Arc<App>, mut stream: TcpStream, peer: std::net::Socket
     // Registered with the shutdown token once per connection, not once per wait.
     let shutdown = app.shutdown.cancelled();
     tokio::pin!(shutdown);
+    // The keep-alive deadline: one timer per connection, moved only when it fires early (the
+    // connection answered a request since it was set), not once per request.
+    let keepalive = Duration::from_millis(app.config.server.keepalive_timeout_ms);
+    let mut idle_since = tokio::time::Instant::now();
+    let idle = tokio::time::sleep_until(idle_since + keepalive);
+    tokio::pin!(idle);
     loop {
         // A complete head.
         let mut deadline = None;
@@ -226,11 +241,23 @@ pub async fn serve(app: &Arc<App>, mut stream: TcpStream, peer: std::net::Socket
             }
             buf.reserve(4096);
             let read = if buf.is_empty() {
-                // Between requests: wait for the next one, or shut down.
-                tokio::select! {
-                    biased;
-                    r = stream.read_buf(&mut buf) => r,
-                    _ = &mut shutdown => return End::Closed,
+                // Between requests: wait for the next one (up to the keep-alive deadline), or
+                // shut down.
+                loop {
+                    tokio::select! {
+                        biased;
+                        r = stream.read_buf(&mut buf) => break r,
+                        _ = &mut shutdown => return End::Closed,
+                        _ = idle.as_mut() => {
+                            let end = idle_since + keepalive;
+                            if tokio::time::Instant::now() >= end {
+                                tracing::debug!("keep-alive connection idle too long; closing");
+                                app.metrics.refused(Refusal::Timeout);
+                                return End::Closed;
+                            }
+                            idle.as_mut().reset(end);
+                        }
+                    }
                 }
             } else {
                 // Part of a head arrived: the rest must come within the header timeout.
@@ -241,8 +268,8 @@ pub async fn serve(app: &Arc<App>, mut stream: TcpStream, peer: std::net::Socket
                 match tokio::time::timeout_at(d, stream.read_buf(&mut buf)).await {
                     Ok(r) => r,
                     Err(_) => {
-                        tracing::debug!("request head not complete in time; closing");
-                        return End::Closed;
+                        tracing::debug!("request head not complete in time; answering 408");
+                        return timed_out(app, &mut stream, &mut out, "request head").await;
                     }
                 }
             };
@@ -279,17 +306,28 @@ pub async fn serve(app: &Arc<App>, mut stream: TcpStream, peer: std::net::Socket
             return End::Closed;
         }
         let end = head.len + head.content_length as usize;
-        while buf.len() < end {
-            buf.reserve(end - buf.len());
-            // A body that stalls does not hold up a shutdown.
-            let read = tokio::select! {
-                biased;
-                r = stream.read_buf(&mut buf) => r,
-                _ = &mut shutdown => return End::Closed,
-            };
-            match read {
-                Ok(0) | Err(_) => return End::Closed,
-                Ok(_) => {}
+        if buf.len() < end {
+            // The rest of the body: each wait for more bytes ends at `server.body_timeout_ms`
+            // (one timer per body, moved when bytes come), and a stalled body does not hold up
+            // a shutdown. A body that came with its head never gets here.
+            let stall = Duration::from_millis(app.config.server.body_timeout_ms);
+            let timer = tokio::time::sleep(stall);
+            tokio::pin!(timer);
+            while buf.len() < end {
+                buf.reserve(end - buf.len());
+                let read = tokio::select! {
+                    biased;
+                    r = stream.read_buf(&mut buf) => r,
+                    _ = &mut shutdown => return End::Closed,
+                    _ = timer.as_mut() => {
+                        tracing::debug!("request body stalled; answering 408");
+                        return timed_out(app, &mut stream, &mut out, "request body").await;
+                    }
+                };
+                match read {
+                    Ok(0) | Err(_) => return End::Closed,
+                    Ok(_) => timer.as_mut().reset(tokio::time::Instant::now() + stall),
+                }
             }
         }
 
@@ -349,7 +387,21 @@ pub async fn serve(app: &Arc<App>, mut stream: TcpStream, peer: std::net::Socket
             return End::Closed;
         }
         buf.drain(..end);
+        idle_since = tokio::time::Instant::now();
     }
+}
+
+/// A read deadline passed mid-request: 408 with `connection: close`, counted, and the end.
+async fn timed_out(app: &App, stream: &mut TcpStream, out: &mut Vec<u8>, what: &str) -> End {
+    app.metrics.refused(Refusal::Timeout);
+    let answer = api::Answer::error(
+        StatusCode::REQUEST_TIMEOUT,
+        &format!("{what} not received in time"),
+    );
+    Answer::Publish(answer).frame(out, true);
+    let _ = stream.write_all(out).await;
+    let _ = stream.shutdown().await;
+    End::Closed
 }
 
 enum Answer {

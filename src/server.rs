@@ -2,7 +2,12 @@
 //!
 //! A connection slot (a permit of `App::slots`) is taken *before* accepting, so sockets and
 //! LongPoll sessions (which hold a slot each) number at most `server.max_connections`; a
-//! WebSocket upgrade carries its socket's slot into the WebSocket task. Accept errors (such as running out of file descriptors) back off and retry.
+//! WebSocket upgrade carries its socket's slot into the WebSocket task (an RFC 8441 WebSocket
+//! at the edge takes a slot of its own, see `router::route`). Accept errors (such as running
+//! out of file descriptors) back off and retry.
+//! Every read has a deadline (`http1` for the lean loop and the first bytes; hyper's header
+//! timeout, `deadline::Body` for request bodies), each forced close counted as
+//! `Refusal::Timeout`.
 //! Each connection is served by hyper's HTTP/1 with upgrades, inside its own tracked task.
 //! On shutdown, HTTP connections finish their current request (`graceful_shutdown`, then we
 //! keep polling them), WebSocket tasks close themselves with 1012, and [`run`] waits for every
@@ -220,13 +225,13 @@ async fn serve_connection<S>(
 {
     // The slot moves into a WebSocket task on upgrade; otherwise it is released when this
     // connection ends.
-    let slot = Arc::new(std::sync::Mutex::new(Some(permit)));
+    let ctx = Arc::new(router::Conn::new(permit, false, None));
     let svc_app = app.clone();
     let service = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
         req.extensions_mut().insert(crate::admission::Peer(peer));
         let app = svc_app.clone();
-        let slot = slot.clone();
-        async move { Ok::<_, std::convert::Infallible>(router::route(app, req, &slot).await) }
+        let ctx = ctx.clone();
+        async move { Ok::<_, std::convert::Infallible>(router::route(app, req, &ctx).await) }
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
@@ -242,6 +247,10 @@ async fn serve_connection<S>(
     tokio::select! {
         r = conn.as_mut() => {
             if let Err(e) = r {
+                if e.is_timeout() {
+                    // hyper's header timeout: a silent or idle connection, or a slow head.
+                    app.metrics.refused(crate::metrics::Refusal::Timeout);
+                }
                 tracing::debug!(error = %e, "http connection error");
             }
         }

@@ -391,8 +391,13 @@ async fn respond(app: Arc<App>, req: Request<Incoming>) -> Response<Full<Bytes>>
         Method::POST => {
             let token = token_of(&req).map(str::to_string);
             let limit = app.config.longpoll.max_post_bytes;
-            let body = match Limited::new(req.into_body(), limit).collect().await {
+            let body =
+                crate::deadline::Body::new(req.into_body(), crate::deadline::body_stall(&app));
+            let body = match Limited::new(body, limit).collect().await {
                 Ok(b) => b.to_bytes(),
+                Err(e) if crate::deadline::is_timeout(&e) => {
+                    return crate::deadline::body_timed_out(&app);
+                }
                 Err(e) if e.is::<http_body_util::LengthLimitError>() => {
                     return answer(status_only(413));
                 }
