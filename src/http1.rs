@@ -114,6 +114,7 @@ struct Head {
     longpoll_token: Option<Range<usize>>,
     auth_token: Option<Range<usize>>,
     forwarded_for: Option<Range<usize>>,
+    origin: Option<Range<usize>>,
 }
 
 enum Parsed {
@@ -161,6 +162,7 @@ fn parse(app: &App, buf: &[u8]) -> Parsed {
         longpoll_token: None,
         auth_token: None,
         forwarded_for: None,
+        origin: None,
     };
     let mut seen_length = false;
     for h in req.headers.iter() {
@@ -192,6 +194,12 @@ fn parse(app: &App, buf: &[u8]) -> Parsed {
             head.longpoll_token = Some(range_of(buf, h.value));
         } else if name.eq_ignore_ascii_case("x-phoenix-authtoken") {
             head.auth_token = Some(range_of(buf, h.value));
+        } else if name.eq_ignore_ascii_case("origin") {
+            if head.origin.is_some() {
+                // Several: hyper's path decides.
+                return Parsed::Hyper;
+            }
+            head.origin = Some(range_of(buf, h.value));
         } else if name.eq_ignore_ascii_case("x-forwarded-for") {
             if head.forwarded_for.is_some() {
                 // Several: hyper reads them all, in order.
@@ -290,18 +298,36 @@ pub async fn serve(app: &Arc<App>, mut stream: TcpStream, peer: std::net::Socket
                     Ok(limit) => limit,
                     Err(answer) => {
                         // The body stays unread: answer, then close.
-                        Answer::Publish(answer).frame(&mut out, true);
+                        Answer::Publish(answer).frame(&mut out, true, Cors::Open);
                         let _ = stream.write_all(&out).await;
                         return End::Closed;
                     }
                 }
+            }
+            Route::LongPollPost | Route::LongPollGet
+                if !app.origins.allows(head.origin.clone().map(|r| &buf[r])) =>
+            {
+                // `server.allowed_origins`, as `longpoll::handle` checks it on hyper's path: 403
+                // with `{"status":403}` and no CORS; the body stays unread, so close.
+                app.metrics.refused(crate::metrics::Refusal::Origin);
+                tracing::debug!(
+                    origin = ?String::from_utf8_lossy(head.origin.clone().map_or(&b""[..], |r| &buf[r])),
+                    "longpoll request refused: origin not in server.allowed_origins"
+                );
+                Answer::LongPollRefused.frame(&mut out, true, Cors::Open);
+                let _ = stream.write_all(&out).await;
+                return End::Closed;
             }
             Route::LongPollPost => app.config.longpoll.max_post_bytes,
             Route::LongPollGet => 0,
         };
         if head.content_length > limit as u64 {
             // Only a LongPoll POST gets here (`check_head` answered a publish).
-            Answer::LongPoll(longpoll::status_only(413)).frame(&mut out, true);
+            Answer::LongPoll(longpoll::status_only(413)).frame(
+                &mut out,
+                true,
+                cors_of(app, &buf, &head),
+            );
             let _ = stream.write_all(&out).await;
             return End::Closed;
         }
@@ -378,7 +404,7 @@ pub async fn serve(app: &Arc<App>, mut stream: TcpStream, peer: std::net::Socket
             }
         };
         let close = head.close || app.shutdown.is_cancelled();
-        answer.frame(&mut out, close);
+        answer.frame(&mut out, close, cors_of(app, &buf, &head));
         if stream.write_all(&out).await.is_err() {
             return End::Closed;
         }
@@ -398,7 +424,7 @@ async fn timed_out(app: &App, stream: &mut TcpStream, out: &mut Vec<u8>, what: &
         StatusCode::REQUEST_TIMEOUT,
         &format!("{what} not received in time"),
     );
-    Answer::Publish(answer).frame(out, true);
+    Answer::Publish(answer).frame(out, true, Cors::Open);
     let _ = stream.write_all(out).await;
     let _ = stream.shutdown().await;
     End::Closed
@@ -408,16 +434,44 @@ enum Answer {
     Publish(api::Answer),
     /// Always HTTP 200; the LongPoll status is in the body.
     LongPoll(bytes::Bytes),
+    /// An origin outside `server.allowed_origins`: 403, `{"status":403}`, no CORS.
+    LongPollRefused,
+}
+
+/// The CORS headers of a LongPoll answer: `*` while `server.allowed_origins` is empty, else the
+/// request's own (allowed) origin, with `Vary: Origin`, as `longpoll::handle` answers.
+#[derive(Clone, Copy)]
+enum Cors<'a> {
+    Open,
+    Restricted(Option<&'a [u8]>),
+}
+
+fn cors_of<'a>(app: &App, buf: &'a [u8], head: &Head) -> Cors<'a> {
+    if app.origins.is_open() {
+        Cors::Open
+    } else {
+        Cors::Restricted(head.origin.clone().map(|r| &buf[r]))
+    }
 }
 
 impl Answer {
     /// The whole response, head and body, into `out`. The headers are the ones the hyper path
     /// sends ([`api::JSON_HEADERS`], [`longpoll::ANSWER_HEADERS`]).
-    fn frame(&self, out: &mut Vec<u8>, close: bool) {
+    fn frame(&self, out: &mut Vec<u8>, close: bool, cors: Cors) {
+        let refused = longpoll::status_only(403);
+        let restricted = matches!(cors, Cors::Restricted(_));
         let (status, headers, body): (_, &[(&str, &str)], &[u8]) = match self {
             Answer::Publish(a) if a.bearer_challenge => (a.status, api::CHALLENGE_HEADERS, &a.body),
             Answer::Publish(a) => (a.status, api::JSON_HEADERS, &a.body),
+            Answer::LongPoll(body) if restricted => {
+                (StatusCode::OK, longpoll::ANSWER_HEADERS_NO_CORS, body)
+            }
             Answer::LongPoll(body) => (StatusCode::OK, longpoll::ANSWER_HEADERS, body),
+            Answer::LongPollRefused => (
+                StatusCode::FORBIDDEN,
+                longpoll::ANSWER_HEADERS_NO_CORS,
+                &refused,
+            ),
         };
         out.clear();
         out.reserve(160 + body.len());
@@ -431,6 +485,14 @@ impl Answer {
             out.extend_from_slice(b": ");
             out.extend_from_slice(value.as_bytes());
             out.extend_from_slice(b"\r\n");
+        }
+        if let (Cors::Restricted(origin), Answer::LongPoll(_)) = (cors, self) {
+            if let Some(o) = origin {
+                out.extend_from_slice(b"access-control-allow-origin: ");
+                out.extend_from_slice(o);
+                out.extend_from_slice(b"\r\n");
+            }
+            out.extend_from_slice(b"vary: origin\r\n");
         }
         let _ = write!(out, "content-length: {}\r\ndate: ", body.len());
         with_date(|d| out.extend_from_slice(d));

@@ -191,11 +191,6 @@ async fn serve_plain(
     permit: OwnedSemaphorePermit,
 ) {
     match http1::first(&app, &stream).await {
-        // The lean loop does not read `Origin`: with `server.allowed_origins` set, hyper serves
-        // LongPoll connections, and `longpoll::handle` checks each request.
-        http1::First::Lean if !app.origins.is_open() && is_longpoll(&stream).await => {
-            serve_connection(app, stream, peer, permit).await
-        }
         http1::First::Lean => match http1::serve(&app, stream, peer).await {
             http1::End::Closed => {}
             http1::End::Hyper(rewound) => serve_connection(app, rewound, peer, permit).await,
@@ -204,15 +199,6 @@ async fn serve_plain(
         http1::First::Closed => {}
     }
     tracing::trace!(%peer, "connection done");
-}
-
-/// Whether the connection's first request (already known to be complete in its first
-/// segment, see [`http1::first`]) is a LongPoll one. Peeked, not read.
-async fn is_longpoll(stream: &TcpStream) -> bool {
-    let mut head = [0u8; 24];
-    let n = stream.peek(&mut head).await.unwrap_or(0);
-    let head = &head[..n];
-    head.starts_with(b"GET /socket/longpoll") || head.starts_with(b"POST /socket/longpoll")
 }
 
 async fn serve_connection<S>(
