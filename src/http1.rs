@@ -39,7 +39,7 @@ const MAX_HEAD_BYTES: usize = 16 * 1024;
 /// this much; beyond it we stop reading until the answer is out.
 const MAX_AHEAD_BYTES: usize = 64 * 1024;
 /// Bytes peeked to read the first request line.
-const PEEK_BYTES: usize = 256;
+pub(crate) const PEEK_BYTES: usize = 256;
 
 /// What a connection's first request line says.
 pub enum First {
@@ -69,14 +69,15 @@ pub async fn first(app: &App, stream: &TcpStream) -> First {
             return First::Closed;
         }
     };
-    match request_line(&head[..n]).and_then(|(method, path)| route(app, method, path)) {
+    let longpoll = app.config.longpoll.enabled;
+    match request_line(&head[..n]).and_then(|(method, path)| route(longpoll, method, path)) {
         Some(_) => First::Lean,
         None => First::Hyper,
     }
 }
 
 /// `(method, path)` of a complete request line.
-fn request_line(head: &[u8]) -> Option<(&[u8], &[u8])> {
+pub(crate) fn request_line(head: &[u8]) -> Option<(&[u8], &[u8])> {
     let end = head.iter().position(|b| *b == b'\n')?;
     let mut parts = head[..end].split(|b| *b == b' ');
     let method = parts.next()?;
@@ -85,39 +86,40 @@ fn request_line(head: &[u8]) -> Option<(&[u8], &[u8])> {
     Some((method, path))
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Route {
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Route {
     Publish,
     LongPollGet,
     LongPollPost,
 }
 
 /// The requests this loop takes: the one routing table for the peek and the parse.
-fn route(app: &App, method: &[u8], path: &[u8]) -> Option<Route> {
+/// `longpoll`: `longpoll.enabled`.
+pub(crate) fn route(longpoll: bool, method: &[u8], path: &[u8]) -> Option<Route> {
     match (method, path) {
         (b"POST", b"/api/publish") => Some(Route::Publish),
-        (b"GET", b"/socket/longpoll") if app.config.longpoll.enabled => Some(Route::LongPollGet),
-        (b"POST", b"/socket/longpoll") if app.config.longpoll.enabled => Some(Route::LongPollPost),
+        (b"GET", b"/socket/longpoll") if longpoll => Some(Route::LongPollGet),
+        (b"POST", b"/socket/longpoll") if longpoll => Some(Route::LongPollPost),
         _ => None,
     }
 }
 
 /// What the handlers need from a parsed head, as ranges into the connection's buffer (so the
 /// buffer may grow while the body is read).
-struct Head {
-    route: Route,
-    len: usize,
-    content_length: u64,
-    close: bool,
-    query: Range<usize>,
-    authorization: Option<Range<usize>>,
-    longpoll_token: Option<Range<usize>>,
-    auth_token: Option<Range<usize>>,
-    forwarded_for: Option<Range<usize>>,
-    origin: Option<Range<usize>>,
+pub(crate) struct Head {
+    pub(crate) route: Route,
+    pub(crate) len: usize,
+    pub(crate) content_length: u64,
+    pub(crate) close: bool,
+    pub(crate) query: Range<usize>,
+    pub(crate) authorization: Option<Range<usize>>,
+    pub(crate) longpoll_token: Option<Range<usize>>,
+    pub(crate) auth_token: Option<Range<usize>>,
+    pub(crate) forwarded_for: Option<Range<usize>>,
+    pub(crate) origin: Option<Range<usize>>,
 }
 
-enum Parsed {
+pub(crate) enum Parsed {
     Ours(Head),
     Partial,
     /// Not ours, or not something this loop handles: hyper's turn.
@@ -134,7 +136,8 @@ fn range_of(buf: &[u8], part: &[u8]) -> Range<usize> {
     }
 }
 
-fn parse(app: &App, buf: &[u8]) -> Parsed {
+/// `longpoll`: `longpoll.enabled`.
+pub(crate) fn parse(longpoll: bool, buf: &[u8]) -> Parsed {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     let len = match req.parse(buf) {
@@ -149,7 +152,7 @@ fn parse(app: &App, buf: &[u8]) -> Parsed {
         return Parsed::Hyper;
     };
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
-    let Some(route) = route(app, method.as_bytes(), path.as_bytes()) else {
+    let Some(route) = route(longpoll, method.as_bytes(), path.as_bytes()) else {
         return Parsed::Hyper;
     };
     let mut head = Head {
@@ -242,7 +245,7 @@ pub async fn serve(app: &Arc<App>, mut stream: TcpStream, peer: std::net::Socket
         // A complete head.
         let mut deadline = None;
         let head = loop {
-            match parse(app, &buf) {
+            match parse(app.config.longpoll.enabled, &buf) {
                 Parsed::Ours(head) => break head,
                 Parsed::Hyper => return End::Hyper(Rewind::new(buf, stream)),
                 Parsed::Partial => {}

@@ -202,8 +202,8 @@ struct Routed {
 }
 
 /// A message as it travels on a topic's channel.
-#[derive(Deserialize)]
-struct Envelope<'a> {
+#[derive(Debug, Deserialize)]
+pub struct Envelope<'a> {
     #[serde(default)]
     position: Option<&'a str>,
     event: String,
@@ -214,9 +214,19 @@ struct Envelope<'a> {
     exclude: Option<&'a str>,
 }
 
-impl Envelope<'_> {
+impl<'a> Envelope<'a> {
+    /// Decodes a message from a topic's channel.
+    pub fn decode(payload: &'a [u8]) -> Result<Envelope<'a>, serde_json::Error> {
+        serde_json::from_slice(payload)
+    }
+
+    /// Its position (`epoch:offset`), when it carries a well-formed one.
+    pub fn position(&self) -> Option<(&'a str, u64)> {
+        self.position.and_then(hub::parse_position)
+    }
+
     /// The message for this node's hub (`node`: this node's id).
-    fn broadcast(&self, node: &str) -> hub::Broadcast<'_> {
+    pub fn broadcast(&self, node: &str) -> hub::Broadcast<'_> {
         hub::Broadcast {
             event: &self.event,
             payload: self.payload.get().as_bytes(),
@@ -737,7 +747,7 @@ async fn on_message(
         return;
     };
     let payload = msg.get_payload_bytes();
-    let env: Envelope = match serde_json::from_slice(payload) {
+    let env = match Envelope::decode(payload) {
         Ok(e) => e,
         Err(e) => {
             Metrics::add(&app.metrics.redis_bad_messages, 1);
@@ -745,7 +755,7 @@ async fn on_message(
             return;
         }
     };
-    let position = env.position.and_then(hub::parse_position);
+    let position = env.position();
     let message = env.broadcast(&app.node_id);
     match app.hub.append_remote(topic, position, message) {
         RemoteAppend::Gap(from) => {
