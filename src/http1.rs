@@ -155,6 +155,11 @@ pub(crate) fn parse(longpoll: bool, buf: &[u8]) -> Parsed {
     let Some(route) = route(longpoll, method.as_bytes(), path.as_bytes()) else {
         return Parsed::Hyper;
     };
+    if query.contains('#') {
+        // A fragment (clients do not send one): hyper's URI parser ends the query there, so
+        // hyper reads the parameters (the session token) from its path.
+        return Parsed::Hyper;
+    }
     let mut head = Head {
         route,
         len,
@@ -191,12 +196,20 @@ pub(crate) fn parse(longpoll: bool, buf: &[u8]) -> Parsed {
                 .value
                 .split(|b| *b == b',')
                 .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
-        } else if name.eq_ignore_ascii_case("authorization") {
-            head.authorization = Some(range_of(buf, h.value));
+        } else if let Some(slot) = if name.eq_ignore_ascii_case("authorization") {
+            Some(&mut head.authorization)
         } else if name.eq_ignore_ascii_case("x-phoenix-longpoll-token") {
-            head.longpoll_token = Some(range_of(buf, h.value));
+            Some(&mut head.longpoll_token)
         } else if name.eq_ignore_ascii_case("x-phoenix-authtoken") {
-            head.auth_token = Some(range_of(buf, h.value));
+            Some(&mut head.auth_token)
+        } else {
+            None
+        } {
+            if slot.is_some() {
+                // Twice: hyper's path reads the first; let it decide.
+                return Parsed::Hyper;
+            }
+            *slot = Some(range_of(buf, h.value));
         } else if name.eq_ignore_ascii_case("origin") {
             if head.origin.is_some() {
                 // Several: hyper's path decides.
@@ -611,5 +624,39 @@ mod tests {
             Some((&b"GET"[..], &b"/socket/longpoll"[..]))
         );
         assert_eq!(request_line(b"GET /socket/longpoll?vsn=2.0"), None);
+    }
+
+    /// Found by the fuzz target `http1_head`: with a header given twice the lean loop read the
+    /// last value, hyper's handlers (`HeaderMap::get`) the first.
+    #[test]
+    fn a_header_the_loop_reads_given_twice_goes_to_hyper() {
+        for name in [
+            "Authorization",
+            "X-Phoenix-LongPoll-Token",
+            "X-Phoenix-AuthToken",
+        ] {
+            let head = format!(
+                "POST /socket/longpoll?vsn=2.0.0 HTTP/1.1\r\n{name}: a\r\n{name}: b\r\n\r\n"
+            );
+            assert!(
+                matches!(parse(true, head.as_bytes()), Parsed::Hyper),
+                "{name}"
+            );
+            let head = format!("POST /socket/longpoll?vsn=2.0.0 HTTP/1.1\r\n{name}: a\r\n\r\n");
+            assert!(
+                matches!(parse(true, head.as_bytes()), Parsed::Ours(_)),
+                "{name}"
+            );
+        }
+    }
+
+    /// Found by the fuzz target `http1_head`: the lean loop read the query past a `#`, where
+    /// hyper's URI ends it, so the two paths read different session tokens from one request.
+    #[test]
+    fn a_fragment_in_the_target_goes_to_hyper() {
+        let head = b"GET /socket/longpoll?vsn=2.0.0#x&token=lp0123 HTTP/1.1\r\nHost: x\r\n\r\n";
+        assert!(matches!(parse(true, head), Parsed::Hyper));
+        let head = b"GET /socket/longpoll?vsn=2.0.0&token=lp0123 HTTP/1.1\r\nHost: x\r\n\r\n";
+        assert!(matches!(parse(true, head), Parsed::Ours(_)));
     }
 }

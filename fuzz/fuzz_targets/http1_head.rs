@@ -35,8 +35,8 @@ struct Seen {
     body: Result<Vec<u8>, String>,
 }
 
-/// What hyper's HTTP/1 server serves from `bytes`, request by request.
-fn hyper_serves(bytes: Vec<u8>) -> Vec<Seen> {
+/// What hyper's HTTP/1 server serves from `bytes`, request by request, and what it answers.
+fn hyper_serves(bytes: Vec<u8>) -> (Vec<Seen>, Vec<u8>) {
     pushgate_fuzz::block_on(async move {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let (mut client, server) = tokio::io::duplex(1 << 16);
@@ -62,10 +62,13 @@ fn hyper_serves(bytes: Vec<u8>) -> Vec<Seen> {
         });
         let conn = hyper::server::conn::http1::Builder::new()
             .serve_connection(hyper_util::rt::TokioIo::new(server), service);
+        let answered = Arc::new(Mutex::new(Vec::new()));
+        let out = answered.clone();
         let talk = async move {
             client.write_all(&bytes).await.ok();
             let mut sink = Vec::new();
             client.read_to_end(&mut sink).await.ok();
+            *out.lock().unwrap() = sink;
         };
         // Time is paused: if hyper waits for bytes that never come (it reads the request as
         // longer than the lean loop does), the timeout fires as soon as nothing else can run.
@@ -73,7 +76,9 @@ fn hyper_serves(bytes: Vec<u8>) -> Vec<Seen> {
             tokio::join!(conn, talk)
         })
         .await;
-        std::mem::take(&mut *seen.lock().unwrap())
+        let seen = std::mem::take(&mut *seen.lock().unwrap());
+        let answered = std::mem::take(&mut *answered.lock().unwrap());
+        (seen, answered)
     })
 }
 
@@ -107,10 +112,19 @@ fuzz_target!(|input: &[u8]| {
     let end = end as usize;
     let mut bytes = buf[..end].to_vec();
     bytes.extend_from_slice(NEXT);
-    let seen = hyper_serves(bytes);
+    let (seen, answered) = hyper_serves(bytes);
     let text = String::from_utf8_lossy(&buf[..end]);
     let Some(first) = seen.first() else {
-        panic!("the lean loop serves a request hyper refuses: {text:?}");
+        // hyper refuses it outright (400, and the connection ends), where the lean loop serves
+        // it: a difference in what is accepted (the lean loop takes any request-target httparse
+        // takes; hyper's URI parser refuses some bytes, such as `"`), never in where a request
+        // ends, since hyper reads nothing further on that connection.
+        assert!(
+            answered.starts_with(b"HTTP/1.1 400 "),
+            "hyper neither served nor refused {text:?}: {:?}",
+            String::from_utf8_lossy(&answered)
+        );
+        return;
     };
     assert_eq!(
         (first.method.as_str(), first.path.as_str()),
