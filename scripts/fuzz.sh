@@ -19,13 +19,15 @@ if [ ${#targets[@]} -eq 0 ]; then
     mapfile -t targets < <(cargo fuzz list)
 fi
 cargo fuzz build -s none -a
+triple=$(rustc -vV | sed -n 's/^host: //p')
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 for t in "${targets[@]}"; do
-    mkdir -p "corpus/$t"
+    mkdir -p "corpus/$t" "artifacts/$t"
     echo "==> fuzz $t for ${secs}s"
     set +e
-    cargo fuzz run -s none -a "$t" "corpus/$t" "seeds/$t" -- \
+    # The binary itself, not `cargo fuzz run`, which would check the build again.
+    "target/$triple/release/$t" "corpus/$t" "seeds/$t" -artifact_prefix="artifacts/$t/" \
         -max_total_time="$secs" -max_len=4096 -timeout=10 -rss_limit_mb=2048 \
         -print_final_stats=1 >"$log" 2>&1
     status=$?

@@ -5,7 +5,8 @@
 # Autobahn|Testsuite's WebSocket conformance cases on a plain socket (tests/js/autobahn.test.js)
 # and through the TLS edge (tests/acme.rs; its Python 2.7 virtualenv is cached), the demo page in
 # Chromium at the TLS edge over HTTP/2 (tests/acme.rs with tests/js/edge-browser.js), README's
-# publish snippets (tests/js/readme.test.js), and the
+# publish snippets (tests/js/readme.test.js), every fuzz target for a few seconds
+# (scripts/fuzz.sh, FUZZING.md), and the
 # Ansible test (a debootstrap root filesystem cached under /var/cache/pushgate-test).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,6 +38,7 @@ fi
 
 echo "==> cargo fmt --all --check"
 cargo fmt --all --check
+(cd fuzz && cargo fmt --check)
 echo "==> cargo clippy"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 echo "==> cargo build (workspace: gateway and bench tool)"
@@ -59,6 +61,9 @@ echo "==> cargo test"
 # them; --include-ignored runs them here.
 AUTOBAHN_SERVER_BIN="$PWD/target/debug/pushgate-autobahn" WSTEST="$WSTEST" EDGE_BROWSER_TEST=1 \
     cargo test --workspace --quiet -- --include-ignored
+
+echo "==> fuzzing: every target of fuzz/ for 10 s (FUZZING.md; installs cargo-fuzz when missing)"
+./scripts/fuzz.sh 10
 
 echo "==> systemd units (systemd-analyze verify, security)"
 ./scripts/test-systemd.sh target/debug/pushgate
