@@ -136,6 +136,12 @@ impl Registry {
         self.len() == 0
     }
 
+    /// Whether a GET is held for the session `token`, as its listener: the state a test waits
+    /// for before it publishes or posts (read from the session; nothing is kept for it).
+    pub fn is_held(&self, token: &str) -> bool {
+        self.get(token).is_some_and(|lp| lp.lock().listener != 0)
+    }
+
     /// Drops sessions never polled since their creation, older than [`UNPOLLED_TIMEOUT`]; then,
     /// every quarter of `longpoll.session_timeout_ms`, sessions with no GET pending whose last
     /// poll is older than the timeout. Run every [`sweep_interval`].
