@@ -175,6 +175,47 @@ async fn since_replays_the_gap_once_in_order_then_live() {
     );
 }
 
+/// `history.max_age_secs`: a message stays in history that long, then a join asking for it
+/// gets `recovered: false`. Polled, with bounds on both sides: not dropped before its age, and
+/// dropped within a couple of seconds after it.
+#[tokio::test]
+async fn history_keeps_a_message_for_max_age_secs_then_drops_it() {
+    use std::time::{Duration, Instant};
+    const AGE: Duration = Duration::from_secs(1);
+    let mut c = test_config();
+    c.history.max_age_secs = AGE.as_secs();
+    let s = start_with(c).await;
+    let t0 = Instant::now();
+    let first = publish(s.addr, "room:age", "n", "0").await;
+    let (epoch, offset) = split_position(&first);
+    let since = format!(r#"{{"since":"{epoch}:{}"}}"#, offset - 1);
+    let mut ws = connect(s.addr).await;
+    let resp = join(&mut ws, "6", "room:age", &since).await;
+    if t0.elapsed() < AGE {
+        assert_eq!(
+            resp["recovered"], true,
+            "dropped before history.max_age_secs"
+        );
+        assert_eq!(recv(&mut ws).await[4], 0);
+    }
+    let gone = loop {
+        let mut ws = connect(s.addr).await;
+        let resp = join(&mut ws, "6", "room:age", &since).await;
+        if resp["recovered"] == false {
+            break t0.elapsed();
+        }
+        assert!(
+            t0.elapsed() < AGE + Duration::from_secs(3),
+            "still in history long after history.max_age_secs"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        gone >= AGE,
+        "dropped after {gone:?}, before history.max_age_secs"
+    );
+}
+
 #[tokio::test]
 async fn since_outside_history_says_recovered_false() {
     let mut c = test_config();
