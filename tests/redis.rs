@@ -219,6 +219,17 @@ async fn with_redis_history_keys_expire_max_age_secs_after_the_last_publish() {
     );
 }
 
+/// The test harness itself: a Redis whose port was taken (by another process, between the
+/// pick and the bind) starts on another port instead of failing the test.
+#[test]
+fn a_test_redis_whose_port_is_taken_starts_on_another() {
+    let port = free_port();
+    let _taken = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    let redis = RedisServer::start_from(port);
+    assert_ne!(redis.port, port);
+    assert_eq!(redis.cli(&["ping"]).trim(), "PONG");
+}
+
 #[tokio::test]
 async fn killed_pubsub_connections_are_restored_and_nothing_is_lost() {
     let redis = RedisServer::start();

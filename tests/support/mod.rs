@@ -710,14 +710,27 @@ pub struct RedisServer {
 }
 
 impl RedisServer {
+    /// Starts on a free port; if another process takes the port between the pick and the
+    /// bind (redis-server then exits at once), on another one.
     pub fn start() -> RedisServer {
-        let port = free_port();
-        let mut r = RedisServer { port, child: None };
-        r.spawn();
-        r
+        Self::start_from(free_port())
     }
 
-    fn spawn(&mut self) {
+    /// [`RedisServer::start`], trying `port` first.
+    pub fn start_from(port: u16) -> RedisServer {
+        let mut r = RedisServer { port, child: None };
+        for _ in 0..5 {
+            if r.spawn() {
+                return r;
+            }
+            r.port = free_port();
+        }
+        panic!("redis-server could not bind any of 5 free ports");
+    }
+
+    /// Starts redis-server on `self.port` and waits until it answers; false when it exited
+    /// without answering (the port was taken).
+    fn spawn(&mut self) -> bool {
         let child = std::process::Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
@@ -727,13 +740,34 @@ impl RedisServer {
             .expect("redis-server must be installed (scripts/test.sh installs it)");
         self.child = Some(child);
         let end = std::time::Instant::now() + DEADLINE;
-        while self.cli(&["ping"]).trim() != "PONG" {
+        loop {
+            // Exited (the port was taken) before answering?
+            let exited = self.child.as_mut().map(|c| c.try_wait());
+            if let Some(Ok(Some(_))) = exited {
+                self.child = None;
+                return false;
+            }
+            if self.cli(&["ping"]).trim() == "PONG" {
+                break;
+            }
             assert!(
                 std::time::Instant::now() < end,
                 "redis-server did not start"
             );
             std::thread::sleep(Duration::from_millis(10));
         }
+        // The answer may have come from another server on that port: ours must be the one.
+        let pid = self.child.as_ref().map(|c| c.id().to_string());
+        let info = self.cli(&["INFO", "server"]);
+        let ours = info
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("process_id:"))
+            .map(str::to_string);
+        if ours != pid {
+            self.stop();
+            return false;
+        }
+        true
     }
 
     pub fn url(&self) -> String {
@@ -742,8 +776,10 @@ impl RedisServer {
 
     /// Runs `redis-cli` against this server; returns its output.
     pub fn cli(&self, args: &[&str]) -> String {
-        let out = std::process::Command::new("redis-cli")
-            .args(["-p", &self.port.to_string()])
+        // Bounded (coreutils `timeout`): a port held by something that accepts and never
+        // answers, or a paused server, must not hang the test.
+        let out = std::process::Command::new("timeout")
+            .args(["5", "redis-cli", "-p", &self.port.to_string()])
             .args(args)
             .output()
             .expect("redis-cli");
@@ -776,10 +812,16 @@ impl RedisServer {
         }
     }
 
-    /// Stops and starts again on the same port (no persistence: the data is gone).
+    /// Stops and starts again on the same port (no persistence: the data is gone). The port
+    /// is below the ephemeral range and handed out once per test process, so no outgoing
+    /// connection can take it meanwhile; if another process's listener did, this says so.
     pub fn restart(&mut self) {
         self.stop();
-        self.spawn();
+        assert!(
+            self.spawn(),
+            "port {} was taken while redis-server was down",
+            self.port
+        );
     }
 }
 
