@@ -77,3 +77,9 @@ pub fn lean_peek(first: &[u8], longpoll: bool) -> Option<(&'static str, &'static
         .and_then(|(method, path)| http1::route(longpoll, method, path))
         .map(method_path)
 }
+
+/// Drops every LongPoll session of `app`, which the sessions would otherwise keep alive (each
+/// holds its `App`), when a fuzz target is done with it.
+pub fn drop_longpoll_sessions(app: &crate::App) {
+    app.longpoll.clear();
+}

@@ -65,15 +65,26 @@ fuzz_target!(|input: &[u8]| {
         }
     }
 
-    pushgate_fuzz::block_on(async {
-        let Get::Done(first) = Get::begin(&app, None, "vsn=2.0.0", None, None) else {
+    pushgate_fuzz::block_on(check(&app, &lines, &expected, body, max_lines));
+    pushgate::fuzzing::drop_longpoll_sessions(&app);
+});
+
+async fn check(
+    app: &std::sync::Arc<pushgate::App>,
+    lines: &[&[u8]],
+    expected: &[Reply],
+    body: &[u8],
+    max_lines: usize,
+) {
+    {
+        let Get::Done(first) = Get::begin(app, None, "vsn=2.0.0", None, None) else {
             panic!("a first GET opens a session");
         };
         let token = status(&first)["token"]
             .as_str()
             .expect("a token")
             .to_string();
-        let answer = status(&longpoll::post(&app, Some(&token), body).await);
+        let answer = status(&longpoll::post(app, Some(&token), body).await);
         if lines.len() > max_lines {
             assert_eq!(
                 answer["status"],
@@ -85,7 +96,7 @@ fuzz_target!(|input: &[u8]| {
         }
         assert_eq!(answer["status"], 200);
 
-        let get = Get::begin(&app, Some(&token), "vsn=2.0.0", None, None);
+        let get = Get::begin(app, Some(&token), "vsn=2.0.0", None, None);
         let polled = status(&get.finish(app.clone()).await);
         let messages = polled["messages"].as_array().cloned().unwrap_or_default();
         let mut replies: Vec<Reply> = Vec::new();
@@ -114,5 +125,5 @@ fuzz_target!(|input: &[u8]| {
             "missing reply {:?}; got {replies:?}",
             want.peek()
         );
-    });
-});
+    }
+}

@@ -221,6 +221,13 @@ impl Registry {
     }
 
     /// Closes every session (shutdown): waiting GETs answer at once.
+    /// Closes and drops every session (for the fuzz targets, which make an `App` per input: a
+    /// session holds its `App`, so one left in the registry would keep both alive).
+    pub(crate) fn clear(&self) {
+        self.close_all();
+        self.map().clear();
+    }
+
     pub fn close_all(&self) {
         for s in self.map().values() {
             close(s);
