@@ -62,6 +62,10 @@ echo "==> cargo test"
 AUTOBAHN_SERVER_BIN="$PWD/target/debug/pushgate-autobahn" WSTEST="$WSTEST" EDGE_BROWSER_TEST=1 \
     cargo test --workspace --quiet -- --include-ignored
 
+echo "==> the hub and transport tests again, their servers on a multi-threaded runtime"
+PUSHGATE_TEST_RUNTIME=multi_thread cargo test --quiet --test websocket --test longpoll \
+    --test bad_input --test http1 --test publish --test redis --test presence --test bounds
+
 echo "==> fuzzing: every target of fuzz/ for 10 s (FUZZING.md; installs cargo-fuzz when missing)"
 ./scripts/fuzz.sh 10
 

@@ -81,16 +81,53 @@ pub async fn start() -> TestServer {
     start_with(test_config()).await
 }
 
+/// The runtime the server of [`start_with`] runs on: the test's own (tokio's current-thread
+/// test runtime), or with `PUSHGATE_TEST_RUNTIME=multi_thread` a shared multi-threaded runtime
+/// of 2 workers, like the binary's, so that the hub and the transports meet cross-thread races
+/// (scripts/test.sh runs the hub and transport tests both ways).
+fn server_runtime() -> Option<&'static tokio::runtime::Runtime> {
+    static RT: std::sync::OnceLock<Option<tokio::runtime::Runtime>> = std::sync::OnceLock::new();
+    RT.get_or_init(|| match std::env::var("PUSHGATE_TEST_RUNTIME").as_deref() {
+        Ok("multi_thread") => Some(
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("a multi-threaded runtime"),
+        ),
+        Ok("current_thread") | Err(_) => None,
+        Ok(other) => panic!("PUSHGATE_TEST_RUNTIME={other}: multi_thread or current_thread"),
+    })
+    .as_ref()
+}
+
 pub async fn start_with(config: Config) -> TestServer {
     config.validate().expect("test config must be valid");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
     let addr = listener.local_addr().unwrap();
     let stop = CancellationToken::new();
     let app = App::new(config, CancellationToken::new());
     let s = stop.clone();
-    let handle = tokio::spawn(pushgate::run_app(vec![listener], app.clone(), async move {
-        s.cancelled().await
-    }));
+    let served = app.clone();
+    // The listener is registered with the runtime that serves it.
+    let serve = async move {
+        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+        pushgate::run_app(vec![listener], served, async move { s.cancelled().await }).await
+    };
+    let handle = match server_runtime() {
+        Some(rt) => {
+            // Stopped when the test's runtime ends (its tasks are dropped), as a server
+            // spawned on it would be.
+            let guard = stop.clone().drop_guard();
+            tokio::spawn(async move {
+                let _guard = guard;
+                std::future::pending::<()>().await
+            });
+            rt.spawn(serve)
+        }
+        None => tokio::spawn(serve),
+    };
     TestServer {
         addr,
         app,
