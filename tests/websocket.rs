@@ -216,6 +216,47 @@ async fn history_keeps_a_message_for_max_age_secs_then_drops_it() {
     );
 }
 
+/// `server.idle_timeout_ms`: a WebSocket that sends nothing for that long is closed with 1001
+/// (no sooner), and one that keeps sending heartbeats stays open past it. Production asks for at
+/// least 35 s (`Config::validate`); this server is started without the check, at 400 ms.
+#[tokio::test]
+async fn an_idle_websocket_is_closed_with_1001_after_idle_timeout_ms_and_a_busy_one_is_not() {
+    use std::time::{Duration, Instant};
+    const IDLE: Duration = Duration::from_millis(400);
+    let mut c = test_config();
+    c.server.idle_timeout_ms = IDLE.as_millis() as u64;
+    let s = start_unvalidated(c).await;
+    let mut idle = connect(s.addr).await;
+    let mut busy = connect(s.addr).await;
+    let t0 = Instant::now();
+    let closed = tokio::spawn(async move { (recv_close(&mut idle).await, t0.elapsed()) });
+    let mut n = 0;
+    while !closed.is_finished() {
+        n += 1;
+        send(
+            &mut busy,
+            &format!(r#"[null,"{n}","phoenix","heartbeat",{{}}]"#),
+        )
+        .await;
+        assert_eq!(recv(&mut busy).await[1], n.to_string());
+        assert!(
+            t0.elapsed() < IDLE * 10,
+            "the idle connection was never closed"
+        );
+        tokio::time::sleep(IDLE / 4).await;
+    }
+    let (code, at) = closed.await.unwrap();
+    assert_eq!(code, 1001, "an idle close is 1001");
+    assert!(
+        at >= IDLE,
+        "closed after {at:?}, before server.idle_timeout_ms"
+    );
+    // The busy one, open as long and longer, still answers.
+    send(&mut busy, r#"[null,"last","phoenix","heartbeat",{}]"#).await;
+    assert_eq!(recv(&mut busy).await[1], "last");
+    assert!(t0.elapsed() > IDLE);
+}
+
 #[tokio::test]
 async fn since_outside_history_says_recovered_false() {
     let mut c = test_config();
