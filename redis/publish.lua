@@ -14,8 +14,15 @@
 --          connection must not get the message ("send to others"); empty or absent for none
 -- Returns the message's position "<epoch>:<offset>".
 --
--- The epoch changes whenever the topic's history is lost or recreated (the meta hash expired
--- or Redis restarted without persistence), so an old position is never taken for a new one.
+-- The epoch changes whenever the topic's history may have been lost, so a position is never
+-- reused for other content:
+-- - the meta hash is gone (expired, flushed, Redis restarted without persistence);
+-- - the meta hash was written by another Redis process than the one running this script
+--   (field `run`, the `run_id` of INFO): Redis restarted (from an RDB snapshot or an AOF that
+--   may lack the last acknowledged writes, or a restored backup), or a failover promoted a
+--   replica (which may not have received the last writes). Redis cannot tell from inside a
+--   script whether a restart lost anything, so every restart and failover starts a new epoch;
+--   clients that come back with an older position are answered `recovered: false`.
 local ok = pcall(cjson.decode, ARGV[3])
 if not ok then
   return redis.error_reply('ERR pushgate: payload is not valid JSON')
@@ -23,10 +30,14 @@ end
 local size = tonumber(ARGV[4]) or 1000
 local ttl = tonumber(ARGV[5]) or 300
 local now = redis.call('TIME')
-local epoch = redis.call('HGET', KEYS[1], 'epoch')
-if not epoch then
+local info = redis.call('INFO', 'server')
+local at = string.find(info, 'run_id:', 1, true)
+local run = string.sub(info, at + 7, at + 46)
+local meta = redis.call('HMGET', KEYS[1], 'epoch', 'run')
+local epoch = meta[1]
+if not epoch or meta[2] ~= run then
   epoch = string.format('%x%05x', tonumber(now[1]), tonumber(now[2]))
-  redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', 0)
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', 0, 'run', run)
   redis.call('DEL', KEYS[2])
 end
 local offset = redis.call('HINCRBY', KEYS[1], 'offset', 1)

@@ -30,6 +30,9 @@ pub struct Metrics {
     pub redis_resubscriptions: AtomicU64,
     pub redis_subscribed_topics: AtomicI64,
     pub redis_gaps: AtomicU64,
+    /// Topics this node had a position in that moved to a new epoch (history lost or
+    /// recreated in Redis: a restart, a failover, an expiry).
+    pub redis_epoch_changes: AtomicU64,
     pub redis_bad_messages: AtomicU64,
     /// 1 when `acme.enabled`; the ACME metrics are rendered only then.
     pub acme_enabled: AtomicI64,
@@ -329,6 +332,12 @@ impl Metrics {
             "counter",
             "Messages the Redis history no longer had when a gap was filled.",
             &[("", c(&self.redis_gaps))],
+        );
+        one(
+            "pushgate_redis_epoch_changes_total",
+            "counter",
+            "Topics this node held a position in that moved to a new epoch (Redis restarted, failed over or lost the topic's history); clients holding an older position get recovered: false.",
+            &[("", c(&self.redis_epoch_changes))],
         );
         one(
             "pushgate_redis_bad_messages_total",

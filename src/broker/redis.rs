@@ -451,19 +451,35 @@ impl RedisBroker {
         }
     }
 
+    /// The topic's position in Redis. `seen` is the last position this node has seen of it:
+    /// when Redis holds that epoch at an older offset it lost acknowledged writes, and the
+    /// script starts a new epoch (see `redis/position.lua`).
     async fn position(
         &self,
         con: &mut ConnectionManager,
         topic: &str,
+        seen: Option<&hub::Position>,
     ) -> Result<(String, u64), redis::RedisError> {
         let (epoch, offset): (String, u64) = self
-            .position_script
-            .key(self.meta_key(topic))
-            .key(self.stream_key(topic))
-            .arg(self.history.max_age_secs)
+            .position_invocation(topic, seen)
             .invoke_async(con)
             .await?;
         Ok((epoch, offset))
+    }
+
+    fn position_invocation(
+        &self,
+        topic: &str,
+        seen: Option<&hub::Position>,
+    ) -> redis::ScriptInvocation<'_> {
+        let mut i = self.position_script.prepare_invoke();
+        i.key(self.meta_key(topic))
+            .key(self.stream_key(topic))
+            .arg(self.history.max_age_secs);
+        if let Some(p) = seen {
+            i.arg(&*p.epoch).arg(p.offset);
+        }
+        i
     }
 
     /// Stream entries with offsets in `from..=to`, as (offset, raw message).
@@ -663,19 +679,24 @@ async fn resubscribe(
         sink.subscribe(channels).await?;
     }
     for (topic, known) in &topics {
-        let (epoch, offset) = broker.position(con, topic).await?;
+        let seen = (known.offset > 0).then_some(known);
+        let (epoch, offset) = broker.position(con, topic, seen).await?;
         if epoch == *known.epoch {
             app.hub.go_live(topic, &epoch, known.offset);
             if offset > known.offset {
                 catch_up(app, broker, con, topic, known.offset + 1, offset).await?;
             }
         } else {
-            // The history was recreated (Redis restarted without persistence, or the topic
-            // expired): deliver the new epoch from its first message.
+            // A new epoch: the history was lost or may have been (Redis restarted, failed
+            // over, lost writes this node had seen, or the topic expired). Deliver the new
+            // epoch from its first message; clients holding positions of the old one get
+            // `recovered: false` when they rejoin.
             if known.offset > 0 {
                 tracing::warn!(
                     ?topic,
-                    "redis: topic history was recreated; continuing in the new epoch"
+                    old = %known,
+                    new_epoch = %epoch,
+                    "redis: topic history was lost or recreated; continuing in a new epoch"
                 );
             }
             app.hub.go_live(topic, &epoch, 0);
@@ -850,15 +871,14 @@ async fn on_joins(
                 // 2. Their positions, in one pipeline.
                 let mut pipe = redis::pipe();
                 pipe.load_script(&broker.position_script).ignore();
+                let seen: Vec<_> = new_topics
+                    .iter()
+                    .map(|t| app.hub.known_position(t))
+                    .collect();
                 let invocations: Vec<_> = new_topics
                     .iter()
-                    .map(|t| {
-                        let mut i = broker.position_script.prepare_invoke();
-                        i.key(broker.meta_key(t))
-                            .key(broker.stream_key(t))
-                            .arg(broker.history.max_age_secs);
-                        i
-                    })
+                    .zip(&seen)
+                    .map(|(t, seen)| broker.position_invocation(t, seen.as_ref()))
                     .collect();
                 for i in &invocations {
                     pipe.invoke_script(i);

@@ -1,0 +1,370 @@
+//! Redis losing acknowledged writes (issue 17): a restart from an older RDB snapshot, a
+//! failover to a replica that lacked the last writes. Every client must end up with every
+//! acknowledged message exactly once and in order, or be told `recovered: false` and then get
+//! every message published after the loss; a position is never reused for other content.
+//!
+//! Real `redis-server` processes on free ports, real pushgate nodes, raw WebSocket and
+//! LongPoll clients. Fault timing is driven by the test; readiness is polled, never slept on.
+
+mod support;
+
+use futures_util::{SinkExt, StreamExt};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use support::*;
+use tokio_tungstenite::tungstenite::Message;
+
+const TOPIC: &str = "room:loss";
+
+fn log() {
+    if std::env::var_os("TEST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter("pushgate=debug")
+            .with_test_writer()
+            .try_init();
+    }
+}
+
+/// What one client saw: its join replies' responses, then `(position, n)` of each message.
+#[derive(Default, Debug)]
+struct Seen {
+    joins: Vec<serde_json::Value>,
+    msgs: Vec<(String, u64)>,
+}
+
+type Log = Arc<Mutex<Seen>>;
+
+/// Records one Phoenix frame `[join_ref, ref, topic, event, payload]`.
+fn record(log: &Log, f: &serde_json::Value) {
+    if f[2] != TOPIC {
+        return;
+    }
+    let mut seen = log.lock().unwrap();
+    if f[3] == "phx_reply" && f[0] == f[1] {
+        seen.joins.push(f[4]["response"].clone());
+    } else if f[3] == "n" {
+        seen.msgs.push((
+            f[1].as_str().unwrap_or("").to_string(),
+            f[4].as_u64().expect("payload is a number"),
+        ));
+    }
+}
+
+/// A WebSocket client joined to [`TOPIC`] (with `since`, if any) recording what it gets until
+/// the task is aborted.
+async fn ws_client(addr: SocketAddr, since: Option<&str>) -> (Log, tokio::task::JoinHandle<()>) {
+    let log: Log = Default::default();
+    let mut ws = connect(addr).await;
+    let params = since
+        .map(|s| format!(r#"{{"since":"{s}"}}"#))
+        .unwrap_or_else(|| "{}".into());
+    send(
+        &mut ws,
+        &format!(r#"["1","1","{TOPIC}","phx_join",{params}]"#),
+    )
+    .await;
+    let l = log.clone();
+    let task = tokio::spawn(async move {
+        let mut heartbeat = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                m = ws.next() => match m {
+                    Some(Ok(Message::Text(t))) => {
+                        let f: serde_json::Value = serde_json::from_str(&t).unwrap();
+                        record(&l, &f);
+                    }
+                    Some(Ok(_)) => {}
+                    other => panic!("websocket client ended: {other:?}"),
+                },
+                _ = heartbeat.tick() => {
+                    let _ = ws.send(Message::text(r#"[null,"h","phoenix","heartbeat",{}]"#)).await;
+                }
+            }
+        }
+    });
+    wait_for(
+        || !log.lock().unwrap().joins.is_empty(),
+        "the WebSocket join reply",
+    )
+    .await;
+    (log, task)
+}
+
+/// A LongPoll client (its own session on `addr`) joined to [`TOPIC`], polling until aborted.
+async fn lp_client(addr: SocketAddr, since: Option<&str>) -> (Log, tokio::task::JoinHandle<()>) {
+    let log: Log = Default::default();
+    let (_, _, body) = http(addr, "GET", "/socket/longpoll?vsn=2.0.0&", &[], b"").await;
+    let first: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(first["status"], 410, "{first}");
+    let path = format!(
+        "/socket/longpoll?vsn=2.0.0&token={}",
+        first["token"].as_str().unwrap()
+    );
+    let params = since
+        .map(|s| format!(r#"{{"since":"{s}"}}"#))
+        .unwrap_or_else(|| "{}".into());
+    let join = format!(r#"["1","1","{TOPIC}","phx_join",{params}]"#);
+    let (status, _, _) = http(addr, "POST", &path, &[], join.as_bytes()).await;
+    assert_eq!(status, 200);
+    let l = log.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            let (status, _, body) = http(addr, "GET", &path, &[], b"").await;
+            assert_eq!(status, 200);
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert!(
+                v["status"] == 200 || v["status"] == 204,
+                "poll answered {v}"
+            );
+            for m in v["messages"].as_array().into_iter().flatten() {
+                let f: serde_json::Value = serde_json::from_str(m.as_str().unwrap()).unwrap();
+                record(&l, &f);
+            }
+        }
+    });
+    wait_for(
+        || !log.lock().unwrap().joins.is_empty(),
+        "the LongPoll join reply",
+    )
+    .await;
+    (log, task)
+}
+
+/// Polls `f` until it holds; panics naming `what` after a generous deadline.
+async fn wait_for(mut f: impl FnMut() -> bool, what: &str) {
+    let end = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !f() {
+        assert!(
+            tokio::time::Instant::now() < end,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Publishes `n` through the API of `addr`; `Some(position)` when acknowledged (200).
+async fn try_publish(addr: SocketAddr, n: u64) -> Option<String> {
+    let auth = format!("Bearer {TOKEN}");
+    let body = format!(r#"{{"topic":"{TOPIC}","event":"n","payload":{n}}}"#);
+    let (status, _, body) = try_http(
+        addr,
+        "POST",
+        "/api/publish",
+        &[("Authorization", &auth)],
+        body.as_bytes(),
+    )
+    .await
+    .ok()?;
+    if status != 200 {
+        return None;
+    }
+    let v = body_json(&body);
+    Some(v["position"].as_str()?.to_string())
+}
+
+/// Publishes `n` on `addr`, retrying while the broker answers 503 (a refused publish is not
+/// acknowledged, so it is simply tried again).
+async fn publish_acked(addr: SocketAddr, n: u64) -> String {
+    let end = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(p) = try_publish(addr, n).await {
+            return p;
+        }
+        assert!(
+            tokio::time::Instant::now() < end,
+            "publish {n} never acknowledged"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Publishes `n` straight into Redis with the shipped script, as a backend does.
+fn publish_direct(redis: &RedisServer, n: u64) -> String {
+    let out = redis.cli(&[
+        "EVAL",
+        include_str!("../redis/publish.lua"),
+        "2",
+        &format!("pushgate:{{{TOPIC}}}:m"),
+        &format!("pushgate:{{{TOPIC}}}:s"),
+        &format!("pushgate:{TOPIC}"),
+        "n",
+        &n.to_string(),
+        "1000",
+        "300",
+    ]);
+    let p = out.trim().to_string();
+    assert!(
+        hub_position(&p).is_some(),
+        "the script answered {out:?}, not a position"
+    );
+    p
+}
+
+fn hub_position(p: &str) -> Option<(String, u64)> {
+    let (e, o) = p.rsplit_once(':')?;
+    Some((e.to_string(), o.parse().ok()?))
+}
+
+/// The issue's assertion for one client. `acked` is every acknowledged `(position, n)` in
+/// publish order; `from` is the index in `acked` of the first message published after the
+/// client's last join.
+fn check_client(name: &str, seen: &Seen, acked: &[(String, u64)], from: usize) {
+    let got: Vec<u64> = seen.msgs.iter().map(|(_, n)| *n).collect();
+    let all: Vec<u64> = acked.iter().map(|(_, n)| *n).collect();
+    if seen.joins.iter().any(|j| j["recovered"] == false) {
+        let after: Vec<u64> = acked[from..].iter().map(|(_, n)| *n).collect();
+        assert!(
+            got.ends_with(&after),
+            "{name}: told recovered:false, but then missed messages published after the \
+             loss: expected {after:?} at the end, got {got:?}"
+        );
+        let mut sorted = got.clone();
+        sorted.dedup();
+        assert_eq!(sorted.len(), got.len(), "{name}: duplicates in {got:?}");
+    } else {
+        assert_eq!(
+            got, all,
+            "{name}: neither every acknowledged message exactly once in order nor told \
+             recovered:false (joins {:?})",
+            seen.joins
+        );
+    }
+    // Whatever a client got under a position is what was acknowledged under it.
+    let by_position: HashMap<&str, u64> = acked.iter().map(|(p, n)| (p.as_str(), *n)).collect();
+    for (p, n) in &seen.msgs {
+        assert_eq!(
+            by_position.get(p.as_str()),
+            Some(n),
+            "{name}: got {n} under {p}, which was acknowledged for another message"
+        );
+    }
+}
+
+fn assert_positions_unique(acked: &[(String, u64)]) {
+    let mut seen: HashMap<&str, u64> = HashMap::new();
+    for (p, n) in acked {
+        if let Some(other) = seen.insert(p, *n) {
+            panic!(
+                "position {p} was acknowledged for {other} and again for {n}: a position was \
+                 reused after Redis lost data (all: {acked:?})"
+            );
+        }
+    }
+}
+
+async fn node(url: &str) -> TestServer {
+    log();
+    let mut c = redis_config(url);
+    c.longpoll.window_ms = 300;
+    c.longpoll.session_timeout_ms = 20_000;
+    c.limits.max_connections_per_address = 0;
+    c.limits.connect_rate_per_address = 0;
+    let s = start_with(c).await;
+    wait_ready(s.addr, 200).await;
+    s
+}
+
+/// Redis with RDB persistence is SIGKILLed after publishes its last snapshot does not hold and
+/// comes back with an older offset counter in the same epoch. Before issue 17 the next
+/// publishes reused positions the nodes and clients already held and were dropped as already
+/// seen, and nobody was told `recovered: false`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_rdb_restart_that_lost_acknowledged_writes_never_reuses_a_position() {
+    let mut redis = RedisServer::start_rdb();
+    let a = node(&redis.url()).await;
+    let b = node(&redis.url()).await;
+    let nodes = [a.addr, b.addr];
+
+    // Two WebSocket and two LongPoll clients on each node.
+    let mut clients = Vec::new();
+    for (i, addr) in nodes.iter().enumerate() {
+        for k in 0..2 {
+            clients.push((format!("ws{k}@node{i}"), ws_client(*addr, None).await));
+            clients.push((format!("lp{k}@node{i}"), lp_client(*addr, None).await));
+        }
+    }
+
+    let mut acked: Vec<(String, u64)> = Vec::new();
+    let mut next = 0u64;
+    for _ in 0..20 {
+        acked.push((publish_acked(nodes[next as usize % 2], next).await, next));
+        next += 1;
+    }
+    assert_eq!(redis.cli(&["SAVE"]).trim(), "OK");
+    for _ in 0..20 {
+        acked.push((publish_acked(nodes[next as usize % 2], next).await, next));
+        next += 1;
+    }
+    let held = acked.last().unwrap().0.clone();
+    let (old_epoch, _) = hub_position(&held).unwrap();
+    // Every client has the 40 messages (poll, then kill).
+    for (name, (log, _)) in &clients {
+        wait_for(|| log.lock().unwrap().msgs.len() >= 40, name).await;
+    }
+
+    // SIGKILL: the 20 publishes since the snapshot are gone; Redis comes back at offset 20.
+    redis.stop();
+    wait_ready(a.addr, 503).await;
+    wait_ready(b.addr, 503).await;
+    redis.restart();
+    assert_eq!(
+        redis
+            .cli(&["HGET", &format!("pushgate:{{{TOPIC}}}:m"), "offset"])
+            .trim(),
+        "20",
+        "the restart must bring back the older snapshot"
+    );
+
+    // A backend publishes straight into Redis first: its position must not be one the clients
+    // already hold.
+    let direct = publish_direct(&redis, next);
+    let (direct_epoch, _) = hub_position(&direct).unwrap();
+    acked.push((direct.clone(), next));
+    next += 1;
+    wait_ready(a.addr, 200).await;
+    wait_ready(b.addr, 200).await;
+
+    // Clients that held a position from before the loss come back: on a node that saw the
+    // topic, and on a node that never did.
+    let c = node(&redis.url()).await;
+    let mut rejoined = Vec::new();
+    rejoined.push(("ws-rejoin@node0", ws_client(a.addr, Some(&held)).await));
+    rejoined.push(("lp-rejoin@node1", lp_client(b.addr, Some(&held)).await));
+    rejoined.push(("ws-rejoin@fresh", ws_client(c.addr, Some(&held)).await));
+    let from = acked.len();
+
+    for _ in 0..20 {
+        acked.push((publish_acked(nodes[next as usize % 2], next).await, next));
+        next += 1;
+    }
+
+    let last = next - 1;
+    let has_last = |log: &Log| log.lock().unwrap().msgs.iter().any(|(_, n)| *n == last);
+    for (name, (log, _)) in &clients {
+        wait_for(|| has_last(log), &format!("{name} to get the last message")).await;
+    }
+    for (name, (log, _)) in &rejoined {
+        wait_for(|| has_last(log), &format!("{name} to get the last message")).await;
+    }
+    for (name, (log, task)) in &clients {
+        task.abort();
+        check_client(name, &log.lock().unwrap(), &acked, 0);
+    }
+    for (name, (log, task)) in &rejoined {
+        task.abort();
+        let seen = log.lock().unwrap();
+        assert_eq!(
+            seen.joins[0]["recovered"], false,
+            "{name}: held {held} from before the loss: {:?}",
+            seen.joins
+        );
+        check_client(name, &seen, &acked, from);
+    }
+    assert_positions_unique(&acked);
+    assert_ne!(
+        direct_epoch, old_epoch,
+        "the script reused the epoch of lost history: {direct} after {held}"
+    );
+}
