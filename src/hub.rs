@@ -1289,6 +1289,36 @@ mod tests {
     }
 
     #[test]
+    fn a_new_epoch_is_never_located_among_the_old_one_s_entries() {
+        let h = Hub::with_broker(
+            HistoryConfig::default(),
+            Arc::new(Metrics::default()),
+            Arc::new(tokio::sync::Notify::new()),
+        );
+        h.go_live("t", "old", 0);
+        for n in 1..=5u64 {
+            let payload = n.to_string();
+            let msg = Broadcast {
+                event: "n",
+                payload: payload.as_bytes(),
+                exclude: 0,
+            };
+            h.append_remote("t", Some(("old", n)), msg);
+        }
+        // Redis lost data: the topic continues in a new epoch from offset 2.
+        h.go_live("t", "new", 2);
+        let w = Arc::new(Waker::default());
+        // Offset 2 of the new epoch is not in the buffer (the old epoch's 2 must not count):
+        // it has to come from the broker's history.
+        match h.join_live("t", w.clone(), Some("new:1")) {
+            LiveJoin::NeedsHistory(_, position, 1) => assert_eq!(position.to_string(), "new:2"),
+            other => panic!("new:1 was located in the old epoch's entries: {other:?}"),
+        }
+        let (_sub, info) = h.subscribe("t", w, Some("old:5"));
+        assert_eq!(info.recovered, Some(false), "{info:?}");
+    }
+
+    #[test]
     fn since_outside_history_or_epoch_is_not_recovered() {
         let h = hub(2);
         let p1 = h.publish("t", "e", b"1");

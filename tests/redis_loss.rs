@@ -368,3 +368,368 @@ async fn an_rdb_restart_that_lost_acknowledged_writes_never_reuses_a_position() 
         "the script reused the epoch of lost history: {direct} after {held}"
     );
 }
+
+/// A `redis-sentinel` process on a free port watching `mymaster`, stopped on drop.
+struct Sentinel {
+    port: u16,
+    child: std::process::Child,
+    dir: std::path::PathBuf,
+}
+
+impl Sentinel {
+    fn start(master_port: u16) -> Sentinel {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!(
+            "pushgate-test-sentinel-{}-{port}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let conf = dir.join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port {port}\nbind 127.0.0.1\ndir {}\n\
+                 sentinel monitor mymaster 127.0.0.1 {master_port} 2\n\
+                 sentinel down-after-milliseconds mymaster 1000\n\
+                 sentinel failover-timeout mymaster 4000\n\
+                 sentinel parallel-syncs mymaster 1\n",
+                dir.display()
+            ),
+        )
+        .unwrap();
+        let child = std::process::Command::new("redis-sentinel")
+            .arg(&conf)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-sentinel must be installed (scripts/test.sh installs it)");
+        let s = Sentinel { port, child, dir };
+        let end = std::time::Instant::now() + DEADLINE;
+        while s.cli(&["ping"]).trim() != "PONG" {
+            assert!(
+                std::time::Instant::now() < end,
+                "redis-sentinel did not start"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        s
+    }
+
+    fn cli(&self, args: &[&str]) -> String {
+        let out = std::process::Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout).to_string()
+    }
+
+    /// The port of the master this sentinel names now.
+    fn master_port(&self) -> Option<u16> {
+        let out = self.cli(&["SENTINEL", "get-master-addr-by-name", "mymaster"]);
+        out.lines().nth(1)?.trim().parse().ok()
+    }
+}
+
+impl Drop for Sentinel {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn redis_cli(port: u16, args: &[&str]) -> String {
+    let out = std::process::Command::new("redis-cli")
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .output()
+        .expect("redis-cli");
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// Publishes `n` with the shipped script on the master at `port`; `Some(position)` when
+/// Redis answered one.
+fn publish_direct_to(port: u16, n: u64) -> Option<String> {
+    let out = redis_cli(
+        port,
+        &[
+            "EVAL",
+            include_str!("../redis/publish.lua"),
+            "2",
+            &format!("pushgate:{{{TOPIC}}}:m"),
+            &format!("pushgate:{{{TOPIC}}}:s"),
+            &format!("pushgate:{TOPIC}"),
+            "n",
+            &n.to_string(),
+            "1000",
+            "300",
+        ],
+    );
+    let p = out.trim().to_string();
+    hub_position(&p).map(|_| p)
+}
+
+/// The failover assertion for one client: every acknowledged message in `acked[from..]` was
+/// received exactly once; `acked[..from]` too unless it was told `recovered: false`; within an
+/// epoch offsets only go up and an older epoch never comes back.
+fn check_client_unordered_acks(name: &str, seen: &Seen, acked: &[(String, u64)], from: usize) {
+    let not_recovered = seen.joins.iter().any(|j| j["recovered"] == false);
+    let start = if not_recovered { from } else { 0 };
+    let mut count: HashMap<u64, usize> = HashMap::new();
+    for (_, n) in &seen.msgs {
+        *count.entry(*n).or_default() += 1;
+    }
+    for (p, n) in &acked[start..] {
+        assert_eq!(
+            count.get(n).copied().unwrap_or(0),
+            1,
+            "{name}: acknowledged message {n} ({p}) not received exactly once \
+             (recovered:false: {not_recovered}; got {:?})",
+            seen.msgs
+        );
+    }
+    let mut epochs: Vec<String> = Vec::new();
+    let mut last = 0;
+    for (p, n) in &seen.msgs {
+        let (e, o) = hub_position(p).unwrap_or_else(|| panic!("{name}: {n} came without position"));
+        if epochs.last() != Some(&e) {
+            assert!(
+                !epochs.contains(&e),
+                "{name}: epoch {e} came back: {:?}",
+                seen.msgs
+            );
+            epochs.push(e);
+        } else {
+            assert!(o > last, "{name}: out of order at {p}: {:?}", seen.msgs);
+        }
+        last = o;
+    }
+    let by_position: HashMap<&str, u64> = acked.iter().map(|(p, n)| (p.as_str(), *n)).collect();
+    for (p, n) in &seen.msgs {
+        if let Some(m) = by_position.get(p.as_str()) {
+            assert_eq!(m, n, "{name}: got {n} under {p}, acknowledged for {m}");
+        }
+    }
+}
+
+/// One master, one replica, three sentinels; a steady publisher through both nodes and
+/// straight into Redis. The replica is cut off from the master (the master starts requiring
+/// a password it does not know), a few more publishes are acknowledged by the master alone,
+/// then the master is SIGKILLed and the sentinels promote the replica without them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sentinel_failover_to_a_replica_that_lacked_writes_never_reuses_a_position() {
+    let master = RedisServer::start_with(
+        &[
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--repl-diskless-sync-delay",
+            "0",
+        ],
+        true, // a directory of its own: a full sync writes an RDB file
+    );
+    let master_port = master.port.to_string();
+    let replica = RedisServer::start_with(
+        &[
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--replicaof",
+            "127.0.0.1",
+            &master_port,
+        ],
+        true,
+    );
+    wait_for(
+        || {
+            replica
+                .cli(&["INFO", "replication"])
+                .contains("master_link_status:up")
+        },
+        "the replica to sync",
+    )
+    .await;
+    let sentinels: Vec<Sentinel> = (0..3).map(|_| Sentinel::start(master.port)).collect();
+    wait_for(
+        || {
+            sentinels.iter().all(|s| {
+                s.cli(&["SENTINEL", "ckquorum", "mymaster"])
+                    .starts_with("OK 3")
+                    && s.cli(&["SENTINEL", "replicas", "mymaster"])
+                        .contains("slave")
+            })
+        },
+        "the sentinels to know each other and the replica",
+    )
+    .await;
+
+    let mut c = redis_config("redis://127.0.0.1:1/");
+    c.redis.sentinels = sentinels
+        .iter()
+        .map(|s| format!("127.0.0.1:{}", s.port))
+        .collect();
+    c.longpoll.window_ms = 300;
+    c.longpoll.session_timeout_ms = 30_000;
+    c.limits.max_connections_per_address = 0;
+    c.limits.connect_rate_per_address = 0;
+    log();
+    let a = start_with(c.clone()).await;
+    let b = start_with(c).await;
+    wait_ready(a.addr, 200).await;
+    wait_ready(b.addr, 200).await;
+    let nodes = [a.addr, b.addr];
+
+    let mut clients = Vec::new();
+    for (i, addr) in nodes.iter().enumerate() {
+        clients.push((format!("ws@node{i}"), ws_client(*addr, None).await));
+        clients.push((format!("lp@node{i}"), lp_client(*addr, None).await));
+    }
+    // A client that leaves before the failover and comes back after it.
+    let (leaver, leaver_task) = ws_client(a.addr, None).await;
+
+    // The steady publisher: node A, node B, the script straight into the current master.
+    let acked: Arc<Mutex<Vec<(String, u64)>>> = Default::default();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sentinel_ports: Vec<u16> = sentinels.iter().map(|s| s.port).collect();
+    let publisher = {
+        let acked = acked.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut n = 0u64;
+            let mut tick = tokio::time::interval(Duration::from_millis(20));
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                tick.tick().await;
+                let p = match n % 3 {
+                    2 => {
+                        let ports = sentinel_ports.clone();
+                        tokio::task::spawn_blocking(move || {
+                            let out = redis_cli(
+                                ports[0],
+                                &["SENTINEL", "get-master-addr-by-name", "mymaster"],
+                            );
+                            let port: u16 = out.lines().nth(1)?.trim().parse().ok()?;
+                            publish_direct_to(port, n)
+                        })
+                        .await
+                        .unwrap()
+                    }
+                    i => try_publish(nodes[i as usize], n).await,
+                };
+                if let Some(p) = p {
+                    acked.lock().unwrap().push((p, n));
+                }
+                n += 1;
+            }
+        })
+    };
+    let acked_len = || acked.lock().unwrap().len();
+    wait_for(|| acked_len() >= 30, "30 acknowledged publishes").await;
+    let held = leaver.lock().unwrap().msgs.last().unwrap().0.clone();
+    leaver_task.abort();
+
+    // Cut the replica off, let the master acknowledge more alone, then kill it.
+    let synced = acked_len();
+    assert_eq!(
+        master
+            .cli(&["CONFIG", "SET", "requirepass", "cut-off"])
+            .trim(),
+        "OK"
+    );
+    redis_cli(
+        master.port,
+        &[
+            "-a",
+            "cut-off",
+            "--no-auth-warning",
+            "CLIENT",
+            "KILL",
+            "TYPE",
+            "replica",
+        ],
+    );
+    wait_for(
+        || {
+            replica
+                .cli(&["INFO", "replication"])
+                .contains("master_link_status:down")
+        },
+        "the replica to lose its link",
+    )
+    .await;
+    wait_for(
+        || acked_len() >= synced + 15,
+        "publishes the replica never gets",
+    )
+    .await;
+    let mut master = master;
+    master.stop();
+    let killed_at = acked_len();
+
+    // The nodes turn red, the sentinels promote the replica, the nodes follow by themselves.
+    wait_ready(a.addr, 503).await;
+    let end = tokio::time::Instant::now() + Duration::from_secs(40);
+    loop {
+        let promoted = sentinels
+            .iter()
+            .all(|s| s.master_port() == Some(replica.port));
+        if promoted
+            && http(a.addr, "GET", "/readyz", &[], b"").await.0 == 200
+            && http(b.addr, "GET", "/readyz", &[], b"").await.0 == 200
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < end,
+            "no failover, or the nodes did not follow it"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let from = acked_len();
+    // The client that left comes back with its pre-failover position.
+    let rejoined = ws_client(b.addr, Some(&held)).await;
+    // (The publisher is sequential: at most one publish was in flight during the join.)
+    let rejoin_from = acked_len() + 1;
+    // Publishing resumed by itself, on both nodes and straight into Redis.
+    wait_for(|| acked_len() >= from + 30, "publishing to resume").await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    publisher.await.unwrap();
+    let acked = acked.lock().unwrap().clone();
+    assert_positions_unique(&acked);
+    let after: Vec<u64> = acked[from..].iter().map(|(_, n)| n % 3).collect();
+    for k in 0..3 {
+        assert!(
+            after.contains(&k),
+            "publisher {k} never acknowledged after the failover"
+        );
+    }
+    assert!(
+        killed_at > synced,
+        "nothing was acknowledged by the master alone"
+    );
+
+    let last = acked.last().unwrap().1;
+    let has_last = |log: &Log| log.lock().unwrap().msgs.iter().any(|(_, n)| *n == last);
+    for (name, (log, _)) in &clients {
+        wait_for(|| has_last(log), &format!("{name} to get the last message")).await;
+    }
+    wait_for(
+        || has_last(&rejoined.0),
+        "the rejoined client to get the last message",
+    )
+    .await;
+    for (name, (log, task)) in &clients {
+        task.abort();
+        check_client_unordered_acks(name, &log.lock().unwrap(), &acked, 0);
+    }
+    rejoined.1.abort();
+    let seen = rejoined.0.lock().unwrap();
+    assert_eq!(
+        seen.joins[0]["recovered"], false,
+        "held {held} from before the failover: {:?}",
+        seen.joins
+    );
+    check_client_unordered_acks("rejoined", &seen, &acked, rejoin_from);
+}

@@ -41,7 +41,7 @@ use serde_json::value::RawValue;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{Notify, OnceCell, mpsc};
+use tokio::sync::{Notify, mpsc};
 
 const PUBLISH_SCRIPT: &str = include_str!("../../redis/publish.lua");
 const POSITION_SCRIPT: &str = include_str!("../../redis/position.lua");
@@ -159,13 +159,46 @@ impl Drop for InFlightSlot {
 /// Forwarded LongPoll requests waiting for the owner's answer, by request id.
 type ReplySlots = Mutex<std::collections::HashMap<u64, tokio::sync::oneshot::Sender<String>>>;
 
+/// Where the Redis master is.
+enum Target {
+    /// `redis.url`.
+    Direct(redis::Client),
+    /// Asked from the sentinels at every (re)connect (`redis.sentinels`).
+    Sentinel(tokio::sync::Mutex<redis::sentinel::SentinelClient>),
+}
+
+/// A sentinel's URL from its `host:port` (and the sentinels' password).
+pub fn sentinel_url(address: &str, password: &str) -> Result<String, String> {
+    if address.contains('/') || address.contains('@') {
+        return Err("expected host:port".into());
+    }
+    let auth = if password.is_empty() {
+        String::new()
+    } else {
+        let encoded: String = password
+            .bytes()
+            .map(|b| {
+                if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                    (b as char).to_string()
+                } else {
+                    format!("%{b:02X}")
+                }
+            })
+            .collect();
+        format!(":{encoded}@")
+    };
+    Ok(format!("redis://{auth}{address}/"))
+}
+
 pub struct RedisBroker {
-    client: redis::Client,
+    target: Target,
     keys: Keys,
     history: HistoryConfig,
     publish_script: redis::Script,
     position_script: redis::Script,
-    commands: OnceCell<ConnectionManager>,
+    /// The command connection to the current master: made once with `redis.url`; with
+    /// Sentinel, replaced by [`run`] whenever it connects to a (possibly new) master.
+    commands: Mutex<Option<ConnectionManager>>,
     joins: mpsc::Sender<JoinRequest>,
     join_queue: Mutex<Option<mpsc::Receiver<JoinRequest>>>,
     /// Joins each connection (by [`hub::Waker::id`]) has queued or in progress here, so that
@@ -226,25 +259,52 @@ impl Envelope<'_> {
 }
 
 impl RedisBroker {
-    /// Checks the URL; connects later (in [`run`] and on first publish).
+    /// Checks the configuration; connects later (in [`run`] and on first publish).
     pub fn new(
-        url: &str,
+        config: &crate::config::RedisConfig,
         keys: Keys,
         history: HistoryConfig,
         node_id: &str,
         per_connection: usize,
         metrics: Arc<Metrics>,
     ) -> Result<RedisBroker, String> {
-        let client = redis::Client::open(url).map_err(|e| e.to_string())?;
+        let client = redis::Client::open(config.url.as_str()).map_err(|e| e.to_string())?;
+        let target = if config.sentinels.is_empty() {
+            Target::Direct(client)
+        } else {
+            let sentinels = config
+                .sentinels
+                .iter()
+                .map(|a| sentinel_url(a, &config.sentinel_password))
+                .collect::<Result<Vec<_>, _>>()?;
+            let info = client.get_connection_info();
+            let mut node = redis::sentinel::SentinelNodeConnectionInfo::default()
+                .set_redis_connection_info(info.redis_settings().clone());
+            if let redis::ConnectionAddr::TcpTls { insecure, .. } = info.addr() {
+                node = node.set_tls_mode(if *insecure {
+                    redis::TlsMode::Insecure
+                } else {
+                    redis::TlsMode::Secure
+                });
+            }
+            let sentinel = redis::sentinel::SentinelClient::build(
+                sentinels,
+                config.master_name.clone(),
+                Some(node),
+                redis::sentinel::SentinelServerType::Master,
+            )
+            .map_err(|e| e.to_string())?;
+            Target::Sentinel(tokio::sync::Mutex::new(sentinel))
+        };
         let (tx, rx) = mpsc::channel(JOIN_QUEUE);
         Ok(RedisBroker {
             node_channel: keys.node_channel(node_id),
-            client,
+            target,
             keys,
             history,
             publish_script: redis::Script::new(PUBLISH_SCRIPT),
             position_script: redis::Script::new(POSITION_SCRIPT),
-            commands: OnceCell::new(),
+            commands: Mutex::new(None),
             joins: tx,
             join_queue: Mutex::new(Some(rx)),
             in_flight: Default::default(),
@@ -285,16 +345,54 @@ impl RedisBroker {
         &self.keys
     }
 
-    /// The shared command connection.
-    pub(crate) async fn commands(&self) -> Result<ConnectionManager, redis::RedisError> {
+    /// A client for the master: `redis.url`, or the master the sentinels name now.
+    async fn master(&self) -> Result<redis::Client, redis::RedisError> {
+        match &self.target {
+            Target::Direct(c) => Ok(c.clone()),
+            Target::Sentinel(s) => {
+                let mut s = s.lock().await;
+                tokio::time::timeout(Duration::from_secs(3), s.async_get_client())
+                    .await
+                    .map_err(|_| {
+                        redis::RedisError::from((
+                            redis::ErrorKind::Io,
+                            "no answer from the sentinels in time",
+                        ))
+                    })?
+            }
+        }
+    }
+
+    fn sentinel(&self) -> bool {
+        matches!(self.target, Target::Sentinel(_))
+    }
+
+    async fn connect_commands(
+        &self,
+        client: redis::Client,
+    ) -> Result<ConnectionManager, redis::RedisError> {
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(2)))
             .set_response_timeout(Some(Duration::from_secs(2)))
             .set_number_of_retries(1);
+        ConnectionManager::new_with_config(client, config).await
+    }
+
+    /// The shared command connection (to the current master).
+    pub(crate) async fn commands(&self) -> Result<ConnectionManager, redis::RedisError> {
+        if let Some(c) = self.commands_now() {
+            return Ok(c);
+        }
+        let con = self.connect_commands(self.master().await?).await?;
+        let mut slot = self.commands.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(slot.get_or_insert(con).clone())
+    }
+
+    fn commands_now(&self) -> Option<ConnectionManager> {
         self.commands
-            .get_or_try_init(|| ConnectionManager::new_with_config(self.client.clone(), config))
-            .await
-            .cloned()
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Publishes through the Lua script, in order (pipelined).
@@ -321,7 +419,8 @@ impl RedisBroker {
                 Ok(p) => out.push(p),
                 Err(e)
                     if e.kind()
-                        == redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError) =>
+                        == redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError)
+                        && !e.to_string().contains("READONLY") =>
                 {
                     return Err(PublishError::Rejected(e.to_string()));
                 }
@@ -551,7 +650,14 @@ pub async fn run(app: Arc<App>, broker: Arc<RedisBroker>) {
         }
         first = false;
         let session = async {
-            let pubsub = broker.client.get_async_pubsub().await?;
+            let client = broker.master().await?;
+            if broker.sentinel() {
+                // Follow the master the sentinels name now: a new command connection too
+                // (publishes and presence fail with 503 until this point after a failover).
+                let con = broker.connect_commands(client.clone()).await?;
+                *broker.commands.lock().unwrap_or_else(|e| e.into_inner()) = Some(con);
+            }
+            let pubsub = client.get_async_pubsub().await?;
             let con = broker.commands().await?;
             Ok::<_, redis::RedisError>((pubsub, con))
         };
@@ -653,6 +759,18 @@ pub async fn run(app: Arc<App>, broker: Arc<RedisBroker>) {
                         Ok(Err(e)) => break format!("redis: ping failed: {e}"),
                         Err(_) => break "redis: ping timed out".to_string(),
                     }
+                    // With Sentinel, a master demoted to replica (it came back after a
+                    // failover) may keep our connections: leave it for the new master.
+                    if broker.sentinel() {
+                        let role = tokio::time::timeout(
+                            PING_TIMEOUT,
+                            redis::cmd("ROLE").query_async::<redis::Value>(&mut con),
+                        )
+                        .await;
+                        if !is_master(&role) {
+                            break "redis: the server is no longer the master".to_string();
+                        }
+                    }
                 }
             }
         };
@@ -662,6 +780,19 @@ pub async fn run(app: Arc<App>, broker: Arc<RedisBroker>) {
         Metrics::add(&app.metrics.redis_reconnects, 1);
         app.metrics.redis_subscribed_topics.store(0, Relaxed);
         app.hub.mark_all_down();
+    }
+}
+
+/// Whether a `ROLE` answer says master (an error or a timeout does not: reconnect).
+fn is_master(
+    role: &Result<Result<redis::Value, redis::RedisError>, tokio::time::error::Elapsed>,
+) -> bool {
+    match role {
+        Ok(Ok(redis::Value::Array(items))) => matches!(
+            items.first(),
+            Some(redis::Value::BulkString(b)) if b.as_slice() == b"master"
+        ),
+        _ => false,
     }
 }
 
@@ -810,7 +941,7 @@ fn on_routed(app: &Arc<App>, broker: &RedisBroker, payload: &[u8]) {
         return;
     }
     let app = app.clone();
-    let commands = broker.commands.get().cloned();
+    let commands = broker.commands_now();
     app.tracker.clone().spawn(async move {
         let answer = crate::transport::longpoll::serve_forwarded(
             app,
