@@ -17,6 +17,8 @@ use support::*;
 use tokio_tungstenite::tungstenite::Message;
 
 const TOPIC: &str = "room:loss";
+/// The presence topic of the failover test.
+const WHO: &str = "room:who";
 
 fn log() {
     if std::env::var_os("TEST_LOG").is_some() {
@@ -575,6 +577,8 @@ async fn a_sentinel_failover_to_a_replica_that_lacked_writes_never_reuses_a_posi
     c.longpoll.session_timeout_ms = 30_000;
     c.limits.max_connections_per_address = 0;
     c.limits.connect_rate_per_address = 0;
+    let mut c = presence_config(c);
+    c.presence.topics = vec![WHO.into()];
     log();
     let a = start_with(c.clone()).await;
     let b = start_with(c).await;
@@ -587,6 +591,11 @@ async fn a_sentinel_failover_to_a_replica_that_lacked_writes_never_reuses_a_posi
         clients.push((format!("ws@node{i}"), ws_client(*addr, None).await));
         clients.push((format!("lp@node{i}"), lp_client(*addr, None).await));
     }
+    // Presence on another topic: Carl will leave and Dave join while the replica is cut off.
+    let _ann = present_as(a.addr, WHO, "Ann").await;
+    let _bob = present_as(b.addr, WHO, "Bob").await;
+    let carl = present_as(a.addr, WHO, "Carl").await;
+    wait_presence(&nodes, WHO, &["Ann", "Bob", "Carl"], "before the cut").await;
     // A client that leaves before the failover and comes back after it.
     let (leaver, leaver_task) = ws_client(a.addr, None).await;
 
@@ -659,6 +668,15 @@ async fn a_sentinel_failover_to_a_replica_that_lacked_writes_never_reuses_a_posi
         "the replica to lose its link",
     )
     .await;
+    drop(carl);
+    let _dave = present_as(b.addr, WHO, "Dave").await;
+    wait_presence(
+        &nodes,
+        WHO,
+        &["Ann", "Bob", "Dave"],
+        "while the replica is cut off",
+    )
+    .await;
     wait_for(
         || acked_len() >= synced + 15,
         "publishes the replica never gets",
@@ -688,6 +706,8 @@ async fn a_sentinel_failover_to_a_replica_that_lacked_writes_never_reuses_a_posi
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let from = acked_len();
+    // Presence converges to who is connected: no ghost Carl, no missing Dave.
+    wait_presence(&nodes, WHO, &["Ann", "Bob", "Dave"], "after the failover").await;
     // The client that left comes back with its pre-failover position.
     let rejoined = ws_client(b.addr, Some(&held)).await;
     // (The publisher is sequential: at most one publish was in flight during the join.)
@@ -732,4 +752,106 @@ async fn a_sentinel_failover_to_a_replica_that_lacked_writes_never_reuses_a_posi
         seen.joins
     );
     check_client_unordered_acks("rejoined", &seen, &acked, rejoin_from);
+}
+
+/// The names on a presence topic as node `addr` reports them (`GET /api/presence`), sorted.
+async fn present(addr: SocketAddr, topic: &str) -> Option<Vec<String>> {
+    let auth = format!("Bearer {TOKEN}");
+    let (status, _, body) = try_http(
+        addr,
+        "GET",
+        &format!("/api/presence?topic={topic}"),
+        &[("Authorization", &auth)],
+        b"",
+    )
+    .await
+    .ok()?;
+    if status != 200 {
+        return None;
+    }
+    let v = body_json(&body);
+    let mut names: Vec<String> = v["presences"]
+        .as_object()?
+        .values()
+        .flat_map(|p| p["metas"].as_array().cloned().unwrap_or_default())
+        .map(|m| m["name"].as_str().unwrap_or("").to_string())
+        .collect();
+    names.sort();
+    Some(names)
+}
+
+/// Joins a presence topic as `name` on `addr`; returns the connection (the entry lives as
+/// long as it does).
+async fn present_as(addr: SocketAddr, topic: &str, name: &str) -> Ws {
+    let mut ws = connect(addr).await;
+    let r = join(
+        &mut ws,
+        "1",
+        topic,
+        &format!(r#"{{"presence":{{"name":"{name}"}}}}"#),
+    )
+    .await;
+    assert!(r.is_object(), "{r}");
+    ws
+}
+
+/// Polls both nodes' view of `topic` until it is exactly `expected`.
+async fn wait_presence(nodes: &[SocketAddr], topic: &str, expected: &[&str], what: &str) {
+    let end = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut views = Vec::new();
+        for n in nodes {
+            views.push(present(*n, topic).await);
+        }
+        let want: Vec<String> = expected.iter().map(|s| s.to_string()).collect();
+        if views.iter().all(|v| v.as_ref() == Some(&want)) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < end,
+            "{what}: presence never converged to {expected:?}; the nodes see {views:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn presence_config(mut c: pushgate::Config) -> pushgate::Config {
+    c.presence.topics = vec!["room:*".into()];
+    // Longer than the test: the liveness keys survive in the snapshot, so a node cannot tell
+    // from its key alone that Redis lost its writes.
+    c.presence.node_ttl_ms = 60_000;
+    c
+}
+
+/// Presence after a restart from an older snapshot: Carl, who left after it, must not stay as a
+/// ghost; Dave, who joined after it, must not be missing.
+#[tokio::test]
+async fn presence_after_an_rdb_restart_is_exactly_who_is_connected() {
+    let mut redis = RedisServer::start_rdb();
+    log();
+    let a = start_with(presence_config(redis_config(&redis.url()))).await;
+    let b = start_with(presence_config(redis_config(&redis.url()))).await;
+    wait_ready(a.addr, 200).await;
+    wait_ready(b.addr, 200).await;
+    let nodes = [a.addr, b.addr];
+    let topic = "room:presence";
+    let _ann = present_as(a.addr, topic, "Ann").await;
+    let _bob = present_as(b.addr, topic, "Bob").await;
+    let carl = present_as(a.addr, topic, "Carl").await;
+    wait_presence(
+        &nodes,
+        topic,
+        &["Ann", "Bob", "Carl"],
+        "before the snapshot",
+    )
+    .await;
+    assert_eq!(redis.cli(&["SAVE"]).trim(), "OK");
+    drop(carl);
+    let _dave = present_as(b.addr, topic, "Dave").await;
+    wait_presence(&nodes, topic, &["Ann", "Bob", "Dave"], "after the snapshot").await;
+
+    redis.stop();
+    wait_ready(a.addr, 503).await;
+    redis.restart();
+    wait_presence(&nodes, topic, &["Ann", "Bob", "Dave"], "after the restart").await;
 }

@@ -216,6 +216,10 @@ pub struct RedisBroker {
     node_channel: String,
     next_request: std::sync::atomic::AtomicU64,
     replies: ReplySlots,
+    /// The `run_id` of the Redis process the broker last connected to, and how many times it
+    /// has been another one (a restart, a failover): presence puts this node's entries back
+    /// when it changes, since the new process may have lost some or kept stale ones.
+    run: Mutex<(String, u64)>,
 }
 
 /// A LongPoll request or answer travelling between nodes.
@@ -314,6 +318,7 @@ impl RedisBroker {
             status: Mutex::new(Err("redis: connecting".into())),
             next_request: std::sync::atomic::AtomicU64::new(1),
             replies: Mutex::new(Default::default()),
+            run: Mutex::new((String::new(), 0)),
         })
     }
 
@@ -338,6 +343,27 @@ impl RedisBroker {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// Counts the Redis processes the broker has connected to (see [`run`]); it
+    /// changes when Redis restarted or failed over.
+    pub(crate) fn generation(&self) -> u64 {
+        self.run.lock().unwrap_or_else(|e| e.into_inner()).1
+    }
+
+    /// Records the `run_id` of the server just connected to.
+    fn connected_to(&self, run_id: &str) {
+        let mut run = self.run.lock().unwrap_or_else(|e| e.into_inner());
+        if run.0 != run_id {
+            if !run.0.is_empty() {
+                tracing::warn!(
+                    "redis: connected to another Redis process than before (restarted or failed \
+                     over): topics start new epochs, presence entries are written back"
+                );
+            }
+            run.0 = run_id.to_string();
+            run.1 += 1;
+        }
     }
 
     /// Where everything lives in Redis.
@@ -657,6 +683,22 @@ pub async fn run(app: Arc<App>, broker: Arc<RedisBroker>) {
                 let con = broker.connect_commands(client.clone()).await?;
                 *broker.commands.lock().unwrap_or_else(|e| e.into_inner()) = Some(con);
             }
+            // Which Redis process this is (a restart or failover changes it), asked on a
+            // connection of its own: the shared one may still hold a socket to the old one.
+            let mut probe = client.get_multiplexed_async_connection().await?;
+            let info: String = redis::cmd("INFO")
+                .arg("server")
+                .query_async(&mut probe)
+                .await?;
+            match info
+                .lines()
+                .find_map(|l| l.strip_prefix("run_id:"))
+                .map(str::trim)
+            {
+                Some(run_id) => broker.connected_to(run_id),
+                None => tracing::warn!("redis: INFO server has no run_id"),
+            }
+            drop(probe);
             let pubsub = client.get_async_pubsub().await?;
             let con = broker.commands().await?;
             Ok::<_, redis::RedisError>((pubsub, con))
