@@ -246,6 +246,10 @@ pub struct RedisConfig {
     /// master's is in `redis.url`. Environment: `PUSHGATE_REDIS_SENTINEL_PASSWORD`. Default
     /// empty: none.
     pub sentinel_password: String,
+    /// PEM file of the CA certificates trusted for a `rediss://` `redis.url`, instead of the
+    /// system's (a Redis with a certificate from a private CA). Read at start. Not with
+    /// `redis.sentinels` (there the system's roots are used). Default empty: the system's.
+    pub tls_ca_file: String,
 }
 
 impl Default for RedisConfig {
@@ -257,6 +261,7 @@ impl Default for RedisConfig {
             sentinels: Vec::new(),
             master_name: "mymaster".into(),
             sentinel_password: String::new(),
+            tls_ca_file: String::new(),
         }
     }
 }
@@ -294,6 +299,18 @@ impl RedisConfig {
                     "redis.sentinels",
                     &format!("{s:?} is not a sentinel address: {e}"),
                 );
+            }
+        }
+        if !self.tls_ca_file.is_empty() {
+            if !self.url.starts_with("rediss://") {
+                bad("redis.tls_ca_file", "needs a rediss:// redis.url");
+            } else if !self.sentinels.is_empty() {
+                bad(
+                    "redis.tls_ca_file",
+                    "is not supported with redis.sentinels (the system's roots are used)",
+                );
+            } else if let Err(e) = std::fs::read(&self.tls_ca_file) {
+                bad("redis.tls_ca_file", &format!("cannot be read: {e}"));
             }
         }
         if !self.sentinels.is_empty() && self.master_name.is_empty() {
@@ -1159,6 +1176,16 @@ mod tests {
         c.validate().unwrap();
         c.redis.master_name = String::new();
         assert_eq!(problem(&c), "redis.master_name");
+        c.redis.master_name = "mymaster".into();
+        // A private CA only for TLS, only without Sentinel, and only a file that exists.
+        c.redis.tls_ca_file = "Cargo.toml".into();
+        assert_eq!(problem(&c), "redis.tls_ca_file");
+        c.redis.sentinels.clear();
+        assert_eq!(problem(&c), "redis.tls_ca_file", "redis:// is not TLS");
+        c.redis.url = "rediss://:secret@127.0.0.1:6380/".into();
+        c.validate().unwrap();
+        c.redis.tls_ca_file = "/nonexistent/ca.pem".into();
+        assert_eq!(problem(&c), "redis.tls_ca_file");
     }
 
     #[test]

@@ -619,3 +619,105 @@ async fn joins_completed_together_each_get_their_own_history() {
         assert_eq!(recv(ws).await[4], *t + 100);
     }
 }
+
+/// `rediss://` with a password, to a real `redis-server` with TLS only, its certificate from a
+/// private CA (`redis.tls_ca_file`). A node without that CA must not connect (the certificate
+/// is verified). Client certificates (mutual TLS) and TLS with Sentinel are not tested.
+#[tokio::test]
+async fn a_tls_redis_with_a_password_and_a_private_ca() {
+    let ca = TestCa::new(&["127.0.0.1", "localhost"]);
+    let dir = std::env::temp_dir().join(format!(
+        "pushgate-test-redis-tls-{}-{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    struct Cleanup(std::path::PathBuf, Option<std::process::Child>);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            if let Some(mut c) = self.1.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let mut cleanup = Cleanup(dir.clone(), None);
+    let file = |name: &str, text: &str| {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p.to_string_lossy().to_string()
+    };
+    let (ca_file, cert, key) = (
+        file("ca.pem", &ca.ca_pem),
+        file("cert.pem", &ca.cert_pem),
+        file("key.pem", &ca.key_pem),
+    );
+    let port = free_port().to_string();
+    cleanup.1 = Some(
+        std::process::Command::new("redis-server")
+            .args(["--port", "0", "--tls-port", &port, "--bind", "127.0.0.1"])
+            .args(["--tls-cert-file", &cert, "--tls-key-file", &key])
+            .args(["--tls-ca-cert-file", &ca_file, "--tls-auth-clients", "no"])
+            .args([
+                "--requirepass",
+                "s3cret",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .arg("--dir")
+            .arg(&dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (scripts/test.sh installs it)"),
+    );
+    let ping = || {
+        let out = std::process::Command::new("redis-cli")
+            .args(["--tls", "--cacert", &ca_file, "-p", &port, "-a", "s3cret"])
+            .args(["--no-auth-warning", "ping"])
+            .output()
+            .expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout).trim() == "PONG"
+    };
+    let end = std::time::Instant::now() + DEADLINE;
+    while !ping() {
+        assert!(
+            std::time::Instant::now() < end,
+            "redis-server with TLS did not start"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    let url = format!("rediss://:s3cret@127.0.0.1:{port}/");
+    let mut c = redis_config(&url);
+    c.redis.tls_ca_file = ca_file.clone();
+    let a = start_with(c).await;
+    wait_ready(a.addr, 200).await;
+    let mut ws = connect(a.addr).await;
+    join(&mut ws, "1", "room:tls", "{}").await;
+    let p = publish(a.addr, "room:tls", "n", "1").await;
+    let m = recv(&mut ws).await;
+    assert_eq!(
+        (m[1].as_str(), &m[4]),
+        (Some(p.as_str()), &serde_json::json!(1))
+    );
+
+    // Without the CA the certificate is not trusted: the node never gets ready.
+    let b = start_with(redis_config(&url)).await;
+    let end = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let (status, _, body) = http(b.addr, "GET", "/readyz", &[], b"").await;
+        assert_eq!(status, 503, "connected without trusting the certificate");
+        if String::from_utf8_lossy(&body).contains("cannot connect") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < end,
+            "no connect failure reported"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

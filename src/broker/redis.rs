@@ -272,7 +272,20 @@ impl RedisBroker {
         per_connection: usize,
         metrics: Arc<Metrics>,
     ) -> Result<RedisBroker, String> {
-        let client = redis::Client::open(config.url.as_str()).map_err(|e| e.to_string())?;
+        let client = if config.tls_ca_file.is_empty() {
+            redis::Client::open(config.url.as_str())
+        } else {
+            let root = std::fs::read(&config.tls_ca_file)
+                .map_err(|e| format!("redis.tls_ca_file: {e}"))?;
+            redis::Client::build_with_tls(
+                config.url.as_str(),
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(root),
+                },
+            )
+        }
+        .map_err(|e| e.to_string())?;
         let target = if config.sentinels.is_empty() {
             Target::Direct(client)
         } else {
