@@ -1,6 +1,7 @@
 // pushgate's Redis broker with several nodes, driven by the official phoenix client
 // (1.8.17 and 1.7.23): cross-node fanout, recovery on another node, a Redis restart and killed
-// pub/sub connections under a steady publisher, and LongPoll through a real nginx round-robin
+// pub/sub connections under a steady publisher, a restart from an older RDB snapshot (no position
+// reused, nobody silently misses a message), and LongPoll through a real nginx round-robin
 // upstream (no sticky sessions), client pushes forwarded to the app included, and Phoenix
 // Presence across nodes (a killed node's entries expire, a stopped node's leave at once).
 //
@@ -138,15 +139,18 @@ async function startRedis() {
 }
 
 class RedisServer {
-  constructor(port) {
+  /** `dir`: a data directory (RDB persistence: the test takes snapshots with SAVE). */
+  constructor(port, dir = null) {
     this.port = port;
     this.url = `redis://127.0.0.1:${port}/`;
     this.child = null;
+    this.dir = dir;
   }
 
   async start() {
     this.child = spawnChild(REDIS_SERVER, [
       "--port", String(this.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+      ...(this.dir ? ["--dir", this.dir] : []),
     ]);
     const child = this.child;
     await waitFor(
@@ -162,6 +166,13 @@ class RedisServer {
 
   async stop() {
     await terminate(this.child);
+  }
+
+  /** SIGKILL: whatever the last snapshot does not hold is lost. */
+  async kill() {
+    if (!this.child || this.child.exit) return;
+    this.child.proc.kill("SIGKILL");
+    await this.child.exited;
   }
 
   /** redis-cli against this server; resolves with {code, stdout, stderr}. */
@@ -276,6 +287,19 @@ async function wsSubscriber(res, client, node, topic, label) {
   tr.frames = frames;
   tr.opens = 0;
   socket.onOpen(() => tr.opens++);
+  tr.channel = attach(tr, socket);
+  socket.connect();
+  await waitFor(() => tr.joins.length >= 1, DEADLINE_MS, () => `${tr.label}: the join reply\n${showFrames(frames)}`);
+  return tr;
+}
+
+/** A LongPoll subscriber of `topic` on `node`, joined (waits for the join reply). */
+async function lpSubscriber(res, client, node, topic, label) {
+  const tr = tracker(`phoenix ${client.version} LongPoll on ${label ?? node.label}`, topic);
+  const { socket, frames } = makeLongPollSocket(client, node);
+  res.sockets.push(socket);
+  tr.socket = socket;
+  tr.frames = frames;
   tr.channel = attach(tr, socket);
   socket.connect();
   await waitFor(() => tr.joins.length >= 1, DEADLINE_MS, () => `${tr.label}: the join reply\n${showFrames(frames)}`);
@@ -643,6 +667,56 @@ describe("Redis broker with several pushgate nodes", () => {
         `redis lines of the node logs:\n${nodes.map((n) => `${n.label}:\n${redisLogLines(n)}`).join("\n")}`,
     );
     for (const sub of subs) assertComplete(sub, pub.positions);
+  });
+
+  it("never reuses a position when Redis comes back from an older RDB snapshot (SIGKILL after unsnapshotted publishes): every client, WebSocket and LongPoll on both nodes, gets every acknowledged message once, in order, or recovered: false", { timeout: TEST_TIMEOUT_MS * 2 }, async (t) => {
+    const res = resources(t);
+    const dir = mkdtempSync(path.join(os.tmpdir(), "pushgate-js-rdb-"));
+    res.dirs.push(dir);
+    const redis = new RedisServer(await freePort(), dir);
+    await redis.start();
+    res.redis.push(redis);
+    const nodes = await startNodes(res, redis, 2);
+    const topic = uniqueTopic("rdb");
+    const subs = [];
+    for (const node of nodes) {
+      for (const client of CLIENTS) {
+        subs.push(await wsSubscriber(res, client, node, topic));
+        subs.push(await lpSubscriber(res, client, node, topic));
+      }
+    }
+
+    const COUNT = 160;
+    const pub = steadyPublisher(nodes, topic, COUNT, 20);
+    await waitFor(() => pub.next >= 40 || pub.error, DEADLINE_MS, "40 messages published");
+    assert.equal((await redis.cli("SAVE")).stdout.trim(), "OK");
+    const savedAt = pub.next;
+    await waitFor(() => pub.next >= savedAt + 30 || pub.error, DEADLINE_MS, "30 messages after the snapshot");
+    await redis.kill();
+    const killedAt = pub.next;
+    const lastBefore = pub.positions[killedAt - 1];
+    for (const node of nodes) await waitReady(node, 503, node.label);
+    await redis.start(); // same port and directory: back at the snapshot
+    for (const node of nodes) await waitReady(node, 200, node.label);
+    await waitPublisher(pub);
+
+    // Positions after the restart are in a new epoch: none was reused.
+    const seen = new Map();
+    pub.positions.forEach((p, seq) => {
+      assert.ok(!seen.has(p), `position ${p} acknowledged for seq ${seen.get(p)} and again for ${seq}`);
+      seen.set(p, seq);
+    });
+    assert.notEqual(epochOf(pub.positions[COUNT - 1]), epochOf(lastBefore), `the epoch survived the loss (${lastBefore})`);
+
+    await settle(subs, COUNT);
+    for (const sub of subs) {
+      if (sub.joins.some((j) => j.recovered === false)) {
+        const after = range(killedAt, COUNT - 1);
+        assert.deepEqual(sub.received.map((m) => m.seq).slice(-after.length), after, diagnose(sub, pub.positions));
+      } else {
+        assertComplete(sub, pub.positions);
+      }
+    }
   });
 
   it("loses nothing when the pub/sub connections are killed (CLIENT KILL TYPE pubsub) under a steady publisher", { timeout: TEST_TIMEOUT_MS }, async (t) => {
