@@ -376,10 +376,17 @@ struct Sentinel {
     port: u16,
     child: std::process::Child,
     dir: std::path::PathBuf,
+    /// The sentinel's own password (`requirepass`), if any.
+    password: Option<String>,
 }
 
 impl Sentinel {
     fn start(master_port: u16) -> Sentinel {
+        Self::start_with(master_port, 2, "")
+    }
+
+    /// `extra`: more sentinel.conf lines (after `sentinel monitor`).
+    fn start_with(master_port: u16, quorum: u32, extra: &str) -> Sentinel {
         let port = free_port();
         let dir = std::env::temp_dir().join(format!(
             "pushgate-test-sentinel-{}-{port}",
@@ -391,10 +398,10 @@ impl Sentinel {
             &conf,
             format!(
                 "port {port}\nbind 127.0.0.1\ndir {}\n\
-                 sentinel monitor mymaster 127.0.0.1 {master_port} 2\n\
+                 sentinel monitor mymaster 127.0.0.1 {master_port} {quorum}\n\
                  sentinel down-after-milliseconds mymaster 1000\n\
                  sentinel failover-timeout mymaster 4000\n\
-                 sentinel parallel-syncs mymaster 1\n",
+                 sentinel parallel-syncs mymaster 1\n{extra}",
                 dir.display()
             ),
         )
@@ -405,7 +412,16 @@ impl Sentinel {
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("redis-sentinel must be installed (scripts/test.sh installs it)");
-        let s = Sentinel { port, child, dir };
+        let password = extra
+            .lines()
+            .find_map(|l| l.strip_prefix("requirepass "))
+            .map(str::to_string);
+        let s = Sentinel {
+            port,
+            child,
+            dir,
+            password,
+        };
         let end = std::time::Instant::now() + DEADLINE;
         while s.cli(&["ping"]).trim() != "PONG" {
             assert!(
@@ -418,11 +434,12 @@ impl Sentinel {
     }
 
     fn cli(&self, args: &[&str]) -> String {
-        let out = std::process::Command::new("redis-cli")
-            .args(["-p", &self.port.to_string()])
-            .args(args)
-            .output()
-            .expect("redis-cli");
+        let mut cmd = std::process::Command::new("redis-cli");
+        cmd.args(["-p", &self.port.to_string()]);
+        if let Some(p) = &self.password {
+            cmd.args(["-a", p, "--no-auth-warning"]);
+        }
+        let out = cmd.args(args).output().expect("redis-cli");
         String::from_utf8_lossy(&out.stdout).to_string()
     }
 
@@ -854,4 +871,57 @@ async fn presence_after_an_rdb_restart_is_exactly_who_is_connected() {
     wait_ready(a.addr, 503).await;
     redis.restart();
     wait_presence(&nodes, topic, &["Ann", "Bob", "Dave"], "after the restart").await;
+}
+
+/// Passwords on both sides: the master requires one (`redis.url`), the sentinel its own
+/// (`redis.sentinel_password`). A node with the wrong sentinel password never gets ready.
+#[tokio::test]
+async fn sentinels_and_a_master_with_passwords() {
+    let master = RedisServer::start();
+    assert_eq!(
+        master
+            .cli(&["CONFIG", "SET", "requirepass", "m@ster pw"])
+            .trim(),
+        "OK"
+    );
+    let sentinel = Sentinel::start_with(
+        master.port,
+        1,
+        "sentinel auth-pass mymaster \"m@ster pw\"\nrequirepass s3ntinel\n",
+    );
+    wait_for(
+        || sentinel.master_port() == Some(master.port),
+        "the sentinel to name the master",
+    )
+    .await;
+    let mut c = redis_config("redis://:m%40ster%20pw@unused:1/");
+    c.redis.sentinels = vec![format!("127.0.0.1:{}", sentinel.port)];
+    c.redis.sentinel_password = "s3ntinel".into();
+    log();
+    let a = start_with(c.clone()).await;
+    wait_ready(a.addr, 200).await;
+    let mut ws = connect(a.addr).await;
+    join(&mut ws, "1", TOPIC, "{}").await;
+    let p = publish(a.addr, TOPIC, "n", "7").await;
+    let m = recv(&mut ws).await;
+    assert_eq!(
+        (m[1].as_str(), &m[4]),
+        (Some(p.as_str()), &serde_json::json!(7))
+    );
+
+    c.redis.sentinel_password = "wrong".into();
+    let b = start_with(c).await;
+    let end = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, _, body) = http(b.addr, "GET", "/readyz", &[], b"").await;
+        assert_eq!(status, 503, "ready with a wrong sentinel password");
+        if String::from_utf8_lossy(&body).contains("cannot connect") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < end,
+            "no connect failure reported"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
