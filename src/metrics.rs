@@ -21,6 +21,7 @@ pub struct Metrics {
     pub slow_consumer_closes: AtomicU64,
     pub slow_consumer_closes_longpoll: AtomicU64,
     pub longpoll_sessions_expired: AtomicU64,
+    pub longpoll_frames_resent: AtomicU64,
     pub bad_messages: AtomicU64,
     pub topics: AtomicI64,
     pub recoveries: AtomicU64,
@@ -231,6 +232,12 @@ impl Metrics {
             "counter",
             "LongPoll sessions dropped after longpoll.session_timeout_ms without a poll (5 s for one never polled after the GET that created it).",
             &[("", c(&self.longpoll_sessions_expired))],
+        );
+        one(
+            "pushgate_longpoll_frames_resent_total",
+            "counter",
+            "Frames a LongPoll client had not acknowledged, sent again: its poll came back with the token of an earlier answer (the answer was lost on the way, e.g. through a node that drained or died).",
+            &[("", c(&self.longpoll_frames_resent))],
         );
         one(
             "pushgate_bad_messages_total",

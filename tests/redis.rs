@@ -721,3 +721,84 @@ async fn a_tls_redis_with_a_password_and_a_private_ca() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A node that relays a LongPoll GET for another node's session and starts draining cuts the
+/// poll short (`204` with the client's own token, so the client polls again elsewhere), and
+/// finishes in about `shutdown.drain_ms`, not its grace period. The session lives on at its
+/// owner, which answers the next poll with what was published meanwhile. (Before, the relayed
+/// poll held the draining node until the window ended.)
+#[tokio::test]
+async fn a_draining_node_cuts_short_the_polls_it_relays_and_finishes_within_its_drain_time() {
+    let redis = RedisServer::start();
+    let mut c = redis_config(&redis.url());
+    c.longpoll.window_ms = 8000;
+    c.longpoll.session_timeout_ms = 20_000;
+    c.shutdown.drain_ms = 1000;
+    c.shutdown.grace_ms = 15_000;
+    let a = start_with(c.clone()).await;
+    let b = start_with(c).await;
+    wait_ready(a.addr, 200).await;
+    wait_ready(b.addr, 200).await;
+
+    // A session on B, joined; its next poll goes through A.
+    let (token, _) = lp_session(b.addr).await;
+    let r = lp(
+        b.addr,
+        "POST",
+        &lp_url(&token),
+        br#"["1","1","room:drain","phx_join",{}]"#,
+    )
+    .await;
+    assert_eq!(r["status"], 200);
+    let v = lp(b.addr, "GET", &lp_url(&token), b"").await;
+    assert_eq!(frames(&v)[0][3], "phx_reply", "{v}");
+    let acked = v["token"].as_str().unwrap().to_string();
+    let relayed = {
+        let acked = acked.clone();
+        let via = a.addr;
+        tokio::spawn(async move { lp(via, "GET", &lp_url(&acked), b"").await })
+    };
+    // The relayed poll is held at the owner.
+    let end = tokio::time::Instant::now() + Duration::from_secs(10);
+    while b.app.longpoll.held() != 1 {
+        assert!(
+            tokio::time::Instant::now() < end,
+            "the relayed poll never reached B"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let t0 = std::time::Instant::now();
+    a.stop.cancel();
+    let answer = tokio::time::timeout(Duration::from_secs(15), relayed)
+        .await
+        .expect("the relayed poll was not answered")
+        .unwrap();
+    let answered_after = t0.elapsed();
+    assert!(
+        tokio::time::timeout(Duration::from_secs(15), a.handle)
+            .await
+            .unwrap()
+            .unwrap()
+    );
+    let drained_after = t0.elapsed();
+    assert_eq!(
+        answer,
+        serde_json::json!({"status": 204, "token": acked, "messages": []}),
+        "cut short with the client's own token"
+    );
+    assert!(
+        drained_after < Duration::from_millis(2000),
+        "the drain took {drained_after:?} (relayed poll answered after {answered_after:?}); \
+         shutdown.drain_ms is 1000"
+    );
+
+    // The client polls again, now on B: the session is there, with what was published since.
+    let p = publish(b.addr, "room:drain", "n", "1").await;
+    let v = lp(b.addr, "GET", &lp_url(&acked), b"").await;
+    assert_eq!(
+        frames(&v),
+        vec![serde_json::json!([null, p, "room:drain", "n", 1])],
+        "{v}"
+    );
+}

@@ -156,6 +156,22 @@ impl Drop for InFlightSlot {
     }
 }
 
+/// How a LongPoll request forwarded to the node that owns its session ended.
+#[derive(Debug)]
+pub enum Forwarded {
+    /// The owner's answer (JSON).
+    Answer(String),
+    /// The owner is not listening (gone) or did not answer in time.
+    Gone,
+    /// Cut short here: this node is draining, or its Redis link dropped or is down, so an
+    /// answer could not come back (the owner keeps unacknowledged frames for the next poll).
+    CutShort,
+}
+
+/// While Redis is unreachable, a relayed GET waits this long before it is answered (`204`), so
+/// a client whose balancer keeps sending it here does not poll in a tight loop.
+const RELAY_DOWN_PAUSE: Duration = Duration::from_millis(500);
+
 /// Forwarded LongPoll requests waiting for the owner's answer, by request id.
 type ReplySlots = Mutex<std::collections::HashMap<u64, tokio::sync::oneshot::Sender<String>>>;
 
@@ -220,6 +236,9 @@ pub struct RedisBroker {
     /// has been another one (a restart, a failover): presence puts this node's entries back
     /// when it changes, since the new process may have lost some or kept stale ones.
     run: Mutex<(String, u64)>,
+    /// Counts the subscriber connection's losses: a LongPoll request relayed to another node
+    /// waits for its answer on that connection, and gives up when this changes.
+    link_losses: tokio::sync::watch::Sender<u64>,
 }
 
 /// A LongPoll request or answer travelling between nodes.
@@ -332,6 +351,7 @@ impl RedisBroker {
             next_request: std::sync::atomic::AtomicU64::new(1),
             replies: Mutex::new(Default::default()),
             run: Mutex::new((String::new(), 0)),
+            link_losses: tokio::sync::watch::Sender::new(0),
         })
     }
 
@@ -469,15 +489,42 @@ impl RedisBroker {
         Ok(out)
     }
 
-    /// Sends a LongPoll request to the node that owns the session and waits for its answer.
-    /// `None` when that node is not listening (gone) or does not answer within `wait`.
+    /// Sends a LongPoll request to the node that owns the session and waits for its answer:
+    /// [`Forwarded::Gone`] when that node is not listening or does not answer within `wait`;
+    /// [`Forwarded::CutShort`] as soon as `shutdown` is cancelled (this node drains) or the
+    /// subscriber connection, where the answer would arrive, drops; after [`RELAY_DOWN_PAUSE`]
+    /// when Redis cannot be reached at all.
     pub async fn forward_longpoll(
         &self,
         owner: &str,
         token: &str,
         post_body: Option<&[u8]>,
         wait: Duration,
-    ) -> Option<String> {
+        shutdown: &tokio_util::sync::CancellationToken,
+    ) -> Forwarded {
+        let mut link = self.link_losses.subscribe();
+        if self.readiness().is_err() || shutdown.is_cancelled() {
+            // No subscriber connection: no answer could come back.
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                _ = tokio::time::sleep(RELAY_DOWN_PAUSE) => {}
+            }
+            return Forwarded::CutShort;
+        }
+        tokio::select! {
+            f = self.relay(owner, token, post_body, wait) => f,
+            _ = shutdown.cancelled() => Forwarded::CutShort,
+            _ = link.changed() => Forwarded::CutShort,
+        }
+    }
+
+    async fn relay(
+        &self,
+        owner: &str,
+        token: &str,
+        post_body: Option<&[u8]>,
+        wait: Duration,
+    ) -> Forwarded {
         let id = self.next_request.fetch_add(1, Relaxed);
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.replies
@@ -510,18 +557,25 @@ impl RedisBroker {
             body: post_body.map(|b| String::from_utf8_lossy(b).into_owned()),
         };
         let Ok(text) = serde_json::to_string(&request) else {
-            return None;
+            return Forwarded::Gone;
         };
         let Ok(mut con) = self.commands().await else {
-            return None;
+            tokio::time::sleep(RELAY_DOWN_PAUSE).await;
+            return Forwarded::CutShort;
         };
         let receivers: Result<u64, _> = redis::cmd("PUBLISH")
             .arg(self.keys.node_channel(owner))
             .arg(text)
             .query_async(&mut con)
             .await;
-        if !matches!(receivers, Ok(n) if n > 0) {
-            return None; // the owner is gone: the client reconnects and rejoins
+        match receivers {
+            Ok(n) if n > 0 => {}
+            // The owner is gone: the client reconnects and rejoins.
+            Ok(_) => return Forwarded::Gone,
+            Err(_) => {
+                tokio::time::sleep(RELAY_DOWN_PAUSE).await;
+                return Forwarded::CutShort;
+            }
         }
         // Wait for the answer, checking every second that the owner still listens: a node
         // that stops may drop a request it received, and the client should not wait long.
@@ -530,7 +584,7 @@ impl RedisBroker {
         loop {
             let step = (tokio::time::Instant::now() + Duration::from_secs(1)).min(deadline);
             match tokio::time::timeout_at(step, &mut rx).await {
-                Ok(Ok(answer)) => return Some(answer),
+                Ok(Ok(answer)) => return Forwarded::Answer(answer),
                 Ok(Err(_)) => break,
                 Err(_) if tokio::time::Instant::now() >= deadline => break,
                 Err(_) => {
@@ -545,7 +599,7 @@ impl RedisBroker {
                 }
             }
         }
-        None
+        Forwarded::Gone
     }
 
     /// Queues a join for the broker task, unless its connection already has
@@ -831,6 +885,7 @@ pub async fn run(app: Arc<App>, broker: Arc<RedisBroker>) {
         };
         tracing::warn!(reason = ?reason, "redis: subscriber down; reconnecting");
         broker.set_status(Err(reason));
+        broker.link_losses.send_modify(|n| *n += 1);
         app.metrics.redis_connected.store(0, Relaxed);
         Metrics::add(&app.metrics.redis_reconnects, 1);
         app.metrics.redis_subscribed_topics.store(0, Relaxed);

@@ -139,17 +139,21 @@ async function startRedis() {
 }
 
 class RedisServer {
-  /** `dir`: a data directory (RDB persistence: the test takes snapshots with SAVE). */
-  constructor(port, dir = null) {
+  /**
+   * `dir`: a data directory (RDB persistence: the test takes snapshots with SAVE);
+   * `persistence`: the persistence arguments (default none: no snapshots, no AOF).
+   */
+  constructor(port, dir = null, persistence = ["--save", "", "--appendonly", "no"]) {
     this.port = port;
     this.url = `redis://127.0.0.1:${port}/`;
     this.child = null;
     this.dir = dir;
+    this.persistence = persistence;
   }
 
   async start() {
     this.child = spawnChild(REDIS_SERVER, [
-      "--port", String(this.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+      "--port", String(this.port), "--bind", "127.0.0.1", ...this.persistence,
       ...(this.dir ? ["--dir", this.dir] : []),
     ]);
     const child = this.child;
@@ -259,7 +263,7 @@ function decoded(frames, direction) {
  * subscriber uses; `received` collects `{seq, ref}` of each `event` broadcast.
  */
 function tracker(label, topic, event = "seq") {
-  const tr = { label, topic, event, last: null, received: [], joins: [], joinErrors: [], frames: null };
+  const tr = { label, topic, event, last: null, received: [], joins: [], joinedAt: [], joinErrors: [], frames: null };
   tr.params = () => (tr.last ? { since: tr.last } : {});
   return tr;
 }
@@ -273,7 +277,10 @@ function attach(tr, socket) {
   });
   channel
     .join(PUSH_TIMEOUT_MS)
-    .receive("ok", (response) => tr.joins.push(response))
+    .receive("ok", (response) => {
+      tr.joins.push(response);
+      tr.joinedAt.push(Date.now());
+    })
     .receive("error", (response) => tr.joinErrors.push(response));
   return channel;
 }
@@ -366,16 +373,18 @@ async function tryPublish(node, topic, event, payload) {
  * `next` the next seq to publish, `failures` every failed attempt.
  */
 function steadyPublisher(nodes, topic, count, paceMs = 2) {
-  const pub = { next: 0, positions: [], publishedAt: [], failures: [], done: false, error: null, stop: false };
+  const pub = { next: 0, positions: [], publishedAt: [], sentAt: [], failures: [], done: false, error: null, stop: false };
   pub.finished = (async () => {
     for (let seq = 0; seq < count; seq++) {
       const deadline = Date.now() + 20_000;
       for (let attempt = 0; ; attempt++) {
         if (pub.stop) throw new Error(`publisher stopped at seq ${seq}`);
         const node = nodes[(seq + attempt) % nodes.length];
+        const sentAt = Date.now();
         const r = await tryPublish(node, topic, "seq", { seq });
         if (r.ok) {
           pub.positions[seq] = r.position;
+          pub.sentAt[seq] = sentAt;
           pub.publishedAt[seq] = new Date().toISOString();
           break;
         }
@@ -937,6 +946,136 @@ describe("Redis broker with several pushgate nodes", () => {
       t.diagnostic(`rejoined ${recoveredAfterMs} ms after ${owner.label} stopped; the forwarded poll answered ${JSON.stringify(exchanges[exchangesBefore - 1].answer)} after ${pendingAtStop.seconds} s`);
     });
   }
+});
+
+// ---------------------------------------------------------------------------
+// LongPoll without sticky sessions, under faults (issue 17, item 4)
+// ---------------------------------------------------------------------------
+
+/**
+ * Asserts what a subscriber may have seen after faults: every acknowledged message exactly once
+ * and in order; or, if a join answered `recovered: false`, messages in order without duplicates
+ * and every message published after that join (its request sent after the join reply arrived).
+ */
+function assertLosslessOrTold(tr, pub) {
+  const why = diagnose(tr, pub.positions);
+  const told = tr.joins.map((j, i) => (j.recovered === false ? tr.joinedAt[i] : null)).filter((at) => at !== null);
+  if (told.length === 0) {
+    assertComplete(tr, pub.positions);
+    return;
+  }
+  const seqs = tr.received.map((m) => m.seq);
+  const disorder = seqs.findIndex((s, i) => i > 0 && s <= seqs[i - 1]);
+  assert.equal(disorder, -1, `told recovered:false, but out of order or duplicated at index ${disorder}: ${why}`);
+  const lastTold = Math.max(...told);
+  const got = new Set(seqs);
+  const missedAfter = range(0, pub.positions.length - 1).filter((s) => pub.sentAt[s] > lastTold && !got.has(s));
+  assert.deepEqual(missedAfter, [], `told recovered:false, then missed messages published after that join: ${why}`);
+  for (const m of tr.received) assert.equal(m.ref, pub.positions[m.seq], `${why}\nref is not the published position`);
+}
+
+describe("LongPoll through a round-robin proxy, no sticky sessions, under faults", () => {
+  it("20 LongPoll clients (1.8.17 and 1.7.23) through round-robin nginx over two nodes lose nothing silently across a Redis restart, a node drain (SIGTERM, restart) and a node kill (SIGKILL, restart); each drain ends within shutdown.drain_ms + 1 s", { timeout: 150_000 }, async (t) => {
+    const res = resources(t);
+    const dir = mkdtempSync(path.join(os.tmpdir(), "pushgate-js-aof-"));
+    res.dirs.push(dir);
+    // AOF with an fsync per write: a SIGKILLed Redis comes back with everything it acknowledged.
+    const redis = new RedisServer(await freePort(), dir, ["--save", "", "--appendonly", "yes", "--appendfsync", "always"]);
+    await redis.start();
+    res.redis.push(redis);
+    const DRAIN_MS = 1000;
+    const env = {
+      PUSHGATE_REDIS_URL: redis.url,
+      PUSHGATE_SHUTDOWN_DRAIN_MS: String(DRAIN_MS),
+      PUSHGATE_SHUTDOWN_GRACE_MS: "10000",
+      PUSHGATE_LONGPOLL_WINDOW_MS: "10000",
+      // Every client comes from 127.0.0.1 (nginx): no per-address limits.
+      PUSHGATE_LIMITS_MAX_CONNECTIONS_PER_ADDRESS: "0",
+      PUSHGATE_LIMITS_CONNECT_RATE_PER_ADDRESS: "0",
+    };
+    const labels = ["node A", "node B"];
+    const startNode = async (i, listen) => {
+      const node = await startServer({ env, listen });
+      node.label = `${labels[i]} (${node.addr})`;
+      res.nodes.push(node);
+      await waitReady(node, 200, node.label);
+      return node;
+    };
+    const nodes = [await startNode(0), await startNode(1)];
+    const nginx = await startNginx(res, nodes.map((n) => n.addr));
+    const topic = uniqueTopic("lp-faults");
+
+    const subs = [];
+    for (let i = 0; i < 20; i++) {
+      const client = CLIENTS[i % CLIENTS.length];
+      subs.push(await lpSubscriber(res, client, nginx, topic, `nginx, client ${i}`));
+    }
+
+    const COUNT = 500;
+    const pub = steadyPublisher(nodes, topic, COUNT, 20);
+    const timeline = [];
+    const mark = (what) => timeline.push(`${what} at seq ${pub.next} (${new Date().toISOString()})`);
+    const publishMore = async (count, what) => {
+      const from = pub.next;
+      await waitFor(() => pub.next >= from + count || pub.error, 30_000, () => `${count} publishes ${what} (at seq ${pub.next})`);
+      assert.equal(pub.error, null, String(pub.error?.stack));
+    };
+    await publishMore(60, "before the faults");
+
+    // 1. Redis SIGKILLed and restarted (AOF: nothing acknowledged is lost).
+    mark("redis SIGKILL");
+    await redis.kill();
+    for (const node of nodes) await waitReady(node, 503, node.label);
+    await redis.start();
+    for (const node of nodes) await waitReady(node, 200, node.label);
+    mark("redis back");
+    await publishMore(60, "after the Redis restart");
+
+    // 2. Node A drained (SIGTERM) and restarted on the same address.
+    const drains = [];
+    const drain = async (i) => {
+      mark(`${labels[i]} SIGTERM`);
+      const started = Date.now();
+      const exit = await nodes[i].stop();
+      const tookMs = Date.now() - started;
+      drains.push({ node: nodes[i].label, tookMs, exit, logs: nodes[i].logs.slice(-8).join("\n") });
+      nodes[i] = await startNode(i, nodes[i].addr);
+      mark(`${labels[i]} back`);
+    };
+    await drain(0);
+    await publishMore(60, "after node A's drain");
+
+    // 3. Node B SIGKILLed and restarted on the same address.
+    mark("node B SIGKILL");
+    await nodes[1].kill();
+    nodes[1] = await startNode(1, nodes[1].addr);
+    mark("node B back");
+    await publishMore(60, "after node B's kill");
+
+    // 4. Node B drained too (its sessions now come from the kill's reconnects).
+    await drain(1);
+    await waitPublisher(pub, 60_000);
+    mark("publisher done");
+
+    await settle(subs, COUNT);
+    const told = subs.filter((s) => s.joins.some((j) => j.recovered === false)).length;
+    const rejoins = subs.reduce((n, s) => n + s.joins.length - 1, 0);
+    t.diagnostic(`timeline: ${timeline.join("; ")}`);
+    t.diagnostic(`drains: ${drains.map((d) => `${d.node} ${d.tookMs} ms`).join(", ")}; ${rejoins} rejoins, ${told} of ${subs.length} clients told recovered:false`);
+    const failures = [];
+    for (const sub of subs) {
+      try {
+        assertLosslessOrTold(sub, pub);
+      } catch (e) {
+        failures.push(e.message.split("\n")[0]);
+      }
+    }
+    assert.deepEqual(failures, [], `${failures.length} of ${subs.length} clients lost messages silently\ntimeline: ${timeline.join("\n  ")}`);
+    for (const d of drains) {
+      assert.equal(d.exit.code, 0, `${d.node} exit ${JSON.stringify(d.exit)}\n${d.logs}`);
+      assert.ok(d.tookMs <= DRAIN_MS + 1000, `${d.node}'s drain took ${d.tookMs} ms (shutdown.drain_ms ${DRAIN_MS})\n${d.logs}`);
+    }
+  });
 });
 
 // ---------------------------------------------------------------------------
