@@ -433,7 +433,8 @@ async function waitPublisher(pub, timeoutMs = 20_000) {
 // nginx
 // ---------------------------------------------------------------------------
 
-function nginxConf(prefix, port, upstreams) {
+/** `serverParams`: added to each upstream `server` line (e.g. "max_fails=0"). */
+function nginxConf(prefix, port, upstreams, serverParams = "") {
   const proxy = `
             proxy_pass http://pg;
             proxy_http_version 1.1;
@@ -445,7 +446,7 @@ pid ${prefix}/nginx.pid;
 error_log ${prefix}/logs/error.log info;
 events { worker_connections 256; }
 http {
-    log_format pg '$request_method $request_uri $status upstream=$upstream_addr rt=$request_time';
+    log_format pg '$request_method $request_uri $status upstream=$upstream_addr rt=$request_time us=$upstream_status t=$msec';
     access_log ${prefix}/logs/access.log pg;
     client_body_temp_path ${prefix}/tmp/body;
     proxy_temp_path ${prefix}/tmp/proxy;
@@ -454,7 +455,7 @@ http {
     scgi_temp_path ${prefix}/tmp/scgi;
     # Round robin, no ip_hash: consecutive requests of one client go to different nodes.
     upstream pg {
-${upstreams.map((u) => `        server ${u};`).join("\n")}
+${upstreams.map((u) => `        server ${u} ${serverParams};`).join("\n")}
     }
     server {
         listen 127.0.0.1:${port};
@@ -468,14 +469,14 @@ ${upstreams.map((u) => `        server ${u};`).join("\n")}
 }
 
 /** nginx in the foreground with a private prefix, round-robin over `upstreams`. */
-async function startNginx(res, upstreams) {
+async function startNginx(res, upstreams, serverParams = "") {
   const prefix = mkdtempSync(path.join(os.tmpdir(), "pushgate-redis-nginx-"));
   res.dirs.push(prefix);
   chmodSync(prefix, 0o755);
   for (const d of ["conf", "logs", "tmp"]) mkdirSync(path.join(prefix, d), { mode: 0o755 });
   for (let attempt = 1; ; attempt++) {
     const port = await freePort();
-    writeFileSync(path.join(prefix, "conf/nginx.conf"), nginxConf(prefix, port, upstreams));
+    writeFileSync(path.join(prefix, "conf/nginx.conf"), nginxConf(prefix, port, upstreams, serverParams));
     const child = spawnChild(NGINX, ["-p", prefix, "-e", `${prefix}/logs/error.log`, "-c", "conf/nginx.conf", "-g", "daemon off;"]);
     try {
       await waitFor(
@@ -1002,7 +1003,9 @@ describe("LongPoll through a round-robin proxy, no sticky sessions, under faults
       return node;
     };
     const nodes = [await startNode(0), await startNode(1)];
-    const nginx = await startNginx(res, nodes.map((n) => n.addr));
+    // Never marked down: a node that restarts is back in the rotation at once, and a request
+    // that fails on one node (refused, reset) is retried on the other, as balancers do.
+    const nginx = await startNginx(res, nodes.map((n) => n.addr), "max_fails=0");
     const topic = uniqueTopic("lp-faults");
 
     const subs = [];
@@ -1061,6 +1064,8 @@ describe("LongPoll through a round-robin proxy, no sticky sessions, under faults
     const told = subs.filter((s) => s.joins.some((j) => j.recovered === false)).length;
     const rejoins = subs.reduce((n, s) => n + s.joins.length - 1, 0);
     t.diagnostic(`timeline: ${timeline.join("; ")}`);
+    const bad = nginx.accessLog().filter((l) => l.status !== 200);
+    t.diagnostic(`nginx answered ${bad.length} requests with another status than 200: ${bad.slice(0, 12).map((l) => l.line).join(" | ")}`);
     t.diagnostic(`drains: ${drains.map((d) => `${d.node} ${d.tookMs} ms`).join(", ")}; ${rejoins} rejoins, ${told} of ${subs.length} clients told recovered:false`);
     const failures = [];
     for (const sub of subs) {
