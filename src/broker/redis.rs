@@ -511,8 +511,11 @@ impl RedisBroker {
             }
             return Forwarded::CutShort;
         }
+        // Boxed: one allocation per relayed request keeps the connection task's future (which
+        // holds this one) small and its type shallow.
+        let relay = Box::pin(self.relay(owner, token, post_body, wait));
         tokio::select! {
-            f = self.relay(owner, token, post_body, wait) => f,
+            f = relay => f,
             _ = shutdown.cancelled() => Forwarded::CutShort,
             _ = link.changed() => Forwarded::CutShort,
         }

@@ -19,7 +19,7 @@
 //! LongPoll does: every poll answer carries a token ending in the number of the last frame it
 //! holds, phoenix.js sends the token of the last answer it got with its next request, and that
 //! poll acknowledges every frame up to that number. Until then the frames wait in the session
-//! ([`Inner::unacked`], the JSON strings the answer was made of), and a poll that comes back with
+//! ([`Unacked`], the JSON strings the answer was made of), and a poll that comes back with
 //! an older number (the answer was lost: a relaying node drained or died, the Redis link carrying
 //! it dropped, a balancer retried the request on another node) gets them again, first. Whichever
 //! node or path an answer travelled through, a frame is never dropped before the client has it.
@@ -111,41 +111,47 @@ struct Inner {
     /// The listening GET's task, woken when a newer GET supersedes it or the session closes
     /// (the session waker has one slot, which the newer GET takes).
     held: Option<std::task::Waker>,
-    /// Frames handed to poll answers that the client has not acknowledged yet, oldest first,
-    /// as the JSON strings the answers carried; the first is frame number `acked + 1`. Empty
-    /// (no allocation) while the client is up to date: a poll acknowledges the answer before.
-    unacked: Vec<Bytes>,
+    /// Frames handed to poll answers that the client has not acknowledged yet.
+    unacked: Unacked,
+}
+
+/// The frames a session has handed to poll answers and the client has not acknowledged yet,
+/// oldest first, as the JSON strings the answers carried; the first is frame number
+/// `acked + 1`. Empty (no allocation) while the client is up to date.
+#[derive(Debug, Default)]
+struct Unacked {
+    frames: Vec<Bytes>,
     /// Number of the last frame the client acknowledged (wrapping).
     acked: u32,
 }
 
-impl Inner {
+impl Unacked {
     /// A poll arrived with `ack` (the number in its token; `None`: the short token form, which
     /// acknowledges everything handed out). Frames up to it leave the session. A number behind
     /// `acked` (a stale request, the client has moved on) or beyond what was handed out
     /// acknowledges nothing.
     fn acknowledge(&mut self, ack: Option<u32>) {
         let n = match ack {
-            None => self.unacked.len(),
+            None => self.frames.len(),
             Some(c) => {
                 let d = c.wrapping_sub(self.acked) as usize;
-                if d <= self.unacked.len() { d } else { 0 }
+                if d <= self.frames.len() { d } else { 0 }
             }
         };
         if n == 0 {
             return;
         }
-        if n == self.unacked.len() {
-            self.unacked = Vec::new();
+        if n == self.frames.len() {
+            self.frames = Vec::new();
         } else {
-            self.unacked.drain(..n);
+            self.frames.drain(..n);
         }
         self.acked = self.acked.wrapping_add(n as u32);
     }
 
     /// The number of the last frame handed out.
     fn last_sent(&self) -> u32 {
-        self.acked.wrapping_add(self.unacked.len() as u32)
+        self.acked.wrapping_add(self.frames.len() as u32)
     }
 }
 
@@ -620,8 +626,7 @@ fn new_session(
             polled: false,
             closed: false,
             held: None,
-            unacked: Vec::new(),
-            acked: 0,
+            unacked: Unacked::default(),
         }),
         _slot: slot,
     });
@@ -646,10 +651,10 @@ fn take_frames(inner: &mut Inner) -> Result<usize, Lag> {
     session.settle();
     while let Some(f) = session.pop_direct() {
         bytes += f.len();
-        unacked.push(protocol::json_string(&f));
+        unacked.frames.push(protocol::json_string(&f));
     }
     let budget = RESPONSE_BATCH_BYTES.saturating_sub(bytes).max(1);
-    session.collect_broadcasts(budget, &mut |e| unacked.push(e.json_string()))
+    session.collect_broadcasts(budget, &mut |e| unacked.frames.push(e.json_string()))
 }
 
 /// Marks a GET as the session's listener for as long as it lives.
@@ -676,7 +681,7 @@ async fn poll(app: Arc<App>, lp: Arc<LpSession>, ack: Option<u32>) -> Bytes {
     tokio::pin!(expiry);
     let (generation, superseded) = {
         let mut inner = lp.lock();
-        inner.acknowledge(ack);
+        inner.unacked.acknowledge(ack);
         inner.generations += 1;
         inner.listener = inner.generations;
         inner.last_seen = Instant::now();
@@ -702,22 +707,32 @@ async fn poll(app: Arc<App>, lp: Arc<LpSession>, ack: Option<u32>) -> Bytes {
             if inner.listener != generation {
                 return Poll::Ready(poll_answer(204, lp.token(), ack, &[]));
             }
-            if !inner.unacked.is_empty() {
+            if !inner.unacked.frames.is_empty() {
                 // The client has not acknowledged the last answer: it never got it. The same
                 // frames again, before anything newer (at most one answer's worth is held).
                 Metrics::add(
                     &app.metrics.longpoll_frames_resent,
-                    inner.unacked.len() as u64,
+                    inner.unacked.frames.len() as u64,
                 );
-                let last = inner.last_sent();
-                return Poll::Ready(poll_answer(200, lp.token(), Some(last), &inner.unacked));
+                let last = inner.unacked.last_sent();
+                return Poll::Ready(poll_answer(
+                    200,
+                    lp.token(),
+                    Some(last),
+                    &inner.unacked.frames,
+                ));
             }
             lp.waker.clear();
             match take_frames(&mut inner) {
-                Ok(broadcasts) if !inner.unacked.is_empty() => {
+                Ok(broadcasts) if !inner.unacked.frames.is_empty() => {
                     Metrics::add(&app.metrics.messages_delivered_longpoll, broadcasts as u64);
-                    let last = inner.last_sent();
-                    return Poll::Ready(poll_answer(200, lp.token(), Some(last), &inner.unacked));
+                    let last = inner.unacked.last_sent();
+                    return Poll::Ready(poll_answer(
+                        200,
+                        lp.token(),
+                        Some(last),
+                        &inner.unacked.frames,
+                    ));
                 }
                 Ok(_) => {}
                 Err(lag) => {
@@ -894,6 +909,45 @@ pub fn disabled() -> Response<Full<Bytes>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn frames_leave_only_when_acknowledged_whatever_the_numbers_do() {
+        let f = |n: u8| Bytes::from(vec![n]);
+        // Near the wrap: numbers go on modulo 2^32.
+        let mut u = Unacked {
+            frames: Vec::new(),
+            acked: u32::MAX - 1,
+        };
+        u.frames.extend([f(1), f(2), f(3)]);
+        assert_eq!(u.last_sent(), 1);
+        u.acknowledge(Some(u32::MAX - 2)); // stale: behind what was acknowledged
+        assert_eq!(u.frames.len(), 3);
+        u.acknowledge(Some(7)); // beyond what was handed out: made up
+        assert_eq!(u.frames.len(), 3);
+        u.acknowledge(Some(u32::MAX)); // the first frame
+        assert_eq!((u.frames.clone(), u.acked), (vec![f(2), f(3)], u32::MAX));
+        u.acknowledge(Some(1)); // across the wrap: everything
+        assert!(
+            u.frames.is_empty() && u.frames.capacity() == 0,
+            "no allocation kept"
+        );
+        assert_eq!(u.acked, 1);
+        u.frames.push(f(4));
+        u.acknowledge(None); // the short token: everything handed out
+        assert_eq!((u.frames.len(), u.acked), (0, 2));
+    }
+
+    #[test]
+    fn answer_tokens_carry_the_last_frame_s_number() {
+        let t = new_token("0123abcd");
+        let body = poll_answer(200, &t, Some(0x1f), &[]);
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let answered = v["token"].as_str().unwrap();
+        assert_eq!(answered, format!("{t}0000001f"));
+        assert!(looks_like_ours(answered));
+        assert_eq!(token_key(answered), token_key(&t));
+        assert_eq!((token_ack(answered), token_ack(&t)), (Some(0x1f), None));
+    }
 
     #[test]
     fn tokens_are_recognised_by_shape() {
