@@ -38,7 +38,18 @@ local epoch = meta[1]
 if not epoch or meta[2] ~= run then
   epoch = string.format('%x%05x', tonumber(now[1]), tonumber(now[2]))
   redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', 0, 'run', run)
-  redis.call('DEL', KEYS[2])
+  -- The old epoch's stream is kept beside the new one (`<prefix>{<topic>}:o`, meta field
+  -- `prev`) until it expires: a node that had not yet received its last messages when Redis
+  -- went away delivers them from there before moving on (they were acknowledged and survived).
+  local old = string.sub(KEYS[2], 1, -2) .. 'o'
+  if meta[1] and redis.call('EXISTS', KEYS[2]) == 1 then
+    redis.call('RENAME', KEYS[2], old)
+    redis.call('HSET', KEYS[1], 'prev', meta[1])
+    redis.call('EXPIRE', old, tonumber(ARGV[5]) or 300)
+  else
+    redis.call('DEL', old)
+    redis.call('HDEL', KEYS[1], 'prev')
+  end
 end
 local offset = redis.call('HINCRBY', KEYS[1], 'offset', 1)
 local position = epoch .. ':' .. offset

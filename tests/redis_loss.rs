@@ -925,3 +925,67 @@ async fn sentinels_and_a_master_with_passwords() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Redis with AOF `always` keeps every acknowledged write across a SIGKILL, but the restart
+/// moves the topic to a new epoch. A message acknowledged just before Redis went away that the
+/// node had not received yet (here: published with the script on another channel, so the node
+/// never hears of it live) must still reach the node's clients, in order, before the new
+/// epoch's messages: the old epoch's stream is kept beside the new one for that. (Before, the
+/// new epoch dropped the old stream, and every connected client silently missed the message.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_the_node_had_not_received_before_a_redis_restart_is_delivered_first() {
+    let mut redis = RedisServer::start_with(
+        &[
+            "--save",
+            "",
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+        ],
+        true,
+    );
+    let a = node(&redis.url()).await;
+    let (ws, ws_task) = ws_client(a.addr, None).await;
+    let (lp, lp_task) = lp_client(a.addr, None).await;
+    let p1 = publish_acked(a.addr, 1).await;
+    for log in [&ws, &lp] {
+        wait_for(|| log.lock().unwrap().msgs.len() == 1, "the first message").await;
+    }
+
+    let out = redis.cli(&[
+        "EVAL",
+        include_str!("../redis/publish.lua"),
+        "2",
+        &format!("pushgate:{{{TOPIC}}}:m"),
+        &format!("pushgate:{{{TOPIC}}}:s"),
+        "pushgate:elsewhere",
+        "n",
+        "2",
+        "1000",
+        "300",
+    ]);
+    let p2 = out.trim().to_string();
+    assert!(hub_position(&p2).is_some(), "{out}");
+    redis.stop();
+    wait_ready(a.addr, 503).await;
+    redis.restart();
+    wait_ready(a.addr, 200).await;
+    let p3 = publish_acked(a.addr, 3).await;
+    assert_ne!(hub_position(&p3).unwrap().0, hub_position(&p2).unwrap().0);
+
+    for (name, log) in [("WebSocket", &ws), ("LongPoll", &lp)] {
+        wait_for(
+            || log.lock().unwrap().msgs.iter().any(|(_, n)| *n == 3),
+            "the message after the restart",
+        )
+        .await;
+        assert_eq!(
+            log.lock().unwrap().msgs,
+            vec![(p1.clone(), 1), (p2.clone(), 2), (p3.clone(), 3)],
+            "{name}"
+        );
+    }
+    ws_task.abort();
+    lp_task.abort();
+}

@@ -6,7 +6,9 @@
 //!   stream, and publishes `{"position":"E:O","event":...,"payload":...}` atomically. A plain
 //!   `PUBLISH PT {"event":...,"payload":...}` is delivered live, without a position.
 //! - `P{T}:m`: hash with the topic's `epoch` and last `offset`; `P{T}:s`: stream of the last
-//!   `history.size` messages, entry id `<offset>-0`; `P{T}:p`: the topic's presence entries.
+//!   `history.size` messages, entry id `<offset>-0`; `P{T}:p`: the topic's presence entries;
+//!   `P{T}:o`: the previous epoch's stream, kept (meta field `prev`) when the scripts start a
+//!   new epoch, so that a node that had not received its last messages delivers them first.
 //!   Hash-tagged by topic so that a move to Redis Cluster keeps a topic's keys in one slot.
 //! - Everything else is the nodes' own, under `I`, which no `PT` can equal (`I` and `P` differ
 //!   before either ends; `Config::validate` checks it): `Inode:<id>`, a node's control channel
@@ -107,6 +109,12 @@ impl Keys {
     /// The topic's history stream.
     pub fn stream(&self, topic: &str) -> String {
         self.topic_key(topic, 's')
+    }
+
+    /// The stream of the topic's previous epoch, kept when a new epoch starts (until it
+    /// expires) for nodes that had not received its last messages yet.
+    pub fn old_stream(&self, topic: &str) -> String {
+        self.topic_key(topic, 'o')
     }
 
     /// The topic's presence entries (a hash: `phx_ref` to `{"key", "node", "meta"}`).
@@ -942,6 +950,13 @@ async fn resubscribe(
                     new_epoch = %epoch,
                     "redis: topic history was lost or recreated; continuing in a new epoch"
                 );
+                // First what Redis kept of the old epoch that this node had not received yet
+                // (published just before Redis went away): acknowledged, so delivered.
+                let tail = previous_epoch_tail(broker, con, topic, known).await?;
+                if !tail.is_empty() {
+                    app.hub.go_live(topic, &known.epoch, known.offset);
+                    append_entries(app, topic, known.offset + 1, tail);
+                }
             }
             app.hub.go_live(topic, &epoch, 0);
             if offset > 0 {
@@ -966,6 +981,13 @@ async fn catch_up(
     to: u64,
 ) -> Result<(), redis::RedisError> {
     let entries = broker.range(con, topic, from, Some(to)).await?;
+    append_entries(app, topic, from, entries);
+    Ok(())
+}
+
+/// Appends stream entries (read from offset `from` on) to the hub, each in the epoch its
+/// position names.
+fn append_entries(app: &App, topic: &str, from: u64, entries: Vec<(u64, u64, String)>) {
     let mut expected = from;
     for (offset, _, raw) in entries {
         let Ok(env) = serde_json::from_str::<Envelope>(&raw) else {
@@ -984,7 +1006,31 @@ async fn catch_up(
         }
         expected = offset + 1;
     }
-    Ok(())
+}
+
+/// The messages of `known`'s epoch after `known.offset` that Redis kept when `topic` moved to a
+/// new epoch (the old epoch's stream, kept beside the new one: see `redis/publish.lua`). Empty
+/// when the topic's previous epoch is another one or its stream is gone.
+async fn previous_epoch_tail(
+    broker: &RedisBroker,
+    con: &mut ConnectionManager,
+    topic: &str,
+    known: &hub::Position,
+) -> Result<Vec<(u64, u64, String)>, redis::RedisError> {
+    let (prev, tail): (Option<String>, redis::streams::StreamRangeReply) = redis::pipe()
+        .cmd("HGET")
+        .arg(broker.meta_key(topic))
+        .arg("prev")
+        .cmd("XRANGE")
+        .arg(broker.keys.old_stream(topic))
+        .arg(format!("{}-0", known.offset + 1))
+        .arg("+")
+        .query_async(con)
+        .await?;
+    if prev.as_deref() != Some(&*known.epoch) {
+        return Ok(Vec::new());
+    }
+    Ok(entries(tail))
 }
 
 async fn on_message(
@@ -1345,6 +1391,7 @@ mod tests {
             for t in hostile_topics(&nodes) {
                 add(&mut keys, k.meta(&t), format!("meta({t})"));
                 add(&mut keys, k.stream(&t), format!("stream({t})"));
+                add(&mut keys, k.old_stream(&t), format!("old_stream({t})"));
                 add(&mut keys, k.presence(&t), format!("presence({t})"));
                 add(&mut channels, k.channel(&t), format!("channel({t})"));
                 assert_eq!(k.topic_of(&k.channel(&t)), Some(t.as_str()));
