@@ -802,3 +802,75 @@ async fn a_draining_node_cuts_short_the_polls_it_relays_and_finishes_within_its_
         "{v}"
     );
 }
+
+/// A relayed LongPoll GET whose relaying node loses its Redis subscriber connection (where the
+/// owner's answer would arrive) is cut short at once with the client's own token, and the
+/// session goes on: the next poll, on the owner, gets what was published meanwhile. (Before,
+/// the relaying node waited for an answer that could no longer come, up to the window.)
+#[tokio::test]
+async fn a_relayed_poll_is_cut_short_when_the_relaying_node_loses_its_redis_link() {
+    let redis = RedisServer::start();
+    let mut c = redis_config(&redis.url());
+    c.longpoll.window_ms = 8000;
+    c.longpoll.session_timeout_ms = 20_000;
+    let a = start_with(c.clone()).await;
+    let b = start_with(c).await;
+    wait_ready(a.addr, 200).await;
+    wait_ready(b.addr, 200).await;
+
+    let (token, _) = lp_session(b.addr).await;
+    let r = lp(
+        b.addr,
+        "POST",
+        &lp_url(&token),
+        br#"["1","1","room:link","phx_join",{}]"#,
+    )
+    .await;
+    assert_eq!(r["status"], 200);
+    let v = lp(b.addr, "GET", &lp_url(&token), b"").await;
+    assert_eq!(frames(&v)[0][3], "phx_reply", "{v}");
+    let acked = v["token"].as_str().unwrap().to_string();
+    let relayed = {
+        let acked = acked.clone();
+        let via = a.addr;
+        tokio::spawn(async move { lp(via, "GET", &lp_url(&acked), b"").await })
+    };
+    let end = tokio::time::Instant::now() + Duration::from_secs(10);
+    while b.app.longpoll.held() != 1 {
+        assert!(
+            tokio::time::Instant::now() < end,
+            "the relayed poll never reached B"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let t0 = std::time::Instant::now();
+    assert!(
+        !redis
+            .cli(&["CLIENT", "KILL", "TYPE", "pubsub"])
+            .contains("ERR")
+    );
+    let answer = tokio::time::timeout(Duration::from_secs(15), relayed)
+        .await
+        .expect("the relayed poll was not answered")
+        .unwrap();
+    let took = t0.elapsed();
+    assert_eq!(
+        answer,
+        serde_json::json!({"status": 204, "token": acked, "messages": []}),
+        "cut short with the client's own token"
+    );
+    assert!(
+        took < Duration::from_millis(2000),
+        "answered after {took:?}"
+    );
+
+    wait_ready(b.addr, 200).await;
+    let p = publish(b.addr, "room:link", "n", "1").await;
+    let v = lp(b.addr, "GET", &lp_url(&acked), b"").await;
+    assert_eq!(
+        frames(&v),
+        vec![serde_json::json!([null, p, "room:link", "n", 1])],
+        "{v}"
+    );
+}
