@@ -2,7 +2,8 @@
 -- history may have been lost (see publish.lua: the meta hash was written by another Redis
 -- process, i.e. Redis restarted or failed over since; or the node that asks has already seen
 -- a later offset of this very epoch).
--- KEYS[1] <prefix>{<topic>}:m, KEYS[2] <prefix>{<topic>}:s; ARGV[1] history age in seconds;
+-- KEYS[1] <prefix>{<topic>}:m, KEYS[2] <prefix>{<topic>}:s (renamed to <prefix>{<topic>}:o when
+-- a new epoch starts, as in publish.lua); ARGV[1] history age in seconds;
 -- ARGV[2], ARGV[3] (optional): the epoch and offset the asking node last saw for the topic.
 -- Returns {epoch, offset}.
 local info = redis.call('INFO', 'server')

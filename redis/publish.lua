@@ -1,7 +1,9 @@
 -- pushgate: publish one message with history, atomically.
 --
 -- KEYS[1]  <prefix>{<topic>}:m   the topic's meta hash (epoch, offset)
--- KEYS[2]  <prefix>{<topic>}:s   the topic's history stream (entry id = "<offset>-0")
+-- KEYS[2]  <prefix>{<topic>}:s   the topic's history stream (entry id = "<offset>-0"); when a
+--                                 new epoch starts it becomes <prefix>{<topic>}:o (the name is
+--                                 KEYS[2] with its last letter changed: same hash slot)
 -- ARGV[1]  <prefix><topic>       the topic's pub/sub channel (nodes with subscribers to it
 --                                 listen there; their own channels and keys live under
 --                                 redis.internal_prefix, which no topic can reach: README,
