@@ -750,21 +750,60 @@ fn pick_port(v6: bool) -> u16 {
 pub struct RedisServer {
     pub port: u16,
     child: Option<std::process::Child>,
+    /// Extra arguments (persistence, replication), given again on every restart.
+    args: Vec<String>,
+    /// The data directory of a persistent server (removed on drop).
+    dir: Option<std::path::PathBuf>,
 }
 
 impl RedisServer {
     /// Starts on a free port; if another process takes the port between the pick and the
     /// bind (redis-server then exits at once), on another one.
     pub fn start() -> RedisServer {
-        Self::start_from(free_port())
+        Self::start_with(&["--save", "", "--appendonly", "no"], false)
     }
 
     /// [`RedisServer::start`], trying `port` first.
     pub fn start_from(port: u16) -> RedisServer {
-        let mut r = RedisServer { port, child: None };
+        Self::start_at(port, &["--save", "", "--appendonly", "no"], false)
+    }
+
+    /// A server with RDB persistence in its own directory, but no automatic snapshot: the
+    /// test takes them (`SAVE`), so what a restart brings back is exactly the last snapshot.
+    /// A SIGKILL ([`RedisServer::stop`]) then [`RedisServer::restart`] loses every write since.
+    pub fn start_rdb() -> RedisServer {
+        Self::start_with(&["--save", "", "--appendonly", "no"], true)
+    }
+
+    /// A server with these arguments; `persistent` gives it a data directory of its own
+    /// (kept across restarts, removed on drop).
+    pub fn start_with(args: &[&str], persistent: bool) -> RedisServer {
+        Self::start_at(free_port(), args, persistent)
+    }
+
+    fn start_at(port: u16, args: &[&str], persistent: bool) -> RedisServer {
+        let mut r = RedisServer {
+            port,
+            child: None,
+            args: args.iter().map(|a| a.to_string()).collect(),
+            dir: None,
+        };
         for _ in 0..5 {
+            r.dir = persistent.then(|| {
+                let d = std::env::temp_dir().join(format!(
+                    "pushgate-test-redis-{}-{}-{:08x}",
+                    std::process::id(),
+                    r.port,
+                    rand::random::<u32>()
+                ));
+                std::fs::create_dir_all(&d).unwrap();
+                d
+            });
             if r.spawn() {
                 return r;
+            }
+            if let Some(d) = r.dir.take() {
+                let _ = std::fs::remove_dir_all(d);
             }
             r.port = free_port();
         }
@@ -774,9 +813,13 @@ impl RedisServer {
     /// Starts redis-server on `self.port` and waits until it answers; false when it exited
     /// without answering (the port was taken).
     fn spawn(&mut self) -> bool {
-        let child = std::process::Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
+        let mut cmd = std::process::Command::new("redis-server");
+        cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(&self.args);
+        if let Some(d) = &self.dir {
+            cmd.arg("--dir").arg(d);
+        }
+        let child = cmd
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -855,9 +898,10 @@ impl RedisServer {
         }
     }
 
-    /// Stops and starts again on the same port (no persistence: the data is gone). The port
-    /// is below the ephemeral range and handed out once per test process, so no outgoing
-    /// connection can take it meanwhile; if another process's listener did, this says so.
+    /// Stops (SIGKILL) and starts again on the same port: without persistence the data is
+    /// gone; with it, Redis comes back with what its files hold. The port is below the
+    /// ephemeral range and handed out once per test process, so no outgoing connection can
+    /// take it meanwhile; if another process's listener did, this says so.
     pub fn restart(&mut self) {
         self.stop();
         assert!(
@@ -871,6 +915,9 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.stop();
+        if let Some(d) = self.dir.take() {
+            let _ = std::fs::remove_dir_all(d);
+        }
     }
 }
 
