@@ -874,3 +874,36 @@ async fn a_relayed_poll_is_cut_short_when_the_relaying_node_loses_its_redis_link
         "{v}"
     );
 }
+
+/// With the Redis broker, `pushgate_delivery_seconds` times deliveries from each message's
+/// receipt from Redis, on every node that delivers it (issue 22).
+#[tokio::test]
+async fn delivery_times_are_observed_from_redis_receipt_on_each_node() {
+    let redis = RedisServer::start();
+    let nodes = [node(&redis).await, node(&redis).await];
+    let mut clients = Vec::new();
+    for n in &nodes {
+        let mut ws = connect(n.addr).await;
+        join(&mut ws, "1", "room:timed", "{}").await;
+        clients.push(ws);
+    }
+    publish(nodes[0].addr, "room:timed", "e", "1").await;
+    for ws in &mut clients {
+        assert_eq!(recv(ws).await[4], 1);
+    }
+    for n in &nodes {
+        let sample = r#"pushgate_delivery_seconds_count{from="redis"}"#;
+        let end = tokio::time::Instant::now() + Duration::from_secs(10);
+        while metric(n.addr, sample).await != Some(1.0) {
+            assert!(
+                tokio::time::Instant::now() < end,
+                "{sample} never reached 1"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(
+            metric(n.addr, r#"pushgate_delivery_seconds_count{from="publish"}"#).await,
+            Some(0.0)
+        );
+    }
+}
