@@ -65,11 +65,36 @@ enum Command {
     },
 }
 
+/// Where logs go: stderr (the default: a terminal, journald) or stdout (what container
+/// platforms collect first; the image sets it). From `PUSHGATE_LOG_OUTPUT`.
+#[derive(Clone, Copy, PartialEq)]
+enum LogOutput {
+    Stderr,
+    Stdout,
+}
+
+fn log_output() -> Result<LogOutput, pushgate::config::Problem> {
+    match std::env::var("PUSHGATE_LOG_OUTPUT").as_deref() {
+        Err(_) | Ok("stderr") => Ok(LogOutput::Stderr),
+        Ok("stdout") => Ok(LogOutput::Stdout),
+        Ok(other) => Err(pushgate::config::Problem {
+            key: "PUSHGATE_LOG_OUTPUT".into(),
+            message: format!("{other:?}: expected stderr or stdout"),
+        }),
+    }
+}
+
 /// Loads the file and environment, applies `adjust` (command-line flags), then validates.
 fn load(file: Option<&PathBuf>, adjust: impl FnOnce(&mut Config)) -> Result<Config, ExitCode> {
     let config = Config::load(file.map(|p| p.as_path()), std::env::vars()).and_then(|mut c| {
         adjust(&mut c);
-        c.validate().map(|()| c)
+        let mut problems = c.validate().err().unwrap_or_default();
+        problems.extend(log_output().err());
+        if problems.is_empty() {
+            Ok(c)
+        } else {
+            Err(problems)
+        }
     });
     config.map_err(|problems| {
         for p in problems {
@@ -82,14 +107,27 @@ fn load(file: Option<&PathBuf>, adjust: impl FnOnce(&mut Config)) -> Result<Conf
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("PUSHGATE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    if std::env::var("PUSHGATE_LOG_FORMAT").as_deref() == Ok("json") {
-        builder.json().init();
+    let json = std::env::var("PUSHGATE_LOG_FORMAT").as_deref() == Ok("json");
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    // `load()` has already refused a bad PUSHGATE_LOG_OUTPUT.
+    if log_output() == Ok(LogOutput::Stdout) {
+        let builder = builder
+            .with_writer(std::io::stdout)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
+        if json {
+            builder.json().init();
+        } else {
+            builder.init();
+        }
     } else {
-        builder.init();
+        let builder = builder
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+        if json {
+            builder.json().init();
+        } else {
+            builder.init();
+        }
     }
 }
 

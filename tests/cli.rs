@@ -1,6 +1,6 @@
 //! The real binary: `check-config`, `serve` with its flags and environment, logs, and shutdown
 //! on SIGTERM. Environment variables are set on the child only, never on the test process; every
-//! `PUSHGATE_*` variable of the test process is removed from the child's environment.
+//! `PUSHGATE_*` variable of the test process (and `PORT`) is removed from the child's environment.
 
 mod support;
 
@@ -19,7 +19,7 @@ const STARTUP: Duration = Duration::from_secs(10);
 fn pushgate() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_pushgate"));
     for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("PUSHGATE_") {
+        if k.to_string_lossy().starts_with("PUSHGATE_") || k == "PORT" {
             c.env_remove(k);
         }
     }
@@ -511,6 +511,84 @@ async fn json_logs_carry_the_listening_address_as_a_field() {
     let _ = child.kill();
     let _ = child.wait();
     assert_eq!(status, 200);
+}
+
+/// Reads `pipe` line by line on a thread of its own.
+fn lines_of(pipe: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(pipe).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+#[tokio::test]
+async fn port_listens_on_every_interface_and_the_image_logs_json_to_stdout() {
+    // What a container platform and the image's defaults give the binary: PORT (0 here: the
+    // kernel picks a free one, which the log names), JSON logs on stdout.
+    let mut cmd = pushgate();
+    cmd.arg("serve")
+        .env("PORT", "0")
+        .env("PUSHGATE_PUBLISH_TOKEN", TOKEN)
+        .env("PUSHGATE_LOG_FORMAT", "json")
+        .env("PUSHGATE_LOG_OUTPUT", "stdout")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let stdout = lines_of(child.stdout.take().unwrap());
+    let stderr = lines_of(child.stderr.take().unwrap());
+    let end = Instant::now() + STARTUP;
+    let addr: SocketAddr = loop {
+        let Ok(line) = stdout.recv_timeout(end.saturating_duration_since(Instant::now())) else {
+            let _ = child.kill();
+            let errs: Vec<String> = stderr.try_iter().collect();
+            panic!("no listening line on stdout; stderr:\n{}", errs.join("\n"));
+        };
+        let v: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        if v["fields"]["message"] == "listening" {
+            break v["fields"]["addr"].as_str().unwrap().parse().unwrap();
+        }
+    };
+    assert!(
+        addr.ip().is_unspecified(),
+        "listening on {addr}, not 0.0.0.0"
+    );
+    assert_ne!(addr.port(), 0);
+    let loopback = SocketAddr::from(([127, 0, 0, 1], addr.port()));
+    let (status, _, _) = http(loopback, "GET", "/healthz", &[], b"").await;
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(status, 200);
+    let errs: Vec<String> = stderr.try_iter().collect();
+    assert!(errs.is_empty(), "logs on stderr: {errs:?}");
+
+    // PUSHGATE_LISTEN beats PORT (a port we hold: binding it would fail).
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut cmd = pushgate();
+    cmd.arg("serve")
+        .env("PORT", held.local_addr().unwrap().port().to_string())
+        .env("PUSHGATE_LISTEN", "127.0.0.1:0")
+        .env("PUSHGATE_PUBLISH_TOKEN", TOKEN);
+    let p = Served::spawn(cmd);
+    assert_eq!(p.addr.ip().to_string(), "127.0.0.1");
+    drop(p);
+
+    // A bad PORT or log output is a configuration error that names it.
+    for (name, value) in [("PORT", "http"), ("PUSHGATE_LOG_OUTPUT", "syslog")] {
+        let mut cmd = pushgate();
+        cmd.arg("serve").env(name, value);
+        let out = run(cmd);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{name}: {stderr}");
+        assert!(stderr.contains(name), "{stderr}");
+        assert!(!stderr.contains("listening"), "{stderr}");
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
