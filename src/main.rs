@@ -47,6 +47,17 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Probe the local gateway (exit 0 when `GET /healthz` answers 200): the image's
+    /// HEALTHCHECK, which has no shell or curl to run. Connects where `serve` would listen
+    /// (loopback when that is every interface).
+    Health {
+        /// TOML configuration file (for server.listen; PORT and PUSHGATE_LISTEN work too).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Path to probe, e.g. /readyz.
+        #[arg(long, default_value = "/healthz")]
+        path: String,
+    },
     /// Print a connect token for private topics, signed with auth.secret (for trying them out;
     /// your backend mints its own).
     Token {
@@ -150,6 +161,23 @@ fn main() -> ExitCode {
             }
             Err(code) => code,
         },
+        Command::Health { config, path } => {
+            let c = match load(config.as_ref(), |_| {}) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            match probe(c.listen_addr(), &path) {
+                Ok(200) => ExitCode::SUCCESS,
+                Ok(status) => {
+                    eprintln!("{path}: {status}");
+                    ExitCode::from(1)
+                }
+                Err(e) => {
+                    eprintln!("{path}: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         Command::Token {
             config,
             channels,
@@ -218,6 +246,40 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// `GET path` on the gateway listening at `listen` (its loopback when `listen` is every
+/// interface); returns the HTTP status. Plain blocking I/O with a 2 s deadline per step.
+fn probe(listen: std::net::SocketAddr, path: &str) -> std::io::Result<u16> {
+    use std::io::{Read, Write};
+    let mut addr = listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr {
+            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let deadline = std::time::Duration::from_secs(2);
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, deadline)?;
+    stream.set_read_timeout(Some(deadline))?;
+    stream.set_write_timeout(Some(deadline))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut head = [0u8; 64];
+    let mut n = 0;
+    while n < 12 {
+        match stream.read(&mut head[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    let line = String::from_utf8_lossy(&head[..n]);
+    line.split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("not an HTTP answer from {addr}: {line:?}")))
 }
 
 /// Runs the gateway on `inherited` (sockets passed by systemd) or, when there are none, on a

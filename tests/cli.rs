@@ -591,6 +591,138 @@ async fn port_listens_on_every_interface_and_the_image_logs_json_to_stdout() {
     }
 }
 
+#[test]
+fn health_probes_the_gateway_where_port_says_it_listens() {
+    // The image's HEALTHCHECK: `pushgate health` with the container's environment.
+    let mut cmd = pushgate();
+    cmd.arg("serve")
+        .env("PORT", "0")
+        .env("PUSHGATE_PUBLISH_TOKEN", TOKEN);
+    let mut p = Served::spawn(cmd);
+    let health = |path: &str| {
+        let mut cmd = pushgate();
+        cmd.args(["health", "--path", path])
+            .env("PORT", p.addr.port().to_string());
+        run(cmd)
+    };
+    let out = health("/healthz");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let out = health("/readyz");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let out = health("/nope");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("404"), "{}", text(&out.stderr));
+    let _ = p.child.kill();
+    let _ = p.child.wait();
+    let out = health("/healthz");
+    assert_eq!(out.status.code(), Some(1), "a dead gateway is not healthy");
+}
+
+/// A CA and a certificate it signed for `localhost`/127.0.0.1: (ca.pem, cert.pem, key.pem).
+fn test_ca_and_server_cert() -> (String, String, String) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "pushgate test CA");
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let params =
+        rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+            .unwrap();
+    let cert = params.signed_by(&key, &ca_cert, &ca_key).unwrap();
+    (ca_cert.pem(), cert.pem(), key.serialize_pem())
+}
+
+#[tokio::test]
+async fn rediss_urls_speak_tls_to_redis_trusting_the_system_roots() {
+    // Managed Redis on the container platforms (App Platform's managed Valkey, Upstash's public
+    // endpoints, ElastiCache with in-transit encryption) only speaks TLS: a rediss:// URL.
+    // The roots are the system's (SSL_CERT_FILE here, as OpenSSL reads it: the test CA).
+    let (ca, cert, key) = test_ca_and_server_cert();
+    let (ca, cert, key) = (
+        TempFile::new("ca.pem", &ca),
+        TempFile::new("cert.pem", &cert),
+        TempFile::new("key.pem", &key),
+    );
+    let port = free_port();
+    let mut redis = Command::new("redis-server")
+        .args([
+            "--port",
+            "0",
+            "--tls-port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+        ])
+        .args(["--tls-cert-file", &cert.0.display().to_string()])
+        .args(["--tls-key-file", &key.0.display().to_string()])
+        .args(["--tls-ca-cert-file", &ca.0.display().to_string()])
+        .args([
+            "--tls-auth-clients",
+            "no",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server must be installed (scripts/test.sh installs it)");
+    let end = Instant::now() + STARTUP;
+    loop {
+        let out = Command::new("redis-cli")
+            .args(["--tls", "--cacert", &ca.0.display().to_string()])
+            .args(["-p", &port.to_string(), "ping"])
+            .output()
+            .expect("redis-cli");
+        if text(&out.stdout).trim() == "PONG" {
+            break;
+        }
+        assert!(Instant::now() < end, "redis-server (TLS) did not start");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    let mut cmd = pushgate();
+    cmd.arg("serve")
+        .env("PUSHGATE_LISTEN", "127.0.0.1:0")
+        .env("PUSHGATE_PUBLISH_TOKEN", TOKEN)
+        .env("PUSHGATE_REDIS_URL", format!("rediss://localhost:{port}/"))
+        .env("SSL_CERT_FILE", &ca.0);
+    let mut p = Served::spawn(cmd);
+    let end = tokio::time::Instant::now() + STARTUP;
+    loop {
+        let (status, _, body) = http(p.addr, "GET", "/readyz", &[], b"").await;
+        if status == 200 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < end,
+            "/readyz: {status} {}\n{}",
+            text(&body),
+            p.drain_log()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let body = br#"{"topic":"room:tls","event":"new_msg","payload":{}}"#;
+    let auth = format!("Bearer {TOKEN}");
+    let (status, _, answer) = http(
+        p.addr,
+        "POST",
+        "/api/publish",
+        &[
+            ("authorization", &auth),
+            ("content-type", "application/json"),
+        ],
+        body,
+    )
+    .await;
+    assert_eq!(status, 200, "{}\n{}", text(&answer), p.drain_log());
+    let _ = redis.kill();
+    let _ = redis.wait();
+}
+
 // ---------------------------------------------------------------------------------------------
 // Shutdown
 // ---------------------------------------------------------------------------------------------
