@@ -6,7 +6,8 @@
 # and through the TLS edge (tests/acme.rs; its Python 2.7 virtualenv is cached), the demo page in
 # Chromium at the TLS edge over HTTP/2 (tests/acme.rs with tests/js/edge-browser.js), README's
 # publish snippets (tests/js/readme.test.js), and the
-# Ansible test (a debootstrap root filesystem cached under /var/cache/pushgate-test).
+# Ansible test (a debootstrap root filesystem cached under /var/cache/pushgate-test), and the
+# container image built from the Dockerfile with podman and run as the platforms run it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,6 +29,12 @@ python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need_apt+=(python3-venv)
 # ACME tests (tests/acme.rs): Let's Encrypt's test CA and its DNS stand-in.
 command -v pebble >/dev/null 2>&1 && command -v pebble-challtestsrv >/dev/null 2>&1 || need_apt+=(pebble)
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
+# The container image (scripts/test-container.sh): podman and buildah, with runc (crun fails on
+# hybrid cgroups); slirp4netns lets containers reach the test's Redis on the host's loopback.
+command -v podman >/dev/null 2>&1 || need_apt+=(podman)
+command -v buildah >/dev/null 2>&1 || need_apt+=(buildah)
+command -v runc >/dev/null 2>&1 || need_apt+=(runc)
+command -v slirp4netns >/dev/null 2>&1 || need_apt+=(slirp4netns)
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "==> installing ${need_apt[*]}"
     if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
@@ -73,5 +80,12 @@ if [ "$(id -u)" = 0 ]; then
     ./scripts/test-ansible.sh target/debug/pushgate
 else
     sudo ./scripts/test-ansible.sh target/debug/pushgate
+fi
+echo "==> container image (podman build of the Dockerfile; the official client against containers)"
+# After the Ansible test, whose cached Debian 12 root filesystem the base-image stand-ins come from.
+if [ "$(id -u)" = 0 ]; then
+    ./scripts/test-container.sh
+else
+    sudo ./scripts/test-container.sh
 fi
 echo "==> all tests passed"
