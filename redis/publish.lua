@@ -2,7 +2,10 @@
 --
 -- KEYS[1]  <prefix>{<topic>}:m   the topic's meta hash (epoch, offset)
 -- KEYS[2]  <prefix>{<topic>}:s   the topic's history stream (entry id = "<offset>-0")
--- ARGV[1]  <prefix><topic>       the pub/sub channel every pushgate node subscribes to
+-- ARGV[1]  <prefix><topic>       the topic's pub/sub channel (nodes with subscribers to it
+--                                 listen there; their own channels and keys live under
+--                                 redis.internal_prefix, which no topic can reach: README,
+--                                 "Redis keys and channels")
 -- ARGV[2]  event name
 -- ARGV[3]  payload, as JSON text
 -- ARGV[4]  history size (messages kept; default 1000)

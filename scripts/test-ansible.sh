@@ -122,6 +122,7 @@ pushgate:
       history: {size: 2000, max_age_secs: 600}
       server: {worker_threads: 1}
     pushgate_env: {PUSHGATE_LOG: info}
+    pushgate_use_redis: true
 EOF
 
 apply() { # apply LOGFILE
@@ -174,9 +175,19 @@ check_config() {
         return 1
     }
     grep -q '^size = 2000$' <<<"$out" && grep -q '^worker_threads = 1$' <<<"$out" &&
-        grep -q 'token = "(set, hidden)"' <<<"$out" && grep -q '^listen = "127.0.0.1:4100"$' <<<"$out" || { echo "$out"; return 1; }
+        grep -q 'token = "(set, hidden)"' <<<"$out" && grep -q '^listen = "127.0.0.1:4100"$' <<<"$out" &&
+        grep -q '^url = "redis://:hidden@127.0.0.1:6379/"$' <<<"$out" || { echo "$out"; return 1; }
 }
 check "pushgate check-config accepts the rendered config (as user pushgate)" check_config
+REDIS_PASSWORD=$(cat "$ROOT/etc/pushgate/redis-password" 2>/dev/null || true)
+check "redis password file root:root 600" stat_is /etc/pushgate/redis-password "root:root 600"
+check "redis password: 64 hex digits" grep -qxE '[0-9a-f]{64}' "$ROOT/etc/pushgate/redis-password"
+check "redis.conf requires the password" grep -qx "requirepass $REDIS_PASSWORD" "$ROOT/etc/redis/redis.conf"
+check "redis.conf binds loopback only (one bind line: 127.0.0.1 -::1)" sh -c \
+    "[ \"\$(grep -E '^[[:space:]]*bind[[:space:]]' '$ROOT/etc/redis/redis.conf')\" = 'bind 127.0.0.1 -::1' ]"
+check "redis.conf protected-mode yes" grep -qx 'protected-mode yes' "$ROOT/etc/redis/redis.conf"
+check "redis.conf redis:redis 640" stat_is /etc/redis/redis.conf "redis:redis 640"
+check "pushgate's Redis URL carries the password" grep -qx "PUSHGATE_REDIS_URL=redis://:$REDIS_PASSWORD@127.0.0.1:6379/" "$ROOT/etc/pushgate/pushgate.env"
 check "nginx -t accepts the rendered site" in_root nginx -t
 check "nginx site enabled, default site removed" sh -c "test -L '$ROOT/etc/nginx/sites-enabled/pushgate.conf' && ! test -e '$ROOT/etc/nginx/sites-enabled/default'"
 check "nginx site: server_name and upstreams rendered" sh -c "grep -q 'server_name pushgate.test;' '$ROOT/etc/nginx/sites-available/pushgate.conf' && grep -q 'server 127.0.0.1:4100;' '$ROOT/etc/nginx/sites-available/pushgate.conf'"
@@ -204,6 +215,8 @@ idempotent() {
     }
 }
 check "second apply reports zero changes" idempotent
+check "the Redis password is kept across applies" sh -c \
+    "[ -n '$REDIS_PASSWORD' ] && [ \"\$(cat '$ROOT/etc/pushgate/redis-password')\" = '$REDIS_PASSWORD' ] && grep -qx 'requirepass $REDIS_PASSWORD' '$ROOT/etc/redis/redis.conf'"
 
 echo "ansible: $passed passed, $failed failed"
 [ "$failed" = 0 ]

@@ -78,7 +78,7 @@ pub fn challenge_response(app: &App, path: &str) -> Response<Full<Bytes>> {
     let token = path.strip_prefix(CHALLENGE_PATH_PREFIX).unwrap_or("");
     match app.acme.key_authorization(token) {
         Some(key_auth) if !token.is_empty() => {
-            tracing::info!(token, "answering http-01 challenge");
+            tracing::info!(token = ?token, "answering http-01 challenge");
             let mut r = Response::new(Full::new(Bytes::from(key_auth)));
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
@@ -87,7 +87,7 @@ pub fn challenge_response(app: &App, path: &str) -> Response<Full<Bytes>> {
             r
         }
         _ => {
-            tracing::debug!(token, "no open http-01 challenge for this token");
+            tracing::debug!(token = ?token, "no open http-01 challenge for this token");
             error_response(StatusCode::NOT_FOUND, "no such challenge")
         }
     }

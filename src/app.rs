@@ -16,6 +16,9 @@ pub struct App {
     pub broker: crate::broker::Broker,
     /// This node's LongPoll sessions.
     pub longpoll: crate::transport::longpoll::Registry,
+    /// Connection slots, `server.max_connections` of them: each TCP connection holds one (taken
+    /// before accept; a WebSocket keeps its socket's), and so does each LongPoll session.
+    pub slots: Arc<tokio::sync::Semaphore>,
     pub metrics: Arc<Metrics>,
     /// The ACME task's open challenges (`[acme]`).
     pub acme: crate::acme::Acme,
@@ -27,6 +30,9 @@ pub struct App {
     pub presence: Option<Arc<crate::presence::Presence>>,
     /// Per-client-address limits and the join rate (`crate::admission`).
     pub admission: Arc<crate::admission::Admission>,
+    /// Web pages allowed to connect (`server.allowed_origins`), checked once per WebSocket
+    /// upgrade and LongPoll request.
+    pub origins: crate::origin::Origins,
     /// The bearer token `POST /api/publish` requires (configured or generated at start).
     pub publish_token: String,
     /// This node's id (8 hex digits): LongPoll tokens carry it so any node can route a
@@ -58,20 +64,27 @@ impl App {
         let node_id = format!("{:08x}", rand::random::<u32>());
         let (hub, broker) = if config.redis.url.is_empty() {
             (
-                Hub::new(config.history.clone(), metrics.clone()),
+                Hub::new(config.history.clone(), metrics.clone())
+                    .with_max_topics(config.limits.max_topics),
                 crate::broker::Broker::Embedded,
             )
         } else {
             // `Config::validate` has checked the URL.
             let r = crate::broker::redis::RedisBroker::new(
                 &config.redis.url,
-                &config.redis.prefix,
+                crate::broker::redis::Keys::new(
+                    &config.redis.prefix,
+                    &config.redis.internal_prefix(),
+                ),
                 config.history.clone(),
                 &node_id,
+                config.limits.max_topics_per_connection,
+                metrics.clone(),
             )
             .expect("redis.url was validated");
             (
-                Hub::with_broker(config.history.clone(), metrics.clone(), r.idle.clone()),
+                Hub::with_broker(config.history.clone(), metrics.clone(), r.idle.clone())
+                    .with_max_topics(config.limits.max_topics),
                 crate::broker::Broker::Redis(Arc::new(r)),
             )
         };
@@ -88,10 +101,12 @@ impl App {
             hub,
             broker,
             longpoll: Default::default(),
+            slots: Arc::new(tokio::sync::Semaphore::new(config.server.max_connections)),
             metrics,
             acme: Default::default(),
             auth: crate::auth::Auth::new(&config.auth),
             admission: crate::admission::Admission::new(&config),
+            origins: crate::origin::Origins::new(&config.server.allowed_origins),
             forward,
             publish_token,
             node_id,

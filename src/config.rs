@@ -48,11 +48,28 @@ pub struct ServerConfig {
     /// Address to listen on. Default `127.0.0.1:4000` (loopback: nginx sits in front).
     /// Environment: `PUSHGATE_LISTEN`.
     pub listen: String,
-    /// Most simultaneous connections (HTTP and WebSocket); further ones wait in the kernel's
-    /// accept queue. Default 50000.
+    /// Most simultaneous clients: TCP connections (HTTP and WebSocket; a WebSocket is one) plus
+    /// LongPoll sessions (each holds one besides its connections). Further connections wait in
+    /// the kernel's accept queue; further LongPoll sessions are refused with `{"status":500}`,
+    /// and phoenix.js retries with backoff. Default 50000.
     pub max_connections: usize,
-    /// Time a client has to send complete HTTP request headers, in ms. Default 10000.
+    /// Time a client has to send complete HTTP request headers, in ms, counted from the
+    /// connection's start for its first request (a socket that sends nothing is closed then)
+    /// and from the first byte for later ones in the lean HTTP/1.1 loop; on connections hyper
+    /// serves, the wait for a next request counts too. A stalled head is answered 408. Default
+    /// 10000: a real client sends its head in one segment, at once; 10 s covers a slow mobile
+    /// link while bounding how long a silent socket holds a connection slot.
     pub header_read_timeout_ms: u64,
+    /// How long a keep-alive connection may wait, idle, for its next request before it is
+    /// closed, in ms; at the edge, how long an HTTP/2 connection may have no open stream.
+    /// Default 75000, nginx's `keepalive_timeout`: publishers and LongPoll clients reuse their
+    /// connection well within it, and an abandoned one gives its slot back.
+    pub keepalive_timeout_ms: u64,
+    /// Longest wait for the next bytes of a request body, in ms (not the whole body: a slow
+    /// but moving upload is fine). A body that stalls longer is answered 408 and the connection
+    /// closed. Default 30000: request bodies here are small messages, and a mobile link that
+    /// stalls half a minute has lost the request anyway.
+    pub body_timeout_ms: u64,
     /// A WebSocket that sends nothing for this long is closed with 1001, in ms. phoenix.js sends
     /// a heartbeat every 30 s, so the default 90000 allows two missed heartbeats.
     pub idle_timeout_ms: u64,
@@ -65,6 +82,15 @@ pub struct ServerConfig {
     /// by commas; empty: always the TCP peer.
     #[serde(deserialize_with = "names_list")]
     pub trusted_proxies: Vec<String>,
+    /// Web pages allowed to use the gateway, by the `Origin` their browser sends:
+    /// `scheme://host[:port]`, exact (`https://app.example.com`) or any subdomain
+    /// (`https://*.example.com`, not the bare domain). When set, WebSocket upgrades and LongPoll
+    /// requests from other origins get 403 and LongPoll's CORS answers name only these; requests
+    /// without an `Origin` (same-origin LongPoll GETs, clients that are not browsers) are let
+    /// through (see [`crate::origin`]). In `PUSHGATE_SERVER_ALLOWED_ORIGINS` separated by commas.
+    /// Default empty: any origin.
+    #[serde(deserialize_with = "names_list")]
+    pub allowed_origins: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -73,9 +99,12 @@ impl Default for ServerConfig {
             listen: "127.0.0.1:4000".into(),
             max_connections: 50_000,
             header_read_timeout_ms: 10_000,
+            keepalive_timeout_ms: 75_000,
+            body_timeout_ms: 30_000,
             idle_timeout_ms: 90_000,
             worker_threads: 0,
             trusted_proxies: vec!["127.0.0.0/8".into(), "::1".into()],
+            allowed_origins: Vec::new(),
         }
     }
 }
@@ -86,8 +115,15 @@ pub struct LimitsConfig {
     /// Largest client message (a WebSocket frame or reassembled message), in bytes.
     /// Larger ones close the WebSocket with 1009. Default 65536.
     pub max_frame_bytes: usize,
-    /// Most topics one connection may join; further joins get an error reply. Default 100.
+    /// Most topics one connection may join; further joins get an error reply. With Redis, also
+    /// the most joins one connection may have waiting for Redis at once (more get an error
+    /// reply: a connection that joins and leaves faster than Redis answers). Default 100.
     pub max_topics_per_connection: usize,
+    /// Most topics this node holds (with subscribers or history). A join that would create a
+    /// topic past it gets an error reply (the connection keeps its other channels); joins of
+    /// existing topics and publishes from the app are not refused. Default 100000 (an idle
+    /// topic costs about 1 KiB).
+    pub max_topics: usize,
     /// Most bytes of broadcasts a subscriber may have pending (published but not yet written to
     /// its socket). A subscriber past this, or one that falls off the end of a topic's history,
     /// is a slow consumer: its WebSocket is closed with 1013 and it recovers by position on
@@ -114,6 +150,7 @@ impl Default for LimitsConfig {
         LimitsConfig {
             max_frame_bytes: 64 * 1024,
             max_topics_per_connection: 100,
+            max_topics: 100_000,
             max_pending_bytes: 4 * 1024 * 1024,
             max_connections_per_address: 256,
             connect_rate_per_address: 20,
@@ -171,7 +208,8 @@ impl Default for LongPollConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct PublishConfig {
     /// Bearer token for `POST /api/publish`. Empty (the default) means one is generated at start
-    /// and logged. Environment: `PUSHGATE_PUBLISH_TOKEN`.
+    /// and shown in the log only when that is a terminal (never in journald or a file).
+    /// Environment: `PUSHGATE_PUBLISH_TOKEN`.
     pub token: String,
     /// Largest publish request body, in bytes; larger ones get 413. Default 1048576 (1 MiB).
     pub max_body_bytes: usize,
@@ -211,8 +249,15 @@ pub struct RedisConfig {
     /// Redis URL (`redis://host:port/db`, `rediss://` for TLS, `redis+unix:///path`); empty
     /// (the default) uses the embedded in-process broker. Environment: `PUSHGATE_REDIS_URL`.
     pub url: String,
-    /// Prefix of every key and channel pushgate uses. Default `pushgate:`.
+    /// Prefix of topic data: a topic's pub/sub channel is `<prefix><topic>`, its keys
+    /// `<prefix>{<topic>}:m`, `:s` and `:p`. Default `pushgate:`.
     pub prefix: String,
+    /// Prefix of node-internal keys and channels (node control channels for LongPoll routing,
+    /// presence node liveness and node lists). It must differ from `prefix` before either
+    /// ends (neither starts with the other), so that no topic name can reach it. Default
+    /// empty: derived from `prefix`, without its trailing `:`, followed by `.internal:`
+    /// (`pushgate.internal:`); see [`RedisConfig::internal_prefix`].
+    pub internal_prefix: String,
 }
 
 impl Default for RedisConfig {
@@ -220,6 +265,53 @@ impl Default for RedisConfig {
         RedisConfig {
             url: String::new(),
             prefix: "pushgate:".into(),
+            internal_prefix: String::new(),
+        }
+    }
+}
+
+impl RedisConfig {
+    /// The internal prefix in effect: `internal_prefix`, or when empty, `prefix` without one
+    /// trailing `:` followed by `.internal:`.
+    pub fn internal_prefix(&self) -> String {
+        if !self.internal_prefix.is_empty() {
+            return self.internal_prefix.clone();
+        }
+        let base = self.prefix.strip_suffix(':').unwrap_or(&self.prefix);
+        format!("{base}.internal:")
+    }
+
+    fn validate(&self, bad: &mut dyn FnMut(&str, &str)) {
+        if self.url.is_empty() {
+            return;
+        }
+        if let Err(e) = redis::Client::open(self.url.as_str()) {
+            bad("redis.url", &format!("not a Redis URL: {e}"));
+        }
+        if self.prefix.is_empty() {
+            bad(
+                "redis.prefix",
+                "must not be empty (every channel would be a topic's, leaving no room for \
+                 the nodes' own)",
+            );
+            return;
+        }
+        let internal = self.internal_prefix();
+        if internal.starts_with(&self.prefix) || self.prefix.starts_with(&internal) {
+            let key = if self.internal_prefix.is_empty() {
+                "redis.prefix"
+            } else {
+                "redis.internal_prefix"
+            };
+            bad(
+                key,
+                &format!(
+                    "the internal prefix {internal:?} and redis.prefix {:?} must differ before \
+                     either ends, or a topic name could reach the nodes' own keys and channels \
+                     (end redis.prefix with ':' or set redis.internal_prefix)",
+                    self.prefix
+                ),
+            );
         }
     }
 }
@@ -360,9 +452,15 @@ fn check_patterns(key: &str, patterns: &[String], bad: &mut dyn FnMut(&str, &str
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct ForwardConfig {
-    /// Where client pushes are POSTed: an `http://` or `https://` URL of your app. Default
-    /// empty: client pushes get an error reply.
+    /// Where client pushes are POSTed: an `http://` or `https://` URL of your app. Plain
+    /// `http://` only to a loopback host (`127.0.0.1`, `::1`, `localhost`) unless
+    /// `allow_insecure_http`: the publish token travels with every push. Default empty: client
+    /// pushes get an error reply.
     pub url: String,
+    /// Allow a plain-`http://` `url` to a host other than loopback (a private network you
+    /// trust), where the publish token and the pushes cross the network unencrypted. Default
+    /// false.
+    pub allow_insecure_http: bool,
     /// PEM root certificate(s) to trust for an `https://` `url` besides the public ones (a
     /// private CA). Default empty.
     pub root_ca_file: String,
@@ -384,6 +482,7 @@ impl Default for ForwardConfig {
     fn default() -> Self {
         ForwardConfig {
             url: String::new(),
+            allow_insecure_http: false,
             root_ca_file: String::new(),
             topics: Vec::new(),
             timeout_ms: 5000,
@@ -444,6 +543,17 @@ impl ForwardConfig {
                     "forward.url",
                     "must be an http:// or https:// URL, like http://127.0.0.1:3000/pushgate/push",
                 );
+            } else if !self.allow_insecure_http
+                && let Ok(u) = self.url.parse::<hyper::Uri>()
+                && u.scheme_str() == Some("http")
+                && !u.host().is_some_and(is_loopback_host)
+            {
+                bad(
+                    "forward.url",
+                    "plain http:// to a host other than loopback would send the publish token \
+                     unencrypted: use https://, or set forward.allow_insecure_http = true \
+                     (PUSHGATE_FORWARD_ALLOW_INSECURE_HTTP=true) for a private network you trust",
+                );
             }
             if self.topics.is_empty() {
                 bad(
@@ -473,6 +583,15 @@ impl ForwardConfig {
     }
 }
 
+/// `localhost` (and `*.localhost`), or a loopback IP address (IPv6 in brackets, as in a URL).
+fn is_loopback_host(host: &str) -> bool {
+    let h = host.trim_start_matches('[').trim_end_matches(']');
+    h.eq_ignore_ascii_case("localhost")
+        || h.to_ascii_lowercase().ends_with(".localhost")
+        || h.parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 /// pushgate terminating TLS itself, at the edge (no nginx in front), see [`crate::tls`].
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -486,6 +605,21 @@ pub struct TlsConfig {
     pub redirect_listen: String,
     /// Time a client has to complete the TLS handshake, in ms. Default 10000.
     pub handshake_timeout_ms: u64,
+    /// Also serve `/api/*` (publish, presence) and `/metrics` on `tls.listen`. Default false:
+    /// the edge serves what the internet needs (`/socket/*`, health checks, ACME challenges,
+    /// the demo page when enabled) and the rest answers 404 there; the plain listener
+    /// (`server.listen`, loopback by default) serves everything. Turn it on only when the
+    /// publish token and the metrics may face the internet.
+    pub serve_api_and_metrics: bool,
+    /// HTTP/2 at the edge: a PING is sent after this long without a frame from the client, and
+    /// the connection is closed when the answer takes as long again, in ms. Default 30000, as
+    /// often as phoenix.js's heartbeat: a vanished client is noticed within a minute.
+    pub http2_ping_interval_ms: u64,
+    /// HTTP/2 at the edge: most streams (requests and RFC 8441 WebSockets) open at once on one
+    /// connection; more are refused by the protocol (`REFUSED_STREAM`). Default 128, nginx's
+    /// `http2_max_concurrent_streams`. Each WebSocket also holds a `server.max_connections`
+    /// slot.
+    pub http2_max_concurrent_streams: u32,
 }
 
 impl Default for TlsConfig {
@@ -494,6 +628,9 @@ impl Default for TlsConfig {
             listen: String::new(),
             redirect_listen: String::new(),
             handshake_timeout_ms: 10_000,
+            serve_api_and_metrics: false,
+            http2_ping_interval_ms: 30_000,
+            http2_max_concurrent_streams: 128,
         }
     }
 }
@@ -536,6 +673,12 @@ impl TlsConfig {
         }
         if self.handshake_timeout_ms < 100 {
             bad("tls.handshake_timeout_ms", "must be at least 100");
+        }
+        if self.http2_ping_interval_ms < 100 {
+            bad("tls.http2_ping_interval_ms", "must be at least 100");
+        }
+        if self.http2_max_concurrent_streams == 0 {
+            bad("tls.http2_max_concurrent_streams", "must be at least 1");
         }
     }
 }
@@ -796,8 +939,28 @@ impl Config {
                 "must be an IP address and port, like 127.0.0.1:4000",
             );
         }
+        for o in &self.server.allowed_origins {
+            if let Err(e) = crate::origin::check_pattern(o) {
+                bad("server.allowed_origins", &e);
+            }
+        }
         if self.server.max_connections == 0 {
             bad("server.max_connections", "must be at least 1");
+        }
+        for (key, ms) in [
+            (
+                "server.header_read_timeout_ms",
+                self.server.header_read_timeout_ms,
+            ),
+            (
+                "server.keepalive_timeout_ms",
+                self.server.keepalive_timeout_ms,
+            ),
+            ("server.body_timeout_ms", self.server.body_timeout_ms),
+        ] {
+            if ms < 100 {
+                bad(key, "must be at least 100");
+            }
         }
         if self.server.idle_timeout_ms < 35_000 {
             bad(
@@ -810,6 +973,9 @@ impl Config {
         }
         if self.limits.max_topics_per_connection == 0 {
             bad("limits.max_topics_per_connection", "must be at least 1");
+        }
+        if self.limits.max_topics == 0 {
+            bad("limits.max_topics", "must be at least 1");
         }
         if self.limits.max_pending_bytes < 64 * 1024 {
             bad("limits.max_pending_bytes", "must be at least 65536");
@@ -870,11 +1036,7 @@ impl Config {
         if self.history.max_age_secs == 0 {
             bad("history.max_age_secs", "must be at least 1");
         }
-        if !self.redis.url.is_empty()
-            && let Err(e) = redis::Client::open(self.redis.url.as_str())
-        {
-            bad("redis.url", &format!("not a Redis URL: {e}"));
-        }
+        self.redis.validate(&mut bad);
         if self.shutdown.grace_ms < self.shutdown.drain_ms {
             bad("shutdown.grace_ms", "must be at least shutdown.drain_ms");
         }
@@ -1033,6 +1195,37 @@ mod tests {
     }
 
     #[test]
+    fn the_internal_redis_prefix_cannot_be_reached_by_a_topic() {
+        let mut c = Config::default();
+        c.redis.url = "redis://127.0.0.1:6379/".into();
+        assert_eq!(c.redis.internal_prefix(), "pushgate.internal:");
+        c.validate().unwrap();
+        c.redis.prefix = "app1:".into();
+        assert_eq!(c.redis.internal_prefix(), "app1.internal:");
+        c.validate().unwrap();
+        let problem = |c: &Config| {
+            let p = c.validate().unwrap_err();
+            assert_eq!(p.len(), 1, "{p:?}");
+            p[0].key.clone()
+        };
+        // No trailing ':': the derived prefix would start with the topic prefix.
+        c.redis.prefix = "app".into();
+        assert_eq!(problem(&c), "redis.prefix");
+        c.redis.internal_prefix = "app-internal:".into();
+        assert_eq!(problem(&c), "redis.internal_prefix");
+        c.redis.internal_prefix = "internal:app:".into();
+        c.validate().unwrap();
+        // One may not start with the other, either way round.
+        c.redis.prefix = "internal:app:x:".into();
+        assert_eq!(problem(&c), "redis.internal_prefix");
+        c.redis.prefix = String::new();
+        assert_eq!(problem(&c), "redis.prefix");
+        // Without Redis the prefixes are not used.
+        c.redis.url = String::new();
+        c.validate().unwrap();
+    }
+
+    #[test]
     fn the_readme_documents_every_key() {
         let readme = include_str!("../README.md");
         let table = toml::Table::try_from(Config::default()).unwrap();
@@ -1049,6 +1242,46 @@ mod tests {
             missing,
             Vec::<String>::new(),
             "README.md's Configuration table lacks these"
+        );
+    }
+
+    #[test]
+    fn deadlines_are_named_when_too_short() {
+        let c = Config::load(
+            None,
+            env(&[
+                ("PUSHGATE_SERVER_KEEPALIVE_TIMEOUT_MS", "60000"),
+                ("PUSHGATE_SERVER_BODY_TIMEOUT_MS", "15000"),
+                ("PUSHGATE_TLS_SERVE_API_AND_METRICS", "true"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.server.keepalive_timeout_ms, 60_000);
+        assert_eq!(c.server.body_timeout_ms, 15_000);
+        assert!(c.tls.serve_api_and_metrics);
+        c.validate().unwrap();
+
+        let mut c = Config::default();
+        c.server.header_read_timeout_ms = 0;
+        c.server.keepalive_timeout_ms = 0;
+        c.server.body_timeout_ms = 99;
+        c.tls.http2_ping_interval_ms = 0;
+        c.tls.http2_max_concurrent_streams = 0;
+        let keys: Vec<_> = c
+            .validate()
+            .unwrap_err()
+            .into_iter()
+            .map(|p| p.key)
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "server.header_read_timeout_ms",
+                "server.keepalive_timeout_ms",
+                "server.body_timeout_ms",
+                "tls.http2_ping_interval_ms",
+                "tls.http2_max_concurrent_streams"
+            ]
         );
     }
 

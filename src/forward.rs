@@ -9,7 +9,8 @@
 //! reply: a 2xx answer's JSON body is an "ok" reply's response, a 4xx answer's an "error"
 //! reply's (an empty body counts as `{}`); anything else (5xx, no connection, no answer within
 //! `forward.timeout_ms`, a body that is not JSON or is larger than `limits.max_frame_bytes`) is
-//! an "error" reply `{"reason": "forward failed", "detail": ...}`.
+//! an "error" reply `{"reason": "forward failed"}`: why goes to the log and to the `reason` label
+//! of `pushgate_forward_failures_total`, not to the client.
 //!
 //! One connection's pushes go one at a time, in order (a [`Lane`] per session with at most
 //! `forward.max_queued` waiting); at most `forward.max_concurrent` requests are at the app at
@@ -18,7 +19,7 @@
 
 use crate::auth::glob_match;
 use crate::config::ForwardConfig;
-use crate::metrics::Metrics;
+use crate::metrics::{ForwardFailure, Metrics};
 use crate::protocol;
 use crate::session::DirectFrame;
 use bytes::Bytes;
@@ -33,6 +34,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::task::TaskTracker;
+
+/// The reply's response to a push the app did not answer properly: nothing about why.
+const FAILED: &[u8] = br#"{"reason":"forward failed"}"#;
 
 /// The `[forward]` settings with their HTTP client.
 pub struct Forwarder {
@@ -160,38 +164,59 @@ impl Forwarder {
         Lane { tx }
     }
 
-    /// Asks the app and encodes its answer as the push's reply.
+    /// Asks the app and encodes its answer as the push's reply. A failure's detail goes to the
+    /// log and its kind to `pushgate_forward_failures_total`; the client is told only
+    /// `{"reason": "forward failed"}` (the detail can name hosts, addresses and TLS problems of
+    /// the app's network).
     async fn answer(&self, job: Job) -> DirectFrame {
         let outcome = tokio::time::timeout(self.timeout, self.ask(&job))
             .await
-            .unwrap_or_else(
-                |_| Err("the app did not answer within forward.timeout_ms".to_string()),
-            );
-        let failed = |detail: String| protocol::reason_and_detail("forward failed", &detail);
-        // (reply status, response, whether the app failed to answer)
+            .unwrap_or_else(|_| {
+                Err((
+                    ForwardFailure::Timeout,
+                    "the app did not answer within forward.timeout_ms".to_string(),
+                ))
+            });
         let (status, response, failure) = match outcome {
-            Ok((code, body)) if code.is_success() => ("ok", body, false),
-            Ok((code, body)) if code.is_client_error() => ("error", body, false),
-            Ok((code, _)) => ("error", failed(format!("the app answered {code}")), true),
-            Err(detail) => ("error", failed(detail), true),
+            Ok((code, body)) if code.is_success() => ("ok", body, None),
+            Ok((code, body)) if code.is_client_error() => ("error", body, None),
+            Ok((code, _)) => (
+                "error",
+                FAILED.to_vec(),
+                Some((ForwardFailure::Status, format!("the app answered {code}"))),
+            ),
+            Err(failure) => ("error", FAILED.to_vec(), Some(failure)),
         };
         let m = &self.metrics;
-        Metrics::add(
-            match (status, failure) {
-                (_, true) => &m.forward_failed,
-                ("ok", _) => &m.forward_ok,
-                _ => &m.forward_refused,
-            },
-            1,
-        );
-        if failure && !self.failing.swap(true, Ordering::Relaxed) {
-            tracing::warn!(
-                url = %self.uri,
-                answer = %String::from_utf8_lossy(&response),
-                "forward: a push could not be handed to the app; such pushes get error replies"
-            );
-        } else if !failure && self.failing.swap(false, Ordering::Relaxed) {
-            tracing::info!(url = %self.uri, "forward: the app answers again");
+        match &failure {
+            Some((kind, detail)) => {
+                Metrics::add(&m.forward_failed, 1);
+                Metrics::add(&m.forward_failures[*kind as usize], 1);
+                if !self.failing.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        url = %self.uri,
+                        reason = kind.label(),
+                        detail = ?detail,
+                        "forward: a push could not be handed to the app; such pushes get error \
+                         replies (pushgate_forward_failures_total counts them by reason)"
+                    );
+                } else {
+                    tracing::debug!(reason = kind.label(), detail = ?detail, "forward failed");
+                }
+            }
+            None => {
+                Metrics::add(
+                    if status == "ok" {
+                        &m.forward_ok
+                    } else {
+                        &m.forward_refused
+                    },
+                    1,
+                );
+                if self.failing.swap(false, Ordering::Relaxed) {
+                    tracing::info!(url = %self.uri, "forward: the app answers again");
+                }
+            }
         }
         protocol::encode_reply(
             Some(&job.join_ref),
@@ -203,12 +228,12 @@ impl Forwarder {
     }
 
     /// One request: the app's status and its JSON answer.
-    async fn ask(&self, job: &Job) -> Result<(StatusCode, Vec<u8>), String> {
+    async fn ask(&self, job: &Job) -> Result<(StatusCode, Vec<u8>), (ForwardFailure, String)> {
         let _slot = self
             .slots
             .acquire()
             .await
-            .map_err(|_| "shutting down".to_string())?;
+            .map_err(|_| (ForwardFailure::Other, "shutting down".to_string()))?;
         let payload = job.payload.get();
         let mut body = Vec::with_capacity(64 + job.topic.len() + job.event.len() + payload.len());
         body.extend_from_slice(b"{\"topic\":");
@@ -229,17 +254,25 @@ impl Forwarder {
             .header(header::CONTENT_TYPE, "application/json")
             .header(header::AUTHORIZATION, self.bearer.clone())
             .body(Full::new(Bytes::from(body)))
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| (ForwardFailure::Other, e.to_string()))?;
         let resp = self.client.request(req).await.map_err(|e| {
             let cause = std::error::Error::source(&e).map_or(String::new(), |s| format!(": {s}"));
-            format!("cannot reach the app ({e}{cause})")
+            let kind = match e.is_connect() {
+                true => ForwardFailure::Connect,
+                false => ForwardFailure::Other,
+            };
+            (kind, format!("cannot reach the app ({e}{cause})"))
         })?;
         let status = resp.status();
         let answer = Limited::new(resp.into_body(), self.max_answer)
             .collect()
             .await
             .map_err(|_| {
-                "the app's answer is larger than limits.max_frame_bytes or broke off".to_string()
+                (
+                    ForwardFailure::BadAnswer,
+                    "the app's answer is larger than limits.max_frame_bytes or broke off"
+                        .to_string(),
+                )
             })?
             .to_bytes();
         let answer = answer.trim_ascii();
@@ -247,8 +280,9 @@ impl Forwarder {
         if (status.is_success() || status.is_client_error())
             && serde_json::from_slice::<&RawValue>(answer).is_err()
         {
-            return Err(format!(
-                "the app answered {status} with a body that is not JSON"
+            return Err((
+                ForwardFailure::BadAnswer,
+                format!("the app answered {status} with a body that is not JSON"),
             ));
         }
         Ok((status, answer.to_vec()))

@@ -444,6 +444,9 @@ struct TopicState {
     subscribers: Slab<Subscriber>,
     /// Set when the sweeper removed the topic from the map; publishers then look it up again.
     removed: bool,
+    /// A message other than a presence diff was appended: the history is worth keeping after
+    /// the last subscriber has gone (a topic that only announced joins and leaves is not).
+    app_messages: bool,
 }
 
 #[derive(Debug)]
@@ -716,6 +719,7 @@ impl TopicState {
         let text_start = (ws::MAX_HEADER - start) as u8;
         let len = frame.len() as u64;
         let now = Instant::now();
+        self.app_messages |= event != crate::presence::DIFF_EVENT;
         self.last_seq += 1;
         let cum_start = self.total_bytes;
         self.entries.push_back(Entry {
@@ -815,6 +819,8 @@ pub struct Hub {
     embedded: bool,
     /// Told when a topic loses its last local subscriber (the Redis broker unsubscribes).
     idle: Option<Arc<tokio::sync::Notify>>,
+    /// `limits.max_topics`: joins do not create topics past it ([`Hub::has_room_for`]).
+    max_topics: usize,
 }
 
 /// The outcome of a join against the local buffer (see [`Hub::join_live`]).
@@ -858,6 +864,7 @@ impl Hub {
             metrics,
             embedded: true,
             idle: None,
+            max_topics: usize::MAX,
         }
     }
 
@@ -874,7 +881,22 @@ impl Hub {
             metrics,
             embedded: false,
             idle: Some(idle),
+            max_topics: usize::MAX,
         }
+    }
+
+    /// This hub with `limits.max_topics`.
+    pub fn with_max_topics(mut self, max_topics: usize) -> Hub {
+        self.max_topics = max_topics;
+        self
+    }
+
+    /// Whether a join of `name` may go ahead under `limits.max_topics`: the topic exists, or
+    /// there is room for one more. (Checked before the join, not under the same lock: joins
+    /// running at that moment on other threads may each add one topic past the cap.)
+    pub fn has_room_for(&self, name: &str) -> bool {
+        let map = self.map();
+        map.len() < self.max_topics || map.contains_key(name)
     }
 
     pub fn is_embedded(&self) -> bool {
@@ -901,6 +923,7 @@ impl Hub {
                 total_bytes: 0,
                 subscribers: Slab::new(),
                 removed: false,
+                app_messages: false,
             }),
             fanout_scheduled: AtomicBool::new(false),
             idle: self.idle.clone(),
@@ -1139,7 +1162,8 @@ impl Hub {
         }
     }
 
-    /// Trims old history and forgets topics with neither subscribers nor history.
+    /// Trims old history and forgets topics with neither subscribers nor history (presence
+    /// diffs alone do not count as history).
     /// Run periodically by the server.
     pub fn sweep(&self) {
         let now = Instant::now();
@@ -1148,11 +1172,14 @@ impl Hub {
         map.retain(|_, topic| {
             let mut st = topic.write();
             st.trim(&self.history, now);
-            // Embedded: the buffer is the history, keep it. External broker: the history is
-            // the broker's; keep a topic only while it has subscribers or is subscribed.
+            // Embedded: the buffer is the history, keep it, unless it holds nothing but
+            // presence diffs (nobody is left to be announced; a flood of presence joins would
+            // otherwise keep a topic each for `history.max_age_secs`). External broker: the
+            // history is the broker's; keep a topic only while it has subscribers or is
+            // subscribed.
             let keep = !st.subscribers.is_empty()
                 || if self.embedded {
-                    !st.entries.is_empty()
+                    !st.entries.is_empty() && st.app_messages
                 } else {
                     st.live
                 };
@@ -1402,6 +1429,30 @@ mod tests {
         assert_eq!(w.unpark(), None);
         assert_eq!(got.got.lock().unwrap().len(), 5);
         assert_eq!(texts(&mut sub).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn sweep_forgets_topics_whose_history_is_only_presence_diffs() {
+        let h = hub(10).with_max_topics(3);
+        let (sub, _) = h.subscribe("watched", Arc::new(Waker::default()), None);
+        for t in ["watched", "diffs", "mixed"] {
+            h.publish(t, crate::presence::DIFF_EVENT, b"{}");
+        }
+        h.publish("mixed", "news", b"{}");
+        assert!(!h.has_room_for("other"), "3 topics: the cap");
+        assert!(h.has_room_for("diffs"), "an existing topic may be joined");
+        h.sweep();
+        let mut names: Vec<String> = h.map().keys().map(|k| k.to_string()).collect();
+        names.sort();
+        assert_eq!(names, ["mixed", "watched"]);
+        assert!(h.has_room_for("other"));
+        drop(sub);
+        h.sweep();
+        assert_eq!(
+            h.map().len(),
+            1,
+            "only the topic with an app message is left"
+        );
     }
 
     #[test]

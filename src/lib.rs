@@ -6,6 +6,7 @@
 //! - [`http1`]: the lean HTTP/1.1 loop for publish and LongPoll connections (hyper does the rest).
 //! - [`router`]: path to handler; `/healthz`, `/readyz`, `/metrics`, demo page.
 //! - [`api`]: `POST /api/publish`.
+//! - [`deadline`]: read deadlines where hyper has none (stalled request bodies).
 //! - [`protocol`]: Phoenix V2 frames, parse and encode, no I/O.
 //! - [`ws`]: our RFC 6455 frame layer, no I/O.
 //! - [`session`]: one client's channels and replies, transport-neutral, no I/O.
@@ -15,6 +16,7 @@
 //! - [`hub`]: topics, their shared history buffers, positions and local subscribers.
 //! - [`broker`]: the Redis broker (cross-node fanout, history streams); embedded otherwise.
 //! - [`metrics`]: counters rendered for Prometheus.
+//! - [`origin`]: `server.allowed_origins`, which web pages may connect, no I/O.
 //! - [`app`]: the shared state handed to every connection.
 //! - [`acme`]: certificates from Let's Encrypt (ACME), HTTP-01 answers, export for nginx.
 //! - [`tls`]: at the edge, TLS with the ACME certificate (HTTP/1.1 and HTTP/2), HTTPS redirect.
@@ -28,10 +30,12 @@ pub mod app;
 pub mod auth;
 pub mod broker;
 pub mod config;
+pub mod deadline;
 pub mod forward;
 pub mod http1;
 pub mod hub;
 pub mod metrics;
+pub mod origin;
 pub mod presence;
 pub mod protocol;
 pub mod router;

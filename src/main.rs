@@ -153,6 +153,7 @@ fn main() -> ExitCode {
                 if !c.auth.secret.is_empty() {
                     c.auth.secret = "(set, hidden)".into();
                 }
+                c.redis.url = hide_password(&c.redis.url);
                 match toml::to_string_pretty(&c) {
                     Ok(text) => print!("{text}"),
                     Err(e) => eprintln!("cannot print the configuration: {e}"),
@@ -282,6 +283,21 @@ fn probe(listen: std::net::SocketAddr, path: &str) -> std::io::Result<u16> {
         .ok_or_else(|| std::io::Error::other(format!("not an HTTP answer from {addr}: {line:?}")))
 }
 
+/// `url` with the password of its user part (`redis://:PASSWORD@host/`) replaced by `hidden`.
+fn hide_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return url.to_string();
+    };
+    match rest[..at].split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:hidden{}", &rest[at..]),
+        None => url.to_string(),
+    }
+}
+
 /// Runs the gateway on `inherited` (sockets passed by systemd) or, when there are none, on a
 /// listener bound to `server.listen`.
 fn serve(config: Config, inherited: Vec<std::net::TcpListener>) -> anyhow::Result<bool> {
@@ -331,7 +347,14 @@ fn serve(config: Config, inherited: Vec<std::net::TcpListener>) -> anyhow::Resul
         for addr in &addrs {
             tracing::info!(%addr, broker = app.broker.name(), "listening");
         }
-        if generated {
+        // A generated token is shown only on a terminal: a log that is not one (journald, a
+        // file) would keep the secret for anyone who can read it.
+        if generated && !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            tracing::warn!(
+                "no publish token configured (PUSHGATE_PUBLISH_TOKEN or publish.token): generated \
+                 one for this run, not shown because the log is not a terminal; set one to publish"
+            );
+        } else if generated {
             tracing::info!(
                 token = %app.publish_token,
                 "no publish token configured (PUSHGATE_PUBLISH_TOKEN); generated one for this run"

@@ -49,6 +49,8 @@ pub struct Metrics {
     pub forward_ok: AtomicU64,
     pub forward_refused: AtomicU64,
     pub forward_failed: AtomicU64,
+    /// The `forward_failed` ones by [`ForwardFailure`] (the client is told only "forward failed").
+    pub forward_failures: [AtomicU64; ForwardFailure::ALL.len()],
     /// This node's presence entries (`[presence]`), and those it removed for dead nodes.
     pub presence_entries: AtomicU64,
     pub presence_reaped: AtomicU64,
@@ -95,6 +97,42 @@ impl Refusal {
             Refusal::Origin => "origin",
             Refusal::TopicCap => "topic_cap",
             Refusal::SessionCap => "session_cap",
+        }
+    }
+}
+
+/// Why a forwarded push failed: the `reason` label of `pushgate_forward_failures_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ForwardFailure {
+    /// No answer within `forward.timeout_ms` (waiting for a free slot included).
+    Timeout,
+    /// The app could not be reached: connection refused, name resolution, TLS (certificate).
+    Connect,
+    /// The app answered with a status other than 2xx or 4xx.
+    Status,
+    /// A 2xx/4xx answer that is not JSON, is larger than `limits.max_frame_bytes`, or broke off.
+    BadAnswer,
+    /// Anything else (shutting down).
+    Other,
+}
+
+impl ForwardFailure {
+    pub const ALL: [ForwardFailure; 5] = [
+        ForwardFailure::Timeout,
+        ForwardFailure::Connect,
+        ForwardFailure::Status,
+        ForwardFailure::BadAnswer,
+        ForwardFailure::Other,
+    ];
+
+    /// The `reason` label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            ForwardFailure::Timeout => "timeout",
+            ForwardFailure::Connect => "connect",
+            ForwardFailure::Status => "status",
+            ForwardFailure::BadAnswer => "bad_answer",
+            ForwardFailure::Other => "other",
         }
     }
 }
@@ -188,7 +226,7 @@ impl Metrics {
         one(
             "pushgate_longpoll_sessions_expired_total",
             "counter",
-            "LongPoll sessions dropped after longpoll.session_timeout_ms without a poll.",
+            "LongPoll sessions dropped after longpoll.session_timeout_ms without a poll (5 s for one never polled after the GET that created it).",
             &[("", c(&self.longpoll_sessions_expired))],
         );
         one(
@@ -221,6 +259,20 @@ impl Metrics {
                 ("{result=\"error\"}", c(&self.forward_refused)),
                 ("{result=\"failed\"}", c(&self.forward_failed)),
             ],
+        );
+        let failures: Vec<(String, i64)> = ForwardFailure::ALL
+            .iter()
+            .map(|f| {
+                let n = self.forward_failures[*f as usize].load(Relaxed) as i64;
+                (format!("{{reason=\"{}\"}}", f.label()), n)
+            })
+            .collect();
+        let failures: Vec<(&str, i64)> = failures.iter().map(|(l, n)| (l.as_str(), *n)).collect();
+        one(
+            "pushgate_forward_failures_total",
+            "counter",
+            "Forwarded pushes that failed (result=\"failed\" above), by reason: timeout, connect, status (not 2xx/4xx), bad_answer, other.",
+            &failures,
         );
         one(
             "pushgate_presence_entries",

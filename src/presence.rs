@@ -207,7 +207,7 @@ impl Presence {
     ) -> Option<Tracked> {
         if self.ops.full() {
             tracing::warn!(
-                topic,
+                topic = ?topic,
                 "presence: too many changes waiting; a join goes untracked"
             );
             return None;
@@ -539,11 +539,15 @@ async fn apply(
     }
 }
 
+/// The event of a diff. A topic whose history holds only these is not kept once its last
+/// subscriber is gone ([`crate::hub::Hub::sweep`]).
+pub const DIFF_EVENT: &str = "presence_diff";
+
 /// Publishes a diff through the broker (so every node's subscribers get it, in order).
 async fn publish_diff(app: &App, topic: &str, payload: &str) {
     let message = Message {
         topic,
-        event: "presence_diff",
+        event: DIFF_EVENT,
         payload,
         exclude: None,
     };
@@ -552,15 +556,16 @@ async fn publish_diff(app: &App, topic: &str, payload: &str) {
         .publish(app, std::slice::from_ref(&message))
         .await
     {
-        tracing::warn!(topic, error = %e, "presence: could not publish a diff");
+        tracing::warn!(topic = ?topic, error = ?e.to_string(), "presence: could not publish a diff");
     }
 }
 
 mod redis {
-    //! Presence entries in Redis: `<prefix>presence:<topic>` (a hash: `phx_ref` to
-    //! `{"key", "node", "meta"}`), `<prefix>presence:node:<id>` (the topics where a node has
-    //! entries), `<prefix>presence:nodes` (the nodes that may have entries) and
-    //! `<prefix>node:<id>` (a node's liveness key, with a TTL).
+    //! Presence entries in Redis (names from [`Keys`](crate::broker::redis::Keys)):
+    //! `<prefix>{<topic>}:p` (a hash: `phx_ref` to `{"key", "node", "meta"}`), and under the
+    //! internal prefix `presence:node:<id>` (the topics where a node has entries),
+    //! `presence:nodes` (the nodes that may have entries) and `node:<id>` (a node's liveness
+    //! key, with a TTL).
 
     use super::{Entry, Local, encode_diff, encode_state, publish_diff};
     use crate::app::App;
@@ -599,8 +604,8 @@ mod redis {
             }
         }
 
-        fn key(&self, what: &str) -> String {
-            format!("{}{what}", self.broker.prefix())
+        fn keys(&self) -> &crate::broker::redis::Keys {
+            self.broker.keys()
         }
 
         /// A write failed: the next beat puts every entry back.
@@ -612,7 +617,7 @@ mod redis {
         fn log_failure(&mut self, doing: &str, e: &redis::RedisError) {
             let text = format!("{doing}: {e}");
             if self.failing.as_deref() != Some(text.as_str()) {
-                tracing::warn!(error = %text, "presence: Redis failed");
+                tracing::warn!(error = ?text, "presence: Redis failed");
                 self.failing = Some(text);
             }
         }
@@ -658,8 +663,7 @@ mod redis {
         /// The topic's entries on every node, as a `presence_state` payload.
         pub(super) async fn read_state(&self, topic: &str) -> Result<Vec<u8>, redis::RedisError> {
             let mut con = self.broker.commands().await?;
-            let all: Vec<(String, String)> =
-                con.hgetall(self.key(&format!("presence:{topic}"))).await?;
+            let all: Vec<(String, String)> = con.hgetall(self.keys().presence(topic)).await?;
             let stored: Vec<Stored> = all
                 .iter()
                 .filter_map(|(_, v)| serde_json::from_str(v).ok())
@@ -679,16 +683,9 @@ mod redis {
             .to_string();
             let mut con = self.broker.commands().await?;
             redis::pipe()
-                .hset(
-                    self.key(&format!("presence:{}", entry.topic)),
-                    &entry.phx_ref,
-                    value,
-                )
+                .hset(self.keys().presence(&entry.topic), &entry.phx_ref, value)
                 .ignore()
-                .sadd(
-                    self.key(&format!("presence:node:{}", self.node)),
-                    &*entry.topic,
-                )
+                .sadd(self.keys().node_topics(&self.node), &*entry.topic)
                 .ignore()
                 .query_async::<()>(&mut con)
                 .await
@@ -707,16 +704,10 @@ mod redis {
                 let mut con = self.broker.commands().await?;
                 let (removed,): (i64,) = {
                     let mut pipe = redis::pipe();
-                    pipe.hdel(
-                        self.key(&format!("presence:{}", entry.topic)),
-                        &entry.phx_ref,
-                    );
+                    pipe.hdel(self.keys().presence(&entry.topic), &entry.phx_ref);
                     if last_here {
-                        pipe.srem(
-                            self.key(&format!("presence:node:{}", self.node)),
-                            &*entry.topic,
-                        )
-                        .ignore();
+                        pipe.srem(self.keys().node_topics(&self.node), &*entry.topic)
+                            .ignore();
                     }
                     pipe.query_async(&mut con).await?
                 };
@@ -739,12 +730,12 @@ mod redis {
                 let mut con = self.broker.commands().await?;
                 let (previous,): (Option<String>,) = redis::pipe()
                     .cmd("SET")
-                    .arg(self.key(&format!("node:{}", self.node)))
+                    .arg(self.keys().node_alive(&self.node))
                     .arg(1)
                     .arg("PX")
                     .arg(self.ttl_ms)
                     .arg("GET")
-                    .sadd(self.key("presence:nodes"), &self.node)
+                    .sadd(self.keys().nodes(), &self.node)
                     .ignore()
                     .query_async(&mut con)
                     .await?;
@@ -783,12 +774,12 @@ mod redis {
         async fn reap_dead(&mut self, app: &App) {
             let dead: Result<Vec<String>, redis::RedisError> = async {
                 let mut con = self.broker.commands().await?;
-                let nodes: Vec<String> = con.smembers(self.key("presence:nodes")).await?;
+                let nodes: Vec<String> = con.smembers(self.keys().nodes()).await?;
                 let mut dead = Vec::new();
                 for id in nodes.into_iter().filter(|id| *id != self.node) {
-                    let alive: bool = con.exists(self.key(&format!("node:{id}"))).await?;
+                    let alive: bool = con.exists(self.keys().node_alive(&id)).await?;
                     if !alive {
-                        let won: i64 = con.srem(self.key("presence:nodes"), &id).await?;
+                        let won: i64 = con.srem(self.keys().nodes(), &id).await?;
                         if won > 0 {
                             dead.push(id);
                         }
@@ -801,7 +792,7 @@ mod redis {
                 Ok(dead) => {
                     for id in dead {
                         let n = self.reap(app, &id).await;
-                        tracing::info!(node = %id, entries = n, "presence: removed a dead node's entries");
+                        tracing::info!(node = ?id, entries = n, "presence: removed a dead node's entries");
                         crate::metrics::Metrics::add(&app.metrics.presence_reaped, n as u64);
                     }
                 }
@@ -813,11 +804,11 @@ mod redis {
         async fn reap(&mut self, app: &App, id: &str) -> usize {
             let gone: Result<Vec<(String, Vec<Stored>)>, redis::RedisError> = async {
                 let mut con = self.broker.commands().await?;
-                let node_topics = self.key(&format!("presence:node:{id}"));
+                let node_topics = self.keys().node_topics(id);
                 let topics: Vec<String> = con.smembers(&node_topics).await?;
                 let mut gone = Vec::new();
                 for topic in topics {
-                    let hash = self.key(&format!("presence:{topic}"));
+                    let hash = self.keys().presence(&topic);
                     let all: Vec<(String, String)> = con.hgetall(&hash).await?;
                     let mut refs = Vec::new();
                     let mut entries = Vec::new();
@@ -865,9 +856,9 @@ mod redis {
             let result: Result<(), redis::RedisError> = async {
                 let mut con = self.broker.commands().await?;
                 redis::pipe()
-                    .del(self.key(&format!("node:{node}")))
+                    .del(self.keys().node_alive(&node))
                     .ignore()
-                    .srem(self.key("presence:nodes"), &node)
+                    .srem(self.keys().nodes(), &node)
                     .ignore()
                     .query_async::<()>(&mut con)
                     .await

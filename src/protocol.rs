@@ -88,10 +88,12 @@ pub fn parse_text(text: &[u8]) -> Result<Inbound, ParseError> {
             .get(i)
             .and_then(|v| serde_json::from_str::<String>(v.get()).ok())
     };
+    // A ref too long to keep is not echoed either.
+    let fits = |s: &String| s.len() <= MAX_FIELD_BYTES;
     let mut err = ParseError {
         reason: String::new(),
-        join_ref: as_str(0),
-        msg_ref: as_str(1),
+        join_ref: as_str(0).filter(fits),
+        msg_ref: as_str(1).filter(fits),
         topic: as_str(2),
     };
     if items.len() < 5 {
@@ -124,6 +126,15 @@ pub fn parse_text(text: &[u8]) -> Result<Inbound, ParseError> {
             return Err(err);
         }
     };
+    // Sessions keep join_refs (and pending joins their refs), so refs are bounded like topics.
+    if [&join_ref, &msg_ref]
+        .iter()
+        .any(|r| r.as_ref().is_some_and(|r| !fits(r)))
+    {
+        err.reason =
+            format!("malformed message: ref and join_ref must be at most {MAX_FIELD_BYTES} bytes");
+        return Err(err);
+    }
     let (Some(topic), Some(event)) = (as_str(2), as_str(3)) else {
         err.reason = "malformed message: topic and event must be strings".into();
         return Err(err);
@@ -406,6 +417,24 @@ mod tests {
         assert!(e.reason.contains("topic and event"), "{}", e.reason);
 
         assert!(parse_text(br#"{"topic":"x"}"#).is_err());
+    }
+
+    #[test]
+    fn refs_longer_than_a_field_are_rejected_and_not_echoed() {
+        let max = "1".repeat(MAX_FIELD_BYTES);
+        let over = "2".repeat(MAX_FIELD_BYTES + 1);
+        let ok = format!(r#"["{max}","{max}","room:a","phx_join",{{}}]"#);
+        assert_eq!(
+            parse_text(ok.as_bytes()).unwrap().msg_ref,
+            Some(max.clone())
+        );
+        let e = parse_text(format!(r#"["{over}","3","room:a","phx_join",{{}}]"#).as_bytes())
+            .unwrap_err();
+        assert!(e.reason.contains("255 bytes"), "{}", e.reason);
+        assert_eq!((e.join_ref, e.msg_ref), (None, Some("3".into())));
+        let e = parse_text(format!(r#"["4","{over}","room:a","ev",{{}}]"#).as_bytes()).unwrap_err();
+        assert_eq!((e.join_ref, e.msg_ref), (Some("4".into()), None));
+        assert_eq!(e.topic.as_deref(), Some("room:a"));
     }
 
     #[test]

@@ -1,8 +1,13 @@
 //! The accept loop and per-connection HTTP serving.
 //!
-//! A connection slot (a semaphore permit) is taken *before* accepting, so at most
-//! `server.max_connections` sockets are open; a WebSocket upgrade carries its slot into the
-//! WebSocket task. Accept errors (such as running out of file descriptors) back off and retry.
+//! A connection slot (a permit of `App::slots`) is taken *before* accepting, so sockets and
+//! LongPoll sessions (which hold a slot each) number at most `server.max_connections`; a
+//! WebSocket upgrade carries its socket's slot into the WebSocket task (an RFC 8441 WebSocket
+//! at the edge takes a slot of its own, see `router::route`). Accept errors (such as running
+//! out of file descriptors) back off and retry.
+//! Every read has a deadline (`http1` for the lean loop and the first bytes; hyper's header
+//! timeout, `deadline::Body` for request bodies), each forced close counted as
+//! `Refusal::Timeout`.
 //! Each connection is served by hyper's HTTP/1 with upgrades, inside its own tracked task.
 //! On shutdown, HTTP connections finish their current request (`graceful_shutdown`, then we
 //! keep polling them), WebSocket tasks close themselves with 1012, and [`run`] waits for every
@@ -51,7 +56,8 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
 /// Serves `listeners` until `app.shutdown` is cancelled, then drains and returns.
 /// Returns `true` when every task ended within the grace period.
 pub async fn run(listeners: Vec<TcpListener>, app: Arc<App>, edge: crate::tls::Listeners) -> bool {
-    let slots = Arc::new(Semaphore::new(app.config.server.max_connections));
+    // Shared with LongPoll sessions, which hold a slot each (`crate::transport::longpoll`).
+    let slots = app.slots.clone();
     edge.spawn(&app, &slots);
     for listener in listeners {
         app.tracker.spawn(accept_loop(
@@ -80,10 +86,9 @@ pub async fn run(listeners: Vec<TcpListener>, app: Arc<App>, edge: crate::tls::L
         },
         |_| {},
     );
-    // Check often enough that a session outlives its timeout by at most a quarter of it.
     spawn_periodic(
         &app,
-        Duration::from_millis(app.config.longpoll.session_timeout_ms / 4),
+        crate::transport::longpoll::sweep_interval(&app.config),
         |app| app.longpoll.sweep(app),
         |app| app.longpoll.close_all(),
     );
@@ -206,13 +211,13 @@ async fn serve_connection<S>(
 {
     // The slot moves into a WebSocket task on upgrade; otherwise it is released when this
     // connection ends.
-    let slot = Arc::new(std::sync::Mutex::new(Some(permit)));
+    let ctx = Arc::new(router::Conn::new(permit, false, None));
     let svc_app = app.clone();
     let service = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
         req.extensions_mut().insert(crate::admission::Peer(peer));
         let app = svc_app.clone();
-        let slot = slot.clone();
-        async move { Ok::<_, std::convert::Infallible>(router::route(app, req, &slot).await) }
+        let ctx = ctx.clone();
+        async move { Ok::<_, std::convert::Infallible>(router::route(app, req, &ctx).await) }
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
@@ -228,6 +233,10 @@ async fn serve_connection<S>(
     tokio::select! {
         r = conn.as_mut() => {
             if let Err(e) = r {
+                if e.is_timeout() {
+                    // hyper's header timeout: a silent or idle connection, or a slow head.
+                    app.metrics.refused(crate::metrics::Refusal::Timeout);
+                }
                 tracing::debug!(error = %e, "http connection error");
             }
         }

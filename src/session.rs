@@ -31,6 +31,14 @@ struct Channel {
     _presence: Option<Box<crate::presence::Tracked>>,
 }
 
+/// Longest query string a connect may carry, in bytes: it is kept for the connection's life
+/// ([`ConnectInfo`]). 8 KiB is also the longest request line nginx passes by default
+/// (`large_client_header_buffers`), so nothing nginx lets through is refused here.
+pub const MAX_CONNECT_QUERY_BYTES: usize = 8192;
+/// Longest auth token (phoenix.js `authToken`) a connect may carry, in bytes; kept like the
+/// query string. A connect token (a JWT with a few channel patterns) is a few hundred bytes.
+pub const MAX_AUTH_TOKEN_BYTES: usize = 4096;
+
 /// What the client presented when connecting; kept for authorization.
 #[derive(Debug, Default, Clone)]
 pub struct ConnectInfo {
@@ -38,6 +46,43 @@ pub struct ConnectInfo {
     pub query: String,
     /// The phoenix.js `authToken`, if one was offered.
     pub auth_token: Option<String>,
+}
+
+/// Why a connect was refused: what it presented is longer than we keep.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Oversized {
+    /// The query string is over [`MAX_CONNECT_QUERY_BYTES`].
+    Query,
+    /// The auth token is over [`MAX_AUTH_TOKEN_BYTES`].
+    AuthToken,
+}
+
+impl Oversized {
+    /// The reason given to the client.
+    pub fn reason(self) -> String {
+        match self {
+            Oversized::Query => {
+                format!("query string longer than {MAX_CONNECT_QUERY_BYTES} bytes")
+            }
+            Oversized::AuthToken => format!("auth token longer than {MAX_AUTH_TOKEN_BYTES} bytes"),
+        }
+    }
+}
+
+impl ConnectInfo {
+    /// What a client presented, to be kept for its connection's life, if within the bounds.
+    pub fn bounded(query: &str, auth_token: Option<&str>) -> Result<ConnectInfo, Oversized> {
+        if query.len() > MAX_CONNECT_QUERY_BYTES {
+            return Err(Oversized::Query);
+        }
+        if auth_token.is_some_and(|t| t.len() > MAX_AUTH_TOKEN_BYTES) {
+            return Err(Oversized::AuthToken);
+        }
+        Ok(ConnectInfo {
+            query: query.to_string(),
+            auth_token: auth_token.map(str::to_string),
+        })
+    }
 }
 
 #[derive(Debug)]
@@ -159,7 +204,7 @@ impl Session {
     /// Answers a message that could not be parsed, with whatever ref could be recovered.
     pub fn handle_parse_error(&mut self, err: ParseError) {
         Metrics::add(&self.app.metrics.bad_messages, 1);
-        tracing::debug!(reason = %err.reason, "bad client message");
+        tracing::debug!(reason = ?err.reason, "bad client message");
         let topic = err.topic.as_deref().unwrap_or(protocol::PHOENIX_TOPIC);
         self.reply(protocol::encode_error_reply(
             err.join_ref.as_deref(),
@@ -227,7 +272,7 @@ impl Session {
         }
         if let Err(refusal) = self.app.auth.may_join(&self.connect, &msg.topic) {
             Metrics::add(&self.app.metrics.join_errors, 1);
-            tracing::debug!(topic = %msg.topic, detail = %refusal.0, "join refused: unauthorized");
+            tracing::debug!(topic = ?msg.topic, detail = ?refusal.0, "join refused: unauthorized");
             self.reply(protocol::encode_reply(
                 Some(&join_ref),
                 msg.msg_ref.as_deref(),
@@ -270,6 +315,16 @@ impl Session {
                 }
             },
         };
+        if !self.app.hub.has_room_for(&msg.topic) {
+            self.app.metrics.refused(crate::metrics::Refusal::TopicCap);
+            tracing::debug!(topic = %msg.topic, "join refused: limits.max_topics reached");
+            self.join_error(
+                &msg,
+                Some(&join_ref),
+                "too many topics on this node (limits.max_topics)",
+            );
+            return;
+        }
         if let Some(i) = self.pending.iter().position(|p| p.topic == msg.topic) {
             // A join still in progress is superseded; its outcome will be dropped.
             let old = self.pending.swap_remove(i);

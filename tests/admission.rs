@@ -145,7 +145,8 @@ async fn longpoll_sessions_count_with_websockets_per_address() {
     assert_eq!(first["status"], 410, "{first}");
     // The third from that address: a status phoenix.js retries with backoff, no session made.
     let refused = longpoll_from(s.addr, "127.0.0.4", &[]).await;
-    assert_eq!(refused, serde_json::json!({"status": 500}));
+    assert_eq!(refused["status"], 500, "{refused}");
+    assert!(refused.get("token").is_none(), "{refused}");
     assert_eq!(
         metric(s.addr, r#"pushgate_connections{transport="longpoll"}"#).await,
         Some(1.0)
@@ -171,10 +172,7 @@ async fn new_connections_per_address_are_rate_limited() {
             .expect("within the burst");
     }
     assert_eq!(ws_from(s.addr, "127.0.0.6", &[]).await.err(), Some(429));
-    assert_eq!(
-        longpoll_from(s.addr, "127.0.0.6", &[]).await,
-        serde_json::json!({"status": 500})
-    );
+    assert_eq!(longpoll_from(s.addr, "127.0.0.6", &[]).await["status"], 500);
     assert_eq!(refusals(s.addr, "rate_limit").await, 2.0);
     legitimate_client_works(s.addr, "127.0.0.7", "room:c").await;
 }
@@ -205,8 +203,8 @@ async fn forwarded_for_names_the_client_only_behind_a_trusted_proxy() {
     let lp = longpoll_from(s.addr, "127.0.0.1", &xff("198.51.100.3")).await;
     assert_eq!(lp["status"], 410, "{lp}");
     assert_eq!(
-        longpoll_from(s.addr, "127.0.0.1", &xff("198.51.100.3")).await,
-        serde_json::json!({"status": 500})
+        longpoll_from(s.addr, "127.0.0.1", &xff("198.51.100.3")).await["status"],
+        500
     );
     // From an untrusted peer the header is ignored: the peer is the client.
     let _c = ws_from(s.addr, "127.0.0.8", &xff("198.51.100.4"))

@@ -679,3 +679,58 @@ async fn bad_messages_are_counted_and_the_server_keeps_serving() {
     assert_eq!(recv(&mut ws).await[1], "99");
     no_server_panics();
 }
+
+/// Refs and join_refs are kept per channel (and echoed in every reply), so they are bounded like
+/// topics: at most 255 bytes (the binary format's limit). A longer one gets an error reply that
+/// echoes only what fits, nothing is joined, and the connection keeps its channels.
+#[tokio::test]
+async fn refs_over_255_bytes_get_an_error_reply_and_nothing_is_kept() {
+    install_panic_counter();
+    let s = start().await;
+    let mut ws = connect(s.addr).await;
+    join(&mut ws, "1", "room:ok", "{}").await;
+    let long = "9".repeat(9000);
+    let just_over = "7".repeat(256);
+
+    // A join whose join_ref (and ref) is 9 KB: refused, the refs not echoed.
+    send(
+        &mut ws,
+        &format!(r#"["{long}","{long}","room:big","phx_join",{{}}]"#),
+    )
+    .await;
+    let r = recv(&mut ws).await;
+    let reason = assert_error_reply(&r, None, "room:big");
+    assert_eq!(r[0], Value::Null, "{r}");
+    assert!(
+        reason.contains("255"),
+        "the reason names the bound: {reason}"
+    );
+    assert_eq!(s.app.hub.subscriber_count("room:big"), 0);
+
+    // One byte over: refused; the join_ref that fits is echoed.
+    send(
+        &mut ws,
+        &format!(r#"["5","{just_over}","room:big","phx_join",{{}}]"#),
+    )
+    .await;
+    let r = recv(&mut ws).await;
+    assert_error_reply(&r, None, "room:big");
+    assert_eq!(r[0], "5", "{r}");
+    assert_eq!(s.app.hub.subscriber_count("room:big"), 0);
+
+    // A push on a joined channel with an oversized ref: an error reply, the channel stays.
+    send(
+        &mut ws,
+        &format!(r#"["1","{long}","room:ok","shout",{{}}]"#),
+    )
+    .await;
+    let r = recv(&mut ws).await;
+    assert_error_reply(&r, None, "room:ok");
+
+    // Exactly 255 bytes is fine and echoed exactly.
+    let max = "8".repeat(255);
+    join(&mut ws, &max, "room:max", "{}").await;
+    still_works(&mut ws, &s, "room:ok", "97").await;
+    still_works(&mut ws, &s, "room:max", "98").await;
+    no_server_panics();
+}

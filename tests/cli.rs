@@ -83,11 +83,39 @@ impl Served {
         cmd.stdout(Stdio::null()).stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn pushgate serve");
         let stderr = child.stderr.take().unwrap();
+        Served::reading(child, stderr)
+    }
+
+    /// `pushgate` with `args` and `env`, its stderr a terminal: run under util-linux `script`,
+    /// which gives it a pseudo-terminal and copies what it writes there to `script`'s stdout.
+    /// Log lines are returned without their ANSI colours.
+    fn spawn_on_terminal(args: &str, env: &[(&str, &str)]) -> Served {
+        let mut cmd = Command::new("script");
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("PUSHGATE_") {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.envs(env.iter().copied());
+        cmd.args(["-q", "-f", "-e", "-c"])
+            .arg(format!("exec {} {args}", env!("CARGO_BIN_EXE_pushgate")))
+            .arg("/dev/null")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = cmd
+            .spawn()
+            .expect("util-linux `script` is needed to give pushgate a terminal");
+        let stdout = child.stdout.take().unwrap();
+        Served::reading(child, stdout)
+    }
+
+    fn reading(child: Child, out: impl std::io::Read + Send + 'static) -> Served {
         let (tx, lines) = mpsc::channel();
         std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
+            for line in BufReader::new(out).lines() {
                 let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
+                if tx.send(strip_ansi(line.trim_end_matches('\r'))).is_err() {
                     break;
                 }
             }
@@ -156,6 +184,24 @@ impl Drop for Served {
             let _ = self.child.wait();
         }
     }
+}
+
+/// `line` without ANSI escape sequences (`ESC [ ... letter`).
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// The value of `name=value` in a plain log line.
@@ -306,9 +352,91 @@ fn check_config_names_the_key_of_a_wrongly_typed_value() {
     assert!(stderr.contains("history.size"), "{stderr}");
 }
 
+#[test]
+fn check_config_hides_the_redis_password() {
+    let mut cmd = pushgate();
+    cmd.arg("check-config").env(
+        "PUSHGATE_REDIS_URL",
+        "redis://:s3cret-pass@127.0.0.1:6379/0",
+    );
+    let out = run(cmd);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(!stdout.contains("s3cret"), "{stdout}");
+    assert!(
+        stdout.contains(r#"url = "redis://:hidden@127.0.0.1:6379/0""#),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn check_config_refuses_plain_http_forwarding_to_a_remote_host_unless_opted_in() {
+    let check = |url: &str, opt_in: Option<&str>| {
+        let mut cmd = pushgate();
+        cmd.arg("check-config")
+            .env("PUSHGATE_FORWARD_URL", url)
+            .env("PUSHGATE_FORWARD_TOPICS", "chat:*");
+        if let Some(v) = opt_in {
+            cmd.env("PUSHGATE_FORWARD_ALLOW_INSECURE_HTTP", v);
+        }
+        let out = run(cmd);
+        (out.status.code(), text(&out.stderr))
+    };
+    for remote in [
+        "http://app.internal:3000/push",
+        "http://10.0.0.5/push",
+        "http://[2001:db8::1]/push",
+    ] {
+        let (code, stderr) = check(remote, None);
+        assert_eq!(code, Some(64), "{remote}: {stderr}");
+        assert!(
+            stderr.contains("forward.url") && stderr.contains("forward.allow_insecure_http"),
+            "{remote}: {stderr}"
+        );
+        let (code, stderr) = check(remote, Some("true"));
+        assert_eq!(code, Some(0), "{remote} with the opt-in: {stderr}");
+    }
+    for fine in [
+        "http://127.0.0.1:3000/push",
+        "http://[::1]:3000/push",
+        "http://localhost:3000/push",
+        "https://app.example.com/push",
+    ] {
+        let (code, stderr) = check(fine, None);
+        assert_eq!(code, Some(0), "{fine}: {stderr}");
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // serve
 // ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_failed_forward_is_logged_with_its_detail_and_the_client_gets_a_generic_reply() {
+    let mut cmd = pushgate();
+    cmd.args(["serve", "--listen", "127.0.0.1:0"])
+        .env("PUSHGATE_PUBLISH_TOKEN", TOKEN)
+        .env(
+            "PUSHGATE_FORWARD_URL",
+            format!("http://127.0.0.1:{}/push", free_port()),
+        )
+        .env("PUSHGATE_FORWARD_TOPICS", "room:*");
+    let mut p = Served::spawn(cmd);
+    let mut ws = connect(p.addr).await;
+    join(&mut ws, "1", "room:f", "{}").await;
+    send(&mut ws, r#"["1","2","room:f","hello",{}]"#).await;
+    let reply = recv(&mut ws).await;
+    assert_eq!(
+        reply[4],
+        serde_json::json!({"status": "error", "response": {"reason": "forward failed"}}),
+        "{reply}"
+    );
+    let line = p.wait_line(|l| l.contains("forward"));
+    assert!(
+        line.contains("cannot reach the app") && line.contains("WARN"),
+        "{line}"
+    );
+}
 
 #[tokio::test]
 async fn serve_with_a_configured_token_publishes_with_it_and_never_logs_it() {
@@ -346,11 +474,35 @@ async fn serve_with_a_configured_token_publishes_with_it_and_never_logs_it() {
     assert!(!log.contains("curl"), "no generated-token hint:\n{log}");
 }
 
+/// Whether `log` holds a run of 32 hex digits: the shape of a generated publish token.
+fn has_token_shape(log: &str) -> bool {
+    log.as_bytes()
+        .windows(32)
+        .any(|w| w.iter().all(|b| b.is_ascii_hexdigit()))
+}
+
 #[tokio::test]
-async fn serve_without_a_token_logs_a_generated_one_and_a_curl_line_that_works() {
+async fn serve_without_a_token_does_not_log_the_generated_one_when_stderr_is_not_a_terminal() {
     let mut cmd = pushgate();
     cmd.args(["serve", "--listen", "127.0.0.1:0"]);
     let mut p = Served::spawn(cmd);
+    let warning = p.wait_line(|l| l.contains("PUSHGATE_PUBLISH_TOKEN"));
+    assert!(warning.contains("WARN"), "{warning}");
+    assert!(warning.contains("not a terminal"), "{warning}");
+    // A request after start-up, so that everything start-up logs is in.
+    let (status, _, _) = http(p.addr, "GET", "/healthz", &[], b"").await;
+    assert_eq!(status, 200);
+    let log = p.drain_log();
+    assert!(
+        !has_token_shape(&log),
+        "a token-shaped string in the log:\n{log}"
+    );
+    assert!(!log.contains("Bearer") && !log.contains("curl"), "{log}");
+}
+
+#[tokio::test]
+async fn serve_without_a_token_on_a_terminal_shows_a_generated_one_and_a_curl_line_that_works() {
+    let mut p = Served::spawn_on_terminal("serve --listen 127.0.0.1:0", &[]);
     let addr = p.addr;
     let token_line = p.wait_line(|l| l.contains("token="));
     let token = field(&token_line, "token");
@@ -363,7 +515,6 @@ async fn serve_without_a_token_logs_a_generated_one_and_a_curl_line_that_works()
         curl.contains(&format!("http://{addr}/api/publish")),
         "{curl}"
     );
-    assert!(!p.drain_log().contains('\x1b'), "ANSI escapes in the log");
 
     let mut ws = connect(addr).await;
     let resp = join(&mut ws, "1", "room:lobby", "{}").await;
@@ -408,6 +559,42 @@ async fn serve_without_a_token_logs_a_generated_one_and_a_curl_line_that_works()
     } else {
         eprintln!("curl is not installed: the pasted line was not run");
     }
+}
+
+#[tokio::test]
+async fn client_strings_are_logged_escaped_so_a_newline_cannot_forge_a_log_line() {
+    let mut cmd = pushgate();
+    cmd.args(["serve", "--listen", "127.0.0.1:0"])
+        .env("PUSHGATE_PUBLISH_TOKEN", TOKEN)
+        .env("PUSHGATE_LOG", "debug")
+        .env("PUSHGATE_AUTH_SECRET", "0123456789abcdef0123456789abcdef")
+        .env("PUSHGATE_AUTH_PRIVATE_TOPICS", "secret:*");
+    let mut p = Served::spawn(cmd);
+    let forged = "2026-01-01T00:00:00.000000Z  INFO pushgate: forged";
+    let mut ws = connect(p.addr).await;
+    // A refused join of a private topic is logged (debug) with its topic.
+    let topic = format!("secret:a\n{forged}");
+    send(
+        &mut ws,
+        &serde_json::json!(["1", "1", topic, "phx_join", {}]).to_string(),
+    )
+    .await;
+    let reply = recv(&mut ws).await;
+    assert_eq!(reply[4]["status"], "error", "{reply}");
+    // A second one, logged after the first: once it is in, so is everything before.
+    let reply = join_reply(&mut ws, "2", "secret:sentinel", "{}").await;
+    assert_eq!(reply["status"], "error", "{reply}");
+    p.wait_line(|l| l.contains("secret:sentinel"));
+    let log = p.drain_log();
+    assert!(
+        !log.lines().any(|l| l.starts_with("2026-01-01T00:00:00")),
+        "a client's newline started a log line of its own:\n{log}"
+    );
+    assert!(
+        log.lines()
+            .any(|l| l.contains("join refused") && l.contains(r"secret:a\n2026-01-01")),
+        "the topic, escaped, in the refusal's line:\n{log}"
+    );
 }
 
 #[tokio::test]

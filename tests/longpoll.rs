@@ -29,16 +29,6 @@ fn config(window_ms: u64) -> pushgate::Config {
     c
 }
 
-/// The value of response header `name` (case-insensitive), if present.
-fn header(head: &str, name: &str) -> Option<String> {
-    head.lines().skip(1).find_map(|l| {
-        let (k, v) = l.split_once(':')?;
-        k.trim()
-            .eq_ignore_ascii_case(name)
-            .then(|| v.trim().to_string())
-    })
-}
-
 /// Checks the headers every LongPoll answer carries (§2.2).
 fn assert_longpoll_headers(head: &str) {
     assert_eq!(
@@ -762,11 +752,12 @@ async fn options_is_a_cors_preflight_and_other_methods_are_400() {
     );
     assert_eq!(
         header(&head, "access-control-allow-headers").as_deref(),
-        Some("content-type, x-phoenix-authtoken")
+        Some("accept, content-type, x-phoenix-authtoken"),
+        "a fixed list: the headers phoenix.js sends (tests/origins.rs)"
     );
     assert_eq!(
         header(&head, "access-control-allow-methods").as_deref(),
-        Some("get, post, options")
+        Some("GET, POST")
     );
     assert_eq!(
         header(&head, "access-control-max-age").as_deref(),
@@ -1074,15 +1065,17 @@ async fn replies_piling_up_unpolled_end_the_session() {
     c.limits.max_pending_bytes = 65536;
     let s = start_with(c).await;
     let t = new_session(s.addr).await;
-    // Each heartbeat reply echoes its 1000-byte ref: about 1 KB a line, 50 KB a POST.
+    // Each heartbeat reply echoes its 255-byte ref (the most a ref may have): about 310 bytes
+    // a line, 31 KB a POST of 100 lines.
     let lines = |from: usize| {
-        (from..from + 50)
-            .map(|i| format!(r#"[null,"{i:01000}","phoenix","heartbeat",{{}}]"#))
+        (from..from + 100)
+            .map(|i| format!(r#"[null,"{i:0255}","phoenix","heartbeat",{{}}]"#))
             .collect::<Vec<_>>()
             .join("\n")
     };
     post_ok(s.addr, &t, &lines(0)).await;
-    assert_eq!(post(s.addr, &t, &lines(50)).await, json!({"status": 410}));
+    post_ok(s.addr, &t, &lines(100)).await;
+    assert_eq!(post(s.addr, &t, &lines(200)).await, json!({"status": 410}));
     assert_eq!(
         metric(
             s.addr,
@@ -1147,4 +1140,98 @@ async fn a_session_whose_held_get_was_aborted_still_expires() {
     let app = s.app.clone();
     wait_until(move || app.hub.subscriber_count("room:x") == 0).await;
     assert_eq!(get(s.addr, &t).await, json!({"status": 500}));
+}
+
+// Sessions hold connection slots ------------------------------------------------------------
+
+/// `n` session-creating GETs, one after another on one keep-alive connection (the flood of
+/// issue 16: 48,000 of them took half a second). Returns the answers and the open connection.
+async fn session_flood(addr: SocketAddr, n: usize) -> (Vec<Value>, tokio::net::TcpStream) {
+    use tokio::io::AsyncWriteExt;
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!("GET {BASE} HTTP/1.1\r\nHost: {addr}\r\nAccept: application/json\r\n\r\n");
+    let mut answers = Vec::new();
+    for _ in 0..n {
+        conn.write_all(req.as_bytes()).await.unwrap();
+        let (status, head, body) = read_response(&mut conn).await.expect("flood answer");
+        assert_eq!(status, 200, "{head}");
+        answers.push(serde_json::from_slice(&body).expect("a JSON answer"));
+    }
+    (answers, conn)
+}
+
+/// Every client holds a slot of `server.max_connections`: a WebSocket its socket's, a LongPoll
+/// session one of its own (and each TCP connection its own). A session past the limit is
+/// refused with `{"status":500}` (phoenix.js 1.7 and 1.8 reconnect with backoff), with a
+/// reason, and counted.
+#[tokio::test]
+async fn longpoll_sessions_and_websockets_share_server_max_connections() {
+    let mut c = config(300);
+    c.server.max_connections = 10;
+    let s = start_with(c).await;
+    let mut sockets = Vec::new();
+    for _ in 0..3 {
+        sockets.push(connect(s.addr).await);
+    }
+    // 10 slots: 3 WebSockets, the flood's own connection, the next connection's (the accept
+    // loop takes a slot before it accepts), so 5 sessions.
+    let (answers, conn) = session_flood(s.addr, 40).await;
+    let created = answers.iter().filter(|a| a["status"] == 410).count();
+    assert_eq!(created, 5, "sessions created: {answers:?}");
+    for a in &answers[5..] {
+        assert_eq!(a["status"], 500, "a refused session: {a}");
+        let reason = a["reason"].as_str().unwrap_or_default();
+        assert!(reason.contains("server.max_connections"), "{a}");
+    }
+    drop(conn);
+    assert_eq!(
+        metric(s.addr, r#"pushgate_refusals_total{cause="session_cap"}"#).await,
+        Some(35.0)
+    );
+    // The WebSockets are unaffected.
+    support::join(&mut sockets[0], "1", "room:ws", "{}").await;
+}
+
+/// A session that was created and never polled is gone within seconds (not after
+/// `longpoll.session_timeout_ms`), so a flood of session-creating GETs fills the table only
+/// briefly: a legitimate client then gets a session and its messages. A session that polled is
+/// kept.
+#[tokio::test]
+async fn never_polled_sessions_go_away_within_seconds_and_a_new_client_gets_a_session() {
+    let mut c = config(300);
+    c.server.max_connections = 20;
+    let s = start_with(c).await;
+    assert_eq!(c_timeout(&s), 30_000, "the default session timeout");
+    let polled = new_session(s.addr).await;
+    assert_eq!(get(s.addr, &polled).await["status"], 204);
+
+    let t0 = Instant::now();
+    let (answers, conn) = session_flood(s.addr, 100).await;
+    assert!(
+        answers.iter().any(|a| a["status"] == 500),
+        "the table filled"
+    );
+    drop(conn);
+    // Only the session that polled remains, well before the session timeout.
+    wait_metric(s.addr, r#"pushgate_connections{transport="longpoll"}"#, 1.0).await;
+    assert!(
+        t0.elapsed() < Duration::from_secs(8),
+        "never-polled sessions lingered {:?}",
+        t0.elapsed()
+    );
+
+    // A new client gets a session and receives messages; the polled session still works.
+    let t = new_session(s.addr).await;
+    join(s.addr, &t, "1", "room:x").await;
+    join(s.addr, &polled, "1", "room:x").await;
+    let pos = publish(s.addr, "room:x", "hello", r#"{"n":1}"#).await;
+    for token in [&t, &polled] {
+        let f = collect(s.addr, token, 1).await;
+        assert_eq!(f[0][1], pos.as_str(), "{}", f[0]);
+        assert_eq!(f[0][3], "hello", "{}", f[0]);
+    }
+}
+
+fn c_timeout(s: &TestServer) -> u64 {
+    s.app.config.longpoll.session_timeout_ms
 }

@@ -366,9 +366,9 @@ async fn with_redis_a_dead_node_s_entries_are_removed_and_announced() {
     // What a node that died leaves behind: entries, its topic list, no liveness key.
     let ghost =
         r#"{"key":"ghost","node":"deadbeef","meta":{"phx_ref":"deadbeef-1","name":"Ghost"}}"#;
-    redis.cli(&["HSET", "pushgate:presence:room:g", "deadbeef-1", ghost]);
-    redis.cli(&["SADD", "pushgate:presence:node:deadbeef", "room:g"]);
-    redis.cli(&["SADD", "pushgate:presence:nodes", "deadbeef"]);
+    redis.cli(&["HSET", "pushgate:{room:g}:p", "deadbeef-1", ghost]);
+    redis.cli(&["SADD", "pushgate.internal:presence:node:deadbeef", "room:g"]);
+    redis.cli(&["SADD", "pushgate.internal:presence:nodes", "deadbeef"]);
     // A live node with a long TTL, so it reaps from its first beats at the latest.
     let a = node(&redis, 900).await;
     let mut ann = connect(a.addr).await;
@@ -387,10 +387,10 @@ async fn with_redis_a_dead_node_s_entries_are_removed_and_announced() {
             own_join = true;
         }
     }
-    wait_until(|| redis.cli(&["HLEN", "pushgate:presence:room:g"]).trim() == "1").await;
+    wait_until(|| redis.cli(&["HLEN", "pushgate:{room:g}:p"]).trim() == "1").await;
     assert_eq!(
         redis
-            .cli(&["SISMEMBER", "pushgate:presence:nodes", "deadbeef"])
+            .cli(&["SISMEMBER", "pushgate.internal:presence:nodes", "deadbeef"])
             .trim(),
         "0"
     );
@@ -408,7 +408,7 @@ async fn with_redis_a_restarted_redis_gets_the_entries_back() {
     wait_ready(a.addr, 200).await;
     // Within a beat or two the node notices its liveness key is gone and writes its entries
     // back; a newcomer then sees Ann.
-    wait_until(|| redis.cli(&["HLEN", "pushgate:presence:room:x"]).trim() == "1").await;
+    wait_until(|| redis.cli(&["HLEN", "pushgate:{room:x}:p"]).trim() == "1").await;
     let mut bob = connect(a.addr).await;
     let (state, _) = join_as(&mut bob, "1", "room:x", "Bob").await;
     assert_eq!(only_names(&state), ["Ann"], "{state}");
@@ -482,12 +482,12 @@ async fn a_state_redis_could_not_give_is_completed_once_it_can() {
     let redis = RedisServer::start();
     let a = node(&redis, 60_000).await;
     // A key of the wrong type: Redis answers every read and write of this topic with an error.
-    redis.cli(&["SET", "pushgate:presence:room:w", "not a hash"]);
+    redis.cli(&["SET", "pushgate:{room:w}:p", "not a hash"]);
     let mut ann = connect(a.addr).await;
     join(&mut ann, "1", "room:w", r#"{"presence":{"name":"Ann"}}"#).await;
     let state = expect_event(&mut ann, "room:w", "presence_state").await;
     assert_eq!(state, json!({}), "what the node knows without Redis");
-    redis.cli(&["DEL", "pushgate:presence:room:w"]);
+    redis.cli(&["DEL", "pushgate:{room:w}:p"]);
     // Within a beat: Ann's entry is written back and she gets the complete state.
     loop {
         let m = recv(&mut ann).await;
@@ -498,5 +498,46 @@ async fn a_state_redis_could_not_give_is_completed_once_it_can() {
         }
         assert_eq!(m[3], "presence_diff", "{m}");
     }
-    assert_eq!(redis.cli(&["HLEN", "pushgate:presence:room:w"]).trim(), "1");
+    assert_eq!(redis.cli(&["HLEN", "pushgate:{room:w}:p"]).trim(), "1");
+}
+
+#[tokio::test]
+async fn with_redis_topics_named_like_internal_keys_leave_no_ghosts() {
+    let redis = RedisServer::start();
+    let mut c = redis_config(&redis.url());
+    c.presence.topics = vec!["*".into()];
+    c.presence.node_ttl_ms = 60_000;
+    let a = start_with(c.clone()).await;
+    let b = start_with(c).await;
+    wait_ready(a.addr, 200).await;
+    wait_ready(b.addr, 200).await;
+    // Node A's id is in every LongPoll token it hands out.
+    let (_, _, body) = http(a.addr, "GET", "/socket/longpoll?vsn=2.0.0&", &[], b"").await;
+    let token = body_json(&body)["token"].as_str().unwrap().to_string();
+    let id_a = &token[2..10];
+    // A hostile client on B takes presence on topics named like A's internal keys, and stays.
+    let mut hostile = connect(b.addr).await;
+    for (i, topic) in [format!("node:{id_a}"), "nodes".to_string()]
+        .iter()
+        .enumerate()
+    {
+        join_as(&mut hostile, &i.to_string(), topic, "H").await;
+    }
+    let mut ann = connect(a.addr).await;
+    join_as(&mut ann, "1", "room:1", "Ann").await;
+    // Node A stops: Ann's entry leaves with it, and B does not show her as a ghost.
+    a.stop.cancel();
+    assert!(a.handle.await.unwrap());
+    let end = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let (status, body) = api_presence(b.addr, "?topic=room:1").await;
+        if status == 200 && only_names(&body["presences"]).is_empty() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < end,
+            "a ghost on node B: {status} {body}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }

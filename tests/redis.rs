@@ -375,3 +375,247 @@ async fn a_frozen_redis_turns_readyz_red_within_seconds_and_the_node_recovers() 
     publish(a.addr, "room:f", "n", "1").await;
     assert_eq!(recv(&mut ws).await[4], 1);
 }
+
+/// A new LongPoll session on `addr`; returns its token and the id of the node that owns it
+/// (the token is `lp` + node id + random, so any client can read it).
+async fn lp_session(addr: std::net::SocketAddr) -> (String, String) {
+    let first = lp(addr, "GET", "/socket/longpoll?vsn=2.0.0&", b"").await;
+    assert_eq!(first["status"], 410);
+    let token = first["token"].as_str().unwrap().to_string();
+    let node = token[2..10].to_string();
+    (token, node)
+}
+
+fn numsub(redis: &RedisServer, channel: &str) -> u32 {
+    let out = redis.cli(&["PUBSUB", "NUMSUB", channel]);
+    out.lines()
+        .nth(1)
+        .unwrap_or("0")
+        .trim()
+        .parse::<u32>()
+        .unwrap_or(0)
+}
+
+/// Joins on `via` through the session `token`, publishes on `publisher` and polls on `via`
+/// until the message arrives: the session works from that node.
+async fn longpoll_works_through(
+    via: std::net::SocketAddr,
+    publisher: std::net::SocketAddr,
+    token: &str,
+    topic: &str,
+) {
+    let join = format!(r#"["1","1","{topic}","phx_join",{{}}]"#);
+    let r = lp(via, "POST", &lp_url(token), join.as_bytes()).await;
+    assert_eq!(r["status"], 200, "POST through the other node: {r}");
+    let mut joined = false;
+    let mut published = false;
+    for _ in 0..20 {
+        if joined && !published {
+            publish(publisher, topic, "n", "7").await;
+            published = true;
+        }
+        let v = lp(via, "GET", &lp_url(token), b"").await;
+        assert!(
+            v["status"] == 200 || v["status"] == 204,
+            "GET through the other node: {v}"
+        );
+        for f in frames(&v) {
+            if f[3] == "phx_reply" {
+                assert_eq!(f[4]["status"], "ok", "{f}");
+                joined = true;
+            } else if f[3] == "n" {
+                assert_eq!(f[4], 7);
+                return;
+            }
+        }
+    }
+    panic!("the message never arrived through the other node");
+}
+
+#[tokio::test]
+async fn topics_named_like_internal_channels_cannot_cut_nodes_off() {
+    let redis = RedisServer::start();
+    let mut c = redis_config(&redis.url());
+    c.longpoll.window_ms = 300;
+    c.longpoll.session_timeout_ms = 10_000;
+    let a = start_with(c.clone()).await;
+    let b = start_with(c).await;
+    wait_ready(a.addr, 200).await;
+    wait_ready(b.addr, 200).await;
+    let (token_a, id_a) = lp_session(a.addr).await;
+    let (token_b, id_b) = lp_session(b.addr).await;
+
+    // A hostile client on each node joins and leaves topics named like every node-internal
+    // key and channel it can guess (node ids are in every LongPoll token).
+    let internal_looking = [
+        format!("node:{id_a}"),
+        format!("node:{id_b}"),
+        format!("presence:node:{id_a}"),
+        format!("presence:node:{id_b}"),
+        "presence:nodes".to_string(),
+        "internal:node:x".to_string(),
+        ".internal:node:x".to_string(),
+    ];
+    for n in [a.addr, b.addr] {
+        let mut ws = connect(n).await;
+        for (i, topic) in internal_looking.iter().enumerate() {
+            join(&mut ws, &i.to_string(), topic, "{}").await;
+            send(
+                &mut ws,
+                &format!(r#"["{i}","l{i}","{topic}","phx_leave",{{}}]"#),
+            )
+            .await;
+            assert_eq!(recv(&mut ws).await[1], format!("l{i}"));
+            assert_eq!(recv(&mut ws).await[3], "phx_close");
+        }
+    }
+    // Each node has let go of those topics' channels...
+    for topic in &internal_looking {
+        let channel = format!("pushgate:{topic}");
+        let end = std::time::Instant::now() + DEADLINE;
+        while numsub(&redis, &channel) != 0 {
+            assert!(
+                std::time::Instant::now() < end,
+                "{channel} still subscribed"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    // ...and cross-node LongPoll still works both ways (requests and answers travel on the
+    // nodes' own channels).
+    longpoll_works_through(b.addr, a.addr, &token_a, "room:after-a").await;
+    longpoll_works_through(a.addr, b.addr, &token_b, "room:after-b").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_flood_on_one_connection_does_not_delay_another_client_s_join() {
+    use futures_util::{SinkExt, StreamExt};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio_tungstenite::tungstenite::Message;
+    let redis = RedisServer::start();
+    // The broker's own bounds are under test: the per-connection join rate
+    // (limits.join_rate_per_connection, tests/admission.rs), which would refuse this flood
+    // first, is off.
+    let mut config = redis_config(&redis.url());
+    config.limits.join_rate_per_connection = 0;
+    let a = start_with(config).await;
+    wait_ready(a.addr, 200).await;
+
+    // The hostile socket: 30,000 join/leave pairs on fresh topics, each join needing Redis,
+    // while it reads everything it is sent (so the server never stops reading it).
+    let (mut tx, mut rx) = connect(a.addr).await.split();
+    let frames = Arc::new(AtomicUsize::new(0));
+    let refused = Arc::new(std::sync::Mutex::new(None::<String>));
+    let (f, r) = (frames.clone(), refused.clone());
+    let reader = tokio::spawn(async move {
+        while let Some(Ok(m)) = rx.next().await {
+            let Message::Text(t) = m else { continue };
+            f.fetch_add(1, Ordering::Relaxed);
+            let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+            if v[1] == "hb" {
+                return true;
+            }
+            if v[3] == "phx_reply" && v[4]["status"] == "error" {
+                r.lock()
+                    .unwrap()
+                    .get_or_insert(v[4]["response"].to_string());
+            }
+        }
+        false
+    });
+    let flood = tokio::spawn(async move {
+        for i in 0..30_000 {
+            let join = format!(r#"["j{i}","j{i}","flood:{i}","phx_join",{{}}]"#);
+            let leave = format!(r#"["j{i}","l{i}","flood:{i}","phx_leave",{{}}]"#);
+            tx.feed(Message::text(join)).await.unwrap();
+            tx.feed(Message::text(leave)).await.unwrap();
+        }
+        tx.flush().await.unwrap();
+        tx
+    });
+    wait_until(|| frames.load(Ordering::Relaxed) > 2_000).await;
+
+    // Meanwhile a legitimate client joins a topic this node has not subscribed yet.
+    let mut ws = connect(a.addr).await;
+    let t0 = std::time::Instant::now();
+    let r = join(&mut ws, "1", "room:legit", "{}").await;
+    let took = t0.elapsed();
+    assert!(
+        took < Duration::from_secs(1),
+        "the join took {took:?} behind another connection's flood"
+    );
+    assert!(r["position"].is_string(), "{r}");
+    publish(a.addr, "room:legit", "n", "1").await;
+    assert_eq!(recv(&mut ws).await[4], 1);
+
+    // The flooding connection lives on: it was refused with a reason, not cut off.
+    let mut tx = flood.await.unwrap();
+    tx.send(Message::text(r#"[null,"hb","phoenix","heartbeat",{}]"#))
+        .await
+        .unwrap();
+    assert!(
+        tokio::time::timeout(DEADLINE * 3, reader)
+            .await
+            .expect("no heartbeat reply")
+            .unwrap()
+    );
+    let reason = refused
+        .lock()
+        .unwrap()
+        .clone()
+        .expect("no join was refused");
+    assert!(reason.contains("in progress"), "{reason}");
+    assert!(metric(a.addr, "pushgate_refusals_total{cause=\"rate_limit\"}").await >= Some(1.0));
+}
+
+#[tokio::test]
+async fn joins_completed_together_each_get_their_own_history() {
+    let redis = RedisServer::start();
+    let a = node(&redis).await;
+    let b = node(&redis).await;
+    // Twenty topics with different histories, published on A.
+    let mut since = Vec::new();
+    for t in 0..20 {
+        let topic = format!("room:batch{t}");
+        since.push(publish(a.addr, &topic, "n", "0").await);
+        for n in 1..=t {
+            publish(a.addr, &topic, "n", &n.to_string()).await;
+        }
+    }
+    // Twenty clients on B send their joins at once (B has none of these topics yet), so the
+    // broker completes them together; one more joins without `since`.
+    let mut clients = Vec::new();
+    for (t, p) in since.iter().enumerate() {
+        let mut ws = connect(b.addr).await;
+        let params = format!(r#"{{"since":"{p}"}}"#);
+        let topic = format!("room:batch{t}");
+        send(
+            &mut ws,
+            &format!(r#"["1","1","{topic}","phx_join",{params}]"#),
+        )
+        .await;
+        clients.push((t, topic, ws));
+    }
+    for (t, topic, ws) in &mut clients {
+        let reply = recv(ws).await;
+        assert_eq!(reply[2], topic.as_str(), "{reply}");
+        assert_eq!(reply[4]["status"], "ok", "{reply}");
+        assert_eq!(reply[4]["response"]["recovered"], true, "{reply}");
+        for n in 1..=*t {
+            let m = recv(ws).await;
+            assert_eq!(
+                (m[2].as_str(), &m[4]),
+                (Some(topic.as_str()), &n.into()),
+                "{m}"
+            );
+        }
+    }
+    // Live messages follow on every topic, without a duplicate at the seam.
+    for (t, topic, _) in &clients {
+        publish(a.addr, topic, "n", &(t + 100).to_string()).await;
+    }
+    for (t, _, ws) in &mut clients {
+        assert_eq!(recv(ws).await[4], *t + 100);
+    }
+}

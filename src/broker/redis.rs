@@ -1,12 +1,18 @@
 //! The Redis broker: cross-node fanout through pub/sub, history in capped streams.
 //!
-//! Keys, for topic `T` and prefix `P` (default `pushgate:`), hash-tagged by topic so that a
-//! move to Redis Cluster keeps a topic's keys in one slot:
-//! - `P{T}:m`: hash with the topic's `epoch` and last `offset`;
-//! - `P{T}:s`: stream of the last `history.size` messages, entry id `<offset>-0`;
-//! - `PT`: the pub/sub channel. `redis/publish.lua` assigns the offset, appends to the stream,
-//!   and publishes `{"position":"E:O","event":...,"payload":...}` atomically. A plain
+//! Keys and channels ([`Keys`]), for topic `T`, topic prefix `P` (`redis.prefix`, default
+//! `pushgate:`) and internal prefix `I` (`redis.internal_prefix`, default `pushgate.internal:`):
+//! - `PT`: the topic's pub/sub channel. `redis/publish.lua` assigns the offset, appends to the
+//!   stream, and publishes `{"position":"E:O","event":...,"payload":...}` atomically. A plain
 //!   `PUBLISH PT {"event":...,"payload":...}` is delivered live, without a position.
+//! - `P{T}:m`: hash with the topic's `epoch` and last `offset`; `P{T}:s`: stream of the last
+//!   `history.size` messages, entry id `<offset>-0`; `P{T}:p`: the topic's presence entries.
+//!   Hash-tagged by topic so that a move to Redis Cluster keeps a topic's keys in one slot.
+//! - Everything else is the nodes' own, under `I`, which no `PT` can equal (`I` and `P` differ
+//!   before either ends; `Config::validate` checks it): `Inode:<id>`, a node's control channel
+//!   (LongPoll requests and answers) and its liveness key; `Ipresence:node:<id>` and
+//!   `Ipresence:nodes` (presence bookkeeping). Every topic key ends in `}:` and one letter
+//!   after the topic, so no two topics' keys meet either.
 //!
 //! One task ([`run`]) owns the subscriber connection. It subscribes per topic, only while the
 //! topic has local subscribers (unsubscribing in batches when the hub reports idle topics), and
@@ -39,9 +45,12 @@ use tokio::sync::{Notify, OnceCell, mpsc};
 
 const PUBLISH_SCRIPT: &str = include_str!("../../redis/publish.lua");
 const POSITION_SCRIPT: &str = include_str!("../../redis/position.lua");
-/// Joins waiting for the broker task. A join beyond this gets an error reply and the client
-/// rejoins on its schedule.
-const JOIN_QUEUE: usize = 65_536;
+/// Joins waiting for the broker task, all connections together. A join beyond this gets an
+/// error reply and the client rejoins on its schedule. Served [`JOIN_BATCH`] at a time, a full
+/// queue is a few dozen batches: well under a second of waiting for the last join.
+const JOIN_QUEUE: usize = 8192;
+/// Most joins completed together (one SUBSCRIBE, one pipeline of positions, one of history).
+const JOIN_BATCH: usize = 256;
 /// Channels per SUBSCRIBE/UNSUBSCRIBE command when many change at once.
 const SUBSCRIBE_BATCH: usize = 500;
 /// Reconnect backoff: doubles from the first to the cap, each wait jittered by up to half.
@@ -57,18 +66,115 @@ const SUBSCRIBER_COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest resubscription and catch-up after a reconnect before trying again.
 const RESUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Every Redis key and channel pushgate uses. Injective: distinct (topic, kind) pairs and the
+/// internal names never map to the same key or channel, whatever bytes a topic holds.
+#[derive(Debug, Clone)]
+pub struct Keys {
+    /// `redis.prefix`: topic channels and topic keys.
+    topic: String,
+    /// `redis.internal_prefix`: the nodes' own keys and channels.
+    internal: String,
+}
+
+impl Keys {
+    /// `prefix` and `internal` must differ before either ends (`Config::validate`).
+    pub fn new(prefix: &str, internal: &str) -> Keys {
+        Keys {
+            topic: prefix.to_string(),
+            internal: internal.to_string(),
+        }
+    }
+
+    /// The topic's pub/sub channel, `<prefix><topic>` (pinned: plain `PUBLISH` works).
+    pub fn channel(&self, topic: &str) -> String {
+        format!("{}{topic}", self.topic)
+    }
+
+    /// The topic a topic channel carries.
+    pub fn topic_of<'a>(&self, channel: &'a str) -> Option<&'a str> {
+        channel.strip_prefix(self.topic.as_str())
+    }
+
+    fn topic_key(&self, topic: &str, kind: char) -> String {
+        format!("{}{{{topic}}}:{kind}", self.topic)
+    }
+
+    /// The topic's meta hash (`epoch`, `offset`).
+    pub fn meta(&self, topic: &str) -> String {
+        self.topic_key(topic, 'm')
+    }
+
+    /// The topic's history stream.
+    pub fn stream(&self, topic: &str) -> String {
+        self.topic_key(topic, 's')
+    }
+
+    /// The topic's presence entries (a hash: `phx_ref` to `{"key", "node", "meta"}`).
+    pub fn presence(&self, topic: &str) -> String {
+        self.topic_key(topic, 'p')
+    }
+
+    /// A node's control channel: LongPoll requests for its sessions, answers to its requests.
+    pub fn node_channel(&self, node: &str) -> String {
+        format!("{}node:{node}", self.internal)
+    }
+
+    /// A node's presence liveness key (a TTL renewed by its beats).
+    pub fn node_alive(&self, node: &str) -> String {
+        format!("{}node:{node}", self.internal)
+    }
+
+    /// The topics where a node has presence entries (a set).
+    pub fn node_topics(&self, node: &str) -> String {
+        format!("{}presence:node:{node}", self.internal)
+    }
+
+    /// The nodes that may have presence entries (a set).
+    pub fn nodes(&self) -> String {
+        format!("{}presence:nodes", self.internal)
+    }
+}
+
+/// Joins queued or in progress, by connection ([`hub::Waker::id`]).
+type InFlight = Mutex<std::collections::HashMap<u64, usize>>;
+
+/// One join counted in [`InFlight`]; dropping it uncounts it.
+struct InFlightSlot {
+    map: Arc<InFlight>,
+    id: u64,
+}
+
+impl Drop for InFlightSlot {
+    fn drop(&mut self) {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        if let std::collections::hash_map::Entry::Occupied(mut e) = map.entry(self.id) {
+            *e.get_mut() -= 1;
+            if *e.get() == 0 {
+                e.remove();
+            }
+        }
+    }
+}
+
 /// Forwarded LongPoll requests waiting for the owner's answer, by request id.
 type ReplySlots = Mutex<std::collections::HashMap<u64, tokio::sync::oneshot::Sender<String>>>;
 
 pub struct RedisBroker {
     client: redis::Client,
-    prefix: String,
+    keys: Keys,
     history: HistoryConfig,
     publish_script: redis::Script,
     position_script: redis::Script,
     commands: OnceCell<ConnectionManager>,
     joins: mpsc::Sender<JoinRequest>,
     join_queue: Mutex<Option<mpsc::Receiver<JoinRequest>>>,
+    /// Joins each connection (by [`hub::Waker::id`]) has queued or in progress here, so that
+    /// one connection cannot fill [`JOIN_QUEUE`].
+    in_flight: Arc<InFlight>,
+    /// Most joins one connection may have here at once (`limits.max_topics_per_connection`:
+    /// a client that does not churn never has more).
+    per_connection: usize,
+    metrics: Arc<Metrics>,
     /// Notified by the hub when a topic loses its last local subscriber.
     pub idle: Arc<Notify>,
     status: Mutex<Result<(), String>>,
@@ -123,39 +229,44 @@ impl RedisBroker {
     /// Checks the URL; connects later (in [`run`] and on first publish).
     pub fn new(
         url: &str,
-        prefix: &str,
+        keys: Keys,
         history: HistoryConfig,
         node_id: &str,
+        per_connection: usize,
+        metrics: Arc<Metrics>,
     ) -> Result<RedisBroker, String> {
         let client = redis::Client::open(url).map_err(|e| e.to_string())?;
         let (tx, rx) = mpsc::channel(JOIN_QUEUE);
         Ok(RedisBroker {
+            node_channel: keys.node_channel(node_id),
             client,
-            prefix: prefix.to_string(),
+            keys,
             history,
             publish_script: redis::Script::new(PUBLISH_SCRIPT),
             position_script: redis::Script::new(POSITION_SCRIPT),
             commands: OnceCell::new(),
             joins: tx,
             join_queue: Mutex::new(Some(rx)),
+            in_flight: Default::default(),
+            per_connection: per_connection.max(1),
+            metrics,
             idle: Arc::new(Notify::new()),
             status: Mutex::new(Err("redis: connecting".into())),
-            node_channel: format!("{prefix}node:{node_id}"),
             next_request: std::sync::atomic::AtomicU64::new(1),
             replies: Mutex::new(Default::default()),
         })
     }
 
     fn meta_key(&self, topic: &str) -> String {
-        format!("{}{{{}}}:m", self.prefix, topic)
+        self.keys.meta(topic)
     }
 
     fn stream_key(&self, topic: &str) -> String {
-        format!("{}{{{}}}:s", self.prefix, topic)
+        self.keys.stream(topic)
     }
 
     fn channel(&self, topic: &str) -> String {
-        format!("{}{}", self.prefix, topic)
+        self.keys.channel(topic)
     }
 
     fn set_status(&self, s: Result<(), String>) {
@@ -169,9 +280,9 @@ impl RedisBroker {
             .clone()
     }
 
-    /// The key prefix (`redis.prefix`).
-    pub(crate) fn prefix(&self) -> &str {
-        &self.prefix
+    /// Where everything lives in Redis.
+    pub(crate) fn keys(&self) -> &Keys {
+        &self.keys
     }
 
     /// The shared command connection.
@@ -267,7 +378,7 @@ impl RedisBroker {
             return None;
         };
         let receivers: Result<u64, _> = redis::cmd("PUBLISH")
-            .arg(format!("{}node:{owner}", self.prefix))
+            .arg(self.keys.node_channel(owner))
             .arg(text)
             .query_async(&mut con)
             .await;
@@ -287,7 +398,7 @@ impl RedisBroker {
                 Err(_) => {
                     let listening: Result<(String, u64), _> = redis::cmd("PUBSUB")
                         .arg("NUMSUB")
-                        .arg(format!("{}node:{owner}", self.prefix))
+                        .arg(self.keys.node_channel(owner))
                         .query_async(&mut con)
                         .await;
                     if matches!(listening, Ok((_, 0))) {
@@ -299,13 +410,44 @@ impl RedisBroker {
         None
     }
 
-    /// Queues a join for the broker task.
-    pub fn join(&self, req: JoinRequest) {
+    /// Queues a join for the broker task, unless its connection already has
+    /// `per_connection` joins here or the queue is full: then it is answered at once with an
+    /// error reply saying why (counted as a `rate_limit` refusal), and the connection goes on.
+    pub fn join(&self, mut req: JoinRequest) {
+        let slot = {
+            let mut map = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+            let n = map.entry(req.waker.id).or_insert(0);
+            if *n >= self.per_connection {
+                drop(map);
+                self.metrics.refused(crate::metrics::Refusal::RateLimit);
+                let reason = format!(
+                    "too many joins in progress on this connection (at most {} waiting for \
+                     Redis); retry later",
+                    self.per_connection
+                );
+                (req.done)(Err(reason));
+                return;
+            }
+            *n += 1;
+            InFlightSlot {
+                map: self.in_flight.clone(),
+                id: req.waker.id,
+            }
+        };
+        // However the join ends (answered, or dropped at shutdown), the slot is freed after.
+        let done = req.done;
+        req.done = Box::new(move |result| {
+            done(result);
+            drop(slot);
+        });
         if let Err(e) = self.joins.try_send(req) {
             let req = match e {
                 mpsc::error::TrySendError::Full(r) | mpsc::error::TrySendError::Closed(r) => r,
             };
-            (req.done)(Err("broker busy; retrying".into()));
+            self.metrics.refused(crate::metrics::Refusal::RateLimit);
+            (req.done)(Err(
+                "broker busy (too many joins waiting for Redis on this node); retry later".into(),
+            ));
         }
     }
 
@@ -339,20 +481,25 @@ impl RedisBroker {
             .arg(end)
             .query_async(con)
             .await?;
-        let mut out = Vec::with_capacity(reply.ids.len());
-        for id in reply.ids {
-            let offset = id
-                .id
-                .split('-')
-                .next()
-                .and_then(|o| o.parse().ok())
-                .unwrap_or(0);
-            let ms: u64 = id.get("t").unwrap_or(0);
-            let msg: String = id.get("m").unwrap_or_default();
-            out.push((offset, ms, msg));
-        }
-        Ok(out)
+        Ok(entries(reply))
     }
+}
+
+/// Stream entries as (offset, milliseconds, raw message).
+fn entries(reply: redis::streams::StreamRangeReply) -> Vec<(u64, u64, String)> {
+    let mut out = Vec::with_capacity(reply.ids.len());
+    for id in reply.ids {
+        let offset = id
+            .id
+            .split('-')
+            .next()
+            .and_then(|o| o.parse().ok())
+            .unwrap_or(0);
+        let ms: u64 = id.get("t").unwrap_or(0);
+        let msg: String = id.get("m").unwrap_or_default();
+        out.push((offset, ms, msg));
+    }
+    out
 }
 
 fn now_ms() -> u64 {
@@ -456,7 +603,15 @@ pub async fn run(app: Arc<App>, broker: Arc<RedisBroker>) {
                     None => break "redis: subscriber connection lost".to_string(),
                 },
                 Some(req) = joins.recv() => {
-                    if let Err(e) = on_join(&app, &broker, &mut sink, &mut con, req).await {
+                    let mut batch = Vec::with_capacity(JOIN_BATCH.min(joins.len() + 1));
+                    batch.push(req);
+                    while batch.len() < JOIN_BATCH {
+                        match joins.try_recv() {
+                            Ok(req) => batch.push(req),
+                            Err(_) => break,
+                        }
+                    }
+                    if let Err(e) = on_joins(&app, &broker, &mut sink, &mut con, batch).await {
                         break format!("redis: {e}");
                     }
                 }
@@ -485,7 +640,7 @@ pub async fn run(app: Arc<App>, broker: Arc<RedisBroker>) {
                 }
             }
         };
-        tracing::warn!(reason = %reason, "redis: subscriber down; reconnecting");
+        tracing::warn!(reason = ?reason, "redis: subscriber down; reconnecting");
         broker.set_status(Err(reason));
         app.metrics.redis_connected.store(0, Relaxed);
         Metrics::add(&app.metrics.redis_reconnects, 1);
@@ -518,7 +673,10 @@ async fn resubscribe(
             // The history was recreated (Redis restarted without persistence, or the topic
             // expired): deliver the new epoch from its first message.
             if known.offset > 0 {
-                tracing::warn!(%topic, "redis: topic history was recreated; continuing in the new epoch");
+                tracing::warn!(
+                    ?topic,
+                    "redis: topic history was recreated; continuing in the new epoch"
+                );
             }
             app.hub.go_live(topic, &epoch, 0);
             if offset > 0 {
@@ -575,7 +733,7 @@ async fn on_message(
         on_routed(app, broker, msg.get_payload_bytes());
         return;
     }
-    let Some(topic) = channel.strip_prefix(&broker.prefix) else {
+    let Some(topic) = broker.keys.topic_of(channel) else {
         return;
     };
     let payload = msg.get_payload_bytes();
@@ -583,7 +741,7 @@ async fn on_message(
         Ok(e) => e,
         Err(e) => {
             Metrics::add(&app.metrics.redis_bad_messages, 1);
-            tracing::debug!(%topic, error = %e, "redis: message is not {{\"event\", \"payload\"}} JSON; dropped");
+            tracing::debug!(?topic, error = ?e.to_string(), "redis: message is not {{\"event\", \"payload\"}} JSON; dropped");
             return;
         }
     };
@@ -625,7 +783,11 @@ fn on_routed(app: &Arc<App>, broker: &RedisBroker, payload: &[u8]) {
         }
         return;
     }
-    // A request: serve it like a local one (a GET may be held), then answer the sender.
+    // A request: serve it like a local one (a GET may be held), then answer the sender, on
+    // its node channel only.
+    if !m.from.starts_with(&broker.keys.node_channel("")) {
+        return;
+    }
     let app = app.clone();
     let commands = broker.commands.get().cloned();
     app.tracker.clone().spawn(async move {
@@ -652,88 +814,161 @@ fn on_routed(app: &Arc<App>, broker: &RedisBroker, payload: &[u8]) {
     });
 }
 
-/// Completes a join: subscribe if needed, read the position, replay the gap from the stream.
-/// An `Err` means the subscriber connection failed (the join itself is answered either way).
-async fn on_join(
+/// Completes a batch of joins (at most [`JOIN_BATCH`]) in three round trips whatever its size:
+/// one SUBSCRIBE for every topic not yet live, one pipeline reading their positions, one
+/// pipeline reading the history the joins need. Nothing else runs on this task meanwhile, so
+/// messages arriving on new subscriptions wait in the connection's buffer: no gap, no duplicate
+/// at the seam. An `Err` means the subscriber connection failed (every join is answered either
+/// way).
+async fn on_joins(
     app: &App,
     broker: &RedisBroker,
     sink: &mut redis::aio::PubSubSink,
     con: &mut ConnectionManager,
-    req: JoinRequest,
+    batch: Vec<JoinRequest>,
 ) -> Result<(), String> {
-    let JoinRequest {
-        topic,
-        since,
-        waker,
-        started,
-        done,
-    } = req;
+    const UNAVAILABLE: &str = "broker unavailable";
+    // 1. Subscribe every topic that is not live yet, in one command.
+    let mut new_topics: Vec<&str> = Vec::new();
+    for req in &batch {
+        if req.started.is_none()
+            && !new_topics.contains(&req.topic.as_str())
+            && !app.hub.is_live(&req.topic)
+        {
+            new_topics.push(&req.topic);
+        }
+    }
     let mut connection_error = None;
-    let result = async {
-        let (sub, position, since_offset) = match started {
-            Some(s) => s,
-            None => {
-                if !app.hub.is_live(&topic) {
-                    let subscribed = tokio::time::timeout(
-                        SUBSCRIBER_COMMAND_TIMEOUT,
-                        sink.subscribe(broker.channel(&topic)),
-                    )
-                    .await;
-                    match subscribed {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) => {
-                            connection_error = Some(format!("subscribe failed: {e}"));
-                            return Err("broker unavailable".to_string());
-                        }
-                        Err(_) => {
-                            connection_error = Some("subscribe timed out".to_string());
-                            return Err("broker unavailable".to_string());
-                        }
-                    }
-                    app.metrics.redis_subscribed_topics.fetch_add(1, Relaxed);
-                    let (epoch, offset) = broker
-                        .position(con, &topic)
-                        .await
-                        .map_err(|_| "broker unavailable".to_string())?;
-                    app.hub.go_live(&topic, &epoch, offset);
+    let mut failed_topics: Vec<String> = Vec::new();
+    if !new_topics.is_empty() {
+        let channels: Vec<String> = new_topics.iter().map(|t| broker.channel(t)).collect();
+        match tokio::time::timeout(SUBSCRIBER_COMMAND_TIMEOUT, sink.subscribe(channels)).await {
+            Ok(Ok(())) => {
+                app.metrics
+                    .redis_subscribed_topics
+                    .fetch_add(new_topics.len() as i64, Relaxed);
+                // 2. Their positions, in one pipeline.
+                let mut pipe = redis::pipe();
+                pipe.load_script(&broker.position_script).ignore();
+                let invocations: Vec<_> = new_topics
+                    .iter()
+                    .map(|t| {
+                        let mut i = broker.position_script.prepare_invoke();
+                        i.key(broker.meta_key(t))
+                            .key(broker.stream_key(t))
+                            .arg(broker.history.max_age_secs);
+                        i
+                    })
+                    .collect();
+                for i in &invocations {
+                    pipe.invoke_script(i);
                 }
-                match app.hub.join_live(&topic, waker, since.as_deref()) {
-                    LiveJoin::Done(sub, info) => return Ok((sub, info, Vec::new())),
-                    LiveJoin::NotLive => return Err("broker unavailable".to_string()),
-                    LiveJoin::NeedsHistory(sub, position, since_offset) => {
-                        (sub, position, since_offset)
+                let positions: Result<Vec<(String, u64)>, _> = pipe.query_async(con).await;
+                match positions {
+                    Ok(positions) if positions.len() == new_topics.len() => {
+                        for (t, (epoch, offset)) in new_topics.iter().zip(positions) {
+                            app.hub.go_live(t, &epoch, offset);
+                        }
                     }
+                    _ => failed_topics = new_topics.iter().map(|t| t.to_string()).collect(),
                 }
             }
+            Ok(Err(e)) => connection_error = Some(format!("subscribe failed: {e}")),
+            Err(_) => connection_error = Some("subscribe timed out".to_string()),
+        }
+    }
+    if connection_error.is_some() {
+        for req in batch {
+            (req.done)(Err(UNAVAILABLE.into()));
+        }
+        return Err(connection_error.unwrap_or_default());
+    }
+    // 3. Join each at the live end; those that need history wait for one pipeline of XRANGEs.
+    struct NeedsHistory {
+        topic: String,
+        sub: hub::Subscription,
+        position: hub::Position,
+        since: u64,
+        done: Box<dyn FnOnce(Result<Joined, String>) + Send>,
+    }
+    let mut needs = Vec::new();
+    for req in batch {
+        let JoinRequest {
+            topic,
+            since,
+            waker,
+            started,
+            done,
+        } = req;
+        let (sub, position, since_offset) = match started {
+            Some(s) => s,
+            None if failed_topics.contains(&topic) => {
+                done(Err(UNAVAILABLE.into()));
+                continue;
+            }
+            None => match app.hub.join_live(&topic, waker, since.as_deref()) {
+                LiveJoin::Done(sub, info) => {
+                    done(Ok((sub, info, Vec::new())));
+                    continue;
+                }
+                LiveJoin::NotLive => {
+                    done(Err(UNAVAILABLE.into()));
+                    continue;
+                }
+                LiveJoin::NeedsHistory(sub, position, since_offset) => {
+                    (sub, position, since_offset)
+                }
+            },
         };
-        let recovered = match broker
-            .range(con, &topic, since_offset + 1, Some(position.offset))
-            .await
-        {
-            Ok(entries) => replay(
-                &topic,
-                &entries,
-                since_offset,
-                position.offset,
-                broker.history.max_age_secs,
-            ),
-            Err(_) => None,
-        };
+        needs.push(NeedsHistory {
+            topic,
+            sub,
+            position,
+            since: since_offset,
+            done,
+        });
+    }
+    if needs.is_empty() {
+        return Ok(());
+    }
+    let mut pipe = redis::pipe();
+    for n in &needs {
+        pipe.cmd("XRANGE")
+            .arg(broker.stream_key(&n.topic))
+            .arg(format!("{}-0", n.since + 1))
+            .arg(format!("{}-0", n.position.offset));
+    }
+    let ranges: Option<Vec<redis::streams::StreamRangeReply>> = pipe
+        .query_async(con)
+        .await
+        .ok()
+        .filter(|r: &Vec<_>| r.len() == needs.len());
+    let mut ranges = ranges.map(Vec::into_iter);
+    for n in needs {
+        // A history that cannot be read is not recovered (never a silent skip).
+        let recovered = ranges
+            .as_mut()
+            .and_then(Iterator::next)
+            .map(entries)
+            .and_then(|entries| {
+                replay(
+                    &n.topic,
+                    &entries,
+                    n.since,
+                    n.position.offset,
+                    broker.history.max_age_secs,
+                )
+            });
         let info = |recovered| JoinInfo {
-            position: position.to_string(),
+            position: n.position.to_string(),
             recovered: Some(recovered),
         };
-        Ok::<Joined, String>(match recovered {
-            Some(frames) => (sub, info(true), frames),
-            None => (sub, info(false), Vec::new()),
-        })
+        (n.done)(Ok(match recovered {
+            Some(frames) => (n.sub, info(true), frames),
+            None => (n.sub, info(false), Vec::new()),
+        }))
     }
-    .await;
-    done(result);
-    match connection_error {
-        Some(e) => Err(e),
-        None => Ok(()),
-    }
+    Ok(())
 }
 
 /// The replay frames for offsets `(since, until]`, or `None` when the stream no longer has
@@ -767,4 +1002,91 @@ fn replay(
         frames.push(f);
     }
     Some(frames)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Keys;
+    use std::collections::HashMap;
+
+    /// Topics that look like other topics' keys or like the nodes' own names.
+    fn hostile_topics(nodes: &[&str]) -> Vec<String> {
+        let mut t: Vec<String> = [
+            "",
+            "a",
+            "a}:m",
+            "a}:s",
+            "a}:p",
+            "a}:m{b",
+            "{a}:m",
+            "{a",
+            "}",
+            "{",
+            "}:m",
+            ":m",
+            "presence:nodes",
+            "nodes",
+            "node:",
+            ".internal:",
+            ".internal:node:x",
+            "internal:",
+            "pushgate:",
+            "pushgate.internal:node:x",
+            "room:lobby",
+            "room:lobby}:s",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        for n in nodes {
+            t.push(format!("node:{n}"));
+            t.push(format!("presence:node:{n}"));
+            t.push(format!(".internal:node:{n}"));
+        }
+        t.sort();
+        t.dedup();
+        t
+    }
+
+    #[test]
+    fn no_topic_reaches_another_topic_s_keys_or_the_nodes_own() {
+        let nodes = ["0badc0de", "deadbeef", "", "x}:m"];
+        for (prefix, internal) in [
+            ("pushgate:", "pushgate.internal:"),
+            ("app1:", "app1.internal:"),
+            ("internal:app:", "app-internal:"),
+        ] {
+            let k = Keys::new(prefix, internal);
+            // Keys and channels are separate namespaces in Redis; each must be injective.
+            let mut keys: HashMap<String, String> = HashMap::new();
+            let mut channels: HashMap<String, String> = HashMap::new();
+            let add = |map: &mut HashMap<String, String>, name: String, what: String| {
+                if let Some(other) = map.insert(name.clone(), what.clone()) {
+                    panic!("{name:?} is both {other} and {what}");
+                }
+            };
+            for n in nodes {
+                add(&mut keys, k.node_alive(n), format!("node_alive({n})"));
+                add(&mut keys, k.node_topics(n), format!("node_topics({n})"));
+                add(
+                    &mut channels,
+                    k.node_channel(n),
+                    format!("node_channel({n})"),
+                );
+            }
+            add(&mut keys, k.nodes(), "nodes".into());
+            for name in keys.keys().chain(channels.keys()) {
+                assert!(!name.starts_with(prefix), "{name:?} is under {prefix:?}");
+            }
+            for t in hostile_topics(&nodes) {
+                add(&mut keys, k.meta(&t), format!("meta({t})"));
+                add(&mut keys, k.stream(&t), format!("stream({t})"));
+                add(&mut keys, k.presence(&t), format!("presence({t})"));
+                add(&mut channels, k.channel(&t), format!("channel({t})"));
+                assert_eq!(k.topic_of(&k.channel(&t)), Some(t.as_str()));
+            }
+            assert_eq!(k.channel("room:lobby"), format!("{prefix}room:lobby"));
+            assert_eq!(k.stream("room:lobby"), format!("{prefix}{{room:lobby}}:s"));
+        }
+    }
 }

@@ -7,6 +7,11 @@
 //! are handled in order before `{"status":200}`; their replies go out through the next GET.
 //! Every answer is HTTP 200 with a JSON body, `cache-control: no-store` and CORS headers.
 //!
+//! Each session holds a slot of `server.max_connections` for its life, as each connection does
+//! ([`admit`], where every check on a new session is made); a session that no GET polls after
+//! the one that created it is dropped after [`UNPOLLED_TIMEOUT`], the others after
+//! `longpoll.session_timeout_ms` without a poll.
+//!
 //! Nothing is copied per session while no GET is waiting: broadcasts stay in the topic buffers
 //! and the session keeps only its read positions, exactly as a WebSocket does. A frame leaves
 //! the session when a GET response carries it. The only way a client loses such a response is a
@@ -21,7 +26,7 @@
 use crate::api::error_response;
 use crate::app::App;
 use crate::hub::{Lag, Waker};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Refusal};
 use crate::protocol;
 use crate::session::{ConnectInfo, Session};
 use crate::transport::websocket::query_param;
@@ -30,16 +35,24 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode, header};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::Write as _;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::{Duration, Instant};
+use tokio::sync::OwnedSemaphorePermit;
 
 /// Bytes of frames one GET response carries at most; the rest goes with the next poll, which
 /// the client sends at once.
 const RESPONSE_BATCH_BYTES: usize = 256 * 1024;
+/// A session that no GET has polled since the one that created it is dropped after this (or
+/// `longpoll.session_timeout_ms`, if shorter). phoenix.js polls again the moment it has its
+/// token, so only a client that never meant to use the session (a flood of session-creating
+/// GETs) is this slow; such sessions hold their slots for seconds, not the session timeout.
+pub const UNPOLLED_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often never-polled sessions are looked for (a queue of new sessions, not a scan).
+const UNPOLLED_SWEEP: Duration = Duration::from_secs(1);
 const TOKEN_PREFIX: &str = "lp";
 const TOKEN_LEN: usize = TOKEN_PREFIX.len() + 32;
 
@@ -48,6 +61,12 @@ const TOKEN_LEN: usize = TOKEN_PREFIX.len() + 32;
 #[derive(Debug, Default)]
 pub struct Registry {
     sessions: Mutex<HashMap<u128, Arc<LpSession>>>,
+    /// Sessions in order of creation (32 bytes each), checked after [`UNPOLLED_TIMEOUT`] for a
+    /// poll: the sessions created in the last few seconds, each of which needed a free slot, so
+    /// about `server.max_connections` at most unless sessions also end that fast.
+    fresh: Mutex<VecDeque<(Instant, u128)>>,
+    /// When the last full sweep (`longpoll.session_timeout_ms`) ran.
+    last_full_sweep: Mutex<Option<Instant>>,
 }
 
 #[derive(Debug)]
@@ -59,6 +78,9 @@ pub struct LpSession {
     waker: Arc<Waker>,
     /// Its place in its client address's count, given back when the session goes.
     _admitted: Option<crate::admission::Admitted>,
+    /// The session's connection slot (`server.max_connections`), released when the session is
+    /// gone (the last held poll of a removed session has let go of it).
+    _slot: OwnedSemaphorePermit,
 }
 
 #[derive(Debug)]
@@ -70,6 +92,8 @@ struct Inner {
     /// When the last GET started or ended; sessions idle past `longpoll.session_timeout_ms`
     /// without a GET pending are dropped.
     last_seen: Instant,
+    /// A GET has polled the session (not only the one that created it).
+    polled: bool,
     closed: bool,
     /// The listening GET's task, woken when a newer GET supersedes it or the session closes
     /// (the session waker has one slot, which the newer GET takes).
@@ -112,10 +136,23 @@ impl Registry {
         self.len() == 0
     }
 
-    /// Drops sessions with no GET pending whose last poll is older than the timeout.
+    /// Drops sessions never polled since their creation, older than [`UNPOLLED_TIMEOUT`]; then,
+    /// every quarter of `longpoll.session_timeout_ms`, sessions with no GET pending whose last
+    /// poll is older than the timeout. Run every [`sweep_interval`].
     pub fn sweep(&self, app: &App) {
         let timeout = Duration::from_millis(app.config.longpoll.session_timeout_ms);
         let now = Instant::now();
+        self.sweep_unpolled(app, now, UNPOLLED_TIMEOUT.min(timeout));
+        {
+            let mut last = self
+                .last_full_sweep
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if last.is_some_and(|t| now.duration_since(t) < timeout / 4) {
+                return;
+            }
+            *last = Some(now);
+        }
         let mut expired = Vec::new();
         self.map().retain(|_, s| {
             let inner = s.lock();
@@ -132,12 +169,66 @@ impl Registry {
         }
     }
 
+    /// Drops the sessions created more than `after` ago that no GET has polled since.
+    fn sweep_unpolled(&self, app: &App, now: Instant, after: Duration) {
+        let mut due = Vec::new();
+        {
+            let mut fresh = self.fresh.lock().unwrap_or_else(|e| e.into_inner());
+            while let Some(&(created, key)) = fresh.front() {
+                if now.duration_since(created) < after {
+                    break;
+                }
+                fresh.pop_front();
+                due.push(key);
+            }
+            if fresh.is_empty() && fresh.capacity() > 1024 {
+                fresh.shrink_to_fit();
+            }
+        }
+        if due.is_empty() {
+            return;
+        }
+        let mut expired = Vec::new();
+        {
+            let mut map = self.map();
+            for key in due {
+                let unpolled = map.get(&key).is_some_and(|s| {
+                    let inner = s.lock();
+                    !inner.polled && inner.listener == 0
+                });
+                if unpolled && let Some(s) = map.remove(&key) {
+                    expired.push(s);
+                }
+            }
+        }
+        if !expired.is_empty() {
+            tracing::debug!(
+                sessions = expired.len(),
+                "never-polled longpoll sessions dropped"
+            );
+        }
+        for s in expired {
+            app.metrics.connections_longpoll.fetch_sub(1, Relaxed);
+            Metrics::add(&app.metrics.longpoll_sessions_expired, 1);
+            close(&s);
+        }
+    }
+
     /// Closes every session (shutdown): waiting GETs answer at once.
     pub fn close_all(&self) {
         for s in self.map().values() {
             close(s);
         }
     }
+}
+
+/// How often the server runs [`Registry::sweep`].
+pub fn sweep_interval(config: &crate::config::Config) -> Duration {
+    // A session outlives its timeout by at most a quarter of it, and a never-polled one
+    // outlives [`UNPOLLED_TIMEOUT`] by at most [`UNPOLLED_SWEEP`].
+    UNPOLLED_SWEEP.min(Duration::from_millis(
+        config.longpoll.session_timeout_ms / 4,
+    ))
 }
 
 /// Marks the session closed and wakes its listening GET, which answers `{"status":500}`.
@@ -199,6 +290,13 @@ pub const ANSWER_HEADERS: &[(&str, &str)] = &[
     ("access-control-allow-origin", "*"),
 ];
 
+/// [`ANSWER_HEADERS`] without CORS: a refused origin's answer (and, with the request's own
+/// origin added, an answer while `server.allowed_origins` is set).
+pub const ANSWER_HEADERS_NO_CORS: &[(&str, &str)] = &[
+    ("content-type", "application/json; charset=utf-8"),
+    ("cache-control", "no-store"),
+];
+
 /// An HTTP 200 JSON answer with [`ANSWER_HEADERS`].
 fn answer(body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     crate::api::response_with(StatusCode::OK, ANSWER_HEADERS, body)
@@ -206,6 +304,15 @@ fn answer(body: impl Into<Bytes>) -> Response<Full<Bytes>> {
 
 pub fn status_only(status: u16) -> Bytes {
     Bytes::from(format!("{{\"status\":{status}}}"))
+}
+
+/// A refusal: `status` (one phoenix.js handles, see [`new_session`]) and a `reason` for people
+/// reading the exchange; phoenix.js reads only the status.
+fn refusal(status: u16, reason: &str) -> Bytes {
+    let mut body = format!("{{\"status\":{status},\"reason\":").into_bytes();
+    protocol::push_json_str(&mut body, reason);
+    body.push(b'}');
+    Bytes::from(body)
 }
 
 /// A poll answer; `messages` are already JSON string literals, `token` is one of ours (hex
@@ -227,10 +334,46 @@ fn poll_answer(status: u16, token: &str, messages: &[Bytes]) -> Bytes {
     Bytes::from(body)
 }
 
-/// Handles any request to `/socket/longpoll`.
+/// The request headers a preflight allows: those phoenix.js sends (1.8: `Accept` and
+/// `X-Phoenix-AuthToken` on a GET, `Content-Type` on a POST; 1.7: `Content-Type`), never
+/// whatever the preflight asks for.
+const ALLOWED_HEADERS: &str = "accept, content-type, x-phoenix-authtoken";
+
+/// Handles any request to `/socket/longpoll`. With `server.allowed_origins` set, a request from
+/// another origin gets 403 and the CORS headers name the request's own (allowed) origin;
+/// otherwise they say `*`. (The lean loop of [`crate::http1`] checks and answers the same way.)
 pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let origin = req.headers().get(header::ORIGIN).cloned();
+    if !app.origins.allows(origin.as_ref().map(|v| v.as_bytes())) {
+        app.metrics.refused(crate::metrics::Refusal::Origin);
+        tracing::debug!(
+            origin = ?String::from_utf8_lossy(origin.as_ref().map_or(&b""[..], |v| v.as_bytes())),
+            method = %req.method(),
+            "longpoll request refused: origin not in server.allowed_origins"
+        );
+        // phoenix.js reads the status from the body: 403 there makes it report the error and
+        // close (1008), then reconnect with backoff, instead of stalling on a body it cannot read.
+        return crate::api::response_with(
+            StatusCode::FORBIDDEN,
+            ANSWER_HEADERS_NO_CORS,
+            status_only(403),
+        );
+    }
+    let mut resp = respond(app.clone(), req).await;
+    if !app.origins.is_open() {
+        let h = resp.headers_mut();
+        h.remove(header::ACCESS_CONTROL_ALLOW_ORIGIN);
+        if let Some(o) = origin {
+            h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, o);
+        }
+        h.insert(header::VARY, header::HeaderValue::from_static("origin"));
+    }
+    resp
+}
+
+async fn respond(app: Arc<App>, req: Request<Incoming>) -> Response<Full<Bytes>> {
     match *req.method() {
-        Method::OPTIONS => preflight(&req),
+        Method::OPTIONS => preflight(),
         Method::GET => {
             let query = req.uri().query().unwrap_or("");
             let auth_token = req
@@ -248,8 +391,13 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Full<Byte
         Method::POST => {
             let token = token_of(&req).map(str::to_string);
             let limit = app.config.longpoll.max_post_bytes;
-            let body = match Limited::new(req.into_body(), limit).collect().await {
+            let body =
+                crate::deadline::Body::new(req.into_body(), crate::deadline::body_stall(&app));
+            let body = match Limited::new(body, limit).collect().await {
                 Ok(b) => b.to_bytes(),
+                Err(e) if crate::deadline::is_timeout(&e) => {
+                    return crate::deadline::body_timed_out(&app);
+                }
                 Err(e) if e.is::<http_body_util::LengthLimitError>() => {
                     return answer(status_only(413));
                 }
@@ -265,19 +413,20 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Full<Byte
     }
 }
 
-fn preflight(req: &Request<Incoming>) -> Response<Full<Bytes>> {
+fn preflight() -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::new()));
     let h = r.headers_mut();
     h.insert(
         header::ACCESS_CONTROL_ALLOW_ORIGIN,
         header::HeaderValue::from_static("*"),
     );
-    if let Some(v) = req.headers().get(header::ACCESS_CONTROL_REQUEST_HEADERS) {
-        h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, v.clone());
-    }
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_HEADERS,
+        header::HeaderValue::from_static(ALLOWED_HEADERS),
+    );
     h.insert(
         header::ACCESS_CONTROL_ALLOW_METHODS,
-        header::HeaderValue::from_static("get, post, options"),
+        header::HeaderValue::from_static("GET, POST"),
     );
     h.insert(
         header::ACCESS_CONTROL_MAX_AGE,
@@ -332,6 +481,33 @@ impl Get {
     }
 }
 
+/// Whether a new session may start; its slot if so, else the refusal to answer.
+///
+/// Every check on a new session is here (limits per client address belong here too). A refused
+/// client is answered `{"status":500}`: phoenix.js 1.7 and 1.8 both then close the transport
+/// (1011) and reconnect with their backoff, with a fresh first GET. (403 would say the client
+/// is forbidden; any status other than 200/204/403/410/500 stops phoenix.js's poll loop.)
+fn admit(
+    app: &Arc<App>,
+    client: Option<std::net::IpAddr>,
+) -> Result<(OwnedSemaphorePermit, Option<crate::admission::Admitted>), Bytes> {
+    // Per client address first (`crate::admission`), so that one address's flood is refused
+    // before it touches the node's slots.
+    let admitted = app
+        .admission
+        .admit_or_count(client, &app.metrics)
+        .map_err(|_| refusal(500, "too many connections from this address"))?;
+    let slot = app.slots.clone().try_acquire_owned().map_err(|_| {
+        app.metrics.refused(Refusal::SessionCap);
+        tracing::debug!("longpoll session refused: no free slot (server.max_connections)");
+        refusal(
+            500,
+            "too many connections and sessions on this node (server.max_connections)",
+        )
+    })?;
+    Ok((slot, admitted))
+}
+
 fn new_session(
     app: &Arc<App>,
     query: &str,
@@ -341,22 +517,24 @@ fn new_session(
     if !query_param(query, "vsn").is_some_and(|v| v.starts_with("2.")) {
         return status_only(403);
     }
+    // Kept for the session's life: bounded. 403 as for any refused connect (phoenix.js
+    // reports the error and reconnects with backoff).
+    let connect = match ConnectInfo::bounded(query, auth_token) {
+        Ok(c) => c,
+        Err(oversized) => {
+            tracing::debug!(
+                ?oversized,
+                "longpoll session refused: connect info too long"
+            );
+            return refusal(403, &oversized.reason());
+        }
+    };
     if app.is_draining() {
         return status_only(500);
     }
-    // Sessions count against the connection limit too; a client refused here retries with
-    // backoff (500 is a status every phoenix.js version handles).
-    if app.longpoll.len() >= app.config.server.max_connections {
-        tracing::warn!("longpoll session limit reached (server.max_connections)");
-        return status_only(500);
-    }
-    // Per address (`crate::admission`): refused the same way, so the client retries later.
-    let Ok(admitted) = app.admission.admit_or_count(client, &app.metrics) else {
-        return status_only(500);
-    };
-    let connect = ConnectInfo {
-        query: query.to_string(),
-        auth_token: auth_token.map(str::to_string),
+    let (slot, admitted) = match admit(app, client) {
+        Ok(admitted) => admitted,
+        Err(refused) => return refused,
     };
     let session = Session::new(app.clone(), connect);
     session.waker().set_eager();
@@ -373,12 +551,19 @@ fn new_session(
             listener: 0,
             generations: 0,
             last_seen: Instant::now(),
+            polled: false,
             closed: false,
             held: None,
         }),
+        _slot: slot,
     });
     let key = token_key(&token).expect("new_token makes tokens of our shape");
     app.longpoll.map().insert(key, lp);
+    app.longpoll
+        .fresh
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push_back((Instant::now(), key));
     app.metrics.connections_longpoll.fetch_add(1, Relaxed);
     poll_answer(410, &token, &[])
 }
@@ -426,6 +611,7 @@ async fn poll(app: Arc<App>, lp: Arc<LpSession>) -> Bytes {
         inner.generations += 1;
         inner.listener = inner.generations;
         inner.last_seen = Instant::now();
+        inner.polled = true;
         (inner.generations, inner.held.take())
     };
     // A GET already waiting for this session is finished (204) by this one.

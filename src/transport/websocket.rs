@@ -10,9 +10,9 @@
 
 use crate::app::App;
 use crate::hub::{Lag, Sink, Waker};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Refusal};
 use crate::protocol;
-use crate::session::{ConnectInfo, Session};
+use crate::session::{ConnectInfo, Oversized, Session};
 use crate::ws::{self, Flow, Message, MessageReader, close_code};
 use base64::Engine;
 use bytes::Bytes;
@@ -44,8 +44,8 @@ const READ_CHUNK: usize = 8 * 1024;
 /// After we send a close frame, how long we wait for the client's close frame.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
-fn plain(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+fn plain(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
     *r.status_mut() = status;
     r.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -88,11 +88,20 @@ fn decode_auth_token(b: &str) -> Option<String> {
     String::from_utf8(bytes).ok()
 }
 
-/// Answers a WebSocket upgrade request at `/socket/websocket` and spawns the session.
+/// What a WebSocket holds while it lives: its `server.max_connections` slot, and at the edge
+/// its place among its connection's open streams (`crate::router::Busy`).
+pub struct Hold {
+    pub permit: OwnedSemaphorePermit,
+    pub busy: Option<crate::router::BusyGuard>,
+}
+
+/// Answers a WebSocket upgrade request at `/socket/websocket` and spawns the session. `hold`
+/// is asked for the WebSocket's slot only once the request is a valid upgrade (a refused one
+/// leaves its connection's slot in place); without one the answer is 503.
 pub fn upgrade(
     app: Arc<App>,
     mut req: Request<Incoming>,
-    permit: Option<OwnedSemaphorePermit>,
+    hold: impl FnOnce() -> Option<Hold>,
 ) -> Response<Full<Bytes>> {
     // RFC 8441: over HTTP/2 a WebSocket is an extended CONNECT with `:protocol websocket`,
     // answered 200 without the key/accept exchange.
@@ -109,6 +118,19 @@ pub fn upgrade(
         return plain(
             StatusCode::BAD_REQUEST,
             "expected a WebSocket upgrade (GET with Upgrade: websocket)\n",
+        );
+    }
+    // Once per upgrade: a page outside `server.allowed_origins` may not open sockets.
+    let origin = req.headers().get(header::ORIGIN);
+    if !app.origins.allows(origin.map(|v| v.as_bytes())) {
+        app.metrics.refused(Refusal::Origin);
+        tracing::debug!(
+            origin = ?String::from_utf8_lossy(origin.map_or(&b""[..], |v| v.as_bytes())),
+            "websocket upgrade refused: origin not in server.allowed_origins"
+        );
+        return plain(
+            StatusCode::FORBIDDEN,
+            "origin not allowed (server.allowed_origins)\n",
         );
     }
     if req
@@ -147,6 +169,12 @@ pub fn upgrade(
             "too many connections from this address\n",
         );
     };
+    let Some(hold) = hold() else {
+        return plain(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many connections (server.max_connections)\n",
+        );
+    };
     let mut offered_phoenix = false;
     let mut auth_token = None;
     for v in req.headers().get_all(header::SEC_WEBSOCKET_PROTOCOL) {
@@ -158,6 +186,17 @@ pub fn upgrade(
             }
         }
     }
+    // Kept for the connection's life: bounded, refused before the upgrade like a bad `vsn`.
+    let connect = match ConnectInfo::bounded(&query, auth_token.as_deref()) {
+        Ok(c) => c,
+        Err(oversized) => {
+            let status = match oversized {
+                Oversized::Query => StatusCode::URI_TOO_LONG,
+                Oversized::AuthToken => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            };
+            return plain(status, format!("{}\n", oversized.reason()));
+        }
+    };
     let mut resp = Response::new(Full::new(Bytes::new()));
     let h = resp.headers_mut();
     if let Some(key) = key.filter(|_| !h2_connect) {
@@ -191,15 +230,22 @@ pub fn upgrade(
         },
         1,
     );
-    let connect = ConnectInfo { query, auth_token };
     let task_app = app.clone();
+    // The handshake's end (hyper hands the stream over once the answer is out) has a deadline
+    // too: a client that does not take the answer does not keep the task and its slot.
+    let handshake = Duration::from_millis(app.config.server.header_read_timeout_ms);
     app.tracker.spawn(async move {
-        let _permit = permit;
+        let _hold = hold;
         let _admitted = admitted;
-        let upgraded = match on_upgrade.await {
-            Ok(u) => u,
-            Err(e) => {
+        let upgraded = match tokio::time::timeout(handshake, on_upgrade).await {
+            Ok(Ok(u)) => u,
+            Ok(Err(e)) => {
                 tracing::debug!(error = %e, "websocket upgrade failed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!("websocket handshake not completed in time");
+                task_app.metrics.refused(crate::metrics::Refusal::Timeout);
                 return;
             }
         };
@@ -484,6 +530,9 @@ impl Outbox {
 enum ReadOutcome {
     /// Read something (or nothing yet); keep going.
     Open,
+    /// Read as much as one round may and the socket may hold more: keep going after letting
+    /// other tasks run (a flooding client must not hold its worker thread).
+    Full,
     /// The peer closed the TCP connection.
     Eof,
     /// The peer sent a close frame with this code.
@@ -516,10 +565,10 @@ fn read_ready<S: WsIo>(
             return Ok(outcome);
         }
         if n < buf.len() {
-            break;
+            return Ok(ReadOutcome::Open);
         }
     }
-    Ok(ReadOutcome::Open)
+    Ok(ReadOutcome::Full)
 }
 
 fn process(
@@ -584,7 +633,7 @@ fn process(
 /// through here alike.
 fn close_for(outcome: &ReadOutcome, app: &App, peer_closed: &mut bool) -> Option<Vec<u8>> {
     match *outcome {
-        ReadOutcome::Open | ReadOutcome::Eof => None,
+        ReadOutcome::Open | ReadOutcome::Full | ReadOutcome::Eof => None,
         ReadOutcome::PeerClose(code) => {
             *peer_closed = true;
             Some(ws::encode_close_reply(code))
@@ -791,6 +840,7 @@ pub async fn run<S: WsIo>(app: Arc<App>, mut stream: S, initial: Vec<u8>, connec
                 } else if last_activity + idle_timeout > Instant::now() {
                     timer.as_mut().reset(last_activity + idle_timeout);
                 } else {
+                    app.metrics.refused(crate::metrics::Refusal::Timeout);
                     queue_close(
                         &mut outbox,
                         &mut close_sent,
@@ -819,6 +869,10 @@ pub async fn run<S: WsIo>(app: Arc<App>, mut stream: S, initial: Vec<u8>, connec
                     close_sent,
                 ) {
                     Ok(ReadOutcome::Eof) | Err(_) => break,
+                    // Readiness is still set, so the next wait returns at once and never
+                    // yields: yield here, or a flood would keep the tasks this one woke (the
+                    // Redis broker's, queued behind it on this worker) from running.
+                    Ok(ReadOutcome::Full) => tokio::task::yield_now().await,
                     Ok(outcome) => {
                         if let Some(frame) = close_for(&outcome, &app, &mut peer_closed) {
                             queue_close(&mut outbox, &mut close_sent, &mut timer, frame);

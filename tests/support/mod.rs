@@ -246,7 +246,7 @@ pub async fn wait_until(mut f: impl FnMut() -> bool) {
 /// Reads one HTTP/1.1 response from `s`: headers, then a `Content-Length` body (or everything
 /// up to EOF without one). A reset after the whole response arrived is not an error: a server
 /// that answers before reading the request body may reset the connection when it closes it.
-async fn read_response(s: &mut TcpStream) -> std::io::Result<(u16, String, Vec<u8>)> {
+pub async fn read_response(s: &mut TcpStream) -> std::io::Result<(u16, String, Vec<u8>)> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 8192];
     let complete = |buf: &[u8]| -> Option<(usize, Option<usize>)> {
@@ -339,6 +339,16 @@ pub async fn raw_http(addr: SocketAddr, request: &[u8]) -> std::io::Result<(u16,
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
     let _ = s.write_all(request).await;
     read_response(&mut s).await
+}
+
+/// The value of response header in `head` (status line and headers) `name` (case-insensitive), if present.
+pub fn header(head: &str, name: &str) -> Option<String> {
+    head.lines().skip(1).find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim()
+            .eq_ignore_ascii_case(name)
+            .then(|| v.trim().to_string())
+    })
 }
 
 /// The body as JSON, or a JSON string holding the text when it is not JSON.
