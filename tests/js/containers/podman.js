@@ -133,6 +133,15 @@ function container(name, port) {
       if (r.code !== 0) throw new Error(`podman stop ${name}: ${r.stderr}`);
       return performance.now() - start;
     },
+    /** Sends `signal` alone and waits for the exit (`podman wait`); resolves with the elapsed ms. */
+    async signalAndWait(signal) {
+      const start = performance.now();
+      const k = await podman("kill", "--signal", signal, name);
+      if (k.code !== 0) throw new Error(`podman kill --signal ${signal} ${name}: ${k.stderr}`);
+      const w = await run(PODMAN, ["wait", name], DEADLINE_MS);
+      if (w.code !== 0) throw new Error(`podman wait ${name}: ${w.stderr}`);
+      return performance.now() - start;
+    },
     async remove() {
       await podman("rm", "-f", "-t", "0", name);
     },

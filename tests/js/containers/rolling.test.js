@@ -86,6 +86,8 @@ describe("containers behind a round-robin proxy", { timeout: 240_000 }, () => {
     publishing = false;
     await publisher;
     t.diagnostic(`replaced: ${replaced.join("; ")}; published ${seq}; retried publishes: ${failures.length}`);
+    await waitFor(() => subs.every((s) => s.received.length >= seq), DEADLINE_MS, "every message delivered").catch(() => {});
+    for (const s of subs) t.diagnostic(`${s.label}: ${s.received.length} of ${seq}, joins ${JSON.stringify(s.joins)}`);
 
     const want = Array.from({ length: seq }, (_, i) => i + 1);
     for (const s of subs) {
@@ -95,6 +97,8 @@ describe("containers behind a round-robin proxy", { timeout: 240_000 }, () => {
         () => `${s.label}: ${s.received.length} of ${seq}; joins ${JSON.stringify(s.joins)}\n${showExchanges(s.made.exchanges)}`,
       );
       assert.deepEqual(s.received, want, `${s.label}: every message once, in order`);
+      // Every container it started on was replaced: its session went with one, so it rejoined.
+      assert.ok(s.joins.length >= 2, `${s.label}: never rejoined: ${JSON.stringify(s.joins)}`);
       assert.ok(s.joins.every((j, i) => i === 0 || j.recovered === true), `${s.label}: rejoins ${JSON.stringify(s.joins)}`);
     }
   });
