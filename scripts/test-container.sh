@@ -12,7 +12,7 @@
 #
 # Needs root, podman, buildah and runc (crun fails on hybrid cgroups), nginx, redis-server, Node
 # with tests/js's packages installed. Everything cached lives in PUSHGATE_TEST_CACHE (default
-# /var/cache/pushgate-test) and podman's own storage.
+# /var/cache/pushgate-test), podman's storage included (podman-storage/).
 #
 # Usage: scripts/test-container.sh [node test files...]   (default: tests/js/containers/*.test.js)
 set -euo pipefail
@@ -44,6 +44,16 @@ cat >"$CONTAINERS_CONF" <<'EOF'
 default_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]
 [engine]
 runtime = "runc"
+EOF
+# podman's own storage (the stand-ins, the image, the build stage's cached layers) lives in the
+# cache too, apart from the machine's /var/lib/containers: removing the cache forgets it all.
+# Its run state goes under /run, which a reboot clears, as podman expects.
+export CONTAINERS_STORAGE_CONF=$CACHE/storage.conf
+cat >"$CONTAINERS_STORAGE_CONF" <<EOF
+[storage]
+driver = "overlay"
+graphroot = "$CACHE/podman-storage"
+runroot = "/run/pushgate-test/podman"
 EOF
 
 start=$(date +%s)
