@@ -56,6 +56,14 @@ graphroot = "$CACHE/podman-storage"
 runroot = "/run/pushgate-test/podman"
 EOF
 
+# Containers left by a test run that was killed (named pushgate-test-<node's pid>-...): removed
+# when that process is gone, so they hold no ports; a run going on beside this one keeps its own.
+for name in $(podman ps -a --format '{{.Names}}' | grep '^pushgate-test-' || true); do
+    pid=${name#pushgate-test-}
+    pid=${pid%%-*}
+    kill -0 "$pid" 2>/dev/null || podman rm -f -t 0 "$name" >/dev/null
+done
+
 start=$(date +%s)
 # shellcheck source=scripts/container-standins.sh
 source "$REPO/scripts/container-standins.sh"
