@@ -29,6 +29,8 @@ python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need_apt+=(python3-venv)
 # ACME tests (tests/acme.rs): Let's Encrypt's test CA and its DNS stand-in.
 command -v pebble >/dev/null 2>&1 && command -v pebble-challtestsrv >/dev/null 2>&1 || need_apt+=(pebble)
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
+# Failover tests (tests/redis_loss.rs): Redis Sentinel.
+command -v redis-sentinel >/dev/null 2>&1 || need_apt+=(redis-sentinel)
 # The container image (scripts/test-container.sh): podman and buildah, with runc (crun fails on
 # hybrid cgroups); slirp4netns lets containers reach the test's Redis on the host's loopback.
 command -v podman >/dev/null 2>&1 || need_apt+=(podman)
