@@ -5,8 +5,10 @@
 # Autobahn|Testsuite's WebSocket conformance cases on a plain socket (tests/js/autobahn.test.js)
 # and through the TLS edge (tests/acme.rs; its Python 2.7 virtualenv is cached), the demo page in
 # Chromium at the TLS edge over HTTP/2 (tests/acme.rs with tests/js/edge-browser.js), README's
-# publish snippets (tests/js/readme.test.js), and the
-# Ansible test (a debootstrap root filesystem cached under /var/cache/pushgate-test).
+# publish snippets (tests/js/readme.test.js), the
+# Ansible test (a debootstrap root filesystem cached under /var/cache/pushgate-test), and the
+# droplet test (scripts/test-droplet.sh: the role applied over SSH to a copy of that root
+# filesystem booted with systemd, checked live from outside).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -73,5 +75,11 @@ if [ "$(id -u)" = 0 ]; then
     ./scripts/test-ansible.sh target/debug/pushgate
 else
     sudo ./scripts/test-ansible.sh target/debug/pushgate
+fi
+echo "==> droplet (a booted Debian host provisioned over SSH, checked from outside)"
+if [ "$(id -u)" = 0 ]; then
+    ./scripts/test-droplet.sh target/debug/pushgate
+else
+    sudo ./scripts/test-droplet.sh target/debug/pushgate
 fi
 echo "==> all tests passed"
