@@ -23,11 +23,21 @@
 # openssh-client, curl and openssl when missing; node and tests/js/node_modules must be there
 # (scripts/test.sh installs them).
 #
-# Usage: scripts/test-droplet.sh [path/to/pushgate]   (default target/debug/pushgate)
+# Then the package: the role installed package A (first apply); applying the role with a newer
+# package B (an upgrade, as a deploy does) while 20 clients are connected and a publisher runs
+# loses nothing and every client recovers; a further apply changes nothing; `apt-get purge
+# pushgate` removes the package, its units, its state, and stops the socket; `apt-get install
+# ./pushgate_*.deb` by hand then brings pushgate up, and it starts without pushgate.toml.
+#
+# Usage: scripts/test-droplet.sh path/to/pushgate_A.deb path/to/pushgate_B.deb (B newer than A;
+# scripts/build-deb.sh makes them)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
-BIN=$(realpath "${1:-target/debug/pushgate}")
+DEB_A=$(realpath "${1:?usage: scripts/test-droplet.sh pushgate_A.deb pushgate_B.deb}")
+DEB_B=$(realpath "${2:?usage: scripts/test-droplet.sh pushgate_A.deb pushgate_B.deb}")
+VERSION_A=$(dpkg-deb -f "$DEB_A" Version)
+VERSION_B=$(dpkg-deb -f "$DEB_B" Version)
 CACHE=${PUSHGATE_TEST_CACHE:-/var/cache/pushgate-test}
 SUITES=${DROPLET_SUITES:-bookworm}
 MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
@@ -41,7 +51,8 @@ if [ "$(id -u)" != 0 ]; then
     echo "scripts/test-droplet.sh needs root (debootstrap, systemd-nspawn, ip netns); try sudo" >&2
     exit 1
 fi
-[ -x "$BIN" ] || { echo "no pushgate binary at $BIN" >&2; exit 1; }
+dpkg --compare-versions "$VERSION_B" gt "$VERSION_A" ||
+    { echo "$DEB_B ($VERSION_B) must be newer than $DEB_A ($VERSION_A)" >&2; exit 1; }
 need_apt=()
 command -v systemd-nspawn >/dev/null || need_apt+=(systemd-container)
 command -v debootstrap >/dev/null || need_apt+=(debootstrap)
@@ -185,8 +196,8 @@ in_droplet() { nsenter -t "$LEADER" -a "$@"; }
 in_droplet_net() { nsenter -t "$LEADER" -n "$@"; }
 ssh_droplet() { ssh -i "$WORK/id" -o StrictHostKeyChecking=no -o UserKnownHostsFile="$WORK/known_hosts" -o LogLevel=ERROR -o ConnectTimeout=5 "root@$ADDR" "$@"; }
 
-apply() { # apply LOGFILE
-    (cd ansible && ansible-playbook -i "$WORK/inventory.yml" site.yml) >"$1" 2>&1 || {
+apply() { # apply LOGFILE A|B
+    (cd ansible && ansible-playbook -i "$WORK/inventory-$2.yml" site.yml) >"$1" 2>&1 || {
         tail -60 "$1"
         echo "ansible-playbook failed (log: $1)"
         return 1
@@ -240,7 +251,23 @@ droplet() {
     echo "    booted at $ADDR ($(($(date +%s) - start)) s so far)"
     check "SSH into the droplet as root with the key" ssh_droplet true
 
-    cat >"$WORK/inventory.yml" <<EOF
+    inventory A "$DEB_A"
+    inventory B "$DEB_B"
+    local t
+    t=$(date +%s)
+    echo "==> $suite: first apply of site.yml over SSH (services managed, package $VERSION_A)"
+    apply "$WORK/apply1.log" A
+    grep -E '^droplet +:' "$WORK/apply1.log" | sed 's/^/    /'
+    echo "    ($(($(date +%s) - t)) s)"
+
+    checks_live "$suite"
+    checks_package "$suite"
+    cleanup
+    echo "    ($suite: $(($(date +%s) - start)) s)"
+}
+
+inventory() { # inventory NAME DEB: $WORK/inventory-NAME.yml
+    cat >"$WORK/inventory-$1.yml" <<EOF
 pushgate:
   hosts:
     droplet:
@@ -250,35 +277,18 @@ pushgate:
       ansible_ssh_common_args: -o StrictHostKeyChecking=no -o UserKnownHostsFile=$WORK/known_hosts
   vars:
     pushgate_domain: $DOMAIN
-    pushgate_binary_src: $BIN
+    pushgate_deb_src: $2
     pushgate_publish_token: $TOKEN
     # The one default changed: a container shares the host's kernel, whose /proc/sys is
     # read-only in it (the file is written all the same, and systemd-sysctl skips it at boot).
     pushgate_sysctl_apply: false
 EOF
-    local t
-    t=$(date +%s)
-    echo "==> $suite: first apply of site.yml over SSH (services managed)"
-    apply "$WORK/apply1.log"
-    grep -E '^droplet +:' "$WORK/apply1.log" | sed 's/^/    /'
-    echo "    ($(($(date +%s) - t)) s)"
+}
 
-    checks_live "$suite"
-
-    echo "==> $suite: second apply: must change nothing"
-    apply "$WORK/apply2.log"
-    local recap
-    recap=$(grep -E '^droplet +:' "$WORK/apply2.log")
-    echo "    $recap"
-    idempotent() {
-        grep -q 'changed=0 ' <<<"$recap" && grep -q 'failed=0 ' <<<"$recap" || {
-            grep -E '^changed:' -B2 "$WORK/apply2.log"
-            return 1
-        }
-    }
-    check "$suite: second apply reports zero changes" idempotent
-    cleanup
-    echo "    ($suite: $(($(date +%s) - start)) s)"
+# nginx's complaints about connecting to pushgate (a refused connection would be one).
+refused_count() { in_droplet sh -c 'grep -c "connect() failed\|Connection refused" /var/log/nginx/error.log || true'; }
+nothing_refused() {
+    [ "$(refused_count)" = "$REFUSED_BEFORE" ] || { in_droplet tail -5 /var/log/nginx/error.log; return 1; }
 }
 
 services_active() {
@@ -335,15 +345,9 @@ checks_live() {
     CLIENTS=4 check "$suite: phoenix client (WebSocket, LongPoll; 1.8.17, 1.7.23) through nginx receives what the loopback API publishes" clients
 
     # The restart: socket activation keeps connections waiting, Redis keeps the history.
-    local errors_before
-    errors_before=$(in_droplet sh -c 'grep -c "connect() failed\|Connection refused" /var/log/nginx/error.log || true')
+    REFUSED_BEFORE=$(refused_count)
     check "$suite: systemctl restart pushgate with 20 clients and a publisher every 20 ms: nothing lost, every rejoin recovered" \
         clients "[\"nsenter\",\"-t\",\"$LEADER\",\"-a\",\"systemctl\",\"restart\",\"pushgate.service\"]"
-    nothing_refused() {
-        local now
-        now=$(in_droplet sh -c 'grep -c "connect() failed\|Connection refused" /var/log/nginx/error.log || true')
-        [ "$now" = "$errors_before" ] || { in_droplet tail -5 /var/log/nginx/error.log; return 1; }
-    }
     check "$suite: nginx logged no refused connection to pushgate during the restart" nothing_refused
 
     # A new certificate: written as pushgate writes one (key first, each file renamed into place).
@@ -433,6 +437,84 @@ while True:
     check "$suite: after the reboot: no failed unit" sh -c "[ -z \"\$(nsenter -t $LEADER -a systemctl --failed --no-legend --plain)\" ] || nsenter -t $LEADER -a systemctl --failed --no-legend --plain"
     check "$suite: after the reboot: the firewall drops a port outside 22, 80, 443" firewall
     CLIENTS=4 check "$suite: after the reboot: phoenix client through nginx receives what the loopback API publishes" clients
+}
+
+checks_package() {
+    local suite=$1
+    echo "==> $suite: the package: upgrade by the role with clients connected, idempotence, purge"
+    local pid_before
+    pid_before=$(in_droplet systemctl show -P MainPID pushgate.service)
+    REFUSED_BEFORE=$(refused_count)
+    check "$suite: applying the role with package $VERSION_B while 20 clients are connected and a publisher runs: nothing lost, every rejoin recovered" \
+        clients "[\"bash\",\"-c\",\"cd '$REPO/ansible' && ansible-playbook -i '$WORK/inventory-B.yml' site.yml > '$WORK/apply-upgrade.log' 2>&1 || { tail -40 '$WORK/apply-upgrade.log'; exit 1; }\"]"
+    upgraded() {
+        local v pid
+        v=$(in_droplet dpkg-query -W -f '${Status} ${Version}' pushgate)
+        [ "$v" = "install ok installed $VERSION_B" ] || { echo "dpkg: $v"; return 1; }
+        pid=$(in_droplet systemctl show -P MainPID pushgate.service)
+        [ "$pid" -gt 0 ] && [ "$pid" != "$pid_before" ] || { echo "pushgate was not restarted (MainPID $pid_before, now $pid)"; return 1; }
+        echo "$v, MainPID $pid_before -> $pid"
+    }
+    check "$suite: package $VERSION_B installed and pushgate restarted by it" upgraded
+    check "$suite: nginx logged no refused connection to pushgate during the upgrade" nothing_refused
+
+    echo "==> $suite: apply again: must change nothing"
+    apply "$WORK/apply2.log" B
+    local recap
+    recap=$(grep -E '^droplet +:' "$WORK/apply2.log")
+    echo "    $recap"
+    idempotent() {
+        grep -q 'changed=0 ' <<<"$recap" && grep -q 'failed=0 ' <<<"$recap" || {
+            grep -E '^changed:' -B2 "$WORK/apply2.log"
+            return 1
+        }
+    }
+    check "$suite: a second apply reports zero changes" idempotent
+
+    purged() {
+        in_droplet env DEBIAN_FRONTEND=noninteractive apt-get purge -y -q pushgate >"$WORK/purge.log" 2>&1 ||
+            { tail -20 "$WORK/purge.log"; return 1; }
+        local left=""
+        local st
+        st=$(in_droplet dpkg-query -W -f '${Status}' pushgate 2>/dev/null || true)
+        [ "$st" != "install ok installed" ] || left+="package; "
+        for f in /usr/bin/pushgate /usr/lib/systemd/system/pushgate.service /usr/lib/systemd/system/pushgate.socket \
+            /etc/pushgate/pushgate.toml /etc/pushgate/pushgate.env /var/lib/pushgate; do
+            [ ! -e "$ROOT$f" ] || left+="$f; "
+        done
+        local s
+        s=$(in_droplet systemctl is-active pushgate.socket pushgate.service 2>&1 || true)
+        ! grep -qx active <<<"$s" || left+="units still active ($s); "
+        [ -z "$(in_droplet_net ss -Hltn 'sport = :4000')" ] || left+="something listens on 127.0.0.1:4000; "
+        [ -z "$left" ] || { echo "left after purge: $left"; return 1; }
+    }
+    check "$suite: apt-get purge pushgate removes the package, its units, config and state, and the socket" purged
+
+    # README's by-hand path, on the purged host: apt-get install ./pushgate_*.deb, nothing else.
+    healthy() { in_droplet_net curl -fsS --max-time 2 http://127.0.0.1:4000/healthz; }
+    by_hand() {
+        in_droplet env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "/var/cache/pushgate-deb/$(basename "$DEB_B")" \
+            >"$WORK/by-hand.log" 2>&1 || { tail -20 "$WORK/by-hand.log"; return 1; }
+        [ ! -e "$ROOT/etc/pushgate/pushgate.env" ] || { echo "/etc/pushgate/pushgate.env is there"; return 1; }
+        in_droplet dpkg-query -W -f '${Conffiles}\n' pushgate | grep -q '^ /etc/pushgate/pushgate.toml ' ||
+            { echo "/etc/pushgate/pushgate.toml is not a conffile"; return 1; }
+        poll 20 healthy || { echo "pushgate does not answer on 127.0.0.1:4000 after the install"; return 1; }
+        [ "$(in_droplet systemctl is-enabled pushgate.socket pushgate.service pushgate-tls-reload.path | sort -u)" = enabled ] ||
+            { echo "units not enabled"; return 1; }
+        echo "installed, enabled and answering"
+    }
+    check "$suite: apt-get install ./pushgate_*.deb by hand: pushgate runs on 127.0.0.1:4000, units enabled, pushgate.toml a conffile" by_hand
+    no_config() {
+        local pid
+        pid=$(in_droplet systemctl show -P MainPID pushgate.service)
+        in_droplet rm /etc/pushgate/pushgate.toml
+        in_droplet systemctl restart pushgate.service
+        [ "$(in_droplet systemctl show -P MainPID pushgate.service)" != "$pid" ] || { echo "not restarted"; return 1; }
+        poll 20 healthy || { in_droplet journalctl -u pushgate.service -n 10 --no-pager; return 1; }
+        [ "$(in_droplet systemctl is-active pushgate.service)" = active ] || return 1
+        echo "active and answering without /etc/pushgate/pushgate.toml"
+    }
+    check "$suite: pushgate starts without /etc/pushgate/pushgate.toml" no_config
 }
 
 for suite in $SUITES; do

@@ -70,16 +70,16 @@ echo "==> node tests (official phoenix client 1.8.17 and 1.7.23; nginx in front;
         PUSHGATE_AUTOBAHN_BIN="$PWD/../../target/debug/pushgate-autobahn" WSTEST="$WSTEST" \
         npm test
 )
+echo "==> Debian packages (cargo deb, of the debug build): the one deployed, and an older one to upgrade from"
+# The tests install the older package first, then upgrade to the current one with clients
+# connected (scripts/test-droplet.sh). Same binary, lower version: what is tested is the upgrade.
+DEB_VERSION=$(cargo metadata --no-deps --format-version 1 |
+    python3 -c 'import json, sys; print(next(p["version"] for p in json.load(sys.stdin)["packages"] if p["name"] == "pushgate"))')
+DEB_OLD=$(./scripts/build-deb.sh dev "$DEB_VERSION-0" "target/debian/pushgate_$DEB_VERSION-0_test.deb")
+DEB_NEW=$(./scripts/build-deb.sh dev "$DEB_VERSION-1" "target/debian/pushgate_$DEB_VERSION-1_test.deb")
+if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
 echo "==> ansible (lint, apply to a Debian 12 root filesystem, idempotence)"
-if [ "$(id -u)" = 0 ]; then
-    ./scripts/test-ansible.sh target/debug/pushgate
-else
-    sudo ./scripts/test-ansible.sh target/debug/pushgate
-fi
-echo "==> droplet (a booted Debian host provisioned over SSH, checked from outside)"
-if [ "$(id -u)" = 0 ]; then
-    ./scripts/test-droplet.sh target/debug/pushgate
-else
-    sudo ./scripts/test-droplet.sh target/debug/pushgate
-fi
+$SUDO ./scripts/test-ansible.sh "$DEB_NEW"
+echo "==> droplet (Debian 12 and 13 hosts booted with systemd, provisioned over SSH, checked from outside)"
+$SUDO env DROPLET_SUITES="${DROPLET_SUITES:-bookworm trixie}" ./scripts/test-droplet.sh "$DEB_OLD" "$DEB_NEW"
 echo "==> all tests passed"
