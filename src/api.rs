@@ -158,7 +158,7 @@ pub struct Answer {
 }
 
 impl Answer {
-    fn error(status: StatusCode, message: &str) -> Answer {
+    pub fn error(status: StatusCode, message: &str) -> Answer {
         let mut body = Vec::with_capacity(16 + message.len());
         body.extend_from_slice(b"{\"error\":");
         protocol::push_json_str(&mut body, message);
@@ -231,9 +231,13 @@ pub async fn publish(app: Arc<App>, req: Request<Incoming>) -> Response<Full<Byt
         Ok(limit) => limit,
         Err(a) => return a.into_response(),
     };
-    let body = match Limited::new(req.into_body(), limit).collect().await {
+    let body = crate::deadline::Body::new(req.into_body(), crate::deadline::body_stall(&app));
+    let body = match Limited::new(body, limit).collect().await {
         Ok(b) => b.to_bytes(),
         Err(e) => {
+            if crate::deadline::is_timeout(&e) {
+                return crate::deadline::body_timed_out(&app);
+            }
             if e.is::<http_body_util::LengthLimitError>() {
                 return too_big(limit).into_response();
             }

@@ -45,8 +45,23 @@ pub struct ServerConfig {
     /// the kernel's accept queue; further LongPoll sessions are refused with `{"status":500}`,
     /// and phoenix.js retries with backoff. Default 50000.
     pub max_connections: usize,
-    /// Time a client has to send complete HTTP request headers, in ms. Default 10000.
+    /// Time a client has to send complete HTTP request headers, in ms, counted from the
+    /// connection's start for its first request (a socket that sends nothing is closed then)
+    /// and from the first byte for later ones in the lean HTTP/1.1 loop; on connections hyper
+    /// serves, the wait for a next request counts too. A stalled head is answered 408. Default
+    /// 10000: a real client sends its head in one segment, at once; 10 s covers a slow mobile
+    /// link while bounding how long a silent socket holds a connection slot.
     pub header_read_timeout_ms: u64,
+    /// How long a keep-alive connection may wait, idle, for its next request before it is
+    /// closed, in ms; at the edge, how long an HTTP/2 connection may have no open stream.
+    /// Default 75000, nginx's `keepalive_timeout`: publishers and LongPoll clients reuse their
+    /// connection well within it, and an abandoned one gives its slot back.
+    pub keepalive_timeout_ms: u64,
+    /// Longest wait for the next bytes of a request body, in ms (not the whole body: a slow
+    /// but moving upload is fine). A body that stalls longer is answered 408 and the connection
+    /// closed. Default 30000: request bodies here are small messages, and a mobile link that
+    /// stalls half a minute has lost the request anyway.
+    pub body_timeout_ms: u64,
     /// A WebSocket that sends nothing for this long is closed with 1001, in ms. phoenix.js sends
     /// a heartbeat every 30 s, so the default 90000 allows two missed heartbeats.
     pub idle_timeout_ms: u64,
@@ -76,6 +91,8 @@ impl Default for ServerConfig {
             listen: "127.0.0.1:4000".into(),
             max_connections: 50_000,
             header_read_timeout_ms: 10_000,
+            keepalive_timeout_ms: 75_000,
+            body_timeout_ms: 30_000,
             idle_timeout_ms: 90_000,
             worker_threads: 0,
             trusted_proxies: vec!["127.0.0.0/8".into(), "::1".into()],
@@ -580,6 +597,21 @@ pub struct TlsConfig {
     pub redirect_listen: String,
     /// Time a client has to complete the TLS handshake, in ms. Default 10000.
     pub handshake_timeout_ms: u64,
+    /// Also serve `/api/*` (publish, presence) and `/metrics` on `tls.listen`. Default false:
+    /// the edge serves what the internet needs (`/socket/*`, health checks, ACME challenges,
+    /// the demo page when enabled) and the rest answers 404 there; the plain listener
+    /// (`server.listen`, loopback by default) serves everything. Turn it on only when the
+    /// publish token and the metrics may face the internet.
+    pub serve_api_and_metrics: bool,
+    /// HTTP/2 at the edge: a PING is sent after this long without a frame from the client, and
+    /// the connection is closed when the answer takes as long again, in ms. Default 30000, as
+    /// often as phoenix.js's heartbeat: a vanished client is noticed within a minute.
+    pub http2_ping_interval_ms: u64,
+    /// HTTP/2 at the edge: most streams (requests and RFC 8441 WebSockets) open at once on one
+    /// connection; more are refused by the protocol (`REFUSED_STREAM`). Default 128, nginx's
+    /// `http2_max_concurrent_streams`. Each WebSocket also holds a `server.max_connections`
+    /// slot.
+    pub http2_max_concurrent_streams: u32,
 }
 
 impl Default for TlsConfig {
@@ -588,6 +620,9 @@ impl Default for TlsConfig {
             listen: String::new(),
             redirect_listen: String::new(),
             handshake_timeout_ms: 10_000,
+            serve_api_and_metrics: false,
+            http2_ping_interval_ms: 30_000,
+            http2_max_concurrent_streams: 128,
         }
     }
 }
@@ -630,6 +665,12 @@ impl TlsConfig {
         }
         if self.handshake_timeout_ms < 100 {
             bad("tls.handshake_timeout_ms", "must be at least 100");
+        }
+        if self.http2_ping_interval_ms < 100 {
+            bad("tls.http2_ping_interval_ms", "must be at least 100");
+        }
+        if self.http2_max_concurrent_streams == 0 {
+            bad("tls.http2_max_concurrent_streams", "must be at least 1");
         }
     }
 }
@@ -870,6 +911,21 @@ impl Config {
         }
         if self.server.max_connections == 0 {
             bad("server.max_connections", "must be at least 1");
+        }
+        for (key, ms) in [
+            (
+                "server.header_read_timeout_ms",
+                self.server.header_read_timeout_ms,
+            ),
+            (
+                "server.keepalive_timeout_ms",
+                self.server.keepalive_timeout_ms,
+            ),
+            ("server.body_timeout_ms", self.server.body_timeout_ms),
+        ] {
+            if ms < 100 {
+                bad(key, "must be at least 100");
+            }
         }
         if self.server.idle_timeout_ms < 35_000 {
             bad(
@@ -1118,6 +1174,46 @@ mod tests {
             missing,
             Vec::<String>::new(),
             "README.md's Configuration table lacks these"
+        );
+    }
+
+    #[test]
+    fn deadlines_are_named_when_too_short() {
+        let c = Config::load(
+            None,
+            env(&[
+                ("PUSHGATE_SERVER_KEEPALIVE_TIMEOUT_MS", "60000"),
+                ("PUSHGATE_SERVER_BODY_TIMEOUT_MS", "15000"),
+                ("PUSHGATE_TLS_SERVE_API_AND_METRICS", "true"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.server.keepalive_timeout_ms, 60_000);
+        assert_eq!(c.server.body_timeout_ms, 15_000);
+        assert!(c.tls.serve_api_and_metrics);
+        c.validate().unwrap();
+
+        let mut c = Config::default();
+        c.server.header_read_timeout_ms = 0;
+        c.server.keepalive_timeout_ms = 0;
+        c.server.body_timeout_ms = 99;
+        c.tls.http2_ping_interval_ms = 0;
+        c.tls.http2_max_concurrent_streams = 0;
+        let keys: Vec<_> = c
+            .validate()
+            .unwrap_err()
+            .into_iter()
+            .map(|p| p.key)
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "server.header_read_timeout_ms",
+                "server.keepalive_timeout_ms",
+                "server.body_timeout_ms",
+                "tls.http2_ping_interval_ms",
+                "tls.http2_max_concurrent_streams"
+            ]
         );
     }
 

@@ -18,6 +18,7 @@
 
 use crate::api;
 use crate::app::App;
+use crate::metrics::Refusal;
 use crate::transport::longpoll;
 use hyper::StatusCode;
 use std::cell::RefCell;
@@ -50,15 +51,23 @@ pub enum First {
     Closed,
 }
 
-/// Peeks at the first request line without consuming it.
+/// Peeks at the first request line without consuming it. A client that sends nothing within
+/// `server.header_read_timeout_ms` is closed (and counted): a silent socket must not hold its
+/// connection slot.
 pub async fn first(app: &App, stream: &TcpStream) -> First {
     let mut head = [0u8; PEEK_BYTES];
+    let deadline = Duration::from_millis(app.config.server.header_read_timeout_ms);
     let n = tokio::select! {
         r = stream.peek(&mut head) => match r {
             Ok(0) | Err(_) => return First::Closed,
             Ok(n) => n,
         },
         _ = app.shutdown.cancelled() => return First::Closed,
+        _ = tokio::time::sleep(deadline) => {
+            tracing::debug!("no request within the header timeout; closing");
+            app.metrics.refused(Refusal::Timeout);
+            return First::Closed;
+        }
     };
     match request_line(&head[..n]).and_then(|(method, path)| route(app, method, path)) {
         Some(_) => First::Lean,
@@ -105,6 +114,7 @@ struct Head {
     longpoll_token: Option<Range<usize>>,
     auth_token: Option<Range<usize>>,
     forwarded_for: Option<Range<usize>>,
+    origin: Option<Range<usize>>,
 }
 
 enum Parsed {
@@ -152,6 +162,7 @@ fn parse(app: &App, buf: &[u8]) -> Parsed {
         longpoll_token: None,
         auth_token: None,
         forwarded_for: None,
+        origin: None,
     };
     let mut seen_length = false;
     for h in req.headers.iter() {
@@ -183,6 +194,12 @@ fn parse(app: &App, buf: &[u8]) -> Parsed {
             head.longpoll_token = Some(range_of(buf, h.value));
         } else if name.eq_ignore_ascii_case("x-phoenix-authtoken") {
             head.auth_token = Some(range_of(buf, h.value));
+        } else if name.eq_ignore_ascii_case("origin") {
+            if head.origin.is_some() {
+                // Several: hyper's path decides.
+                return Parsed::Hyper;
+            }
+            head.origin = Some(range_of(buf, h.value));
         } else if name.eq_ignore_ascii_case("x-forwarded-for") {
             if head.forwarded_for.is_some() {
                 // Several: hyper reads them all, in order.
@@ -223,6 +240,12 @@ pub async fn serve(app: &Arc<App>, mut stream: TcpStream, peer: std::net::Socket
         tokio::time::sleep(drain).await;
     };
     tokio::pin!(shutdown);
+    // The keep-alive deadline: one timer per connection, moved only when it fires early (the
+    // connection answered a request since it was set), not once per request.
+    let keepalive = Duration::from_millis(app.config.server.keepalive_timeout_ms);
+    let mut idle_since = tokio::time::Instant::now();
+    let idle = tokio::time::sleep_until(idle_since + keepalive);
+    tokio::pin!(idle);
     loop {
         // A complete head.
         let mut deadline = None;
@@ -234,11 +257,23 @@ pub async fn serve(app: &Arc<App>, mut stream: TcpStream, peer: std::net::Socket
             }
             buf.reserve(4096);
             let read = if buf.is_empty() {
-                // Between requests: wait for the next one, or shut down.
-                tokio::select! {
-                    biased;
-                    r = stream.read_buf(&mut buf) => r,
-                    _ = &mut shutdown => return End::Closed,
+                // Between requests: wait for the next one (up to the keep-alive deadline), or
+                // shut down.
+                loop {
+                    tokio::select! {
+                        biased;
+                        r = stream.read_buf(&mut buf) => break r,
+                        _ = &mut shutdown => return End::Closed,
+                        _ = idle.as_mut() => {
+                            let end = idle_since + keepalive;
+                            if tokio::time::Instant::now() >= end {
+                                tracing::debug!("keep-alive connection idle too long; closing");
+                                app.metrics.refused(Refusal::Timeout);
+                                return End::Closed;
+                            }
+                            idle.as_mut().reset(end);
+                        }
+                    }
                 }
             } else {
                 // Part of a head arrived: the rest must come within the header timeout.
@@ -249,8 +284,8 @@ pub async fn serve(app: &Arc<App>, mut stream: TcpStream, peer: std::net::Socket
                 match tokio::time::timeout_at(d, stream.read_buf(&mut buf)).await {
                     Ok(r) => r,
                     Err(_) => {
-                        tracing::debug!("request head not complete in time; closing");
-                        return End::Closed;
+                        tracing::debug!("request head not complete in time; answering 408");
+                        return timed_out(app, &mut stream, &mut out, "request head").await;
                     }
                 }
             };
@@ -271,33 +306,62 @@ pub async fn serve(app: &Arc<App>, mut stream: TcpStream, peer: std::net::Socket
                     Ok(limit) => limit,
                     Err(answer) => {
                         // The body stays unread: answer, then close.
-                        Answer::Publish(answer).frame(&mut out, true);
+                        Answer::Publish(answer).frame(&mut out, true, Cors::Open);
                         let _ = stream.write_all(&out).await;
                         return End::Closed;
                     }
                 }
+            }
+            Route::LongPollPost | Route::LongPollGet
+                if !app.origins.allows(head.origin.clone().map(|r| &buf[r])) =>
+            {
+                // `server.allowed_origins`, as `longpoll::handle` checks it on hyper's path: 403
+                // with `{"status":403}` and no CORS; the body stays unread, so close.
+                app.metrics.refused(crate::metrics::Refusal::Origin);
+                tracing::debug!(
+                    origin = ?String::from_utf8_lossy(head.origin.clone().map_or(&b""[..], |r| &buf[r])),
+                    "longpoll request refused: origin not in server.allowed_origins"
+                );
+                Answer::LongPollRefused.frame(&mut out, true, Cors::Open);
+                let _ = stream.write_all(&out).await;
+                return End::Closed;
             }
             Route::LongPollPost => app.config.longpoll.max_post_bytes,
             Route::LongPollGet => 0,
         };
         if head.content_length > limit as u64 {
             // Only a LongPoll POST gets here (`check_head` answered a publish).
-            Answer::LongPoll(longpoll::status_only(413)).frame(&mut out, true);
+            Answer::LongPoll(longpoll::status_only(413)).frame(
+                &mut out,
+                true,
+                cors_of(app, &buf, &head),
+            );
             let _ = stream.write_all(&out).await;
             return End::Closed;
         }
         let end = head.len + head.content_length as usize;
-        while buf.len() < end {
-            buf.reserve(end - buf.len());
-            // A body that stalls does not hold up a shutdown.
-            let read = tokio::select! {
-                biased;
-                r = stream.read_buf(&mut buf) => r,
-                _ = &mut shutdown => return End::Closed,
-            };
-            match read {
-                Ok(0) | Err(_) => return End::Closed,
-                Ok(_) => {}
+        if buf.len() < end {
+            // The rest of the body: each wait for more bytes ends at `server.body_timeout_ms`
+            // (one timer per body, moved when bytes come), and a stalled body does not hold up
+            // a shutdown. A body that came with its head never gets here.
+            let stall = Duration::from_millis(app.config.server.body_timeout_ms);
+            let timer = tokio::time::sleep(stall);
+            tokio::pin!(timer);
+            while buf.len() < end {
+                buf.reserve(end - buf.len());
+                let read = tokio::select! {
+                    biased;
+                    r = stream.read_buf(&mut buf) => r,
+                    _ = &mut shutdown => return End::Closed,
+                    _ = timer.as_mut() => {
+                        tracing::debug!("request body stalled; answering 408");
+                        return timed_out(app, &mut stream, &mut out, "request body").await;
+                    }
+                };
+                match read {
+                    Ok(0) | Err(_) => return End::Closed,
+                    Ok(_) => timer.as_mut().reset(tokio::time::Instant::now() + stall),
+                }
             }
         }
 
@@ -348,7 +412,7 @@ pub async fn serve(app: &Arc<App>, mut stream: TcpStream, peer: std::net::Socket
             }
         };
         let close = head.close || app.shutdown.is_cancelled();
-        answer.frame(&mut out, close);
+        answer.frame(&mut out, close, cors_of(app, &buf, &head));
         if stream.write_all(&out).await.is_err() {
             return End::Closed;
         }
@@ -357,23 +421,65 @@ pub async fn serve(app: &Arc<App>, mut stream: TcpStream, peer: std::net::Socket
             return End::Closed;
         }
         buf.drain(..end);
+        idle_since = tokio::time::Instant::now();
     }
+}
+
+/// A read deadline passed mid-request: 408 with `connection: close`, counted, and the end.
+async fn timed_out(app: &App, stream: &mut TcpStream, out: &mut Vec<u8>, what: &str) -> End {
+    app.metrics.refused(Refusal::Timeout);
+    let answer = api::Answer::error(
+        StatusCode::REQUEST_TIMEOUT,
+        &format!("{what} not received in time"),
+    );
+    Answer::Publish(answer).frame(out, true, Cors::Open);
+    let _ = stream.write_all(out).await;
+    let _ = stream.shutdown().await;
+    End::Closed
 }
 
 enum Answer {
     Publish(api::Answer),
     /// Always HTTP 200; the LongPoll status is in the body.
     LongPoll(bytes::Bytes),
+    /// An origin outside `server.allowed_origins`: 403, `{"status":403}`, no CORS.
+    LongPollRefused,
+}
+
+/// The CORS headers of a LongPoll answer: `*` while `server.allowed_origins` is empty, else the
+/// request's own (allowed) origin, with `Vary: Origin`, as `longpoll::handle` answers.
+#[derive(Clone, Copy)]
+enum Cors<'a> {
+    Open,
+    Restricted(Option<&'a [u8]>),
+}
+
+fn cors_of<'a>(app: &App, buf: &'a [u8], head: &Head) -> Cors<'a> {
+    if app.origins.is_open() {
+        Cors::Open
+    } else {
+        Cors::Restricted(head.origin.clone().map(|r| &buf[r]))
+    }
 }
 
 impl Answer {
     /// The whole response, head and body, into `out`. The headers are the ones the hyper path
     /// sends ([`api::JSON_HEADERS`], [`longpoll::ANSWER_HEADERS`]).
-    fn frame(&self, out: &mut Vec<u8>, close: bool) {
+    fn frame(&self, out: &mut Vec<u8>, close: bool, cors: Cors) {
+        let refused = longpoll::status_only(403);
+        let restricted = matches!(cors, Cors::Restricted(_));
         let (status, headers, body): (_, &[(&str, &str)], &[u8]) = match self {
             Answer::Publish(a) if a.bearer_challenge => (a.status, api::CHALLENGE_HEADERS, &a.body),
             Answer::Publish(a) => (a.status, api::JSON_HEADERS, &a.body),
+            Answer::LongPoll(body) if restricted => {
+                (StatusCode::OK, longpoll::ANSWER_HEADERS_NO_CORS, body)
+            }
             Answer::LongPoll(body) => (StatusCode::OK, longpoll::ANSWER_HEADERS, body),
+            Answer::LongPollRefused => (
+                StatusCode::FORBIDDEN,
+                longpoll::ANSWER_HEADERS_NO_CORS,
+                &refused,
+            ),
         };
         out.clear();
         out.reserve(160 + body.len());
@@ -387,6 +493,14 @@ impl Answer {
             out.extend_from_slice(b": ");
             out.extend_from_slice(value.as_bytes());
             out.extend_from_slice(b"\r\n");
+        }
+        if let (Cors::Restricted(origin), Answer::LongPoll(_)) = (cors, self) {
+            if let Some(o) = origin {
+                out.extend_from_slice(b"access-control-allow-origin: ");
+                out.extend_from_slice(o);
+                out.extend_from_slice(b"\r\n");
+            }
+            out.extend_from_slice(b"vary: origin\r\n");
         }
         let _ = write!(out, "content-length: {}\r\ndate: ", body.len());
         with_date(|d| out.extend_from_slice(d));

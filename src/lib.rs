@@ -6,6 +6,7 @@
 //! - [`http1`]: the lean HTTP/1.1 loop for publish and LongPoll connections (hyper does the rest).
 //! - [`router`]: path to handler; `/healthz`, `/readyz`, `/metrics`, demo page.
 //! - [`api`]: `POST /api/publish`.
+//! - [`deadline`]: read deadlines where hyper has none (stalled request bodies).
 //! - [`protocol`]: Phoenix V2 frames, parse and encode, no I/O.
 //! - [`ws`]: our RFC 6455 frame layer, no I/O.
 //! - [`session`]: one client's channels and replies, transport-neutral, no I/O.
@@ -29,6 +30,7 @@ pub mod app;
 pub mod auth;
 pub mod broker;
 pub mod config;
+pub mod deadline;
 pub mod forward;
 pub mod http1;
 pub mod hub;

@@ -2,7 +2,12 @@
 //!
 //! A connection slot (a permit of `App::slots`) is taken *before* accepting, so sockets and
 //! LongPoll sessions (which hold a slot each) number at most `server.max_connections`; a
-//! WebSocket upgrade carries its socket's slot into the WebSocket task. Accept errors (such as running out of file descriptors) back off and retry.
+//! WebSocket upgrade carries its socket's slot into the WebSocket task (an RFC 8441 WebSocket
+//! at the edge takes a slot of its own, see `router::route`). Accept errors (such as running
+//! out of file descriptors) back off and retry.
+//! Every read has a deadline (`http1` for the lean loop and the first bytes; hyper's header
+//! timeout, `deadline::Body` for request bodies), each forced close counted as
+//! `Refusal::Timeout`.
 //! Each connection is served by hyper's HTTP/1 with upgrades, inside its own tracked task.
 //! On shutdown, HTTP connections finish their current request (`graceful_shutdown`, then we
 //! keep polling them), WebSocket tasks close themselves with 1012, and [`run`] waits for every
@@ -186,11 +191,6 @@ async fn serve_plain(
     permit: OwnedSemaphorePermit,
 ) {
     match http1::first(&app, &stream).await {
-        // The lean loop does not read `Origin`: with `server.allowed_origins` set, hyper serves
-        // LongPoll connections, and `longpoll::handle` checks each request.
-        http1::First::Lean if !app.origins.is_open() && is_longpoll(&stream).await => {
-            serve_connection(app, stream, peer, permit).await
-        }
         http1::First::Lean => match http1::serve(&app, stream, peer).await {
             http1::End::Closed => {}
             http1::End::Hyper(rewound) => serve_connection(app, rewound, peer, permit).await,
@@ -199,15 +199,6 @@ async fn serve_plain(
         http1::First::Closed => {}
     }
     tracing::trace!(%peer, "connection done");
-}
-
-/// Whether the connection's first request (already known to be complete in its first
-/// segment, see [`http1::first`]) is a LongPoll one. Peeked, not read.
-async fn is_longpoll(stream: &TcpStream) -> bool {
-    let mut head = [0u8; 24];
-    let n = stream.peek(&mut head).await.unwrap_or(0);
-    let head = &head[..n];
-    head.starts_with(b"GET /socket/longpoll") || head.starts_with(b"POST /socket/longpoll")
 }
 
 async fn serve_connection<S>(
@@ -220,13 +211,13 @@ async fn serve_connection<S>(
 {
     // The slot moves into a WebSocket task on upgrade; otherwise it is released when this
     // connection ends.
-    let slot = Arc::new(std::sync::Mutex::new(Some(permit)));
+    let ctx = Arc::new(router::Conn::new(permit, false, None));
     let svc_app = app.clone();
     let service = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
         req.extensions_mut().insert(crate::admission::Peer(peer));
         let app = svc_app.clone();
-        let slot = slot.clone();
-        async move { Ok::<_, std::convert::Infallible>(router::route(app, req, &slot).await) }
+        let ctx = ctx.clone();
+        async move { Ok::<_, std::convert::Infallible>(router::route(app, req, &ctx).await) }
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
@@ -242,6 +233,10 @@ async fn serve_connection<S>(
     tokio::select! {
         r = conn.as_mut() => {
             if let Err(e) = r {
+                if e.is_timeout() {
+                    // hyper's header timeout: a silent or idle connection, or a slow head.
+                    app.metrics.refused(crate::metrics::Refusal::Timeout);
+                }
                 tracing::debug!(error = %e, "http connection error");
             }
         }

@@ -9,12 +9,21 @@
 //! hyper (HTTP/1.1 or HTTP/2) through [`crate::router`], sharing `server.max_connections`
 //! with the plain listeners.
 //!
+//! Only what the internet needs is served here (`router::route` with `Conn::edge`): `/socket/*`,
+//! health checks, ACME challenges and the demo page; `/api/*` and `/metrics` only with
+//! `tls.serve_api_and_metrics`. Every read has a deadline: the handshake's, hyper's header
+//! timeout for HTTP/1.1, and for both protocols a connection with no open request or WebSocket
+//! (`router::Busy`) is closed after `server.header_read_timeout_ms` before its first request and
+//! `server.keepalive_timeout_ms` after one; HTTP/2 also sends PINGs and caps its streams.
+//!
 //! WebSockets work here too: over HTTP/1.1 by the usual upgrade, over HTTP/2 by extended
-//! CONNECT (RFC 8441, enabled on the HTTP/2 side). Either way the WebSocket transport runs on
-//! its polled adapter (`transport::websocket::Polled`), which stages reads and writes in
-//! buffers; the zero-buffer path is for plain TCP behind nginx.
+//! CONNECT (RFC 8441, enabled on the HTTP/2 side), each holding a connection slot of its own.
+//! Either way the WebSocket transport runs on its polled adapter
+//! (`transport::websocket::Polled`), which stages reads and writes in buffers; the zero-buffer
+//! path is for plain TCP behind nginx.
 
 use crate::app::App;
+use crate::metrics::Refusal;
 use crate::router;
 use crate::server::accept_loop;
 use bytes::Bytes;
@@ -143,20 +152,26 @@ async fn serve_tls(
         }
         Err(_) => {
             tracing::debug!(%peer, "tls handshake timed out");
+            app.metrics.refused(Refusal::Timeout);
             return;
         }
     };
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
     tracing::trace!(%peer, h2, "tls connection");
-    // Requests take the slot for a WebSocket upgrade in the plain listener; here none does,
-    // and it is released when the connection ends.
-    let slot = Arc::new(std::sync::Mutex::new(Some(permit)));
+    // The connection holds its slot; an HTTP/1.1 WebSocket upgrade takes it over, and each
+    // RFC 8441 WebSocket on an HTTP/2 connection takes one more (`router::route`). Open
+    // requests and WebSockets are counted for the idle deadline below.
+    let (busy, mut open) = router::Busy::new();
+    let ctx = Arc::new(router::Conn::new(permit, true, Some(busy)));
     let svc_app = app.clone();
     let service = service_fn(move |mut req: Request<Incoming>| {
         req.extensions_mut().insert(crate::admission::Peer(peer));
         let app = svc_app.clone();
-        let slot = slot.clone();
-        async move { Ok::<_, std::convert::Infallible>(router::route(app, req, &slot).await) }
+        let ctx = ctx.clone();
+        async move {
+            let _open = ctx.busy.as_ref().map(router::Busy::enter);
+            Ok::<_, std::convert::Infallible>(router::route(app, req, &ctx).await)
+        }
     });
     let mut builder =
         hyper_util::server::conn::auto::Builder::new(TrackedExecutor(app.tracker.clone()));
@@ -167,18 +182,38 @@ async fn serve_tls(
             app.config.server.header_read_timeout_ms,
         ))
         .keep_alive(true);
-    // RFC 8441: WebSocket over HTTP/2 by extended CONNECT.
+    // RFC 8441: WebSocket over HTTP/2 by extended CONNECT. A client that stops answering
+    // PINGs is closed (by hyper, which reports no error for it: not counted as a timeout);
+    // streams per connection are capped.
+    let ping = Duration::from_millis(app.config.tls.http2_ping_interval_ms);
     builder
         .http2()
         .timer(TokioTimer::new())
-        .enable_connect_protocol();
+        .enable_connect_protocol()
+        .keep_alive_interval(ping)
+        .keep_alive_timeout(ping)
+        .max_concurrent_streams(app.config.tls.http2_max_concurrent_streams);
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
     tokio::pin!(conn);
+    // With nothing open, the connection has `server.header_read_timeout_ms` for its first
+    // request (hyper's own header timeout does not cover HTTP/2, nor the protocol sniffing
+    // before it) and `server.keepalive_timeout_ms` between later ones.
+    let first = Duration::from_millis(app.config.server.header_read_timeout_ms);
+    let later = Duration::from_millis(app.config.server.keepalive_timeout_ms);
     tokio::select! {
         r = conn.as_mut() => {
             if let Err(e) = r {
+                if is_deadline(&*e) {
+                    app.metrics.refused(Refusal::Timeout);
+                }
                 tracing::debug!(%peer, error = %e, "https connection error");
             }
+        }
+        () = idle(&mut open, first, later) => {
+            tracing::debug!(%peer, "https connection idle too long; closing");
+            app.metrics.refused(Refusal::Timeout);
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(first, conn).await;
         }
         _ = app.shutdown.cancelled() => {
             conn.as_mut().graceful_shutdown();
@@ -186,6 +221,47 @@ async fn serve_tls(
             let _ = tokio::time::timeout(grace, conn).await;
         }
     }
+}
+
+/// Ends when nothing has been open on a connection for `first` (before its first request) or
+/// `later` (after one), as counted by `open` (see `router::Busy`).
+async fn idle(
+    streams: &mut tokio::sync::watch::Receiver<router::Streams>,
+    first: Duration,
+    later: Duration,
+) {
+    let mut limit = first;
+    loop {
+        // (The sender lives as long as the connection's service: an error cannot happen.)
+        let seen = streams.wait_for(|s| s.open == 0).await.map(|s| s.opened);
+        let Ok(seen) = seen else {
+            return std::future::pending().await;
+        };
+        let opened = tokio::time::timeout(limit, streams.wait_for(|s| s.opened != seen))
+            .await
+            .map(|r| r.is_ok());
+        match opened {
+            Err(_) => return,
+            Ok(false) => return std::future::pending().await,
+            Ok(true) => limit = later,
+        }
+    }
+}
+
+/// Whether a connection ended on hyper's HTTP/1 header timeout. (An HTTP/2 PING that goes
+/// unanswered ends the connection too, but hyper reports no error for it, so those closes are
+/// not counted.)
+fn is_deadline(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(e);
+    while let Some(e) = next {
+        if e.downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_timeout)
+        {
+            return true;
+        }
+        next = e.source();
+    }
+    false
 }
 
 async fn serve_redirect(
@@ -208,7 +284,11 @@ async fn serve_redirect(
     let conn = builder.serve_connection(TokioIo::new(stream), service);
     tokio::pin!(conn);
     tokio::select! {
-        _ = conn.as_mut() => {}
+        r = conn.as_mut() => {
+            if r.is_err_and(|e| e.is_timeout()) {
+                app.metrics.refused(Refusal::Timeout);
+            }
+        }
         _ = app.shutdown.cancelled() => {
             conn.as_mut().graceful_shutdown();
             let grace = Duration::from_millis(app.config.shutdown.grace_ms);

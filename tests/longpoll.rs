@@ -29,16 +29,6 @@ fn config(window_ms: u64) -> pushgate::Config {
     c
 }
 
-/// The value of response header `name` (case-insensitive), if present.
-fn header(head: &str, name: &str) -> Option<String> {
-    head.lines().skip(1).find_map(|l| {
-        let (k, v) = l.split_once(':')?;
-        k.trim()
-            .eq_ignore_ascii_case(name)
-            .then(|| v.trim().to_string())
-    })
-}
-
 /// Checks the headers every LongPoll answer carries (§2.2).
 fn assert_longpoll_headers(head: &str) {
     assert_eq!(

@@ -22,16 +22,6 @@ fn restricted() -> pushgate::Config {
     c
 }
 
-/// The value of response header `name` (case-insensitive), if present.
-fn header(head: &str, name: &str) -> Option<String> {
-    head.lines().skip(1).find_map(|l| {
-        let (k, v) = l.split_once(':')?;
-        k.trim()
-            .eq_ignore_ascii_case(name)
-            .then(|| v.trim().to_string())
-    })
-}
-
 async fn origin_refusals(addr: SocketAddr) -> f64 {
     metric(addr, r#"pushgate_refusals_total{cause="origin"}"#)
         .await

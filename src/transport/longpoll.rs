@@ -290,8 +290,9 @@ pub const ANSWER_HEADERS: &[(&str, &str)] = &[
     ("access-control-allow-origin", "*"),
 ];
 
-/// [`ANSWER_HEADERS`] without CORS: a refused origin's answer.
-const ANSWER_HEADERS_NO_CORS: &[(&str, &str)] = &[
+/// [`ANSWER_HEADERS`] without CORS: a refused origin's answer (and, with the request's own
+/// origin added, an answer while `server.allowed_origins` is set).
+pub const ANSWER_HEADERS_NO_CORS: &[(&str, &str)] = &[
     ("content-type", "application/json; charset=utf-8"),
     ("cache-control", "no-store"),
 ];
@@ -340,8 +341,7 @@ const ALLOWED_HEADERS: &str = "accept, content-type, x-phoenix-authtoken";
 
 /// Handles any request to `/socket/longpoll`. With `server.allowed_origins` set, a request from
 /// another origin gets 403 and the CORS headers name the request's own (allowed) origin;
-/// otherwise they say `*`. (A LongPoll connection then never enters the lean loop of
-/// [`crate::http1`], which does not read `Origin`: see `server::serve_plain`.)
+/// otherwise they say `*`. (The lean loop of [`crate::http1`] checks and answers the same way.)
 pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let origin = req.headers().get(header::ORIGIN).cloned();
     if !app.origins.allows(origin.as_ref().map(|v| v.as_bytes())) {
@@ -391,8 +391,13 @@ async fn respond(app: Arc<App>, req: Request<Incoming>) -> Response<Full<Bytes>>
         Method::POST => {
             let token = token_of(&req).map(str::to_string);
             let limit = app.config.longpoll.max_post_bytes;
-            let body = match Limited::new(req.into_body(), limit).collect().await {
+            let body =
+                crate::deadline::Body::new(req.into_body(), crate::deadline::body_stall(&app));
+            let body = match Limited::new(body, limit).collect().await {
                 Ok(b) => b.to_bytes(),
+                Err(e) if crate::deadline::is_timeout(&e) => {
+                    return crate::deadline::body_timed_out(&app);
+                }
                 Err(e) if e.is::<http_body_util::LengthLimitError>() => {
                     return answer(status_only(413));
                 }

@@ -88,11 +88,20 @@ fn decode_auth_token(b: &str) -> Option<String> {
     String::from_utf8(bytes).ok()
 }
 
-/// Answers a WebSocket upgrade request at `/socket/websocket` and spawns the session.
+/// What a WebSocket holds while it lives: its `server.max_connections` slot, and at the edge
+/// its place among its connection's open streams (`crate::router::Busy`).
+pub struct Hold {
+    pub permit: OwnedSemaphorePermit,
+    pub busy: Option<crate::router::BusyGuard>,
+}
+
+/// Answers a WebSocket upgrade request at `/socket/websocket` and spawns the session. `hold`
+/// is asked for the WebSocket's slot only once the request is a valid upgrade (a refused one
+/// leaves its connection's slot in place); without one the answer is 503.
 pub fn upgrade(
     app: Arc<App>,
     mut req: Request<Incoming>,
-    permit: Option<OwnedSemaphorePermit>,
+    hold: impl FnOnce() -> Option<Hold>,
 ) -> Response<Full<Bytes>> {
     // RFC 8441: over HTTP/2 a WebSocket is an extended CONNECT with `:protocol websocket`,
     // answered 200 without the key/accept exchange.
@@ -160,6 +169,12 @@ pub fn upgrade(
             "too many connections from this address\n",
         );
     };
+    let Some(hold) = hold() else {
+        return plain(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many connections (server.max_connections)\n",
+        );
+    };
     let mut offered_phoenix = false;
     let mut auth_token = None;
     for v in req.headers().get_all(header::SEC_WEBSOCKET_PROTOCOL) {
@@ -216,13 +231,21 @@ pub fn upgrade(
         1,
     );
     let task_app = app.clone();
+    // The handshake's end (hyper hands the stream over once the answer is out) has a deadline
+    // too: a client that does not take the answer does not keep the task and its slot.
+    let handshake = Duration::from_millis(app.config.server.header_read_timeout_ms);
     app.tracker.spawn(async move {
-        let _permit = permit;
+        let _hold = hold;
         let _admitted = admitted;
-        let upgraded = match on_upgrade.await {
-            Ok(u) => u,
-            Err(e) => {
+        let upgraded = match tokio::time::timeout(handshake, on_upgrade).await {
+            Ok(Ok(u)) => u,
+            Ok(Err(e)) => {
                 tracing::debug!(error = %e, "websocket upgrade failed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!("websocket handshake not completed in time");
+                task_app.metrics.refused(crate::metrics::Refusal::Timeout);
                 return;
             }
         };
@@ -817,6 +840,7 @@ pub async fn run<S: WsIo>(app: Arc<App>, mut stream: S, initial: Vec<u8>, connec
                 } else if last_activity + idle_timeout > Instant::now() {
                     timer.as_mut().reset(last_activity + idle_timeout);
                 } else {
+                    app.metrics.refused(crate::metrics::Refusal::Timeout);
                     queue_close(
                         &mut outbox,
                         &mut close_sent,

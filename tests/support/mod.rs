@@ -341,6 +341,16 @@ pub async fn raw_http(addr: SocketAddr, request: &[u8]) -> std::io::Result<(u16,
     read_response(&mut s).await
 }
 
+/// The value of response header in `head` (status line and headers) `name` (case-insensitive), if present.
+pub fn header(head: &str, name: &str) -> Option<String> {
+    head.lines().skip(1).find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim()
+            .eq_ignore_ascii_case(name)
+            .then(|| v.trim().to_string())
+    })
+}
+
 /// The body as JSON, or a JSON string holding the text when it is not JSON.
 pub fn body_json(body: &[u8]) -> serde_json::Value {
     serde_json::from_slice(body)
