@@ -2,14 +2,18 @@
 # The droplet, booted for real: applies ansible/site.yml over SSH to a booted Debian host and
 # checks it from outside, as a user would.
 #
-# For each distribution (DROPLET_SUITES, default "bookworm"):
-#   1. a fresh copy of the cached debootstrap root filesystem (the one scripts/test-ansible.sh
-#      uses, under PUSHGATE_TEST_CACHE) gets openssh-server and a test SSH key, and boots with
+# For each distribution (DROPLET_SUITES, default "bookworm trixie": Debian 12 and Debian 13):
+#   1. a fresh copy of the cached debootstrap root filesystem (Debian 12's is the one
+#      scripts/test-ansible.sh uses, under PUSHGATE_TEST_CACHE; each is made once by debootstrap
+#      and cached) gets openssh-server and a test SSH key, and boots with
 #      systemd as PID 1 (systemd-nspawn --boot) in a network namespace of its own, joined to
 #      the host by a veth pair on a private /30: the host reaches it as a droplet is reached,
 #      by its address, through its firewall. The copy is offline: the role's packages come
 #      from the apt archive cached in the root filesystem.
-#   2. ansible-playbook applies site.yml over SSH with the role's defaults (services managed);
+#   2. ansible-playbook applies site.yml over SSH with the role's defaults (services managed).
+#      SSH, not a chroot or nsenter connection: it is how a user reaches a droplet, so sshd,
+#      the firewall the role loads (which must keep port 22 open) and Ansible's remote Python
+#      are all in the path, as they are for the user;
 #   3. checks from the host: HTTPS with the stand-in certificate, HTTP redirected, the demo
 #      page, /api/publish, /metrics and /healthz not served through nginx; the official phoenix
 #      client (tests/js/droplet.js: WebSocket and LongPoll, 1.8.17 and 1.7.23) receives what is
@@ -39,7 +43,7 @@ DEB_B=$(realpath "${2:?usage: scripts/test-droplet.sh pushgate_A.deb pushgate_B.
 VERSION_A=$(dpkg-deb -f "$DEB_A" Version)
 VERSION_B=$(dpkg-deb -f "$DEB_B" Version)
 CACHE=${PUSHGATE_TEST_CACHE:-/var/cache/pushgate-test}
-SUITES=${DROPLET_SUITES:-bookworm}
+SUITES=${DROPLET_SUITES:-bookworm trixie}
 MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 ANSIBLE_CORE=2.19.14
 ANSIBLE=12.3.0
