@@ -13,7 +13,7 @@ if ! cargo deb --version >/dev/null 2>&1; then
     echo "==> cargo install cargo-deb $CARGO_DEB_VERSION" >&2
     cargo install --quiet --locked cargo-deb --version "$CARGO_DEB_VERSION" >&2
 fi
-args=(--no-build --profile "$PROFILE" --quiet)
+args=(--no-build --strip --profile "$PROFILE" --quiet)
 [ -z "$VERSION" ] || args+=(--deb-version "$VERSION")
 [ -z "$OUT" ] || args+=(--output "$OUT")
 cargo deb "${args[@]}"
