@@ -188,6 +188,9 @@ check "redis.conf requires the password" grep -qx "requirepass $REDIS_PASSWORD" 
 check "redis.conf binds loopback only (one bind line: 127.0.0.1 -::1)" sh -c \
     "[ \"\$(grep -E '^[[:space:]]*bind[[:space:]]' '$ROOT/etc/redis/redis.conf')\" = 'bind 127.0.0.1 -::1' ]"
 check "redis.conf protected-mode yes" grep -qx 'protected-mode yes' "$ROOT/etc/redis/redis.conf"
+check "redis.conf takes no snapshots (one save line: save \"\")" sh -c \
+    "[ \"\$(grep -E '^[[:space:]]*save[[:space:]]' '$ROOT/etc/redis/redis.conf')\" = 'save \"\"' ]"
+check "redis.conf appendonly no" grep -qx 'appendonly no' "$ROOT/etc/redis/redis.conf"
 check "redis.conf redis:redis 640" stat_is /etc/redis/redis.conf "redis:redis 640"
 check "pushgate's Redis URL carries the password" grep -qx "PUSHGATE_REDIS_URL=redis://:$REDIS_PASSWORD@127.0.0.1:6379/" "$ROOT/etc/pushgate/pushgate.env"
 check "nginx -t accepts the rendered site" in_root nginx -t

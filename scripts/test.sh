@@ -32,6 +32,8 @@ python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need_apt+=(python3-venv)
 # ACME tests (tests/acme.rs): Let's Encrypt's test CA and its DNS stand-in.
 command -v pebble >/dev/null 2>&1 && command -v pebble-challtestsrv >/dev/null 2>&1 || need_apt+=(pebble)
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
+# Failover tests (tests/redis_loss.rs): Redis Sentinel.
+command -v redis-sentinel >/dev/null 2>&1 || need_apt+=(redis-sentinel)
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "==> installing ${need_apt[*]}"
     if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi

@@ -71,7 +71,7 @@ impl App {
         } else {
             // `Config::validate` has checked the URL.
             let r = crate::broker::redis::RedisBroker::new(
-                &config.redis.url,
+                &config.redis,
                 crate::broker::redis::Keys::new(
                     &config.redis.prefix,
                     &config.redis.internal_prefix(),

@@ -250,6 +250,23 @@ pub struct RedisConfig {
     /// empty: derived from `prefix`, without its trailing `:`, followed by `.internal:`
     /// (`pushgate.internal:`); see [`RedisConfig::internal_prefix`].
     pub internal_prefix: String,
+    /// Redis Sentinel addresses (`host:port`), to follow a master across failovers. When set,
+    /// the master is asked from the sentinels at every (re)connect and `redis.url` gives only
+    /// how to talk to it (password, user, database, `rediss://` for TLS); its host and port are
+    /// not used. In `PUSHGATE_REDIS_SENTINELS` separated by commas. Default empty: no Sentinel.
+    #[serde(deserialize_with = "names_list")]
+    pub sentinels: Vec<String>,
+    /// The master's name in the sentinels' configuration (`sentinel monitor <name> ...`).
+    /// Default `mymaster`. Used only with `redis.sentinels`.
+    pub master_name: String,
+    /// The sentinels' own password (`requirepass` in sentinel.conf), if they have one; the
+    /// master's is in `redis.url`. Environment: `PUSHGATE_REDIS_SENTINEL_PASSWORD`. Default
+    /// empty: none.
+    pub sentinel_password: String,
+    /// PEM file of the CA certificates trusted for a `rediss://` `redis.url`, instead of the
+    /// system's (a Redis with a certificate from a private CA). Read at start. Not with
+    /// `redis.sentinels` (there the system's roots are used). Default empty: the system's.
+    pub tls_ca_file: String,
 }
 
 impl Default for RedisConfig {
@@ -258,6 +275,10 @@ impl Default for RedisConfig {
             url: String::new(),
             prefix: "pushgate:".into(),
             internal_prefix: String::new(),
+            sentinels: Vec::new(),
+            master_name: "mymaster".into(),
+            sentinel_password: String::new(),
+            tls_ca_file: String::new(),
         }
     }
 }
@@ -275,10 +296,45 @@ impl RedisConfig {
 
     fn validate(&self, bad: &mut dyn FnMut(&str, &str)) {
         if self.url.is_empty() {
+            if !self.sentinels.is_empty() {
+                bad(
+                    "redis.sentinels",
+                    "needs redis.url (say redis://:PASSWORD@sentinel/0: its password, user and \
+                     database are the master's; host and port come from the sentinels)",
+                );
+            }
             return;
         }
         if let Err(e) = redis::Client::open(self.url.as_str()) {
             bad("redis.url", &format!("not a Redis URL: {e}"));
+        }
+        for s in &self.sentinels {
+            if let Err(e) = crate::broker::redis::sentinel_url(s, &self.sentinel_password)
+                .and_then(|u| redis::Client::open(u.as_str()).map_err(|e| e.to_string()))
+            {
+                bad(
+                    "redis.sentinels",
+                    &format!("{s:?} is not a sentinel address: {e}"),
+                );
+            }
+        }
+        if !self.tls_ca_file.is_empty() {
+            if !self.url.starts_with("rediss://") {
+                bad("redis.tls_ca_file", "needs a rediss:// redis.url");
+            } else if !self.sentinels.is_empty() {
+                bad(
+                    "redis.tls_ca_file",
+                    "is not supported with redis.sentinels (the system's roots are used)",
+                );
+            } else if let Err(e) = std::fs::read(&self.tls_ca_file) {
+                bad("redis.tls_ca_file", &format!("cannot be read: {e}"));
+            }
+        }
+        if !self.sentinels.is_empty() && self.master_name.is_empty() {
+            bad(
+                "redis.master_name",
+                "must not be empty with redis.sentinels",
+            );
         }
         if self.prefix.is_empty() {
             bad(
@@ -1155,6 +1211,37 @@ mod tests {
         // Without Redis the prefixes are not used.
         c.redis.url = String::new();
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn sentinel_settings_are_checked() {
+        let mut c = Config::default();
+        let problem = |c: &Config| {
+            let p = c.validate().unwrap_err();
+            assert_eq!(p.len(), 1, "{p:?}");
+            p[0].key.clone()
+        };
+        c.redis.sentinels = vec!["127.0.0.1:26379".into()];
+        assert_eq!(problem(&c), "redis.sentinels", "needs redis.url");
+        c.redis.url = "redis://:secret@sentinel/0".into();
+        c.validate().unwrap();
+        c.redis.sentinels = vec!["redis://127.0.0.1:26379/".into()];
+        assert_eq!(problem(&c), "redis.sentinels");
+        c.redis.sentinels = vec!["127.0.0.1:26379".into(), "127.0.0.2:26379".into()];
+        c.redis.sentinel_password = "p@ss/word".into();
+        c.validate().unwrap();
+        c.redis.master_name = String::new();
+        assert_eq!(problem(&c), "redis.master_name");
+        c.redis.master_name = "mymaster".into();
+        // A private CA only for TLS, only without Sentinel, and only a file that exists.
+        c.redis.tls_ca_file = "Cargo.toml".into();
+        assert_eq!(problem(&c), "redis.tls_ca_file");
+        c.redis.sentinels.clear();
+        assert_eq!(problem(&c), "redis.tls_ca_file", "redis:// is not TLS");
+        c.redis.url = "rediss://:secret@127.0.0.1:6380/".into();
+        c.validate().unwrap();
+        c.redis.tls_ca_file = "/nonexistent/ca.pem".into();
+        assert_eq!(problem(&c), "redis.tls_ca_file");
     }
 
     #[test]

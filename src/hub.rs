@@ -739,6 +739,20 @@ impl TopicState {
         self.trim(history, now);
     }
 
+    /// Follows the broker into a new epoch (its history was lost or recreated) with the
+    /// position `offset`. Entries of the old epoch stay readable by the subscribers that have
+    /// not taken them yet, but lose their offsets, so that no position of the new epoch can
+    /// ever be located among them. Returns whether the node had a position in the old epoch.
+    fn switch_epoch(&mut self, epoch: &str, offset: u64) -> bool {
+        let had = self.last_offset > 0;
+        self.epoch = Arc::from(epoch);
+        self.last_offset = offset;
+        for e in self.entries.iter_mut() {
+            e.offset = 0;
+        }
+        had
+    }
+
     fn locate(&self, since: Option<&str>) -> Start {
         let Some(since) = since else {
             return Start::Now;
@@ -1017,12 +1031,24 @@ impl Hub {
         drop(map);
         let mut st = topic.write();
         if &*st.epoch != epoch {
-            st.epoch = Arc::from(epoch);
-            st.last_offset = offset;
+            if st.switch_epoch(epoch, offset) {
+                Metrics::add(&self.metrics.redis_epoch_changes, 1);
+            }
         } else if offset > st.last_offset {
             st.last_offset = offset;
         }
         st.live = true;
+    }
+
+    /// The last position this node has seen of `name`, if it has seen one (passed to Redis,
+    /// which starts a new epoch when its own offset of that epoch is behind it).
+    pub fn known_position(&self, name: &str) -> Option<Position> {
+        let topic = self.map().get(name).cloned()?;
+        let st = topic.read_lock();
+        (st.last_offset > 0).then(|| Position {
+            epoch: st.epoch.clone(),
+            offset: st.last_offset,
+        })
     }
 
     /// Live topics with local subscribers and their positions (resubscribed after a reconnect).
@@ -1086,8 +1112,9 @@ impl Hub {
                 if &*st.epoch != epoch {
                     // The stream was recreated (history lost): follow the new epoch from its
                     // first message, fetching any we have not seen.
-                    st.epoch = Arc::from(epoch);
-                    st.last_offset = 0;
+                    if st.switch_epoch(epoch, 0) {
+                        Metrics::add(&self.metrics.redis_epoch_changes, 1);
+                    }
                     if offset > 1 {
                         return RemoteAppend::Gap(1);
                     }
@@ -1259,6 +1286,36 @@ mod tests {
         let got = texts(&mut sub).unwrap();
         let payloads: Vec<_> = got.iter().map(|t| &t[t.len() - 2..t.len() - 1]).collect();
         assert_eq!(payloads, ["2", "3", "4"]);
+    }
+
+    #[test]
+    fn a_new_epoch_is_never_located_among_the_old_one_s_entries() {
+        let h = Hub::with_broker(
+            HistoryConfig::default(),
+            Arc::new(Metrics::default()),
+            Arc::new(tokio::sync::Notify::new()),
+        );
+        h.go_live("t", "old", 0);
+        for n in 1..=5u64 {
+            let payload = n.to_string();
+            let msg = Broadcast {
+                event: "n",
+                payload: payload.as_bytes(),
+                exclude: 0,
+            };
+            h.append_remote("t", Some(("old", n)), msg);
+        }
+        // Redis lost data: the topic continues in a new epoch from offset 2.
+        h.go_live("t", "new", 2);
+        let w = Arc::new(Waker::default());
+        // Offset 2 of the new epoch is not in the buffer (the old epoch's 2 must not count):
+        // it has to come from the broker's history.
+        match h.join_live("t", w.clone(), Some("new:1")) {
+            LiveJoin::NeedsHistory(_, position, 1) => assert_eq!(position.to_string(), "new:2"),
+            other => panic!("new:1 was located in the old epoch's entries: {other:?}"),
+        }
+        let (_sub, info) = h.subscribe("t", w, Some("old:5"));
+        assert_eq!(info.recovered, Some(false), "{info:?}");
     }
 
     #[test]

@@ -121,6 +121,9 @@ fn main() -> ExitCode {
                     c.auth.secret = "(set, hidden)".into();
                 }
                 c.redis.url = hide_password(&c.redis.url);
+                if !c.redis.sentinel_password.is_empty() {
+                    c.redis.sentinel_password = "(set, hidden)".into();
+                }
                 match toml::to_string_pretty(&c) {
                     Ok(text) => print!("{text}"),
                     Err(e) => eprintln!("cannot print the configuration: {e}"),

@@ -21,6 +21,7 @@ pub struct Metrics {
     pub slow_consumer_closes: AtomicU64,
     pub slow_consumer_closes_longpoll: AtomicU64,
     pub longpoll_sessions_expired: AtomicU64,
+    pub longpoll_frames_resent: AtomicU64,
     pub bad_messages: AtomicU64,
     pub topics: AtomicI64,
     pub recoveries: AtomicU64,
@@ -30,6 +31,9 @@ pub struct Metrics {
     pub redis_resubscriptions: AtomicU64,
     pub redis_subscribed_topics: AtomicI64,
     pub redis_gaps: AtomicU64,
+    /// Topics this node had a position in that moved to a new epoch (history lost or
+    /// recreated in Redis: a restart, a failover, an expiry).
+    pub redis_epoch_changes: AtomicU64,
     pub redis_bad_messages: AtomicU64,
     /// 1 when `acme.enabled`; the ACME metrics are rendered only then.
     pub acme_enabled: AtomicI64,
@@ -230,6 +234,12 @@ impl Metrics {
             &[("", c(&self.longpoll_sessions_expired))],
         );
         one(
+            "pushgate_longpoll_frames_resent_total",
+            "counter",
+            "Frames a LongPoll client had not acknowledged, sent again: its poll came back with the token of an earlier answer (the answer was lost on the way, e.g. through a node that drained or died).",
+            &[("", c(&self.longpoll_frames_resent))],
+        );
+        one(
             "pushgate_bad_messages_total",
             "counter",
             "Client messages that could not be understood.",
@@ -329,6 +339,12 @@ impl Metrics {
             "counter",
             "Messages the Redis history no longer had when a gap was filled.",
             &[("", c(&self.redis_gaps))],
+        );
+        one(
+            "pushgate_redis_epoch_changes_total",
+            "counter",
+            "Topics this node held a position in that moved to a new epoch (Redis restarted, failed over or lost the topic's history); clients holding an older position get recovered: false.",
+            &[("", c(&self.redis_epoch_changes))],
         );
         one(
             "pushgate_redis_bad_messages_total",

@@ -588,6 +588,8 @@ mod redis {
         resync: bool,
         /// Whether the liveness key has been set once.
         started: bool,
+        /// The broker's Redis generation at the last beat ([`RedisBroker::generation`]).
+        generation: u64,
         /// The last failure logged (logged again only when it changes).
         failing: Option<String>,
     }
@@ -600,6 +602,7 @@ mod redis {
                 ttl_ms: presence.node_ttl.as_millis() as u64,
                 resync: false,
                 started: false,
+                generation: 0,
                 failing: None,
             }
         }
@@ -752,7 +755,13 @@ mod redis {
             if self.failing.take().is_some() {
                 tracing::info!("presence: Redis answers again");
             }
-            if (previous.is_none() && self.started) || self.resync {
+            // Another Redis process than at the last beat (a restart from a snapshot, a
+            // failover to a replica that lacked writes): it may miss entries of ours or keep
+            // entries we removed, although our liveness key is there. Put ours back.
+            let generation = self.broker.generation();
+            let moved = self.started && generation != self.generation;
+            self.generation = generation;
+            if (previous.is_none() && self.started) || self.resync || moved {
                 self.resync = false;
                 tracing::info!(
                     entries = local.count(),

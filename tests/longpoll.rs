@@ -97,6 +97,17 @@ async fn post_ok(addr: SocketAddr, token: &str, ndjson: &str) {
     assert_eq!(post(addr, token, ndjson).await, json!({"status": 200}));
 }
 
+/// A 200 answer's token: the session's, then the number of its last frame (8 hex digits).
+fn assert_session_token(body: &Value, session: &str) {
+    let t = body["token"].as_str().unwrap_or_default();
+    assert!(
+        t.len() == session.len() + 8
+            && t.starts_with(session)
+            && t[session.len()..].bytes().all(|b| b.is_ascii_hexdigit()),
+        "{body}"
+    );
+}
+
 fn is_our_token(t: &str) -> bool {
     t.len() == 34 && t.starts_with("lp") && t[2..].bytes().all(|b| b.is_ascii_hexdigit())
 }
@@ -145,7 +156,9 @@ async fn collect(addr: SocketAddr, token: &str, n: usize) -> Vec<Value> {
             out.len()
         );
         let body = get(addr, token).await;
-        assert_eq!(body["token"], token, "{body}");
+        // The session's token, followed by an acknowledgement number in a 200 answer.
+        let answered = body["token"].as_str().unwrap_or_default();
+        assert!(answered.starts_with(token), "{body}");
         match body["status"].as_u64() {
             Some(200) => {
                 let f = frames(&body);
@@ -287,11 +300,11 @@ async fn the_session_token_is_the_last_query_value_or_the_header() {
     )
     .await;
     assert_eq!(body["status"], 200, "{body}");
-    assert_eq!(body["token"], t1.as_str());
+    assert_session_token(&body, &t1);
     assert_eq!(frames(&body), vec![heartbeat_reply("11")]);
 
     let body = get(s.addr, &t2).await;
-    assert_eq!(body["token"], t2.as_str());
+    assert_session_token(&body, &t2);
     assert_eq!(frames(&body), vec![heartbeat_reply("22")]);
 
     // With the session token first and a user token last, the last one counts: it is not
@@ -350,7 +363,7 @@ async fn posted_lines_are_answered_in_order_through_the_next_get() {
         "waiting replies are answered at once, took {elapsed:?}"
     );
     assert_eq!(body["status"], 200, "{body}");
-    assert_eq!(body["token"], t.as_str());
+    assert_session_token(&body, &t);
     let msgs = body["messages"].as_array().unwrap();
     assert_eq!(msgs.len(), 2, "{body}");
     assert!(
@@ -411,7 +424,7 @@ async fn a_held_get_returns_promptly_when_a_message_is_published() {
         "the held GET must answer on publish, not at the window's end: {elapsed:?}"
     );
     assert_eq!(body["status"], 200, "{body}");
-    assert_eq!(body["token"], t.as_str());
+    assert_session_token(&body, &t);
     assert_eq!(
         frames(&body),
         vec![json!([null, pos, "room:lobby", "new_msg", {"body": "hi"}])]
@@ -446,7 +459,7 @@ async fn a_post_wakes_the_held_get_with_its_replies() {
         t0.elapsed()
     );
     assert_eq!(body["status"], 200, "{body}");
-    assert_eq!(body["token"], t.as_str());
+    assert_session_token(&body, &t);
     assert_eq!(frames(&body), vec![heartbeat_reply("9")]);
 }
 
@@ -1234,4 +1247,71 @@ async fn never_polled_sessions_go_away_within_seconds_and_a_new_client_gets_a_se
 
 fn c_timeout(s: &TestServer) -> u64 {
     s.app.config.longpoll.session_timeout_ms
+}
+
+// Acknowledgements --------------------------------------------------------------------------
+
+/// The token a poll answer carries, and the frames in it.
+fn answered(body: &Value) -> (String, Vec<Value>) {
+    let t = body["token"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no token in {body}"))
+        .to_string();
+    (t, frames(body))
+}
+
+/// A poll answer the client never got (a balancer retried the request elsewhere, a relaying
+/// node died): the client's next poll carries the token of the answer before, and gets the same
+/// frames again, under the same positions, before anything newer. A poll with the token of the
+/// last answer acknowledges it: those frames never come again. (Before the acknowledgements, a
+/// frame left the session when an answer carried it, and the retried poll went on after it.)
+#[tokio::test]
+async fn an_answer_the_client_never_got_is_sent_again_until_acknowledged() {
+    let s = start_with(config(300)).await;
+    let t = new_session(s.addr).await;
+    post_ok(s.addr, &t, &join_line("1", "room:ack", "{}")).await;
+    let (t1, f) = answered(&get(s.addr, &t).await);
+    assert_join_ok(&f[0], "1", "room:ack");
+    assert_eq!(
+        t1.len(),
+        42,
+        "an answer's token: the session's and 8 hex digits: {t1}"
+    );
+    assert!(t1.starts_with(&t), "{t1}");
+
+    let p1 = publish(s.addr, "room:ack", "n", "1").await;
+    let p2 = publish(s.addr, "room:ack", "n", "2").await;
+    let first = get(s.addr, &t1).await;
+    let (t2, f) = answered(&first);
+    let expected = vec![
+        json!([null, p1, "room:ack", "n", 1]),
+        json!([null, p2, "room:ack", "n", 2]),
+    ];
+    assert_eq!(f, expected, "{first}");
+    assert_ne!(t2, t1);
+
+    // That answer is lost: the client polls again with the token it had.
+    let again = get(s.addr, &t1).await;
+    assert_eq!(again, first, "the lost answer, exactly, again");
+    wait_metric(s.addr, "pushgate_longpoll_frames_resent_total", 2.0).await;
+
+    // Now it got it: nothing of it comes again; the next message does.
+    let p3 = publish(s.addr, "room:ack", "n", "3").await;
+    let (t3, f) = answered(&get(s.addr, &t2).await);
+    assert_eq!(f, vec![json!([null, p3, "room:ack", "n", 3])]);
+    // A stale poll (an acknowledged token) gets nothing already acknowledged.
+    let stale = get(s.addr, &t1).await;
+    assert_eq!(stale["status"], 200, "{stale}");
+    assert_eq!(
+        frames(&stale),
+        vec![json!([null, p3, "room:ack", "n", 3])],
+        "only the unacknowledged"
+    );
+    let idle = get(s.addr, &t3).await;
+    assert_eq!(idle["status"], 204, "{idle}");
+    assert_eq!(
+        idle["token"], t3,
+        "an empty answer keeps the client's acknowledgement"
+    );
+    wait_metric(s.addr, "pushgate_longpoll_frames_resent_total", 3.0).await;
 }

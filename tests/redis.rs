@@ -619,3 +619,258 @@ async fn joins_completed_together_each_get_their_own_history() {
         assert_eq!(recv(ws).await[4], *t + 100);
     }
 }
+
+/// `rediss://` with a password, to a real `redis-server` with TLS only, its certificate from a
+/// private CA (`redis.tls_ca_file`). A node without that CA must not connect (the certificate
+/// is verified). Client certificates (mutual TLS) and TLS with Sentinel are not tested.
+#[tokio::test]
+async fn a_tls_redis_with_a_password_and_a_private_ca() {
+    let ca = TestCa::new(&["127.0.0.1", "localhost"]);
+    let dir = std::env::temp_dir().join(format!(
+        "pushgate-test-redis-tls-{}-{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    struct Cleanup(std::path::PathBuf, Option<std::process::Child>);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            if let Some(mut c) = self.1.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let mut cleanup = Cleanup(dir.clone(), None);
+    let file = |name: &str, text: &str| {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p.to_string_lossy().to_string()
+    };
+    let (ca_file, cert, key) = (
+        file("ca.pem", &ca.ca_pem),
+        file("cert.pem", &ca.cert_pem),
+        file("key.pem", &ca.key_pem),
+    );
+    let port = free_port().to_string();
+    cleanup.1 = Some(
+        std::process::Command::new("redis-server")
+            .args(["--port", "0", "--tls-port", &port, "--bind", "127.0.0.1"])
+            .args(["--tls-cert-file", &cert, "--tls-key-file", &key])
+            .args(["--tls-ca-cert-file", &ca_file, "--tls-auth-clients", "no"])
+            .args([
+                "--requirepass",
+                "s3cret",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .arg("--dir")
+            .arg(&dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (scripts/test.sh installs it)"),
+    );
+    let ping = || {
+        let out = std::process::Command::new("redis-cli")
+            .args(["--tls", "--cacert", &ca_file, "-p", &port, "-a", "s3cret"])
+            .args(["--no-auth-warning", "ping"])
+            .output()
+            .expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout).trim() == "PONG"
+    };
+    let end = std::time::Instant::now() + DEADLINE;
+    while !ping() {
+        assert!(
+            std::time::Instant::now() < end,
+            "redis-server with TLS did not start"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    let url = format!("rediss://:s3cret@127.0.0.1:{port}/");
+    let mut c = redis_config(&url);
+    c.redis.tls_ca_file = ca_file.clone();
+    let a = start_with(c).await;
+    wait_ready(a.addr, 200).await;
+    let mut ws = connect(a.addr).await;
+    join(&mut ws, "1", "room:tls", "{}").await;
+    let p = publish(a.addr, "room:tls", "n", "1").await;
+    let m = recv(&mut ws).await;
+    assert_eq!(
+        (m[1].as_str(), &m[4]),
+        (Some(p.as_str()), &serde_json::json!(1))
+    );
+
+    // Without the CA the certificate is not trusted: the node never gets ready.
+    let b = start_with(redis_config(&url)).await;
+    let end = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let (status, _, body) = http(b.addr, "GET", "/readyz", &[], b"").await;
+        assert_eq!(status, 503, "connected without trusting the certificate");
+        if String::from_utf8_lossy(&body).contains("cannot connect") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < end,
+            "no connect failure reported"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A node that relays a LongPoll GET for another node's session and starts draining cuts the
+/// poll short (`204` with the client's own token, so the client polls again elsewhere), and
+/// finishes in about `shutdown.drain_ms`, not its grace period. The session lives on at its
+/// owner, which answers the next poll with what was published meanwhile. (Before, the relayed
+/// poll held the draining node until the window ended.)
+#[tokio::test]
+async fn a_draining_node_cuts_short_the_polls_it_relays_and_finishes_within_its_drain_time() {
+    let redis = RedisServer::start();
+    let mut c = redis_config(&redis.url());
+    c.longpoll.window_ms = 8000;
+    c.longpoll.session_timeout_ms = 20_000;
+    c.shutdown.drain_ms = 1000;
+    c.shutdown.grace_ms = 15_000;
+    let a = start_with(c.clone()).await;
+    let b = start_with(c).await;
+    wait_ready(a.addr, 200).await;
+    wait_ready(b.addr, 200).await;
+
+    // A session on B, joined; its next poll goes through A.
+    let (token, _) = lp_session(b.addr).await;
+    let r = lp(
+        b.addr,
+        "POST",
+        &lp_url(&token),
+        br#"["1","1","room:drain","phx_join",{}]"#,
+    )
+    .await;
+    assert_eq!(r["status"], 200);
+    let v = lp(b.addr, "GET", &lp_url(&token), b"").await;
+    assert_eq!(frames(&v)[0][3], "phx_reply", "{v}");
+    let acked = v["token"].as_str().unwrap().to_string();
+    let relayed = {
+        let acked = acked.clone();
+        let via = a.addr;
+        tokio::spawn(async move { lp(via, "GET", &lp_url(&acked), b"").await })
+    };
+    // The relayed poll is held at the owner.
+    let end = tokio::time::Instant::now() + Duration::from_secs(10);
+    while b.app.longpoll.held() != 1 {
+        assert!(
+            tokio::time::Instant::now() < end,
+            "the relayed poll never reached B"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let t0 = std::time::Instant::now();
+    a.stop.cancel();
+    let answer = tokio::time::timeout(Duration::from_secs(15), relayed)
+        .await
+        .expect("the relayed poll was not answered")
+        .unwrap();
+    let answered_after = t0.elapsed();
+    assert!(
+        tokio::time::timeout(Duration::from_secs(15), a.handle)
+            .await
+            .unwrap()
+            .unwrap()
+    );
+    let drained_after = t0.elapsed();
+    assert_eq!(
+        answer,
+        serde_json::json!({"status": 204, "token": acked, "messages": []}),
+        "cut short with the client's own token"
+    );
+    assert!(
+        drained_after < Duration::from_millis(2000),
+        "the drain took {drained_after:?} (relayed poll answered after {answered_after:?}); \
+         shutdown.drain_ms is 1000"
+    );
+
+    // The client polls again, now on B: the session is there, with what was published since.
+    let p = publish(b.addr, "room:drain", "n", "1").await;
+    let v = lp(b.addr, "GET", &lp_url(&acked), b"").await;
+    assert_eq!(
+        frames(&v),
+        vec![serde_json::json!([null, p, "room:drain", "n", 1])],
+        "{v}"
+    );
+}
+
+/// A relayed LongPoll GET whose relaying node loses its Redis subscriber connection (where the
+/// owner's answer would arrive) is cut short at once with the client's own token, and the
+/// session goes on: the next poll, on the owner, gets what was published meanwhile. (Before,
+/// the relaying node waited for an answer that could no longer come, up to the window.)
+#[tokio::test]
+async fn a_relayed_poll_is_cut_short_when_the_relaying_node_loses_its_redis_link() {
+    let redis = RedisServer::start();
+    let mut c = redis_config(&redis.url());
+    c.longpoll.window_ms = 8000;
+    c.longpoll.session_timeout_ms = 20_000;
+    let a = start_with(c.clone()).await;
+    let b = start_with(c).await;
+    wait_ready(a.addr, 200).await;
+    wait_ready(b.addr, 200).await;
+
+    let (token, _) = lp_session(b.addr).await;
+    let r = lp(
+        b.addr,
+        "POST",
+        &lp_url(&token),
+        br#"["1","1","room:link","phx_join",{}]"#,
+    )
+    .await;
+    assert_eq!(r["status"], 200);
+    let v = lp(b.addr, "GET", &lp_url(&token), b"").await;
+    assert_eq!(frames(&v)[0][3], "phx_reply", "{v}");
+    let acked = v["token"].as_str().unwrap().to_string();
+    let relayed = {
+        let acked = acked.clone();
+        let via = a.addr;
+        tokio::spawn(async move { lp(via, "GET", &lp_url(&acked), b"").await })
+    };
+    let end = tokio::time::Instant::now() + Duration::from_secs(10);
+    while b.app.longpoll.held() != 1 {
+        assert!(
+            tokio::time::Instant::now() < end,
+            "the relayed poll never reached B"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let t0 = std::time::Instant::now();
+    assert!(
+        !redis
+            .cli(&["CLIENT", "KILL", "TYPE", "pubsub"])
+            .contains("ERR")
+    );
+    let answer = tokio::time::timeout(Duration::from_secs(15), relayed)
+        .await
+        .expect("the relayed poll was not answered")
+        .unwrap();
+    let took = t0.elapsed();
+    assert_eq!(
+        answer,
+        serde_json::json!({"status": 204, "token": acked, "messages": []}),
+        "cut short with the client's own token"
+    );
+    assert!(
+        took < Duration::from_millis(2000),
+        "answered after {took:?}"
+    );
+
+    wait_ready(b.addr, 200).await;
+    let p = publish(b.addr, "room:link", "n", "1").await;
+    let v = lp(b.addr, "GET", &lp_url(&acked), b"").await;
+    assert_eq!(
+        frames(&v),
+        vec![serde_json::json!([null, p, "room:link", "n", 1])],
+        "{v}"
+    );
+}

@@ -58,6 +58,14 @@ pub fn scan_messages(data: &[u8], mut f: impl FnMut(u64, u64)) {
 
 /// Where `needle` first occurs in `hay`: candidates by their first byte, then compared whole
 /// (a slice comparison at every position costs more than the rest of a LongPoll delivery).
+/// The `token` of a LongPoll answer (pushgate writes it right after the status, unescaped).
+pub fn lp_token(body: &[u8]) -> Option<&[u8]> {
+    const KEY: &[u8] = b"\"token\":\"";
+    let start = find(body, KEY)? + KEY.len();
+    let len = body[start..].iter().position(|&b| b == b'"')?;
+    Some(&body[start..start + len])
+}
+
 pub fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     let (&first, _) = needle.split_first()?;
     let mut at = 0;
@@ -403,6 +411,11 @@ mod tests {
         );
         assert_eq!(lp_status(br#"{"token":"lp1","status":410}"#), Some(410));
         assert_eq!(lp_status(br#"{"token":"lp1"}"#), None);
+        assert_eq!(
+            lp_token(br#"{"status":200,"token":"lp1","messages":[]}"#),
+            Some(&b"lp1"[..])
+        );
+        assert_eq!(lp_token(br#"{"status":500}"#), None);
         let mut seen = Vec::new();
         scan_messages(
             br#"{"status":200,"messages":["{\"pgseq\":3,\"pgts\":11}","{\"pgseq\":4,\"pgts\":12}"]}"#,

@@ -312,7 +312,10 @@ async fn lp_subscriber(
                 .as_str()
                 .ok_or_else(|| std::io::Error::other("no session token"))?
                 .to_string();
-            let url = format!("{base}&token={token}");
+            let mut url = format!("{base}&token={token}");
+            // Where the token starts in `url`: each poll sends the token of the last answer,
+            // as phoenix.js does (it acknowledges the frames that answer carried).
+            let token_at = url.len() - token.len();
             let join = format!(r#"["1","1","{topic}","phx_join",{{}}]"#);
             let reply = http
                 .request(
@@ -338,6 +341,12 @@ async fn lp_subscriber(
                     mark_setup(a, sh, sd, true);
                 }
                 client::scan_messages(body, |seq, ts| sh.on_message(i, &mut expected, seq, ts));
+                if let Some(t) = client::lp_token(body)
+                    && *t != url.as_bytes()[token_at..]
+                {
+                    url.truncate(token_at);
+                    url.push_str(std::str::from_utf8(t).unwrap_or_default());
+                }
             }
         }
         Adapter::Nchan => {

@@ -6,7 +6,9 @@
 //!   stream, and publishes `{"position":"E:O","event":...,"payload":...}` atomically. A plain
 //!   `PUBLISH PT {"event":...,"payload":...}` is delivered live, without a position.
 //! - `P{T}:m`: hash with the topic's `epoch` and last `offset`; `P{T}:s`: stream of the last
-//!   `history.size` messages, entry id `<offset>-0`; `P{T}:p`: the topic's presence entries.
+//!   `history.size` messages, entry id `<offset>-0`; `P{T}:p`: the topic's presence entries;
+//!   `P{T}:o`: the previous epoch's stream, kept (meta field `prev`) when the scripts start a
+//!   new epoch, so that a node that had not received its last messages delivers them first.
 //!   Hash-tagged by topic so that a move to Redis Cluster keeps a topic's keys in one slot.
 //! - Everything else is the nodes' own, under `I`, which no `PT` can equal (`I` and `P` differ
 //!   before either ends; `Config::validate` checks it): `Inode:<id>`, a node's control channel
@@ -41,7 +43,7 @@ use serde_json::value::RawValue;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{Notify, OnceCell, mpsc};
+use tokio::sync::{Notify, mpsc};
 
 const PUBLISH_SCRIPT: &str = include_str!("../../redis/publish.lua");
 const POSITION_SCRIPT: &str = include_str!("../../redis/position.lua");
@@ -109,6 +111,12 @@ impl Keys {
         self.topic_key(topic, 's')
     }
 
+    /// The stream of the topic's previous epoch, kept when a new epoch starts (until it
+    /// expires) for nodes that had not received its last messages yet.
+    pub fn old_stream(&self, topic: &str) -> String {
+        self.topic_key(topic, 'o')
+    }
+
     /// The topic's presence entries (a hash: `phx_ref` to `{"key", "node", "meta"}`).
     pub fn presence(&self, topic: &str) -> String {
         self.topic_key(topic, 'p')
@@ -156,16 +164,65 @@ impl Drop for InFlightSlot {
     }
 }
 
+/// How a LongPoll request forwarded to the node that owns its session ended.
+#[derive(Debug)]
+pub enum Forwarded {
+    /// The owner's answer (JSON).
+    Answer(String),
+    /// The owner is not listening (gone) or did not answer in time.
+    Gone,
+    /// Cut short here: this node is draining, or its Redis link dropped or is down, so an
+    /// answer could not come back (the owner keeps unacknowledged frames for the next poll).
+    CutShort,
+}
+
+/// While Redis is unreachable, a relayed GET waits this long before it is answered (`204`), so
+/// a client whose balancer keeps sending it here does not poll in a tight loop.
+const RELAY_DOWN_PAUSE: Duration = Duration::from_millis(500);
+
 /// Forwarded LongPoll requests waiting for the owner's answer, by request id.
 type ReplySlots = Mutex<std::collections::HashMap<u64, tokio::sync::oneshot::Sender<String>>>;
 
+/// Where the Redis master is.
+enum Target {
+    /// `redis.url`.
+    Direct(redis::Client),
+    /// Asked from the sentinels at every (re)connect (`redis.sentinels`).
+    Sentinel(tokio::sync::Mutex<redis::sentinel::SentinelClient>),
+}
+
+/// A sentinel's URL from its `host:port` (and the sentinels' password).
+pub fn sentinel_url(address: &str, password: &str) -> Result<String, String> {
+    if address.contains('/') || address.contains('@') {
+        return Err("expected host:port".into());
+    }
+    let auth = if password.is_empty() {
+        String::new()
+    } else {
+        let encoded: String = password
+            .bytes()
+            .map(|b| {
+                if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                    (b as char).to_string()
+                } else {
+                    format!("%{b:02X}")
+                }
+            })
+            .collect();
+        format!(":{encoded}@")
+    };
+    Ok(format!("redis://{auth}{address}/"))
+}
+
 pub struct RedisBroker {
-    client: redis::Client,
+    target: Target,
     keys: Keys,
     history: HistoryConfig,
     publish_script: redis::Script,
     position_script: redis::Script,
-    commands: OnceCell<ConnectionManager>,
+    /// The command connection to the current master: made once with `redis.url`; with
+    /// Sentinel, replaced by [`run`] whenever it connects to a (possibly new) master.
+    commands: Mutex<Option<ConnectionManager>>,
     joins: mpsc::Sender<JoinRequest>,
     join_queue: Mutex<Option<mpsc::Receiver<JoinRequest>>>,
     /// Joins each connection (by [`hub::Waker::id`]) has queued or in progress here, so that
@@ -183,6 +240,13 @@ pub struct RedisBroker {
     node_channel: String,
     next_request: std::sync::atomic::AtomicU64,
     replies: ReplySlots,
+    /// The `run_id` of the Redis process the broker last connected to, and how many times it
+    /// has been another one (a restart, a failover): presence puts this node's entries back
+    /// when it changes, since the new process may have lost some or kept stale ones.
+    run: Mutex<(String, u64)>,
+    /// Counts the subscriber connection's losses: a LongPoll request relayed to another node
+    /// waits for its answer on that connection, and gives up when this changes.
+    link_losses: tokio::sync::watch::Sender<u64>,
 }
 
 /// A LongPoll request or answer travelling between nodes.
@@ -226,25 +290,65 @@ impl Envelope<'_> {
 }
 
 impl RedisBroker {
-    /// Checks the URL; connects later (in [`run`] and on first publish).
+    /// Checks the configuration; connects later (in [`run`] and on first publish).
     pub fn new(
-        url: &str,
+        config: &crate::config::RedisConfig,
         keys: Keys,
         history: HistoryConfig,
         node_id: &str,
         per_connection: usize,
         metrics: Arc<Metrics>,
     ) -> Result<RedisBroker, String> {
-        let client = redis::Client::open(url).map_err(|e| e.to_string())?;
+        let client = if config.tls_ca_file.is_empty() {
+            redis::Client::open(config.url.as_str())
+        } else {
+            let root = std::fs::read(&config.tls_ca_file)
+                .map_err(|e| format!("redis.tls_ca_file: {e}"))?;
+            redis::Client::build_with_tls(
+                config.url.as_str(),
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(root),
+                },
+            )
+        }
+        .map_err(|e| e.to_string())?;
+        let target = if config.sentinels.is_empty() {
+            Target::Direct(client)
+        } else {
+            let sentinels = config
+                .sentinels
+                .iter()
+                .map(|a| sentinel_url(a, &config.sentinel_password))
+                .collect::<Result<Vec<_>, _>>()?;
+            let info = client.get_connection_info();
+            let mut node = redis::sentinel::SentinelNodeConnectionInfo::default()
+                .set_redis_connection_info(info.redis_settings().clone());
+            if let redis::ConnectionAddr::TcpTls { insecure, .. } = info.addr() {
+                node = node.set_tls_mode(if *insecure {
+                    redis::TlsMode::Insecure
+                } else {
+                    redis::TlsMode::Secure
+                });
+            }
+            let sentinel = redis::sentinel::SentinelClient::build(
+                sentinels,
+                config.master_name.clone(),
+                Some(node),
+                redis::sentinel::SentinelServerType::Master,
+            )
+            .map_err(|e| e.to_string())?;
+            Target::Sentinel(tokio::sync::Mutex::new(sentinel))
+        };
         let (tx, rx) = mpsc::channel(JOIN_QUEUE);
         Ok(RedisBroker {
             node_channel: keys.node_channel(node_id),
-            client,
+            target,
             keys,
             history,
             publish_script: redis::Script::new(PUBLISH_SCRIPT),
             position_script: redis::Script::new(POSITION_SCRIPT),
-            commands: OnceCell::new(),
+            commands: Mutex::new(None),
             joins: tx,
             join_queue: Mutex::new(Some(rx)),
             in_flight: Default::default(),
@@ -254,6 +358,8 @@ impl RedisBroker {
             status: Mutex::new(Err("redis: connecting".into())),
             next_request: std::sync::atomic::AtomicU64::new(1),
             replies: Mutex::new(Default::default()),
+            run: Mutex::new((String::new(), 0)),
+            link_losses: tokio::sync::watch::Sender::new(0),
         })
     }
 
@@ -280,21 +386,80 @@ impl RedisBroker {
             .clone()
     }
 
+    /// Counts the Redis processes the broker has connected to (see [`run`]); it
+    /// changes when Redis restarted or failed over.
+    pub(crate) fn generation(&self) -> u64 {
+        self.run.lock().unwrap_or_else(|e| e.into_inner()).1
+    }
+
+    /// Records the `run_id` of the server just connected to.
+    fn connected_to(&self, run_id: &str) {
+        let mut run = self.run.lock().unwrap_or_else(|e| e.into_inner());
+        if run.0 != run_id {
+            if !run.0.is_empty() {
+                tracing::warn!(
+                    "redis: connected to another Redis process than before (restarted or failed \
+                     over): topics start new epochs, presence entries are written back"
+                );
+            }
+            run.0 = run_id.to_string();
+            run.1 += 1;
+        }
+    }
+
     /// Where everything lives in Redis.
     pub(crate) fn keys(&self) -> &Keys {
         &self.keys
     }
 
-    /// The shared command connection.
-    pub(crate) async fn commands(&self) -> Result<ConnectionManager, redis::RedisError> {
+    /// A client for the master: `redis.url`, or the master the sentinels name now.
+    async fn master(&self) -> Result<redis::Client, redis::RedisError> {
+        match &self.target {
+            Target::Direct(c) => Ok(c.clone()),
+            Target::Sentinel(s) => {
+                let mut s = s.lock().await;
+                tokio::time::timeout(Duration::from_secs(3), s.async_get_client())
+                    .await
+                    .map_err(|_| {
+                        redis::RedisError::from((
+                            redis::ErrorKind::Io,
+                            "no answer from the sentinels in time",
+                        ))
+                    })?
+            }
+        }
+    }
+
+    fn sentinel(&self) -> bool {
+        matches!(self.target, Target::Sentinel(_))
+    }
+
+    async fn connect_commands(
+        &self,
+        client: redis::Client,
+    ) -> Result<ConnectionManager, redis::RedisError> {
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(2)))
             .set_response_timeout(Some(Duration::from_secs(2)))
             .set_number_of_retries(1);
+        ConnectionManager::new_with_config(client, config).await
+    }
+
+    /// The shared command connection (to the current master).
+    pub(crate) async fn commands(&self) -> Result<ConnectionManager, redis::RedisError> {
+        if let Some(c) = self.commands_now() {
+            return Ok(c);
+        }
+        let con = self.connect_commands(self.master().await?).await?;
+        let mut slot = self.commands.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(slot.get_or_insert(con).clone())
+    }
+
+    fn commands_now(&self) -> Option<ConnectionManager> {
         self.commands
-            .get_or_try_init(|| ConnectionManager::new_with_config(self.client.clone(), config))
-            .await
-            .cloned()
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Publishes through the Lua script, in order (pipelined).
@@ -321,7 +486,8 @@ impl RedisBroker {
                 Ok(p) => out.push(p),
                 Err(e)
                     if e.kind()
-                        == redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError) =>
+                        == redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError)
+                        && !e.to_string().contains("READONLY") =>
                 {
                     return Err(PublishError::Rejected(e.to_string()));
                 }
@@ -331,15 +497,45 @@ impl RedisBroker {
         Ok(out)
     }
 
-    /// Sends a LongPoll request to the node that owns the session and waits for its answer.
-    /// `None` when that node is not listening (gone) or does not answer within `wait`.
+    /// Sends a LongPoll request to the node that owns the session and waits for its answer:
+    /// [`Forwarded::Gone`] when that node is not listening or does not answer within `wait`;
+    /// [`Forwarded::CutShort`] as soon as `shutdown` is cancelled (this node drains) or the
+    /// subscriber connection, where the answer would arrive, drops; after [`RELAY_DOWN_PAUSE`]
+    /// when Redis cannot be reached at all.
     pub async fn forward_longpoll(
         &self,
         owner: &str,
         token: &str,
         post_body: Option<&[u8]>,
         wait: Duration,
-    ) -> Option<String> {
+        shutdown: &tokio_util::sync::CancellationToken,
+    ) -> Forwarded {
+        let mut link = self.link_losses.subscribe();
+        if self.readiness().is_err() || shutdown.is_cancelled() {
+            // No subscriber connection: no answer could come back.
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                _ = tokio::time::sleep(RELAY_DOWN_PAUSE) => {}
+            }
+            return Forwarded::CutShort;
+        }
+        // Boxed: one allocation per relayed request keeps the connection task's future (which
+        // holds this one) small and its type shallow.
+        let relay = Box::pin(self.relay(owner, token, post_body, wait));
+        tokio::select! {
+            f = relay => f,
+            _ = shutdown.cancelled() => Forwarded::CutShort,
+            _ = link.changed() => Forwarded::CutShort,
+        }
+    }
+
+    async fn relay(
+        &self,
+        owner: &str,
+        token: &str,
+        post_body: Option<&[u8]>,
+        wait: Duration,
+    ) -> Forwarded {
         let id = self.next_request.fetch_add(1, Relaxed);
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.replies
@@ -372,18 +568,25 @@ impl RedisBroker {
             body: post_body.map(|b| String::from_utf8_lossy(b).into_owned()),
         };
         let Ok(text) = serde_json::to_string(&request) else {
-            return None;
+            return Forwarded::Gone;
         };
         let Ok(mut con) = self.commands().await else {
-            return None;
+            tokio::time::sleep(RELAY_DOWN_PAUSE).await;
+            return Forwarded::CutShort;
         };
         let receivers: Result<u64, _> = redis::cmd("PUBLISH")
             .arg(self.keys.node_channel(owner))
             .arg(text)
             .query_async(&mut con)
             .await;
-        if !matches!(receivers, Ok(n) if n > 0) {
-            return None; // the owner is gone: the client reconnects and rejoins
+        match receivers {
+            Ok(n) if n > 0 => {}
+            // The owner is gone: the client reconnects and rejoins.
+            Ok(_) => return Forwarded::Gone,
+            Err(_) => {
+                tokio::time::sleep(RELAY_DOWN_PAUSE).await;
+                return Forwarded::CutShort;
+            }
         }
         // Wait for the answer, checking every second that the owner still listens: a node
         // that stops may drop a request it received, and the client should not wait long.
@@ -392,7 +595,7 @@ impl RedisBroker {
         loop {
             let step = (tokio::time::Instant::now() + Duration::from_secs(1)).min(deadline);
             match tokio::time::timeout_at(step, &mut rx).await {
-                Ok(Ok(answer)) => return Some(answer),
+                Ok(Ok(answer)) => return Forwarded::Answer(answer),
                 Ok(Err(_)) => break,
                 Err(_) if tokio::time::Instant::now() >= deadline => break,
                 Err(_) => {
@@ -407,7 +610,7 @@ impl RedisBroker {
                 }
             }
         }
-        None
+        Forwarded::Gone
     }
 
     /// Queues a join for the broker task, unless its connection already has
@@ -451,19 +654,35 @@ impl RedisBroker {
         }
     }
 
+    /// The topic's position in Redis. `seen` is the last position this node has seen of it:
+    /// when Redis holds that epoch at an older offset it lost acknowledged writes, and the
+    /// script starts a new epoch (see `redis/position.lua`).
     async fn position(
         &self,
         con: &mut ConnectionManager,
         topic: &str,
+        seen: Option<&hub::Position>,
     ) -> Result<(String, u64), redis::RedisError> {
         let (epoch, offset): (String, u64) = self
-            .position_script
-            .key(self.meta_key(topic))
-            .key(self.stream_key(topic))
-            .arg(self.history.max_age_secs)
+            .position_invocation(topic, seen)
             .invoke_async(con)
             .await?;
         Ok((epoch, offset))
+    }
+
+    fn position_invocation(
+        &self,
+        topic: &str,
+        seen: Option<&hub::Position>,
+    ) -> redis::ScriptInvocation<'_> {
+        let mut i = self.position_script.prepare_invoke();
+        i.key(self.meta_key(topic))
+            .key(self.stream_key(topic))
+            .arg(self.history.max_age_secs);
+        if let Some(p) = seen {
+            i.arg(&*p.epoch).arg(p.offset);
+        }
+        i
     }
 
     /// Stream entries with offsets in `from..=to`, as (offset, raw message).
@@ -535,7 +754,30 @@ pub async fn run(app: Arc<App>, broker: Arc<RedisBroker>) {
         }
         first = false;
         let session = async {
-            let pubsub = broker.client.get_async_pubsub().await?;
+            let client = broker.master().await?;
+            if broker.sentinel() {
+                // Follow the master the sentinels name now: a new command connection too
+                // (publishes and presence fail with 503 until this point after a failover).
+                let con = broker.connect_commands(client.clone()).await?;
+                *broker.commands.lock().unwrap_or_else(|e| e.into_inner()) = Some(con);
+            }
+            // Which Redis process this is (a restart or failover changes it), asked on a
+            // connection of its own: the shared one may still hold a socket to the old one.
+            let mut probe = client.get_multiplexed_async_connection().await?;
+            let info: String = redis::cmd("INFO")
+                .arg("server")
+                .query_async(&mut probe)
+                .await?;
+            match info
+                .lines()
+                .find_map(|l| l.strip_prefix("run_id:"))
+                .map(str::trim)
+            {
+                Some(run_id) => broker.connected_to(run_id),
+                None => tracing::warn!("redis: INFO server has no run_id"),
+            }
+            drop(probe);
+            let pubsub = client.get_async_pubsub().await?;
             let con = broker.commands().await?;
             Ok::<_, redis::RedisError>((pubsub, con))
         };
@@ -637,15 +879,41 @@ pub async fn run(app: Arc<App>, broker: Arc<RedisBroker>) {
                         Ok(Err(e)) => break format!("redis: ping failed: {e}"),
                         Err(_) => break "redis: ping timed out".to_string(),
                     }
+                    // With Sentinel, a master demoted to replica (it came back after a
+                    // failover) may keep our connections: leave it for the new master.
+                    if broker.sentinel() {
+                        let role = tokio::time::timeout(
+                            PING_TIMEOUT,
+                            redis::cmd("ROLE").query_async::<redis::Value>(&mut con),
+                        )
+                        .await;
+                        if !is_master(&role) {
+                            break "redis: the server is no longer the master".to_string();
+                        }
+                    }
                 }
             }
         };
         tracing::warn!(reason = ?reason, "redis: subscriber down; reconnecting");
         broker.set_status(Err(reason));
+        broker.link_losses.send_modify(|n| *n += 1);
         app.metrics.redis_connected.store(0, Relaxed);
         Metrics::add(&app.metrics.redis_reconnects, 1);
         app.metrics.redis_subscribed_topics.store(0, Relaxed);
         app.hub.mark_all_down();
+    }
+}
+
+/// Whether a `ROLE` answer says master (an error or a timeout does not: reconnect).
+fn is_master(
+    role: &Result<Result<redis::Value, redis::RedisError>, tokio::time::error::Elapsed>,
+) -> bool {
+    match role {
+        Ok(Ok(redis::Value::Array(items))) => matches!(
+            items.first(),
+            Some(redis::Value::BulkString(b)) if b.as_slice() == b"master"
+        ),
+        _ => false,
     }
 }
 
@@ -663,20 +931,32 @@ async fn resubscribe(
         sink.subscribe(channels).await?;
     }
     for (topic, known) in &topics {
-        let (epoch, offset) = broker.position(con, topic).await?;
+        let seen = (known.offset > 0).then_some(known);
+        let (epoch, offset) = broker.position(con, topic, seen).await?;
         if epoch == *known.epoch {
             app.hub.go_live(topic, &epoch, known.offset);
             if offset > known.offset {
                 catch_up(app, broker, con, topic, known.offset + 1, offset).await?;
             }
         } else {
-            // The history was recreated (Redis restarted without persistence, or the topic
-            // expired): deliver the new epoch from its first message.
+            // A new epoch: the history was lost or may have been (Redis restarted, failed
+            // over, lost writes this node had seen, or the topic expired). Deliver the new
+            // epoch from its first message; clients holding positions of the old one get
+            // `recovered: false` when they rejoin.
             if known.offset > 0 {
                 tracing::warn!(
                     ?topic,
-                    "redis: topic history was recreated; continuing in the new epoch"
+                    old = %known,
+                    new_epoch = %epoch,
+                    "redis: topic history was lost or recreated; continuing in a new epoch"
                 );
+                // First what Redis kept of the old epoch that this node had not received yet
+                // (published just before Redis went away): acknowledged, so delivered.
+                let tail = previous_epoch_tail(broker, con, topic, known).await?;
+                if !tail.is_empty() {
+                    app.hub.go_live(topic, &known.epoch, known.offset);
+                    append_entries(app, topic, known.offset + 1, tail);
+                }
             }
             app.hub.go_live(topic, &epoch, 0);
             if offset > 0 {
@@ -701,6 +981,13 @@ async fn catch_up(
     to: u64,
 ) -> Result<(), redis::RedisError> {
     let entries = broker.range(con, topic, from, Some(to)).await?;
+    append_entries(app, topic, from, entries);
+    Ok(())
+}
+
+/// Appends stream entries (read from offset `from` on) to the hub, each in the epoch its
+/// position names.
+fn append_entries(app: &App, topic: &str, from: u64, entries: Vec<(u64, u64, String)>) {
     let mut expected = from;
     for (offset, _, raw) in entries {
         let Ok(env) = serde_json::from_str::<Envelope>(&raw) else {
@@ -719,7 +1006,31 @@ async fn catch_up(
         }
         expected = offset + 1;
     }
-    Ok(())
+}
+
+/// The messages of `known`'s epoch after `known.offset` that Redis kept when `topic` moved to a
+/// new epoch (the old epoch's stream, kept beside the new one: see `redis/publish.lua`). Empty
+/// when the topic's previous epoch is another one or its stream is gone.
+async fn previous_epoch_tail(
+    broker: &RedisBroker,
+    con: &mut ConnectionManager,
+    topic: &str,
+    known: &hub::Position,
+) -> Result<Vec<(u64, u64, String)>, redis::RedisError> {
+    let (prev, tail): (Option<String>, redis::streams::StreamRangeReply) = redis::pipe()
+        .cmd("HGET")
+        .arg(broker.meta_key(topic))
+        .arg("prev")
+        .cmd("XRANGE")
+        .arg(broker.keys.old_stream(topic))
+        .arg(format!("{}-0", known.offset + 1))
+        .arg("+")
+        .query_async(con)
+        .await?;
+    if prev.as_deref() != Some(&*known.epoch) {
+        return Ok(Vec::new());
+    }
+    Ok(entries(tail))
 }
 
 async fn on_message(
@@ -789,7 +1100,7 @@ fn on_routed(app: &Arc<App>, broker: &RedisBroker, payload: &[u8]) {
         return;
     }
     let app = app.clone();
-    let commands = broker.commands.get().cloned();
+    let commands = broker.commands_now();
     app.tracker.clone().spawn(async move {
         let answer = crate::transport::longpoll::serve_forwarded(
             app,
@@ -850,15 +1161,14 @@ async fn on_joins(
                 // 2. Their positions, in one pipeline.
                 let mut pipe = redis::pipe();
                 pipe.load_script(&broker.position_script).ignore();
+                let seen: Vec<_> = new_topics
+                    .iter()
+                    .map(|t| app.hub.known_position(t))
+                    .collect();
                 let invocations: Vec<_> = new_topics
                     .iter()
-                    .map(|t| {
-                        let mut i = broker.position_script.prepare_invoke();
-                        i.key(broker.meta_key(t))
-                            .key(broker.stream_key(t))
-                            .arg(broker.history.max_age_secs);
-                        i
-                    })
+                    .zip(&seen)
+                    .map(|(t, seen)| broker.position_invocation(t, seen.as_ref()))
                     .collect();
                 for i in &invocations {
                     pipe.invoke_script(i);
@@ -1081,6 +1391,7 @@ mod tests {
             for t in hostile_topics(&nodes) {
                 add(&mut keys, k.meta(&t), format!("meta({t})"));
                 add(&mut keys, k.stream(&t), format!("stream({t})"));
+                add(&mut keys, k.old_stream(&t), format!("old_stream({t})"));
                 add(&mut keys, k.presence(&t), format!("presence({t})"));
                 add(&mut channels, k.channel(&t), format!("channel({t})"));
                 assert_eq!(k.topic_of(&k.channel(&t)), Some(t.as_str()));

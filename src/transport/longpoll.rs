@@ -13,18 +13,28 @@
 //! `longpoll.session_timeout_ms` without a poll.
 //!
 //! Nothing is copied per session while no GET is waiting: broadcasts stay in the topic buffers
-//! and the session keeps only its read positions, exactly as a WebSocket does. A frame leaves
-//! the session when a GET response carries it. The only way a client loses such a response is a
-//! broken request, after which phoenix.js always starts a new session and rejoins; with `since`
-//! in its join params it recovers what that response carried from the topic's history.
+//! and the session keeps only its read positions, exactly as a WebSocket does.
 //!
-//! Tokens look like `lp` followed by 32 hex digits. A token of that shape whose session is gone
-//! (expired, overflowed, or from a restarted node) gets `{"status":500}`, which makes both 1.7.x
-//! and 1.8.x clients reconnect and rejoin; a plain 410 would make 1.7.x adopt the new session
-//! silently and lose its channels. Any other token (a user's own `token` param) starts a session.
+//! A frame leaves the session only once the client has shown it received it, as Phoenix's own
+//! LongPoll does: every poll answer carries a token ending in the number of the last frame it
+//! holds, phoenix.js sends the token of the last answer it got with its next request, and that
+//! poll acknowledges every frame up to that number. Until then the frames wait in the session
+//! ([`Unacked`], the JSON strings the answer was made of), and a poll that comes back with
+//! an older number (the answer was lost: a relaying node drained or died, the Redis link carrying
+//! it dropped, a balancer retried the request on another node) gets them again, first. Whichever
+//! node or path an answer travelled through, a frame is never dropped before the client has it.
+//!
+//! Tokens look like `lp` followed by 32 hex digits (the session: the `410` answer gives this
+//! form), then, in poll answers, 8 more (the acknowledgement). A poll with the short form
+//! acknowledges every frame handed out so far (a client that keeps its first token works as
+//! before, without the guarantee). A token of either shape whose session is gone (expired,
+//! overflowed, or from a restarted node) gets `{"status":500}`, which makes both 1.7.x and 1.8.x
+//! clients reconnect and rejoin; a plain 410 would make 1.7.x adopt the new session silently and
+//! lose its channels. Any other token (a user's own `token` param) starts a session.
 
 use crate::api::error_response;
 use crate::app::App;
+use crate::broker::redis::Forwarded;
 use crate::hub::{Lag, Waker};
 use crate::metrics::{Metrics, Refusal};
 use crate::protocol;
@@ -54,7 +64,10 @@ pub const UNPOLLED_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often never-polled sessions are looked for (a queue of new sessions, not a scan).
 const UNPOLLED_SWEEP: Duration = Duration::from_secs(1);
 const TOKEN_PREFIX: &str = "lp";
+/// A session's token: `lp` and 32 hex digits.
 const TOKEN_LEN: usize = TOKEN_PREFIX.len() + 32;
+/// A poll answer's token: the session's, then the number of the last frame answered (8 hex).
+const ACK_TOKEN_LEN: usize = TOKEN_LEN + 8;
 
 /// This node's LongPoll sessions, keyed by the 128 bits their token's hex digits spell (the
 /// table holds the key itself, so a lookup reads no string off the heap).
@@ -98,6 +111,48 @@ struct Inner {
     /// The listening GET's task, woken when a newer GET supersedes it or the session closes
     /// (the session waker has one slot, which the newer GET takes).
     held: Option<std::task::Waker>,
+    /// Frames handed to poll answers that the client has not acknowledged yet.
+    unacked: Unacked,
+}
+
+/// The frames a session has handed to poll answers and the client has not acknowledged yet,
+/// oldest first, as the JSON strings the answers carried; the first is frame number
+/// `acked + 1`. Empty (no allocation) while the client is up to date.
+#[derive(Debug, Default)]
+struct Unacked {
+    frames: Vec<Bytes>,
+    /// Number of the last frame the client acknowledged (wrapping).
+    acked: u32,
+}
+
+impl Unacked {
+    /// A poll arrived with `ack` (the number in its token; `None`: the short token form, which
+    /// acknowledges everything handed out). Frames up to it leave the session. A number behind
+    /// `acked` (a stale request, the client has moved on) or beyond what was handed out
+    /// acknowledges nothing.
+    fn acknowledge(&mut self, ack: Option<u32>) {
+        let n = match ack {
+            None => self.frames.len(),
+            Some(c) => {
+                let d = c.wrapping_sub(self.acked) as usize;
+                if d <= self.frames.len() { d } else { 0 }
+            }
+        };
+        if n == 0 {
+            return;
+        }
+        if n == self.frames.len() {
+            self.frames = Vec::new();
+        } else {
+            self.frames.drain(..n);
+        }
+        self.acked = self.acked.wrapping_add(n as u32);
+    }
+
+    /// The number of the last frame handed out.
+    fn last_sent(&self) -> u32 {
+        self.acked.wrapping_add(self.frames.len() as u32)
+    }
 }
 
 impl LpSession {
@@ -134,6 +189,14 @@ impl Registry {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Sessions with a GET waiting for frames (a scan: for tests and diagnostics).
+    pub fn held(&self) -> usize {
+        self.map()
+            .values()
+            .filter(|s| s.lock().listener != 0)
+            .count()
     }
 
     /// Drops sessions never polled since their creation, older than [`UNPOLLED_TIMEOUT`]; then,
@@ -249,16 +312,26 @@ fn new_token(node_id: &str) -> String {
     format!("{TOKEN_PREFIX}{node_id}{:024x}", r >> 32)
 }
 
-/// The registry key of a token of our shape: its 32 hex digits as a number.
+/// The registry key of a token of our shape: the session's 32 hex digits as a number.
 fn token_key(token: &str) -> Option<u128> {
     if !looks_like_ours(token) {
         return None;
     }
-    u128::from_str_radix(&token[TOKEN_PREFIX.len()..], 16).ok()
+    u128::from_str_radix(&token[TOKEN_PREFIX.len()..TOKEN_LEN], 16).ok()
 }
 
+/// The acknowledgement a token of our shape carries: the number of the last frame the client
+/// got, or `None` for the session's own (short) token.
+fn token_ack(token: &str) -> Option<u32> {
+    if token.len() != ACK_TOKEN_LEN {
+        return None;
+    }
+    u32::from_str_radix(&token[TOKEN_LEN..], 16).ok()
+}
+
+/// `lp` and 32 hex digits (a session), optionally followed by 8 (an acknowledgement).
 fn looks_like_ours(token: &str) -> bool {
-    token.len() == TOKEN_LEN
+    (token.len() == TOKEN_LEN || token.len() == ACK_TOKEN_LEN)
         && token.starts_with(TOKEN_PREFIX)
         && token[TOKEN_PREFIX.len()..]
             .bytes()
@@ -316,13 +389,16 @@ fn refusal(status: u16, reason: &str) -> Bytes {
 }
 
 /// A poll answer; `messages` are already JSON string literals, `token` is one of ours (hex
-/// digits, nothing to escape).
-fn poll_answer(status: u16, token: &str, messages: &[Bytes]) -> Bytes {
+/// digits, nothing to escape), followed by `ack` (8 hex digits) when given.
+fn poll_answer(status: u16, token: &str, ack: Option<u32>, messages: &[Bytes]) -> Bytes {
     let size: usize = messages.iter().map(|m| m.len() + 1).sum();
-    let mut body = Vec::with_capacity(48 + token.len() + size);
+    let mut body = Vec::with_capacity(56 + token.len() + size);
     // Writing into a Vec cannot fail.
     let _ = write!(body, "{{\"status\":{status},\"token\":\"");
     body.extend_from_slice(token.as_bytes());
+    if let Some(ack) = ack {
+        let _ = write!(body, "{ack:08x}");
+    }
     body.extend_from_slice(b"\",\"messages\":[");
     for (i, m) in messages.iter().enumerate() {
         if i > 0 {
@@ -439,7 +515,8 @@ fn preflight() -> Response<Full<Bytes>> {
 /// our sessions, or one forwarded to the node that owns the session).
 pub enum Get {
     Done(Bytes),
-    Poll(Arc<LpSession>),
+    /// A poll of one of our sessions, with the acknowledgement its token carries.
+    Poll(Arc<LpSession>, Option<u32>),
     Forward(String),
 }
 
@@ -455,7 +532,7 @@ impl Get {
     ) -> Get {
         if let Some(t) = token {
             if let Some(lp) = app.longpoll.get(t) {
-                return Get::Poll(lp);
+                return Get::Poll(lp, token_ack(t));
             }
             if route_elsewhere(app, t).is_some() {
                 return Get::Forward(t.to_string());
@@ -472,7 +549,7 @@ impl Get {
     pub async fn finish(self, app: Arc<App>) -> Bytes {
         match self {
             Get::Done(body) => body,
-            Get::Poll(lp) => poll(app, lp).await,
+            Get::Poll(lp, ack) => poll(app, lp, ack).await,
             // A token of another node whose owner does not answer: gone (see the module doc).
             Get::Forward(token) => forward(&app, &token, None)
                 .await
@@ -554,6 +631,7 @@ fn new_session(
             polled: false,
             closed: false,
             held: None,
+            unacked: Unacked::default(),
         }),
         _slot: slot,
     });
@@ -565,24 +643,23 @@ fn new_session(
         .unwrap_or_else(|e| e.into_inner())
         .push_back((Instant::now(), key));
     app.metrics.connections_longpoll.fetch_add(1, Relaxed);
-    poll_answer(410, &token, &[])
+    poll_answer(410, &token, None, &[])
 }
 
-/// Takes what is waiting for the session (and the number of broadcasts among it), or reports
-/// that it fell behind.
-fn take_frames(inner: &mut Inner) -> Result<(Vec<Bytes>, usize), Lag> {
-    let mut out = Vec::new();
+/// Moves what is waiting for the session into `inner.unacked` (its frames are handed out from
+/// there); returns the number of broadcasts among it, or reports that it fell behind.
+fn take_frames(inner: &mut Inner) -> Result<usize, Lag> {
+    let Inner {
+        session, unacked, ..
+    } = inner;
     let mut bytes = 0;
-    inner.session.settle();
-    while let Some(f) = inner.session.pop_direct() {
+    session.settle();
+    while let Some(f) = session.pop_direct() {
         bytes += f.len();
-        out.push(protocol::json_string(&f));
+        unacked.frames.push(protocol::json_string(&f));
     }
     let budget = RESPONSE_BATCH_BYTES.saturating_sub(bytes).max(1);
-    let broadcasts = inner
-        .session
-        .collect_broadcasts(budget, &mut |e| out.push(e.json_string()))?;
-    Ok((out, broadcasts))
+    session.collect_broadcasts(budget, &mut |e| unacked.frames.push(e.json_string()))
 }
 
 /// Marks a GET as the session's listener for as long as it lives.
@@ -602,12 +679,14 @@ impl Drop for Listening<'_> {
     }
 }
 
-async fn poll(app: Arc<App>, lp: Arc<LpSession>) -> Bytes {
+/// A GET of the session; `ack`: the acknowledgement its token carries (see the module doc).
+async fn poll(app: Arc<App>, lp: Arc<LpSession>, ack: Option<u32>) -> Bytes {
     let window = Duration::from_millis(app.config.longpoll.window_ms);
     let expiry = tokio::time::sleep(window);
     tokio::pin!(expiry);
     let (generation, superseded) = {
         let mut inner = lp.lock();
+        inner.unacked.acknowledge(ack);
         inner.generations += 1;
         inner.listener = inner.generations;
         inner.last_seen = Instant::now();
@@ -631,13 +710,34 @@ async fn poll(app: Arc<App>, lp: Arc<LpSession>) -> Bytes {
                 return Poll::Ready(status_only(500));
             }
             if inner.listener != generation {
-                return Poll::Ready(poll_answer(204, lp.token(), &[]));
+                return Poll::Ready(poll_answer(204, lp.token(), ack, &[]));
+            }
+            if !inner.unacked.frames.is_empty() {
+                // The client has not acknowledged the last answer: it never got it. The same
+                // frames again, before anything newer (at most one answer's worth is held).
+                Metrics::add(
+                    &app.metrics.longpoll_frames_resent,
+                    inner.unacked.frames.len() as u64,
+                );
+                let last = inner.unacked.last_sent();
+                return Poll::Ready(poll_answer(
+                    200,
+                    lp.token(),
+                    Some(last),
+                    &inner.unacked.frames,
+                ));
             }
             lp.waker.clear();
             match take_frames(&mut inner) {
-                Ok((frames, broadcasts)) if !frames.is_empty() => {
+                Ok(broadcasts) if !inner.unacked.frames.is_empty() => {
                     Metrics::add(&app.metrics.messages_delivered_longpoll, broadcasts as u64);
-                    return Poll::Ready(poll_answer(200, lp.token(), &frames));
+                    let last = inner.unacked.last_sent();
+                    return Poll::Ready(poll_answer(
+                        200,
+                        lp.token(),
+                        Some(last),
+                        &inner.unacked.frames,
+                    ));
                 }
                 Ok(_) => {}
                 Err(lag) => {
@@ -661,7 +761,7 @@ async fn poll(app: Arc<App>, lp: Arc<LpSession>) -> Bytes {
         }
         drop(inner);
         match expiry.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(poll_answer(204, lp.token(), &[])),
+            Poll::Ready(()) => Poll::Ready(poll_answer(204, lp.token(), ack, &[])),
             Poll::Pending => Poll::Pending,
         }
     })
@@ -723,12 +823,33 @@ fn owner(token: &str) -> Option<&str> {
 /// A request for a session another node owns is handed to that node through Redis and its
 /// answer relayed (LongPoll without sticky sessions). `None` when the token is not another
 /// node's, there is no Redis, or the owner is gone.
+///
+/// A GET relayed here is cut short when this node starts draining or loses its Redis link (the
+/// owner's answer could not come back): it answers `204` with the client's own token, so the
+/// client polls again at once, through whichever node, and the owner (which keeps every frame
+/// until it is acknowledged) answers with what this one could not relay. A POST cut short gets
+/// `None` (its lines may or may not have reached the owner; the client reconnects).
 async fn forward(app: &Arc<App>, token: &str, post_body: Option<&[u8]>) -> Option<Bytes> {
     let (r, owner) = route_elsewhere(app, token)?;
     let wait = Duration::from_millis(app.config.longpoll.window_ms) + Duration::from_secs(5);
-    r.forward_longpoll(owner, token, post_body, wait)
+    match r
+        .forward_longpoll(owner, token, post_body, wait, &app.shutdown)
         .await
-        .map(Bytes::from)
+    {
+        Forwarded::Answer(a) => Some(Bytes::from(a)),
+        Forwarded::Gone => None,
+        Forwarded::CutShort if post_body.is_none() => {
+            // The token is of our shape (hex digits): echoed as it came.
+            let (session, ack) = token.split_at(TOKEN_LEN);
+            Some(poll_answer(
+                204,
+                session,
+                u32::from_str_radix(ack, 16).ok(),
+                &[],
+            ))
+        }
+        Forwarded::CutShort => None,
+    }
 }
 
 /// The Redis broker and the owning node, when `token` is another node's session and Redis can
@@ -753,7 +874,7 @@ pub async fn serve_forwarded(app: Arc<App>, token: &str, post_body: Option<&[u8]
         };
     };
     match post_body {
-        None => poll(app, lp).await,
+        None => poll(app, lp, token_ack(token)).await,
         Some(body) => post_lines(&app, &lp, body),
     }
 }
@@ -793,6 +914,45 @@ pub fn disabled() -> Response<Full<Bytes>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn frames_leave_only_when_acknowledged_whatever_the_numbers_do() {
+        let f = |n: u8| Bytes::from(vec![n]);
+        // Near the wrap: numbers go on modulo 2^32.
+        let mut u = Unacked {
+            frames: Vec::new(),
+            acked: u32::MAX - 1,
+        };
+        u.frames.extend([f(1), f(2), f(3)]);
+        assert_eq!(u.last_sent(), 1);
+        u.acknowledge(Some(u32::MAX - 2)); // stale: behind what was acknowledged
+        assert_eq!(u.frames.len(), 3);
+        u.acknowledge(Some(7)); // beyond what was handed out: made up
+        assert_eq!(u.frames.len(), 3);
+        u.acknowledge(Some(u32::MAX)); // the first frame
+        assert_eq!((u.frames.clone(), u.acked), (vec![f(2), f(3)], u32::MAX));
+        u.acknowledge(Some(1)); // across the wrap: everything
+        assert!(
+            u.frames.is_empty() && u.frames.capacity() == 0,
+            "no allocation kept"
+        );
+        assert_eq!(u.acked, 1);
+        u.frames.push(f(4));
+        u.acknowledge(None); // the short token: everything handed out
+        assert_eq!((u.frames.len(), u.acked), (0, 2));
+    }
+
+    #[test]
+    fn answer_tokens_carry_the_last_frame_s_number() {
+        let t = new_token("0123abcd");
+        let body = poll_answer(200, &t, Some(0x1f), &[]);
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let answered = v["token"].as_str().unwrap();
+        assert_eq!(answered, format!("{t}0000001f"));
+        assert!(looks_like_ours(answered));
+        assert_eq!(token_key(answered), token_key(&t));
+        assert_eq!((token_ack(answered), token_ack(&t)), (Some(0x1f), None));
+    }
 
     #[test]
     fn tokens_are_recognised_by_shape() {

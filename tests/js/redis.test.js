@@ -1,6 +1,7 @@
 // pushgate's Redis broker with several nodes, driven by the official phoenix client
 // (1.8.17 and 1.7.23): cross-node fanout, recovery on another node, a Redis restart and killed
-// pub/sub connections under a steady publisher, and LongPoll through a real nginx round-robin
+// pub/sub connections under a steady publisher, a restart from an older RDB snapshot (no position
+// reused, nobody silently misses a message), and LongPoll through a real nginx round-robin
 // upstream (no sticky sessions), client pushes forwarded to the app included, and Phoenix
 // Presence across nodes (a killed node's entries expire, a stopped node's leave at once).
 //
@@ -138,15 +139,22 @@ async function startRedis() {
 }
 
 class RedisServer {
-  constructor(port) {
+  /**
+   * `dir`: a data directory (RDB persistence: the test takes snapshots with SAVE);
+   * `persistence`: the persistence arguments (default none: no snapshots, no AOF).
+   */
+  constructor(port, dir = null, persistence = ["--save", "", "--appendonly", "no"]) {
     this.port = port;
     this.url = `redis://127.0.0.1:${port}/`;
     this.child = null;
+    this.dir = dir;
+    this.persistence = persistence;
   }
 
   async start() {
     this.child = spawnChild(REDIS_SERVER, [
-      "--port", String(this.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+      "--port", String(this.port), "--bind", "127.0.0.1", ...this.persistence,
+      ...(this.dir ? ["--dir", this.dir] : []),
     ]);
     const child = this.child;
     await waitFor(
@@ -162,6 +170,13 @@ class RedisServer {
 
   async stop() {
     await terminate(this.child);
+  }
+
+  /** SIGKILL: whatever the last snapshot does not hold is lost. */
+  async kill() {
+    if (!this.child || this.child.exit) return;
+    this.child.proc.kill("SIGKILL");
+    await this.child.exited;
   }
 
   /** redis-cli against this server; resolves with {code, stdout, stderr}. */
@@ -248,7 +263,7 @@ function decoded(frames, direction) {
  * subscriber uses; `received` collects `{seq, ref}` of each `event` broadcast.
  */
 function tracker(label, topic, event = "seq") {
-  const tr = { label, topic, event, last: null, received: [], joins: [], joinErrors: [], frames: null };
+  const tr = { label, topic, event, last: null, received: [], joins: [], joinedAt: [], joinErrors: [], frames: null };
   tr.params = () => (tr.last ? { since: tr.last } : {});
   return tr;
 }
@@ -262,7 +277,10 @@ function attach(tr, socket) {
   });
   channel
     .join(PUSH_TIMEOUT_MS)
-    .receive("ok", (response) => tr.joins.push(response))
+    .receive("ok", (response) => {
+      tr.joins.push(response);
+      tr.joinedAt.push(Date.now());
+    })
     .receive("error", (response) => tr.joinErrors.push(response));
   return channel;
 }
@@ -276,6 +294,19 @@ async function wsSubscriber(res, client, node, topic, label) {
   tr.frames = frames;
   tr.opens = 0;
   socket.onOpen(() => tr.opens++);
+  tr.channel = attach(tr, socket);
+  socket.connect();
+  await waitFor(() => tr.joins.length >= 1, DEADLINE_MS, () => `${tr.label}: the join reply\n${showFrames(frames)}`);
+  return tr;
+}
+
+/** A LongPoll subscriber of `topic` on `node`, joined (waits for the join reply). */
+async function lpSubscriber(res, client, node, topic, label) {
+  const tr = tracker(`phoenix ${client.version} LongPoll on ${label ?? node.label}`, topic);
+  const { socket, frames } = makeLongPollSocket(client, node);
+  res.sockets.push(socket);
+  tr.socket = socket;
+  tr.frames = frames;
   tr.channel = attach(tr, socket);
   socket.connect();
   await waitFor(() => tr.joins.length >= 1, DEADLINE_MS, () => `${tr.label}: the join reply\n${showFrames(frames)}`);
@@ -342,16 +373,18 @@ async function tryPublish(node, topic, event, payload) {
  * `next` the next seq to publish, `failures` every failed attempt.
  */
 function steadyPublisher(nodes, topic, count, paceMs = 2) {
-  const pub = { next: 0, positions: [], publishedAt: [], failures: [], done: false, error: null, stop: false };
+  const pub = { next: 0, positions: [], publishedAt: [], sentAt: [], failures: [], done: false, error: null, stop: false };
   pub.finished = (async () => {
     for (let seq = 0; seq < count; seq++) {
       const deadline = Date.now() + 20_000;
       for (let attempt = 0; ; attempt++) {
         if (pub.stop) throw new Error(`publisher stopped at seq ${seq}`);
         const node = nodes[(seq + attempt) % nodes.length];
+        const sentAt = Date.now();
         const r = await tryPublish(node, topic, "seq", { seq });
         if (r.ok) {
           pub.positions[seq] = r.position;
+          pub.sentAt[seq] = sentAt;
           pub.publishedAt[seq] = new Date().toISOString();
           break;
         }
@@ -400,7 +433,8 @@ async function waitPublisher(pub, timeoutMs = 20_000) {
 // nginx
 // ---------------------------------------------------------------------------
 
-function nginxConf(prefix, port, upstreams) {
+/** `serverParams`: added to each upstream `server` line (e.g. "max_fails=0"). */
+function nginxConf(prefix, port, upstreams, serverParams = "") {
   const proxy = `
             proxy_pass http://pg;
             proxy_http_version 1.1;
@@ -412,7 +446,7 @@ pid ${prefix}/nginx.pid;
 error_log ${prefix}/logs/error.log info;
 events { worker_connections 256; }
 http {
-    log_format pg '$request_method $request_uri $status upstream=$upstream_addr rt=$request_time';
+    log_format pg '$request_method $request_uri $status upstream=$upstream_addr rt=$request_time us=$upstream_status t=$msec';
     access_log ${prefix}/logs/access.log pg;
     client_body_temp_path ${prefix}/tmp/body;
     proxy_temp_path ${prefix}/tmp/proxy;
@@ -421,7 +455,7 @@ http {
     scgi_temp_path ${prefix}/tmp/scgi;
     # Round robin, no ip_hash: consecutive requests of one client go to different nodes.
     upstream pg {
-${upstreams.map((u) => `        server ${u};`).join("\n")}
+${upstreams.map((u) => `        server ${u} ${serverParams};`).join("\n")}
     }
     server {
         listen 127.0.0.1:${port};
@@ -435,14 +469,14 @@ ${upstreams.map((u) => `        server ${u};`).join("\n")}
 }
 
 /** nginx in the foreground with a private prefix, round-robin over `upstreams`. */
-async function startNginx(res, upstreams) {
+async function startNginx(res, upstreams, serverParams = "") {
   const prefix = mkdtempSync(path.join(os.tmpdir(), "pushgate-redis-nginx-"));
   res.dirs.push(prefix);
   chmodSync(prefix, 0o755);
   for (const d of ["conf", "logs", "tmp"]) mkdirSync(path.join(prefix, d), { mode: 0o755 });
   for (let attempt = 1; ; attempt++) {
     const port = await freePort();
-    writeFileSync(path.join(prefix, "conf/nginx.conf"), nginxConf(prefix, port, upstreams));
+    writeFileSync(path.join(prefix, "conf/nginx.conf"), nginxConf(prefix, port, upstreams, serverParams));
     const child = spawnChild(NGINX, ["-p", prefix, "-e", `${prefix}/logs/error.log`, "-c", "conf/nginx.conf", "-g", "daemon off;"]);
     try {
       await waitFor(
@@ -643,6 +677,56 @@ describe("Redis broker with several pushgate nodes", () => {
         `redis lines of the node logs:\n${nodes.map((n) => `${n.label}:\n${redisLogLines(n)}`).join("\n")}`,
     );
     for (const sub of subs) assertComplete(sub, pub.positions);
+  });
+
+  it("never reuses a position when Redis comes back from an older RDB snapshot (SIGKILL after unsnapshotted publishes): every client, WebSocket and LongPoll on both nodes, gets every acknowledged message once, in order, or recovered: false", { timeout: TEST_TIMEOUT_MS * 2 }, async (t) => {
+    const res = resources(t);
+    const dir = mkdtempSync(path.join(os.tmpdir(), "pushgate-js-rdb-"));
+    res.dirs.push(dir);
+    const redis = new RedisServer(await freePort(), dir);
+    await redis.start();
+    res.redis.push(redis);
+    const nodes = await startNodes(res, redis, 2);
+    const topic = uniqueTopic("rdb");
+    const subs = [];
+    for (const node of nodes) {
+      for (const client of CLIENTS) {
+        subs.push(await wsSubscriber(res, client, node, topic));
+        subs.push(await lpSubscriber(res, client, node, topic));
+      }
+    }
+
+    const COUNT = 160;
+    const pub = steadyPublisher(nodes, topic, COUNT, 20);
+    await waitFor(() => pub.next >= 40 || pub.error, DEADLINE_MS, "40 messages published");
+    assert.equal((await redis.cli("SAVE")).stdout.trim(), "OK");
+    const savedAt = pub.next;
+    await waitFor(() => pub.next >= savedAt + 30 || pub.error, DEADLINE_MS, "30 messages after the snapshot");
+    await redis.kill();
+    const killedAt = pub.next;
+    const lastBefore = pub.positions[killedAt - 1];
+    for (const node of nodes) await waitReady(node, 503, node.label);
+    await redis.start(); // same port and directory: back at the snapshot
+    for (const node of nodes) await waitReady(node, 200, node.label);
+    await waitPublisher(pub);
+
+    // Positions after the restart are in a new epoch: none was reused.
+    const seen = new Map();
+    pub.positions.forEach((p, seq) => {
+      assert.ok(!seen.has(p), `position ${p} acknowledged for seq ${seen.get(p)} and again for ${seq}`);
+      seen.set(p, seq);
+    });
+    assert.notEqual(epochOf(pub.positions[COUNT - 1]), epochOf(lastBefore), `the epoch survived the loss (${lastBefore})`);
+
+    await settle(subs, COUNT);
+    for (const sub of subs) {
+      if (sub.joins.some((j) => j.recovered === false)) {
+        const after = range(killedAt, COUNT - 1);
+        assert.deepEqual(sub.received.map((m) => m.seq).slice(-after.length), after, diagnose(sub, pub.positions));
+      } else {
+        assertComplete(sub, pub.positions);
+      }
+    }
   });
 
   it("loses nothing when the pub/sub connections are killed (CLIENT KILL TYPE pubsub) under a steady publisher", { timeout: TEST_TIMEOUT_MS }, async (t) => {
@@ -862,6 +946,144 @@ describe("Redis broker with several pushgate nodes", () => {
       t.diagnostic(`first session's requests via nginx: GET ${perNode("GET")}; POST ${perNode("POST")}`);
       t.diagnostic(`rejoined ${recoveredAfterMs} ms after ${owner.label} stopped; the forwarded poll answered ${JSON.stringify(exchanges[exchangesBefore - 1].answer)} after ${pendingAtStop.seconds} s`);
     });
+  }
+});
+
+// ---------------------------------------------------------------------------
+// LongPoll without sticky sessions, under faults (issue 17, item 4)
+// ---------------------------------------------------------------------------
+
+/**
+ * Asserts what a subscriber may have seen after faults: every acknowledged message exactly once
+ * and in order; or, if a join answered `recovered: false`, messages in order without duplicates
+ * and every message published after that join (its request sent after the join reply arrived).
+ */
+function assertLosslessOrTold(tr, pub) {
+  const why = diagnose(tr, pub.positions);
+  const told = tr.joins.map((j, i) => (j.recovered === false ? tr.joinedAt[i] : null)).filter((at) => at !== null);
+  if (told.length === 0) {
+    assertComplete(tr, pub.positions);
+    return;
+  }
+  const seqs = tr.received.map((m) => m.seq);
+  const disorder = seqs.findIndex((s, i) => i > 0 && s <= seqs[i - 1]);
+  assert.equal(disorder, -1, `told recovered:false, but out of order or duplicated at index ${disorder}: ${why}`);
+  const lastTold = Math.max(...told);
+  const got = new Set(seqs);
+  const missedAfter = range(0, pub.positions.length - 1).filter((s) => pub.sentAt[s] > lastTold && !got.has(s));
+  assert.deepEqual(missedAfter, [], `told recovered:false, then missed messages published after that join: ${why}`);
+  for (const m of tr.received) assert.equal(m.ref, pub.positions[m.seq], `${why}\nref is not the published position`);
+}
+
+describe("LongPoll through a round-robin proxy, no sticky sessions, under faults", () => {
+  for (const [count, word] of [[2, "two"], [3, "three"]]) {
+  it(`20 LongPoll clients (1.8.17 and 1.7.23) through round-robin nginx over ${word} nodes lose nothing silently across a Redis restart, a node drain (SIGTERM, restart) and a node kill (SIGKILL, restart); each drain ends within shutdown.drain_ms + 1 s`, { timeout: 150_000 }, async (t) => {
+    const res = resources(t);
+    const dir = mkdtempSync(path.join(os.tmpdir(), "pushgate-js-aof-"));
+    res.dirs.push(dir);
+    // AOF with an fsync per write: a SIGKILLed Redis comes back with everything it acknowledged.
+    const redis = new RedisServer(await freePort(), dir, ["--save", "", "--appendonly", "yes", "--appendfsync", "always"]);
+    await redis.start();
+    res.redis.push(redis);
+    const DRAIN_MS = 1000;
+    const env = {
+      PUSHGATE_REDIS_URL: redis.url,
+      PUSHGATE_SHUTDOWN_DRAIN_MS: String(DRAIN_MS),
+      PUSHGATE_SHUTDOWN_GRACE_MS: "10000",
+      PUSHGATE_LONGPOLL_WINDOW_MS: "10000",
+      // Every client comes from 127.0.0.1 (nginx): no per-address limits.
+      PUSHGATE_LIMITS_MAX_CONNECTIONS_PER_ADDRESS: "0",
+      PUSHGATE_LIMITS_CONNECT_RATE_PER_ADDRESS: "0",
+    };
+    const labels = ["node A", "node B", "node C"].slice(0, count);
+    const startNode = async (i, listen) => {
+      const node = await startServer({ env, listen });
+      node.label = `${labels[i]} (${node.addr})`;
+      res.nodes.push(node);
+      await waitReady(node, 200, node.label);
+      return node;
+    };
+    const nodes = [];
+    for (let i = 0; i < count; i++) nodes.push(await startNode(i));
+    // Never marked down: a node that restarts is back in the rotation at once, and a request
+    // that fails on one node (refused, reset) is retried on the other, as balancers do.
+    const nginx = await startNginx(res, nodes.map((n) => n.addr), "max_fails=0");
+    const topic = uniqueTopic("lp-faults");
+
+    const subs = [];
+    for (let i = 0; i < 20; i++) {
+      const client = CLIENTS[i % CLIENTS.length];
+      subs.push(await lpSubscriber(res, client, nginx, topic, `nginx, client ${i}`));
+    }
+
+    const COUNT = 500;
+    const pub = steadyPublisher(nodes, topic, COUNT, 20);
+    const timeline = [];
+    const mark = (what) => timeline.push(`${what} at seq ${pub.next} (${new Date().toISOString()})`);
+    const publishMore = async (count, what) => {
+      const from = pub.next;
+      await waitFor(() => pub.next >= from + count || pub.error, 30_000, () => `${count} publishes ${what} (at seq ${pub.next})`);
+      assert.equal(pub.error, null, String(pub.error?.stack));
+    };
+    await publishMore(60, "before the faults");
+
+    // 1. Redis SIGKILLed and restarted (AOF: nothing acknowledged is lost).
+    mark("redis SIGKILL");
+    await redis.kill();
+    for (const node of nodes) await waitReady(node, 503, node.label);
+    await redis.start();
+    for (const node of nodes) await waitReady(node, 200, node.label);
+    mark("redis back");
+    await publishMore(60, "after the Redis restart");
+
+    // 2. Node A drained (SIGTERM) and restarted on the same address.
+    const drains = [];
+    const drain = async (i) => {
+      mark(`${labels[i]} SIGTERM`);
+      const started = Date.now();
+      const exit = await nodes[i].stop();
+      const tookMs = Date.now() - started;
+      drains.push({ node: nodes[i].label, tookMs, exit, logs: nodes[i].logs.slice(-8).join("\n") });
+      nodes[i] = await startNode(i, nodes[i].addr);
+      mark(`${labels[i]} back`);
+    };
+    await drain(0);
+    await publishMore(60, "after node A's drain");
+
+    // 3. Node B SIGKILLed and restarted on the same address.
+    mark("node B SIGKILL");
+    await nodes[1].kill();
+    nodes[1] = await startNode(1, nodes[1].addr);
+    mark("node B back");
+    await publishMore(60, "after node B's kill");
+
+    // 4. The last node drained too (with two nodes, B: its sessions come from the kill's
+    // reconnects).
+    await drain(count - 1);
+    await waitPublisher(pub, 60_000);
+    mark("publisher done");
+
+    await settle(subs, COUNT);
+    const told = subs.filter((s) => s.joins.some((j) => j.recovered === false)).length;
+    const rejoins = subs.reduce((n, s) => n + s.joins.length - 1, 0);
+    t.diagnostic(`timeline: ${timeline.join("; ")}`);
+    const bad = nginx.accessLog().filter((l) => l.status !== 200);
+    t.diagnostic(`nginx answered ${bad.length} requests with another status than 200: ${bad.slice(0, 12).map((l) => l.line).join(" | ")}`);
+    t.diagnostic(`drains: ${drains.map((d) => `${d.node} ${d.tookMs} ms`).join(", ")}; ${rejoins} rejoins, ${told} of ${subs.length} clients told recovered:false`);
+    const failures = [];
+    for (const sub of subs) {
+      try {
+        assertLosslessOrTold(sub, pub);
+      } catch (e) {
+        failures.push(e.message.split("\n")[0]);
+      }
+    }
+    assert.deepEqual(failures, [], `${failures.length} of ${subs.length} clients lost messages silently\ntimeline: ${timeline.join("\n  ")}`);
+    for (const d of drains) {
+      assert.equal(d.exit.code, 0, `${d.node} exit ${JSON.stringify(d.exit)}\n${d.logs}`);
+      assert.ok(d.tookMs <= DRAIN_MS + 1000, `${d.node}'s drain took ${d.tookMs} ms (shutdown.drain_ms ${DRAIN_MS})\n${d.logs}`);
+    }
+  });
   }
 });
 

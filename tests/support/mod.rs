@@ -707,20 +707,55 @@ fn pick_port(v6: bool) -> u16 {
 pub struct RedisServer {
     pub port: u16,
     child: Option<std::process::Child>,
+    /// Extra arguments (persistence, replication), given again on every restart.
+    args: Vec<String>,
+    /// The data directory of a persistent server (removed on drop).
+    dir: Option<std::path::PathBuf>,
 }
 
 impl RedisServer {
     pub fn start() -> RedisServer {
+        Self::start_with(&["--save", "", "--appendonly", "no"], false)
+    }
+
+    /// A server with RDB persistence in its own directory, but no automatic snapshot: the
+    /// test takes them (`SAVE`), so what a restart brings back is exactly the last snapshot.
+    /// A SIGKILL ([`RedisServer::stop`]) then [`RedisServer::restart`] loses every write since.
+    pub fn start_rdb() -> RedisServer {
+        Self::start_with(&["--save", "", "--appendonly", "no"], true)
+    }
+
+    /// A server with these arguments; `persistent` gives it a data directory of its own
+    /// (kept across restarts, removed on drop).
+    pub fn start_with(args: &[&str], persistent: bool) -> RedisServer {
         let port = free_port();
-        let mut r = RedisServer { port, child: None };
+        let dir = persistent.then(|| {
+            let d = std::env::temp_dir().join(format!(
+                "pushgate-test-redis-{}-{port}-{:08x}",
+                std::process::id(),
+                rand::random::<u32>()
+            ));
+            std::fs::create_dir_all(&d).unwrap();
+            d
+        });
+        let mut r = RedisServer {
+            port,
+            child: None,
+            args: args.iter().map(|a| a.to_string()).collect(),
+            dir,
+        };
         r.spawn();
         r
     }
 
     fn spawn(&mut self) {
-        let child = std::process::Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
+        let mut cmd = std::process::Command::new("redis-server");
+        cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(&self.args);
+        if let Some(d) = &self.dir {
+            cmd.arg("--dir").arg(d);
+        }
+        let child = cmd
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -776,7 +811,8 @@ impl RedisServer {
         }
     }
 
-    /// Stops and starts again on the same port (no persistence: the data is gone).
+    /// Stops (SIGKILL) and starts again on the same port: without persistence the data is
+    /// gone; with it, Redis comes back with what its files hold.
     pub fn restart(&mut self) {
         self.stop();
         self.spawn();
@@ -786,6 +822,9 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.stop();
+        if let Some(d) = self.dir.take() {
+            let _ = std::fs::remove_dir_all(d);
+        }
     }
 }
 
