@@ -29,6 +29,11 @@ enum Command {
         /// TOML configuration file.
         #[arg(long)]
         config: Option<PathBuf>,
+        /// With --config: a file that does not exist means every key's default (the packaged
+        /// unit passes it, so /etc/pushgate/pushgate.toml may be deleted); any other problem
+        /// reading it still fails.
+        #[arg(long, requires = "config")]
+        config_optional: bool,
         /// Address to listen on (overrides server.listen and PUSHGATE_LISTEN).
         #[arg(long)]
         listen: Option<String>,
@@ -46,6 +51,9 @@ enum Command {
         /// TOML configuration file.
         #[arg(long)]
         config: Option<PathBuf>,
+        /// As for serve: a --config file that does not exist means the defaults.
+        #[arg(long, requires = "config")]
+        config_optional: bool,
     },
     /// Print a connect token for private topics, signed with auth.secret (for trying them out;
     /// your backend mints its own).
@@ -63,6 +71,11 @@ enum Command {
         #[arg(long, default_value_t = 3600)]
         ttl: u64,
     },
+}
+
+/// The --config file, unless it does not exist and --config-optional says that is fine.
+fn config_file(config: Option<PathBuf>, optional: bool) -> Option<PathBuf> {
+    config.filter(|p| !(optional && matches!(p.try_exists(), Ok(false))))
 }
 
 /// Loads the file and environment, applies `adjust` (command-line flags), then validates.
@@ -96,7 +109,10 @@ fn init_tracing() {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::CheckConfig { config } => match load(config.as_ref(), |_| {}) {
+        Command::CheckConfig {
+            config,
+            config_optional,
+        } => match load(config_file(config, config_optional).as_ref(), |_| {}) {
             Ok(mut c) => {
                 if !c.publish.token.is_empty() {
                     c.publish.token = "(set, hidden)".into();
@@ -145,11 +161,12 @@ fn main() -> ExitCode {
         }
         Command::Serve {
             config,
+            config_optional,
             listen,
             redis,
             tls,
         } => {
-            let c = match load(config.as_ref(), |c| {
+            let c = match load(config_file(config, config_optional).as_ref(), |c| {
                 if let Some(l) = listen {
                     c.server.listen = l;
                 }
