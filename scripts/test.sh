@@ -5,9 +5,13 @@
 # Autobahn|Testsuite's WebSocket conformance cases on a plain socket (tests/js/autobahn.test.js)
 # and through the TLS edge (tests/acme.rs; its Python 2.7 virtualenv is cached), the demo page in
 # Chromium at the TLS edge over HTTP/2 (tests/acme.rs with tests/js/edge-browser.js), README's
-# publish snippets (tests/js/readme.test.js), and the
-# Ansible test (a debootstrap root filesystem cached under /var/cache/pushgate-test), and the
-# container image built from the Dockerfile with podman and run as the platforms run it.
+# publish snippets (tests/js/readme.test.js), the
+# Debian package (scripts/build-deb.sh, cargo-deb installed when missing), the Ansible test (a
+# debootstrap root filesystem cached under /var/cache/pushgate-test), and the droplet test
+# (scripts/test-droplet.sh: Debian 12 and Debian 13 root filesystems booted with systemd, the role
+# applied over SSH, checked live from outside, the package upgraded with clients connected and
+# purged; DROPLET_SUITES=bookworm runs only Debian 12), and the container image built from the
+# Dockerfile with podman and run as the platforms run it (scripts/test-container.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -81,17 +85,19 @@ echo "==> node tests (official phoenix client 1.8.17 and 1.7.23; nginx in front;
         PUSHGATE_AUTOBAHN_BIN="$PWD/../../target/debug/pushgate-autobahn" WSTEST="$WSTEST" \
         npm test
 )
+echo "==> Debian packages (cargo deb, of the debug build): the one deployed, and an older one to upgrade from"
+# The tests install the older package first, then upgrade to the current one with clients
+# connected (scripts/test-droplet.sh). Same binary, lower version: what is tested is the upgrade.
+DEB_VERSION=$(cargo metadata --no-deps --format-version 1 |
+    python3 -c 'import json, sys; print(next(p["version"] for p in json.load(sys.stdin)["packages"] if p["name"] == "pushgate"))')
+DEB_OLD=$(./scripts/build-deb.sh dev "$DEB_VERSION-0" "target/debian/pushgate_$DEB_VERSION-0_test.deb")
+DEB_NEW=$(./scripts/build-deb.sh dev "$DEB_VERSION-1" "target/debian/pushgate_$DEB_VERSION-1_test.deb")
+if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
 echo "==> ansible (lint, apply to a Debian 12 root filesystem, idempotence)"
-if [ "$(id -u)" = 0 ]; then
-    ./scripts/test-ansible.sh target/debug/pushgate
-else
-    sudo ./scripts/test-ansible.sh target/debug/pushgate
-fi
+$SUDO ./scripts/test-ansible.sh "$DEB_NEW"
+echo "==> droplet (Debian 12 and 13 hosts booted with systemd, provisioned over SSH, checked from outside)"
+$SUDO env DROPLET_SUITES="${DROPLET_SUITES:-bookworm trixie}" ./scripts/test-droplet.sh "$DEB_OLD" "$DEB_NEW"
 echo "==> container image (podman build of the Dockerfile; the official client against containers)"
 # After the Ansible test, whose cached Debian 12 root filesystem the base-image stand-ins come from.
-if [ "$(id -u)" = 0 ]; then
-    ./scripts/test-container.sh
-else
-    sudo ./scripts/test-container.sh
-fi
+$SUDO ./scripts/test-container.sh
 echo "==> all tests passed"

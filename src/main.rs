@@ -29,6 +29,11 @@ enum Command {
         /// TOML configuration file.
         #[arg(long)]
         config: Option<PathBuf>,
+        /// With --config: a file that does not exist means every key's default (the packaged
+        /// unit passes it, so /etc/pushgate/pushgate.toml may be deleted); any other problem
+        /// reading it still fails.
+        #[arg(long, requires = "config")]
+        config_optional: bool,
         /// Address to listen on (overrides server.listen and PUSHGATE_LISTEN).
         #[arg(long)]
         listen: Option<String>,
@@ -46,6 +51,9 @@ enum Command {
         /// TOML configuration file.
         #[arg(long)]
         config: Option<PathBuf>,
+        /// As for serve: a --config file that does not exist means the defaults.
+        #[arg(long, requires = "config")]
+        config_optional: bool,
     },
     /// Probe the local gateway (exit 0 when `GET /healthz` answers 200): the image's
     /// HEALTHCHECK, which has no shell or curl to run. Connects where `serve` would listen
@@ -93,6 +101,11 @@ fn log_output() -> Result<LogOutput, pushgate::config::Problem> {
             message: format!("{other:?}: expected stderr or stdout"),
         }),
     }
+}
+
+/// The --config file, unless it does not exist and --config-optional says that is fine.
+fn config_file(config: Option<PathBuf>, optional: bool) -> Option<PathBuf> {
+    config.filter(|p| !(optional && matches!(p.try_exists(), Ok(false))))
 }
 
 /// Loads the file and environment, applies `adjust` (command-line flags), then validates.
@@ -145,7 +158,10 @@ fn init_tracing() {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::CheckConfig { config } => match load(config.as_ref(), |_| {}) {
+        Command::CheckConfig {
+            config,
+            config_optional,
+        } => match load(config_file(config, config_optional).as_ref(), |_| {}) {
             Ok(mut c) => {
                 if !c.publish.token.is_empty() {
                     c.publish.token = "(set, hidden)".into();
@@ -211,11 +227,12 @@ fn main() -> ExitCode {
         }
         Command::Serve {
             config,
+            config_optional,
             listen,
             redis,
             tls,
         } => {
-            let c = match load(config.as_ref(), |c| {
+            let c = match load(config_file(config, config_optional).as_ref(), |c| {
                 if let Some(l) = listen {
                     c.server.listen = l;
                 }

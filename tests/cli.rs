@@ -308,6 +308,49 @@ fn check_config_refuses_unknown_keys_sections_and_bad_files() {
     );
 }
 
+/// The packaged unit passes `--config /etc/pushgate/pushgate.toml --config-optional`: a deleted
+/// file means the defaults, a file that exists is read (and a bad one still refused).
+#[test]
+fn config_optional_means_defaults_only_when_the_file_does_not_exist() {
+    let missing =
+        std::env::temp_dir().join(format!("pushgate-cli-optional-{}", std::process::id()));
+    let mut cmd = pushgate();
+    cmd.arg("check-config")
+        .arg("--config")
+        .arg(&missing)
+        .arg("--config-optional");
+    let out = run(cmd);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("size = 1000"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    let file = TempFile::new("optional-present.toml", "[history]\nsize = 7\n");
+    let mut cmd = pushgate();
+    cmd.arg("check-config")
+        .arg("--config")
+        .arg(&file.0)
+        .arg("--config-optional");
+    let out = run(cmd);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("size = 7"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    let bad = TempFile::new("optional-bad.toml", "[history]\nsize = \"many\"\n");
+    let mut cmd = pushgate();
+    cmd.arg("check-config")
+        .arg("--config")
+        .arg(&bad.0)
+        .arg("--config-optional");
+    let out = run(cmd);
+    assert_eq!(out.status.code(), Some(64), "{}", text(&out.stderr));
+}
+
 #[test]
 fn check_config_refuses_unknown_environment_variables() {
     for (var, named) in [
