@@ -10,7 +10,8 @@
 # debootstrap root filesystem cached under /var/cache/pushgate-test), and the droplet test
 # (scripts/test-droplet.sh: Debian 12 and Debian 13 root filesystems booted with systemd, the role
 # applied over SSH, checked live from outside, the package upgraded with clients connected and
-# purged; DROPLET_SUITES=bookworm runs only Debian 12).
+# purged; DROPLET_SUITES=bookworm runs only Debian 12), and the container image built from the
+# Dockerfile with podman and run as the platforms run it (scripts/test-container.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -36,6 +37,12 @@ command -v pebble >/dev/null 2>&1 && command -v pebble-challtestsrv >/dev/null 2
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 # Failover tests (tests/redis_loss.rs): Redis Sentinel.
 command -v redis-sentinel >/dev/null 2>&1 || need_apt+=(redis-sentinel)
+# The container image (scripts/test-container.sh): podman and buildah, with runc (crun fails on
+# hybrid cgroups); slirp4netns lets containers reach the test's Redis on the host's loopback.
+command -v podman >/dev/null 2>&1 || need_apt+=(podman)
+command -v buildah >/dev/null 2>&1 || need_apt+=(buildah)
+command -v runc >/dev/null 2>&1 || need_apt+=(runc)
+command -v slirp4netns >/dev/null 2>&1 || need_apt+=(slirp4netns)
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "==> installing ${need_apt[*]}"
     if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
@@ -90,4 +97,7 @@ echo "==> ansible (lint, apply to a Debian 12 root filesystem, idempotence)"
 $SUDO ./scripts/test-ansible.sh "$DEB_NEW"
 echo "==> droplet (Debian 12 and 13 hosts booted with systemd, provisioned over SSH, checked from outside)"
 $SUDO env DROPLET_SUITES="${DROPLET_SUITES:-bookworm trixie}" ./scripts/test-droplet.sh "$DEB_OLD" "$DEB_NEW"
+echo "==> container image (podman build of the Dockerfile; the official client against containers)"
+# After the Ansible test, whose cached Debian 12 root filesystem the base-image stand-ins come from.
+$SUDO ./scripts/test-container.sh
 echo "==> all tests passed"
