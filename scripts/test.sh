@@ -6,8 +6,13 @@
 # and through the TLS edge (tests/acme.rs; its Python 2.7 virtualenv is cached), the demo page in
 # Chromium at the TLS edge over HTTP/2 (tests/acme.rs with tests/js/edge-browser.js), README's
 # publish snippets (tests/js/readme.test.js), every fuzz target for a few seconds
-# (scripts/fuzz.sh, FUZZING.md), and the
-# Ansible test (a debootstrap root filesystem cached under /var/cache/pushgate-test).
+# (scripts/fuzz.sh, FUZZING.md), the
+# Debian package (scripts/build-deb.sh, cargo-deb installed when missing), the Ansible test (a
+# debootstrap root filesystem cached under /var/cache/pushgate-test), and the droplet test
+# (scripts/test-droplet.sh: Debian 12 and Debian 13 root filesystems booted with systemd, the role
+# applied over SSH, checked live from outside, the package upgraded with clients connected and
+# purged; DROPLET_SUITES=bookworm runs only Debian 12), and the container image built from the
+# Dockerfile with podman and run as the platforms run it (scripts/test-container.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,6 +38,12 @@ command -v pebble >/dev/null 2>&1 && command -v pebble-challtestsrv >/dev/null 2
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 # Failover tests (tests/redis_loss.rs): Redis Sentinel.
 command -v redis-sentinel >/dev/null 2>&1 || need_apt+=(redis-sentinel)
+# The container image (scripts/test-container.sh): podman and buildah, with runc (crun fails on
+# hybrid cgroups); slirp4netns lets containers reach the test's Redis on the host's loopback.
+command -v podman >/dev/null 2>&1 || need_apt+=(podman)
+command -v buildah >/dev/null 2>&1 || need_apt+=(buildah)
+command -v runc >/dev/null 2>&1 || need_apt+=(runc)
+command -v slirp4netns >/dev/null 2>&1 || need_apt+=(slirp4netns)
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "==> installing ${need_apt[*]}"
     if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
@@ -83,10 +94,19 @@ echo "==> node tests (official phoenix client 1.8.17 and 1.7.23; nginx in front;
         PUSHGATE_AUTOBAHN_BIN="$PWD/../../target/debug/pushgate-autobahn" WSTEST="$WSTEST" \
         npm test
 )
+echo "==> Debian packages (cargo deb, of the debug build): the one deployed, and an older one to upgrade from"
+# The tests install the older package first, then upgrade to the current one with clients
+# connected (scripts/test-droplet.sh). Same binary, lower version: what is tested is the upgrade.
+DEB_VERSION=$(cargo metadata --no-deps --format-version 1 |
+    python3 -c 'import json, sys; print(next(p["version"] for p in json.load(sys.stdin)["packages"] if p["name"] == "pushgate"))')
+DEB_OLD=$(./scripts/build-deb.sh dev "$DEB_VERSION-0" "target/debian/pushgate_$DEB_VERSION-0_test.deb")
+DEB_NEW=$(./scripts/build-deb.sh dev "$DEB_VERSION-1" "target/debian/pushgate_$DEB_VERSION-1_test.deb")
+if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
 echo "==> ansible (lint, apply to a Debian 12 root filesystem, idempotence)"
-if [ "$(id -u)" = 0 ]; then
-    ./scripts/test-ansible.sh target/debug/pushgate
-else
-    sudo ./scripts/test-ansible.sh target/debug/pushgate
-fi
+$SUDO ./scripts/test-ansible.sh "$DEB_NEW"
+echo "==> droplet (Debian 12 and 13 hosts booted with systemd, provisioned over SSH, checked from outside)"
+$SUDO env DROPLET_SUITES="${DROPLET_SUITES:-bookworm trixie}" ./scripts/test-droplet.sh "$DEB_OLD" "$DEB_NEW"
+echo "==> container image (podman build of the Dockerfile; the official client against containers)"
+# After the Ansible test, whose cached Debian 12 root filesystem the base-image stand-ins come from.
+$SUDO ./scripts/test-container.sh
 echo "==> all tests passed"

@@ -245,8 +245,16 @@ pub enum End {
 pub async fn serve(app: &Arc<App>, mut stream: TcpStream, peer: std::net::SocketAddr) -> End {
     let mut buf: Vec<u8> = Vec::with_capacity(4096);
     let mut out: Vec<u8> = Vec::with_capacity(512);
-    // Registered with the shutdown token once per connection, not once per wait.
-    let shutdown = app.shutdown.cancelled();
+    // Registered with the shutdown token once per connection, not once per wait. At shutdown
+    // the connection is not closed at once: a request the client may be sending at that moment
+    // (its connection looked idle) is still read and answered, with `Connection: close`, for
+    // `shutdown.drain_ms`; a client that publishes steadily thus gets its answer and reconnects
+    // (to the next process, under systemd's socket) instead of seeing its request cut off.
+    let drain = Duration::from_millis(app.config.shutdown.drain_ms);
+    let shutdown = async {
+        app.shutdown.cancelled().await;
+        tokio::time::sleep(drain).await;
+    };
     tokio::pin!(shutdown);
     // The keep-alive deadline: one timer per connection, moved only when it fires early (the
     // connection answered a request since it was set), not once per request.
