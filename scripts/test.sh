@@ -5,7 +5,8 @@
 # Autobahn|Testsuite's WebSocket conformance cases on a plain socket (tests/js/autobahn.test.js)
 # and through the TLS edge (tests/acme.rs; its Python 2.7 virtualenv is cached), the demo page in
 # Chromium at the TLS edge over HTTP/2 (tests/acme.rs with tests/js/edge-browser.js), README's
-# publish snippets (tests/js/readme.test.js), the
+# publish snippets (tests/js/readme.test.js), every fuzz target for a few seconds
+# (scripts/fuzz.sh, FUZZING.md), the
 # Debian package (scripts/build-deb.sh, cargo-deb installed when missing), the Ansible test (a
 # debootstrap root filesystem cached under /var/cache/pushgate-test), and the droplet test
 # (scripts/test-droplet.sh: Debian 12 and Debian 13 root filesystems booted with systemd, the role
@@ -52,6 +53,7 @@ fi
 
 echo "==> cargo fmt --all --check"
 cargo fmt --all --check
+(cd fuzz && cargo fmt --check)
 echo "==> cargo clippy"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 echo "==> cargo build (workspace: gateway and bench tool)"
@@ -74,6 +76,13 @@ echo "==> cargo test"
 # them; --include-ignored runs them here.
 AUTOBAHN_SERVER_BIN="$PWD/target/debug/pushgate-autobahn" WSTEST="$WSTEST" EDGE_BROWSER_TEST=1 \
     cargo test --workspace --quiet -- --include-ignored
+
+echo "==> the hub and transport tests again, their servers on a multi-threaded runtime"
+PUSHGATE_TEST_RUNTIME=multi_thread cargo test --quiet --test websocket --test longpoll \
+    --test bad_input --test http1 --test publish --test redis --test presence --test bounds
+
+echo "==> fuzzing: every target of fuzz/ for 10 s (FUZZING.md; installs cargo-fuzz when missing)"
+./scripts/fuzz.sh 10
 
 echo "==> systemd units (systemd-analyze verify, security)"
 ./scripts/test-systemd.sh target/debug/pushgate

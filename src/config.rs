@@ -886,21 +886,32 @@ impl Config {
         file: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, Vec<Problem>> {
+        let text = match file {
+            Some(path) => Some(std::fs::read_to_string(path).map_err(|e| {
+                vec![Problem {
+                    key: "--config".into(),
+                    message: format!("cannot read {}: {e}", path.display()),
+                }]
+            })?),
+            None => None,
+        };
+        let name = file.map(|p| p.display().to_string()).unwrap_or_default();
+        Config::load_text(text.as_deref().map(|t| (name.as_str(), t)), env)
+    }
+
+    /// [`Config::load`] of a file's text already read: `file` is its name (for problems) and
+    /// its contents.
+    pub fn load_text(
+        file: Option<(&str, &str)>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, Vec<Problem>> {
         let mut table = match file {
-            Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|e| {
-                    vec![Problem {
-                        key: "--config".into(),
-                        message: format!("cannot read {}: {e}", path.display()),
-                    }]
-                })?;
-                text.parse::<toml::Table>().map_err(|e| {
-                    vec![Problem {
-                        key: path.display().to_string(),
-                        message: format!("not valid TOML: {}", e.message()),
-                    }]
-                })?
-            }
+            Some((name, text)) => text.parse::<toml::Table>().map_err(|e| {
+                vec![Problem {
+                    key: name.to_string(),
+                    message: format!("not valid TOML: {}", e.message()),
+                }]
+            })?,
             None => toml::Table::new(),
         };
         let mut problems = Vec::new();

@@ -1117,6 +1117,56 @@ async fn stopping_the_in_process_server_closes_websockets_with_1012_and_finishes
     );
 }
 
+/// README: "WebSockets are closed with 1012 at random moments over `shutdown.drain_ms`", so
+/// that clients do not all reconnect at once. 20 clients: every close comes within the drain
+/// period, and they are spread over it (some in each half; all 20 within a third of the period
+/// by chance has a probability of about 2e-8).
+#[tokio::test]
+async fn the_drain_spreads_its_1012_closes_over_drain_ms() {
+    const DRAIN: Duration = Duration::from_millis(1500);
+    let mut c = many_clients_config();
+    c.shutdown.drain_ms = DRAIN.as_millis() as u64;
+    c.shutdown.grace_ms = GRACE_MS;
+    let s = start_with(c).await;
+    let clients = joined_clients(s.addr, "room:spread", 20).await;
+
+    let t0 = Instant::now();
+    s.stop.cancel();
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .map(|mut ws| {
+            tokio::spawn(async move {
+                let code = recv_close(&mut ws).await;
+                (code, t0.elapsed())
+            })
+        })
+        .collect();
+    let mut at = Vec::new();
+    for t in tasks {
+        let (code, when) = tokio::time::timeout(DRAIN + SLACK, t)
+            .await
+            .expect("every close within the drain period")
+            .unwrap();
+        assert_eq!(code, 1012);
+        at.push(when);
+    }
+    at.sort();
+    let (first, last) = (at[0], at[at.len() - 1]);
+    assert!(
+        last <= DRAIN + SLACK,
+        "a close after the drain period: {at:?}"
+    );
+    assert!(
+        last - first >= DRAIN / 3,
+        "closes not spread over the drain period: {at:?}"
+    );
+    let half = DRAIN / 2;
+    assert!(
+        at.iter().any(|t| *t < half) && at.iter().any(|t| *t >= half),
+        "closes all in one half of the drain period: {at:?}"
+    );
+}
+
 #[test]
 fn token_prints_a_connect_token_signed_with_auth_secret() {
     let secret = "a-connect-token-secret-of-32-bytes";
