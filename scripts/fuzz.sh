@@ -5,7 +5,9 @@
 # writes the input to fuzz/artifacts/TARGET/ and prints how to reproduce it).
 #   scripts/fuzz.sh [SECONDS] [TARGET...]
 # Built without a sanitizer (`-s none`, so the stable toolchain is enough: the crate forbids
-# unsafe code) and with debug assertions (overflow checks) on.
+# unsafe code) and with debug assertions (overflow checks) on. FUZZ_TARGET_DIR: where the
+# instrumented build goes (default fuzz/target); scripts/test.sh keeps it in its cache, so a
+# clean clone rebuilds only pushgate itself, not every dependency.
 set -euo pipefail
 cd "$(dirname "$0")/../fuzz"
 secs=${1:-15}
@@ -18,7 +20,8 @@ targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
     mapfile -t targets < <(cargo fuzz list)
 fi
-cargo fuzz build -s none -a
+target_dir=${FUZZ_TARGET_DIR:-$PWD/target}
+cargo fuzz build -s none -a --target-dir "$target_dir"
 triple=$(rustc -vV | sed -n 's/^host: //p')
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
@@ -27,7 +30,7 @@ for t in "${targets[@]}"; do
     echo "==> fuzz $t for ${secs}s"
     set +e
     # The binary itself, not `cargo fuzz run`, which would check the build again.
-    "target/$triple/release/$t" "corpus/$t" "seeds/$t" -artifact_prefix="artifacts/$t/" \
+    "$target_dir/$triple/release/$t" "corpus/$t" "seeds/$t" -artifact_prefix="artifacts/$t/" \
         -max_total_time="$secs" -max_len=4096 -timeout=10 -rss_limit_mb=2048 \
         -print_final_stats=1 >"$log" 2>&1
     status=$?

@@ -82,7 +82,7 @@ PUSHGATE_TEST_RUNTIME=multi_thread cargo test --quiet --test websocket --test lo
     --test bad_input --test http1 --test publish --test redis --test presence --test bounds
 
 echo "==> fuzzing: every target of fuzz/ for 10 s (FUZZING.md; installs cargo-fuzz when missing)"
-./scripts/fuzz.sh 10
+FUZZ_TARGET_DIR=/var/cache/pushgate-test/fuzz-target ./scripts/fuzz.sh 10
 
 echo "==> systemd units (systemd-analyze verify, security)"
 ./scripts/test-systemd.sh target/debug/pushgate
