@@ -5,7 +5,7 @@
 # Autobahn|Testsuite's WebSocket conformance cases on a plain socket (tests/js/autobahn.test.js)
 # and through the TLS edge (tests/acme.rs; its Python 2.7 virtualenv is cached), the demo page in
 # Chromium at the TLS edge over HTTP/2 (tests/acme.rs with tests/js/edge-browser.js), README's
-# publish snippets (tests/js/readme.test.js), and the
+# publish snippets (tests/js/readme.test.js), the 2-minute soak with faults (scripts/soak.sh), and the
 # Ansible test (a debootstrap root filesystem cached under /var/cache/pushgate-test).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,6 +30,9 @@ command -v pebble >/dev/null 2>&1 && command -v pebble-challtestsrv >/dev/null 2
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 # Failover tests (tests/redis_loss.rs): Redis Sentinel.
 command -v redis-sentinel >/dev/null 2>&1 || need_apt+=(redis-sentinel)
+# The soak (scripts/soak.sh): network namespaces and nftables.
+command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
+command -v nft >/dev/null 2>&1 || need_apt+=(nftables)
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "==> installing ${need_apt[*]}"
     if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
@@ -72,6 +75,12 @@ echo "==> node tests (official phoenix client 1.8.17 and 1.7.23; nginx in front;
         PUSHGATE_AUTOBAHN_BIN="$PWD/../../target/debug/pushgate-autobahn" WSTEST="$WSTEST" \
         npm test
 )
+echo "==> soak with faults, 2 minutes (three nodes in network namespaces, Redis restart, SIGTERM, SIGKILL, partitions)"
+if [ "$(id -u)" = 0 ]; then
+    ./scripts/soak.sh 120
+else
+    sudo ./scripts/soak.sh 120
+fi
 echo "==> ansible (lint, apply to a Debian 12 root filesystem, idempotence)"
 if [ "$(id -u)" = 0 ]; then
     ./scripts/test-ansible.sh target/debug/pushgate

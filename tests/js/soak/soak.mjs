@@ -278,6 +278,13 @@ async function startNode(node) {
     },
   });
   node.server = server;
+  node.allLogs ??= [];
+  node.allLogs.push(`--- start pid ${server.proc.pid} at ${now()} ms`);
+  const flush = () => {
+    node.allLogs.push(...server.logs.splice(0));
+  };
+  node.flushLogs = flush;
+  server.exited.then(flush);
   node.url = server.url;
   node.pid = server.proc.pid;
   server.exited.then(({ code, signal }) => {
@@ -769,6 +776,10 @@ async function main() {
         if (r) soak.resources.push(r);
       }
       for (const sub of soak.subscribers) for (const list of sub.recorded ?? []) list.length = 0;
+      for (const n of soak.nodes) {
+        n.flushLogs?.();
+        if (n.allLogs.length > 20000) n.allLogs.splice(0, n.allLogs.length - 20000);
+      }
       await delay(2000);
     }
   })());
@@ -869,6 +880,25 @@ async function main() {
   report.checks.presence = { ok: presenceOk, convergedMs: Date.now() - presenceStart, expected: { "room:p1": expectedPresence("room:p1"), "room:p2": expectedPresence("room:p2") }, last: lastPresence };
   if (!presenceOk) {
     report.checks.presence.metas = lastMetas;
+    // What Redis holds: the node set, each node's topics and liveness, the presence hashes.
+    const c = resp(soak.redis.port);
+    const I = "pushgate.internal:";
+    const redisState = { nodes: await c.cmd("SMEMBERS", `${I}presence:nodes`) };
+    const ids = new Set(redisState.nodes);
+    for (const topic of ["room:p1", "room:p2"]) {
+      const flat = await c.cmd("HGETALL", `pushgate:{${topic}}:p`);
+      redisState[topic] = {};
+      for (let j = 0; j < flat.length; j += 2) {
+        redisState[topic][flat[j]] = flat[j + 1];
+        ids.add(JSON.parse(flat[j + 1]).node);
+      }
+    }
+    for (const id of ids) {
+      redisState[`node ${id}`] = { topics: await c.cmd("SMEMBERS", `${I}presence:node:${id}`), alive: await c.cmd("PTTL", `${I}node:${id}`) };
+    }
+    c.close();
+    report.checks.presence.redis = redisState;
+    report.checks.presence.logs = soak.nodes.map((n) => n.allLogs.filter((l) => /presence|redis/i.test(l)));
     report.checks.presence.timelines = Object.fromEntries(soak.subscribers.map((sub) => [`s${sub.k}`,
       [...sub.trackers.values()].filter((tr) => tr.topic.startsWith("room:")).map((tr) => tr.events.filter((e) => e.type !== "msg"))]));
   }
