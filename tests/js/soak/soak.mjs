@@ -251,6 +251,7 @@ const soak = {
   subscribers: [],
   stopping: false,
   zombies: [],
+  apiAttempts: [], // {t, node, ok}
   errors: [],
 };
 const epochsSeen = new Set();
@@ -334,6 +335,7 @@ async function apiPublisher() {
         signal: AbortSignal.timeout(2000),
       });
       const body = await r.text();
+      soak.apiAttempts.push({ t: now(), node: node.i, ok: r.ok });
       if (r.ok) {
         const { position } = JSON.parse(body);
         soak.acks.get(topic).set(id, { position, at: now() });
@@ -344,6 +346,7 @@ async function apiPublisher() {
         soak.publishFailures.api++;
       }
     } catch {
+      soak.apiAttempts.push({ t: now(), node: node.i, ok: false });
       soak.unacked.add(id);
       soak.publishFailures.api++;
     }
@@ -739,7 +742,10 @@ function readyzLatencies() {
       const mine = soak.readyz.filter((s) => s.node === node.i);
       const red = mine.find((s) => s.t >= f.from && s.status === 503);
       const green = mine.find((s) => s.t >= f.to && s.status === 200);
-      out.push({ kind: f.kind, node: node.i, redAfterMs: red ? red.t - f.from : null, greenAfterMs: green ? green.t - f.to : null });
+      // The first publish through this node that succeeded after the fault ended.
+      const published = soak.apiAttempts.find((a) => a.node === node.i && a.t >= f.to && a.ok);
+      out.push({ kind: f.kind, node: node.i, redAfterMs: red ? red.t - f.from : null, greenAfterMs: green ? green.t - f.to : null,
+        publishAfterMs: published ? published.t - f.to : null });
     }
   }
   return out;
@@ -964,7 +970,7 @@ function summarize(r) {
   const z = r.checks.readyz;
   log(`readyz: ${z.samples} samples, ${z.judged} judged, ${z.ok} right, ${z.wrong.length} wrong, ${z.skipped} in tolerance or unreachable-by-design`);
   for (const w of z.wrong.slice(0, 10)) log(`  wrong: ${JSON.stringify(w)}`);
-  log(`readyz latencies: ${z.latencies.map((l) => `${l.kind}(${l.node}) red ${l.redAfterMs} green ${l.greenAfterMs}`).join("; ")}`);
+  log(`readyz latencies (ms; then the first publish through the node): ${z.latencies.map((l) => `${l.kind}(${l.node}) red ${l.redAfterMs} green ${l.greenAfterMs} publish ${l.publishAfterMs}`).join("; ")}`);
   log(`client sockets that reopened after disconnect() (phoenix.js, disconnected again): ${r.zombieSockets.length}`);
   for (const e of r.errors.slice(0, 10)) log(`error: ${e}`);
 }
