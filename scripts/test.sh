@@ -19,6 +19,8 @@ command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
 [ -x /usr/sbin/nginx ] || need_apt+=(nginx)
 [ -f /usr/lib/nginx/modules/ngx_http_brotli_filter_module.so ] || need_apt+=(libnginx-mod-http-brotli-filter)
 [ -f /usr/lib/nginx/modules/ngx_http_brotli_static_module.so ] || need_apt+=(libnginx-mod-http-brotli-static)
+# The bench's stack smoke test (bench/tests/smoke.rs): Nchan in the same nginx, side by side.
+[ -f /usr/lib/nginx/modules/ngx_nchan_module.so ] || need_apt+=(libnginx-mod-nchan)
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 # README's publish snippets (tests/js/readme.test.js): curl and Python 3 (below, for the venv).
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)

@@ -354,6 +354,7 @@ impl Direct {
             seq,
             ref frame,
             exclude,
+            ..
         } = *newest;
         // Cheap checks first; the position is checked again under the lock.
         if !self.allowed.load(Ordering::Relaxed) || self.last.load(Ordering::Relaxed) + 1 != seq {
@@ -408,6 +409,8 @@ struct Newest {
     seq: u64,
     frame: Bytes,
     exclude: u64,
+    /// When it entered this node (for `pushgate_delivery_seconds`).
+    at: Instant,
 }
 
 /// Delivers the newest entry to each of `subs` directly where it can, wakes the others;
@@ -477,10 +480,18 @@ const BUSY_BATCH_WINDOW: Duration = Duration::from_millis(2);
 /// per wake-up (and per write), while a lone message is still delivered at once.
 async fn fanout(topic: Arc<Topic>, metrics: Arc<Metrics>) {
     let mut busy = false;
+    // What the previous sweep covered; the first sweep is timed by the newest entry alone (the
+    // publish that started it).
+    let mut swept: Option<u64> = None;
     loop {
-        let (covered, newest, subs) = {
+        let (covered, newest, subs, oldest) = {
             let st = topic.read_lock();
-            (st.last_seq, st.newest(), st.snapshot())
+            let newest = st.newest();
+            let oldest = match swept {
+                Some(seq) => st.oldest_after(seq),
+                None => newest.as_ref().map(|n| (n.at, 1)),
+            };
+            (st.last_seq, newest, st.snapshot(), oldest)
         };
         if !busy {
             // Only LongPoll polls are eager, and they are woken, never written to directly:
@@ -502,6 +513,10 @@ async fn fanout(topic: Arc<Topic>, metrics: Arc<Metrics>) {
         if direct > 0 {
             Metrics::add(&metrics.messages_delivered, direct);
         }
+        if let Some((at, n)) = oldest {
+            topic.delivery_histogram(&metrics).observe(at.elapsed(), n);
+        }
+        swept = Some(covered);
         drop(subs);
         busy = topic.read_lock().last_seq != covered;
         if busy {
@@ -608,6 +623,16 @@ impl Topic {
         &self.name
     }
 
+    /// Where this topic's delivery times go: after the publish (embedded broker), or after
+    /// the receipt from Redis (only an external broker's topics have an idle notifier).
+    fn delivery_histogram<'m>(&self, metrics: &'m Metrics) -> &'m crate::metrics::Histogram {
+        if self.idle.is_some() {
+            &metrics.delivery_after_redis
+        } else {
+            &metrics.delivery_after_publish
+        }
+    }
+
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, TopicState> {
         // A panic while holding the lock cannot leave the state half-updated in a way that
         // matters more than losing the node, so poisoning is ignored.
@@ -694,7 +719,17 @@ impl TopicState {
             seq: e.seq,
             frame: e.frame.clone(),
             exclude: e.exclude,
+            at: e.at,
         })
+    }
+
+    /// When the oldest of the entries after `seq` entered this node, and how many there are
+    /// (for `pushgate_delivery_seconds`; entries already trimmed are not counted).
+    fn oldest_after(&self, seq: u64) -> Option<(Instant, u64)> {
+        let n = self.last_seq.checked_sub(seq).filter(|&n| n > 0)?;
+        let kept = (n as usize).min(self.entries.len());
+        let first = self.entries.get(self.entries.len() - kept)?;
+        Some((first.at, kept as u64))
     }
 
     fn snapshot(&self) -> Vec<Subscriber> {
@@ -812,6 +847,9 @@ fn wake_subscribers(topic: &Arc<Topic>, metrics: &Arc<Metrics>) {
             let direct = deliver_all(&subs, newest.as_ref());
             if direct > 0 {
                 Metrics::add(&metrics.messages_delivered, direct);
+            }
+            if let Some(n) = newest.as_ref().filter(|_| !subs.is_empty()) {
+                topic.delivery_histogram(metrics).observe(n.at.elapsed(), 1);
             }
         }
         Some(handle) => {

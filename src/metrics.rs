@@ -4,6 +4,7 @@
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
 
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -62,6 +63,60 @@ pub struct Metrics {
     pub start_time: AtomicI64,
     /// Refused connections, sessions and joins, and forced closes, by [`Refusal`] cause.
     pub refusals: [AtomicU64; Refusal::ALL.len()],
+    /// `pushgate_delivery_seconds{from="publish"}`: from a message entering this node's topic
+    /// (the embedded broker: the publish accepted) to the end of the sweep that wrote it to
+    /// every parked subscriber and woke the rest.
+    pub delivery_after_publish: Histogram,
+    /// The same from the message's receipt from Redis (Redis broker).
+    pub delivery_after_redis: Histogram,
+}
+
+/// Upper bounds (seconds) of [`Histogram`]'s buckets: from half a millisecond, where a lone
+/// message to a small topic lands, to ten seconds, where nothing should.
+pub const LATENCY_BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// A Prometheus histogram of durations over [`LATENCY_BUCKETS`]: an observation is three
+/// relaxed atomic adds (its bucket, the sum, the count); buckets are kept apart and summed
+/// when rendered.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    buckets: [AtomicU64; LATENCY_BUCKETS.len()],
+    sum_micros: AtomicU64,
+    count: AtomicU64,
+}
+
+impl Histogram {
+    /// Records `n` observations of `d` (a sweep that delivered `n` messages, timed from the
+    /// oldest: an upper bound for each).
+    pub fn observe(&self, d: Duration, n: u64) {
+        let secs = d.as_secs_f64();
+        if let Some(i) = LATENCY_BUCKETS.iter().position(|&b| secs <= b) {
+            self.buckets[i].fetch_add(n, Relaxed);
+        }
+        self.sum_micros.fetch_add(d.as_micros() as u64 * n, Relaxed);
+        self.count.fetch_add(n, Relaxed);
+    }
+
+    /// Observations so far.
+    pub fn count(&self) -> u64 {
+        self.count.load(Relaxed)
+    }
+
+    /// The `_bucket`, `_sum` and `_count` lines of `name` with `label` (`key="value"`).
+    fn render(&self, out: &mut String, name: &str, label: &str) {
+        let mut cumulative = 0;
+        for (bound, n) in LATENCY_BUCKETS.iter().zip(&self.buckets) {
+            cumulative += n.load(Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{{label},le=\"{bound}\"}} {cumulative}");
+        }
+        let count = self.count.load(Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{{label},le=\"+Inf\"}} {count}");
+        let sum = self.sum_micros.load(Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{name}_sum{{{label}}} {sum}");
+        let _ = writeln!(out, "{name}_count{{{label}}} {count}");
+    }
 }
 
 /// Why a client was refused or its connection forcibly closed: the `cause` label of
@@ -409,6 +464,17 @@ impl Metrics {
                 &[("", c(&self.acme_reload_failures))],
             );
         }
+        let name = "pushgate_delivery_seconds";
+        let _ = writeln!(
+            out,
+            "# HELP {name} From a message entering this node (publish accepted, embedded broker; \
+             received from Redis, Redis broker) to the end of the sweep that wrote it to every \
+             parked subscriber and woke the rest.\n# TYPE {name} histogram"
+        );
+        self.delivery_after_publish
+            .render(&mut out, name, "from=\"publish\"");
+        self.delivery_after_redis
+            .render(&mut out, name, "from=\"redis\"");
         render_process(&mut out, g(&self.start_time));
         out
     }
@@ -511,6 +577,30 @@ mod tests {
         );
         for r in Refusal::ALL {
             assert!(text.contains(&format!("cause=\"{}\"", r.label())), "{text}");
+        }
+    }
+
+    #[test]
+    fn delivery_histogram_is_cumulative_with_sum_and_count() {
+        let m = Metrics::default();
+        m.delivery_after_publish
+            .observe(Duration::from_micros(300), 2);
+        m.delivery_after_publish
+            .observe(Duration::from_millis(30), 1);
+        m.delivery_after_publish.observe(Duration::from_secs(60), 1);
+        let text = m.render();
+        for line in [
+            "# TYPE pushgate_delivery_seconds histogram",
+            "pushgate_delivery_seconds_bucket{from=\"publish\",le=\"0.0005\"} 2",
+            "pushgate_delivery_seconds_bucket{from=\"publish\",le=\"0.025\"} 2",
+            "pushgate_delivery_seconds_bucket{from=\"publish\",le=\"0.05\"} 3",
+            "pushgate_delivery_seconds_bucket{from=\"publish\",le=\"10\"} 3",
+            "pushgate_delivery_seconds_bucket{from=\"publish\",le=\"+Inf\"} 4",
+            "pushgate_delivery_seconds_sum{from=\"publish\"} 60.0306",
+            "pushgate_delivery_seconds_count{from=\"publish\"} 4",
+            "pushgate_delivery_seconds_count{from=\"redis\"} 0",
+        ] {
+            assert!(text.contains(line), "{line} in\n{text}");
         }
     }
 }

@@ -490,8 +490,13 @@ async fn health_readiness_metrics_and_not_found() {
         let (name, value) = line.rsplit_once(' ').unwrap();
         assert!(value.parse::<f64>().is_ok(), "{line}");
         let family = name.split('{').next().unwrap();
+        // A histogram's samples are its `_bucket`, `_sum` and `_count` series.
+        let histogram = ["_bucket", "_sum", "_count"]
+            .iter()
+            .filter_map(|s| family.strip_suffix(s))
+            .any(|base| text.contains(&format!("# TYPE {base} histogram")));
         assert!(
-            text.contains(&format!("# TYPE {family} ")),
+            histogram || text.contains(&format!("# TYPE {family} ")),
             "no TYPE for {family}"
         );
     }
@@ -510,6 +515,56 @@ async fn health_readiness_metrics_and_not_found() {
     );
     assert_eq!(
         metric_sum(s.addr, "pushgate_slow_consumer_closes_total").await,
+        Some(0.0)
+    );
+}
+
+/// The count of `pushgate_delivery_seconds{from}` once it reaches `want` (the fanout task
+/// observes a large topic's sweep after its writes, so it may lag the last frame a little).
+async fn delivery_count_reaches(addr: std::net::SocketAddr, from: &str, want: f64) -> f64 {
+    let sample = format!("pushgate_delivery_seconds_count{{from=\"{from}\"}}");
+    let end = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let n = metric(addr, &sample).await.expect("the delivery histogram");
+        if n >= want || tokio::time::Instant::now() > end {
+            return n;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}
+
+/// `pushgate_delivery_seconds` (issue 22): one observation per message delivered on this
+/// node, whether a small topic's publish writes it inline or a large topic's fanout task
+/// sweeps it; a publish to a topic nobody here follows is not an observation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivery_times_are_observed_per_delivered_message() {
+    let s = start_with(many_clients_config()).await;
+    let (mut ws, _, _) = subscriber(&s, "room:small").await;
+    for n in 0..3 {
+        assert_eq!(post(&s, &item("room:small", "e", json!(n))).await.0, 200);
+        assert_eq!(recv(&mut ws).await[4], n);
+    }
+    assert_eq!(post(&s, &item("room:nobody", "e", json!(0))).await.0, 200);
+    assert_eq!(delivery_count_reaches(s.addr, "publish", 3.0).await, 3.0);
+
+    // Past the inline limit (64 subscribers): the fanout task's sweeps.
+    let mut many = Vec::new();
+    for _ in 0..70 {
+        many.push(subscriber(&s, "room:large").await.0);
+    }
+    assert_eq!(post(&s, &item("room:large", "e", json!("x"))).await.0, 200);
+    for ws in &mut many {
+        assert_eq!(recv(ws).await[4], "x");
+    }
+    assert_eq!(delivery_count_reaches(s.addr, "publish", 4.0).await, 4.0);
+    let under_a_second = metric(
+        s.addr,
+        r#"pushgate_delivery_seconds_bucket{from="publish",le="1"}"#,
+    )
+    .await;
+    assert_eq!(under_a_second, Some(4.0));
+    assert_eq!(
+        metric(s.addr, r#"pushgate_delivery_seconds_count{from="redis"}"#).await,
         Some(0.0)
     );
 }

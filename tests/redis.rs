@@ -5,15 +5,6 @@ mod support;
 use std::time::Duration;
 use support::*;
 
-fn log() {
-    if std::env::var_os("TEST_LOG").is_some() {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter("pushgate=debug")
-            .with_test_writer()
-            .try_init();
-    }
-}
-
 async fn node(redis: &RedisServer) -> TestServer {
     log();
     let s = start_with(redis_config(&redis.url())).await;
@@ -722,6 +713,36 @@ async fn a_tls_redis_with_a_password_and_a_private_ca() {
     }
 }
 
+/// A LongPoll session on `b`, joined to `topic`, whose next poll is relayed by `a` and held at
+/// `b`: returns the client's acknowledged token and the relayed poll's task.
+async fn relayed_poll_held_at_owner(
+    a: &TestServer,
+    b: &TestServer,
+    topic: &str,
+) -> (String, tokio::task::JoinHandle<serde_json::Value>) {
+    let (token, _) = lp_session(b.addr).await;
+    let join = format!(r#"["1","1","{topic}","phx_join",{{}}]"#);
+    let r = lp(b.addr, "POST", &lp_url(&token), join.as_bytes()).await;
+    assert_eq!(r["status"], 200);
+    let v = lp(b.addr, "GET", &lp_url(&token), b"").await;
+    assert_eq!(frames(&v)[0][3], "phx_reply", "{v}");
+    let acked = v["token"].as_str().unwrap().to_string();
+    let relayed = {
+        let acked = acked.clone();
+        let via = a.addr;
+        tokio::spawn(async move { lp(via, "GET", &lp_url(&acked), b"").await })
+    };
+    let end = tokio::time::Instant::now() + Duration::from_secs(10);
+    while b.app.longpoll.held() != 1 {
+        assert!(
+            tokio::time::Instant::now() < end,
+            "the relayed poll never reached B"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    (acked, relayed)
+}
+
 /// A node that relays a LongPoll GET for another node's session and starts draining cuts the
 /// poll short (`204` with the client's own token, so the client polls again elsewhere), and
 /// finishes in about `shutdown.drain_ms`, not its grace period. The session lives on at its
@@ -741,32 +762,7 @@ async fn a_draining_node_cuts_short_the_polls_it_relays_and_finishes_within_its_
     wait_ready(b.addr, 200).await;
 
     // A session on B, joined; its next poll goes through A.
-    let (token, _) = lp_session(b.addr).await;
-    let r = lp(
-        b.addr,
-        "POST",
-        &lp_url(&token),
-        br#"["1","1","room:drain","phx_join",{}]"#,
-    )
-    .await;
-    assert_eq!(r["status"], 200);
-    let v = lp(b.addr, "GET", &lp_url(&token), b"").await;
-    assert_eq!(frames(&v)[0][3], "phx_reply", "{v}");
-    let acked = v["token"].as_str().unwrap().to_string();
-    let relayed = {
-        let acked = acked.clone();
-        let via = a.addr;
-        tokio::spawn(async move { lp(via, "GET", &lp_url(&acked), b"").await })
-    };
-    // The relayed poll is held at the owner.
-    let end = tokio::time::Instant::now() + Duration::from_secs(10);
-    while b.app.longpoll.held() != 1 {
-        assert!(
-            tokio::time::Instant::now() < end,
-            "the relayed poll never reached B"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let (acked, relayed) = relayed_poll_held_at_owner(&a, &b, "room:drain").await;
 
     let t0 = std::time::Instant::now();
     a.stop.cancel();
@@ -818,31 +814,7 @@ async fn a_relayed_poll_is_cut_short_when_the_relaying_node_loses_its_redis_link
     wait_ready(a.addr, 200).await;
     wait_ready(b.addr, 200).await;
 
-    let (token, _) = lp_session(b.addr).await;
-    let r = lp(
-        b.addr,
-        "POST",
-        &lp_url(&token),
-        br#"["1","1","room:link","phx_join",{}]"#,
-    )
-    .await;
-    assert_eq!(r["status"], 200);
-    let v = lp(b.addr, "GET", &lp_url(&token), b"").await;
-    assert_eq!(frames(&v)[0][3], "phx_reply", "{v}");
-    let acked = v["token"].as_str().unwrap().to_string();
-    let relayed = {
-        let acked = acked.clone();
-        let via = a.addr;
-        tokio::spawn(async move { lp(via, "GET", &lp_url(&acked), b"").await })
-    };
-    let end = tokio::time::Instant::now() + Duration::from_secs(10);
-    while b.app.longpoll.held() != 1 {
-        assert!(
-            tokio::time::Instant::now() < end,
-            "the relayed poll never reached B"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let (acked, relayed) = relayed_poll_held_at_owner(&a, &b, "room:link").await;
 
     let t0 = std::time::Instant::now();
     assert!(
@@ -873,4 +845,37 @@ async fn a_relayed_poll_is_cut_short_when_the_relaying_node_loses_its_redis_link
         vec![serde_json::json!([null, p, "room:link", "n", 1])],
         "{v}"
     );
+}
+
+/// With the Redis broker, `pushgate_delivery_seconds` times deliveries from each message's
+/// receipt from Redis, on every node that delivers it (issue 22).
+#[tokio::test]
+async fn delivery_times_are_observed_from_redis_receipt_on_each_node() {
+    let redis = RedisServer::start();
+    let nodes = [node(&redis).await, node(&redis).await];
+    let mut clients = Vec::new();
+    for n in &nodes {
+        let mut ws = connect(n.addr).await;
+        join(&mut ws, "1", "room:timed", "{}").await;
+        clients.push(ws);
+    }
+    publish(nodes[0].addr, "room:timed", "e", "1").await;
+    for ws in &mut clients {
+        assert_eq!(recv(ws).await[4], 1);
+    }
+    for n in &nodes {
+        let sample = r#"pushgate_delivery_seconds_count{from="redis"}"#;
+        let end = tokio::time::Instant::now() + Duration::from_secs(10);
+        while metric(n.addr, sample).await != Some(1.0) {
+            assert!(
+                tokio::time::Instant::now() < end,
+                "{sample} never reached 1"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(
+            metric(n.addr, r#"pushgate_delivery_seconds_count{from="publish"}"#).await,
+            Some(0.0)
+        );
+    }
 }

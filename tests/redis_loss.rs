@@ -20,15 +20,6 @@ const TOPIC: &str = "room:loss";
 /// The presence topic of the failover test.
 const WHO: &str = "room:who";
 
-fn log() {
-    if std::env::var_os("TEST_LOG").is_some() {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter("pushgate=debug")
-            .with_test_writer()
-            .try_init();
-    }
-}
-
 /// What one client saw: its join replies' responses, then `(position, n)` of each message.
 #[derive(Default, Debug)]
 struct Seen {

@@ -5,7 +5,11 @@
 use std::io;
 use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpSocket, TcpStream};
 
 /// Which server protocol to speak.
@@ -101,18 +105,128 @@ fn number_after(data: &[u8], mut i: usize) -> (u64, usize) {
     (n, i)
 }
 
-/// Connects from `source` (any 127.0.0.x) to `server`.
-pub async fn connect_from(source: IpAddr, server: SocketAddr) -> io::Result<TcpStream> {
+/// TLS to the server under test (the stack: nginx in front, as deployed): the CA to trust and
+/// the name to ask for. Set once per process by [`use_tls`]; subscribers then speak `wss://`
+/// and LongPoll over `https://` (HTTP/1.1, by ALPN), publishers stay on plain HTTP.
+struct Tls {
+    connector: tokio_rustls::TlsConnector,
+    name: rustls::pki_types::ServerName<'static>,
+}
+
+static TLS: OnceLock<Tls> = OnceLock::new();
+
+/// Subscribers connect over TLS, trusting the CA certificates in the PEM file `ca` and asking
+/// for `name` (SNI, and the name the server's certificate must carry).
+pub fn use_tls(ca: &Path, name: &str) -> Result<(), String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, ServerName};
+    let mut roots = rustls::RootCertStore::empty();
+    let certs = CertificateDer::pem_file_iter(ca).map_err(|e| format!("{}: {e}", ca.display()))?;
+    for cert in certs {
+        let cert = cert.map_err(|e| format!("{}: {e}", ca.display()))?;
+        roots
+            .add(cert)
+            .map_err(|e| format!("{}: {e}", ca.display()))?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    // The load generator speaks HTTP/1.1 only (WebSockets through nginx need it anyway).
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let name = ServerName::try_from(name.to_string()).map_err(|e| format!("{name}: {e}"))?;
+    let tls = Tls {
+        connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
+        name,
+    };
+    TLS.set(tls).map_err(|_| "TLS is already set".to_string())
+}
+
+/// A connection to the server: plain TCP, or TLS over it.
+pub enum Stream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+impl Stream {
+    /// Writes all of `data` and flushes it (TLS may hold a record back until flushed).
+    pub async fn send(&mut self, data: &[u8]) -> io::Result<()> {
+        self.write_all(data).await?;
+        if let Stream::Tls(s) = self {
+            s.flush().await?;
+        }
+        Ok(())
+    }
+}
+
+/// Connects from `source` (any 127.x.y.z) to `server`; over TLS when `secure` and [`use_tls`]
+/// was called.
+pub async fn connect_from(source: IpAddr, server: SocketAddr, secure: bool) -> io::Result<Stream> {
     let sock = TcpSocket::new_v4()?;
     sock.bind(SocketAddr::new(source, 0))?;
     let s = sock.connect(server).await?;
     s.set_nodelay(true)?;
-    Ok(s)
+    match TLS.get().filter(|_| secure) {
+        Some(t) => Ok(Stream::Tls(Box::new(
+            t.connector.connect(t.name.clone(), s).await?,
+        ))),
+        None => Ok(Stream::Plain(s)),
+    }
+}
+
+/// The Host header for `server`: the TLS name when the connection is secure.
+fn host_of(server: SocketAddr, secure: bool) -> String {
+    match TLS.get().filter(|_| secure) {
+        Some(t) => format!("{}:{}", t.name.to_str(), server.port()),
+        None => server.to_string(),
+    }
 }
 
 /// Reads an HTTP response head into `buf`; returns (status, length of the head, where the
 /// bytes after it start).
-pub async fn read_head(s: &mut TcpStream, buf: &mut Vec<u8>) -> io::Result<(u16, usize, usize)> {
+pub async fn read_head(s: &mut Stream, buf: &mut Vec<u8>) -> io::Result<(u16, usize, usize)> {
     loop {
         if let Some(end) = find(buf, b"\r\n\r\n") {
             let status = std::str::from_utf8(buf.get(9..12).unwrap_or_default())
@@ -148,23 +262,35 @@ pub fn header_value<'a>(head: &'a str, name: &str) -> Option<&'a str> {
 
 /// One keep-alive HTTP/1.1 connection for request/response exchanges.
 pub struct Http {
-    stream: TcpStream,
+    stream: Stream,
     host: String,
     buf: Vec<u8>,
     out: Vec<u8>,
     source: IpAddr,
     server: SocketAddr,
+    secure: bool,
 }
 
 impl Http {
+    /// A plain connection (publishers, and the servers' own endpoints).
     pub async fn connect(source: IpAddr, server: SocketAddr) -> io::Result<Http> {
+        Self::connect_as(source, server, false).await
+    }
+
+    /// A subscriber's connection: over TLS when [`use_tls`] was called.
+    pub async fn connect_secure(source: IpAddr, server: SocketAddr) -> io::Result<Http> {
+        Self::connect_as(source, server, true).await
+    }
+
+    async fn connect_as(source: IpAddr, server: SocketAddr, secure: bool) -> io::Result<Http> {
         Ok(Http {
-            stream: connect_from(source, server).await?,
-            host: server.to_string(),
+            stream: connect_from(source, server, secure).await?,
+            host: host_of(server, secure),
             buf: Vec::with_capacity(4096),
             out: Vec::with_capacity(512),
             source,
             server,
+            secure,
         })
     }
 
@@ -186,7 +312,7 @@ impl Http {
                         | io::ErrorKind::BrokenPipe
                 ) =>
             {
-                self.stream = connect_from(self.source, self.server).await?;
+                self.stream = connect_from(self.source, self.server, self.secure).await?;
                 self.request_once(method, path, headers, body).await
             }
             r => r,
@@ -217,7 +343,7 @@ impl Http {
             body.len()
         );
         self.out.extend_from_slice(body);
-        self.stream.write_all(&self.out).await?;
+        self.stream.send(&self.out).await?;
         self.buf.clear();
         let (status, head_end, body_start) = read_head(&mut self.stream, &mut self.buf).await?;
         let len = content_length(&self.buf[..head_end]);
@@ -295,18 +421,19 @@ pub fn text_frame(payload: &[u8], masked: bool) -> Vec<u8> {
 
 /// A client WebSocket: handshake, masked writes, unmasked frame reads.
 pub struct WsClient {
-    pub stream: TcpStream,
+    pub stream: Stream,
     buf: Vec<u8>,
     start: usize,
 }
 
 impl WsClient {
     pub async fn connect(source: IpAddr, server: SocketAddr, path: &str) -> io::Result<WsClient> {
-        let mut stream = connect_from(source, server).await?;
+        let mut stream = connect_from(source, server, true).await?;
+        let host = host_of(server, true);
         let req = format!(
-            "GET {path} HTTP/1.1\r\nHost: {server}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
         );
-        stream.write_all(req.as_bytes()).await?;
+        stream.send(req.as_bytes()).await?;
         let mut buf = Vec::with_capacity(4096);
         let (status, _, rest) = read_head(&mut stream, &mut buf).await?;
         if status != 101 {
@@ -322,7 +449,7 @@ impl WsClient {
 
     /// Sends a masked text frame (mask of zeros: valid, and free).
     pub async fn send_text(&mut self, text: &[u8]) -> io::Result<()> {
-        self.stream.write_all(&text_frame(text, true)).await
+        self.stream.send(&text_frame(text, true)).await
     }
 
     /// Reads the next data frame's payload; `Ok(None)` on a close frame.

@@ -117,6 +117,29 @@ struct RunArgs {
     /// A label for the run (e.g. "before", "after").
     #[arg(long, default_value = "")]
     label: String,
+    /// Subscribers speak TLS to --server (wss://, LongPoll over https://, HTTP/1.1) trusting
+    /// this CA (PEM): the stack as deployed, nginx in front (`bench/peers/stack.sh`).
+    #[arg(long)]
+    tls_ca: Option<std::path::PathBuf>,
+    /// The name TLS asks for (SNI, and the name the certificate must carry).
+    #[arg(long, default_value = "localhost")]
+    tls_name: String,
+    /// Where publishes (and readiness checks) go, on plain HTTP: pushgate's own listener
+    /// behind nginx, or Nchan's publisher location. Default: --server.
+    #[arg(long)]
+    publish_server: Option<SocketAddr>,
+    /// Subscribers per source address (0: one address per worker). A stack with per-address
+    /// limits in front (the shipped nginx site allows 512 connections and bursts of 150
+    /// upgrades per address) needs them spread: 100 fits both.
+    #[arg(long, default_value_t = 0)]
+    per_address: usize,
+}
+
+impl RunArgs {
+    /// Where publishes go.
+    fn publisher(&self) -> SocketAddr {
+        self.publish_server.unwrap_or(self.server)
+    }
 }
 
 fn main() {
@@ -168,6 +191,9 @@ impl Worker {
                 .map_err(|e| e.to_string())?
                 .ok_or_else(|| format!("worker exited before {name}"))?;
             let v: Value = serde_json::from_str(&line).map_err(|e| format!("{e}: {line}"))?;
+            if v["event"] == "error" {
+                return Err(format!("worker: {}", v["error"]));
+            }
             if v["event"] == name {
                 return Ok(v);
             }
@@ -195,6 +221,20 @@ fn source(w: usize) -> IpAddr {
     ))
 }
 
+/// Source addresses a worker may spread its subscribers over (`--per-address`).
+const SPREAD_ADDRESSES: usize = 4000;
+
+/// The first source address of worker `w` when subscribers are spread over addresses: blocks
+/// of [`SPREAD_ADDRESSES`] from 127.R.64.0 up, clear of [`source`]'s (the publishers').
+fn spread_source(w: usize) -> IpAddr {
+    let IpAddr::V4(first) = source(0) else {
+        unreachable!("source() is IPv4")
+    };
+    let [_, run, _, _] = first.octets();
+    let base = u32::from(Ipv4Addr::new(127, run, 64, 1));
+    IpAddr::V4(Ipv4Addr::from(base + (w * 4096) as u32))
+}
+
 async fn spawn_workers(
     a: &RunArgs,
     transport: Transport,
@@ -208,6 +248,11 @@ async fn spawn_workers(
         .min(n.max(1));
     if n.div_ceil(count) > 19_000 {
         return Err("more than 19000 sockets per worker: raise --workers".into());
+    }
+    if a.per_address > 0 && n.div_ceil(count).div_ceil(a.per_address) > SPREAD_ADDRESSES {
+        return Err(format!(
+            "more than {SPREAD_ADDRESSES} source addresses per worker: raise --per-address or --workers"
+        ));
     }
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let mut workers = Vec::new();
@@ -223,7 +268,15 @@ async fn spawn_workers(
             .arg("--server")
             .arg(a.server.to_string())
             .arg("--source")
-            .arg(source(w).to_string())
+            .arg(if a.per_address > 0 {
+                spread_source(w).to_string()
+            } else {
+                source(w).to_string()
+            })
+            .arg("--per-address")
+            .arg(a.per_address.to_string())
+            .arg("--tls-name")
+            .arg(&a.tls_name)
             .arg("--topic")
             .arg(if a.scenario == Scenario::ManyTopics {
                 "bench:t"
@@ -240,6 +293,9 @@ async fn spawn_workers(
             .arg(a.concurrency.to_string());
         if a.scenario == Scenario::ManyTopics {
             cmd.arg("--distinct-topics");
+        }
+        if let Some(ca) = &a.tls_ca {
+            cmd.arg("--tls-ca").arg(ca);
         }
         if a.scenario == Scenario::Connect {
             cmd.arg("--connect-only");
@@ -267,21 +323,43 @@ fn worker_pids(workers: &[Worker]) -> Vec<u32> {
     pids
 }
 
-async fn wait_ready(addr: SocketAddr, adapter: Adapter, deadline: Instant) -> Result<(), String> {
+/// Waits until the server answers: its publisher endpoint, then (over TLS, when subscribers
+/// use it) the subscriber address with any answer at all.
+async fn wait_ready(a: &RunArgs, deadline: Instant) -> Result<(), String> {
+    let local = IpAddr::V4(Ipv4Addr::LOCALHOST);
     loop {
-        if let Ok(mut h) = Http::connect(IpAddr::V4(Ipv4Addr::LOCALHOST), addr).await {
-            let path = match adapter {
+        if let Ok(mut h) = Http::connect(local, a.publisher()).await {
+            let path = match a.adapter {
                 Adapter::Phoenix => "/readyz",
                 Adapter::Nchan => "/pub/bench:ready",
             };
             if let Ok(reply) = h.request("GET", path, "", b"").await
                 && reply.status < 500
             {
-                return Ok(());
+                break;
             }
         }
         if Instant::now() > deadline {
             return Err("server not ready before the deadline".into());
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    if a.tls_ca.is_none() {
+        return Ok(());
+    }
+    loop {
+        let last = match Http::connect_secure(local, a.server).await {
+            Ok(mut h) => match h.request("GET", "/", "", b"").await {
+                Ok(_) => return Ok(()),
+                Err(e) => e.to_string(),
+            },
+            Err(e) => e.to_string(),
+        };
+        if Instant::now() > deadline {
+            return Err(format!(
+                "no TLS answer from {} before the deadline: {last}",
+                a.server
+            ));
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
@@ -332,6 +410,9 @@ async fn run(a: RunArgs) -> i32 {
 }
 
 async fn run_inner(a: RunArgs) -> Result<bool, String> {
+    if let Some(ca) = &a.tls_ca {
+        client::use_tls(ca, &a.tls_name)?;
+    }
     let deadline = Instant::now() + Duration::from_secs_f64(a.timeout);
     // A server we start gets the token we publish with.
     let token = a
@@ -351,6 +432,7 @@ async fn run_inner(a: RunArgs) -> Result<bool, String> {
         serde_json::to_value(a.adapter).unwrap_or_default(),
     );
     out.set("label", a.label.clone());
+    out.set("tls", a.tls_ca.is_some());
     out.set("subscribers", a.subscribers);
     out.set("server_cpu_core", a.server_cpu);
     out.set("load_cpu_core", a.load_cpu);
@@ -381,7 +463,7 @@ async fn run_inner(a: RunArgs) -> Result<bool, String> {
                 .map_err(|e| format!("starting the server: {e}"))?;
             let pid = child.id();
             spawned = Some(child);
-            wait_ready(a.server, a.adapter, deadline).await?;
+            wait_ready(&a, deadline).await?;
             out.set("cold_start_ms", t0.elapsed().as_secs_f64() * 1000.0);
             pid
         }
@@ -432,7 +514,8 @@ async fn publish_scenario(
     let until = (t0 + Duration::from_secs_f64(a.duration)).min(deadline);
     let mut tasks = Vec::new();
     for p in 0..a.publishers {
-        let (adapter, server, token, size) = (a.adapter, a.server, token.to_string(), a.payload);
+        let (adapter, server, token, size) =
+            (a.adapter, a.publisher(), token.to_string(), a.payload);
         tasks.push(tokio::spawn(async move {
             let mut http = Http::connect(source(p), server).await?;
             let (mut ok, mut failed) = (0u64, 0u64);
@@ -528,7 +611,7 @@ async fn subscriber_scenario(
     if a.adapter == Adapter::Nchan && transport == Transport::Lp {
         // Wait until Nchan has registered every long-poll subscriber.
         loop {
-            if nchan_subscribers(a.server, "bench:fan").await >= Some(connected) {
+            if nchan_subscribers(a.publisher(), "bench:fan").await >= Some(connected) {
                 break;
             }
             if Instant::now() > deadline {
@@ -659,7 +742,8 @@ async fn publish_messages(
     let mut tasks = Vec::new();
     for c in 0..conns {
         let mine: Vec<String> = topics.iter().skip(c).step_by(conns).cloned().collect();
-        let (adapter, server, token, size) = (a.adapter, a.server, token.to_string(), a.payload);
+        let (adapter, server, token, size) =
+            (a.adapter, a.publisher(), token.to_string(), a.payload);
         let (messages, rate) = (if topics.len() > 1 { 1 } else { a.messages }, a.rate);
         tasks.push(tokio::spawn(async move {
             let mut http = Http::connect(source(200 + c), server).await?;

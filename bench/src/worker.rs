@@ -49,6 +49,28 @@ pub struct WorkerArgs {
     pub connect_only: bool,
     #[arg(long, default_value_t = 256)]
     pub concurrency: usize,
+    /// Subscribers connect over TLS trusting this CA (PEM).
+    #[arg(long)]
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// The server name TLS asks for.
+    #[arg(long, default_value = "localhost")]
+    pub tls_name: String,
+    /// Subscribers per source address (0: all from --source); the addresses count up from
+    /// --source.
+    #[arg(long, default_value_t = 0)]
+    pub per_address: usize,
+}
+
+impl WorkerArgs {
+    /// The source address of this worker's subscriber `i`.
+    fn source_of(&self, i: usize) -> IpAddr {
+        match (self.source, self.per_address) {
+            (IpAddr::V4(base), n) if n > 0 => {
+                IpAddr::V4(std::net::Ipv4Addr::from(u32::from(base) + (i / n) as u32))
+            }
+            (source, _) => source,
+        }
+    }
 }
 
 #[derive(Default)]
@@ -117,6 +139,12 @@ pub fn run(args: WorkerArgs) {
 }
 
 async fn worker(args: WorkerArgs) {
+    if let Some(ca) = &args.tls_ca
+        && let Err(e) = client::use_tls(ca, &args.tls_name)
+    {
+        emit(serde_json::json!({"event": "error", "error": e}));
+        return;
+    }
     let shared = Rc::new(Shared {
         stats: RefCell::new(Stats {
             distinct: vec![0; args.count],
@@ -250,7 +278,7 @@ async fn ws_subscriber(
         Adapter::Phoenix => "/socket/websocket?vsn=2.0.0".to_string(),
         Adapter::Nchan => format!("/sub/{topic}"),
     };
-    let mut ws = WsClient::connect(a.source, a.server, &path).await?;
+    let mut ws = WsClient::connect(a.source_of(i), a.server, &path).await?;
     if a.adapter == Adapter::Phoenix && !a.connect_only {
         ws.send_text(format!(r#"["1","1","{topic}","phx_join",{{}}]"#).as_bytes())
             .await?;
@@ -300,7 +328,7 @@ async fn lp_subscriber(
     permit: Option<tokio::sync::SemaphorePermit<'_>>,
     sd: &Notify,
 ) -> std::io::Result<()> {
-    let mut http = Http::connect(a.source, a.server).await?;
+    let mut http = Http::connect_secure(a.source_of(i), a.server).await?;
     let mut expected = 0u64;
     match a.adapter {
         Adapter::Phoenix => {

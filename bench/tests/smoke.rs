@@ -1,5 +1,6 @@
-//! A smoke run of every scenario with tiny numbers against a real pushgate (and Nchan when
-//! nginx with the Nchan module is installed), so the tool keeps working. Full runs stay out of CI.
+//! A smoke run of every scenario with tiny numbers against a real pushgate, and of the stack
+//! as deployed (nginx with the shipped site and TLS, in front of pushgate, Nchan or the floor
+//! server), so the tool keeps working. Full runs stay out of CI.
 
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -137,4 +138,97 @@ fn fanout_against_the_floor_server() {
     assert_eq!(v["deliveries"], 100);
     assert_eq!(v["missing"], 0);
     assert!(v["server_cpu_s"].as_f64().unwrap() > 0.0);
+}
+
+/// The stack as deployed (`bench/peers/stack.sh`): nginx with the shipped site, TLS on, in
+/// front of pushgate, of Nchan (same server block) or of the floor server (the hop alone).
+/// Needs nginx with the brotli and Nchan modules and openssl (scripts/test.sh installs them).
+fn run_stack(mode: &str, scenario: &str, extra: &[&str]) -> serde_json::Value {
+    let stack = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("peers/stack.sh");
+    let tls = std::env::temp_dir().join(format!("pushgate-bench-tls-{}", std::process::id()));
+    static CERT: std::sync::Once = std::sync::Once::new();
+    CERT.call_once(|| {
+        let ok = Command::new(&stack)
+            .arg("cert")
+            .arg(&tls)
+            .status()
+            .expect("running stack.sh cert");
+        assert!(ok.success(), "stack.sh cert failed");
+    });
+    let (tls_port, port) = (free_port(), free_port());
+    let backend = match mode {
+        "pushgate" => pushgate().display().to_string(),
+        "hop" => bench().display().to_string(),
+        _ => String::new(),
+    };
+    let spawn = format!(
+        "env PUSHGATE_LOG=warn {} {mode} {tls_port} {port} {} {backend}",
+        stack.display(),
+        tls.display()
+    );
+    let adapter = if mode == "pushgate" {
+        "phoenix"
+    } else {
+        "nchan"
+    };
+    let ca = tls.join("ca.pem");
+    let out = Command::new(bench())
+        .args(["run", scenario, "--adapter", adapter, "--spawn", &spawn])
+        .args(["--server", &format!("127.0.0.1:{tls_port}")])
+        .args(["--publish-server", &format!("127.0.0.1:{port}")])
+        .arg("--tls-ca")
+        .arg(&ca)
+        .args(["--load-cpu", "-1", "--timeout", "60", "--duration", "0.3"])
+        .args(extra)
+        .output()
+        .expect("running pushgate-bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().last().unwrap_or_else(|| {
+        panic!(
+            "{mode} {scenario}: no result\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    serde_json::from_str(line).expect("the last line is JSON")
+}
+
+#[test]
+fn the_stack_over_tls_with_each_backend() {
+    for mode in ["pushgate", "nchan", "hop"] {
+        let v = run_stack(
+            mode,
+            "fanout",
+            &["-n", "20", "-m", "5", "--rate", "50", "--per-address", "10"],
+        );
+        assert_eq!(v["tls"], true, "{mode}: {v}");
+        assert_eq!(v["ok"], true, "{mode}: {v}");
+        assert_eq!(v["deliveries"], 100, "{mode}: {v}");
+        // nginx's worker and the backend both count.
+        assert!(v["server_cpu_s"].as_f64().unwrap() > 0.0, "{mode}: {v}");
+    }
+    for mode in ["pushgate", "nchan"] {
+        let v = run_stack(
+            mode,
+            "longpoll",
+            &["-n", "10", "-m", "5", "--rate", "50", "--per-address", "5"],
+        );
+        assert_eq!(v["ok"], true, "{mode}: {v}");
+        assert_eq!(v["deliveries"], 50, "{mode}: {v}");
+    }
+}
+
+/// The site's own per-address limits are in force in the stack (it is the shipped site, not
+/// a bench variant): 200 WebSocket upgrades at once from one address exceed its burst of 150,
+/// and the same spread over addresses pass.
+#[test]
+fn the_stack_keeps_the_sites_per_address_limits() {
+    let one = run_stack("pushgate", "connect", &["-n", "200"]);
+    assert!(one["connect_failures"].as_u64().unwrap() > 0, "{one}");
+    let spread = run_stack(
+        "pushgate",
+        "connect",
+        &["-n", "200", "--per-address", "100"],
+    );
+    assert_eq!(spread["connect_failures"], 0, "{spread}");
+    assert_eq!(spread["connected"], 200, "{spread}");
 }

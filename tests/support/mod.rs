@@ -848,3 +848,13 @@ pub async fn wait_ready(addr: SocketAddr, status: u16) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// With `TEST_LOG` set, the servers' debug logs go to the test's output.
+pub fn log() {
+    if std::env::var_os("TEST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter("pushgate=debug")
+            .with_test_writer()
+            .try_init();
+    }
+}
