@@ -672,7 +672,7 @@ function checkDelivery(sub, tr) {
     // The events around the first problem, compressed: runs of messages as first..last.
     const from = 0;
     const lines = [];
-    for (const e of tr.events.slice(from, from + 400)) {
+    for (const e of tr.events.slice(from)) {
       const prev = lines[lines.length - 1];
       if (e.type === "msg" && prev?.type === "msg" && prev.t + 2000 > e.t) {
         prev.to = e.pos;
