@@ -14,11 +14,12 @@
 # PUSHGATE_TEST_CACHE (default /var/cache/pushgate-test) and reused: the first run takes a few
 # minutes (debootstrap, package downloads), later ones about one.
 #
-# Usage: scripts/test-ansible.sh [path/to/pushgate]   (default target/debug/pushgate)
+# Usage: scripts/test-ansible.sh path/to/pushgate_<version>_amd64.deb   (scripts/build-deb.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
-BIN=$(realpath "${1:-target/debug/pushgate}")
+DEB=$(realpath "${1:?usage: scripts/test-ansible.sh path/to/pushgate.deb}")
+DEB_VERSION=$(dpkg-deb -f "$DEB" Version)
 CACHE=${PUSHGATE_TEST_CACHE:-/var/cache/pushgate-test}
 SUITE=bookworm
 MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
@@ -115,7 +116,7 @@ pushgate:
   vars:
     pushgate_manage_services: false
     pushgate_domain: pushgate.test
-    pushgate_binary_src: $BIN
+    pushgate_deb_src: $DEB
     pushgate_publish_token: $TOKEN
     pushgate_listen: 127.0.0.1:4100
     pushgate_settings:
@@ -155,8 +156,9 @@ user_ok() {
         { echo "pushgate user: $entry"; return 1; }
 }
 check "system user pushgate (nologin, home /var/lib/pushgate)" user_ok
-check "binary root:root 755" stat_is /usr/local/bin/pushgate "root:root 755"
-check "binary is the one given" cmp "$BIN" "$ROOT/usr/local/bin/pushgate"
+check "binary root:root 755" stat_is /usr/bin/pushgate "root:root 755"
+check "the package given is installed" sh -c "[ \"\$(chroot '$ROOT' dpkg-query -W -f '\${Status} \${Version}' pushgate)\" = 'install ok installed $DEB_VERSION' ]"
+check "units from the package, enabled for the first boot" sh -c "test -f '$ROOT/usr/lib/systemd/system/pushgate.service' && test -L '$ROOT/etc/systemd/system/multi-user.target.wants/pushgate.service' && test -L '$ROOT/etc/systemd/system/sockets.target.wants/pushgate.socket'"
 check "config root:pushgate 640" stat_is /etc/pushgate/pushgate.toml "root:pushgate 640"
 check "environment file root:root 600" stat_is /etc/pushgate/pushgate.env "root:root 600"
 check "token in the environment file" grep -qx "PUSHGATE_PUBLISH_TOKEN=$TOKEN" "$ROOT/etc/pushgate/pushgate.env"
@@ -170,7 +172,7 @@ check_config() {
     local env out
     mapfile -t env < <(grep -E '^[A-Z_]+=' "$ROOT/etc/pushgate/pushgate.env")
     out=$(chroot --userspec=pushgate:pushgate "$ROOT" /usr/bin/env -i "${env[@]}" \
-        /usr/local/bin/pushgate check-config --config /etc/pushgate/pushgate.toml) || {
+        /usr/bin/pushgate check-config --config /etc/pushgate/pushgate.toml) || {
         echo "$out"
         return 1
     }

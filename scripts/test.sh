@@ -5,8 +5,14 @@
 # Autobahn|Testsuite's WebSocket conformance cases on a plain socket (tests/js/autobahn.test.js)
 # and through the TLS edge (tests/acme.rs; its Python 2.7 virtualenv is cached), the demo page in
 # Chromium at the TLS edge over HTTP/2 (tests/acme.rs with tests/js/edge-browser.js), README's
-# publish snippets (tests/js/readme.test.js), the 2-minute soak with faults (scripts/soak.sh), and the
-# Ansible test (a debootstrap root filesystem cached under /var/cache/pushgate-test).
+# publish snippets (tests/js/readme.test.js), the 2-minute soak with faults (scripts/soak.sh), every fuzz target for a few seconds
+# (scripts/fuzz.sh, FUZZING.md), the
+# Debian package (scripts/build-deb.sh, cargo-deb installed when missing), the Ansible test (a
+# debootstrap root filesystem cached under /var/cache/pushgate-test), and the droplet test
+# (scripts/test-droplet.sh: Debian 12 and Debian 13 root filesystems booted with systemd, the role
+# applied over SSH, checked live from outside, the package upgraded with clients connected and
+# purged; DROPLET_SUITES=bookworm runs only Debian 12), and the container image built from the
+# Dockerfile with podman and run as the platforms run it (scripts/test-container.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,6 +41,12 @@ command -v redis-sentinel >/dev/null 2>&1 || need_apt+=(redis-sentinel)
 # The soak (scripts/soak.sh): network namespaces and nftables.
 command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
 command -v nft >/dev/null 2>&1 || need_apt+=(nftables)
+# The container image (scripts/test-container.sh): podman and buildah, with runc (crun fails on
+# hybrid cgroups); slirp4netns lets containers reach the test's Redis on the host's loopback.
+command -v podman >/dev/null 2>&1 || need_apt+=(podman)
+command -v buildah >/dev/null 2>&1 || need_apt+=(buildah)
+command -v runc >/dev/null 2>&1 || need_apt+=(runc)
+command -v slirp4netns >/dev/null 2>&1 || need_apt+=(slirp4netns)
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "==> installing ${need_apt[*]}"
     if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
@@ -44,6 +56,7 @@ fi
 
 echo "==> cargo fmt --all --check"
 cargo fmt --all --check
+(cd fuzz && cargo fmt --check)
 echo "==> cargo clippy"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 echo "==> cargo build (workspace: gateway and bench tool)"
@@ -67,6 +80,13 @@ echo "==> cargo test"
 AUTOBAHN_SERVER_BIN="$PWD/target/debug/pushgate-autobahn" WSTEST="$WSTEST" EDGE_BROWSER_TEST=1 \
     cargo test --workspace --quiet -- --include-ignored
 
+echo "==> the hub and transport tests again, their servers on a multi-threaded runtime"
+PUSHGATE_TEST_RUNTIME=multi_thread cargo test --quiet --test websocket --test longpoll \
+    --test bad_input --test http1 --test publish --test redis --test presence --test bounds
+
+echo "==> fuzzing: every target of fuzz/ for 10 s (FUZZING.md; installs cargo-fuzz when missing)"
+./scripts/fuzz.sh 10
+
 echo "==> systemd units (systemd-analyze verify, security)"
 ./scripts/test-systemd.sh target/debug/pushgate
 
@@ -78,15 +98,21 @@ echo "==> node tests (official phoenix client 1.8.17 and 1.7.23; nginx in front;
         npm test
 )
 echo "==> soak with faults, 2 minutes (three nodes in network namespaces, Redis restart, SIGTERM, SIGKILL, partitions)"
-if [ "$(id -u)" = 0 ]; then
-    ./scripts/soak.sh 120
-else
-    sudo ./scripts/soak.sh 120
-fi
+if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+$SUDO ./scripts/soak.sh 120
+echo "==> Debian packages (cargo deb, of the debug build): the one deployed, and an older one to upgrade from"
+# The tests install the older package first, then upgrade to the current one with clients
+# connected (scripts/test-droplet.sh). Same binary, lower version: what is tested is the upgrade.
+DEB_VERSION=$(cargo metadata --no-deps --format-version 1 |
+    python3 -c 'import json, sys; print(next(p["version"] for p in json.load(sys.stdin)["packages"] if p["name"] == "pushgate"))')
+DEB_OLD=$(./scripts/build-deb.sh dev "$DEB_VERSION-0" "target/debian/pushgate_$DEB_VERSION-0_test.deb")
+DEB_NEW=$(./scripts/build-deb.sh dev "$DEB_VERSION-1" "target/debian/pushgate_$DEB_VERSION-1_test.deb")
+if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
 echo "==> ansible (lint, apply to a Debian 12 root filesystem, idempotence)"
-if [ "$(id -u)" = 0 ]; then
-    ./scripts/test-ansible.sh target/debug/pushgate
-else
-    sudo ./scripts/test-ansible.sh target/debug/pushgate
-fi
+$SUDO ./scripts/test-ansible.sh "$DEB_NEW"
+echo "==> droplet (Debian 12 and 13 hosts booted with systemd, provisioned over SSH, checked from outside)"
+$SUDO env DROPLET_SUITES="${DROPLET_SUITES:-bookworm trixie}" ./scripts/test-droplet.sh "$DEB_OLD" "$DEB_NEW"
+echo "==> container image (podman build of the Dockerfile; the official client against containers)"
+# After the Ansible test, whose cached Debian 12 root filesystem the base-image stand-ins come from.
+$SUDO ./scripts/test-container.sh
 echo "==> all tests passed"

@@ -119,13 +119,20 @@ fn validate(item: &PublishItem) -> Result<(), String> {
 }
 
 fn parse_item(raw: &str) -> Result<PublishItem<'_>, String> {
+    // serde's derive would also take the fields as an array (`["t", "e", 1]`): not our API.
+    let object = raw.trim_start().starts_with('{');
     // Fast path: one pass, no bookkeeping. Only a bad item pays for a precise message.
-    if let Ok(item) = serde_json::from_str::<PublishItem>(raw) {
+    if let Ok(item) = serde_json::from_str::<PublishItem>(raw)
+        && object
+    {
         validate(&item)?;
         return Ok(item);
     }
     if let Err(e) = serde_json::from_str::<&RawValue>(raw) {
         return Err(format!("invalid JSON: {e}"));
+    }
+    if !object {
+        return Err("must be an object {\"topic\", \"event\", \"payload\"}".into());
     }
     let mut de = serde_json::Deserializer::from_str(raw);
     let item: PublishItem = serde_path_to_error::deserialize(&mut de).map_err(|e| {

@@ -3,8 +3,9 @@
 //! Every key can come from the file or from `PUSHGATE_<SECTION>_<KEY>` (for example
 //! `PUSHGATE_HISTORY_MAX_AGE_SECS=600`). Three names are fixed by DESIGN.md and map to keys of
 //! their own: `PUSHGATE_LISTEN` (server.listen), `PUSHGATE_REDIS_URL` (redis.url) and
-//! `PUSHGATE_PUBLISH_TOKEN` (publish.token). `PUSHGATE_LOG` and `PUSHGATE_LOG_FORMAT` are read by
-//! the binary for tracing and are not config keys.
+//! `PUSHGATE_PUBLISH_TOKEN` (publish.token). `PUSHGATE_LOG`, `PUSHGATE_LOG_FORMAT` and
+//! `PUSHGATE_LOG_OUTPUT` are read by the binary for tracing and are not config keys. `PORT`, the container platforms' convention,
+//! sets `server.listen` to `0.0.0.0:$PORT` unless `PUSHGATE_LISTEN` is set (see [`PORT_ENV`]).
 //!
 //! Loading ([`Config::load`]) only parses; [`Config::validate`] checks values and names each bad key.
 
@@ -12,8 +13,15 @@ use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::Path;
 
+/// The port container platforms (AWS App Runner, DigitalOcean App Platform, Fly.io, Heroku and
+/// the like) tell a container to listen on. When it is set and `PUSHGATE_LISTEN` is not,
+/// `server.listen` becomes `0.0.0.0:$PORT`: every interface, because the platform's router
+/// reaches the container at its own address, never at its loopback. Precedence, strongest
+/// first: `--listen`, `PUSHGATE_LISTEN`, `PORT`, `server.listen` in the file, the default.
+pub const PORT_ENV: &str = "PORT";
+
 /// Environment variables with the `PUSHGATE_` prefix that are not config keys.
-const NON_CONFIG_ENV: &[&str] = &["PUSHGATE_LOG", "PUSHGATE_LOG_FORMAT"];
+const NON_CONFIG_ENV: &[&str] = &["PUSHGATE_LOG", "PUSHGATE_LOG_FORMAT", "PUSHGATE_LOG_OUTPUT"];
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -878,28 +886,46 @@ impl Config {
         file: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, Vec<Problem>> {
+        let text = match file {
+            Some(path) => Some(std::fs::read_to_string(path).map_err(|e| {
+                vec![Problem {
+                    key: "--config".into(),
+                    message: format!("cannot read {}: {e}", path.display()),
+                }]
+            })?),
+            None => None,
+        };
+        let name = file.map(|p| p.display().to_string()).unwrap_or_default();
+        Config::load_text(text.as_deref().map(|t| (name.as_str(), t)), env)
+    }
+
+    /// [`Config::load`] of a file's text already read: `file` is its name (for problems) and
+    /// its contents.
+    pub fn load_text(
+        file: Option<(&str, &str)>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, Vec<Problem>> {
         let mut table = match file {
-            Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|e| {
-                    vec![Problem {
-                        key: "--config".into(),
-                        message: format!("cannot read {}: {e}", path.display()),
-                    }]
-                })?;
-                text.parse::<toml::Table>().map_err(|e| {
-                    vec![Problem {
-                        key: path.display().to_string(),
-                        message: format!("not valid TOML: {}", e.message()),
-                    }]
-                })?
-            }
+            Some((name, text)) => text.parse::<toml::Table>().map_err(|e| {
+                vec![Problem {
+                    key: name.to_string(),
+                    message: format!("not valid TOML: {}", e.message()),
+                }]
+            })?,
             None => toml::Table::new(),
         };
         let mut problems = Vec::new();
+        let mut port = None;
+        let mut pushgate_listen = false;
         for (name, value) in env {
+            if name == PORT_ENV {
+                port = Some(value);
+                continue;
+            }
             let Some(rest) = name.strip_prefix("PUSHGATE_") else {
                 continue;
             };
+            pushgate_listen |= rest == "LISTEN";
             if NON_CONFIG_ENV.contains(&name.as_str()) {
                 continue;
             }
@@ -927,6 +953,26 @@ impl Config {
                 _ => problems.push(Problem {
                     key: section,
                     message: "must be a section".into(),
+                }),
+            }
+        }
+        // The container platforms' convention (see `PORT_ENV`): below PUSHGATE_LISTEN, above the file.
+        if let (Some(port), false) = (port, pushgate_listen) {
+            match port.parse::<u16>() {
+                Ok(port) => {
+                    if let toml::Value::Table(server) = table
+                        .entry("server")
+                        .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+                    {
+                        server.insert(
+                            "listen".into(),
+                            toml::Value::String(format!("0.0.0.0:{port}")),
+                        );
+                    }
+                }
+                Err(_) => problems.push(Problem {
+                    key: PORT_ENV.into(),
+                    message: format!("{port:?} is not a TCP port number (0 to 65535)"),
                 }),
             }
         }
@@ -1129,6 +1175,39 @@ mod tests {
         assert_eq!(c.history.size, 5);
         assert_eq!(c.history.max_age_secs, 60);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn port_listens_on_every_interface_unless_pushgate_listen_is_set() {
+        // Container platforms (App Runner, App Platform, Fly.io, Heroku-likes) say where to
+        // listen with PORT, and route to the container's own address, not its loopback.
+        let c = Config::load(None, env(&[("PORT", "8080")])).unwrap();
+        assert_eq!(c.server.listen, "0.0.0.0:8080");
+        c.validate().unwrap();
+
+        // PORT beats the file: a config baked into an image must not hide the platform's port.
+        let dir = std::env::temp_dir().join(format!("pushgate-cfg-port-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("a.toml");
+        std::fs::write(&file, "[server]\nlisten = \"127.0.0.1:4001\"\n").unwrap();
+        let c = Config::load(Some(&file), env(&[("PORT", "9000")])).unwrap();
+        assert_eq!(c.server.listen, "0.0.0.0:9000");
+        std::fs::remove_dir_all(&dir).unwrap();
+
+        // PUSHGATE_LISTEN beats PORT, whatever their order in the environment.
+        for pairs in [
+            [("PORT", "8080"), ("PUSHGATE_LISTEN", "127.0.0.1:4002")],
+            [("PUSHGATE_LISTEN", "127.0.0.1:4002"), ("PORT", "8080")],
+        ] {
+            let c = Config::load(None, env(&pairs)).unwrap();
+            assert_eq!(c.server.listen, "127.0.0.1:4002");
+        }
+
+        // A PORT that is not a port is named.
+        for bad in ["http", "70000", "-1", ""] {
+            let e = Config::load(None, env(&[("PORT", bad)])).unwrap_err();
+            assert_eq!(e[0].key, "PORT", "{bad:?}: {e:?}");
+        }
     }
 
     #[test]

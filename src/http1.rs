@@ -39,7 +39,7 @@ const MAX_HEAD_BYTES: usize = 16 * 1024;
 /// this much; beyond it we stop reading until the answer is out.
 const MAX_AHEAD_BYTES: usize = 64 * 1024;
 /// Bytes peeked to read the first request line.
-const PEEK_BYTES: usize = 256;
+pub(crate) const PEEK_BYTES: usize = 256;
 
 /// What a connection's first request line says.
 pub enum First {
@@ -69,14 +69,15 @@ pub async fn first(app: &App, stream: &TcpStream) -> First {
             return First::Closed;
         }
     };
-    match request_line(&head[..n]).and_then(|(method, path)| route(app, method, path)) {
+    let longpoll = app.config.longpoll.enabled;
+    match request_line(&head[..n]).and_then(|(method, path)| route(longpoll, method, path)) {
         Some(_) => First::Lean,
         None => First::Hyper,
     }
 }
 
 /// `(method, path)` of a complete request line.
-fn request_line(head: &[u8]) -> Option<(&[u8], &[u8])> {
+pub(crate) fn request_line(head: &[u8]) -> Option<(&[u8], &[u8])> {
     let end = head.iter().position(|b| *b == b'\n')?;
     let mut parts = head[..end].split(|b| *b == b' ');
     let method = parts.next()?;
@@ -85,39 +86,40 @@ fn request_line(head: &[u8]) -> Option<(&[u8], &[u8])> {
     Some((method, path))
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Route {
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Route {
     Publish,
     LongPollGet,
     LongPollPost,
 }
 
 /// The requests this loop takes: the one routing table for the peek and the parse.
-fn route(app: &App, method: &[u8], path: &[u8]) -> Option<Route> {
+/// `longpoll`: `longpoll.enabled`.
+pub(crate) fn route(longpoll: bool, method: &[u8], path: &[u8]) -> Option<Route> {
     match (method, path) {
         (b"POST", b"/api/publish") => Some(Route::Publish),
-        (b"GET", b"/socket/longpoll") if app.config.longpoll.enabled => Some(Route::LongPollGet),
-        (b"POST", b"/socket/longpoll") if app.config.longpoll.enabled => Some(Route::LongPollPost),
+        (b"GET", b"/socket/longpoll") if longpoll => Some(Route::LongPollGet),
+        (b"POST", b"/socket/longpoll") if longpoll => Some(Route::LongPollPost),
         _ => None,
     }
 }
 
 /// What the handlers need from a parsed head, as ranges into the connection's buffer (so the
 /// buffer may grow while the body is read).
-struct Head {
-    route: Route,
-    len: usize,
-    content_length: u64,
-    close: bool,
-    query: Range<usize>,
-    authorization: Option<Range<usize>>,
-    longpoll_token: Option<Range<usize>>,
-    auth_token: Option<Range<usize>>,
-    forwarded_for: Option<Range<usize>>,
-    origin: Option<Range<usize>>,
+pub(crate) struct Head {
+    pub(crate) route: Route,
+    pub(crate) len: usize,
+    pub(crate) content_length: u64,
+    pub(crate) close: bool,
+    pub(crate) query: Range<usize>,
+    pub(crate) authorization: Option<Range<usize>>,
+    pub(crate) longpoll_token: Option<Range<usize>>,
+    pub(crate) auth_token: Option<Range<usize>>,
+    pub(crate) forwarded_for: Option<Range<usize>>,
+    pub(crate) origin: Option<Range<usize>>,
 }
 
-enum Parsed {
+pub(crate) enum Parsed {
     Ours(Head),
     Partial,
     /// Not ours, or not something this loop handles: hyper's turn.
@@ -134,7 +136,8 @@ fn range_of(buf: &[u8], part: &[u8]) -> Range<usize> {
     }
 }
 
-fn parse(app: &App, buf: &[u8]) -> Parsed {
+/// `longpoll`: `longpoll.enabled`.
+pub(crate) fn parse(longpoll: bool, buf: &[u8]) -> Parsed {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     let len = match req.parse(buf) {
@@ -149,9 +152,14 @@ fn parse(app: &App, buf: &[u8]) -> Parsed {
         return Parsed::Hyper;
     };
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
-    let Some(route) = route(app, method.as_bytes(), path.as_bytes()) else {
+    let Some(route) = route(longpoll, method.as_bytes(), path.as_bytes()) else {
         return Parsed::Hyper;
     };
+    if query.contains('#') {
+        // A fragment (clients do not send one): hyper's URI parser ends the query there, so
+        // hyper reads the parameters (the session token) from its path.
+        return Parsed::Hyper;
+    }
     let mut head = Head {
         route,
         len,
@@ -188,12 +196,20 @@ fn parse(app: &App, buf: &[u8]) -> Parsed {
                 .value
                 .split(|b| *b == b',')
                 .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
-        } else if name.eq_ignore_ascii_case("authorization") {
-            head.authorization = Some(range_of(buf, h.value));
+        } else if let Some(slot) = if name.eq_ignore_ascii_case("authorization") {
+            Some(&mut head.authorization)
         } else if name.eq_ignore_ascii_case("x-phoenix-longpoll-token") {
-            head.longpoll_token = Some(range_of(buf, h.value));
+            Some(&mut head.longpoll_token)
         } else if name.eq_ignore_ascii_case("x-phoenix-authtoken") {
-            head.auth_token = Some(range_of(buf, h.value));
+            Some(&mut head.auth_token)
+        } else {
+            None
+        } {
+            if slot.is_some() {
+                // Twice: hyper's path reads the first; let it decide.
+                return Parsed::Hyper;
+            }
+            *slot = Some(range_of(buf, h.value));
         } else if name.eq_ignore_ascii_case("origin") {
             if head.origin.is_some() {
                 // Several: hyper's path decides.
@@ -229,8 +245,16 @@ pub enum End {
 pub async fn serve(app: &Arc<App>, mut stream: TcpStream, peer: std::net::SocketAddr) -> End {
     let mut buf: Vec<u8> = Vec::with_capacity(4096);
     let mut out: Vec<u8> = Vec::with_capacity(512);
-    // Registered with the shutdown token once per connection, not once per wait.
-    let shutdown = app.shutdown.cancelled();
+    // Registered with the shutdown token once per connection, not once per wait. At shutdown
+    // the connection is not closed at once: a request the client may be sending at that moment
+    // (its connection looked idle) is still read and answered, with `Connection: close`, for
+    // `shutdown.drain_ms`; a client that publishes steadily thus gets its answer and reconnects
+    // (to the next process, under systemd's socket) instead of seeing its request cut off.
+    let drain = Duration::from_millis(app.config.shutdown.drain_ms);
+    let shutdown = async {
+        app.shutdown.cancelled().await;
+        tokio::time::sleep(drain).await;
+    };
     tokio::pin!(shutdown);
     // The keep-alive deadline: one timer per connection, moved only when it fires early (the
     // connection answered a request since it was set), not once per request.
@@ -242,7 +266,7 @@ pub async fn serve(app: &Arc<App>, mut stream: TcpStream, peer: std::net::Socket
         // A complete head.
         let mut deadline = None;
         let head = loop {
-            match parse(app, &buf) {
+            match parse(app.config.longpoll.enabled, &buf) {
                 Parsed::Ours(head) => break head,
                 Parsed::Hyper => return End::Hyper(Rewind::new(buf, stream)),
                 Parsed::Partial => {}
@@ -608,5 +632,39 @@ mod tests {
             Some((&b"GET"[..], &b"/socket/longpoll"[..]))
         );
         assert_eq!(request_line(b"GET /socket/longpoll?vsn=2.0"), None);
+    }
+
+    /// Found by the fuzz target `http1_head`: with a header given twice the lean loop read the
+    /// last value, hyper's handlers (`HeaderMap::get`) the first.
+    #[test]
+    fn a_header_the_loop_reads_given_twice_goes_to_hyper() {
+        for name in [
+            "Authorization",
+            "X-Phoenix-LongPoll-Token",
+            "X-Phoenix-AuthToken",
+        ] {
+            let head = format!(
+                "POST /socket/longpoll?vsn=2.0.0 HTTP/1.1\r\n{name}: a\r\n{name}: b\r\n\r\n"
+            );
+            assert!(
+                matches!(parse(true, head.as_bytes()), Parsed::Hyper),
+                "{name}"
+            );
+            let head = format!("POST /socket/longpoll?vsn=2.0.0 HTTP/1.1\r\n{name}: a\r\n\r\n");
+            assert!(
+                matches!(parse(true, head.as_bytes()), Parsed::Ours(_)),
+                "{name}"
+            );
+        }
+    }
+
+    /// Found by the fuzz target `http1_head`: the lean loop read the query past a `#`, where
+    /// hyper's URI ends it, so the two paths read different session tokens from one request.
+    #[test]
+    fn a_fragment_in_the_target_goes_to_hyper() {
+        let head = b"GET /socket/longpoll?vsn=2.0.0#x&token=lp0123 HTTP/1.1\r\nHost: x\r\n\r\n";
+        assert!(matches!(parse(true, head), Parsed::Hyper));
+        let head = b"GET /socket/longpoll?vsn=2.0.0&token=lp0123 HTTP/1.1\r\nHost: x\r\n\r\n";
+        assert!(matches!(parse(true, head), Parsed::Ours(_)));
     }
 }

@@ -21,6 +21,7 @@
 //! - [`acme`]: certificates from Let's Encrypt (ACME), HTTP-01 answers, export for nginx.
 //! - [`tls`]: at the edge, TLS with the ACME certificate (HTTP/1.1 and HTTP/2), HTTPS redirect.
 //! - [`systemd`]: socket activation, readiness/stopping notifications and watchdog pings.
+//! - `fuzzing` (hidden): views of internal parsers for the fuzz targets in `fuzz/`.
 #![forbid(unsafe_code)]
 
 pub mod acme;
@@ -32,6 +33,8 @@ pub mod broker;
 pub mod config;
 pub mod deadline;
 pub mod forward;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod http1;
 pub mod hub;
 pub mod metrics;

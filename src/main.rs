@@ -29,6 +29,11 @@ enum Command {
         /// TOML configuration file.
         #[arg(long)]
         config: Option<PathBuf>,
+        /// With --config: a file that does not exist means every key's default (the packaged
+        /// unit passes it, so /etc/pushgate/pushgate.toml may be deleted); any other problem
+        /// reading it still fails.
+        #[arg(long, requires = "config")]
+        config_optional: bool,
         /// Address to listen on (overrides server.listen and PUSHGATE_LISTEN).
         #[arg(long)]
         listen: Option<String>,
@@ -46,6 +51,20 @@ enum Command {
         /// TOML configuration file.
         #[arg(long)]
         config: Option<PathBuf>,
+        /// As for serve: a --config file that does not exist means the defaults.
+        #[arg(long, requires = "config")]
+        config_optional: bool,
+    },
+    /// Probe the local gateway (exit 0 when `GET /healthz` answers 200): the image's
+    /// HEALTHCHECK, which has no shell or curl to run. Connects where `serve` would listen
+    /// (loopback when that is every interface).
+    Health {
+        /// TOML configuration file (for server.listen; PORT and PUSHGATE_LISTEN work too).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Path to probe, e.g. /readyz.
+        #[arg(long, default_value = "/healthz")]
+        path: String,
     },
     /// Print a connect token for private topics, signed with auth.secret (for trying them out;
     /// your backend mints its own).
@@ -65,11 +84,41 @@ enum Command {
     },
 }
 
+/// Where logs go: stderr (the default: a terminal, journald) or stdout (what container
+/// platforms collect first; the image sets it). From `PUSHGATE_LOG_OUTPUT`.
+#[derive(Clone, Copy, PartialEq)]
+enum LogOutput {
+    Stderr,
+    Stdout,
+}
+
+fn log_output() -> Result<LogOutput, pushgate::config::Problem> {
+    match std::env::var("PUSHGATE_LOG_OUTPUT").as_deref() {
+        Err(_) | Ok("stderr") => Ok(LogOutput::Stderr),
+        Ok("stdout") => Ok(LogOutput::Stdout),
+        Ok(other) => Err(pushgate::config::Problem {
+            key: "PUSHGATE_LOG_OUTPUT".into(),
+            message: format!("{other:?}: expected stderr or stdout"),
+        }),
+    }
+}
+
+/// The --config file, unless it does not exist and --config-optional says that is fine.
+fn config_file(config: Option<PathBuf>, optional: bool) -> Option<PathBuf> {
+    config.filter(|p| !(optional && matches!(p.try_exists(), Ok(false))))
+}
+
 /// Loads the file and environment, applies `adjust` (command-line flags), then validates.
 fn load(file: Option<&PathBuf>, adjust: impl FnOnce(&mut Config)) -> Result<Config, ExitCode> {
     let config = Config::load(file.map(|p| p.as_path()), std::env::vars()).and_then(|mut c| {
         adjust(&mut c);
-        c.validate().map(|()| c)
+        let mut problems = c.validate().err().unwrap_or_default();
+        problems.extend(log_output().err());
+        if problems.is_empty() {
+            Ok(c)
+        } else {
+            Err(problems)
+        }
     });
     config.map_err(|problems| {
         for p in problems {
@@ -82,21 +131,37 @@ fn load(file: Option<&PathBuf>, adjust: impl FnOnce(&mut Config)) -> Result<Conf
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("PUSHGATE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    if std::env::var("PUSHGATE_LOG_FORMAT").as_deref() == Ok("json") {
-        builder.json().init();
+    let json = std::env::var("PUSHGATE_LOG_FORMAT").as_deref() == Ok("json");
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    // `load()` has already refused a bad PUSHGATE_LOG_OUTPUT.
+    if log_output() == Ok(LogOutput::Stdout) {
+        let builder = builder
+            .with_writer(std::io::stdout)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
+        if json {
+            builder.json().init();
+        } else {
+            builder.init();
+        }
     } else {
-        builder.init();
+        let builder = builder
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+        if json {
+            builder.json().init();
+        } else {
+            builder.init();
+        }
     }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::CheckConfig { config } => match load(config.as_ref(), |_| {}) {
+        Command::CheckConfig {
+            config,
+            config_optional,
+        } => match load(config_file(config, config_optional).as_ref(), |_| {}) {
             Ok(mut c) => {
                 if !c.publish.token.is_empty() {
                     c.publish.token = "(set, hidden)".into();
@@ -116,6 +181,23 @@ fn main() -> ExitCode {
             }
             Err(code) => code,
         },
+        Command::Health { config, path } => {
+            let c = match load(config.as_ref(), |_| {}) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            match probe(c.listen_addr(), &path) {
+                Ok(200) => ExitCode::SUCCESS,
+                Ok(status) => {
+                    eprintln!("{path}: {status}");
+                    ExitCode::from(1)
+                }
+                Err(e) => {
+                    eprintln!("{path}: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         Command::Token {
             config,
             channels,
@@ -145,11 +227,12 @@ fn main() -> ExitCode {
         }
         Command::Serve {
             config,
+            config_optional,
             listen,
             redis,
             tls,
         } => {
-            let c = match load(config.as_ref(), |c| {
+            let c = match load(config_file(config, config_optional).as_ref(), |c| {
                 if let Some(l) = listen {
                     c.server.listen = l;
                 }
@@ -184,6 +267,40 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// `GET path` on the gateway listening at `listen` (its loopback when `listen` is every
+/// interface); returns the HTTP status. Plain blocking I/O with a 2 s deadline per step.
+fn probe(listen: std::net::SocketAddr, path: &str) -> std::io::Result<u16> {
+    use std::io::{Read, Write};
+    let mut addr = listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr {
+            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let deadline = std::time::Duration::from_secs(2);
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, deadline)?;
+    stream.set_read_timeout(Some(deadline))?;
+    stream.set_write_timeout(Some(deadline))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut head = [0u8; 64];
+    let mut n = 0;
+    while n < 12 {
+        match stream.read(&mut head[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    let line = String::from_utf8_lossy(&head[..n]);
+    line.split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("not an HTTP answer from {addr}: {line:?}")))
 }
 
 /// `url` with the password of its user part (`redis://:PASSWORD@host/`) replaced by `hidden`.

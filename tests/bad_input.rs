@@ -498,9 +498,22 @@ async fn a_client_close_is_echoed_and_the_server_never_sends_1000_itself() {
     .await
     .unwrap();
     let echoed = recv_close_then_end(&mut ws).await;
-    // Echoing the client's own code is what RFC 6455 §5.5.1 suggests; anything but a missing
-    // close frame is acceptable here.
-    assert!((1000..=4999).contains(&echoed), "echoed {echoed}");
+    // The client's own code comes back (RFC 6455 §5.5.1; README, "Close codes").
+    assert_eq!(echoed, 1000, "the client's 1000 must be echoed");
+    // So does an application's own code.
+    let mut ws = connect(s.addr).await;
+    join(&mut ws, "1", "room:a", "{}").await;
+    ws.close(Some(CloseFrame {
+        code: CloseCode::from(4001),
+        reason: "app".into(),
+    }))
+    .await
+    .unwrap();
+    assert_eq!(
+        recv_close_then_end(&mut ws).await,
+        4001,
+        "4001 must be echoed"
+    );
 
     // The client closes without a code: the answer has none either (the client sees 1005), so
     // the server never picks 1000 on its own.

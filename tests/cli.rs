@@ -1,6 +1,6 @@
 //! The real binary: `check-config`, `serve` with its flags and environment, logs, and shutdown
 //! on SIGTERM. Environment variables are set on the child only, never on the test process; every
-//! `PUSHGATE_*` variable of the test process is removed from the child's environment.
+//! `PUSHGATE_*` variable of the test process (and `PORT`) is removed from the child's environment.
 
 mod support;
 
@@ -19,7 +19,7 @@ const STARTUP: Duration = Duration::from_secs(10);
 fn pushgate() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_pushgate"));
     for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("PUSHGATE_") {
+        if k.to_string_lossy().starts_with("PUSHGATE_") || k == "PORT" {
             c.env_remove(k);
         }
     }
@@ -306,6 +306,49 @@ fn check_config_refuses_unknown_keys_sections_and_bad_files() {
         stderr.contains(&*missing.to_string_lossy()),
         "the path is named: {stderr}"
     );
+}
+
+/// The packaged unit passes `--config /etc/pushgate/pushgate.toml --config-optional`: a deleted
+/// file means the defaults, a file that exists is read (and a bad one still refused).
+#[test]
+fn config_optional_means_defaults_only_when_the_file_does_not_exist() {
+    let missing =
+        std::env::temp_dir().join(format!("pushgate-cli-optional-{}", std::process::id()));
+    let mut cmd = pushgate();
+    cmd.arg("check-config")
+        .arg("--config")
+        .arg(&missing)
+        .arg("--config-optional");
+    let out = run(cmd);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("size = 1000"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    let file = TempFile::new("optional-present.toml", "[history]\nsize = 7\n");
+    let mut cmd = pushgate();
+    cmd.arg("check-config")
+        .arg("--config")
+        .arg(&file.0)
+        .arg("--config-optional");
+    let out = run(cmd);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("size = 7"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    let bad = TempFile::new("optional-bad.toml", "[history]\nsize = \"many\"\n");
+    let mut cmd = pushgate();
+    cmd.arg("check-config")
+        .arg("--config")
+        .arg(&bad.0)
+        .arg("--config-optional");
+    let out = run(cmd);
+    assert_eq!(out.status.code(), Some(64), "{}", text(&out.stderr));
 }
 
 #[test]
@@ -700,6 +743,216 @@ async fn json_logs_carry_the_listening_address_as_a_field() {
     assert_eq!(status, 200);
 }
 
+/// Reads `pipe` line by line on a thread of its own.
+fn lines_of(pipe: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(pipe).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+#[tokio::test]
+async fn port_listens_on_every_interface_and_the_image_logs_json_to_stdout() {
+    // What a container platform and the image's defaults give the binary: PORT (0 here: the
+    // kernel picks a free one, which the log names), JSON logs on stdout.
+    let mut cmd = pushgate();
+    cmd.arg("serve")
+        .env("PORT", "0")
+        .env("PUSHGATE_PUBLISH_TOKEN", TOKEN)
+        .env("PUSHGATE_LOG_FORMAT", "json")
+        .env("PUSHGATE_LOG_OUTPUT", "stdout")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let stdout = lines_of(child.stdout.take().unwrap());
+    let stderr = lines_of(child.stderr.take().unwrap());
+    let end = Instant::now() + STARTUP;
+    let addr: SocketAddr = loop {
+        let Ok(line) = stdout.recv_timeout(end.saturating_duration_since(Instant::now())) else {
+            let _ = child.kill();
+            let errs: Vec<String> = stderr.try_iter().collect();
+            panic!("no listening line on stdout; stderr:\n{}", errs.join("\n"));
+        };
+        let v: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        if v["fields"]["message"] == "listening" {
+            break v["fields"]["addr"].as_str().unwrap().parse().unwrap();
+        }
+    };
+    assert!(
+        addr.ip().is_unspecified(),
+        "listening on {addr}, not 0.0.0.0"
+    );
+    assert_ne!(addr.port(), 0);
+    let loopback = SocketAddr::from(([127, 0, 0, 1], addr.port()));
+    let (status, _, _) = http(loopback, "GET", "/healthz", &[], b"").await;
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(status, 200);
+    let errs: Vec<String> = stderr.try_iter().collect();
+    assert!(errs.is_empty(), "logs on stderr: {errs:?}");
+
+    // PUSHGATE_LISTEN beats PORT (a port we hold: binding it would fail).
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut cmd = pushgate();
+    cmd.arg("serve")
+        .env("PORT", held.local_addr().unwrap().port().to_string())
+        .env("PUSHGATE_LISTEN", "127.0.0.1:0")
+        .env("PUSHGATE_PUBLISH_TOKEN", TOKEN);
+    let p = Served::spawn(cmd);
+    assert_eq!(p.addr.ip().to_string(), "127.0.0.1");
+    drop(p);
+
+    // A bad PORT or log output is a configuration error that names it.
+    for (name, value) in [("PORT", "http"), ("PUSHGATE_LOG_OUTPUT", "syslog")] {
+        let mut cmd = pushgate();
+        cmd.arg("serve").env(name, value);
+        let out = run(cmd);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{name}: {stderr}");
+        assert!(stderr.contains(name), "{stderr}");
+        assert!(!stderr.contains("listening"), "{stderr}");
+    }
+}
+
+#[test]
+fn health_probes_the_gateway_where_port_says_it_listens() {
+    // The image's HEALTHCHECK: `pushgate health` with the container's environment.
+    let mut cmd = pushgate();
+    cmd.arg("serve")
+        .env("PORT", "0")
+        .env("PUSHGATE_PUBLISH_TOKEN", TOKEN);
+    let mut p = Served::spawn(cmd);
+    let health = |path: &str| {
+        let mut cmd = pushgate();
+        cmd.args(["health", "--path", path])
+            .env("PORT", p.addr.port().to_string());
+        run(cmd)
+    };
+    let out = health("/healthz");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let out = health("/readyz");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let out = health("/nope");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("404"), "{}", text(&out.stderr));
+    let _ = p.child.kill();
+    let _ = p.child.wait();
+    let out = health("/healthz");
+    assert_eq!(out.status.code(), Some(1), "a dead gateway is not healthy");
+}
+
+/// A CA and a certificate it signed for `localhost`/127.0.0.1: (ca.pem, cert.pem, key.pem).
+fn test_ca_and_server_cert() -> (String, String, String) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "pushgate test CA");
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let params =
+        rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+            .unwrap();
+    let cert = params.signed_by(&key, &ca_cert, &ca_key).unwrap();
+    (ca_cert.pem(), cert.pem(), key.serialize_pem())
+}
+
+#[tokio::test]
+async fn rediss_urls_speak_tls_to_redis_trusting_the_system_roots() {
+    // Managed Redis on the container platforms (App Platform's managed Valkey, Upstash's public
+    // endpoints, ElastiCache with in-transit encryption) only speaks TLS: a rediss:// URL.
+    // The roots are the system's (SSL_CERT_FILE here, as OpenSSL reads it: the test CA).
+    let (ca, cert, key) = test_ca_and_server_cert();
+    let (ca, cert, key) = (
+        TempFile::new("ca.pem", &ca),
+        TempFile::new("cert.pem", &cert),
+        TempFile::new("key.pem", &key),
+    );
+    let port = free_port();
+    let mut redis = Command::new("redis-server")
+        .args([
+            "--port",
+            "0",
+            "--tls-port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+        ])
+        .args(["--tls-cert-file", &cert.0.display().to_string()])
+        .args(["--tls-key-file", &key.0.display().to_string()])
+        .args(["--tls-ca-cert-file", &ca.0.display().to_string()])
+        .args([
+            "--tls-auth-clients",
+            "no",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server must be installed (scripts/test.sh installs it)");
+    let end = Instant::now() + STARTUP;
+    loop {
+        let out = Command::new("redis-cli")
+            .args(["--tls", "--cacert", &ca.0.display().to_string()])
+            .args(["-p", &port.to_string(), "ping"])
+            .output()
+            .expect("redis-cli");
+        if text(&out.stdout).trim() == "PONG" {
+            break;
+        }
+        assert!(Instant::now() < end, "redis-server (TLS) did not start");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    let mut cmd = pushgate();
+    cmd.arg("serve")
+        .env("PUSHGATE_LISTEN", "127.0.0.1:0")
+        .env("PUSHGATE_PUBLISH_TOKEN", TOKEN)
+        .env("PUSHGATE_REDIS_URL", format!("rediss://localhost:{port}/"))
+        .env("SSL_CERT_FILE", &ca.0);
+    let mut p = Served::spawn(cmd);
+    let end = tokio::time::Instant::now() + STARTUP;
+    loop {
+        let (status, _, body) = http(p.addr, "GET", "/readyz", &[], b"").await;
+        if status == 200 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < end,
+            "/readyz: {status} {}\n{}",
+            text(&body),
+            p.drain_log()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let body = br#"{"topic":"room:tls","event":"new_msg","payload":{}}"#;
+    let auth = format!("Bearer {TOKEN}");
+    let (status, _, answer) = http(
+        p.addr,
+        "POST",
+        "/api/publish",
+        &[
+            ("authorization", &auth),
+            ("content-type", "application/json"),
+        ],
+        body,
+    )
+    .await;
+    assert_eq!(status, 200, "{}\n{}", text(&answer), p.drain_log());
+    let _ = redis.kill();
+    let _ = redis.wait();
+}
+
 // ---------------------------------------------------------------------------------------------
 // Shutdown
 // ---------------------------------------------------------------------------------------------
@@ -861,6 +1114,56 @@ async fn stopping_the_in_process_server_closes_websockets_with_1012_and_finishes
             .connections_websocket
             .load(std::sync::atomic::Ordering::Relaxed),
         0
+    );
+}
+
+/// README: "WebSockets are closed with 1012 at random moments over `shutdown.drain_ms`", so
+/// that clients do not all reconnect at once. 20 clients: every close comes within the drain
+/// period, and they are spread over it (some in each half; all 20 within a third of the period
+/// by chance has a probability of about 2e-8).
+#[tokio::test]
+async fn the_drain_spreads_its_1012_closes_over_drain_ms() {
+    const DRAIN: Duration = Duration::from_millis(1500);
+    let mut c = many_clients_config();
+    c.shutdown.drain_ms = DRAIN.as_millis() as u64;
+    c.shutdown.grace_ms = GRACE_MS;
+    let s = start_with(c).await;
+    let clients = joined_clients(s.addr, "room:spread", 20).await;
+
+    let t0 = Instant::now();
+    s.stop.cancel();
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .map(|mut ws| {
+            tokio::spawn(async move {
+                let code = recv_close(&mut ws).await;
+                (code, t0.elapsed())
+            })
+        })
+        .collect();
+    let mut at = Vec::new();
+    for t in tasks {
+        let (code, when) = tokio::time::timeout(DRAIN + SLACK, t)
+            .await
+            .expect("every close within the drain period")
+            .unwrap();
+        assert_eq!(code, 1012);
+        at.push(when);
+    }
+    at.sort();
+    let (first, last) = (at[0], at[at.len() - 1]);
+    assert!(
+        last <= DRAIN + SLACK,
+        "a close after the drain period: {at:?}"
+    );
+    assert!(
+        last - first >= DRAIN / 3,
+        "closes not spread over the drain period: {at:?}"
+    );
+    let half = DRAIN / 2;
+    assert!(
+        at.iter().any(|t| *t < half) && at.iter().any(|t| *t >= half),
+        "closes all in one half of the drain period: {at:?}"
     );
 }
 

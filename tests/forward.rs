@@ -17,6 +17,9 @@ use tokio::sync::Semaphore;
 struct Seen {
     bearers: Vec<String>,
     bodies: Vec<Value>,
+    /// "hold" requests at the app now, and the most there ever were at once.
+    holding: usize,
+    most_holding: usize,
 }
 
 struct TestApp {
@@ -87,7 +90,13 @@ async fn start_app_with(tls: Option<Arc<rustls_acme::rustls::ServerConfig>>) -> 
                                     (200, "{}".to_string())
                                 }
                                 "hold" => {
+                                    {
+                                        let mut seen = s.lock().unwrap();
+                                        seen.holding += 1;
+                                        seen.most_holding = seen.most_holding.max(seen.holding);
+                                    }
                                     g.acquire().await.unwrap().forget();
+                                    s.lock().unwrap().holding -= 1;
                                     (200, json!({"n": body["payload"]["n"]}).to_string())
                                 }
                                 _ => (404, "{}".to_string()),
@@ -277,6 +286,39 @@ async fn one_connections_pushes_reach_the_app_in_order_and_the_queue_is_bounded(
         .map(|b| b["payload"]["n"].clone())
         .collect();
     assert_eq!(order, [0, 1, 2, 3, 4]);
+}
+
+/// `forward.max_concurrent` bounds the requests at the app across connections: with 2, four
+/// connections' pushes reach the app two at a time, each next one only once one is answered.
+#[tokio::test]
+async fn forward_max_concurrent_bounds_requests_at_the_app_across_connections() {
+    let app = start_app().await;
+    let mut config = forwarding_config(app.addr);
+    config.forward.timeout_ms = 10_000;
+    config.forward.max_concurrent = 2;
+    let s = start_with(config).await;
+    let mut clients = Vec::new();
+    for i in 0..4 {
+        let mut ws = connect(s.addr).await;
+        join(&mut ws, "1", "room:conc", "{}").await;
+        push(&mut ws, "10", "room:conc", "hold", json!({"n": i})).await;
+        clients.push(ws);
+    }
+    let seen = |n: usize| app.seen.lock().unwrap().bodies.len() >= n;
+    wait_until(|| seen(2)).await;
+    for k in 0..4 {
+        // One answer lets exactly one more in.
+        app.gate.add_permits(1);
+        if k < 2 {
+            wait_until(|| seen(3 + k)).await;
+        }
+    }
+    for ws in &mut clients {
+        assert_eq!(reply(ws, "10", "room:conc").await["status"], "ok");
+    }
+    let seen = app.seen.lock().unwrap();
+    assert_eq!(seen.bodies.len(), 4);
+    assert_eq!(seen.most_holding, 2, "requests at the app at once");
 }
 
 #[tokio::test]

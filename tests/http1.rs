@@ -413,3 +413,39 @@ async fn a_stalled_body_does_not_hold_up_a_shutdown() {
     c.closed().await;
     assert_eq!(server_panics(), 0);
 }
+
+/// A publisher on a keep-alive connection that looks idle when the node starts shutting down
+/// (`systemctl restart`) may be sending its next request at that very moment: the connection
+/// stays open for `shutdown.drain_ms`, and that request is answered, with `Connection: close`,
+/// instead of being cut off (the publisher could not tell whether it was published).
+#[tokio::test]
+async fn a_keep_alive_connection_idle_at_shutdown_still_gets_its_next_request_answered() {
+    install_panic_counter();
+    let mut config = test_config();
+    config.shutdown.drain_ms = 2000;
+    let s = start_with(config).await;
+    let mut c = Conn::open(s.addr).await;
+    c.send(&publish_request("lean:idle-at-shutdown", 1, ""))
+        .await;
+    let first = c.answer().await;
+    assert_eq!(first.status, 200);
+    assert_eq!(first.header("connection"), None);
+    s.stop.cancel();
+    wait_until(|| s.app.is_draining()).await;
+    // Not closed as the shutdown begins (a negative check: nothing may arrive in this window).
+    let mut byte = [0u8; 1];
+    let early = tokio::time::timeout(Duration::from_millis(300), c.s.peek(&mut byte)).await;
+    assert!(
+        early.is_err(),
+        "the idle connection was closed at shutdown: {early:?}"
+    );
+    c.send(&publish_request("lean:idle-at-shutdown", 2, ""))
+        .await;
+    let second = c.answer().await;
+    assert_eq!(second.status, 200, "{}", second.head);
+    assert_eq!(offset(&second), offset(&first) + 1);
+    assert_eq!(second.header("connection").as_deref(), Some("close"));
+    c.closed().await;
+    assert!(s.handle.await.unwrap(), "a task outlived the grace period");
+    assert_eq!(server_panics(), 0);
+}

@@ -13,10 +13,12 @@ use tokio::time::Instant;
 /// The first URL phoenix.js builds: a user param called `token`, `vsn`, and an empty segment.
 const BASE: &str = "/socket/longpoll?token=user-secret&vsn=2.0.0&";
 
-/// How long a request that must stay held is given to reach the server before the test does
-/// the next step. The server offers no signal that a GET is registered as the listener, so the
-/// windows in those tests are long (4 s) and the checks only need this much head start.
-const HEAD_START: Duration = Duration::from_millis(200);
+/// Waits until the server holds a GET for session `token` as its listener
+/// (`Registry::is_held`), rather than for a fixed time that passes whether it arrived or not.
+async fn until_held(s: &TestServer, token: &str) {
+    let app = s.app.clone();
+    wait_until(|| app.longpoll.is_held(token)).await;
+}
 
 /// A later URL: the user's `token` first, the session token last (as phoenix.js sends it).
 fn url(token: &str) -> String {
@@ -409,7 +411,7 @@ async fn a_held_get_returns_promptly_when_a_message_is_published() {
     let addr = s.addr;
     let tt = t.clone();
     let held = tokio::spawn(async move { get(addr, &tt).await });
-    tokio::time::sleep(HEAD_START).await;
+    until_held(&s, &t).await;
     assert!(
         !held.is_finished(),
         "the GET must be held while nothing is waiting"
@@ -447,7 +449,7 @@ async fn a_post_wakes_the_held_get_with_its_replies() {
     let addr = s.addr;
     let tt = t.clone();
     let held = tokio::spawn(async move { get(addr, &tt).await });
-    tokio::time::sleep(HEAD_START).await;
+    until_held(&s, &t).await;
     assert!(!held.is_finished());
 
     let t0 = Instant::now();
@@ -481,7 +483,7 @@ async fn a_second_get_finishes_the_first_with_204_and_takes_over() {
             let body = get(addr, &ta).await;
             (body, Instant::now())
         });
-        tokio::time::sleep(HEAD_START).await;
+        until_held(&s, &t).await;
         assert!(!a.is_finished(), "round {round}: GET A must be held");
 
         let b_started = Instant::now();
@@ -977,7 +979,7 @@ async fn shutdown_answers_a_held_get_with_500_at_once() {
     let addr = s.addr;
     let tt = t.clone();
     let held = tokio::spawn(async move { get(addr, &tt).await });
-    tokio::time::sleep(HEAD_START).await;
+    until_held(&s, &t).await;
     assert!(!held.is_finished(), "the GET must be held");
 
     let t0 = Instant::now();

@@ -394,8 +394,19 @@ async fn with_redis_a_dead_node_s_entries_are_removed_and_announced() {
             .trim(),
         "0"
     );
-    let reaped = metric(a.addr, "pushgate_presence_reaped_total").await;
-    assert!(seen_leave && reaped.is_some(), "{reaped:?}");
+    // Exactly the one ghost entry was reaped, and counted (the count follows the removal).
+    let end = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let reaped = metric(a.addr, "pushgate_presence_reaped_total").await;
+        if reaped == Some(1.0) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < end && reaped.is_some_and(|n| n < 1.0),
+            "pushgate_presence_reaped_total: {reaped:?}, want 1"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
 }
 
 #[tokio::test]

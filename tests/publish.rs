@@ -226,6 +226,12 @@ async fn bad_bodies_get_400_naming_the_problem_and_publish_nothing() {
     for body in ["null", "42", r#""room:p""#, "true", "[1]", "[[]]"] {
         rejected(&s, body.as_bytes(), 400).await;
     }
+    // Nor its fields as an array, which serde's derive would take (found by the fuzz target
+    // publish_body).
+    for body in [r#"[["room:p","e",1]]"#, r#"[["room:p","e",1,null]]"#] {
+        let msg = rejected(&s, body.as_bytes(), 400).await;
+        assert!(msg.contains("object"), "{msg}");
+    }
 
     // A missing field is named.
     for (field, body) in [

@@ -175,6 +175,88 @@ async fn since_replays_the_gap_once_in_order_then_live() {
     );
 }
 
+/// `history.max_age_secs`: a message stays in history that long, then a join asking for it
+/// gets `recovered: false`. Polled, with bounds on both sides: not dropped before its age, and
+/// dropped within a couple of seconds after it.
+#[tokio::test]
+async fn history_keeps_a_message_for_max_age_secs_then_drops_it() {
+    use std::time::{Duration, Instant};
+    const AGE: Duration = Duration::from_secs(1);
+    let mut c = test_config();
+    c.history.max_age_secs = AGE.as_secs();
+    let s = start_with(c).await;
+    let t0 = Instant::now();
+    let first = publish(s.addr, "room:age", "n", "0").await;
+    let (epoch, offset) = split_position(&first);
+    let since = format!(r#"{{"since":"{epoch}:{}"}}"#, offset - 1);
+    let mut ws = connect(s.addr).await;
+    let resp = join(&mut ws, "6", "room:age", &since).await;
+    if t0.elapsed() < AGE {
+        assert_eq!(
+            resp["recovered"], true,
+            "dropped before history.max_age_secs"
+        );
+        assert_eq!(recv(&mut ws).await[4], 0);
+    }
+    let gone = loop {
+        let mut ws = connect(s.addr).await;
+        let resp = join(&mut ws, "6", "room:age", &since).await;
+        if resp["recovered"] == false {
+            break t0.elapsed();
+        }
+        assert!(
+            t0.elapsed() < AGE + Duration::from_secs(3),
+            "still in history long after history.max_age_secs"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        gone >= AGE,
+        "dropped after {gone:?}, before history.max_age_secs"
+    );
+}
+
+/// `server.idle_timeout_ms`: a WebSocket that sends nothing for that long is closed with 1001
+/// (no sooner), and one that keeps sending heartbeats stays open past it. Production asks for at
+/// least 35 s (`Config::validate`); this server is started without the check, at 400 ms.
+#[tokio::test]
+async fn an_idle_websocket_is_closed_with_1001_after_idle_timeout_ms_and_a_busy_one_is_not() {
+    use std::time::{Duration, Instant};
+    const IDLE: Duration = Duration::from_millis(400);
+    let mut c = test_config();
+    c.server.idle_timeout_ms = IDLE.as_millis() as u64;
+    let s = start_unvalidated(c).await;
+    let mut idle = connect(s.addr).await;
+    let mut busy = connect(s.addr).await;
+    let t0 = Instant::now();
+    let closed = tokio::spawn(async move { (recv_close(&mut idle).await, t0.elapsed()) });
+    let mut n = 0;
+    while !closed.is_finished() {
+        n += 1;
+        send(
+            &mut busy,
+            &format!(r#"[null,"{n}","phoenix","heartbeat",{{}}]"#),
+        )
+        .await;
+        assert_eq!(recv(&mut busy).await[1], n.to_string());
+        assert!(
+            t0.elapsed() < IDLE * 10,
+            "the idle connection was never closed"
+        );
+        tokio::time::sleep(IDLE / 4).await;
+    }
+    let (code, at) = closed.await.unwrap();
+    assert_eq!(code, 1001, "an idle close is 1001");
+    assert!(
+        at >= IDLE,
+        "closed after {at:?}, before server.idle_timeout_ms"
+    );
+    // The busy one, open as long and longer, still answers.
+    send(&mut busy, r#"[null,"last","phoenix","heartbeat",{}]"#).await;
+    assert_eq!(recv(&mut busy).await[1], "last");
+    assert!(t0.elapsed() > IDLE);
+}
+
 #[tokio::test]
 async fn since_outside_history_says_recovered_false() {
     let mut c = test_config();

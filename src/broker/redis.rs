@@ -40,6 +40,7 @@ use futures_util::StreamExt;
 use redis::aio::ConnectionManager;
 use serde::Deserialize;
 use serde_json::value::RawValue;
+use std::borrow::Cow;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -266,25 +267,37 @@ struct Routed {
 }
 
 /// A message as it travels on a topic's channel.
-#[derive(Deserialize)]
-struct Envelope<'a> {
-    #[serde(default)]
-    position: Option<&'a str>,
+#[derive(Debug, Deserialize)]
+pub struct Envelope<'a> {
+    /// Borrowed unless the sender escaped characters in it (any JSON encoder may: a message
+    /// published with `PUBLISH` need not come from our script).
+    #[serde(borrow, default)]
+    position: Option<Cow<'a, str>>,
     event: String,
     #[serde(borrow)]
     payload: &'a RawValue,
     /// The sender a publish excludes ("send to others"), as `<node>.<connection>`.
-    #[serde(default)]
-    exclude: Option<&'a str>,
+    #[serde(borrow, default)]
+    exclude: Option<Cow<'a, str>>,
 }
 
-impl Envelope<'_> {
+impl<'a> Envelope<'a> {
+    /// Decodes a message from a topic's channel.
+    pub fn decode(payload: &'a [u8]) -> Result<Envelope<'a>, serde_json::Error> {
+        serde_json::from_slice(payload)
+    }
+
+    /// Its position (`epoch:offset`), when it carries a well-formed one.
+    pub fn position(&self) -> Option<(&str, u64)> {
+        self.position.as_deref().and_then(hub::parse_position)
+    }
+
     /// The message for this node's hub (`node`: this node's id).
-    fn broadcast(&self, node: &str) -> hub::Broadcast<'_> {
+    pub fn broadcast(&self, node: &str) -> hub::Broadcast<'_> {
         hub::Broadcast {
             event: &self.event,
             payload: self.payload.get().as_bytes(),
-            exclude: crate::session::local_exclude(self.exclude, node),
+            exclude: crate::session::local_exclude(self.exclude.as_deref(), node),
         }
     }
 }
@@ -993,7 +1006,7 @@ fn append_entries(app: &App, topic: &str, from: u64, entries: Vec<(u64, u64, Str
         let Ok(env) = serde_json::from_str::<Envelope>(&raw) else {
             continue;
         };
-        let Some((epoch, _)) = env.position.and_then(hub::parse_position) else {
+        let Some((epoch, _)) = env.position() else {
             continue;
         };
         if offset != expected {
@@ -1048,7 +1061,7 @@ async fn on_message(
         return;
     };
     let payload = msg.get_payload_bytes();
-    let env: Envelope = match serde_json::from_slice(payload) {
+    let env = match Envelope::decode(payload) {
         Ok(e) => e,
         Err(e) => {
             Metrics::add(&app.metrics.redis_bad_messages, 1);
@@ -1056,7 +1069,7 @@ async fn on_message(
             return;
         }
     };
-    let position = env.position.and_then(hub::parse_position);
+    let position = env.position();
     let message = env.broadcast(&app.node_id);
     match app.hub.append_remote(topic, position, message) {
         RemoteAppend::Gap(from) => {
@@ -1304,7 +1317,7 @@ fn replay(
         protocol::push_text_frame(
             &mut f,
             None,
-            env.position,
+            env.position.as_deref(),
             topic,
             &env.event,
             env.payload.get().as_bytes(),
@@ -1316,8 +1329,18 @@ fn replay(
 
 #[cfg(test)]
 mod tests {
-    use super::Keys;
+    use super::{Envelope, Keys};
     use std::collections::HashMap;
+
+    /// Found by the fuzz target `redis_envelope`: a message whose `exclude` (or `position`)
+    /// held a JSON escape could not be borrowed and was dropped whole.
+    #[test]
+    fn escaped_strings_in_a_channel_message_are_decoded() {
+        let raw = br#"{"position":"e\u0031:7","event":"x","payload":1,"exclude":"n\/1.5"}"#;
+        let env = Envelope::decode(raw).expect("decodes");
+        assert_eq!(env.position(), Some(("e1", 7)));
+        assert_eq!(env.broadcast("n/1").exclude, 5);
+    }
 
     /// Topics that look like other topics' keys or like the nodes' own names.
     fn hostile_topics(nodes: &[&str]) -> Vec<String> {

@@ -191,6 +191,12 @@ impl Registry {
         self.len() == 0
     }
 
+    /// Whether a GET is held for the session `token`, as its listener: the state a test waits
+    /// for before it publishes or posts (read from the session; nothing is kept for it).
+    pub fn is_held(&self, token: &str) -> bool {
+        self.get(token).is_some_and(|lp| lp.lock().listener != 0)
+    }
+
     /// Sessions with a GET waiting for frames (a scan: for tests and diagnostics).
     pub fn held(&self) -> usize {
         self.map()
@@ -278,6 +284,13 @@ impl Registry {
     }
 
     /// Closes every session (shutdown): waiting GETs answer at once.
+    /// Closes and drops every session (for the fuzz targets, which make an `App` per input: a
+    /// session holds its `App`, so one left in the registry would keep both alive).
+    pub(crate) fn clear(&self) {
+        self.close_all();
+        self.map().clear();
+    }
+
     pub fn close_all(&self) {
         for s in self.map().values() {
             close(s);

@@ -81,16 +81,59 @@ pub async fn start() -> TestServer {
     start_with(test_config()).await
 }
 
+/// The runtime the server of [`start_with`] runs on: the test's own (tokio's current-thread
+/// test runtime), or with `PUSHGATE_TEST_RUNTIME=multi_thread` a shared multi-threaded runtime
+/// of 2 workers, like the binary's, so that the hub and the transports meet cross-thread races
+/// (scripts/test.sh runs the hub and transport tests both ways).
+fn server_runtime() -> Option<&'static tokio::runtime::Runtime> {
+    static RT: std::sync::OnceLock<Option<tokio::runtime::Runtime>> = std::sync::OnceLock::new();
+    RT.get_or_init(|| match std::env::var("PUSHGATE_TEST_RUNTIME").as_deref() {
+        Ok("multi_thread") => Some(
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("a multi-threaded runtime"),
+        ),
+        Ok("current_thread") | Err(_) => None,
+        Ok(other) => panic!("PUSHGATE_TEST_RUNTIME={other}: multi_thread or current_thread"),
+    })
+    .as_ref()
+}
+
 pub async fn start_with(config: Config) -> TestServer {
     config.validate().expect("test config must be valid");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    start_unvalidated(config).await
+}
+
+/// [`start_with`] without `Config::validate`, for a test that needs a value production may not
+/// use (a timeout shorter than the minimum a real client needs).
+pub async fn start_unvalidated(config: Config) -> TestServer {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
     let addr = listener.local_addr().unwrap();
     let stop = CancellationToken::new();
     let app = App::new(config, CancellationToken::new());
     let s = stop.clone();
-    let handle = tokio::spawn(pushgate::run_app(vec![listener], app.clone(), async move {
-        s.cancelled().await
-    }));
+    let served = app.clone();
+    // The listener is registered with the runtime that serves it.
+    let serve = async move {
+        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+        pushgate::run_app(vec![listener], served, async move { s.cancelled().await }).await
+    };
+    let handle = match server_runtime() {
+        Some(rt) => {
+            // Stopped when the test's runtime ends (its tasks are dropped), as a server
+            // spawned on it would be.
+            let guard = stop.clone().drop_guard();
+            tokio::spawn(async move {
+                let _guard = guard;
+                std::future::pending::<()>().await
+            });
+            rt.spawn(serve)
+        }
+        None => tokio::spawn(serve),
+    };
     TestServer {
         addr,
         app,
@@ -714,8 +757,15 @@ pub struct RedisServer {
 }
 
 impl RedisServer {
+    /// Starts on a free port; if another process takes the port between the pick and the
+    /// bind (redis-server then exits at once), on another one.
     pub fn start() -> RedisServer {
         Self::start_with(&["--save", "", "--appendonly", "no"], false)
+    }
+
+    /// [`RedisServer::start`], trying `port` first.
+    pub fn start_from(port: u16) -> RedisServer {
+        Self::start_at(port, &["--save", "", "--appendonly", "no"], false)
     }
 
     /// A server with RDB persistence in its own directory, but no automatic snapshot: the
@@ -728,27 +778,41 @@ impl RedisServer {
     /// A server with these arguments; `persistent` gives it a data directory of its own
     /// (kept across restarts, removed on drop).
     pub fn start_with(args: &[&str], persistent: bool) -> RedisServer {
-        let port = free_port();
-        let dir = persistent.then(|| {
-            let d = std::env::temp_dir().join(format!(
-                "pushgate-test-redis-{}-{port}-{:08x}",
-                std::process::id(),
-                rand::random::<u32>()
-            ));
-            std::fs::create_dir_all(&d).unwrap();
-            d
-        });
+        Self::start_at(free_port(), args, persistent)
+    }
+
+    fn start_at(port: u16, args: &[&str], persistent: bool) -> RedisServer {
         let mut r = RedisServer {
             port,
             child: None,
             args: args.iter().map(|a| a.to_string()).collect(),
-            dir,
+            dir: None,
         };
-        r.spawn();
-        r
+        for _ in 0..5 {
+            r.dir = persistent.then(|| {
+                let d = std::env::temp_dir().join(format!(
+                    "pushgate-test-redis-{}-{}-{:08x}",
+                    std::process::id(),
+                    r.port,
+                    rand::random::<u32>()
+                ));
+                std::fs::create_dir_all(&d).unwrap();
+                d
+            });
+            if r.spawn() {
+                return r;
+            }
+            if let Some(d) = r.dir.take() {
+                let _ = std::fs::remove_dir_all(d);
+            }
+            r.port = free_port();
+        }
+        panic!("redis-server could not bind any of 5 free ports");
     }
 
-    fn spawn(&mut self) {
+    /// Starts redis-server on `self.port` and waits until it answers; false when it exited
+    /// without answering (the port was taken).
+    fn spawn(&mut self) -> bool {
         let mut cmd = std::process::Command::new("redis-server");
         cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(&self.args);
@@ -762,13 +826,34 @@ impl RedisServer {
             .expect("redis-server must be installed (scripts/test.sh installs it)");
         self.child = Some(child);
         let end = std::time::Instant::now() + DEADLINE;
-        while self.cli(&["ping"]).trim() != "PONG" {
+        loop {
+            // Exited (the port was taken) before answering?
+            let exited = self.child.as_mut().map(|c| c.try_wait());
+            if let Some(Ok(Some(_))) = exited {
+                self.child = None;
+                return false;
+            }
+            if self.cli(&["ping"]).trim() == "PONG" {
+                break;
+            }
             assert!(
                 std::time::Instant::now() < end,
                 "redis-server did not start"
             );
             std::thread::sleep(Duration::from_millis(10));
         }
+        // The answer may have come from another server on that port: ours must be the one.
+        let pid = self.child.as_ref().map(|c| c.id().to_string());
+        let info = self.cli(&["INFO", "server"]);
+        let ours = info
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("process_id:"))
+            .map(str::to_string);
+        if ours != pid {
+            self.stop();
+            return false;
+        }
+        true
     }
 
     pub fn url(&self) -> String {
@@ -777,8 +862,10 @@ impl RedisServer {
 
     /// Runs `redis-cli` against this server; returns its output.
     pub fn cli(&self, args: &[&str]) -> String {
-        let out = std::process::Command::new("redis-cli")
-            .args(["-p", &self.port.to_string()])
+        // Bounded (coreutils `timeout`): a port held by something that accepts and never
+        // answers, or a paused server, must not hang the test.
+        let out = std::process::Command::new("timeout")
+            .args(["5", "redis-cli", "-p", &self.port.to_string()])
             .args(args)
             .output()
             .expect("redis-cli");
@@ -812,10 +899,16 @@ impl RedisServer {
     }
 
     /// Stops (SIGKILL) and starts again on the same port: without persistence the data is
-    /// gone; with it, Redis comes back with what its files hold.
+    /// gone; with it, Redis comes back with what its files hold. The port is below the
+    /// ephemeral range and handed out once per test process, so no outgoing connection can
+    /// take it meanwhile; if another process's listener did, this says so.
     pub fn restart(&mut self) {
         self.stop();
-        self.spawn();
+        assert!(
+            self.spawn(),
+            "port {} was taken while redis-server was down",
+            self.port
+        );
     }
 }
 
