@@ -798,7 +798,18 @@ impl TopicState {
                     Start::After(self.last_seq)
                 } else if offset > self.last_offset {
                     Start::Unrecoverable
-                } else if let Some(e) = self.entries.iter().find(|e| e.offset == offset + 1) {
+                } else if let Some(e) = self.entries.iter().find(|e| e.offset == offset + 1)
+                    && self
+                        .entries
+                        .iter()
+                        .rev()
+                        .find(|e| e.offset > 0)
+                        .map(|e| e.offset)
+                        == Some(self.last_offset)
+                {
+                    // The buffer reaches the current offset: the gap is all here. (It does not
+                    // when the topic went live again further on, `go_live`, with older entries
+                    // kept: then the broker's history has what the buffer lacks.)
                     Start::After(e.seq - 1)
                 } else {
                     Start::NotCovered(offset)
@@ -1354,6 +1365,35 @@ mod tests {
         }
         let (_sub, info) = h.subscribe("t", w, Some("old:5"));
         assert_eq!(info.recovered, Some(false), "{info:?}");
+    }
+
+    #[test]
+    fn a_topic_live_again_after_missing_messages_replays_them_from_the_broker() {
+        // Found by the soak (SOAK.md): a node stops receiving a topic (its last local subscriber
+        // left), messages 4 and 5 are published meanwhile, and a join makes it live again at
+        // offset 5 with its old entries 1 to 3 still in the buffer. A join with `since` 1 must
+        // not be replayed 2 and 3 only and told `recovered: true`.
+        let h = Hub::with_broker(
+            HistoryConfig::default(),
+            Arc::new(Metrics::default()),
+            Arc::new(tokio::sync::Notify::new()),
+        );
+        h.go_live("t", "e", 0);
+        for n in 1..=3u64 {
+            let payload = n.to_string();
+            let msg = Broadcast {
+                event: "n",
+                payload: payload.as_bytes(),
+                exclude: 0,
+            };
+            h.append_remote("t", Some(("e", n)), msg);
+        }
+        assert_eq!(h.take_idle_topics().len(), 1);
+        h.go_live("t", "e", 5);
+        match h.join_live("t", Arc::new(Waker::default()), Some("e:1")) {
+            LiveJoin::NeedsHistory(_, position, 1) => assert_eq!(position.to_string(), "e:5"),
+            other => panic!("e:1 was replayed from a buffer that lacks 4 and 5: {other:?}"),
+        }
     }
 
     #[test]

@@ -219,7 +219,8 @@ process.on("exit", () => {
 /**
  * Starts `pushgate serve --listen <listen>` and resolves once it logs its
  * address. Options: `listen` (default "127.0.0.1:0"), `args` (extra CLI args),
- * `env` (extra environment), `bin` (another build of the binary). PUSHGATE_* variables of the calling environment
+ * `env` (extra environment), `bin` (another build of the binary), `wrap` (a command and its
+ * arguments that execs the binary, e.g. `["ip", "netns", "exec", ns]`: the pid stays pushgate's). PUSHGATE_* variables of the calling environment
  * are not passed on, so a developer's shell cannot change what a test sees.
  *
  * Returns `{url, port, addr, proc, logs, stop(), kill()}`; `logs` collects every
@@ -238,7 +239,8 @@ export async function startServer(opts = {}) {
   });
   const args = ["serve", "--listen", listen, ...(opts.args ?? [])];
   const bin = opts.bin ?? PUSHGATE_BIN;
-  const proc = spawn(bin, args, { env, stdio: ["ignore", "pipe", "pipe"] });
+  const [file, ...argv] = [...(opts.wrap ?? []), bin, ...args];
+  const proc = spawn(file, argv, { env, stdio: ["ignore", "pipe", "pipe"] });
   running.add(proc);
 
   const logs = [];
