@@ -10,7 +10,7 @@
 // (REDIS_SERVER_BIN, REDIS_CLI_BIN, NGINX_BIN override the paths).
 
 import assert from "node:assert/strict";
-import { execFile, spawn } from "node:child_process";
+import { execFile } from "node:child_process";
 import { chmodSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import net from "node:net";
 import os from "node:os";
@@ -34,6 +34,8 @@ import {
   startServer,
   uniqueTopic,
   waitFor,
+  spawnChild,
+  terminate,
 } from "./support.js";
 
 const REDIS_SERVER = process.env.REDIS_SERVER_BIN ?? "redis-server";
@@ -54,10 +56,6 @@ const offsetOf = (position) => Number(position.slice(position.lastIndexOf(":") +
 // Processes: redis-server, nginx (pushgate nodes come from support.js)
 // ---------------------------------------------------------------------------
 
-const children = new Set();
-process.on("exit", () => {
-  for (const child of children) child.kill("SIGKILL");
-});
 
 /**
  * A free TCP port on 127.0.0.1 (checked, then released), below the kernel's ephemeral range
@@ -86,40 +84,7 @@ function run(file, args, timeoutMs = 5000) {
   });
 }
 
-/** Spawns a long-running child that is SIGKILLed if the test process exits first. */
-function spawnChild(file, args) {
-  const proc = spawn(file, args, { stdio: ["ignore", "pipe", "pipe"] });
-  children.add(proc);
-  const output = [];
-  proc.stdout.on("data", (d) => output.push(String(d)));
-  proc.stderr.on("data", (d) => output.push(String(d)));
-  const state = { proc, output, exit: null };
-  state.exited = new Promise((resolve) => {
-    proc.once("exit", (code, signal) => {
-      children.delete(proc);
-      state.exit = { code, signal };
-      resolve(state.exit);
-    });
-    proc.once("error", (err) => {
-      children.delete(proc);
-      state.exit = { code: null, signal: null, error: err.message };
-      resolve(state.exit);
-    });
-  });
-  return state;
-}
 
-/** SIGTERM, wait for the exit, SIGKILL after a deadline. */
-async function terminate(child) {
-  if (!child || child.exit) return child?.exit;
-  child.proc.kill("SIGTERM");
-  const timer = setTimeout(() => child.proc.kill("SIGKILL"), DEADLINE_MS);
-  try {
-    return await child.exited;
-  } finally {
-    clearTimeout(timer);
-  }
-}
 
 /**
  * A redis-server of this test on a free port; `stop()` and `start()` (same port again) model a

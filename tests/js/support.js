@@ -458,3 +458,45 @@ export function presenceSummary(presence) {
     .sort()
     .join(" ");
 }
+
+// Long-running helper processes of a test (redis-server, nginx, podman, ...), SIGKILLed if the
+// test process exits first.
+const children = new Set();
+process.on("exit", () => {
+  for (const child of children) child.kill("SIGKILL");
+});
+
+/** Spawns a long-running child; its output is collected, its exit recorded in `exit`. */
+export function spawnChild(file, args) {
+  const proc = spawn(file, args, { stdio: ["ignore", "pipe", "pipe"] });
+  children.add(proc);
+  const output = [];
+  proc.stdout.on("data", (d) => output.push(String(d)));
+  proc.stderr.on("data", (d) => output.push(String(d)));
+  const state = { proc, output, exit: null };
+  state.exited = new Promise((resolve) => {
+    proc.once("exit", (code, signal) => {
+      children.delete(proc);
+      state.exit = { code, signal };
+      resolve(state.exit);
+    });
+    proc.once("error", (err) => {
+      children.delete(proc);
+      state.exit = { code: null, signal: null, error: err.message };
+      resolve(state.exit);
+    });
+  });
+  return state;
+}
+
+/** SIGTERM, wait for the exit, SIGKILL after `deadlineMs`. */
+export async function terminate(child, deadlineMs = 10_000) {
+  if (!child || child.exit) return child?.exit;
+  child.proc.kill("SIGTERM");
+  const timer = setTimeout(() => child.proc.kill("SIGKILL"), deadlineMs);
+  try {
+    return await child.exited;
+  } finally {
+    clearTimeout(timer);
+  }
+}

@@ -5,12 +5,12 @@
 // scripts/test-container.sh builds the image and runs these tests; it sets PUSHGATE_IMAGE (the
 // image to run) and CONTAINERS_CONF (runc, ulimits). Without PUSHGATE_IMAGE the tests fail.
 
-import { execFile, spawn } from "node:child_process";
+import { execFile } from "node:child_process";
 import { chmodSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import net from "node:net";
 import os from "node:os";
 import path from "node:path";
-import { PUBLISH_TOKEN, waitFor } from "../support.js";
+import { PUBLISH_TOKEN, spawnChild, terminate as terminateWithin, waitFor } from "../support.js";
 
 export const IMAGE = process.env.PUSHGATE_IMAGE;
 const PODMAN = process.env.PODMAN_BIN ?? "podman";
@@ -18,6 +18,7 @@ const REDIS_SERVER = process.env.REDIS_SERVER_BIN ?? "redis-server";
 const REDIS_CLI = process.env.REDIS_CLI_BIN ?? "redis-cli";
 const NGINX = process.env.NGINX_BIN ?? "/usr/sbin/nginx";
 export const DEADLINE_MS = 20_000;
+const terminate = (child) => terminateWithin(child, DEADLINE_MS);
 /** The port the image's PORT default names; platforms set their own, the tests set it too. */
 export const CONTAINER_PORT = 8080;
 /** Where a container on slirp4netns with allow_host_loopback reaches the host's 127.0.0.1. */
@@ -166,43 +167,8 @@ export function resources(t) {
   return res;
 }
 
-const children = new Set();
-process.on("exit", () => {
-  for (const child of children) child.kill("SIGKILL");
-});
 
-function spawnChild(file, args) {
-  const proc = spawn(file, args, { stdio: ["ignore", "pipe", "pipe"] });
-  children.add(proc);
-  const output = [];
-  proc.stdout.on("data", (d) => output.push(String(d)));
-  proc.stderr.on("data", (d) => output.push(String(d)));
-  const state = { proc, output, exit: null };
-  state.exited = new Promise((resolve) => {
-    proc.once("exit", (code, signal) => {
-      children.delete(proc);
-      state.exit = { code, signal };
-      resolve(state.exit);
-    });
-    proc.once("error", (err) => {
-      children.delete(proc);
-      state.exit = { code: null, signal: null, error: err.message };
-      resolve(state.exit);
-    });
-  });
-  return state;
-}
 
-async function terminate(child) {
-  if (!child || child.exit) return child?.exit;
-  child.proc.kill("SIGTERM");
-  const timer = setTimeout(() => child.proc.kill("SIGKILL"), DEADLINE_MS);
-  try {
-    return await child.exited;
-  } finally {
-    clearTimeout(timer);
-  }
-}
 
 /**
  * A redis-server on the host (127.0.0.1, a free port, no persistence); containers reach it at
