@@ -951,3 +951,21 @@ pub fn log() {
             .try_init();
     }
 }
+
+/// Polls `/readyz` of a node that must never get ready (`why` says what would be wrong if it
+/// did) until its 503 reason says it cannot connect to Redis.
+pub async fn readyz_reports_cannot_connect(addr: SocketAddr, why: &str) {
+    let end = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let (status, _, body) = http(addr, "GET", "/readyz", &[], b"").await;
+        assert_eq!(status, 503, "{why}");
+        if String::from_utf8_lossy(&body).contains("cannot connect") {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < end,
+            "no connect failure reported"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
