@@ -12,7 +12,6 @@
 import assert from "node:assert/strict";
 import { execFile } from "node:child_process";
 import { chmodSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
-import net from "node:net";
 import os from "node:os";
 import path from "node:path";
 import { describe, it } from "node:test";
@@ -36,6 +35,9 @@ import {
   waitFor,
   spawnChild,
   terminate,
+  freePort,
+  retryTakenPorts,
+  waitListening,
 } from "./support.js";
 
 const REDIS_SERVER = process.env.REDIS_SERVER_BIN ?? "redis-server";
@@ -57,24 +59,6 @@ const offsetOf = (position) => Number(position.slice(position.lastIndexOf(":") +
 // ---------------------------------------------------------------------------
 
 
-/**
- * A free TCP port on 127.0.0.1 (checked, then released), below the kernel's ephemeral range
- * (32768 and up by default), where no outgoing connection of a test running alongside can take it
- * before the process it is for binds it.
- */
-async function freePort() {
-  for (let attempt = 1; attempt <= 200; attempt++) {
-    const port = 20000 + Math.floor(Math.random() * 12000);
-    const free = await new Promise((resolve) => {
-      const s = net.createServer();
-      s.once("error", () => resolve(false));
-      s.listen(port, "127.0.0.1", () => s.close(() => resolve(true)));
-    });
-    if (free) return port;
-  }
-  throw new Error("no free port on 127.0.0.1");
-}
-
 /** Runs a command; resolves with {code, stdout, stderr} (never rejects on a non-zero exit). */
 function run(file, args, timeoutMs = 5000) {
   return new Promise((resolve) => {
@@ -90,17 +74,17 @@ function run(file, args, timeoutMs = 5000) {
  * A redis-server of this test on a free port; `stop()` and `start()` (same port again) model a
  * restart. No persistence, so a restart loses every key.
  */
-async function startRedis() {
-  for (let attempt = 1; ; attempt++) {
-    const redis = new RedisServer(await freePort());
+async function startRedis(dir = null, persistence = undefined) {
+  return retryTakenPorts("redis-server", async () => {
+    const redis = new RedisServer(await freePort(), dir, persistence);
     try {
       await redis.start();
       return redis;
     } catch (e) {
       await redis.stop();
-      if (attempt >= 3) throw e;
+      throw e;
     }
-  }
+  });
 }
 
 class RedisServer {
@@ -122,6 +106,8 @@ class RedisServer {
       ...(this.dir ? ["--dir", this.dir] : []),
     ]);
     const child = this.child;
+    // Its own listener, not another process's on the same port ([PortTaken] when it lost it).
+    await waitListening(child, [this.port], "redis-server");
     await waitFor(
       async () => {
         if (child.exit) throw new Error(`redis-server exited ${JSON.stringify(child.exit)}: ${child.output.join("")}`);
@@ -439,64 +425,59 @@ async function startNginx(res, upstreams, serverParams = "") {
   res.dirs.push(prefix);
   chmodSync(prefix, 0o755);
   for (const d of ["conf", "logs", "tmp"]) mkdirSync(path.join(prefix, d), { mode: 0o755 });
-  for (let attempt = 1; ; attempt++) {
+  // A port can be taken by another process between the pick and nginx's bind: a fresh one then.
+  const { child, port } = await retryTakenPorts("nginx", async () => {
     const port = await freePort();
     writeFileSync(path.join(prefix, "conf/nginx.conf"), nginxConf(prefix, port, upstreams, serverParams));
     const child = spawnChild(NGINX, ["-p", prefix, "-e", `${prefix}/logs/error.log`, "-c", "conf/nginx.conf", "-g", "daemon off;"]);
+    const errors = () => {
+      try {
+        return readFileSync(path.join(prefix, "logs/error.log"), "utf8");
+      } catch {
+        return "";
+      }
+    };
     try {
-      await waitFor(
-        async () => {
-          if (child.exit) throw new Error(`nginx exited ${JSON.stringify(child.exit)}: ${child.output.join("")}`);
-          return new Promise((resolve) => {
-            const s = net.connect(port, "127.0.0.1", () => {
-              s.destroy();
-              resolve(true);
-            });
-            s.once("error", () => resolve(false));
-          });
-        },
-        DEADLINE_MS,
-        () => `nginx to listen on ${port}: ${child.output.join("")}`,
-      );
+      await waitListening(child, [port], "nginx", errors);
     } catch (e) {
       await terminate(child);
-      if (attempt >= 3) throw e;
-      continue;
+      throw e;
     }
-    res.nginx.push(child);
-    const nginx = {
-      child,
-      prefix,
-      url: `http://127.0.0.1:${port}`,
-      /** Parsed access log lines: {method, uri, status, upstream}. */
-      accessLog() {
-        let text = "";
-        try {
-          text = readFileSync(path.join(prefix, "logs/access.log"), "utf8");
-        } catch {
-          // nothing logged yet
-        }
-        return text
-          .split("\n")
-          .filter(Boolean)
-          .map((line) => {
-            const [method, uri, status] = line.split(" ");
-            const upstream = /upstream=(.*) rt=/.exec(line)?.[1] ?? "";
-            const seconds = Number(/rt=(\S+)/.exec(line)?.[1]);
-            return { method, uri, status: Number(status), upstream, seconds, line };
-          });
-      },
-      errorLog() {
-        try {
-          return readFileSync(path.join(prefix, "logs/error.log"), "utf8").split("\n").slice(-20).join("\n");
-        } catch {
-          return "(no error log)";
-        }
-      },
-    };
-    nginx.label = `nginx (${nginx.url})`;
-    return nginx;
-  }
+    return { child, port };
+  });
+  res.nginx.push(child);
+  const nginx = {
+    child,
+    prefix,
+    url: `http://127.0.0.1:${port}`,
+    /** Parsed access log lines: {method, uri, status, upstream}. */
+    accessLog() {
+      let text = "";
+      try {
+        text = readFileSync(path.join(prefix, "logs/access.log"), "utf8");
+      } catch {
+        // nothing logged yet
+      }
+      return text
+        .split("\n")
+        .filter(Boolean)
+        .map((line) => {
+          const [method, uri, status] = line.split(" ");
+          const upstream = /upstream=(.*) rt=/.exec(line)?.[1] ?? "";
+          const seconds = Number(/rt=(\S+)/.exec(line)?.[1]);
+          return { method, uri, status: Number(status), upstream, seconds, line };
+        });
+    },
+    errorLog() {
+      try {
+        return readFileSync(path.join(prefix, "logs/error.log"), "utf8").split("\n").slice(-20).join("\n");
+      } catch {
+        return "(no error log)";
+      }
+    },
+  };
+  nginx.label = `nginx (${nginx.url})`;
+  return nginx;
 }
 
 // ---------------------------------------------------------------------------
@@ -648,8 +629,7 @@ describe("Redis broker with several pushgate nodes", () => {
     const res = resources(t);
     const dir = mkdtempSync(path.join(os.tmpdir(), "pushgate-js-rdb-"));
     res.dirs.push(dir);
-    const redis = new RedisServer(await freePort(), dir);
-    await redis.start();
+    const redis = await startRedis(dir);
     res.redis.push(redis);
     const nodes = await startNodes(res, redis, 2);
     const topic = uniqueTopic("rdb");
@@ -947,8 +927,7 @@ describe("LongPoll through a round-robin proxy, no sticky sessions, under faults
     const dir = mkdtempSync(path.join(os.tmpdir(), "pushgate-js-aof-"));
     res.dirs.push(dir);
     // AOF with an fsync per write: a SIGKILLed Redis comes back with everything it acknowledged.
-    const redis = new RedisServer(await freePort(), dir, ["--save", "", "--appendonly", "yes", "--appendfsync", "always"]);
-    await redis.start();
+    const redis = await startRedis(dir, ["--save", "", "--appendonly", "yes", "--appendfsync", "always"]);
     res.redis.push(redis);
     const DRAIN_MS = 1000;
     const env = {
