@@ -946,6 +946,103 @@ async fn renewal_replaces_the_certificate_and_a_stopped_ca_leaves_it_in_place() 
     assert_eq!(status, 200, "the gateway keeps serving");
 }
 
+/// What src/acme.rs promises when the certificate cannot be put in place: an issued
+/// certificate that cannot be written to `acme.cert_dir` (here a path under a regular file,
+/// unwritable even for root) is counted in `pushgate_acme_export_errors_total`, logged, and
+/// retried with backoff (5 s first), and nothing is reloaded; once the directory can be made,
+/// the retry writes both files and runs `acme.reload_command`; a reload command that exits
+/// non-zero is counted in `pushgate_acme_reload_command_failures_total` and logged with its
+/// exit status and stderr. The gateway keeps serving throughout. Validation is straight from
+/// pushgate's listener, against Pebble.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_error_and_a_failing_reload_command_are_counted_logged_and_retried() {
+    let tmp = TempDir::new("export-errors");
+    std::fs::write(tmp.path("file"), b"x").unwrap();
+    let cert_dir = tmp.path("file/tls");
+    let reload = "echo the reload went wrong >&2; exit 3";
+    let (listen, pebble, mut gw) = retry_taken_ports_async("pebble and pushgate", async |_| {
+        let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let pebble = Pebble::start(&tmp.0, listen.port(), free_port(), None).await;
+        let config = acme_config(&pebble, &cert_dir, &tmp.path("state"), reload);
+        let bin = Path::new(env!("CARGO_BIN_EXE_pushgate"));
+        let gw = pushgate_listening(bin, &tmp.0, listen, &[], &config).await?;
+        Ok((listen, pebble, gw))
+    })
+    .await;
+    gw.wait_log("acme.cert_dir: cannot write to", STARTUP).await;
+
+    // Issued, but not exported: counted, logged, nothing reloaded.
+    gw.wait_log("nginx keeps its current certificate", ISSUANCE)
+        .await;
+    let logs = |gw: &Proc| {
+        format!(
+            "--- pushgate:\n{}\n--- pebble:\n{}",
+            gw.log(),
+            pebble.pebble.log()
+        )
+    };
+    assert_eq!(
+        metric(listen, r#"pushgate_acme_renewals_total{result="ok"}"#).await,
+        1.0,
+        "{}",
+        logs(&gw)
+    );
+    let export_errors = metric(listen, "pushgate_acme_export_errors_total").await;
+    assert!(
+        export_errors >= 1.0,
+        "export errors {export_errors}\n{}",
+        logs(&gw)
+    );
+    assert_eq!(
+        metric(listen, "pushgate_acme_reload_command_failures_total").await,
+        0.0,
+        "nothing was written, so nothing was reloaded\n{}",
+        logs(&gw)
+    );
+    assert!(
+        gw.log().contains("retry_in_s=5"),
+        "the first retry comes after 5 s:\n{}",
+        logs(&gw)
+    );
+    assert!(!cert_dir.exists());
+
+    // The directory can be made now: the retry writes the files and runs the reload command,
+    // which fails.
+    std::fs::remove_file(tmp.path("file")).unwrap();
+    gw.wait_log("acme.reload_command failed", STARTUP).await;
+    let chain = std::fs::read(cert_dir.join("fullchain.pem")).expect("exported on the retry");
+    assert!(!is_placeholder(&chain));
+    assert!(cert_dir.join("privkey.pem").exists());
+    let failed = gw
+        .log()
+        .lines()
+        .find(|l| l.contains("acme.reload_command failed"))
+        .unwrap()
+        .to_string();
+    assert!(
+        failed.contains("exit status: 3") && failed.contains("the reload went wrong"),
+        "the log line gives the exit status and stderr: {failed}"
+    );
+    assert_eq!(
+        metric(listen, "pushgate_acme_reload_command_failures_total").await,
+        1.0,
+        "{}",
+        logs(&gw)
+    );
+    assert_eq!(
+        metric(listen, "pushgate_acme_export_errors_total").await,
+        export_errors,
+        "the retry succeeded"
+    );
+    assert_eq!(
+        metric(listen, "pushgate_acme_certificate_placeholder").await,
+        0.0
+    );
+    // Still serving.
+    let pos = support::publish(listen, "room:acme", "m", "{}").await;
+    assert!(pos.ends_with(":1"), "{pos}");
+}
+
 /// No CA reachable and an export directory that cannot be created: both are logged with the
 /// key to fix and counted, and the gateway serves as usual.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
