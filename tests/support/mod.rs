@@ -721,6 +721,30 @@ pub mod ports;
 #[allow(unused_imports)] // each test binary uses some of them
 pub use ports::{free_port, free_port_v4_v6};
 
+/// Spawns the process `command(port)` builds, on a free port, until it listens on that port
+/// itself: one that exits first lost the port to another process between the pick and the bind,
+/// and starts again on a fresh one ([`ports::retry_taken_ports`]); one that neither listens nor
+/// exits within [`DEADLINE`] fails the test. Returns the child and its port.
+pub fn spawn_on_free_port(
+    what: &str,
+    mut command: impl FnMut(u16) -> std::process::Command,
+) -> (std::process::Child, u16) {
+    ports::retry_taken_ports(what, |_| {
+        let port = free_port();
+        let mut child = command(port)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
+        match ports::wait_listening(&mut child, &[port], DEADLINE, what) {
+            Ok(()) => Ok((child, port)),
+            Err(taken) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                Err(taken)
+            }
+        }
+    })
+}
+
 /// A real `redis-server` on a free port, stopped on drop.
 pub struct RedisServer {
     pub port: u16,
