@@ -11,12 +11,69 @@
 //! Patterns: `*` stands for any run of characters (`:` included), everything else for itself:
 //! `user:*`, `private-*`, `*` (every topic), `room:lobby`.
 //!
+//! What a client presented when it connected ([`ConnectInfo`]: its query string and
+//! `authToken`, bounded) is defined here, below the session and the transports that keep and
+//! fill it, because authorization is what it is kept for.
+//!
 //! Pure: no I/O. JWT decoding and verification are the `jsonwebtoken` crate's.
 
 use crate::config::AuthConfig;
-use crate::session::ConnectInfo;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, errors::ErrorKind};
 use serde::Deserialize;
+
+/// Longest query string a connect may carry, in bytes: it is kept for the connection's life
+/// ([`ConnectInfo`]). 8 KiB is also the longest request line nginx passes by default
+/// (`large_client_header_buffers`), so nothing nginx lets through is refused here.
+pub const MAX_CONNECT_QUERY_BYTES: usize = 8192;
+/// Longest auth token (phoenix.js `authToken`) a connect may carry, in bytes; kept like the
+/// query string. A connect token (a JWT with a few channel patterns) is a few hundred bytes.
+pub const MAX_AUTH_TOKEN_BYTES: usize = 4096;
+
+/// What the client presented when connecting; kept for authorization.
+#[derive(Debug, Default, Clone)]
+pub struct ConnectInfo {
+    /// The raw query string of the connect request.
+    pub query: String,
+    /// The phoenix.js `authToken`, if one was offered.
+    pub auth_token: Option<String>,
+}
+
+/// Why a connect was refused: what it presented is longer than we keep.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Oversized {
+    /// The query string is over [`MAX_CONNECT_QUERY_BYTES`].
+    Query,
+    /// The auth token is over [`MAX_AUTH_TOKEN_BYTES`].
+    AuthToken,
+}
+
+impl Oversized {
+    /// The reason given to the client.
+    pub fn reason(self) -> String {
+        match self {
+            Oversized::Query => {
+                format!("query string longer than {MAX_CONNECT_QUERY_BYTES} bytes")
+            }
+            Oversized::AuthToken => format!("auth token longer than {MAX_AUTH_TOKEN_BYTES} bytes"),
+        }
+    }
+}
+
+impl ConnectInfo {
+    /// What a client presented, to be kept for its connection's life, if within the bounds.
+    pub fn bounded(query: &str, auth_token: Option<&str>) -> Result<ConnectInfo, Oversized> {
+        if query.len() > MAX_CONNECT_QUERY_BYTES {
+            return Err(Oversized::Query);
+        }
+        if auth_token.is_some_and(|t| t.len() > MAX_AUTH_TOKEN_BYTES) {
+            return Err(Oversized::AuthToken);
+        }
+        Ok(ConnectInfo {
+            query: query.to_string(),
+            auth_token: auth_token.map(str::to_string),
+        })
+    }
+}
 
 /// The `[auth]` rules, ready to check joins.
 pub struct Auth {
@@ -143,7 +200,7 @@ pub fn connect_token(connect: &ConnectInfo) -> Option<&str> {
     if let Some(t) = connect.auth_token.as_deref().filter(|t| !t.is_empty()) {
         return Some(t);
     }
-    crate::transport::websocket::query_values(&connect.query, "token")
+    crate::query::query_values(&connect.query, "token")
         .next()
         .filter(|v| !v.is_empty())
 }

@@ -9,8 +9,9 @@
 //!
 //! Loading ([`Config::load`]) only parses; [`Config::validate`] checks values and names each bad key.
 
+use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 
 /// The port container platforms (AWS App Runner, DigitalOcean App Platform, Fly.io, Heroku and
@@ -107,6 +108,13 @@ impl Default for ServerConfig {
             allowed_origins: Vec::new(),
         }
     }
+}
+
+/// A `server.trusted_proxies` entry: a network (`10.0.0.0/8`) or one address.
+pub fn parse_net(text: &str) -> Option<IpNet> {
+    text.parse::<IpNet>()
+        .ok()
+        .or_else(|| text.parse::<IpAddr>().ok().map(IpNet::from))
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -317,9 +325,11 @@ impl RedisConfig {
             bad("redis.url", &format!("not a Redis URL: {e}"));
         }
         for s in &self.sentinels {
-            if let Err(e) = crate::broker::redis::sentinel_url(s, &self.sentinel_password)
-                .and_then(|u| redis::Client::open(u.as_str()).map_err(|e| e.to_string()))
-            {
+            let problem = match sentinel_url(s, &self.sentinel_password) {
+                Err(e) => Some(e.to_string()),
+                Ok(u) => redis::Client::open(u.as_str()).err().map(|e| e.to_string()),
+            };
+            if let Some(e) = problem {
                 bad(
                     "redis.sentinels",
                     &format!("{s:?} is not a sentinel address: {e}"),
@@ -370,6 +380,35 @@ impl RedisConfig {
             );
         }
     }
+}
+
+/// A `redis.sentinels` entry that is not `host:port` (it holds a `/` or an `@`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("expected host:port")]
+pub struct BadSentinelAddress;
+
+/// A sentinel's URL from its `host:port` (a `redis.sentinels` entry) and the sentinels'
+/// password (`redis.sentinel_password`, percent-encoded into the URL).
+pub fn sentinel_url(address: &str, password: &str) -> Result<String, BadSentinelAddress> {
+    if address.contains('/') || address.contains('@') {
+        return Err(BadSentinelAddress);
+    }
+    let auth = if password.is_empty() {
+        String::new()
+    } else {
+        let encoded: String = password
+            .bytes()
+            .map(|b| {
+                if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                    (b as char).to_string()
+                } else {
+                    format!("%{b:02X}")
+                }
+            })
+            .collect();
+        format!(":{encoded}@")
+    };
+    Ok(format!("redis://{auth}{address}/"))
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -620,12 +659,10 @@ impl ForwardConfig {
         }
         check_patterns("forward.topics", &self.topics, bad);
         if !self.root_ca_file.is_empty()
-            && let Err(e) = crate::tls::client_config("forward.root_ca_file", &self.root_ca_file)
+            && let Err(e) =
+                crate::client_tls::client_config("forward.root_ca_file", &self.root_ca_file)
         {
-            bad(
-                "forward.root_ca_file",
-                e.trim_start_matches("forward.root_ca_file: "),
-            );
+            bad("forward.root_ca_file", &e.problem.to_string());
         }
         if !(100..=60_000).contains(&self.timeout_ms) {
             bad("forward.timeout_ms", "must be between 100 and 60000");
@@ -1051,7 +1088,7 @@ impl Config {
             .server
             .trusted_proxies
             .iter()
-            .find(|p| crate::admission::parse_net(p).is_none())
+            .find(|p| parse_net(p).is_none())
         {
             bad(
                 "server.trusted_proxies",
