@@ -173,6 +173,11 @@ impl Auth {
     }
 }
 
+/// Why [`mint`] could not sign a token: the JWT library's own error, shown as it words it.
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct MintError(#[from] jsonwebtoken::errors::Error);
+
 /// A connect token granting `channels` for `ttl_secs`: what `pushgate token` prints (your
 /// backend mints its own with any JWT library).
 pub fn mint(
@@ -180,7 +185,7 @@ pub fn mint(
     sub: Option<&str>,
     channels: &[String],
     ttl_secs: u64,
-) -> Result<String, String> {
+) -> Result<String, MintError> {
     let mut claims = serde_json::json!({
         "channels": channels,
         "exp": jsonwebtoken::get_current_timestamp() + ttl_secs,
@@ -188,10 +193,12 @@ pub fn mint(
     if let Some(sub) = sub {
         claims["sub"] = sub.into();
     }
-    let key =
-        jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()).map_err(|e| e.to_string())?;
-    jsonwebtoken::encode(&jsonwebtoken::Header::new(Algorithm::HS256), &claims, &key)
-        .map_err(|e| e.to_string())
+    let key = jsonwebtoken::EncodingKey::from_secret(secret.as_bytes())?;
+    Ok(jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(Algorithm::HS256),
+        &claims,
+        &key,
+    )?)
 }
 
 /// The token a client connected with: the phoenix.js `authToken`, else the first `token` query

@@ -1045,7 +1045,7 @@ impl Config {
         }
         for o in &self.server.allowed_origins {
             if let Err(e) = crate::origin::check_pattern(o) {
-                bad("server.allowed_origins", &e);
+                bad("server.allowed_origins", &e.to_string());
             }
         }
         if self.server.max_connections == 0 {
