@@ -29,6 +29,10 @@ pub const MAX_CONNECT_QUERY_BYTES: usize = 8192;
 /// query string. A connect token (a JWT with a few channel patterns) is a few hundred bytes.
 pub const MAX_AUTH_TOKEN_BYTES: usize = 4096;
 
+/// Leeway on a token's `exp` and `nbf`, in seconds: the clocks of the app that mints tokens
+/// and of this node may disagree by this much (jsonwebtoken's default, named here).
+pub const CLOCK_LEEWAY_SECS: u64 = 60;
+
 /// What the client presented when connecting; kept for authorization.
 #[derive(Debug, Default, Clone)]
 pub struct ConnectInfo {
@@ -111,6 +115,7 @@ impl Auth {
     /// `config` has been validated: a secret is set whenever a topic is private.
     pub fn new(config: &AuthConfig) -> Auth {
         let mut validation = Validation::new(Algorithm::HS256);
+        validation.leeway = CLOCK_LEEWAY_SECS;
         validation.validate_nbf = true;
         validation.validate_aud = false;
         Auth {
