@@ -302,7 +302,7 @@ pub async fn publish_body(app: &App, body: &[u8]) -> Answer {
             exclude: i.exclude.as_deref(),
         })
         .collect();
-    let positions = match app.broker.publish(app, &messages).await {
+    let positions = match app.broker.publish(&messages).await {
         Ok(p) => p,
         Err(crate::broker::PublishError::Unavailable(e)) => {
             tracing::warn!(error = ?e.to_string(), "publish failed: broker unavailable");

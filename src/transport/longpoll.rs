@@ -626,7 +626,7 @@ fn new_session(
         Ok(admitted) => admitted,
         Err(refused) => return refused,
     };
-    let session = Session::new(app.clone(), connect);
+    let session = Session::new(app.session.clone(), connect);
     session.waker().set_eager();
     let token = new_token(&app.node_id);
     let lp = Arc::new(LpSession {
@@ -876,6 +876,36 @@ fn route_elsewhere<'a>(
         crate::broker::Broker::Redis(r) => Some((r, owner)),
         _ => None,
     }
+}
+
+/// Serves LongPoll requests other nodes relay to this node's sessions, for the broker (which
+/// carries them, [`crate::broker::LongPollRelay`]). Holds the app weakly: the broker is part
+/// of it.
+struct Relay(std::sync::Weak<App>);
+
+impl crate::broker::LongPollRelay for Relay {
+    fn serve(
+        &self,
+        token: String,
+        post_body: Option<String>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Bytes> + Send>> {
+        let app = self.0.upgrade();
+        Box::pin(async move {
+            match app {
+                Some(app) => {
+                    serve_forwarded(app, &token, post_body.as_deref().map(str::as_bytes)).await
+                }
+                None => status_only(500),
+            }
+        })
+    }
+}
+
+/// Registers this transport with the broker for requests other nodes relay to this node's
+/// sessions (once, when the server starts).
+pub fn serve_relayed_requests(app: &Arc<App>) {
+    app.broker
+        .serve_longpoll_relays(Arc::new(Relay(Arc::downgrade(app))));
 }
 
 /// Serves a LongPoll request forwarded by another node; returns the answer's JSON body.

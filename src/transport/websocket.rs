@@ -682,8 +682,8 @@ pub async fn run<S: WsIo>(app: Arc<App>, mut stream: S, initial: Vec<u8>, connec
     let session_waker = stream.waker();
     let direct = session_waker.is_some();
     let mut session = match session_waker {
-        Some(w) => Session::with_waker(app.clone(), connect, w),
-        None => Session::new(app.clone(), connect),
+        Some(w) => Session::with_waker(app.session.clone(), connect, w),
+        None => Session::new(app.session.clone(), connect),
     };
     let waker = session.waker().clone();
     app.metrics.connections_websocket.fetch_add(1, Relaxed);
