@@ -144,6 +144,13 @@ const BEATS_PER_TTL: u32 = 3;
 /// How long `GET /api/presence` waits for the presence task.
 const LIST_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Bytes reserved for an encoded `presence_state` (grown as entries need): an empty state and
+/// a small entry fit.
+const STATE_CAPACITY: usize = 64;
+
+/// Bytes reserved for an encoded `presence_diff`: the two empty halves and one small entry.
+const DIFF_CAPACITY: usize = 96;
+
 /// A join that will be tracked once it is answered ([`Presence::start`]).
 pub type Prepared = PresenceEntry;
 
@@ -277,7 +284,10 @@ impl Presence {
         match tokio::time::timeout(LIST_TIMEOUT, answer).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err("presence is not running (shutting down)".into()),
-            Err(_) => Err("presence did not answer within 5 s".into()),
+            Err(_) => Err(format!(
+                "presence did not answer within {} s",
+                LIST_TIMEOUT.as_secs()
+            )),
         }
     }
 }
@@ -288,7 +298,7 @@ fn encode_state<'a>(entries: impl Iterator<Item = (&'a str, &'a str)>) -> Vec<u8
     for (key, meta) in entries {
         by_key.entry(key).or_default().push(meta);
     }
-    let mut out = Vec::with_capacity(64);
+    let mut out = Vec::with_capacity(STATE_CAPACITY);
     out.push(b'{');
     for (i, (key, metas)) in by_key.iter().enumerate() {
         if i > 0 {
@@ -310,7 +320,7 @@ fn encode_state<'a>(entries: impl Iterator<Item = (&'a str, &'a str)>) -> Vec<u8
 
 /// A `presence_diff` payload.
 fn encode_diff<'a>(joins: &[(&'a str, &'a str)], leaves: &[(&'a str, &'a str)]) -> String {
-    let mut out = Vec::with_capacity(96);
+    let mut out = Vec::with_capacity(DIFF_CAPACITY);
     out.extend_from_slice(b"{\"joins\":");
     out.extend_from_slice(&encode_state(joins.iter().copied()));
     out.extend_from_slice(b",\"leaves\":");

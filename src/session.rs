@@ -331,6 +331,14 @@ struct JoinParams {
     presence: Option<Box<RawValue>>,
 }
 
+/// Longest node id a [`sender_id`] may carry (ours are 8 hex digits; other nodes' are taken as
+/// they come, within this).
+const MAX_NODE_ID_BYTES: usize = 32;
+
+/// Bytes reserved for a join's `{"position":...,"recovered":...}` response: a position
+/// (12 hex digits, a colon, an offset) and the flag fit without growing.
+const JOIN_RESPONSE_CAPACITY: usize = 64;
+
 /// A connection's sender id, `<node>.<connection>`: what a forwarded push carries as `sender`,
 /// and what a publish's `exclude` names to leave that connection out ("send to others").
 pub fn sender_id(node: &str, waker: &Waker) -> String {
@@ -351,7 +359,7 @@ pub fn local_exclude(exclude: Option<&str>, node: &str) -> u64 {
 pub fn is_sender_id(sender: &str) -> bool {
     sender.split_once('.').is_some_and(|(n, id)| {
         !n.is_empty()
-            && n.len() <= 32
+            && n.len() <= MAX_NODE_ID_BYTES
             && n.bytes().all(|b| b.is_ascii_alphanumeric())
             && id.parse::<u64>().is_ok_and(|i| i > 0)
     })
@@ -654,7 +662,7 @@ impl Session {
             info,
             replay,
         } = joined;
-        let mut response = Vec::with_capacity(64);
+        let mut response = Vec::with_capacity(JOIN_RESPONSE_CAPACITY);
         response.extend_from_slice(b"{\"position\":");
         protocol::push_json_str(&mut response, &info.position);
         match info.recovered {

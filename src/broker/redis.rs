@@ -1487,6 +1487,13 @@ async fn on_joins(
     Ok(())
 }
 
+/// Bytes a replayed frame adds to its stored message and topic (the Phoenix array's brackets,
+/// quotes, commas and nulls), reserved so that building it does not grow the buffer.
+const REPLAY_FRAME_OVERHEAD: usize = 16;
+
+/// Milliseconds in a second (`history.max_age_secs` against stream entries' times in ms).
+const MS_PER_SEC: u64 = 1000;
+
 /// The replay frames for offsets `(since, until]`, or `None` when the stream no longer has
 /// all of them.
 fn replay(
@@ -1496,7 +1503,7 @@ fn replay(
     until: u64,
     max_age_secs: u64,
 ) -> Option<Vec<Vec<u8>>> {
-    let oldest_allowed = now_ms().saturating_sub(max_age_secs * 1000);
+    let oldest_allowed = now_ms().saturating_sub(max_age_secs * MS_PER_SEC);
     if entries.len() as u64 != until - since {
         return None;
     }
@@ -1506,7 +1513,7 @@ fn replay(
             return None;
         }
         let env: Envelope = serde_json::from_str(raw).ok()?;
-        let mut f = Vec::with_capacity(raw.len() + topic.len() + 16);
+        let mut f = Vec::with_capacity(raw.len() + topic.len() + REPLAY_FRAME_OVERHEAD);
         protocol::push_text_frame(
             &mut f,
             None,
