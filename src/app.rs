@@ -3,7 +3,7 @@
 //!
 //! It also hands each part below it the narrow context that part needs: sessions get a
 //! [`session::Context`] (whose [`session::Services`] are the broker, presence and forwarding,
-//! implemented here by [`NodeServices`]), the Redis broker's task a
+//! implemented here by `NodeServices`), the Redis broker's task a
 //! [`crate::broker::redis::Context`], the presence task a [`crate::presence::Context`].
 
 use crate::broker::Broker;
@@ -24,7 +24,7 @@ pub struct App {
     pub hub: Arc<Hub>,
     pub broker: Broker,
     /// This node's LongPoll sessions.
-    pub longpoll: crate::transport::longpoll::Registry,
+    pub longpoll: crate::transport::longpoll::registry::Registry,
     /// Connection slots, `server.max_connections` of them: each TCP connection holds one (taken
     /// before accept; a WebSocket keeps its socket's), and so does each LongPoll session.
     pub slots: Arc<tokio::sync::Semaphore>,
@@ -104,7 +104,10 @@ impl App {
             presence,
             hub,
             broker,
-            longpoll: Default::default(),
+            longpoll: crate::transport::longpoll::registry::Registry::new(
+                std::time::Duration::from_millis(config.longpoll.session_timeout_ms),
+                metrics.clone(),
+            ),
             slots: Arc::new(tokio::sync::Semaphore::new(config.server.max_connections)),
             metrics,
             acme: Default::default(),

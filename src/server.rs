@@ -90,7 +90,7 @@ pub async fn run(listeners: Vec<TcpListener>, app: Arc<App>, edge: crate::tls::L
     spawn_periodic(
         &app,
         crate::transport::longpoll::sweep_interval(&app.config),
-        |app| app.longpoll.sweep(app),
+        |app| app.longpoll.sweep(),
         |app| app.longpoll.close_all(),
     );
     app.shutdown.cancelled().await;

@@ -15,7 +15,10 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("configuration", &["config"]),
     ("policy", &["admission", "auth"]),
     ("topics and delivery", &["hub"]),
-    ("client session", &["session"]),
+    (
+        "client session",
+        &["session", "transport::longpoll::registry"],
+    ),
     (
         "brokers and services",
         &["broker", "broker::redis", "presence", "forward"],
@@ -45,7 +48,6 @@ const KNOWN: &[&str] = &[
     "acme -> tls (cycle)",
     "api -> deadline (cycle)",
     "app -> acme",
-    "app -> transport::longpoll",
     "auth -> session",
     "auth -> transport::websocket",
     "config -> admission",
