@@ -1336,9 +1336,27 @@ async fn on_joins(
     con: &mut ConnectionManager,
     batch: Vec<JoinRequest>,
 ) -> Result<(), LinkDown> {
-    // 1. Subscribe every topic that is not live yet, in one command.
+    let new_topics = not_live(ctx, &batch);
+    let failed_topics = match subscribe_new_topics(ctx, broker, sink, con, &new_topics).await {
+        Ok(failed) => failed,
+        Err(e) => {
+            for req in batch {
+                (req.done)(Err(JoinError::Unavailable));
+            }
+            return Err(e);
+        }
+    };
+    let needs = join_at_live_end(ctx, batch, &failed_topics);
+    if !needs.is_empty() {
+        answer_with_history(broker, con, needs).await;
+    }
+    Ok(())
+}
+
+/// The topics of `batch` that are not live here yet (each once).
+fn not_live<'a>(ctx: &Context, batch: &'a [JoinRequest]) -> Vec<&'a str> {
     let mut new_topics: Vec<&str> = Vec::new();
-    for req in &batch {
+    for req in batch {
         if req.started.is_none()
             && !new_topics.contains(&req.topic.as_str())
             && !ctx.hub.is_live(&req.topic)
@@ -1346,58 +1364,74 @@ async fn on_joins(
             new_topics.push(&req.topic);
         }
     }
-    let mut connection_error = None;
-    let mut failed_topics: Vec<String> = Vec::new();
-    if !new_topics.is_empty() {
-        let channels: Vec<String> = new_topics.iter().map(|t| broker.channel(t)).collect();
-        match tokio::time::timeout(SUBSCRIBER_COMMAND_TIMEOUT, sink.subscribe(channels)).await {
-            Ok(Ok(())) => {
-                ctx.metrics
-                    .redis_subscribed_topics
-                    .fetch_add(new_topics.len() as i64, Relaxed);
-                // 2. Their positions, in one pipeline.
-                let mut pipe = redis::pipe();
-                pipe.load_script(&broker.position_script).ignore();
-                let seen: Vec<_> = new_topics
-                    .iter()
-                    .map(|t| ctx.hub.known_position(t))
-                    .collect();
-                let invocations: Vec<_> = new_topics
-                    .iter()
-                    .zip(&seen)
-                    .map(|(t, seen)| broker.position_invocation(t, seen.as_ref()))
-                    .collect();
-                for i in &invocations {
-                    pipe.invoke_script(i);
-                }
-                let positions: Result<Vec<(String, u64)>, _> = pipe.query_async(con).await;
-                match positions {
-                    Ok(positions) if positions.len() == new_topics.len() => {
-                        for (t, (epoch, offset)) in new_topics.iter().zip(positions) {
-                            ctx.hub.go_live(t, &epoch, offset);
-                        }
-                    }
-                    _ => failed_topics = new_topics.iter().map(|t| t.to_string()).collect(),
-                }
+    new_topics
+}
+
+/// Steps 1 and 2 of [`on_joins`]: subscribes `new_topics` in one command, then reads their
+/// positions in one pipeline and makes them live. Returns the topics whose positions could
+/// not be read (their joins fail); `Err` when the subscriber connection failed.
+async fn subscribe_new_topics(
+    ctx: &Context,
+    broker: &RedisBroker,
+    sink: &mut redis::aio::PubSubSink,
+    con: &mut ConnectionManager,
+    new_topics: &[&str],
+) -> Result<Vec<String>, LinkDown> {
+    if new_topics.is_empty() {
+        return Ok(Vec::new());
+    }
+    let channels: Vec<String> = new_topics.iter().map(|t| broker.channel(t)).collect();
+    match tokio::time::timeout(SUBSCRIBER_COMMAND_TIMEOUT, sink.subscribe(channels)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(LinkDown::SubscribeFailed(e.to_string())),
+        Err(_) => return Err(LinkDown::SubscribeTimedOut),
+    }
+    ctx.metrics
+        .redis_subscribed_topics
+        .fetch_add(new_topics.len() as i64, Relaxed);
+    let mut pipe = redis::pipe();
+    pipe.load_script(&broker.position_script).ignore();
+    let seen: Vec<_> = new_topics
+        .iter()
+        .map(|t| ctx.hub.known_position(t))
+        .collect();
+    let invocations: Vec<_> = new_topics
+        .iter()
+        .zip(&seen)
+        .map(|(t, seen)| broker.position_invocation(t, seen.as_ref()))
+        .collect();
+    for i in &invocations {
+        pipe.invoke_script(i);
+    }
+    let positions: Result<Vec<(String, u64)>, _> = pipe.query_async(con).await;
+    match positions {
+        Ok(positions) if positions.len() == new_topics.len() => {
+            for (t, (epoch, offset)) in new_topics.iter().zip(positions) {
+                ctx.hub.go_live(t, &epoch, offset);
             }
-            Ok(Err(e)) => connection_error = Some(LinkDown::SubscribeFailed(e.to_string())),
-            Err(_) => connection_error = Some(LinkDown::SubscribeTimedOut),
+            Ok(Vec::new())
         }
+        _ => Ok(new_topics.iter().map(|t| t.to_string()).collect()),
     }
-    if let Some(e) = connection_error {
-        for req in batch {
-            (req.done)(Err(JoinError::Unavailable));
-        }
-        return Err(e);
-    }
-    // 3. Join each at the live end; those that need history wait for one pipeline of XRANGEs.
-    struct NeedsHistory {
-        topic: String,
-        sub: hub::Subscription,
-        position: hub::Position,
-        since: u64,
-        done: crate::session::JoinDone,
-    }
+}
+
+/// A join subscribed at the live end whose client needs the gap `(since, position.offset]`
+/// from the topic's stream.
+struct NeedsHistory {
+    topic: String,
+    sub: hub::Subscription,
+    position: hub::Position,
+    since: u64,
+    done: crate::session::JoinDone,
+}
+
+/// Step 3 of [`on_joins`]: joins each request at the live end, answering those that are done
+/// (or failed); returns those that need history.
+fn join_at_live_end(
+    ctx: &Context,
+    batch: Vec<JoinRequest>,
+    failed_topics: &[String],
+) -> Vec<NeedsHistory> {
     let mut needs = Vec::new();
     for req in batch {
         let JoinRequest {
@@ -1439,9 +1473,17 @@ async fn on_joins(
             done,
         });
     }
-    if needs.is_empty() {
-        return Ok(());
-    }
+    needs
+}
+
+/// The last step of [`on_joins`]: reads every gap in one pipeline of XRANGEs and answers each
+/// join with its replay (`recovered: true`), or `recovered: false` when its history cannot be
+/// read whole (never a silent skip).
+async fn answer_with_history(
+    broker: &RedisBroker,
+    con: &mut ConnectionManager,
+    needs: Vec<NeedsHistory>,
+) {
     let mut pipe = redis::pipe();
     for n in &needs {
         pipe.cmd("XRANGE")
@@ -1456,7 +1498,6 @@ async fn on_joins(
         .filter(|r: &Vec<_>| r.len() == needs.len());
     let mut ranges = ranges.map(Vec::into_iter);
     for n in needs {
-        // A history that cannot be read is not recovered (never a silent skip).
         let recovered = ranges
             .as_mut()
             .and_then(Iterator::next)
@@ -1484,7 +1525,6 @@ async fn on_joins(
             replay,
         }))
     }
-    Ok(())
 }
 
 /// Bytes a replayed frame adds to its stored message and topic (the Phoenix array's brackets,
