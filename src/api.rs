@@ -370,6 +370,6 @@ pub async fn presence(app: Arc<App>, req: Request<Incoming>) -> Response<Full<By
             body.push(b'}');
             json_response(StatusCode::OK, body)
         }
-        Err(e) => error_response(StatusCode::SERVICE_UNAVAILABLE, &e),
+        Err(e) => error_response(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
     }
 }

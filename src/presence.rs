@@ -57,6 +57,24 @@ pub struct Context {
     pub shutdown: CancellationToken,
 }
 
+/// Why `GET /api/presence` cannot tell who is on a topic (HTTP 503, this as the reason).
+#[derive(Debug, thiserror::Error)]
+pub enum ListError {
+    /// [`MAX_QUEUED`] changes are waiting for the presence task.
+    #[error("presence is busy: too many changes waiting; retry")]
+    Busy,
+    #[error("presence is not running (shutting down)")]
+    NotRunning,
+    /// No answer within [`LIST_TIMEOUT`].
+    #[error("presence did not answer within {} s", LIST_TIMEOUT.as_secs())]
+    TimedOut,
+    #[error("Redis unavailable: {0}")]
+    RedisUnavailable(crate::broker::redis::LinkDown),
+    /// Reading the topic's entries failed.
+    #[error("Redis: {0}")]
+    Redis(::redis::RedisError),
+}
+
 /// Why a join's `presence` param is refused: the join's error reason.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum MetaError {
@@ -129,7 +147,7 @@ enum Op {
     /// `GET /api/presence`.
     List {
         topic: Arc<str>,
-        reply: tokio::sync::oneshot::Sender<Result<Vec<u8>, String>>,
+        reply: tokio::sync::oneshot::Sender<Result<Vec<u8>, ListError>>,
     },
 }
 
@@ -272,9 +290,9 @@ impl Presence {
 impl Presence {
     /// Who is on `topic` now, on every node, as a `presence_state` payload (for
     /// `GET /api/presence`). `Err` says why it cannot be told (HTTP 503).
-    pub async fn list(&self, topic: &str) -> Result<Vec<u8>, String> {
+    pub async fn list(&self, topic: &str) -> Result<Vec<u8>, ListError> {
         if self.ops.full() {
-            return Err("presence is busy: too many changes waiting; retry".into());
+            return Err(ListError::Busy);
         }
         let (reply, answer) = tokio::sync::oneshot::channel();
         self.ops.send(Op::List {
@@ -283,11 +301,8 @@ impl Presence {
         });
         match tokio::time::timeout(LIST_TIMEOUT, answer).await {
             Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err("presence is not running (shutting down)".into()),
-            Err(_) => Err(format!(
-                "presence did not answer within {} s",
-                LIST_TIMEOUT.as_secs()
-            )),
+            Ok(Err(_)) => Err(ListError::NotRunning),
+            Err(_) => Err(ListError::TimedOut),
         }
     }
 }
@@ -552,11 +567,8 @@ async fn apply(
             let state = match redis {
                 None => Ok(local.state(&topic)),
                 Some(store) => match ctx.broker.readiness() {
-                    Err(e) => Err(format!("Redis unavailable: {e}")),
-                    Ok(()) => store
-                        .read_state(&topic)
-                        .await
-                        .map_err(|e| format!("Redis: {e}")),
+                    Err(e) => Err(ListError::RedisUnavailable(e)),
+                    Ok(()) => store.read_state(&topic).await.map_err(ListError::Redis),
                 },
             };
             let _ = reply.send(state);
@@ -924,6 +936,23 @@ mod tests {
             })
         );
         assert_eq!(encode_state(std::iter::empty()), b"{}");
+    }
+
+    /// These reach operators as /api/presence's 503 reason: the texts are pinned.
+    #[test]
+    fn list_errors_say_what_they_said() {
+        assert_eq!(
+            ListError::TimedOut.to_string(),
+            "presence did not answer within 5 s"
+        );
+        assert_eq!(
+            ListError::RedisUnavailable(crate::broker::redis::LinkDown::PingTimedOut).to_string(),
+            "Redis unavailable: redis: ping timed out"
+        );
+        assert_eq!(
+            MetaError::TooLarge(64).to_string(),
+            "presence meta too large: at most 64 bytes of JSON (presence.max_meta_bytes)"
+        );
     }
 
     #[test]
