@@ -132,8 +132,8 @@ pub enum SetupError {
     #[error(transparent)]
     Client(#[from] redis::RedisError),
     /// A `redis.sentinels` address that is not `host:port`.
-    #[error("{0}")]
-    Sentinel(String),
+    #[error(transparent)]
+    Sentinel(#[from] crate::config::BadSentinelAddress),
 }
 
 /// Every Redis key and channel pushgate uses. Injective: distinct (topic, kind) pairs and the
@@ -257,29 +257,6 @@ enum Target {
     Direct(redis::Client),
     /// Asked from the sentinels at every (re)connect (`redis.sentinels`).
     Sentinel(tokio::sync::Mutex<redis::sentinel::SentinelClient>),
-}
-
-/// A sentinel's URL from its `host:port` (and the sentinels' password).
-pub fn sentinel_url(address: &str, password: &str) -> Result<String, String> {
-    if address.contains('/') || address.contains('@') {
-        return Err("expected host:port".into());
-    }
-    let auth = if password.is_empty() {
-        String::new()
-    } else {
-        let encoded: String = password
-            .bytes()
-            .map(|b| {
-                if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-                    (b as char).to_string()
-                } else {
-                    format!("%{b:02X}")
-                }
-            })
-            .collect();
-        format!(":{encoded}@")
-    };
-    Ok(format!("redis://{auth}{address}/"))
 }
 
 pub struct RedisBroker {
@@ -415,9 +392,8 @@ impl RedisBroker {
             let sentinels = config
                 .sentinels
                 .iter()
-                .map(|a| sentinel_url(a, &config.sentinel_password))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(SetupError::Sentinel)?;
+                .map(|a| crate::config::sentinel_url(a, &config.sentinel_password))
+                .collect::<Result<Vec<_>, _>>()?;
             let info = client.get_connection_info();
             let mut node = redis::sentinel::SentinelNodeConnectionInfo::default()
                 .set_redis_connection_info(info.redis_settings().clone());
