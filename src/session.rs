@@ -153,10 +153,22 @@ pub struct JoinRequest {
     pub topic: String,
     pub since: Option<String>,
     pub waker: Arc<Waker>,
-    /// Already subscribed at the current end, with the offset after which history is needed.
-    pub started: Option<(Subscription, Position, u64)>,
+    /// Set when the topic is live here: already subscribed at the current end, and what
+    /// history the client needs. `None`: the broker must subscribe first.
+    pub started: Option<Started>,
     /// Called exactly once with the outcome (from the broker's task).
     pub done: JoinDone,
+}
+
+/// A join subscribed at the live end whose client needs the gap `(since_offset,
+/// position.offset]` from the broker's history.
+#[derive(Debug)]
+pub struct Started {
+    pub subscription: Subscription,
+    /// The topic's position when subscribed.
+    pub position: Position,
+    /// The last offset the client has.
+    pub since_offset: u64,
 }
 
 /// A presence entry to be: the key (the verified `sub`, if any) and the meta from the join's
@@ -558,9 +570,11 @@ impl Session {
                 return;
             }
             LiveJoin::NotLive => None,
-            LiveJoin::NeedsHistory(sub, position, since_offset) => {
-                Some((sub, position, since_offset))
-            }
+            LiveJoin::NeedsHistory(sub, position, since_offset) => Some(Started {
+                subscription: sub,
+                position,
+                since_offset,
+            }),
         };
         self.defer_join(pending, since, started);
     }
@@ -571,7 +585,7 @@ impl Session {
         &mut self,
         pending: PendingJoin,
         since: Option<String>,
-        started: Option<(Subscription, Position, u64)>,
+        started: Option<Started>,
     ) {
         let mailbox = self.mailbox.get_or_insert_with(Default::default).clone();
         let waker = self.waker.clone();

@@ -1418,7 +1418,7 @@ fn join_at_live_end(
             done,
         } = req;
         let (sub, position, since_offset) = match started {
-            Some(s) => s,
+            Some(s) => (s.subscription, s.position, s.since_offset),
             None if failed_topics.contains(&topic) => {
                 done(Err(JoinError::Unavailable));
                 continue;
