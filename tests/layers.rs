@@ -56,7 +56,6 @@ const KNOWN: &[&str] = &[
     "config -> tls",
     "deadline -> api (cycle)",
     "forward -> tls",
-    "hub -> presence",
     "presence -> app",
     "router -> acme (cycle)",
     "session -> app",

@@ -365,7 +365,7 @@ mod tests {
         let h = hub(10).with_max_topics(3);
         let (sub, _) = h.subscribe("watched", Arc::new(Waker::default()), None);
         for t in ["watched", "diffs", "mixed"] {
-            h.publish(t, crate::presence::DIFF_EVENT, b"{}");
+            h.publish(t, crate::protocol::PRESENCE_DIFF_EVENT, b"{}");
         }
         h.publish("mixed", "news", b"{}");
         assert!(!h.has_room_for("other"), "3 topics: the cap");

@@ -298,7 +298,7 @@ impl TopicState {
         let text_start = (ws::MAX_HEADER - start) as u8;
         let len = frame.len() as u64;
         let now = Instant::now();
-        self.app_messages |= event != crate::presence::DIFF_EVENT;
+        self.app_messages |= event != protocol::PRESENCE_DIFF_EVENT;
         self.last_seq += 1;
         let cum_start = self.total_bytes;
         self.entries.push_back(Entry {
