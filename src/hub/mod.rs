@@ -52,6 +52,13 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 use topic::{Last, Start, TopicState, new_epoch};
 
+/// The sweep gives memory back from a topic map of more than this many slots once fewer than
+/// a quarter of them ([`TOPIC_MAP_SHRINK_DIVISOR`]) are used: a burst of topics does not pin
+/// its peak forever, and a small map is not reallocated back and forth.
+const TOPIC_MAP_SHRINK_MIN_CAPACITY: usize = 64;
+/// See [`TOPIC_MAP_SHRINK_MIN_CAPACITY`]: the map shrinks below `capacity / 4` topics.
+const TOPIC_MAP_SHRINK_DIVISOR: usize = 4;
+
 /// What a join learns about its topic.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JoinInfo {
@@ -302,7 +309,9 @@ impl Hub {
             keep
         });
         let removed = before - map.len();
-        if map.capacity() > 64 && map.len() < map.capacity() / 4 {
+        if map.capacity() > TOPIC_MAP_SHRINK_MIN_CAPACITY
+            && map.len() < map.capacity() / TOPIC_MAP_SHRINK_DIVISOR
+        {
             map.shrink_to_fit();
         }
         self.metrics

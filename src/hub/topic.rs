@@ -13,6 +13,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
+/// Room reserved when encoding a broadcast, beyond its epoch, topic, event and payload: the 17
+/// bytes of JSON around them (`[null,"<epoch>:<offset>","<topic>","<event>",<payload>]`) and
+/// up to 20 digits of offset, rounded up. Only a capacity hint: a topic or event with escaped
+/// characters grows the buffer once more.
+const BROADCAST_TEXT_OVERHEAD: usize = 40;
+
+/// An epoch is this many random bits (48), written as 12 hex digits: a restarted node or a
+/// recreated topic gets a new epoch, so an old position can never be mistaken for a current
+/// one.
+const EPOCH_MASK: u64 = 0xFFFF_FFFF_FFFF;
+
 /// A position in a topic's stream: `<epoch>:<offset>`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Position {
@@ -289,7 +300,12 @@ impl TopicState {
         } = message;
         let position = (offset > 0).then(|| format!("{}:{}", self.epoch, offset));
         let mut buf = Vec::with_capacity(
-            ws::MAX_HEADER + 40 + self.epoch.len() + name.len() + event.len() + payload.len(),
+            ws::MAX_HEADER
+                + BROADCAST_TEXT_OVERHEAD
+                + self.epoch.len()
+                + name.len()
+                + event.len()
+                + payload.len(),
         );
         buf.resize(ws::MAX_HEADER, 0);
         protocol::push_text_frame(&mut buf, None, position.as_deref(), name, event, payload);
@@ -382,10 +398,9 @@ impl TopicState {
 }
 
 pub(super) fn new_epoch() -> Arc<str> {
-    // 48 random bits: a restarted node or a recreated topic gets a new epoch, so an old
-    // position can never be mistaken for a current one.
+    // 48 random bits (see [`EPOCH_MASK`]), 12 hex digits.
     let r: u64 = rand::random();
-    Arc::from(format!("{:012x}", r & 0xFFFF_FFFF_FFFF))
+    Arc::from(format!("{:012x}", r & EPOCH_MASK))
 }
 
 #[cfg(test)]
