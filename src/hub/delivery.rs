@@ -9,7 +9,7 @@
 //! (WebSocket 1013) and the client recovers by position when it rejoins. Publishers never wait.
 
 use super::handle::Waker;
-use super::topic::{Topic, TopicState};
+use super::topic::{Last, Topic, TopicState};
 use crate::metrics::Metrics;
 use bytes::Bytes;
 use std::sync::Arc;
@@ -36,6 +36,22 @@ pub(super) enum Subscriber {
 }
 
 impl Subscriber {
+    /// The topic's entry for a subscription that starts after entry `start`, and where the
+    /// subscription keeps its position. Only a connection with a socket to write to shares its
+    /// position with the topic.
+    pub(super) fn starting_after(waker: &Arc<Waker>, start: u64) -> (Subscriber, Last) {
+        if waker.has_sink() && !waker.is_eager() {
+            let d = Arc::new(Direct {
+                waker: waker.clone(),
+                last: AtomicU64::new(start),
+                allowed: AtomicBool::new(false),
+            });
+            (Subscriber::Direct(d.clone()), Last::Shared(d))
+        } else {
+            (Subscriber::Wake(waker.clone()), Last::Own(start))
+        }
+    }
+
     fn waker(&self) -> &Arc<Waker> {
         match self {
             Subscriber::Wake(w) => w,
@@ -183,25 +199,14 @@ async fn fanout(topic: Arc<Topic>, metrics: Arc<Metrics>) {
     // publish that started it).
     let mut swept: Option<u64> = None;
     loop {
-        let (covered, newest, subs, oldest) = {
-            let st = topic.read_lock();
-            let newest = st.newest();
-            let oldest = match swept {
-                Some(seq) => st.oldest_after(seq),
-                None => newest.as_ref().map(|n| (n.at, 1)),
-            };
-            (st.last_seq, newest, st.snapshot(), oldest)
-        };
+        let Sweep {
+            covered,
+            newest,
+            subs,
+            oldest,
+        } = topic.read_lock().sweep_after(swept);
         if !busy {
-            // Only LongPoll polls are eager, and they are woken, never written to directly:
-            // the others' wakers are not read here.
-            for s in &subs {
-                if let Subscriber::Wake(w) = s
-                    && w.is_eager()
-                {
-                    w.wake();
-                }
-            }
+            wake_eager(&subs);
         }
         // (Waking an eager subscriber again below is a no-op until it has run.)
         let mut direct = 0;
@@ -209,12 +214,7 @@ async fn fanout(topic: Arc<Topic>, metrics: Arc<Metrics>) {
             direct += deliver_all(chunk, newest.as_ref());
             tokio::task::yield_now().await;
         }
-        if direct > 0 {
-            Metrics::add(&metrics.messages_delivered, direct);
-        }
-        if let Some((at, n)) = oldest {
-            topic.delivery_histogram(&metrics).observe(at.elapsed(), n);
-        }
+        record_delivery(&topic, &metrics, direct, oldest);
         swept = Some(covered);
         drop(subs);
         busy = topic.read_lock().last_seq != covered;
@@ -224,17 +224,62 @@ async fn fanout(topic: Arc<Topic>, metrics: Arc<Metrics>) {
             tokio::time::sleep(BUSY_BATCH_WINDOW).await;
             continue;
         }
-        topic.fanout_scheduled.store(false, Ordering::Release);
-        if topic.read_lock().last_seq == covered {
+        if !topic.end_fanout(covered) {
             return;
-        }
-        if topic.fanout_scheduled.swap(true, Ordering::AcqRel) {
-            return; // a publisher started the next sweep
         }
     }
 }
 
+/// What one sweep of a [`fanout`] covers, read under the topic's lock.
+struct Sweep {
+    /// The last entry's sequence number when the sweep began.
+    covered: u64,
+    /// What a direct delivery writes.
+    newest: Option<Newest>,
+    /// A copy of the subscriber list, so that no lock is held while the sweep writes.
+    subs: Vec<Subscriber>,
+    /// When the oldest entry this sweep delivers entered this node, and how many it delivers
+    /// (for `pushgate_delivery_seconds`).
+    oldest: Option<(Instant, u64)>,
+}
+
+/// Wakes the eager subscribers (LongPoll polls) of a topic that was quiet, ahead of the others
+/// (see [`WAKE_CHUNK`]). They are woken, never written to directly: the others' wakers are not
+/// read here.
+fn wake_eager(subs: &[Subscriber]) {
+    for s in subs {
+        if let Subscriber::Wake(w) = s
+            && w.is_eager()
+        {
+            w.wake();
+        }
+    }
+}
+
+/// Counts `direct` deliveries and times the entries delivered (`oldest`: when the oldest of
+/// them entered this node, and how many there are).
+fn record_delivery(topic: &Topic, metrics: &Metrics, direct: u64, oldest: Option<(Instant, u64)>) {
+    if direct > 0 {
+        Metrics::add(&metrics.messages_delivered, direct);
+    }
+    if let Some((at, n)) = oldest {
+        topic.delivery_histogram(metrics).observe(at.elapsed(), n);
+    }
+}
+
 impl Topic {
+    /// Ends a fanout task's sweeps of this topic after one that covered entries up to
+    /// `covered`. Returns whether the task must sweep again after all: an entry arrived
+    /// meanwhile and no publisher has started the next sweep itself.
+    fn end_fanout(&self, covered: u64) -> bool {
+        self.fanout_scheduled.store(false, Ordering::Release);
+        if self.read_lock().last_seq == covered {
+            return false;
+        }
+        // `true`: a publisher started the next sweep.
+        !self.fanout_scheduled.swap(true, Ordering::AcqRel)
+    }
+
     /// Where this topic's delivery times go: after the publish (embedded broker), or after
     /// the receipt from Redis (only an external broker's topics have an idle notifier).
     fn delivery_histogram<'m>(&self, metrics: &'m Metrics) -> &'m crate::metrics::Histogram {
@@ -266,6 +311,22 @@ impl TopicState {
         Some((first.at, kept as u64))
     }
 
+    /// What the next sweep of a [`fanout`] covers: the entries after `swept` (what the
+    /// previous sweep covered; the first sweep is timed by the newest entry alone).
+    fn sweep_after(&self, swept: Option<u64>) -> Sweep {
+        let newest = self.newest();
+        let oldest = match swept {
+            Some(seq) => self.oldest_after(seq),
+            None => newest.as_ref().map(|n| (n.at, 1)),
+        };
+        Sweep {
+            covered: self.last_seq,
+            newest,
+            subs: self.snapshot(),
+            oldest,
+        }
+    }
+
     fn snapshot(&self) -> Vec<Subscriber> {
         self.subscribers.iter().map(|(_, s)| s.clone()).collect()
     }
@@ -290,12 +351,8 @@ pub(super) fn wake_subscribers(topic: &Arc<Topic>, metrics: &Arc<Metrics>) {
             let (newest, subs) = (st.newest(), st.snapshot());
             drop(st);
             let direct = deliver_all(&subs, newest.as_ref());
-            if direct > 0 {
-                Metrics::add(&metrics.messages_delivered, direct);
-            }
-            if let Some(n) = newest.as_ref().filter(|_| !subs.is_empty()) {
-                topic.delivery_histogram(metrics).observe(n.at.elapsed(), 1);
-            }
+            let delivered = newest.as_ref().filter(|_| !subs.is_empty());
+            record_delivery(topic, metrics, direct, delivered.map(|n| (n.at, 1)));
         }
         Some(handle) => {
             drop(st);

@@ -45,12 +45,9 @@ pub use topic::{Broadcast, Entry, Position, Subscription, Topic, parse_position}
 use crate::config::HistoryConfig;
 use crate::metrics::Metrics;
 use delivery::{Subscriber, wake_subscribers};
-use slab::Slab;
-use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64};
-use std::sync::{Arc, Mutex, RwLock};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
-use topic::{Last, Start, TopicState, new_epoch};
 
 /// The sweep gives memory back from a topic map of more than this many slots once fewer than
 /// a quarter of them ([`TOPIC_MAP_SHRINK_DIVISOR`]) are used: a burst of topics does not pin
@@ -152,22 +149,7 @@ impl Hub {
             return t.clone();
         }
         let name: Arc<str> = Arc::from(name);
-        let topic = Arc::new(Topic {
-            name: name.clone(),
-            state: RwLock::new(TopicState {
-                epoch: new_epoch(),
-                last_offset: 0,
-                last_seq: 0,
-                live: self.embedded,
-                entries: VecDeque::new(),
-                total_bytes: 0,
-                subscribers: Slab::new(),
-                removed: false,
-                app_messages: false,
-            }),
-            fanout_scheduled: AtomicBool::new(false),
-            idle: self.idle.clone(),
-        });
+        let topic = Arc::new(Topic::new(name.clone(), self.embedded, self.idle.clone()));
         map.insert(name, topic.clone());
         self.metrics
             .topics
@@ -206,23 +188,8 @@ impl Hub {
             return LiveJoin::NotLive;
         }
         st.trim(&self.history, Instant::now());
-        let (start, recovered, needs) = match st.locate(since) {
-            Start::Now => (st.last_seq, None, None),
-            Start::After(seq) => (seq, Some(true), None),
-            Start::Unrecoverable => (st.last_seq, Some(false), None),
-            Start::NotCovered(offset) => (st.last_seq, None, Some(offset)),
-        };
-        // Only a connection with a socket to write to shares its position with the topic.
-        let (entry, last) = if waker.has_sink() && !waker.is_eager() {
-            let d = Arc::new(Direct {
-                waker: waker.clone(),
-                last: AtomicU64::new(start),
-                allowed: AtomicBool::new(false),
-            });
-            (Subscriber::Direct(d.clone()), Last::Shared(d))
-        } else {
-            (Subscriber::Wake(waker.clone()), Last::Own(start))
-        };
+        let (start, recovered, needs) = st.locate(since).resolve(st.last_seq);
+        let (entry, last) = Subscriber::starting_after(&waker, start);
         let key = st.subscribers.insert(entry);
         let position = Position {
             epoch: st.epoch.clone(),
@@ -292,17 +259,7 @@ impl Hub {
         map.retain(|_, topic| {
             let mut st = topic.write();
             st.trim(&self.history, now);
-            // Embedded: the buffer is the history, keep it, unless it holds nothing but
-            // presence diffs (nobody is left to be announced; a flood of presence joins would
-            // otherwise keep a topic each for `history.max_age_secs`). External broker: the
-            // history is the broker's; keep a topic only while it has subscribers or is
-            // subscribed.
-            let keep = !st.subscribers.is_empty()
-                || if self.embedded {
-                    !st.entries.is_empty() && st.app_messages
-                } else {
-                    st.live
-                };
+            let keep = st.worth_keeping(self.embedded);
             if !keep {
                 st.removed = true;
             }

@@ -3,6 +3,7 @@
 //! offsets kept contiguous ([`Hub::append_remote`]).
 
 use super::delivery::wake_subscribers;
+use super::topic::TopicState;
 use super::{Broadcast, Hub, Position};
 use crate::metrics::Metrics;
 use std::sync::Arc;
@@ -108,31 +109,43 @@ impl Hub {
         if !st.live {
             return RemoteAppend::NotLive;
         }
-        let offset = match position {
-            None => 0,
-            Some((epoch, offset)) => {
-                if &*st.epoch != epoch {
-                    // The stream was recreated (history lost): follow the new epoch from its
-                    // first message, fetching any we have not seen.
-                    if st.switch_epoch(epoch, 0) {
-                        Metrics::add(&self.metrics.redis_epoch_changes, 1);
-                    }
-                    if offset > 1 {
-                        return RemoteAppend::Gap(1);
-                    }
-                } else if offset <= st.last_offset {
-                    return RemoteAppend::Duplicate;
-                } else if offset > st.last_offset + 1 {
-                    return RemoteAppend::Gap(st.last_offset + 1);
-                }
-                offset
-            }
+        let offset = match self.offset_to_append(&mut st, position) {
+            Ok(offset) => offset,
+            Err(outcome) => return outcome,
         };
         st.append(name, offset, message, &self.history);
         drop(st);
         wake_subscribers(&topic, &self.metrics);
         Metrics::add(&self.metrics.messages_published, 1);
         RemoteAppend::Appended
+    }
+
+    /// The offset under which a message from the broker at `position` is appended (0: it has
+    /// none), or why it is not appended now: a duplicate, or a gap to fetch first. A message of
+    /// another epoch moves the topic into that epoch first.
+    fn offset_to_append(
+        &self,
+        st: &mut TopicState,
+        position: Option<(&str, u64)>,
+    ) -> Result<u64, RemoteAppend> {
+        let Some((epoch, offset)) = position else {
+            return Ok(0);
+        };
+        if &*st.epoch != epoch {
+            // The stream was recreated (history lost): follow the new epoch from its
+            // first message, fetching any we have not seen.
+            if st.switch_epoch(epoch, 0) {
+                Metrics::add(&self.metrics.redis_epoch_changes, 1);
+            }
+            if offset > 1 {
+                return Err(RemoteAppend::Gap(1));
+            }
+        } else if offset <= st.last_offset {
+            return Err(RemoteAppend::Duplicate);
+        } else if offset > st.last_offset + 1 {
+            return Err(RemoteAppend::Gap(st.last_offset + 1));
+        }
+        Ok(offset)
     }
 
     /// Appends a message even though offsets before it are missing (they are no longer in
@@ -218,5 +231,54 @@ mod tests {
             LiveJoin::NeedsHistory(_, position, 1) => assert_eq!(position.to_string(), "e:5"),
             other => panic!("e:1 was replayed from a buffer that lacks 4 and 5: {other:?}"),
         }
+    }
+
+    #[test]
+    fn messages_from_the_broker_are_appended_with_contiguous_offsets() {
+        let h = Hub::with_broker(
+            HistoryConfig::default(),
+            Arc::new(Metrics::default()),
+            Arc::new(tokio::sync::Notify::new()),
+        );
+        let msg = Broadcast {
+            event: "n",
+            payload: b"1",
+            exclude: 0,
+        };
+        assert_eq!(
+            h.append_remote("t", Some(("e", 1)), msg),
+            RemoteAppend::NotLive
+        );
+        h.go_live("t", "e", 0);
+        assert_eq!(
+            h.append_remote("t", Some(("e", 1)), msg),
+            RemoteAppend::Appended
+        );
+        assert_eq!(
+            h.append_remote("t", Some(("e", 1)), msg),
+            RemoteAppend::Duplicate
+        );
+        assert_eq!(
+            h.append_remote("t", Some(("e", 3)), msg),
+            RemoteAppend::Gap(2)
+        );
+        assert_eq!(h.append_remote("t", None, msg), RemoteAppend::Appended);
+        assert_eq!(h.known_position("t").unwrap().to_string(), "e:1");
+        // Another epoch: followed from its first message, which is fetched first.
+        assert_eq!(
+            h.append_remote("t", Some(("f", 2)), msg),
+            RemoteAppend::Gap(1)
+        );
+        assert_eq!(
+            h.metrics
+                .redis_epoch_changes
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+        assert_eq!(
+            h.append_remote("t", Some(("f", 1)), msg),
+            RemoteAppend::Appended
+        );
+        assert_eq!(h.known_position("t").unwrap().to_string(), "f:1");
     }
 }

@@ -202,6 +202,27 @@ impl Subscription {
 }
 
 impl Topic {
+    /// A topic without entries or subscribers, in a new epoch; `live` when the node receives
+    /// it from birth (the embedded broker).
+    pub(super) fn new(name: Arc<str>, live: bool, idle: Option<Arc<tokio::sync::Notify>>) -> Topic {
+        Topic {
+            name,
+            state: RwLock::new(TopicState {
+                epoch: new_epoch(),
+                last_offset: 0,
+                last_seq: 0,
+                live,
+                entries: VecDeque::new(),
+                total_bytes: 0,
+                subscribers: Slab::new(),
+                removed: false,
+                app_messages: false,
+            }),
+            fanout_scheduled: AtomicBool::new(false),
+            idle,
+        }
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -284,6 +305,20 @@ pub(super) enum Start {
     Unrecoverable,
 }
 
+impl Start {
+    /// The sequence number a joining subscriber starts after, whether its `since` was honoured
+    /// (what [`JoinInfo::recovered`](super::JoinInfo::recovered) says), and the offset from
+    /// which the broker's history must replay the gap, if it must.
+    pub(super) fn resolve(self, last_seq: u64) -> (u64, Option<bool>, Option<u64>) {
+        match self {
+            Start::Now => (last_seq, None, None),
+            Start::After(seq) => (seq, Some(true), None),
+            Start::Unrecoverable => (last_seq, Some(false), None),
+            Start::NotCovered(offset) => (last_seq, None, Some(offset)),
+        }
+    }
+}
+
 impl TopicState {
     /// Encodes and appends one broadcast; `offset` 0 means it has no position.
     pub(super) fn append(
@@ -298,20 +333,7 @@ impl TopicState {
             payload,
             exclude,
         } = message;
-        let position = (offset > 0).then(|| format!("{}:{}", self.epoch, offset));
-        let mut buf = Vec::with_capacity(
-            ws::MAX_HEADER
-                + BROADCAST_TEXT_OVERHEAD
-                + self.epoch.len()
-                + name.len()
-                + event.len()
-                + payload.len(),
-        );
-        buf.resize(ws::MAX_HEADER, 0);
-        protocol::push_text_frame(&mut buf, None, position.as_deref(), name, event, payload);
-        let start = ws::frame_in_place(&mut buf, ws::OP_TEXT);
-        let frame = Bytes::from(buf).slice(start..);
-        let text_start = (ws::MAX_HEADER - start) as u8;
+        let (frame, text_start) = self.encode_frame(name, offset, event, payload);
         let len = frame.len() as u64;
         let now = Instant::now();
         self.app_messages |= event != protocol::PRESENCE_DIFF_EVENT;
@@ -332,6 +354,26 @@ impl TopicState {
             self.last_offset = offset;
         }
         self.trim(history, now);
+    }
+
+    /// The WebSocket text frame of a broadcast at `offset` of this epoch (0: without a
+    /// position), encoded once for every subscriber, and where its JSON text starts in it.
+    fn encode_frame(&self, name: &str, offset: u64, event: &str, payload: &[u8]) -> (Bytes, u8) {
+        let position = (offset > 0).then(|| format!("{}:{}", self.epoch, offset));
+        let mut buf = Vec::with_capacity(
+            ws::MAX_HEADER
+                + BROADCAST_TEXT_OVERHEAD
+                + self.epoch.len()
+                + name.len()
+                + event.len()
+                + payload.len(),
+        );
+        buf.resize(ws::MAX_HEADER, 0);
+        protocol::push_text_frame(&mut buf, None, position.as_deref(), name, event, payload);
+        let start = ws::frame_in_place(&mut buf, ws::OP_TEXT);
+        let frame = Bytes::from(buf).slice(start..);
+        let text_start = (ws::MAX_HEADER - start) as u8;
+        (frame, text_start)
     }
 
     /// Follows the broker into a new epoch (its history was lost or recreated) with the
@@ -359,13 +401,7 @@ impl TopicState {
                 } else if offset > self.last_offset {
                     Start::Unrecoverable
                 } else if let Some(e) = self.entries.iter().find(|e| e.offset == offset + 1)
-                    && self
-                        .entries
-                        .iter()
-                        .rev()
-                        .find(|e| e.offset > 0)
-                        .map(|e| e.offset)
-                        == Some(self.last_offset)
+                    && self.last_buffered_offset() == Some(self.last_offset)
                 {
                     // The buffer reaches the current offset: the gap is all here. (It does not
                     // when the topic went live again further on, `go_live`, with older entries
@@ -377,6 +413,30 @@ impl TopicState {
             }
             _ => Start::Unrecoverable,
         }
+    }
+
+    /// The offset of the newest entry that has one (entries of an old epoch have none).
+    fn last_buffered_offset(&self) -> Option<u64> {
+        self.entries
+            .iter()
+            .rev()
+            .find(|e| e.offset > 0)
+            .map(|e| e.offset)
+    }
+
+    /// Whether the periodic sweep keeps this topic (see [`Hub::sweep`](super::Hub::sweep)).
+    pub(super) fn worth_keeping(&self, embedded: bool) -> bool {
+        // Embedded: the buffer is the history, keep it, unless it holds nothing but
+        // presence diffs (nobody is left to be announced; a flood of presence joins would
+        // otherwise keep a topic each for `history.max_age_secs`). External broker: the
+        // history is the broker's; keep a topic only while it has subscribers or is
+        // subscribed.
+        !self.subscribers.is_empty()
+            || if embedded {
+                !self.entries.is_empty() && self.app_messages
+            } else {
+                self.live
+            }
     }
 
     pub(super) fn trim(&mut self, history: &HistoryConfig, now: Instant) {
@@ -397,7 +457,7 @@ impl TopicState {
     }
 }
 
-pub(super) fn new_epoch() -> Arc<str> {
+fn new_epoch() -> Arc<str> {
     // 48 random bits (see [`EPOCH_MASK`]), 12 hex digits.
     let r: u64 = rand::random();
     Arc::from(format!("{:012x}", r & EPOCH_MASK))
