@@ -1,14 +1,14 @@
 //! Delivery: getting a topic's newest entry to its subscribers. A small topic's subscribers are
 //! reached inline by the publisher; a large topic's by a fanout task, a chunk at a time. Either
 //! way a parked connection that lacks only this entry gets it written to its socket by the
-//! publisher ([`Direct`]); every other subscriber is woken to read for itself.
+//! publisher ([`DirectSubscriber`]); every other subscriber is woken to read for itself.
 //!
 //! Slow-consumer policy (written down once, here): a subscriber whose next entry has left the
 //! buffer (trimmed by `history.size` or `history.max_age_secs`), or whose pending bytes exceed
 //! `limits.max_pending_bytes`, gets [`Lag`] from [`Topic::read`]; its transport closes it
 //! (WebSocket 1013) and the client recovers by position when it rejoins. Publishers never wait.
 
-use super::handle::Waker;
+use super::handle::ConnHandle;
 use super::topic::{Last, Topic, TopicState};
 use crate::metrics::Metrics;
 use bytes::Bytes;
@@ -29,33 +29,33 @@ pub enum Lag {
 #[derive(Debug, Clone)]
 pub(super) enum Subscriber {
     /// Woken to read for itself (LongPoll; WebSockets over TLS or HTTP/2). Its position stays
-    /// in its [`Subscription`], so a sweep touches nothing but the waker.
-    Wake(Arc<Waker>),
-    /// Its connection can be written to directly (see [`Direct`]).
-    Direct(Arc<Direct>),
+    /// in its [`Subscription`], so a sweep touches nothing but the connection handle.
+    Wake(Arc<ConnHandle>),
+    /// Its connection can be written to directly (see [`DirectSubscriber`]).
+    Direct(Arc<DirectSubscriber>),
 }
 
 impl Subscriber {
     /// The topic's entry for a subscription that starts after entry `start`, and where the
     /// subscription keeps its position. Only a connection with a socket to write to shares its
     /// position with the topic.
-    pub(super) fn starting_after(waker: &Arc<Waker>, start: u64) -> (Subscriber, Last) {
-        if waker.has_sink() && !waker.is_eager() {
-            let d = Arc::new(Direct {
-                waker: waker.clone(),
+    pub(super) fn starting_after(conn_handle: &Arc<ConnHandle>, start: u64) -> (Subscriber, Last) {
+        if conn_handle.has_sink() && !conn_handle.is_eager() {
+            let d = Arc::new(DirectSubscriber {
+                conn_handle: conn_handle.clone(),
                 last: AtomicU64::new(start),
                 allowed: AtomicBool::new(false),
             });
             (Subscriber::Direct(d.clone()), Last::Shared(d))
         } else {
-            (Subscriber::Wake(waker.clone()), Last::Own(start))
+            (Subscriber::Wake(conn_handle.clone()), Last::Own(start))
         }
     }
 
-    fn waker(&self) -> &Arc<Waker> {
+    fn conn_handle(&self) -> &Arc<ConnHandle> {
         match self {
             Subscriber::Wake(w) => w,
-            Subscriber::Direct(d) => &d.waker,
+            Subscriber::Direct(d) => &d.conn_handle,
         }
     }
 
@@ -67,7 +67,7 @@ impl Subscriber {
         {
             return true;
         }
-        self.waker().wake();
+        self.conn_handle().wake();
         false
     }
 
@@ -81,15 +81,15 @@ impl Subscriber {
 /// A subscription whose connection a publish may write to directly: shared between the topic
 /// and the connection's [`Subscription`], it holds the sequence number of the last entry taken.
 #[derive(Debug)]
-pub struct Direct {
-    pub(super) waker: Arc<Waker>,
+pub struct DirectSubscriber {
+    pub(super) conn_handle: Arc<ConnHandle>,
     pub(super) last: AtomicU64,
     /// Set once the join's reply is queued ([`Subscription::allow_direct`]): only then may a
     /// publish write to this subscriber directly, after that reply.
     pub(super) allowed: AtomicBool,
 }
 
-impl Direct {
+impl DirectSubscriber {
     /// Writes entry `seq` (`frame`) straight to the subscriber's socket when its connection is
     /// parked and `seq` is the only entry it lacks. `true` when that delivered it whole (or
     /// skipped it: the entry excludes this connection); `false` when the connection must be
@@ -105,16 +105,16 @@ impl Direct {
         if !self.allowed.load(Ordering::Relaxed) || self.last.load(Ordering::Relaxed) + 1 != seq {
             return false;
         }
-        let Some(sink) = self.waker.sink.get() else {
+        let Some(sink) = self.conn_handle.sink.get() else {
             return false;
         };
-        let Ok(mut p) = self.waker.parked.try_lock() else {
+        let Ok(mut p) = self.conn_handle.parked.try_lock() else {
             return false; // the connection is parking or unparking right now
         };
         if !p.on || p.partial.is_some() || self.last.load(Ordering::Relaxed) + 1 != seq {
             return false;
         }
-        if exclude != 0 && exclude == self.waker.id {
+        if exclude != 0 && exclude == self.conn_handle.id {
             self.last.store(seq, Ordering::Relaxed);
             return true;
         }
@@ -133,11 +133,12 @@ impl Direct {
         }
     }
 
-    /// Reads what [`Direct::try_deliver`] of entry `seq` will read, without waiting on it.
+    /// Reads what [`DirectSubscriber::try_deliver`] of entry `seq` will read, without waiting on
+    /// it.
     fn prefetch(&self, seq: u64) {
         if self.allowed.load(Ordering::Relaxed) && self.last.load(Ordering::Relaxed) + 1 == seq {
-            std::hint::black_box(self.waker.scheduled.load(Ordering::Relaxed));
-            if let Some(sink) = self.waker.sink.get() {
+            std::hint::black_box(self.conn_handle.scheduled.load(Ordering::Relaxed));
+            if let Some(sink) = self.conn_handle.sink.get() {
                 sink.prefetch();
             }
         }
@@ -244,8 +245,8 @@ struct Sweep {
 }
 
 /// Wakes the eager subscribers (LongPoll polls) of a topic that was quiet, ahead of the others
-/// (see [`WAKE_CHUNK`]). They are woken, never written to directly: the others' wakers are not
-/// read here.
+/// (see [`WAKE_CHUNK`]). They are woken, never written to directly: the others' connection handles
+/// are not read here.
 fn wake_eager(subs: &[Subscriber]) {
     for s in subs {
         if let Subscriber::Wake(w) = s
@@ -333,7 +334,7 @@ impl TopicState {
 }
 
 /// Wakes a topic's subscribers after a publish (or writes the message to them directly, see
-/// [`Waker::park`]): inline for small topics (or outside a runtime), through a [`fanout`] task
+/// [`ConnHandle::park`]): inline for small topics (or outside a runtime), through a [`fanout`] task
 /// for large ones.
 pub(super) fn wake_subscribers(topic: &Arc<Topic>, metrics: &Arc<Metrics>) {
     if topic.fanout_scheduled.load(Ordering::Acquire) {
@@ -373,7 +374,7 @@ mod tests {
     #[test]
     fn publishing_wakes_subscribers_once_and_drop_unsubscribes() {
         let h = hub(10);
-        let w = Arc::new(Waker::default());
+        let w = Arc::new(ConnHandle::default());
         let (sub, _) = h.subscribe("t", w.clone(), None);
         h.publish("t", "e", b"1");
         h.publish("t", "e", b"2");
@@ -410,7 +411,7 @@ mod tests {
     #[test]
     fn a_parked_connection_gets_a_lone_message_written_without_a_wake_up() {
         let h = hub(10);
-        let w = Arc::new(Waker::default());
+        let w = Arc::new(ConnHandle::default());
         let (got, dyn_sink) = sink(usize::MAX);
         w.set_sink(Sink::Other(dyn_sink));
         let (mut sub, _) = h.subscribe("t", w.clone(), None);
@@ -450,7 +451,7 @@ mod tests {
     #[test]
     fn a_connection_without_a_socket_is_always_woken() {
         let h = hub(10);
-        let w = Arc::new(Waker::default());
+        let w = Arc::new(ConnHandle::default());
         let (mut sub, _) = h.subscribe("t", w.clone(), None);
         sub.allow_direct();
         w.park();
@@ -462,7 +463,7 @@ mod tests {
     #[test]
     fn a_partly_written_frame_is_finished_by_the_connection_first() {
         let h = hub(10);
-        let w = Arc::new(Waker::default());
+        let w = Arc::new(ConnHandle::default());
         let (got, dyn_sink) = sink(5);
         w.set_sink(Sink::Other(dyn_sink));
         let (mut sub, _) = h.subscribe("t", w.clone(), None);

@@ -5,7 +5,7 @@ use bytes::Bytes;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-/// Writes bytes straight to a connection's socket, without waiting (see [`Waker::park`]).
+/// Writes bytes straight to a connection's socket, without waiting (see [`ConnHandle::park`]).
 pub trait DirectSink: Send + Sync {
     /// Writes what the socket takes at once; `WouldBlock` when it takes nothing.
     fn try_send(&self, frame: &[u8]) -> std::io::Result<usize>;
@@ -15,11 +15,11 @@ pub trait DirectSink: Send + Sync {
     fn prefetch(&self) {}
 }
 
-/// Where a publish writes a parked connection's frames (see [`Waker::set_sink`]).
+/// Where a publish writes a parked connection's frames (see [`ConnHandle::set_sink`]).
 pub enum Sink {
-    /// The connection's own socket, held in the waker itself, so that a publish reaches it
-    /// without following one more pointer per subscriber; the connection's task reads and
-    /// writes it through [`Waker::tcp`].
+    /// The connection's own socket, held in the connection handle itself, so that a publish reaches
+    /// it without following one more pointer per subscriber; the connection's task reads and writes
+    /// it through [`ConnHandle::tcp`].
     Tcp(tokio::net::TcpStream),
     /// Any other writer.
     Other(Arc<dyn DirectSink>),
@@ -58,12 +58,12 @@ pub(super) struct Parked {
 ///
 /// A connection that waits with nothing to write may also *park* here: then a publish whose
 /// message is the only one a subscriber lacks writes that frame straight to the socket
-/// ([`Direct::try_deliver`]), and the task is not woken at all. Waking, scheduling and
+/// ([`DirectSubscriber::try_deliver`]), and the task is not woken at all. Waking, scheduling and
 /// polling a task cost about as much as the send itself when every message goes out alone.
 /// The lock decides who writes: the sweep only while the connection is parked, the task only
 /// after it has unparked, so frames never interleave and a subscription's position has one
 /// writer at a time.
-pub struct Waker {
+pub struct ConnHandle {
     /// This node's number for the connection (or LongPoll session), unique for the process's
     /// life: what a publish's `exclude` names ("send to others").
     pub id: u64,
@@ -72,16 +72,16 @@ pub struct Waker {
     /// Woken ahead of the others when a quiet topic gets a message (see [`WAKE_CHUNK`]).
     eager: AtomicBool,
     /// The connection's socket, when its transport can be written to directly. Set once; it
-    /// lives as long as the waker, which outlives the connection's task by at most the sweep
-    /// in progress or a broker join in flight (bounded by the broker's timeouts).
+    /// lives as long as the connection handle, which outlives the connection's task by at most the
+    /// sweep in progress or a broker join in flight (bounded by the broker's timeouts).
     pub(super) sink: std::sync::OnceLock<Sink>,
     pub(super) parked: Mutex<Parked>,
 }
 
-impl Default for Waker {
-    fn default() -> Waker {
+impl Default for ConnHandle {
+    fn default() -> ConnHandle {
         static NEXT_ID: AtomicU64 = AtomicU64::new(1);
-        Waker {
+        ConnHandle {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             task: Default::default(),
             scheduled: Default::default(),
@@ -92,22 +92,22 @@ impl Default for Waker {
     }
 }
 
-impl std::fmt::Debug for Waker {
+impl std::fmt::Debug for ConnHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Waker")
+        f.debug_struct("ConnHandle")
             .field("scheduled", &self.scheduled)
             .field("eager", &self.eager)
             .finish_non_exhaustive()
     }
 }
 
-impl Waker {
+impl ConnHandle {
     /// Gives publishes the connection's socket to write to while the connection is parked.
     pub fn set_sink(&self, sink: Sink) {
         let _ = self.sink.set(sink);
     }
 
-    /// The connection's socket, when the waker holds it ([`Sink::Tcp`]).
+    /// The connection's socket, when the connection handle holds it ([`Sink::Tcp`]).
     pub fn tcp(&self) -> Option<&tokio::net::TcpStream> {
         match self.sink.get() {
             Some(Sink::Tcp(s)) => Some(s),
@@ -115,17 +115,17 @@ impl Waker {
         }
     }
 
-    /// Whether publishes can write to this connection's socket (see [`Waker::set_sink`]).
+    /// Whether publishes can write to this connection's socket (see [`ConnHandle::set_sink`]).
     pub fn has_sink(&self) -> bool {
         self.sink.get().is_some()
     }
 
     /// The connection waits with nothing queued to write: a publish may write to its socket
-    /// directly until [`Waker::unpark`]. (Without a socket, parking changes nothing.)
+    /// directly until [`ConnHandle::unpark`]. (Without a socket, parking changes nothing.)
     pub fn park(&self) {
         let mut p = self.parked_slot();
         // A wake-up already pending means the task runs again at once: nothing to gain, and a
-        // frame handed over by [`Waker::hold`]'s caller must not be overtaken meanwhile.
+        // frame handed over by [`ConnHandle::hold`]'s caller must not be overtaken meanwhile.
         p.on = !self.scheduled.load(Ordering::Acquire);
     }
 
@@ -139,8 +139,9 @@ impl Waker {
 
     /// Stops publishes from writing directly until the task has run (and parked again): for a
     /// frame handed to the task from elsewhere (a mailbox), which must go out before any later
-    /// broadcast. Call after [`Waker::wake`] (a task that parks from then on sees the pending
-    /// wake-up and does not park). A partly written frame stays for the task's [`Waker::unpark`].
+    /// broadcast. Call after [`ConnHandle::wake`] (a task that parks from then on sees the pending
+    /// wake-up and does not park). A partly written frame stays for the task's
+    /// [`ConnHandle::unpark`].
     pub fn hold(&self) {
         self.parked_slot().on = false;
     }
@@ -164,7 +165,8 @@ impl Waker {
         }
     }
 
-    /// Ready when a wake-up came since the last [`Waker::clear`]; registers the task otherwise.
+    /// Ready when a wake-up came since the last [`ConnHandle::clear`]; registers the task
+    /// otherwise.
     pub fn poll_woken(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
         self.task.register(cx.waker());
         if self.scheduled.load(Ordering::Acquire) {
@@ -174,7 +176,7 @@ impl Waker {
         }
     }
 
-    /// Waits for a wake-up (returns at once if one came since the last [`Waker::clear`]).
+    /// Waits for a wake-up (returns at once if one came since the last [`ConnHandle::clear`]).
     pub async fn wait(&self) {
         std::future::poll_fn(|cx| self.poll_woken(cx)).await
     }

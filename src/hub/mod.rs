@@ -9,7 +9,7 @@
 //! history and receiving live messages are the same operation: there is no seam between them.
 //! When a message is the only one a subscriber lacks and its connection waits idle ("parked"),
 //! the publish writes the shared frame to the socket itself instead of waking the connection
-//! (see [`Waker`] and [`Direct`]).
+//! (see [`ConnHandle`] and [`DirectSubscriber`]).
 //!
 //! The files of this module:
 //! - `mod.rs`: the [`Hub`] (the topic map, joins, publishing, the periodic sweep) and what a
@@ -17,11 +17,11 @@
 //! - `topic.rs`: topic buffers and positions: [`Position`] (epoch and offset), the shared
 //!   encoded [`Entry`], a [`Topic`]'s buffer and where a join starts in it, history reads, and
 //!   a subscriber's hold on a topic ([`Subscription`]).
-//! - `handle.rs`: the connection's handle the hub wakes and writes through ([`Waker`]), the
+//! - `handle.rs`: the connection's handle the hub wakes and writes through ([`ConnHandle`]), the
 //!   socket it may write to ([`Sink`], [`DirectSink`]) and whether the connection is parked.
 //! - `delivery.rs`: getting an entry to the subscribers: direct writes by the publisher
-//!   ([`Direct`]), inline wake-ups for small topics, the chunked fanout task for large ones, and
-//!   the slow-consumer policy ([`Lag`]).
+//!   ([`DirectSubscriber`]), inline wake-ups for small topics, the chunked fanout task for large
+//!   ones, and the slow-consumer policy ([`Lag`]).
 //! - `remote.rs`: the API the Redis broker uses: topics going live and idle, positions learned
 //!   from the broker, and appending what it receives ([`Hub::append_remote`], [`RemoteAppend`]).
 //!
@@ -37,8 +37,8 @@ mod handle;
 mod remote;
 mod topic;
 
-pub use delivery::{Direct, Lag};
-pub use handle::{DirectSink, Sink, Waker};
+pub use delivery::{DirectSubscriber, Lag};
+pub use handle::{ConnHandle, DirectSink, Sink};
 pub use remote::RemoteAppend;
 pub use topic::{Broadcast, Entry, Position, Subscription, Topic, parse_position};
 
@@ -157,15 +157,15 @@ impl Hub {
         topic
     }
 
-    /// Subscribes `waker` to `name`, starting after `since` when it is honoured
+    /// Subscribes `conn_handle` to `name`, starting after `since` when it is honoured
     /// (embedded broker: the local buffer is the whole history).
     pub fn subscribe(
         &self,
         name: &str,
-        waker: Arc<Waker>,
+        conn_handle: Arc<ConnHandle>,
         since: Option<&str>,
     ) -> (Subscription, JoinInfo) {
-        match self.join_live(name, waker, since) {
+        match self.join_live(name, conn_handle, since) {
             LiveJoin::Done(sub, info) => (sub, info),
             LiveJoin::NeedsHistory(sub, position, _) => (
                 sub,
@@ -179,7 +179,12 @@ impl Hub {
     }
 
     /// Joins against the local buffer if the topic is live here (see [`LiveJoin`]).
-    pub fn join_live(&self, name: &str, waker: Arc<Waker>, since: Option<&str>) -> LiveJoin {
+    pub fn join_live(
+        &self,
+        name: &str,
+        conn_handle: Arc<ConnHandle>,
+        since: Option<&str>,
+    ) -> LiveJoin {
         let mut map = self.map();
         let topic = self.get_or_create(&mut map, name);
         let mut st = topic.write();
@@ -189,7 +194,7 @@ impl Hub {
         }
         st.trim(&self.history, Instant::now());
         let (start, recovered, needs) = st.locate(since).resolve(st.last_seq);
-        let (entry, last) = Subscriber::starting_after(&waker, start);
+        let (entry, last) = Subscriber::starting_after(&conn_handle, start);
         let key = st.subscribers.insert(entry);
         let position = Position {
             epoch: st.epoch.clone(),
@@ -198,7 +203,7 @@ impl Hub {
         drop(st);
         let sub = Subscription { topic, key, last };
         if recovered == Some(true) {
-            waker.wake(); // the replay is waiting in the buffer
+            conn_handle.wake(); // the replay is waiting in the buffer
         }
         match needs {
             Some(since_offset) => LiveJoin::NeedsHistory(sub, position, since_offset),
@@ -310,7 +315,7 @@ mod tests {
     #[test]
     fn live_subscribers_get_each_message_once_in_order() {
         let h = hub(10);
-        let (mut sub, info) = h.subscribe("t", Arc::new(Waker::default()), None);
+        let (mut sub, info) = h.subscribe("t", Arc::new(ConnHandle::default()), None);
         assert!(info.position.ends_with(":0"));
         let p1 = h.publish("t", "e", b"1");
         let p2 = h.publish("t", "e", b"2");
@@ -329,7 +334,7 @@ mod tests {
     #[test]
     fn sweep_forgets_topics_whose_history_is_only_presence_diffs() {
         let h = hub(10).with_max_topics(3);
-        let (sub, _) = h.subscribe("watched", Arc::new(Waker::default()), None);
+        let (sub, _) = h.subscribe("watched", Arc::new(ConnHandle::default()), None);
         for t in ["watched", "diffs", "mixed"] {
             h.publish(t, crate::protocol::PRESENCE_DIFF_EVENT, b"{}");
         }
@@ -359,12 +364,12 @@ mod tests {
             },
             Arc::new(Metrics::default()),
         );
-        let (sub, info1) = h.subscribe("t", Arc::new(Waker::default()), None);
+        let (sub, info1) = h.subscribe("t", Arc::new(ConnHandle::default()), None);
         h.sweep();
         assert_eq!(h.subscriber_count("t"), 1);
         drop(sub);
         h.sweep();
-        let (_sub, info2) = h.subscribe("t", Arc::new(Waker::default()), None);
+        let (_sub, info2) = h.subscribe("t", Arc::new(ConnHandle::default()), None);
         assert_ne!(info1.position, info2.position);
     }
 }

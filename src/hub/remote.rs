@@ -172,7 +172,7 @@ impl Hub {
 mod tests {
     use super::*;
     use crate::config::HistoryConfig;
-    use crate::hub::{LiveJoin, Waker};
+    use crate::hub::{ConnHandle, LiveJoin};
 
     #[test]
     fn a_new_epoch_is_never_located_among_the_old_one_s_entries() {
@@ -193,7 +193,7 @@ mod tests {
         }
         // Redis lost data: the topic continues in a new epoch from offset 2.
         h.go_live("t", "new", 2);
-        let w = Arc::new(Waker::default());
+        let w = Arc::new(ConnHandle::default());
         // Offset 2 of the new epoch is not in the buffer (the old epoch's 2 must not count):
         // it has to come from the broker's history.
         match h.join_live("t", w.clone(), Some("new:1")) {
@@ -227,7 +227,7 @@ mod tests {
         }
         assert_eq!(h.take_idle_topics().len(), 1);
         h.go_live("t", "e", 5);
-        match h.join_live("t", Arc::new(Waker::default()), Some("e:1")) {
+        match h.join_live("t", Arc::new(ConnHandle::default()), Some("e:1")) {
             LiveJoin::NeedsHistory(_, position, 1) => assert_eq!(position.to_string(), "e:5"),
             other => panic!("e:1 was replayed from a buffer that lacks 4 and 5: {other:?}"),
         }

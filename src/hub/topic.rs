@@ -2,7 +2,7 @@
 //! once and shares with every subscriber ([`Entry`]), where a join starts in the buffer, and
 //! history reads (the same read serves catching up and live delivery).
 
-use super::delivery::{Direct, Lag, Subscriber};
+use super::delivery::{DirectSubscriber, Lag, Subscriber};
 use crate::config::HistoryConfig;
 use crate::protocol;
 use crate::ws;
@@ -52,7 +52,7 @@ pub struct Broadcast<'a> {
     pub event: &'a str,
     /// JSON text.
     pub payload: &'a [u8],
-    /// The [`Waker::id`] of a connection of this node that must not get it, or 0.
+    /// The [`ConnHandle::id`] of a connection of this node that must not get it, or 0.
     pub exclude: u64,
 }
 
@@ -73,7 +73,7 @@ pub struct Entry {
     /// The text as a JSON string literal (how a LongPoll answer carries it), made by the first
     /// LongPoll subscriber that takes the entry and shared by the rest.
     json_string: std::sync::OnceLock<Bytes>,
-    /// The [`Waker::id`] of the connection this message is not for ("send to others"; the
+    /// The [`ConnHandle::id`] of the connection this message is not for ("send to others"; the
     /// publish's `exclude`), or 0.
     pub exclude: u64,
 }
@@ -141,7 +141,7 @@ pub struct Subscription {
 pub(super) enum Last {
     Own(u64),
     /// Shared with the topic, which may deliver to it directly.
-    Shared(Arc<Direct>),
+    Shared(Arc<DirectSubscriber>),
 }
 
 impl Drop for Subscription {
@@ -466,7 +466,7 @@ fn new_epoch() -> Arc<str> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hub::Waker;
+    use crate::hub::ConnHandle;
     use crate::hub::tests::{hub, texts};
 
     #[test]
@@ -475,7 +475,8 @@ mod tests {
         let p1 = h.publish("t", "e", b"1");
         h.publish("t", "e", b"2");
         h.publish("t", "e", b"3");
-        let (mut sub, info) = h.subscribe("t", Arc::new(Waker::default()), Some(&p1.to_string()));
+        let (mut sub, info) =
+            h.subscribe("t", Arc::new(ConnHandle::default()), Some(&p1.to_string()));
         assert_eq!(info.recovered, Some(true));
         h.publish("t", "e", b"4");
         let got = texts(&mut sub).unwrap();
@@ -489,7 +490,7 @@ mod tests {
         let p1 = h.publish("t", "e", b"1");
         h.publish("t", "e", b"2");
         h.publish("t", "e", b"3");
-        let w = Arc::new(Waker::default());
+        let w = Arc::new(ConnHandle::default());
         // p1's successor (offset 2) is still there: recoverable.
         assert_eq!(
             h.subscribe("t", w.clone(), Some(&p1.to_string()))
@@ -521,12 +522,12 @@ mod tests {
     #[test]
     fn a_subscriber_that_falls_off_the_buffer_lags() {
         let h = hub(3);
-        let (mut sub, _) = h.subscribe("t", Arc::new(Waker::default()), None);
+        let (mut sub, _) = h.subscribe("t", Arc::new(ConnHandle::default()), None);
         for i in 0..5 {
             h.publish("t", "e", i.to_string().as_bytes());
         }
         assert_eq!(texts(&mut sub), Err(Lag::FellOffHistory));
-        let (mut sub2, _) = h.subscribe("t", Arc::new(Waker::default()), None);
+        let (mut sub2, _) = h.subscribe("t", Arc::new(ConnHandle::default()), None);
         h.publish("t", "e", b"123456");
         let r = sub2.read(10, usize::MAX, &mut |_| {});
         assert_eq!(r, Err(Lag::TooManyPendingBytes));
@@ -535,7 +536,7 @@ mod tests {
     #[test]
     fn a_broadcast_frame_is_a_valid_websocket_frame_around_the_text() {
         let h = hub(10);
-        let (mut sub, _) = h.subscribe("t", Arc::new(Waker::default()), None);
+        let (mut sub, _) = h.subscribe("t", Arc::new(ConnHandle::default()), None);
         h.publish("t", "e", &vec![b'1'; 300]);
         sub.read(u64::MAX, usize::MAX, &mut |e| {
             let f = e.ws_frame();
