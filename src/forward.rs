@@ -15,7 +15,7 @@
 //! One connection's pushes go one at a time, in order (a [`Lane`] per session with at most
 //! `forward.max_queued` waiting); at most `forward.max_concurrent` requests are at the app at
 //! once, over kept-alive connections (hyper-util's pooled client; `https://` through
-//! hyper-rustls with [`crate::tls::client_config`]: the public roots and `forward.root_ca_file`).
+//! hyper-rustls with [`crate::client_tls::client_config`]: the public roots and `forward.root_ca_file`).
 
 use crate::auth::glob_match;
 use crate::config::ForwardConfig;
@@ -114,10 +114,10 @@ impl Forwarder {
         };
         // `Config::validate` has read forward.root_ca_file; should it have gone since, the
         // public roots still serve.
-        let tls = crate::tls::client_config("forward.root_ca_file", &config.root_ca_file)
+        let tls = crate::client_tls::client_config("forward.root_ca_file", &config.root_ca_file)
             .or_else(|e| {
                 tracing::error!("{e}; only the public roots are trusted");
-                crate::tls::client_config("forward.root_ca_file", "")
+                crate::client_tls::client_config("forward.root_ca_file", "")
             })
             .ok()?;
         let mut http = HttpConnector::new();

@@ -9,13 +9,19 @@
 //! - [`deadline`]: read deadlines where hyper has none (stalled request bodies).
 //! - [`protocol`]: Phoenix V2 frames, parse and encode, no I/O.
 //! - [`ws`]: our RFC 6455 frame layer, no I/O.
+//! - [`query`]: query strings of connect requests (`vsn`, tokens), no I/O.
+//! - [`client_tls`]: the TLS client configuration for outgoing HTTPS (forward, ACME): public
+//!   roots plus a CA file.
 //! - [`session`]: one client's channels and replies, transport-neutral, no I/O.
-//! - [`auth`]: private topics and the connect tokens (JWT) that open them, no I/O.
+//! - [`auth`]: private topics and the connect tokens (JWT) that open them; what a client
+//!   presented at connect (`ConnectInfo`), no I/O.
 //! - [`forward`]: client pushes forwarded to the application over HTTP, in order per connection.
 //! - [`transport`]: drives a session over a WebSocket.
 //! - [`hub`]: topics, their shared history buffers, positions and local subscribers.
 //! - [`broker`]: the Redis broker (cross-node fanout, history streams); embedded otherwise.
 //! - [`metrics`]: counters rendered for Prometheus.
+//! - [`admission`]: per-client limits (the client address, connections and new connections
+//!   per address, joins per connection).
 //! - [`origin`]: `server.allowed_origins`, which web pages may connect, no I/O.
 //! - [`app`]: the shared state handed to every connection.
 //! - [`acme`]: certificates from Let's Encrypt (ACME), HTTP-01 answers, export for nginx.
@@ -30,6 +36,7 @@ pub mod api;
 pub mod app;
 pub mod auth;
 pub mod broker;
+pub mod client_tls;
 pub mod config;
 pub mod deadline;
 pub mod forward;
@@ -41,6 +48,7 @@ pub mod metrics;
 pub mod origin;
 pub mod presence;
 pub mod protocol;
+pub mod query;
 pub mod router;
 pub mod server;
 pub mod session;

@@ -13,6 +13,7 @@
 //! presence task's queue ([`crate::presence`]). All three answer through the mailbox.
 
 use crate::app::App;
+use crate::auth::ConnectInfo;
 use crate::hub::{ConnHandle, Entry, Lag, LiveJoin, Subscription};
 use crate::metrics::Metrics;
 use crate::protocol::{self, Inbound, ParseError, Payload};
@@ -29,60 +30,6 @@ struct Channel {
     /// Set on a presence topic; dropping the channel untracks it. (Boxed: 8 bytes on every
     /// channel, presence or not.)
     _presence: Option<Box<crate::presence::Tracked>>,
-}
-
-/// Longest query string a connect may carry, in bytes: it is kept for the connection's life
-/// ([`ConnectInfo`]). 8 KiB is also the longest request line nginx passes by default
-/// (`large_client_header_buffers`), so nothing nginx lets through is refused here.
-pub const MAX_CONNECT_QUERY_BYTES: usize = 8192;
-/// Longest auth token (phoenix.js `authToken`) a connect may carry, in bytes; kept like the
-/// query string. A connect token (a JWT with a few channel patterns) is a few hundred bytes.
-pub const MAX_AUTH_TOKEN_BYTES: usize = 4096;
-
-/// What the client presented when connecting; kept for authorization.
-#[derive(Debug, Default, Clone)]
-pub struct ConnectInfo {
-    /// The raw query string of the connect request.
-    pub query: String,
-    /// The phoenix.js `authToken`, if one was offered.
-    pub auth_token: Option<String>,
-}
-
-/// Why a connect was refused: what it presented is longer than we keep.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Oversized {
-    /// The query string is over [`MAX_CONNECT_QUERY_BYTES`].
-    Query,
-    /// The auth token is over [`MAX_AUTH_TOKEN_BYTES`].
-    AuthToken,
-}
-
-impl Oversized {
-    /// The reason given to the client.
-    pub fn reason(self) -> String {
-        match self {
-            Oversized::Query => {
-                format!("query string longer than {MAX_CONNECT_QUERY_BYTES} bytes")
-            }
-            Oversized::AuthToken => format!("auth token longer than {MAX_AUTH_TOKEN_BYTES} bytes"),
-        }
-    }
-}
-
-impl ConnectInfo {
-    /// What a client presented, to be kept for its connection's life, if within the bounds.
-    pub fn bounded(query: &str, auth_token: Option<&str>) -> Result<ConnectInfo, Oversized> {
-        if query.len() > MAX_CONNECT_QUERY_BYTES {
-            return Err(Oversized::Query);
-        }
-        if auth_token.is_some_and(|t| t.len() > MAX_AUTH_TOKEN_BYTES) {
-            return Err(Oversized::AuthToken);
-        }
-        Ok(ConnectInfo {
-            query: query.to_string(),
-            auth_token: auth_token.map(str::to_string),
-        })
-    }
 }
 
 #[derive(Debug)]

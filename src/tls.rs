@@ -32,10 +32,8 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode, header};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use rustls_acme::futures_rustls::pki_types::CertificateDer;
-use rustls_acme::futures_rustls::pki_types::pem::PemObject;
+use rustls_acme::rustls::ServerConfig;
 use rustls_acme::rustls::server::Acceptor;
-use rustls_acme::rustls::{ClientConfig, RootCertStore, ServerConfig};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -340,38 +338,6 @@ fn host_without_port(h: &str) -> &str {
         return h.find(']').map_or(h, |i| &h[..=i]);
     }
     h.rsplit_once(':').map_or(h, |(host, _)| host)
-}
-
-/// A TLS client configuration (ring) trusting the public roots (webpki-roots) plus the PEM
-/// certificates in `root_ca_file` when it is not empty; problems name the config `key`.
-pub fn client_config(key: &str, root_ca_file: &str) -> Result<Arc<ClientConfig>, String> {
-    let mut roots = RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    if !root_ca_file.is_empty() {
-        let pem = std::fs::read(root_ca_file)
-            .map_err(|e| format!("{key}: cannot read {root_ca_file}: {e}"))?;
-        let mut added = 0;
-        for cert in CertificateDer::pem_slice_iter(&pem) {
-            cert.map_err(|e| e.to_string())
-                .and_then(|cert| roots.add(cert).map_err(|e| e.to_string()))
-                .map_err(|e| {
-                    format!("{key}: {root_ca_file} holds no usable PEM certificate: {e}")
-                })?;
-            added += 1;
-        }
-        if added == 0 {
-            return Err(format!(
-                "{key}: {root_ca_file} holds no usable PEM certificate"
-            ));
-        }
-    }
-    let provider = Arc::new(rustls_acme::rustls::crypto::ring::default_provider());
-    let config = ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| format!("{key}: {e}"))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(Arc::new(config))
 }
 
 #[cfg(test)]

@@ -192,29 +192,6 @@ enum Target {
     Sentinel(tokio::sync::Mutex<redis::sentinel::SentinelClient>),
 }
 
-/// A sentinel's URL from its `host:port` (and the sentinels' password).
-pub fn sentinel_url(address: &str, password: &str) -> Result<String, String> {
-    if address.contains('/') || address.contains('@') {
-        return Err("expected host:port".into());
-    }
-    let auth = if password.is_empty() {
-        String::new()
-    } else {
-        let encoded: String = password
-            .bytes()
-            .map(|b| {
-                if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-                    (b as char).to_string()
-                } else {
-                    format!("%{b:02X}")
-                }
-            })
-            .collect();
-        format!(":{encoded}@")
-    };
-    Ok(format!("redis://{auth}{address}/"))
-}
-
 pub struct RedisBroker {
     target: Target,
     keys: Keys,
@@ -332,7 +309,10 @@ impl RedisBroker {
             let sentinels = config
                 .sentinels
                 .iter()
-                .map(|a| sentinel_url(a, &config.sentinel_password))
+                .map(|a| {
+                    crate::config::sentinel_url(a, &config.sentinel_password)
+                        .map_err(|e| e.to_string())
+                })
                 .collect::<Result<Vec<_>, _>>()?;
             let info = client.get_connection_info();
             let mut node = redis::sentinel::SentinelNodeConnectionInfo::default()

@@ -34,12 +34,13 @@
 
 use crate::api::error_response;
 use crate::app::App;
+use crate::auth::ConnectInfo;
 use crate::broker::redis::Forwarded;
 use crate::hub::{ConnHandle, Lag};
 use crate::metrics::{Metrics, Refusal};
 use crate::protocol;
-use crate::session::{ConnectInfo, Session};
-use crate::transport::websocket::query_param;
+use crate::query::query_param;
+use crate::session::Session;
 use base64::Engine;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};

@@ -9,10 +9,12 @@
 //! frames itself (that is [`crate::protocol`]); it moves bytes and enforces WebSocket rules.
 
 use crate::app::App;
+use crate::auth::{ConnectInfo, Oversized};
 use crate::hub::{ConnHandle, Lag, Sink};
 use crate::metrics::{Metrics, Refusal};
 use crate::protocol;
-use crate::session::{ConnectInfo, Oversized, Session};
+use crate::query::query_param;
+use crate::session::Session;
 use crate::ws::{self, Flow, Message, MessageReader, close_code};
 use base64::Engine;
 use bytes::Bytes;
@@ -60,20 +62,6 @@ fn header_has_token(req: &Request<Incoming>, name: header::HeaderName, token: &s
             .map(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
             .unwrap_or(false)
     })
-}
-
-/// Every value of the query parameter `name`, in order (raw, not percent-decoded).
-pub fn query_values<'a>(query: &'a str, name: &str) -> impl DoubleEndedIterator<Item = &'a str> {
-    query
-        .split('&')
-        .filter_map(|kv| kv.split_once('=').or(Some((kv, ""))))
-        .filter(move |(k, _)| *k == name)
-        .map(|(_, v)| v)
-}
-
-/// A query parameter's last occurrence, if any (`vsn`; LongPoll's session `token`).
-pub fn query_param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
-    query_values(query, name).next_back()
 }
 
 /// Decodes the token phoenix.js puts in `base64url.bearer.phx.<B>` (standard base64 without
@@ -894,13 +882,6 @@ pub async fn run<S: WsIo>(app: Arc<App>, mut stream: S, initial: Vec<u8>, connec
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn query_param_takes_the_last_value() {
-        assert_eq!(query_param("a=1&vsn=2.0.0&", "vsn"), Some("2.0.0"));
-        assert_eq!(query_param("token=a&vsn=2.0.0&token=b", "token"), Some("b"));
-        assert_eq!(query_param("", "vsn"), None);
-    }
 
     #[test]
     fn auth_tokens_decode_from_either_alphabet() {
