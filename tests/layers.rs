@@ -57,7 +57,6 @@ const KNOWN: &[&str] = &[
     "broker::redis -> app",
     "broker::redis -> transport::longpoll",
     "deadline -> api (cycle)",
-    "hub -> presence",
     "presence -> app",
     "session -> app",
     "session -> broker",
