@@ -9,7 +9,7 @@
 use crate::broker::Broker;
 use crate::config::Config;
 use crate::forward::Forwarder;
-use crate::hub::{Hub, LiveJoin, Waker};
+use crate::hub::{ConnHandle, Hub, LiveJoin};
 use crate::metrics::Metrics;
 use crate::presence::Presence;
 use crate::session::{self, Deliver, JoinRequest, PresenceEntry, PushLane, Tracking};
@@ -54,9 +54,9 @@ pub struct App {
     /// What every client session is built on.
     pub session: Arc<session::Context>,
     draining: AtomicBool,
-    /// Wakers of live WebSocket connections, woken at shutdown so each starts its drain.
-    /// (Cheaper per connection than a cancellation-token waiter polled on every wake-up.)
-    connections: std::sync::Mutex<slab::Slab<Arc<crate::hub::Waker>>>,
+    /// Connection handles of live WebSocket connections, woken at shutdown so each starts its
+    /// drain. (Cheaper per connection than a cancellation-token waiter polled on every wake-up.)
+    connections: std::sync::Mutex<slab::Slab<Arc<crate::hub::ConnHandle>>>,
 }
 
 impl App {
@@ -161,13 +161,13 @@ impl App {
         }
     }
 
-    fn connections(&self) -> std::sync::MutexGuard<'_, slab::Slab<Arc<crate::hub::Waker>>> {
+    fn connections(&self) -> std::sync::MutexGuard<'_, slab::Slab<Arc<crate::hub::ConnHandle>>> {
         self.connections.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Registers a connection's waker for the drain; returns its key.
-    pub fn register_connection(&self, waker: Arc<crate::hub::Waker>) -> usize {
-        self.connections().insert(waker)
+    /// Registers a connection's handle for the drain; returns its key.
+    pub fn register_connection(&self, conn_handle: Arc<crate::hub::ConnHandle>) -> usize {
+        self.connections().insert(conn_handle)
     }
 
     pub fn unregister_connection(&self, key: usize) {
@@ -220,8 +220,13 @@ struct NodeServices {
 }
 
 impl session::Services for NodeServices {
-    fn start_join(&self, topic: &str, waker: Arc<Waker>, since: Option<&str>) -> LiveJoin {
-        self.broker.start_join(&self.hub, topic, waker, since)
+    fn start_join(
+        &self,
+        topic: &str,
+        conn_handle: Arc<ConnHandle>,
+        since: Option<&str>,
+    ) -> LiveJoin {
+        self.broker.start_join(&self.hub, topic, conn_handle, since)
     }
 
     fn complete_join(&self, request: JoinRequest) {

@@ -21,7 +21,7 @@ use crate::auth::glob_match;
 use crate::config::ForwardConfig;
 use crate::metrics::{ForwardFailure, Metrics};
 use crate::protocol;
-use crate::session::{Deliver, DirectFrame, Push, PushLane};
+use crate::session::{Deliver, Push, PushLane, QueuedFrame};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::{Request, StatusCode, Uri, header};
@@ -144,7 +144,7 @@ impl Forwarder {
     /// log and its kind to `pushgate_forward_failures_total`; the client is told only
     /// `{"reason": "forward failed"}` (the detail can name hosts, addresses and TLS problems of
     /// the app's network).
-    async fn answer(&self, job: Job) -> DirectFrame {
+    async fn answer(&self, job: Job) -> QueuedFrame {
         let outcome = tokio::time::timeout(self.timeout, self.ask(&job))
             .await
             .unwrap_or_else(|_| {

@@ -576,15 +576,11 @@ async fn apply(
     }
 }
 
-/// The event of a diff. A topic whose history holds only these is not kept once its last
-/// subscriber is gone ([`crate::hub::Hub::sweep`]).
-pub const DIFF_EVENT: &str = "presence_diff";
-
 /// Publishes a diff through the broker (so every node's subscribers get it, in order).
 async fn publish_diff(ctx: &Context, topic: &str, payload: &str) {
     let message = Message {
         topic,
-        event: DIFF_EVENT,
+        event: crate::protocol::PRESENCE_DIFF_EVENT,
         payload,
         exclude: None,
     };

@@ -2,8 +2,8 @@
 //! heartbeat replies, the stale-join_ref filter, and the frames waiting to go out.
 //!
 //! A transport feeds it parsed messages ([`Session::handle`]) and, when it can write, takes the
-//! direct frames ([`Session::pop_direct`]) and then the broadcasts from the topic buffers
-//! ([`Session::collect_broadcasts`]). Direct frames go first, so a join reply always precedes the
+//! queued frames ([`Session::pop_queued`]) and then the broadcasts from the topic buffers
+//! ([`Session::collect_broadcasts`]). Queued frames go first, so a join reply always precedes the
 //! messages the join replays.
 //!
 //! A session is built on a [`Context`]: what it needs from the layers below it (the hub, auth,
@@ -19,7 +19,7 @@
 
 use crate::admission::{Admission, JoinBucket};
 use crate::auth::{Auth, ConnectInfo};
-use crate::hub::{Entry, Hub, JoinInfo, Lag, LiveJoin, Position, Subscription, Waker};
+use crate::hub::{ConnHandle, Entry, Hub, JoinInfo, Lag, LiveJoin, Position, Subscription};
 use crate::metrics::Metrics;
 use crate::protocol::{self, Inbound, ParseError, Payload};
 use serde_json::value::RawValue;
@@ -28,11 +28,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// A frame addressed to this client alone (a reply, `phx_close`, ...): JSON text.
-pub type DirectFrame = Vec<u8>;
+pub type QueuedFrame = Vec<u8>;
 
 /// Hands frames to one session from another task (through its mailbox): a forwarded push's
 /// reply, a `presence_state`. They go out with the session's next [`Session::settle`].
-pub type Deliver = Arc<dyn Fn(DirectFrame) + Send + Sync>;
+pub type Deliver = Arc<dyn Fn(QueuedFrame) + Send + Sync>;
 
 /// What a session needs, shared by every session of a node.
 pub struct Context {
@@ -82,7 +82,12 @@ pub trait Services: Send + Sync {
     /// Joins `topic` against the local buffer: [`LiveJoin::Done`] when that is all there is
     /// to it, otherwise what the broker must complete ([`Services::complete_join`]). Whether a
     /// topic's buffer is its whole history (the embedded broker) is the broker's to know.
-    fn start_join(&self, topic: &str, waker: Arc<Waker>, since: Option<&str>) -> LiveJoin;
+    fn start_join(
+        &self,
+        topic: &str,
+        conn_handle: Arc<ConnHandle>,
+        since: Option<&str>,
+    ) -> LiveJoin;
 
     /// Hands a join the local buffer could not complete to the broker; `request.done` is
     /// called exactly once with the outcome.
@@ -123,7 +128,7 @@ pub trait Services: Send + Sync {
 pub struct Joined {
     pub subscription: Subscription,
     pub info: JoinInfo,
-    pub replay: Vec<DirectFrame>,
+    pub replay: Vec<QueuedFrame>,
 }
 
 /// Why the broker could not complete a join: the reason of the join's error reply.
@@ -152,7 +157,7 @@ pub type JoinDone = Box<dyn FnOnce(Result<Joined, JoinError>) + Send>;
 pub struct JoinRequest {
     pub topic: String,
     pub since: Option<String>,
-    pub waker: Arc<Waker>,
+    pub conn_handle: Arc<ConnHandle>,
     /// Set when the topic is live here: already subscribed at the current end, and what
     /// history the client needs. `None`: the broker must subscribe first.
     pub started: Option<Started>,
@@ -233,14 +238,14 @@ struct Channel {
 #[derive(Debug)]
 pub struct Session {
     ctx: Arc<Context>,
-    waker: Arc<Waker>,
+    conn_handle: Arc<ConnHandle>,
     channels: Vec<Channel>,
     /// Joins the broker is completing (Redis only).
     pending: Vec<PendingJoin>,
     /// Where the broker leaves completed joins; created on the first deferred join.
     mailbox: Option<Arc<Mailbox>>,
-    direct: VecDeque<DirectFrame>,
-    /// Bytes in `direct`.
+    queued: VecDeque<QueuedFrame>,
+    /// Bytes in `queued`.
     direct_bytes: usize,
     /// Checked by [`Auth::may_join`](crate::auth::Auth::may_join) for private topics.
     connect: ConnectInfo,
@@ -272,7 +277,7 @@ struct Mailbox {
     any: AtomicBool,
     done: std::sync::Mutex<Vec<JoinOutcome>>,
     /// Replies to pushes the app has answered (`[forward]`).
-    replies: std::sync::Mutex<Vec<DirectFrame>>,
+    replies: std::sync::Mutex<Vec<QueuedFrame>>,
 }
 
 impl std::fmt::Debug for Mailbox {
@@ -299,11 +304,11 @@ const JOIN_RESPONSE_CAPACITY: usize = 64;
 
 /// A connection's sender id, `<node>.<connection>`: what a forwarded push carries as `sender`,
 /// and what a publish's `exclude` names to leave that connection out ("send to others").
-pub fn sender_id(node: &str, waker: &Waker) -> String {
-    format!("{node}.{}", waker.id)
+pub fn sender_id(node: &str, conn_handle: &ConnHandle) -> String {
+    format!("{node}.{}", conn_handle.id)
 }
 
-/// The connection (its [`Waker::id`]) a publish's `exclude` names on node `node`: 0 for none
+/// The connection (its [`ConnHandle::id`]) a publish's `exclude` names on node `node`: 0 for none
 /// here (no exclusion, or another node's connection).
 pub fn local_exclude(exclude: Option<&str>, node: &str) -> u64 {
     exclude
@@ -325,19 +330,23 @@ pub fn is_sender_id(sender: &str) -> bool {
 
 impl Session {
     pub fn new(ctx: Arc<Context>, connect: ConnectInfo) -> Session {
-        Session::with_waker(ctx, connect, Arc::new(Waker::default()))
+        Session::with_conn_handle(ctx, connect, Arc::new(ConnHandle::default()))
     }
 
-    /// A session woken through `waker` (which may already hold the connection's socket).
-    pub fn with_waker(ctx: Arc<Context>, connect: ConnectInfo, waker: Arc<Waker>) -> Session {
+    /// A session woken through `conn_handle` (which may already hold the connection's socket).
+    pub fn with_conn_handle(
+        ctx: Arc<Context>,
+        connect: ConnectInfo,
+        conn_handle: Arc<ConnHandle>,
+    ) -> Session {
         let join_budget = ctx.admission.join_bucket();
         Session {
             ctx,
-            waker,
+            conn_handle,
             channels: Vec::new(),
             pending: Vec::new(),
             mailbox: None,
-            direct: VecDeque::new(),
+            queued: VecDeque::new(),
             direct_bytes: 0,
             connect,
             lane: None,
@@ -345,9 +354,9 @@ impl Session {
         }
     }
 
-    /// The waker topics use to tell this session's transport that broadcasts are waiting.
-    pub fn waker(&self) -> &Arc<Waker> {
-        &self.waker
+    /// The connection handle topics use to tell this session's transport that broadcasts are waiting.
+    pub fn conn_handle(&self) -> &Arc<ConnHandle> {
+        &self.conn_handle
     }
 
     /// Number of joined channels.
@@ -355,9 +364,9 @@ impl Session {
         self.channels.len()
     }
 
-    fn reply(&mut self, frame: DirectFrame) {
+    fn reply(&mut self, frame: QueuedFrame) {
         self.direct_bytes += frame.len();
-        self.direct.push_back(frame);
+        self.queued.push_back(frame);
     }
 
     /// Answers a message that could not be parsed, with whatever ref could be recovered.
@@ -555,10 +564,11 @@ impl Session {
 
     /// Joins against the local buffer; what it cannot complete goes to the broker.
     fn start_join(&mut self, pending: PendingJoin, since: Option<String>) {
-        let live =
-            self.ctx
-                .services
-                .start_join(&pending.topic, self.waker.clone(), since.as_deref());
+        let live = self.ctx.services.start_join(
+            &pending.topic,
+            self.conn_handle.clone(),
+            since.as_deref(),
+        );
         let started = match live {
             LiveJoin::Done(subscription, info) => {
                 let joined = Joined {
@@ -588,12 +598,12 @@ impl Session {
         started: Option<Started>,
     ) {
         let mailbox = self.mailbox.get_or_insert_with(Default::default).clone();
-        let waker = self.waker.clone();
+        let conn_handle = self.conn_handle.clone();
         let (topic, join_ref) = (pending.topic.clone(), pending.join_ref.clone());
         let request = JoinRequest {
             topic: pending.topic.clone(),
             since,
-            waker: self.waker.clone(),
+            conn_handle: self.conn_handle.clone(),
             started,
             done: Box::new(move |result| {
                 mailbox
@@ -606,7 +616,7 @@ impl Session {
                         result,
                     });
                 mailbox.any.store(true, Ordering::Release);
-                waker.wake();
+                conn_handle.wake();
             }),
         };
         self.pending.push(pending);
@@ -670,7 +680,7 @@ impl Session {
         });
         // Replayed messages (if any) are waiting in the topic buffer.
         if info.recovered == Some(true) {
-            self.waker.wake();
+            self.conn_handle.wake();
         }
     }
 
@@ -774,7 +784,7 @@ impl Session {
                         event: msg.event,
                         payload,
                         token: crate::auth::connect_token(&self.connect).map(str::to_string),
-                        sender: sender_id(&self.ctx.node_id, &self.waker),
+                        sender: sender_id(&self.ctx.node_id, &self.conn_handle),
                     };
                     self.forward(push)
                 }
@@ -812,7 +822,7 @@ impl Session {
     /// they go out with the next `settle`.
     fn mailbox_sender(&mut self) -> Deliver {
         let mailbox = self.mailbox.get_or_insert_with(Default::default).clone();
-        let waker = self.waker.clone();
+        let conn_handle = self.conn_handle.clone();
         Arc::new(move |frame| {
             mailbox
                 .replies
@@ -820,27 +830,27 @@ impl Session {
                 .unwrap_or_else(|e| e.into_inner())
                 .push(frame);
             mailbox.any.store(true, Ordering::Release);
-            waker.wake();
-            waker.hold();
+            conn_handle.wake();
+            conn_handle.hold();
         })
     }
 
-    /// Takes the oldest direct frame.
-    pub fn pop_direct(&mut self) -> Option<DirectFrame> {
-        let f = self.direct.pop_front();
+    /// Takes the oldest queued frame.
+    pub fn pop_queued(&mut self) -> Option<QueuedFrame> {
+        let f = self.queued.pop_front();
         if let Some(f) = &f {
             self.direct_bytes -= f.len();
-        } else if self.direct.capacity() > 0 {
-            self.direct = VecDeque::new(); // an idle session holds no queue
+        } else if self.queued.capacity() > 0 {
+            self.queued = VecDeque::new(); // an idle session holds no queue
         }
         f
     }
 
     pub fn has_direct(&self) -> bool {
-        !self.direct.is_empty()
+        !self.queued.is_empty()
     }
 
-    /// Bytes of direct frames waiting (replies the client has not collected).
+    /// Bytes of queued frames waiting (replies the client has not collected).
     pub fn direct_bytes(&self) -> usize {
         self.direct_bytes
     }
@@ -865,7 +875,7 @@ impl Session {
         let max_pending = self.ctx.limits.max_pending_bytes;
         let mut total = 0;
         let mut bytes = 0usize;
-        let me = self.waker.id;
+        let me = self.conn_handle.id;
         for ch in &mut self.channels {
             let remaining = budget.saturating_sub(bytes);
             let mut skipped = 0;
@@ -879,8 +889,8 @@ impl Session {
             };
             total += ch.sub.read(max_pending, remaining, &mut count_bytes)? - skipped;
             if bytes >= budget {
-                // Come back for the rest: the waker stays set so the transport loops again.
-                self.waker.wake();
+                // Come back for the rest: the connection handle stays set so the transport loops again.
+                self.conn_handle.wake();
                 break;
             }
         }
@@ -907,11 +917,16 @@ mod tests {
     }
 
     impl Services for FakeServices {
-        fn start_join(&self, topic: &str, waker: Arc<Waker>, since: Option<&str>) -> LiveJoin {
+        fn start_join(
+            &self,
+            topic: &str,
+            conn_handle: Arc<ConnHandle>,
+            since: Option<&str>,
+        ) -> LiveJoin {
             if self.defer {
                 return LiveJoin::NotLive;
             }
-            let (sub, info) = self.hub.subscribe(topic, waker, since);
+            let (sub, info) = self.hub.subscribe(topic, conn_handle, since);
             LiveJoin::Done(sub, info)
         }
 
@@ -995,10 +1010,10 @@ mod tests {
             self.session.handle(msg);
         }
 
-        /// Every direct frame waiting, parsed.
+        /// Every queued frame waiting, parsed.
         fn replies(&mut self) -> Vec<serde_json::Value> {
             self.session.settle();
-            std::iter::from_fn(|| self.session.pop_direct())
+            std::iter::from_fn(|| self.session.pop_queued())
                 .map(|f| serde_json::from_slice(&f).expect("JSON"))
                 .collect()
         }
@@ -1081,7 +1096,7 @@ mod tests {
             ("room:a", "shout")
         );
         assert_eq!(push.payload.get(), r#"{"x":2}"#);
-        assert_eq!(push.sender, sender_id("0badc0de", h.session.waker()));
+        assert_eq!(push.sender, sender_id("0badc0de", h.session.conn_handle()));
         deliver(protocol::encode_reply(
             Some("1"),
             Some("5"),
@@ -1107,7 +1122,7 @@ mod tests {
             .expect("handed to the broker");
         assert_eq!(request.topic, "room:a");
         assert_eq!(request.since.as_deref(), Some("e1:3"));
-        let (subscription, _) = h.hub.subscribe("room:a", request.waker.clone(), None);
+        let (subscription, _) = h.hub.subscribe("room:a", request.conn_handle.clone(), None);
         (request.done)(Ok(Joined {
             subscription,
             info: JoinInfo {
@@ -1139,7 +1154,7 @@ mod tests {
 
     #[test]
     fn sender_ids_name_a_connection_of_one_node() {
-        let w = Waker::default();
+        let w = ConnHandle::default();
         let id = sender_id("3f1c0a9b", &w);
         assert!(is_sender_id(&id), "{id}");
         assert_eq!(local_exclude(Some(&id), "3f1c0a9b"), w.id);

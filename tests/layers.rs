@@ -56,7 +56,6 @@ const KNOWN: &[&str] = &[
     "api -> deadline (cycle)",
     "app -> acme",
     "deadline -> api (cycle)",
-    "hub -> presence",
     "tls -> server",
 ];
 

@@ -14,7 +14,7 @@
 
 pub mod redis;
 
-use crate::hub::{Hub, LiveJoin, Waker};
+use crate::hub::{ConnHandle, Hub, LiveJoin};
 use std::sync::Arc;
 
 pub use crate::session::{JoinError, JoinRequest, Joined};
@@ -112,15 +112,15 @@ impl Broker {
         &self,
         hub: &Hub,
         topic: &str,
-        waker: Arc<Waker>,
+        conn_handle: Arc<ConnHandle>,
         since: Option<&str>,
     ) -> LiveJoin {
         match self {
             Broker::Embedded(_) => {
-                let (sub, info) = hub.subscribe(topic, waker, since);
+                let (sub, info) = hub.subscribe(topic, conn_handle, since);
                 LiveJoin::Done(sub, info)
             }
-            Broker::Redis(_) => hub.join_live(topic, waker, since),
+            Broker::Redis(_) => hub.join_live(topic, conn_handle, since),
         }
     }
 

@@ -211,7 +211,7 @@ impl Keys {
     }
 }
 
-/// Joins queued or in progress, by connection ([`hub::Waker::id`]).
+/// Joins queued or in progress, by connection ([`hub::ConnHandle::id`]).
 type InFlight = Mutex<std::collections::HashMap<u64, usize>>;
 
 /// One join counted in [`InFlight`]; dropping it uncounts it.
@@ -270,7 +270,7 @@ pub struct RedisBroker {
     commands: Mutex<Option<ConnectionManager>>,
     joins: mpsc::Sender<JoinRequest>,
     join_queue: Mutex<Option<mpsc::Receiver<JoinRequest>>>,
-    /// Joins each connection (by [`hub::Waker::id`]) has queued or in progress here, so that
+    /// Joins each connection (by [`hub::ConnHandle::id`]) has queued or in progress here, so that
     /// one connection cannot fill [`JOIN_QUEUE`].
     in_flight: Arc<InFlight>,
     /// Most joins one connection may have here at once (`limits.max_topics_per_connection`:
@@ -698,7 +698,7 @@ impl RedisBroker {
     pub fn join(&self, mut req: JoinRequest) {
         let slot = {
             let mut map = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
-            let n = map.entry(req.waker.id).or_insert(0);
+            let n = map.entry(req.conn_handle.id).or_insert(0);
             if *n >= self.per_connection {
                 drop(map);
                 self.metrics.refused(crate::metrics::Refusal::RateLimit);
@@ -708,7 +708,7 @@ impl RedisBroker {
             *n += 1;
             InFlightSlot {
                 map: self.in_flight.clone(),
-                id: req.waker.id,
+                id: req.conn_handle.id,
             }
         };
         // However the join ends (answered, or dropped at shutdown), the slot is freed after.
@@ -1413,7 +1413,7 @@ fn join_at_live_end(
         let JoinRequest {
             topic,
             since,
-            waker,
+            conn_handle,
             started,
             done,
         } = req;
@@ -1423,7 +1423,7 @@ fn join_at_live_end(
                 done(Err(JoinError::Unavailable));
                 continue;
             }
-            None => match ctx.hub.join_live(&topic, waker, since.as_deref()) {
+            None => match ctx.hub.join_live(&topic, conn_handle, since.as_deref()) {
                 LiveJoin::Done(subscription, info) => {
                     done(Ok(Joined {
                         subscription,

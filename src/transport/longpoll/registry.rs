@@ -5,7 +5,7 @@
 //!
 //! Architecture Invariant: no I/O and no `.await` here.
 
-use crate::hub::Waker;
+use crate::hub::ConnHandle;
 use crate::metrics::Metrics;
 use crate::session::Session;
 use bytes::Bytes;
@@ -50,8 +50,8 @@ pub struct LpSession {
     /// Held inline: every poll's answer carries it.
     pub(super) token: [u8; TOKEN_LEN],
     pub(super) inner: Mutex<Inner>,
-    /// The session's waker: topics (and POSTs) wake the waiting GET through it.
-    pub(super) waker: Arc<Waker>,
+    /// The session's connection handle: topics (and POSTs) wake the waiting GET through it.
+    pub(super) conn_handle: Arc<ConnHandle>,
     /// Its place in its client address's count, given back when the session goes.
     pub(super) _admitted: Option<crate::admission::Admitted>,
     /// The session's connection slot (`server.max_connections`), released when the session is
@@ -72,7 +72,7 @@ pub(super) struct Inner {
     pub(super) polled: bool,
     pub(super) closed: bool,
     /// The listening GET's task, woken when a newer GET supersedes it or the session closes
-    /// (the session waker has one slot, which the newer GET takes).
+    /// (the session's connection handle has one slot, which the newer GET takes).
     pub(super) held: Option<std::task::Waker>,
     /// Frames handed to poll answers that the client has not acknowledged yet.
     pub(super) unacked: Unacked,
