@@ -23,7 +23,10 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("configuration", &["config"]),
     ("policy", &["admission", "auth"]),
     ("topics and delivery", &["hub"]),
-    ("client session", &["session"]),
+    (
+        "client session",
+        &["session", "transport::longpoll::registry"],
+    ),
     (
         "brokers and services",
         &["broker", "broker::redis", "presence", "forward"],
@@ -52,17 +55,7 @@ const LAYERS: &[(&str, &[&str])] = &[
 const KNOWN: &[&str] = &[
     "api -> deadline (cycle)",
     "app -> acme",
-    "app -> transport::longpoll",
-    "broker -> app",
-    "broker::redis -> app",
-    "broker::redis -> transport::longpoll",
     "deadline -> api (cycle)",
-    "hub -> presence",
-    "presence -> app",
-    "session -> app",
-    "session -> broker",
-    "session -> forward",
-    "session -> presence",
     "tls -> server",
 ];
 

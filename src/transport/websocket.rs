@@ -10,7 +10,7 @@
 
 use crate::app::App;
 use crate::auth::{ConnectInfo, Oversized};
-use crate::hub::{Lag, Sink, Waker};
+use crate::hub::{ConnHandle, Lag, Sink};
 use crate::metrics::{Metrics, Refusal};
 use crate::protocol;
 use crate::query::query_param;
@@ -271,10 +271,10 @@ pub trait WsIo {
     fn wants_flush(&self) -> bool {
         false
     }
-    /// The hub waker that holds the connection's socket, so that publishes may write to it
-    /// while the connection is parked (see [`Waker::park`]); `None` when writes must go
+    /// The connection handle that holds the connection's socket, so that publishes may write to it
+    /// while the connection is parked (see [`ConnHandle::park`]); `None` when writes must go
     /// through the task.
-    fn waker(&self) -> Option<Arc<Waker>> {
+    fn conn_handle(&self) -> Option<Arc<ConnHandle>> {
         None
     }
     /// Ends the stream once the task is done with it: TLS says `close_notify`, an HTTP/2 stream
@@ -284,21 +284,21 @@ pub trait WsIo {
     }
 }
 
-/// The plain-TCP path: the socket lives in the connection's hub waker ([`Sink::Tcp`]), which
+/// The plain-TCP path: the socket lives in the connection handle ([`Sink::Tcp`]), which
 /// the task and the hub's sweeps share.
-pub struct SharedTcp(Arc<Waker>);
+pub struct SharedTcp(Arc<ConnHandle>);
 
 impl SharedTcp {
     fn new(stream: TcpStream) -> SharedTcp {
-        let waker = Arc::new(Waker::default());
-        waker.set_sink(Sink::Tcp(stream));
-        SharedTcp(waker)
+        let conn_handle = Arc::new(ConnHandle::default());
+        conn_handle.set_sink(Sink::Tcp(stream));
+        SharedTcp(conn_handle)
     }
 
     fn stream(&self) -> &TcpStream {
         self.0
             .tcp()
-            .expect("SharedTcp::new put the socket in the waker")
+            .expect("SharedTcp::new put the socket in the connection handle")
     }
 }
 
@@ -320,7 +320,7 @@ impl WsIo for SharedTcp {
             socket2::SockRef::from(s).send_vectored(bufs)
         })
     }
-    fn waker(&self) -> Option<Arc<Waker>> {
+    fn conn_handle(&self) -> Option<Arc<ConnHandle>> {
         Some(self.0.clone())
     }
 }
@@ -659,25 +659,25 @@ enum Event {
 
 /// Runs one WebSocket connection until it closes.
 ///
-/// One task, one loop: take what is pending (direct frames, then broadcasts) and write it at
+/// One task, one loop: take what is pending (queued frames, then broadcasts) and write it at
 /// once; then wait for whichever comes first of the socket becoming readable or writable, a
 /// topic waking us, the timer (idle timeout, drain moment, close deadline), or shutdown. The
 /// wait is a single `poll_fn` over futures that live as long as the connection, so an
 /// iteration registers nothing new: readiness uses the stream's own waker slots, the hub's
-/// [`Waker`](crate::hub::Waker) one atomic slot, and the drain wakes us through that same
-/// waker ([`App::set_draining`]).
+/// [`ConnHandle`](crate::hub::ConnHandle) one atomic slot, and the drain wakes us through that same
+/// connection handle ([`App::set_draining`]).
 pub async fn run<S: WsIo>(app: Arc<App>, mut stream: S, initial: Vec<u8>, connect: ConnectInfo) {
-    let session_waker = stream.waker();
-    let direct = session_waker.is_some();
-    let mut session = match session_waker {
-        Some(w) => Session::with_waker(app.clone(), connect, w),
-        None => Session::new(app.clone(), connect),
+    let session_conn_handle = stream.conn_handle();
+    let direct = session_conn_handle.is_some();
+    let mut session = match session_conn_handle {
+        Some(w) => Session::with_conn_handle(app.session.clone(), connect, w),
+        None => Session::new(app.session.clone(), connect),
     };
-    let waker = session.waker().clone();
+    let conn_handle = session.conn_handle().clone();
     app.metrics.connections_websocket.fetch_add(1, Relaxed);
     let _registration = Registration {
         app: app.clone(),
-        key: app.register_connection(waker.clone()),
+        key: app.register_connection(conn_handle.clone()),
     };
     let max_message = app.config.limits.max_frame_bytes;
     let idle_timeout = Duration::from_millis(app.config.server.idle_timeout_ms);
@@ -721,16 +721,16 @@ pub async fn run<S: WsIo>(app: Arc<App>, mut stream: S, initial: Vec<u8>, connec
         // Set when the topics were not read because a write batch is still in flight.
         let mut took_nothing = false;
         if !close_sent {
-            // Direct frames first (a join reply precedes what the join replays), then broadcasts.
+            // Queued frames first (a join reply precedes what the join replays), then broadcasts.
             session.settle();
-            while let Some(f) = session.pop_direct() {
+            while let Some(f) = session.pop_queued() {
                 let (h, n) = ws::header(ws::OP_TEXT, f.len());
                 let mut framed = Vec::with_capacity(n + f.len());
                 framed.extend_from_slice(&h[..n]);
                 framed.extend_from_slice(&f);
                 outbox.push(Bytes::from(framed));
             }
-            waker.clear();
+            conn_handle.clear();
             let collected = if outbox.bytes < WRITE_BATCH_BYTES {
                 let budget = WRITE_BATCH_BYTES - outbox.bytes;
                 session.collect_broadcasts(budget, &mut |e| outbox.push(e.ws_frame().clone()))
@@ -769,7 +769,7 @@ pub async fn run<S: WsIo>(app: Arc<App>, mut stream: S, initial: Vec<u8>, connec
         if took_nothing && outbox.bytes < WRITE_BATCH_BYTES {
             // The socket drained: come back for what waited in the topics meanwhile (no
             // publish may come to wake us for it).
-            waker.wake();
+            conn_handle.wake();
         }
         // Done once both close frames have crossed and ours is out: on a staged stream (TLS, an
         // HTTP/2 stream) an empty outbox only means the bytes are staged, not yet flushed.
@@ -781,7 +781,7 @@ pub async fn run<S: WsIo>(app: Arc<App>, mut stream: S, initial: Vec<u8>, connec
         // Nothing queued: park, so that a lone new broadcast is written by the publish itself.
         let parked = direct && !close_sent && outbox.is_empty();
         if parked {
-            waker.park();
+            conn_handle.park();
         }
         let event = std::future::poll_fn(|cx| {
             use std::task::Poll;
@@ -797,13 +797,13 @@ pub async fn run<S: WsIo>(app: Arc<App>, mut stream: S, initial: Vec<u8>, connec
             if want_read && let Poll::Ready(r) = stream.poll_read_ready(cx) {
                 return Poll::Ready(Event::Readable(r));
             }
-            if !close_sent && waker.poll_woken(cx).is_ready() {
+            if !close_sent && conn_handle.poll_woken(cx).is_ready() {
                 return Poll::Ready(Event::Woken);
             }
             Poll::Pending
         })
         .await;
-        if parked && let Some((frame, written)) = waker.unpark() {
+        if parked && let Some((frame, written)) = conn_handle.unpark() {
             outbox.push_started(frame, written);
         }
         match event {
