@@ -13,7 +13,7 @@
 //! health checks, ACME challenges and the demo page; `/api/*` and `/metrics` only with
 //! `tls.serve_api_and_metrics`. Every read has a deadline: the handshake's, hyper's header
 //! timeout for HTTP/1.1, and for both protocols a connection with no open request or WebSocket
-//! (`router::Busy`) is closed after `server.header_read_timeout_ms` before its first request and
+//! (`conn::Busy`) is closed after `server.header_read_timeout_ms` before its first request and
 //! `server.keepalive_timeout_ms` after one; HTTP/2 also sends PINGs and caps its streams.
 //!
 //! WebSockets work here too: over HTTP/1.1 by the usual upgrade, over HTTP/2 by extended
@@ -23,19 +23,19 @@
 //! path is for plain TCP behind nginx.
 
 use crate::app::App;
+use crate::conn::{Busy, Conn, Streams};
+use crate::listener::accept_loop;
 use crate::metrics::Refusal;
+use crate::respond::error_response;
 use crate::router;
-use crate::server::accept_loop;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode, header};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use rustls_acme::futures_rustls::pki_types::CertificateDer;
-use rustls_acme::futures_rustls::pki_types::pem::PemObject;
+use rustls_acme::rustls::ServerConfig;
 use rustls_acme::rustls::server::Acceptor;
-use rustls_acme::rustls::{ClientConfig, RootCertStore, ServerConfig};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -57,7 +57,7 @@ impl Listeners {
             if addr.is_empty() {
                 return Ok(None);
             }
-            let l = crate::server::bind(addr).await.map_err(|e| {
+            let l = crate::listener::bind(addr).await.map_err(|e| {
                 std::io::Error::new(e.kind(), format!("binding {addr} ({key}): {e}"))
             })?;
             tracing::info!(addr = %l.local_addr()?, "listening ({key})");
@@ -161,15 +161,15 @@ async fn serve_tls(
     // The connection holds its slot; an HTTP/1.1 WebSocket upgrade takes it over, and each
     // RFC 8441 WebSocket on an HTTP/2 connection takes one more (`router::route`). Open
     // requests and WebSockets are counted for the idle deadline below.
-    let (busy, mut open) = router::Busy::new();
-    let ctx = Arc::new(router::Conn::new(permit, true, Some(busy)));
+    let (busy, mut open) = Busy::new();
+    let ctx = Arc::new(Conn::new(permit, true, Some(busy)));
     let svc_app = app.clone();
     let service = service_fn(move |mut req: Request<Incoming>| {
         req.extensions_mut().insert(crate::admission::Peer(peer));
         let app = svc_app.clone();
         let ctx = ctx.clone();
         async move {
-            let _open = ctx.busy.as_ref().map(router::Busy::enter);
+            let _open = ctx.busy.as_ref().map(Busy::enter);
             Ok::<_, std::convert::Infallible>(router::route(app, req, &ctx).await)
         }
     });
@@ -224,9 +224,9 @@ async fn serve_tls(
 }
 
 /// Ends when nothing has been open on a connection for `first` (before its first request) or
-/// `later` (after one), as counted by `open` (see `router::Busy`).
+/// `later` (after one), as counted by `open` (see `conn::Busy`).
 async fn idle(
-    streams: &mut tokio::sync::watch::Receiver<router::Streams>,
+    streams: &mut tokio::sync::watch::Receiver<Streams>,
     first: Duration,
     later: Duration,
 ) {
@@ -300,8 +300,8 @@ async fn serve_redirect(
 /// HTTP-01 challenges are answered; everything else is sent to the same host over HTTPS.
 fn redirect(app: &App, req: &Request<Incoming>, https_port: u16) -> Response<Full<Bytes>> {
     let path = req.uri().path();
-    if path.starts_with(crate::acme::CHALLENGE_PATH_PREFIX) {
-        return crate::acme::challenge_response(app, path);
+    if path.starts_with(crate::challenges::CHALLENGE_PATH_PREFIX) {
+        return router::challenge_response(app, path);
     }
     let host = req
         .headers()
@@ -314,7 +314,7 @@ fn redirect(app: &App, req: &Request<Incoming>, https_port: u16) -> Response<Ful
                     .all(|b| b.is_ascii_alphanumeric() || b"-.[]:".contains(&b))
         });
     let Some(host) = host else {
-        return crate::api::error_response(StatusCode::BAD_REQUEST, "missing or bad Host header");
+        return error_response(StatusCode::BAD_REQUEST, "missing or bad Host header");
     };
     let port = if https_port == 443 {
         String::new()
@@ -330,7 +330,7 @@ fn redirect(app: &App, req: &Request<Incoming>, https_port: u16) -> Response<Ful
             r.headers_mut().insert(header::LOCATION, v);
             r
         }
-        Err(_) => crate::api::error_response(StatusCode::BAD_REQUEST, "bad request target"),
+        Err(_) => error_response(StatusCode::BAD_REQUEST, "bad request target"),
     }
 }
 
@@ -342,37 +342,8 @@ fn host_without_port(h: &str) -> &str {
     h.rsplit_once(':').map_or(h, |(host, _)| host)
 }
 
-/// A TLS client configuration (ring) trusting the public roots (webpki-roots) plus the PEM
-/// certificates in `root_ca_file` when it is not empty; problems name the config `key`.
-pub fn client_config(key: &str, root_ca_file: &str) -> Result<Arc<ClientConfig>, String> {
-    let mut roots = RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    if !root_ca_file.is_empty() {
-        let pem = std::fs::read(root_ca_file)
-            .map_err(|e| format!("{key}: cannot read {root_ca_file}: {e}"))?;
-        let mut added = 0;
-        for cert in CertificateDer::pem_slice_iter(&pem) {
-            cert.map_err(|e| e.to_string())
-                .and_then(|cert| roots.add(cert).map_err(|e| e.to_string()))
-                .map_err(|e| {
-                    format!("{key}: {root_ca_file} holds no usable PEM certificate: {e}")
-                })?;
-            added += 1;
-        }
-        if added == 0 {
-            return Err(format!(
-                "{key}: {root_ca_file} holds no usable PEM certificate"
-            ));
-        }
-    }
-    let provider = Arc::new(rustls_acme::rustls::crypto::ring::default_provider());
-    let config = ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| format!("{key}: {e}"))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(Arc::new(config))
-}
+/// Kept here for the callers that configured TLS clients through this module.
+pub use crate::tls_client::client_config;
 
 #[cfg(test)]
 mod tests {

@@ -10,7 +10,14 @@ use std::path::{Path, PathBuf};
 const LAYERS: &[(&str, &[&str])] = &[
     (
         "wire formats and tools",
-        &["ws", "protocol", "metrics", "origin", "systemd"],
+        &[
+            "ws",
+            "protocol",
+            "metrics",
+            "origin",
+            "systemd",
+            "tls_client",
+        ],
     ),
     ("configuration", &["config"]),
     ("policy", &["admission", "auth"]),
@@ -18,12 +25,21 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("client session", &["session"]),
     (
         "brokers and services",
-        &["broker", "broker::redis", "presence", "forward"],
+        &[
+            "broker",
+            "broker::redis",
+            "presence",
+            "forward",
+            "challenges",
+        ],
     ),
     ("context", &["app"]),
     (
         "transports and HTTP",
         &[
+            "respond",
+            "conn",
+            "listener",
             "transport",
             "transport::websocket",
             "transport::longpoll",
@@ -42,9 +58,6 @@ const LAYERS: &[(&str, &[&str])] = &[
 /// when an edge not listed here breaks the rule, and when a listed edge is gone (so the list
 /// only shrinks).
 const KNOWN: &[&str] = &[
-    "acme -> tls (cycle)",
-    "api -> deadline (cycle)",
-    "app -> acme",
     "app -> transport::longpoll",
     "auth -> session",
     "auth -> transport::websocket",
@@ -54,18 +67,13 @@ const KNOWN: &[&str] = &[
     "config -> admission",
     "config -> broker::redis",
     "config -> tls",
-    "deadline -> api (cycle)",
     "forward -> tls",
     "hub -> presence",
     "presence -> app",
-    "router -> acme (cycle)",
     "session -> app",
     "session -> broker",
     "session -> forward",
     "session -> presence",
-    "tls -> acme (cycle)",
-    "tls -> router (cycle)",
-    "tls -> server",
 ];
 
 fn layer_of(module: &str) -> Option<(usize, String)> {

@@ -32,12 +32,12 @@
 //! clients reconnect and rejoin; a plain 410 would make 1.7.x adopt the new session silently and
 //! lose its channels. Any other token (a user's own `token` param) starts a session.
 
-use crate::api::error_response;
 use crate::app::App;
 use crate::broker::redis::Forwarded;
 use crate::hub::{Lag, Waker};
 use crate::metrics::{Metrics, Refusal};
 use crate::protocol;
+use crate::respond::{error_response, response_with};
 use crate::session::{ConnectInfo, Session};
 use crate::transport::websocket::query_param;
 use base64::Engine;
@@ -52,6 +52,7 @@ use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 use tokio::sync::OwnedSemaphorePermit;
+use tracing::Instrument;
 
 /// Bytes of frames one GET response carries at most; the rest goes with the next poll, which
 /// the client sends at once.
@@ -63,11 +64,27 @@ const RESPONSE_BATCH_BYTES: usize = 256 * 1024;
 pub const UNPOLLED_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often never-polled sessions are looked for (a queue of new sessions, not a scan).
 const UNPOLLED_SWEEP: Duration = Duration::from_secs(1);
+/// Sessions are swept for inactivity every `longpoll.session_timeout_ms` divided by this, so a
+/// session outlives its timeout by at most a quarter of it.
+const FULL_SWEEPS_PER_TIMEOUT: u32 = 4;
+/// The queue of new sessions ([`Registry::fresh`]) gives its memory back once empty when it had
+/// grown past this many entries (a burst of new sessions), not after every small burst.
+const FRESH_QUEUE_SHRINK: usize = 1024;
+/// What every session token starts with (so a user's own `token` param is told apart).
 const TOKEN_PREFIX: &str = "lp";
 /// A session's token: `lp` and 32 hex digits.
 const TOKEN_LEN: usize = TOKEN_PREFIX.len() + 32;
 /// A poll answer's token: the session's, then the number of the last frame answered (8 hex).
 const ACK_TOKEN_LEN: usize = TOKEN_LEN + 8;
+/// The characters of a session token its log lines show (`lp`, the node id, 8 of the 24 random
+/// hex digits): enough to tell this node's sessions apart, while the other 64 random bits stay
+/// out of the logs (the token is the session's only credential).
+const LOGGED_TOKEN_CHARS: usize = TOKEN_PREFIX.len() + 16;
+/// How long a relayed request waits for the owner's answer beyond `longpoll.window_ms` (the
+/// owner holds a GET that long): room for the two Redis hops and a busy owner.
+const FORWARD_SLACK: Duration = Duration::from_secs(5);
+/// How long a browser may cache a preflight's answer (`access-control-max-age`, seconds).
+const PREFLIGHT_MAX_AGE: &str = "3600";
 
 /// This node's LongPoll sessions, keyed by the 128 bits their token's hex digits spell (the
 /// table holds the key itself, so a lookup reads no string off the heap).
@@ -217,7 +234,7 @@ impl Registry {
                 .last_full_sweep
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
-            if last.is_some_and(|t| now.duration_since(t) < timeout / 4) {
+            if last.is_some_and(|t| now.duration_since(t) < timeout / FULL_SWEEPS_PER_TIMEOUT) {
                 return;
             }
             *last = Some(now);
@@ -250,7 +267,7 @@ impl Registry {
                 fresh.pop_front();
                 due.push(key);
             }
-            if fresh.is_empty() && fresh.capacity() > 1024 {
+            if fresh.is_empty() && fresh.capacity() > FRESH_QUEUE_SHRINK {
                 fresh.shrink_to_fit();
             }
         }
@@ -303,7 +320,7 @@ pub fn sweep_interval(config: &crate::config::Config) -> Duration {
     // A session outlives its timeout by at most a quarter of it, and a never-polled one
     // outlives [`UNPOLLED_TIMEOUT`] by at most [`UNPOLLED_SWEEP`].
     UNPOLLED_SWEEP.min(Duration::from_millis(
-        config.longpoll.session_timeout_ms / 4,
+        config.longpoll.session_timeout_ms / u64::from(FULL_SWEEPS_PER_TIMEOUT),
     ))
 }
 
@@ -351,6 +368,19 @@ fn looks_like_ours(token: &str) -> bool {
             .all(|b| b.is_ascii_hexdigit())
 }
 
+/// The span of one LongPoll request: `session` is its session's token prefix
+/// ([`LOGGED_TOKEN_CHARS`]), recorded here for a token of our shape and by [`new_session`] for
+/// a session it creates. At DEBUG level, like the connection's span (`crate::listener`).
+pub fn session_span(token: Option<&str>) -> tracing::Span {
+    let span = tracing::debug_span!("longpoll", session = tracing::field::Empty);
+    if !span.is_disabled()
+        && let Some(t) = token.filter(|t| looks_like_ours(t))
+    {
+        span.record("session", &t[..LOGGED_TOKEN_CHARS]);
+    }
+    span
+}
+
 /// The session token: the `X-Phoenix-Longpoll-Token` header, else the **last** `token` query
 /// value (a user param called `token` comes first).
 pub fn session_token<'a>(header: Option<&'a str>, query: &'a str) -> Option<&'a str> {
@@ -385,7 +415,7 @@ pub const ANSWER_HEADERS_NO_CORS: &[(&str, &str)] = &[
 
 /// An HTTP 200 JSON answer with [`ANSWER_HEADERS`].
 fn answer(body: impl Into<Bytes>) -> Response<Full<Bytes>> {
-    crate::api::response_with(StatusCode::OK, ANSWER_HEADERS, body)
+    response_with(StatusCode::OK, ANSWER_HEADERS, body)
 }
 
 pub fn status_only(status: u16) -> Bytes {
@@ -442,7 +472,7 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Full<Byte
         );
         // phoenix.js reads the status from the body: 403 there makes it report the error and
         // close (1008), then reconnect with backoff, instead of stalling on a body it cannot read.
-        return crate::api::response_with(
+        return response_with(
             StatusCode::FORBIDDEN,
             ANSWER_HEADERS_NO_CORS,
             status_only(403),
@@ -470,12 +500,13 @@ async fn respond(app: Arc<App>, req: Request<Incoming>) -> Response<Full<Bytes>>
                 .get("x-phoenix-authtoken")
                 .and_then(|v| v.to_str().ok());
             let client = app.admission.client_of(&req);
-            let get = Get::begin(&app, token_of(&req), query, auth_token, client);
+            let span = session_span(token_of(&req));
+            let get = span.in_scope(|| Get::begin(&app, token_of(&req), query, auth_token, client));
             // The request's head points into hyper's read buffer: let go of it before holding
             // the poll, so hyper can reuse that buffer for the next request instead of
             // allocating a new one.
             drop(req);
-            answer(get.finish(app).await)
+            answer(get.finish(app).instrument(span).await)
         }
         Method::POST => {
             let token = token_of(&req).map(str::to_string);
@@ -492,7 +523,8 @@ async fn respond(app: Arc<App>, req: Request<Incoming>) -> Response<Full<Bytes>>
                 }
                 Err(_) => return answer(status_only(400)),
             };
-            answer(post(&app, token.as_deref(), &body).await)
+            let span = session_span(token.as_deref());
+            answer(post(&app, token.as_deref(), &body).instrument(span).await)
         }
         _ => {
             let mut r = Response::new(Full::new(Bytes::new()));
@@ -519,7 +551,7 @@ fn preflight() -> Response<Full<Bytes>> {
     );
     h.insert(
         header::ACCESS_CONTROL_MAX_AGE,
-        header::HeaderValue::from_static("3600"),
+        header::HeaderValue::from_static(PREFLIGHT_MAX_AGE),
     );
     r
 }
@@ -656,6 +688,8 @@ fn new_session(
         .unwrap_or_else(|e| e.into_inner())
         .push_back((Instant::now(), key));
     app.metrics.connections_longpoll.fetch_add(1, Relaxed);
+    tracing::Span::current().record("session", &token[..LOGGED_TOKEN_CHARS]);
+    tracing::debug!("longpoll session created");
     poll_answer(410, &token, None, &[])
 }
 
@@ -844,7 +878,7 @@ fn owner(token: &str) -> Option<&str> {
 /// `None` (its lines may or may not have reached the owner; the client reconnects).
 async fn forward(app: &Arc<App>, token: &str, post_body: Option<&[u8]>) -> Option<Bytes> {
     let (r, owner) = route_elsewhere(app, token)?;
-    let wait = Duration::from_millis(app.config.longpoll.window_ms) + Duration::from_secs(5);
+    let wait = Duration::from_millis(app.config.longpoll.window_ms) + FORWARD_SLACK;
     match r
         .forward_longpoll(owner, token, post_body, wait, &app.shutdown)
         .await

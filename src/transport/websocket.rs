@@ -89,10 +89,10 @@ fn decode_auth_token(b: &str) -> Option<String> {
 }
 
 /// What a WebSocket holds while it lives: its `server.max_connections` slot, and at the edge
-/// its place among its connection's open streams (`crate::router::Busy`).
+/// its place among its connection's open streams (`crate::conn::Busy`).
 pub struct Hold {
     pub permit: OwnedSemaphorePermit,
-    pub busy: Option<crate::router::BusyGuard>,
+    pub busy: Option<crate::conn::BusyGuard>,
 }
 
 /// Answers a WebSocket upgrade request at `/socket/websocket` and spawns the session. `hold`
