@@ -40,6 +40,13 @@ const MAX_HEAD_BYTES: usize = 16 * 1024;
 /// While a poll is held, bytes the client sends ahead (a pipelined request) are kept up to
 /// this much; beyond it we stop reading until the answer is out.
 const MAX_AHEAD_BYTES: usize = 64 * 1024;
+/// A connection's read buffer starts with this much room, and grows by as much when a head
+/// needs more (most heads and bodies of ours fit in the first).
+const READ_BUFFER_BYTES: usize = 4096;
+/// The answer buffer's first size: a poll answer's head, and a small body.
+const ANSWER_BUFFER_BYTES: usize = 512;
+/// Room kept for an answer's head besides its body (status line, headers, date).
+const ANSWER_HEAD_BYTES: usize = 160;
 /// Bytes peeked to read the first request line.
 pub(crate) const PEEK_BYTES: usize = 256;
 
@@ -281,8 +288,8 @@ pub enum End {
 /// [`read_body`], [`answer`], then the answer goes out in one `write`. A step that ends the
 /// connection says how ([`Exit`]); [`leave`] carries it out.
 pub async fn serve(app: &Arc<App>, mut stream: TcpStream, peer: std::net::SocketAddr) -> End {
-    let mut buf: Vec<u8> = Vec::with_capacity(4096);
-    let mut out: Vec<u8> = Vec::with_capacity(512);
+    let mut buf: Vec<u8> = Vec::with_capacity(READ_BUFFER_BYTES);
+    let mut out: Vec<u8> = Vec::with_capacity(ANSWER_BUFFER_BYTES);
     // Registered with the shutdown token once per connection, not once per wait. At shutdown
     // the connection is not closed at once: a request the client may be sending at that moment
     // (its connection looked idle) is still read and answered, with `Connection: close`, for
@@ -469,7 +476,7 @@ async fn read_head<D: Future<Output = ()>>(
             Parsed::Hyper => return Err(Exit::Hyper),
             Parsed::Partial => {}
         }
-        buf.reserve(4096);
+        buf.reserve(READ_BUFFER_BYTES);
         let read = if buf.is_empty() {
             wait_for_request(app, stream, buf, shutdown, idle, keepalive).await?
         } else {
@@ -683,7 +690,7 @@ impl Answer {
             ),
         };
         out.clear();
-        out.reserve(160 + body.len());
+        out.reserve(ANSWER_HEAD_BYTES + body.len());
         out.extend_from_slice(b"HTTP/1.1 ");
         out.extend_from_slice(status.as_str().as_bytes());
         out.push(b' ');

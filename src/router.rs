@@ -18,7 +18,6 @@ use crate::api;
 use crate::app::App;
 use crate::challenges::CHALLENGE_PATH_PREFIX;
 use crate::conn::{Busy, Conn};
-use crate::metrics::Refusal;
 use crate::respond::{error_response, json_response};
 use crate::transport::{longpoll, websocket};
 use bytes::Bytes;
@@ -46,24 +45,17 @@ pub async fn route(app: Arc<App>, req: Request<Incoming>, conn: &Conn) -> Respon
     match req.uri().path() {
         "/socket/websocket" if app.config.websocket.enabled => {
             let h2 = req.version() == hyper::Version::HTTP_2;
-            let metrics = app.metrics.clone();
             websocket::upgrade(app, req, || {
                 // HTTP/1.1: the connection's own slot. HTTP/2 (RFC 8441): a slot of its own,
-                // as the connection goes on serving other streams.
+                // as the connection goes on serving other streams. None: the upgrade answers
+                // 503 (`websocket::Refused::NoSlot`, counted there).
                 let own = match h2 {
                     true => None,
                     false => conn.slot.lock().unwrap_or_else(|e| e.into_inner()).take(),
                 };
                 let permit = match own {
                     Some(p) => p,
-                    None => match conn.slots.clone().try_acquire_owned() {
-                        Ok(p) => p,
-                        Err(_) => {
-                            metrics.refused(Refusal::SessionCap);
-                            tracing::debug!("websocket refused: server.max_connections reached");
-                            return None;
-                        }
-                    },
+                    None => conn.slots.clone().try_acquire_owned().ok()?,
                 };
                 let busy = conn.busy.as_ref().map(Busy::enter);
                 Some(websocket::Hold { permit, busy })

@@ -43,6 +43,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::task::TaskTracker;
 
+/// HTTPS's default port: a redirect to it names no port.
+const HTTPS_PORT: u16 = 443;
+
 /// The edge listeners, bound before serving (an address in use stops the start).
 #[derive(Debug, Default)]
 pub struct Listeners {
@@ -72,7 +75,7 @@ impl Listeners {
     /// Spawns their accept loops on `app.tracker`; the HTTPS one shares `slots`.
     pub fn spawn(self, app: &Arc<App>, slots: &Arc<Semaphore>) {
         if let Some(l) = self.https {
-            let https_port = l.local_addr().map_or(443, |a| a.port());
+            let https_port = l.local_addr().map_or(HTTPS_PORT, |a| a.port());
             app.tracker
                 .spawn(accept_loop(l, app.clone(), slots.clone(), serve_tls));
             if let Some(r) = self.redirect {
@@ -157,6 +160,7 @@ async fn serve_tls(
         }
     };
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+    tracing::Span::current().record("transport", if h2 { "h2" } else { "https" });
     tracing::trace!(%peer, h2, "tls connection");
     // The connection holds its slot; an HTTP/1.1 WebSocket upgrade takes it over, and each
     // RFC 8441 WebSocket on an HTTP/2 connection takes one more (`router::route`). Open
@@ -270,6 +274,7 @@ async fn serve_redirect(
     https_port: u16,
     _permit: OwnedSemaphorePermit,
 ) {
+    tracing::Span::current().record("transport", "redirect");
     let svc_app = app.clone();
     let service = service_fn(move |req: Request<Incoming>| {
         let app = svc_app.clone();
@@ -316,7 +321,7 @@ fn redirect(app: &App, req: &Request<Incoming>, https_port: u16) -> Response<Ful
     let Some(host) = host else {
         return error_response(StatusCode::BAD_REQUEST, "missing or bad Host header");
     };
-    let port = if https_port == 443 {
+    let port = if https_port == HTTPS_PORT {
         String::new()
     } else {
         format!(":{https_port}")
