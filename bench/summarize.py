@@ -2,7 +2,8 @@
 """Medians (and min-max spread) per scenario and adapter from pushgate-bench JSON lines, then
 pushgate's figures over Nchan's (and the floor's over Nchan's) per repetition: the k-th run of a
 scenario on one server is paired with the k-th on the other, as bench/compare.sh runs them back
-to back."""
+to back. With `--base "phoenix [before]"`, the ratios are over that adapter's runs instead (as
+bench/paired.sh compares two builds of pushgate)."""
 import json, statistics, sys
 from collections import defaultdict
 
@@ -19,8 +20,12 @@ def rate_label(rate):
     return "flat" if rate == 0 else ("" if rate is None else f"{rate:g}/s")
 
 
+args = sys.argv[1:]
+BASE = "nchan"
+if len(args) >= 2 and args[0] == "--base":
+    BASE, args = args[1], args[2:]
 runs = defaultdict(list)
-for path in sys.argv[1:]:
+for path in args:
     for line in open(path):
         try:
             d = json.loads(line)
@@ -60,9 +65,9 @@ print("| scenario | N | rate | ratio | of metric | median of paired ratios (each
 print("|---|---|---|---|---|---|---|")
 for key in sorted(runs, key=lambda k: (k[0], k[1] or 0, k[2] or 0, k[3])):
     scenario, n, rate, adapter = key
-    if adapter == "nchan":
+    if adapter == BASE:
         continue
-    base = runs.get((scenario, n, rate, "nchan"))
+    base = runs.get((scenario, n, rate, BASE))
     if not base:
         continue
     for m in [RATIOS.get(scenario)] + EXTRA.get(scenario, []):
@@ -73,4 +78,4 @@ for key in sorted(runs, key=lambda k: (k[0], k[1] or 0, k[2] or 0, k[3])):
         paired = [a / b for a, b in zip(mine, theirs)]
         each = ", ".join(f"{p:.3f}" for p in paired)
         of_medians = statistics.median(mine) / statistics.median(theirs)
-        print(f"| {scenario} | {n} | {rate_label(rate)} | {adapter} / nchan | {m} | {statistics.median(paired):.3f} ({each}) | {of_medians:.3f} |")
+        print(f"| {scenario} | {n} | {rate_label(rate)} | {adapter} / {BASE} | {m} | {statistics.median(paired):.3f} ({each}) | {of_medians:.3f} |")
