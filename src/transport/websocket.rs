@@ -1113,6 +1113,67 @@ mod tests {
         assert_eq!(query_param("", "vsn"), None);
     }
 
+    /// The statuses and bodies of the refusals, as they were before they were typed (the
+    /// integration tests check a few of them on the wire).
+    #[test]
+    fn each_refusal_has_its_status_and_message() {
+        let cases = [
+            (
+                Refused::NotAnUpgrade,
+                400,
+                "expected a WebSocket upgrade (GET with Upgrade: websocket)",
+            ),
+            (
+                Refused::Origin,
+                403,
+                "origin not allowed (server.allowed_origins)",
+            ),
+            (
+                Refused::WebSocketVersion,
+                426,
+                "unsupported WebSocket version",
+            ),
+            (Refused::MissingKey, 400, "missing Sec-WebSocket-Key"),
+            (
+                Refused::PhoenixVersion,
+                403,
+                "unsupported protocol version: pushgate speaks Phoenix V2 (vsn=2.0.0)",
+            ),
+            (Refused::Draining, 503, "draining"),
+            (
+                Refused::PerAddress,
+                429,
+                "too many connections from this address",
+            ),
+            (
+                Refused::NoSlot,
+                503,
+                "too many connections (server.max_connections)",
+            ),
+            (
+                Refused::Oversized(Oversized::Query),
+                414,
+                &Oversized::Query.reason(),
+            ),
+            (
+                Refused::Oversized(Oversized::AuthToken),
+                431,
+                &Oversized::AuthToken.reason(),
+            ),
+        ];
+        for (refused, status, message) in cases {
+            assert_eq!(refused.status().as_u16(), status, "{refused:?}");
+            assert_eq!(refused.to_string(), message, "{refused:?}");
+        }
+        assert_eq!(Refused::Origin.cause(), Some(Refusal::Origin));
+        assert_eq!(Refused::NoSlot.cause(), Some(Refusal::SessionCap));
+        assert_eq!(
+            Refused::PerAddress.cause(),
+            None,
+            "counted by crate::admission"
+        );
+    }
+
     #[test]
     fn auth_tokens_decode_from_either_alphabet() {
         assert_eq!(
