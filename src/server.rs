@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::OwnedSemaphorePermit;
+use tracing::Instrument;
 
 /// How often old history is trimmed and empty topics are forgotten.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
@@ -115,18 +116,26 @@ async fn serve_plain(
     peer: std::net::SocketAddr,
     permit: OwnedSemaphorePermit,
 ) {
-    let first = http1::first(&app, &stream).await;
-    if let http1::First::Lean(kind) | http1::First::Hyper(kind) = first {
-        tracing::Span::current().record("transport", kind.name());
-    }
-    match first {
-        http1::First::Lean(_) => match http1::serve(&app, stream, peer).await {
-            http1::End::Closed => {}
-            http1::End::Hyper(rewound) => serve_connection(app, rewound, peer, permit).await,
-        },
-        http1::First::Hyper(_) => serve_connection(app, stream, peer, permit).await,
-        http1::First::Closed => {}
-    }
+    let (lean, kind) = match http1::first(&app, &stream).await {
+        http1::First::Lean(kind) => (true, kind),
+        http1::First::Hyper(kind) => (false, kind),
+        http1::First::Closed => return,
+    };
+    let span = tracing::Span::current();
+    span.record("transport", kind.name());
+    // Entered anew, so that a span filter on `transport` (README, Logs) applies from the first
+    // request on: a filter reads a span's fields when the span is entered.
+    let served = async move {
+        if lean {
+            match http1::serve(&app, stream, peer).await {
+                http1::End::Closed => {}
+                http1::End::Hyper(rewound) => serve_connection(app, rewound, peer, permit).await,
+            }
+        } else {
+            serve_connection(app, stream, peer, permit).await
+        }
+    };
+    served.instrument(span).await;
     tracing::trace!(%peer, "connection done");
 }
 

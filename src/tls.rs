@@ -42,6 +42,7 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 /// HTTPS's default port: a redirect to it names no port.
 const HTTPS_PORT: u16 = 443;
@@ -160,8 +161,21 @@ async fn serve_tls(
         }
     };
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-    tracing::Span::current().record("transport", if h2 { "h2" } else { "https" });
+    let span = tracing::Span::current();
+    span.record("transport", if h2 { "h2" } else { "https" });
     tracing::trace!(%peer, h2, "tls connection");
+    // Entered anew, so that a span filter on `transport` (README, Logs) applies from here on:
+    // a filter reads a span's fields when the span is entered.
+    serve_https(app, tls, peer, permit).instrument(span).await;
+}
+
+/// Serves an established TLS connection with hyper, HTTP/1.1 or HTTP/2 as ALPN chose.
+async fn serve_https(
+    app: Arc<App>,
+    tls: tokio_rustls::server::TlsStream<TcpStream>,
+    peer: SocketAddr,
+    permit: OwnedSemaphorePermit,
+) {
     // The connection holds its slot; an HTTP/1.1 WebSocket upgrade takes it over, and each
     // RFC 8441 WebSocket on an HTTP/2 connection takes one more (`router::route`). Open
     // requests and WebSockets are counted for the idle deadline below.
