@@ -419,7 +419,8 @@ fn placeholder(domains: &[String]) -> Result<(String, String), rcgen::Error> {
 /// The TLS client configuration for talking to the ACME server: the public roots, plus the
 /// certificates in `acme.root_ca_file` when set.
 fn client_tls_config(c: &AcmeConfig) -> Result<Arc<ClientConfig>, Error> {
-    crate::tls_client::client_config("acme.root_ca_file", &c.root_ca_file).map_err(Error::RootCa)
+    crate::client_tls::client_config("acme.root_ca_file", &c.root_ca_file)
+        .map_err(|e| Error::RootCa(e.to_string()))
 }
 
 /// The account key and issued certificates, one file each in `acme.state_dir` (mode 0600),

@@ -18,7 +18,7 @@
 //! refilling; [`Admission::sweep`] forgets the rest, so its size is bounded by
 //! `server.max_connections` plus the addresses seen in the last few seconds.
 
-use crate::config::Config;
+use crate::config::{Config, parse_net};
 use crate::metrics::Refusal;
 use ipnet::IpNet;
 use std::collections::HashMap;
@@ -258,13 +258,6 @@ impl Admission {
             }
         }
     }
-}
-
-/// A `server.trusted_proxies` entry: a network (`10.0.0.0/8`) or one address.
-pub fn parse_net(text: &str) -> Option<IpNet> {
-    text.parse::<IpNet>()
-        .ok()
-        .or_else(|| text.parse::<IpAddr>().ok().map(IpNet::from))
 }
 
 /// One `X-Forwarded-For` entry: an address, possibly with a port (`1.2.3.4:5`, `[::1]:5`).

@@ -61,25 +61,41 @@ fn authorized(app: &App, authorization: Option<&[u8]>) -> bool {
         && constant_time_eq(token.trim().as_bytes(), app.publish_token.as_bytes())
 }
 
-fn validate(item: &PublishItem) -> Result<(), String> {
+/// Why a publish item was refused, before it reaches a topic: the `error` of the 400 answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+enum InvalidItem {
+    #[error("\"topic\" must be 1 to {} bytes", protocol::MAX_FIELD_BYTES)]
+    TopicLength,
+    #[error(
+        "\"topic\" must not be \"{}\" (reserved for heartbeats)",
+        protocol::PHOENIX_TOPIC
+    )]
+    ReservedTopic,
+    #[error("\"event\" must be 1 to {} bytes", protocol::MAX_FIELD_BYTES)]
+    EventLength,
+    #[error("\"event\" must not start with \"phx_\" (reserved by the protocol)")]
+    ReservedEvent,
+    #[error("\"exclude\" must be a sender id, as a forwarded push's \"sender\" gives it")]
+    Exclude,
+}
+
+fn validate(item: &PublishItem) -> Result<(), InvalidItem> {
     if item.topic.is_empty() || item.topic.len() > protocol::MAX_FIELD_BYTES {
-        return Err("\"topic\" must be 1 to 255 bytes".into());
+        return Err(InvalidItem::TopicLength);
     }
     if item.topic == protocol::PHOENIX_TOPIC {
-        return Err("\"topic\" must not be \"phoenix\" (reserved for heartbeats)".into());
+        return Err(InvalidItem::ReservedTopic);
     }
     if item.event.is_empty() || item.event.len() > protocol::MAX_FIELD_BYTES {
-        return Err("\"event\" must be 1 to 255 bytes".into());
+        return Err(InvalidItem::EventLength);
     }
     if item.event.starts_with("phx_") {
-        return Err("\"event\" must not start with \"phx_\" (reserved by the protocol)".into());
+        return Err(InvalidItem::ReservedEvent);
     }
     if let Some(e) = &item.exclude
         && !crate::session::is_sender_id(e)
     {
-        return Err(
-            "\"exclude\" must be a sender id, as a forwarded push's \"sender\" gives it".into(),
-        );
+        return Err(InvalidItem::Exclude);
     }
     Ok(())
 }
@@ -91,7 +107,7 @@ fn parse_item(raw: &str) -> Result<PublishItem<'_>, String> {
     if let Ok(item) = serde_json::from_str::<PublishItem>(raw)
         && object
     {
-        validate(&item)?;
+        validate(&item).map_err(|e| e.to_string())?;
         return Ok(item);
     }
     if let Err(e) = serde_json::from_str::<&RawValue>(raw) {
@@ -116,7 +132,7 @@ fn parse_item(raw: &str) -> Result<PublishItem<'_>, String> {
         // an item inside a batch, where it would point into the item, not the body.
         msg.split(" at line ").next().unwrap_or(&msg).to_string()
     })?;
-    validate(&item)?;
+    validate(&item).map_err(|e| e.to_string())?;
     Ok(item)
 }
 
@@ -304,5 +320,40 @@ pub async fn presence(app: Arc<App>, req: Request<Incoming>) -> Response<Full<By
             json_response(StatusCode::OK, body)
         }
         Err(e) => error_response(StatusCode::SERVICE_UNAVAILABLE, &e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invalid_items_are_refused_with_the_same_words() {
+        let refused = |raw: &str| parse_item(raw).map(|_| ()).unwrap_err();
+        let long = "t".repeat(protocol::MAX_FIELD_BYTES + 1);
+        for (raw, why) in [
+            (
+                format!(r#"{{"topic":"{long}","event":"e","payload":1}}"#),
+                r#""topic" must be 1 to 255 bytes"#,
+            ),
+            (
+                r#"{"topic":"phoenix","event":"e","payload":1}"#.to_string(),
+                r#""topic" must not be "phoenix" (reserved for heartbeats)"#,
+            ),
+            (
+                r#"{"topic":"t","event":"","payload":1}"#.to_string(),
+                r#""event" must be 1 to 255 bytes"#,
+            ),
+            (
+                r#"{"topic":"t","event":"phx_reply","payload":1}"#.to_string(),
+                r#""event" must not start with "phx_" (reserved by the protocol)"#,
+            ),
+            (
+                r#"{"topic":"t","event":"e","payload":1,"exclude":"?"}"#.to_string(),
+                r#""exclude" must be a sender id, as a forwarded push's "sender" gives it"#,
+            ),
+        ] {
+            assert_eq!(refused(&raw), why);
+        }
     }
 }

@@ -43,9 +43,9 @@ pub struct App {
     /// Every long-lived task (connections, WebSocket sessions, sweeper) is spawned on this.
     pub tracker: TaskTracker,
     draining: AtomicBool,
-    /// Wakers of live WebSocket connections, woken at shutdown so each starts its drain.
-    /// (Cheaper per connection than a cancellation-token waiter polled on every wake-up.)
-    connections: std::sync::Mutex<slab::Slab<Arc<crate::hub::Waker>>>,
+    /// Connection handles of live WebSocket connections, woken at shutdown so each starts its
+    /// drain. (Cheaper per connection than a cancellation-token waiter polled on every wake-up.)
+    connections: std::sync::Mutex<slab::Slab<Arc<crate::hub::ConnHandle>>>,
 }
 
 impl App {
@@ -131,13 +131,13 @@ impl App {
         }
     }
 
-    fn connections(&self) -> std::sync::MutexGuard<'_, slab::Slab<Arc<crate::hub::Waker>>> {
+    fn connections(&self) -> std::sync::MutexGuard<'_, slab::Slab<Arc<crate::hub::ConnHandle>>> {
         self.connections.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Registers a connection's waker for the drain; returns its key.
-    pub fn register_connection(&self, waker: Arc<crate::hub::Waker>) -> usize {
-        self.connections().insert(waker)
+    /// Registers a connection's handle for the drain; returns its key.
+    pub fn register_connection(&self, conn_handle: Arc<crate::hub::ConnHandle>) -> usize {
+        self.connections().insert(conn_handle)
     }
 
     pub fn unregister_connection(&self, key: usize) {

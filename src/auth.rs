@@ -11,12 +11,73 @@
 //! Patterns: `*` stands for any run of characters (`:` included), everything else for itself:
 //! `user:*`, `private-*`, `*` (every topic), `room:lobby`.
 //!
+//! What a client presented when it connected ([`ConnectInfo`]: its query string and
+//! `authToken`, bounded) is defined here, below the session and the transports that keep and
+//! fill it, because authorization is what it is kept for.
+//!
 //! Pure: no I/O. JWT decoding and verification are the `jsonwebtoken` crate's.
 
 use crate::config::AuthConfig;
-use crate::session::ConnectInfo;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, errors::ErrorKind};
 use serde::Deserialize;
+
+/// Longest query string a connect may carry, in bytes: it is kept for the connection's life
+/// ([`ConnectInfo`]). 8 KiB is also the longest request line nginx passes by default
+/// (`large_client_header_buffers`), so nothing nginx lets through is refused here.
+pub const MAX_CONNECT_QUERY_BYTES: usize = 8192;
+/// Longest auth token (phoenix.js `authToken`) a connect may carry, in bytes; kept like the
+/// query string. A connect token (a JWT with a few channel patterns) is a few hundred bytes.
+pub const MAX_AUTH_TOKEN_BYTES: usize = 4096;
+
+/// Leeway on a token's `exp` and `nbf`, in seconds: the clocks of the app that mints tokens
+/// and of this node may disagree by this much (jsonwebtoken's default, named here).
+pub const CLOCK_LEEWAY_SECS: u64 = 60;
+
+/// What the client presented when connecting; kept for authorization.
+#[derive(Debug, Default, Clone)]
+pub struct ConnectInfo {
+    /// The raw query string of the connect request.
+    pub query: String,
+    /// The phoenix.js `authToken`, if one was offered.
+    pub auth_token: Option<String>,
+}
+
+/// Why a connect was refused: what it presented is longer than we keep.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Oversized {
+    /// The query string is over [`MAX_CONNECT_QUERY_BYTES`].
+    Query,
+    /// The auth token is over [`MAX_AUTH_TOKEN_BYTES`].
+    AuthToken,
+}
+
+impl Oversized {
+    /// The reason given to the client.
+    pub fn reason(self) -> String {
+        match self {
+            Oversized::Query => {
+                format!("query string longer than {MAX_CONNECT_QUERY_BYTES} bytes")
+            }
+            Oversized::AuthToken => format!("auth token longer than {MAX_AUTH_TOKEN_BYTES} bytes"),
+        }
+    }
+}
+
+impl ConnectInfo {
+    /// What a client presented, to be kept for its connection's life, if within the bounds.
+    pub fn bounded(query: &str, auth_token: Option<&str>) -> Result<ConnectInfo, Oversized> {
+        if query.len() > MAX_CONNECT_QUERY_BYTES {
+            return Err(Oversized::Query);
+        }
+        if auth_token.is_some_and(|t| t.len() > MAX_AUTH_TOKEN_BYTES) {
+            return Err(Oversized::AuthToken);
+        }
+        Ok(ConnectInfo {
+            query: query.to_string(),
+            auth_token: auth_token.map(str::to_string),
+        })
+    }
+}
 
 /// The `[auth]` rules, ready to check joins.
 pub struct Auth {
@@ -54,6 +115,7 @@ impl Auth {
     /// `config` has been validated: a secret is set whenever a topic is private.
     pub fn new(config: &AuthConfig) -> Auth {
         let mut validation = Validation::new(Algorithm::HS256);
+        validation.leeway = CLOCK_LEEWAY_SECS;
         validation.validate_nbf = true;
         validation.validate_aud = false;
         Auth {
@@ -116,6 +178,11 @@ impl Auth {
     }
 }
 
+/// Why [`mint`] could not sign a token: the JWT library's own error, shown as it words it.
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct MintError(#[from] jsonwebtoken::errors::Error);
+
 /// A connect token granting `channels` for `ttl_secs`: what `pushgate token` prints (your
 /// backend mints its own with any JWT library).
 pub fn mint(
@@ -123,7 +190,7 @@ pub fn mint(
     sub: Option<&str>,
     channels: &[String],
     ttl_secs: u64,
-) -> Result<String, String> {
+) -> Result<String, MintError> {
     let mut claims = serde_json::json!({
         "channels": channels,
         "exp": jsonwebtoken::get_current_timestamp() + ttl_secs,
@@ -131,10 +198,12 @@ pub fn mint(
     if let Some(sub) = sub {
         claims["sub"] = sub.into();
     }
-    let key =
-        jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()).map_err(|e| e.to_string())?;
-    jsonwebtoken::encode(&jsonwebtoken::Header::new(Algorithm::HS256), &claims, &key)
-        .map_err(|e| e.to_string())
+    let key = jsonwebtoken::EncodingKey::from_secret(secret.as_bytes())?;
+    Ok(jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(Algorithm::HS256),
+        &claims,
+        &key,
+    )?)
 }
 
 /// The token a client connected with: the phoenix.js `authToken`, else the first `token` query
@@ -143,7 +212,7 @@ pub fn connect_token(connect: &ConnectInfo) -> Option<&str> {
     if let Some(t) = connect.auth_token.as_deref().filter(|t| !t.is_empty()) {
         return Some(t);
     }
-    crate::transport::websocket::query_values(&connect.query, "token")
+    crate::query::query_values(&connect.query, "token")
         .next()
         .filter(|v| !v.is_empty())
 }

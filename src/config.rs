@@ -9,8 +9,10 @@
 //!
 //! Loading ([`Config::load`]) only parses; [`Config::validate`] checks values and names each bad key.
 
+use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::ops::RangeInclusive;
 use std::path::Path;
 
 /// The port container platforms (AWS App Runner, DigitalOcean App Platform, Fly.io, Heroku and
@@ -22,6 +24,52 @@ pub const PORT_ENV: &str = "PORT";
 
 /// Environment variables with the `PUSHGATE_` prefix that are not config keys.
 const NON_CONFIG_ENV: &[&str] = &["PUSHGATE_LOG", "PUSHGATE_LOG_FORMAT", "PUSHGATE_LOG_OUTPUT"];
+
+/// Shortest value of a read or handshake deadline, in ms (`server.header_read_timeout_ms`,
+/// `server.keepalive_timeout_ms`, `server.body_timeout_ms`, `tls.handshake_timeout_ms`,
+/// `tls.http2_ping_interval_ms`): below it a deadline fires on ordinary network jitter.
+pub const MIN_TIMEOUT_MS: u64 = 100;
+/// Shortest `server.idle_timeout_ms`, in ms: phoenix.js sends a heartbeat every 30 s, so a
+/// shorter idle timeout would close healthy connections; 5 s of slack for a late heartbeat.
+pub const MIN_IDLE_TIMEOUT_MS: u64 = 35_000;
+/// Smallest `limits.max_frame_bytes`: a join with a modest payload must fit.
+pub const MIN_FRAME_BYTES: usize = 1024;
+/// Smallest `limits.max_pending_bytes` (64 KiB): a subscriber must be allowed a few messages
+/// in flight, or every burst would close it as a slow consumer.
+pub const MIN_PENDING_BYTES: u64 = 64 * 1024;
+/// Smallest request body limit, in bytes (`longpoll.max_post_bytes`,
+/// `publish.max_body_bytes`): one ordinary message must fit.
+pub const MIN_BODY_BYTES: usize = 1024;
+/// `longpoll.window_ms`, in ms: at least a round trip's worth, at most well under the 20 s
+/// after which phoenix.js gives up on a poll.
+pub const LONGPOLL_WINDOW_MS: RangeInclusive<u64> = 100..=15_000;
+/// How much `longpoll.session_timeout_ms` must exceed `longpoll.window_ms`, in ms: time for a
+/// client to send its next poll after a held one is answered.
+pub const LONGPOLL_SESSION_SLACK_MS: u64 = 1000;
+/// Shortest `publish.token` set by hand, in characters: shorter tokens can be guessed.
+pub const MIN_PUBLISH_TOKEN_CHARS: usize = 16;
+/// Shortest `auth.secret`, in bytes: HS256 wants a 256-bit key.
+pub const MIN_AUTH_SECRET_BYTES: usize = 32;
+/// Most `acme.domains`: the most names Let's Encrypt puts in one certificate.
+pub const MAX_ACME_DOMAINS: usize = 100;
+/// Longest certificate name (`acme.domains` entry), in characters: DNS's limit.
+pub const MAX_DOMAIN_CHARS: usize = 253;
+/// Longest label of a certificate name, in characters: DNS's limit.
+pub const MAX_DOMAIN_LABEL_CHARS: usize = 63;
+/// `forward.timeout_ms`, in ms: long enough for an app's round trip, short enough that a
+/// client waiting for its reply is not left hanging.
+pub const FORWARD_TIMEOUT_MS: RangeInclusive<u64> = 100..=60_000;
+/// `presence.max_meta_bytes`: `{}` at the least, 64 KiB at the most (every joiner receives
+/// every entry's meta in `presence_state`).
+pub const PRESENCE_META_BYTES: RangeInclusive<usize> = 2..=65_536;
+/// `presence.node_ttl_ms`, in ms: not below the renewal cadence of a third of it at 100 ms,
+/// not above an hour of ghost entries from a dead node.
+pub const PRESENCE_NODE_TTL_MS: RangeInclusive<u64> = 300..=3_600_000;
+
+/// "must be between A and B", for a bound given as a range.
+fn between<T: std::fmt::Display>(r: &RangeInclusive<T>) -> String {
+    format!("must be between {} and {}", r.start(), r.end())
+}
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -107,6 +155,13 @@ impl Default for ServerConfig {
             allowed_origins: Vec::new(),
         }
     }
+}
+
+/// A `server.trusted_proxies` entry: a network (`10.0.0.0/8`) or one address.
+pub fn parse_net(text: &str) -> Option<IpNet> {
+    text.parse::<IpNet>()
+        .ok()
+        .or_else(|| text.parse::<IpAddr>().ok().map(IpNet::from))
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -317,9 +372,11 @@ impl RedisConfig {
             bad("redis.url", &format!("not a Redis URL: {e}"));
         }
         for s in &self.sentinels {
-            if let Err(e) = crate::broker::redis::sentinel_url(s, &self.sentinel_password)
-                .and_then(|u| redis::Client::open(u.as_str()).map_err(|e| e.to_string()))
-            {
+            let problem = match sentinel_url(s, &self.sentinel_password) {
+                Err(e) => Some(e.to_string()),
+                Ok(u) => redis::Client::open(u.as_str()).err().map(|e| e.to_string()),
+            };
+            if let Some(e) = problem {
                 bad(
                     "redis.sentinels",
                     &format!("{s:?} is not a sentinel address: {e}"),
@@ -370,6 +427,35 @@ impl RedisConfig {
             );
         }
     }
+}
+
+/// A `redis.sentinels` entry that is not `host:port` (it holds a `/` or an `@`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("expected host:port")]
+pub struct BadSentinelAddress;
+
+/// A sentinel's URL from its `host:port` (a `redis.sentinels` entry) and the sentinels'
+/// password (`redis.sentinel_password`, percent-encoded into the URL).
+pub fn sentinel_url(address: &str, password: &str) -> Result<String, BadSentinelAddress> {
+    if address.contains('/') || address.contains('@') {
+        return Err(BadSentinelAddress);
+    }
+    let auth = if password.is_empty() {
+        String::new()
+    } else {
+        let encoded: String = password
+            .bytes()
+            .map(|b| {
+                if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                    (b as char).to_string()
+                } else {
+                    format!("%{b:02X}")
+                }
+            })
+            .collect();
+        format!(":{encoded}@")
+    };
+    Ok(format!("redis://{auth}{address}/"))
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -480,10 +566,13 @@ pub struct AuthConfig {
 
 impl AuthConfig {
     fn validate(&self, bad: &mut dyn FnMut(&str, &str)) {
-        if !self.secret.is_empty() && self.secret.len() < 32 {
+        if !self.secret.is_empty() && self.secret.len() < MIN_AUTH_SECRET_BYTES {
             bad(
                 "auth.secret",
-                "must be at least 32 bytes (HS256 wants a 256-bit key), e.g. `openssl rand -hex 32`",
+                &format!(
+                    "must be at least {MIN_AUTH_SECRET_BYTES} bytes (HS256 wants a 256-bit key), \
+                     e.g. `openssl rand -hex 32`"
+                ),
             );
         }
         if !self.private_topics.is_empty() && self.secret.is_empty() {
@@ -496,11 +585,18 @@ impl AuthConfig {
     }
 }
 
-/// Topic patterns (`*` = any run of characters, see [`crate::auth::glob_match`]): each 1 to 255
-/// bytes, like a topic.
+/// Topic patterns (`*` = any run of characters, see [`crate::auth::glob_match`]): each 1 to
+/// [`MAX_FIELD_BYTES`](crate::protocol::MAX_FIELD_BYTES) bytes, like a topic.
 fn check_patterns(key: &str, patterns: &[String], bad: &mut dyn FnMut(&str, &str)) {
-    if patterns.iter().any(|p| p.is_empty() || p.len() > 255) {
-        bad(key, "each pattern must be 1 to 255 bytes");
+    use crate::protocol::MAX_FIELD_BYTES;
+    if patterns
+        .iter()
+        .any(|p| p.is_empty() || p.len() > MAX_FIELD_BYTES)
+    {
+        bad(
+            key,
+            &format!("each pattern must be 1 to {MAX_FIELD_BYTES} bytes"),
+        );
     }
 }
 
@@ -579,11 +675,11 @@ impl Default for PresenceConfig {
 impl PresenceConfig {
     fn validate(&self, bad: &mut dyn FnMut(&str, &str)) {
         check_patterns("presence.topics", &self.topics, bad);
-        if !(2..=65_536).contains(&self.max_meta_bytes) {
-            bad("presence.max_meta_bytes", "must be between 2 and 65536");
+        if !PRESENCE_META_BYTES.contains(&self.max_meta_bytes) {
+            bad("presence.max_meta_bytes", &between(&PRESENCE_META_BYTES));
         }
-        if !(300..=3_600_000).contains(&self.node_ttl_ms) {
-            bad("presence.node_ttl_ms", "must be between 300 and 3600000");
+        if !PRESENCE_NODE_TTL_MS.contains(&self.node_ttl_ms) {
+            bad("presence.node_ttl_ms", &between(&PRESENCE_NODE_TTL_MS));
         }
     }
 }
@@ -620,15 +716,13 @@ impl ForwardConfig {
         }
         check_patterns("forward.topics", &self.topics, bad);
         if !self.root_ca_file.is_empty()
-            && let Err(e) = crate::tls::client_config("forward.root_ca_file", &self.root_ca_file)
+            && let Err(e) =
+                crate::client_tls::client_config("forward.root_ca_file", &self.root_ca_file)
         {
-            bad(
-                "forward.root_ca_file",
-                e.trim_start_matches("forward.root_ca_file: "),
-            );
+            bad("forward.root_ca_file", &e.problem.to_string());
         }
-        if !(100..=60_000).contains(&self.timeout_ms) {
-            bad("forward.timeout_ms", "must be between 100 and 60000");
+        if !FORWARD_TIMEOUT_MS.contains(&self.timeout_ms) {
+            bad("forward.timeout_ms", &between(&FORWARD_TIMEOUT_MS));
         }
         if self.max_queued == 0 {
             bad("forward.max_queued", "must be at least 1");
@@ -727,11 +821,12 @@ impl TlsConfig {
                 "tls-alpn-01 is answered on tls.listen, which is not set",
             );
         }
-        if self.handshake_timeout_ms < 100 {
-            bad("tls.handshake_timeout_ms", "must be at least 100");
+        let at_least = format!("must be at least {MIN_TIMEOUT_MS}");
+        if self.handshake_timeout_ms < MIN_TIMEOUT_MS {
+            bad("tls.handshake_timeout_ms", &at_least);
         }
-        if self.http2_ping_interval_ms < 100 {
-            bad("tls.http2_ping_interval_ms", "must be at least 100");
+        if self.http2_ping_interval_ms < MIN_TIMEOUT_MS {
+            bad("tls.http2_ping_interval_ms", &at_least);
         }
         if self.http2_max_concurrent_streams == 0 {
             bad("tls.http2_max_concurrent_streams", "must be at least 1");
@@ -776,8 +871,11 @@ impl AcmeConfig {
                 "must name at least one domain when acme.enabled is true",
             );
         }
-        if self.domains.len() > 100 {
-            bad("acme.domains", "at most 100 names (the CA's limit)");
+        if self.domains.len() > MAX_ACME_DOMAINS {
+            bad(
+                "acme.domains",
+                &format!("at most {MAX_ACME_DOMAINS} names (the CA's limit)"),
+            );
         }
         for (i, d) in self.domains.iter().enumerate() {
             if let Err(why) = check_domain(d) {
@@ -816,33 +914,49 @@ impl AcmeConfig {
     }
 }
 
+/// Why an `acme.domains` entry cannot be a certificate name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+enum BadDomain {
+    #[error("wildcards need the DNS-01 challenge, which pushgate does not do")]
+    Wildcard,
+    #[error("IP addresses are not supported, name a domain")]
+    IpAddress,
+    #[error("must be 1 to {MAX_DOMAIN_CHARS} characters")]
+    Length,
+    #[error("must be a fully qualified name like example.com")]
+    NotQualified,
+    #[error(
+        "each dot-separated label must be 1 to {MAX_DOMAIN_LABEL_CHARS} lowercase letters, \
+         digits or inner hyphens"
+    )]
+    Label,
+}
+
 /// Checks one certificate name: a DNS name of at least two labels, letters, digits and
 /// hyphens, no wildcard (neither challenge type can prove one), no IP address.
-fn check_domain(d: &str) -> Result<(), &'static str> {
+fn check_domain(d: &str) -> Result<(), BadDomain> {
     if d.starts_with("*.") {
-        return Err("wildcards need the DNS-01 challenge, which pushgate does not do");
+        return Err(BadDomain::Wildcard);
     }
     if d.parse::<std::net::IpAddr>().is_ok() {
-        return Err("IP addresses are not supported, name a domain");
+        return Err(BadDomain::IpAddress);
     }
-    if d.is_empty() || d.len() > 253 {
-        return Err("must be 1 to 253 characters");
+    if d.is_empty() || d.len() > MAX_DOMAIN_CHARS {
+        return Err(BadDomain::Length);
     }
     if !d.contains('.') {
-        return Err("must be a fully qualified name like example.com");
+        return Err(BadDomain::NotQualified);
     }
     for label in d.split('.') {
         let ok = !label.is_empty()
-            && label.len() <= 63
+            && label.len() <= MAX_DOMAIN_LABEL_CHARS
             && !label.starts_with('-')
             && !label.ends_with('-')
             && label
                 .bytes()
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
         if !ok {
-            return Err(
-                "each dot-separated label must be 1 to 63 lowercase letters, digits or inner hyphens",
-            );
+            return Err(BadDomain::Label);
         }
     }
     Ok(())
@@ -1008,7 +1122,7 @@ impl Config {
         }
         for o in &self.server.allowed_origins {
             if let Err(e) = crate::origin::check_pattern(o) {
-                bad("server.allowed_origins", &e);
+                bad("server.allowed_origins", &e.to_string());
             }
         }
         if self.server.max_connections == 0 {
@@ -1025,18 +1139,23 @@ impl Config {
             ),
             ("server.body_timeout_ms", self.server.body_timeout_ms),
         ] {
-            if ms < 100 {
-                bad(key, "must be at least 100");
+            if ms < MIN_TIMEOUT_MS {
+                bad(key, &format!("must be at least {MIN_TIMEOUT_MS}"));
             }
         }
-        if self.server.idle_timeout_ms < 35_000 {
+        if self.server.idle_timeout_ms < MIN_IDLE_TIMEOUT_MS {
             bad(
                 "server.idle_timeout_ms",
-                "must be at least 35000 (phoenix.js sends a heartbeat every 30 s)",
+                &format!(
+                    "must be at least {MIN_IDLE_TIMEOUT_MS} (phoenix.js sends a heartbeat every 30 s)"
+                ),
             );
         }
-        if self.limits.max_frame_bytes < 1024 {
-            bad("limits.max_frame_bytes", "must be at least 1024");
+        if self.limits.max_frame_bytes < MIN_FRAME_BYTES {
+            bad(
+                "limits.max_frame_bytes",
+                &format!("must be at least {MIN_FRAME_BYTES}"),
+            );
         }
         if self.limits.max_topics_per_connection == 0 {
             bad("limits.max_topics_per_connection", "must be at least 1");
@@ -1044,14 +1163,17 @@ impl Config {
         if self.limits.max_topics == 0 {
             bad("limits.max_topics", "must be at least 1");
         }
-        if self.limits.max_pending_bytes < 64 * 1024 {
-            bad("limits.max_pending_bytes", "must be at least 65536");
+        if self.limits.max_pending_bytes < MIN_PENDING_BYTES {
+            bad(
+                "limits.max_pending_bytes",
+                &format!("must be at least {MIN_PENDING_BYTES}"),
+            );
         }
         if let Some(p) = self
             .server
             .trusted_proxies
             .iter()
-            .find(|p| crate::admission::parse_net(p).is_none())
+            .find(|p| parse_net(p).is_none())
         {
             bad(
                 "server.trusted_proxies",
@@ -1064,20 +1186,26 @@ impl Config {
                 "must be at least 1 when limits.connect_rate_per_address is set",
             );
         }
-        if !(100..=15_000).contains(&self.longpoll.window_ms) {
+        if !LONGPOLL_WINDOW_MS.contains(&self.longpoll.window_ms) {
             bad(
                 "longpoll.window_ms",
-                "must be between 100 and 15000 (phoenix.js gives up on a poll after 20 s)",
+                &format!(
+                    "{} (phoenix.js gives up on a poll after 20 s)",
+                    between(&LONGPOLL_WINDOW_MS)
+                ),
             );
         }
-        if self.longpoll.session_timeout_ms < self.longpoll.window_ms + 1000 {
+        if self.longpoll.session_timeout_ms < self.longpoll.window_ms + LONGPOLL_SESSION_SLACK_MS {
             bad(
                 "longpoll.session_timeout_ms",
-                "must exceed longpoll.window_ms by at least 1000",
+                &format!("must exceed longpoll.window_ms by at least {LONGPOLL_SESSION_SLACK_MS}"),
             );
         }
-        if self.longpoll.max_post_bytes < 1024 {
-            bad("longpoll.max_post_bytes", "must be at least 1024");
+        if self.longpoll.max_post_bytes < MIN_BODY_BYTES {
+            bad(
+                "longpoll.max_post_bytes",
+                &format!("must be at least {MIN_BODY_BYTES}"),
+            );
         }
         if self.longpoll.max_post_lines == 0 {
             bad("longpoll.max_post_lines", "must be at least 1");
@@ -1085,13 +1213,18 @@ impl Config {
         if self.demo.phoenix_js_url.is_empty() || self.demo.phoenix_js_url.contains('"') {
             bad("demo.phoenix_js_url", "must be a URL (without quotes)");
         }
-        if self.publish.max_body_bytes < 1024 {
-            bad("publish.max_body_bytes", "must be at least 1024");
+        if self.publish.max_body_bytes < MIN_BODY_BYTES {
+            bad(
+                "publish.max_body_bytes",
+                &format!("must be at least {MIN_BODY_BYTES}"),
+            );
         }
-        if !self.publish.token.is_empty() && self.publish.token.len() < 16 {
+        if !self.publish.token.is_empty() && self.publish.token.len() < MIN_PUBLISH_TOKEN_CHARS {
             bad(
                 "publish.token",
-                "must be at least 16 characters (or empty to generate one)",
+                &format!(
+                    "must be at least {MIN_PUBLISH_TOKEN_CHARS} characters (or empty to generate one)"
+                ),
             );
         }
         if self.history.size == 0 {
@@ -1341,6 +1474,61 @@ mod tests {
             Vec::<String>::new(),
             "README.md's Configuration table lacks these"
         );
+    }
+
+    #[test]
+    fn bounds_are_worded_as_before_they_were_constants() {
+        // The texts operators saw when the bounds were literals in the messages.
+        let mut c = Config::default();
+        c.server.header_read_timeout_ms = 0;
+        c.server.idle_timeout_ms = 0;
+        c.limits.max_frame_bytes = 0;
+        c.limits.max_pending_bytes = 0;
+        c.longpoll.window_ms = 0;
+        c.longpoll.session_timeout_ms = 0;
+        c.longpoll.max_post_bytes = 0;
+        c.publish.max_body_bytes = 0;
+        c.publish.token = "short".into();
+        c.tls.handshake_timeout_ms = 0;
+        c.auth.secret = "short".into();
+        c.auth.private_topics = vec![String::new()];
+        c.forward.timeout_ms = 0;
+        c.presence.max_meta_bytes = 0;
+        c.presence.node_ttl_ms = 0;
+        c.acme.enabled = true;
+        c.acme.domains = (0..101).map(|i| format!("d{i}.example.com")).collect();
+        c.acme.domains[0] = format!("{}.com", "a".repeat(250));
+        c.acme.domains[1] = format!("{}.com", "a".repeat(64));
+        let p: Vec<String> = c
+            .validate()
+            .unwrap_err()
+            .iter()
+            .map(|p| p.to_string())
+            .collect();
+        let long = format!("{}.com", "a".repeat(250));
+        let label = format!("{}.com", "a".repeat(64));
+        for want in [
+            "server.header_read_timeout_ms: must be at least 100".to_string(),
+            "server.idle_timeout_ms: must be at least 35000 (phoenix.js sends a heartbeat every 30 s)".into(),
+            "limits.max_frame_bytes: must be at least 1024".into(),
+            "limits.max_pending_bytes: must be at least 65536".into(),
+            "longpoll.window_ms: must be between 100 and 15000 (phoenix.js gives up on a poll after 20 s)".into(),
+            "longpoll.session_timeout_ms: must exceed longpoll.window_ms by at least 1000".into(),
+            "longpoll.max_post_bytes: must be at least 1024".into(),
+            "publish.max_body_bytes: must be at least 1024".into(),
+            "publish.token: must be at least 16 characters (or empty to generate one)".into(),
+            "acme.domains: at most 100 names (the CA's limit)".into(),
+            format!("acme.domains: {long:?}: must be 1 to 253 characters"),
+            format!("acme.domains: {label:?}: each dot-separated label must be 1 to 63 lowercase letters, digits or inner hyphens"),
+            "tls.handshake_timeout_ms: must be at least 100".into(),
+            "auth.secret: must be at least 32 bytes (HS256 wants a 256-bit key), e.g. `openssl rand -hex 32`".into(),
+            "auth.private_topics: each pattern must be 1 to 255 bytes".into(),
+            "forward.timeout_ms: must be between 100 and 60000".into(),
+            "presence.max_meta_bytes: must be between 2 and 65536".into(),
+            "presence.node_ttl_ms: must be between 300 and 3600000".into(),
+        ] {
+            assert!(p.contains(&want), "{want}\nnot in {p:#?}");
+        }
     }
 
     #[test]

@@ -15,13 +15,13 @@
 //! One connection's pushes go one at a time, in order (a [`Lane`] per session with at most
 //! `forward.max_queued` waiting); at most `forward.max_concurrent` requests are at the app at
 //! once, over kept-alive connections (hyper-util's pooled client; `https://` through
-//! hyper-rustls with [`crate::tls::client_config`]: the public roots and `forward.root_ca_file`).
+//! hyper-rustls with [`crate::client_tls::client_config`]: the public roots and `forward.root_ca_file`).
 
 use crate::auth::glob_match;
 use crate::config::ForwardConfig;
 use crate::metrics::{ForwardFailure, Metrics};
 use crate::protocol;
-use crate::session::DirectFrame;
+use crate::session::QueuedFrame;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::{Request, StatusCode, Uri, header};
@@ -114,10 +114,10 @@ impl Forwarder {
         };
         // `Config::validate` has read forward.root_ca_file; should it have gone since, the
         // public roots still serve.
-        let tls = crate::tls::client_config("forward.root_ca_file", &config.root_ca_file)
+        let tls = crate::client_tls::client_config("forward.root_ca_file", &config.root_ca_file)
             .or_else(|e| {
                 tracing::error!("{e}; only the public roots are trusted");
-                crate::tls::client_config("forward.root_ca_file", "")
+                crate::client_tls::client_config("forward.root_ca_file", "")
             })
             .ok()?;
         let mut http = HttpConnector::new();
@@ -151,7 +151,7 @@ impl Forwarder {
     pub fn lane(
         self: &Arc<Self>,
         tracker: &TaskTracker,
-        deliver: impl Fn(DirectFrame) + Send + 'static,
+        deliver: impl Fn(QueuedFrame) + Send + 'static,
     ) -> Lane {
         let (tx, mut rx) = mpsc::channel::<Job>(self.max_queued);
         let fwd = self.clone();
@@ -168,7 +168,7 @@ impl Forwarder {
     /// log and its kind to `pushgate_forward_failures_total`; the client is told only
     /// `{"reason": "forward failed"}` (the detail can name hosts, addresses and TLS problems of
     /// the app's network).
-    async fn answer(&self, job: Job) -> DirectFrame {
+    async fn answer(&self, job: Job) -> QueuedFrame {
         let outcome = tokio::time::timeout(self.timeout, self.ask(&job))
             .await
             .unwrap_or_else(|_| {

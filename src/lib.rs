@@ -12,19 +12,24 @@
 //! - [`deadline`]: read deadlines where hyper has none (stalled request bodies).
 //! - [`protocol`]: Phoenix V2 frames, parse and encode, no I/O.
 //! - [`ws`]: our RFC 6455 frame layer, no I/O.
+//! - [`query`]: query strings of connect requests (`vsn`, tokens), no I/O.
+//! - [`client_tls`]: the TLS client configuration for outgoing HTTPS (forward, ACME): public
+//!   roots plus a CA file.
 //! - [`session`]: one client's channels and replies, transport-neutral, no I/O.
-//! - [`auth`]: private topics and the connect tokens (JWT) that open them, no I/O.
+//! - [`auth`]: private topics and the connect tokens (JWT) that open them; what a client
+//!   presented at connect (`ConnectInfo`), no I/O.
 //! - [`forward`]: client pushes forwarded to the application over HTTP, in order per connection.
 //! - [`transport`]: drives a session over a WebSocket.
 //! - [`hub`]: topics, their shared history buffers, positions and local subscribers.
 //! - [`broker`]: the Redis broker (cross-node fanout, history streams); embedded otherwise.
 //! - [`metrics`]: counters rendered for Prometheus.
+//! - [`admission`]: per-client limits (the client address, connections and new connections
+//!   per address, joins per connection).
 //! - [`origin`]: `server.allowed_origins`, which web pages may connect, no I/O.
 //! - [`app`]: the shared state handed to every connection.
 //! - [`acme`]: certificates from Let's Encrypt (ACME), export for nginx.
 //! - [`challenges`]: the ACME challenges open now (HTTP-01 answers, the TLS resolver).
 //! - [`tls`]: at the edge, TLS with the ACME certificate (HTTP/1.1 and HTTP/2), HTTPS redirect.
-//! - [`tls_client`]: TLS client configurations (public roots plus a CA file).
 //! - [`systemd`]: socket activation, readiness/stopping notifications and watchdog pings.
 //! - `fuzzing` (hidden): views of internal parsers for the fuzz targets in `fuzz/`.
 #![forbid(unsafe_code)]
@@ -36,6 +41,7 @@ pub mod app;
 pub mod auth;
 pub mod broker;
 pub mod challenges;
+pub mod client_tls;
 pub mod config;
 pub mod conn;
 pub mod deadline;
@@ -49,13 +55,13 @@ pub mod metrics;
 pub mod origin;
 pub mod presence;
 pub mod protocol;
+pub mod query;
 pub mod respond;
 pub mod router;
 pub mod server;
 pub mod session;
 pub mod systemd;
 pub mod tls;
-pub mod tls_client;
 pub mod transport;
 pub mod ws;
 

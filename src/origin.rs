@@ -86,13 +86,21 @@ impl Rule {
     }
 }
 
+/// A `server.allowed_origins` entry that is not `scheme://host[:port]`; shown as the entry
+/// (quoted) and the shape it must have.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{0:?}: must be scheme://host[:port] with no path or trailing slash, like \
+         https://app.example.com or https://*.example.com"
+)]
+pub struct BadOriginPattern(pub String);
+
 /// Checks one `server.allowed_origins` entry: `scheme://host[:port]`, where the host may start
 /// with `*.` (any subdomain, at any depth, not the bare domain).
-pub fn check_pattern(p: &str) -> Result<(), String> {
-    const SHAPE: &str = "must be scheme://host[:port] with no path or trailing slash, like \
-                         https://app.example.com or https://*.example.com";
+pub fn check_pattern(p: &str) -> Result<(), BadOriginPattern> {
+    let bad = || Err(BadOriginPattern(p.to_string()));
     let Some((scheme, rest)) = p.split_once("://") else {
-        return Err(format!("{p:?}: {SHAPE}"));
+        return bad();
     };
     let scheme_ok = scheme
         .bytes()
@@ -117,7 +125,7 @@ pub fn check_pattern(p: &str) -> Result<(), String> {
                 .all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
     };
     if !(scheme_ok && port_ok && host_ok) {
-        return Err(format!("{p:?}: {SHAPE}"));
+        return bad();
     }
     Ok(())
 }
@@ -186,5 +194,12 @@ mod tests {
         ] {
             assert!(check_pattern(bad).is_err(), "{bad}");
         }
+        assert_eq!(
+            check_pattern("https://app.example.com/")
+                .unwrap_err()
+                .to_string(),
+            "\"https://app.example.com/\": must be scheme://host[:port] with no path or trailing \
+             slash, like https://app.example.com or https://*.example.com"
+        );
     }
 }

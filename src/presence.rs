@@ -30,7 +30,7 @@
 use crate::app::App;
 use crate::broker::{Broker, Message};
 use crate::config::PresenceConfig;
-use crate::session::DirectFrame;
+use crate::session::QueuedFrame;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -44,7 +44,7 @@ const MAX_QUEUED: usize = 65_536;
 
 /// Hands frames to one session (through its mailbox): its `presence_state`, and a fresh one
 /// if the first was incomplete (Redis did not answer).
-pub type Deliver = Arc<dyn Fn(DirectFrame) + Send + Sync>;
+pub type Deliver = Arc<dyn Fn(QueuedFrame) + Send + Sync>;
 
 /// The `[presence]` rules and the queue to this node's presence task.
 pub struct Presence {
@@ -539,15 +539,11 @@ async fn apply(
     }
 }
 
-/// The event of a diff. A topic whose history holds only these is not kept once its last
-/// subscriber is gone ([`crate::hub::Hub::sweep`]).
-pub const DIFF_EVENT: &str = "presence_diff";
-
 /// Publishes a diff through the broker (so every node's subscribers get it, in order).
 async fn publish_diff(app: &App, topic: &str, payload: &str) {
     let message = Message {
         topic,
-        event: DIFF_EVENT,
+        event: crate::protocol::PRESENCE_DIFF_EVENT,
         payload,
         exclude: None,
     };

@@ -12,6 +12,10 @@ use serde_json::value::RawValue;
 
 /// The topic the client uses for heartbeats.
 pub const PHOENIX_TOPIC: &str = "phoenix";
+/// The event of a presence diff (phoenix.js's `Presence` listens for it). The hub does not keep
+/// a topic whose history holds only these once its last subscriber is gone
+/// ([`crate::hub::Hub::sweep`]).
+pub const PRESENCE_DIFF_EVENT: &str = "presence_diff";
 /// Binary frame field lengths are one byte, so topics, events and refs are capped at this.
 pub const MAX_FIELD_BYTES: usize = 255;
 

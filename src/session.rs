@@ -2,8 +2,8 @@
 //! heartbeat replies, the stale-join_ref filter, and the frames waiting to go out.
 //!
 //! A transport feeds it parsed messages ([`Session::handle`]) and, when it can write, takes the
-//! direct frames ([`Session::pop_direct`]) and then the broadcasts from the topic buffers
-//! ([`Session::collect_broadcasts`]). Direct frames go first, so a join reply always precedes the
+//! queued frames ([`Session::pop_queued`]) and then the broadcasts from the topic buffers
+//! ([`Session::collect_broadcasts`]). Queued frames go first, so a join reply always precedes the
 //! messages the join replays.
 //!
 //! Architecture Invariant: no I/O and no `.await` here; the session never touches a socket and
@@ -13,14 +13,15 @@
 //! presence task's queue ([`crate::presence`]). All three answer through the mailbox.
 
 use crate::app::App;
-use crate::hub::{Entry, Lag, LiveJoin, Subscription, Waker};
+use crate::auth::ConnectInfo;
+use crate::hub::{ConnHandle, Entry, Lag, LiveJoin, Subscription};
 use crate::metrics::Metrics;
 use crate::protocol::{self, Inbound, ParseError, Payload};
 use std::collections::VecDeque;
 use std::sync::Arc;
 
 /// A frame addressed to this client alone (a reply, `phx_close`, ...): JSON text.
-pub type DirectFrame = Vec<u8>;
+pub type QueuedFrame = Vec<u8>;
 
 #[derive(Debug)]
 struct Channel {
@@ -31,71 +32,17 @@ struct Channel {
     _presence: Option<Box<crate::presence::Tracked>>,
 }
 
-/// Longest query string a connect may carry, in bytes: it is kept for the connection's life
-/// ([`ConnectInfo`]). 8 KiB is also the longest request line nginx passes by default
-/// (`large_client_header_buffers`), so nothing nginx lets through is refused here.
-pub const MAX_CONNECT_QUERY_BYTES: usize = 8192;
-/// Longest auth token (phoenix.js `authToken`) a connect may carry, in bytes; kept like the
-/// query string. A connect token (a JWT with a few channel patterns) is a few hundred bytes.
-pub const MAX_AUTH_TOKEN_BYTES: usize = 4096;
-
-/// What the client presented when connecting; kept for authorization.
-#[derive(Debug, Default, Clone)]
-pub struct ConnectInfo {
-    /// The raw query string of the connect request.
-    pub query: String,
-    /// The phoenix.js `authToken`, if one was offered.
-    pub auth_token: Option<String>,
-}
-
-/// Why a connect was refused: what it presented is longer than we keep.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Oversized {
-    /// The query string is over [`MAX_CONNECT_QUERY_BYTES`].
-    Query,
-    /// The auth token is over [`MAX_AUTH_TOKEN_BYTES`].
-    AuthToken,
-}
-
-impl Oversized {
-    /// The reason given to the client.
-    pub fn reason(self) -> String {
-        match self {
-            Oversized::Query => {
-                format!("query string longer than {MAX_CONNECT_QUERY_BYTES} bytes")
-            }
-            Oversized::AuthToken => format!("auth token longer than {MAX_AUTH_TOKEN_BYTES} bytes"),
-        }
-    }
-}
-
-impl ConnectInfo {
-    /// What a client presented, to be kept for its connection's life, if within the bounds.
-    pub fn bounded(query: &str, auth_token: Option<&str>) -> Result<ConnectInfo, Oversized> {
-        if query.len() > MAX_CONNECT_QUERY_BYTES {
-            return Err(Oversized::Query);
-        }
-        if auth_token.is_some_and(|t| t.len() > MAX_AUTH_TOKEN_BYTES) {
-            return Err(Oversized::AuthToken);
-        }
-        Ok(ConnectInfo {
-            query: query.to_string(),
-            auth_token: auth_token.map(str::to_string),
-        })
-    }
-}
-
 #[derive(Debug)]
 pub struct Session {
     app: Arc<App>,
-    waker: Arc<Waker>,
+    conn_handle: Arc<ConnHandle>,
     channels: Vec<Channel>,
     /// Joins the broker is completing (Redis only).
     pending: Vec<PendingJoin>,
     /// Where the broker leaves completed joins; created on the first deferred join.
     mailbox: Option<Arc<Mailbox>>,
-    direct: VecDeque<DirectFrame>,
-    /// Bytes in `direct`.
+    queued: VecDeque<QueuedFrame>,
+    /// Bytes in `queued`.
     direct_bytes: usize,
     /// Checked by [`Auth::may_join`](crate::auth::Auth::may_join) for private topics.
     connect: ConnectInfo,
@@ -121,7 +68,7 @@ struct Mailbox {
     any: std::sync::atomic::AtomicBool,
     done: std::sync::Mutex<Vec<JoinDone>>,
     /// Replies to pushes the app has answered (`[forward]`).
-    replies: std::sync::Mutex<Vec<DirectFrame>>,
+    replies: std::sync::Mutex<Vec<QueuedFrame>>,
 }
 
 impl std::fmt::Debug for Mailbox {
@@ -140,11 +87,11 @@ struct JoinParams {
 
 /// A connection's sender id, `<node>.<connection>`: what a forwarded push carries as `sender`,
 /// and what a publish's `exclude` names to leave that connection out ("send to others").
-pub fn sender_id(node: &str, waker: &Waker) -> String {
-    format!("{node}.{}", waker.id)
+pub fn sender_id(node: &str, conn_handle: &ConnHandle) -> String {
+    format!("{node}.{}", conn_handle.id)
 }
 
-/// The connection (its [`Waker::id`]) a publish's `exclude` names on node `node`: 0 for none
+/// The connection (its [`ConnHandle::id`]) a publish's `exclude` names on node `node`: 0 for none
 /// here (no exclusion, or another node's connection).
 pub fn local_exclude(exclude: Option<&str>, node: &str) -> u64 {
     exclude
@@ -166,19 +113,23 @@ pub fn is_sender_id(sender: &str) -> bool {
 
 impl Session {
     pub fn new(app: Arc<App>, connect: ConnectInfo) -> Session {
-        Session::with_waker(app, connect, Arc::new(Waker::default()))
+        Session::with_conn_handle(app, connect, Arc::new(ConnHandle::default()))
     }
 
-    /// A session woken through `waker` (which may already hold the connection's socket).
-    pub fn with_waker(app: Arc<App>, connect: ConnectInfo, waker: Arc<Waker>) -> Session {
+    /// A session woken through `conn_handle` (which may already hold the connection's socket).
+    pub fn with_conn_handle(
+        app: Arc<App>,
+        connect: ConnectInfo,
+        conn_handle: Arc<ConnHandle>,
+    ) -> Session {
         let join_budget = app.admission.join_bucket();
         Session {
             app,
-            waker,
+            conn_handle,
             channels: Vec::new(),
             pending: Vec::new(),
             mailbox: None,
-            direct: VecDeque::new(),
+            queued: VecDeque::new(),
             direct_bytes: 0,
             connect,
             lane: None,
@@ -186,9 +137,10 @@ impl Session {
         }
     }
 
-    /// The waker topics use to tell this session's transport that broadcasts are waiting.
-    pub fn waker(&self) -> &Arc<Waker> {
-        &self.waker
+    /// The connection handle topics use to tell this session's transport that broadcasts are
+    /// waiting.
+    pub fn conn_handle(&self) -> &Arc<ConnHandle> {
+        &self.conn_handle
     }
 
     /// Number of joined channels.
@@ -196,9 +148,9 @@ impl Session {
         self.channels.len()
     }
 
-    fn reply(&mut self, frame: DirectFrame) {
+    fn reply(&mut self, frame: QueuedFrame) {
         self.direct_bytes += frame.len();
-        self.direct.push_back(frame);
+        self.queued.push_back(frame);
     }
 
     /// Answers a message that could not be parsed, with whatever ref could be recovered.
@@ -349,12 +301,12 @@ impl Session {
             let (sub, info) =
                 self.app
                     .hub
-                    .subscribe(&msg.topic, self.waker.clone(), since.as_deref());
+                    .subscribe(&msg.topic, self.conn_handle.clone(), since.as_deref());
             LiveJoin::Done(sub, info)
         } else {
             self.app
                 .hub
-                .join_live(&msg.topic, self.waker.clone(), since.as_deref())
+                .join_live(&msg.topic, self.conn_handle.clone(), since.as_deref())
         };
         let started = match live {
             LiveJoin::Done(sub, info) => {
@@ -376,7 +328,7 @@ impl Session {
         };
         // The broker completes this join (subscribe, position, history); see `settle`.
         let mailbox = self.mailbox.get_or_insert_with(Default::default).clone();
-        let waker = self.waker.clone();
+        let conn_handle = self.conn_handle.clone();
         let (topic, jr) = (msg.topic.clone(), join_ref.clone());
         self.pending.push(PendingJoin {
             topic: msg.topic.clone(),
@@ -387,7 +339,7 @@ impl Session {
         self.app.broker.join(crate::broker::JoinRequest {
             topic: msg.topic,
             since,
-            waker: self.waker.clone(),
+            conn_handle: self.conn_handle.clone(),
             started,
             done: Box::new(move |result| {
                 mailbox
@@ -398,7 +350,7 @@ impl Session {
                 mailbox
                     .any
                     .store(true, std::sync::atomic::Ordering::Release);
-                waker.wake();
+                conn_handle.wake();
             }),
         });
     }
@@ -414,7 +366,7 @@ impl Session {
         topic: String,
         sub: crate::hub::Subscription,
         info: crate::hub::JoinInfo,
-        replay: Vec<DirectFrame>,
+        replay: Vec<QueuedFrame>,
         presence: Option<crate::presence::Prepared>,
     ) {
         let mut response = Vec::with_capacity(64);
@@ -463,7 +415,7 @@ impl Session {
         });
         // Replayed messages (if any) are waiting in the topic buffer.
         if info.recovered == Some(true) {
-            self.waker.wake();
+            self.conn_handle.wake();
         }
     }
 
@@ -570,7 +522,7 @@ impl Session {
                         event: msg.event,
                         payload,
                         token: crate::auth::connect_token(&self.connect).map(str::to_string),
-                        sender: sender_id(&self.app.node_id, &self.waker),
+                        sender: sender_id(&self.app.node_id, &self.conn_handle),
                     };
                     let lane = match self.lane.take() {
                         Some(lane) => lane,
@@ -607,9 +559,9 @@ impl Session {
 
     /// Hands frames to this session from another task (forward replies, `presence_state`):
     /// they go out with the next `settle`.
-    fn mailbox_sender(&mut self) -> impl Fn(DirectFrame) + Send + Sync + 'static {
+    fn mailbox_sender(&mut self) -> impl Fn(QueuedFrame) + Send + Sync + 'static {
         let mailbox = self.mailbox.get_or_insert_with(Default::default).clone();
-        let waker = self.waker.clone();
+        let conn_handle = self.conn_handle.clone();
         move |frame| {
             mailbox
                 .replies
@@ -619,27 +571,27 @@ impl Session {
             mailbox
                 .any
                 .store(true, std::sync::atomic::Ordering::Release);
-            waker.wake();
-            waker.hold();
+            conn_handle.wake();
+            conn_handle.hold();
         }
     }
 
-    /// Takes the oldest direct frame.
-    pub fn pop_direct(&mut self) -> Option<DirectFrame> {
-        let f = self.direct.pop_front();
+    /// Takes the oldest queued frame.
+    pub fn pop_queued(&mut self) -> Option<QueuedFrame> {
+        let f = self.queued.pop_front();
         if let Some(f) = &f {
             self.direct_bytes -= f.len();
-        } else if self.direct.capacity() > 0 {
-            self.direct = VecDeque::new(); // an idle session holds no queue
+        } else if self.queued.capacity() > 0 {
+            self.queued = VecDeque::new(); // an idle session holds no queue
         }
         f
     }
 
     pub fn has_direct(&self) -> bool {
-        !self.direct.is_empty()
+        !self.queued.is_empty()
     }
 
-    /// Bytes of direct frames waiting (replies the client has not collected).
+    /// Bytes of queued frames waiting (replies the client has not collected).
     pub fn direct_bytes(&self) -> usize {
         self.direct_bytes
     }
@@ -664,7 +616,7 @@ impl Session {
         let max_pending = self.app.config.limits.max_pending_bytes;
         let mut total = 0;
         let mut bytes = 0usize;
-        let me = self.waker.id;
+        let me = self.conn_handle.id;
         for ch in &mut self.channels {
             let remaining = budget.saturating_sub(bytes);
             let mut skipped = 0;
@@ -678,8 +630,9 @@ impl Session {
             };
             total += ch.sub.read(max_pending, remaining, &mut count_bytes)? - skipped;
             if bytes >= budget {
-                // Come back for the rest: the waker stays set so the transport loops again.
-                self.waker.wake();
+                // Come back for the rest: the connection handle stays set so the transport loops
+                // again.
+                self.conn_handle.wake();
                 break;
             }
         }
@@ -693,7 +646,7 @@ mod tests {
 
     #[test]
     fn sender_ids_name_a_connection_of_one_node() {
-        let w = Waker::default();
+        let w = ConnHandle::default();
         let id = sender_id("3f1c0a9b", &w);
         assert!(is_sender_id(&id), "{id}");
         assert_eq!(local_exclude(Some(&id), "3f1c0a9b"), w.id);

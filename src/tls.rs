@@ -361,9 +361,6 @@ fn host_without_port(h: &str) -> &str {
     h.rsplit_once(':').map_or(h, |(host, _)| host)
 }
 
-/// Kept here for the callers that configured TLS clients through this module.
-pub use crate::tls_client::client_config;
-
 #[cfg(test)]
 mod tests {
     use super::host_without_port;

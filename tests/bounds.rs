@@ -171,8 +171,8 @@ async fn response_head(addr: std::net::SocketAddr, request: &[u8]) -> String {
 #[tokio::test]
 async fn an_oversized_query_string_or_auth_token_is_refused_at_connect() {
     let s = start().await;
-    let max_query = pushgate::session::MAX_CONNECT_QUERY_BYTES;
-    let max_token = pushgate::session::MAX_AUTH_TOKEN_BYTES;
+    let max_query = pushgate::auth::MAX_CONNECT_QUERY_BYTES;
+    let max_token = pushgate::auth::MAX_AUTH_TOKEN_BYTES;
     let query = |len: usize| {
         let head = "vsn=2.0.0&pad=";
         format!("{head}{}", "q".repeat(len - head.len()))

@@ -16,9 +16,8 @@
 
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use libfuzzer_sys::fuzz_target;
-use pushgate::auth::{self, Auth};
+use pushgate::auth::{self, Auth, ConnectInfo};
 use pushgate::config::AuthConfig;
-use pushgate::session::ConnectInfo;
 use pushgate_fuzz::Cursor;
 
 /// `*` matches any run of bytes (of characters: patterns split at `*`, an ASCII byte, so

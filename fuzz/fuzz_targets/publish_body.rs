@@ -12,7 +12,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use pushgate::hub::Waker;
+use pushgate::hub::ConnHandle;
 use pushgate::protocol::{self, Payload};
 use pushgate_fuzz::json::Members;
 use serde_json::Value;
@@ -110,9 +110,9 @@ fuzz_target!(|body: &[u8]| {
     for (item, position) in items.iter().zip(&positions) {
         let (epoch, offset) = pushgate::hub::parse_position(position).expect("a position");
         let since = format!("{epoch}:{}", offset - 1);
-        let (mut sub, _) = app
-            .hub
-            .subscribe(&item.topic, Arc::new(Waker::default()), Some(&since));
+        let (mut sub, _) =
+            app.hub
+                .subscribe(&item.topic, Arc::new(ConnHandle::default()), Some(&since));
         let mut first = None;
         sub.read(u64::MAX, usize::MAX, &mut |e| {
             if first.is_none() {

@@ -15,7 +15,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use pushgate::broker::redis::Envelope;
-use pushgate::hub::{Hub, RemoteAppend, Waker};
+use pushgate::hub::{ConnHandle, Hub, RemoteAppend};
 use pushgate::protocol::{self, Payload};
 use pushgate_fuzz::Cursor;
 use pushgate_fuzz::json::Members;
@@ -62,7 +62,7 @@ fuzz_target!(|input: &[u8]| {
     let hub = Hub::with_broker(Default::default(), metrics, Default::default());
     let (epoch, offset) = position.unwrap_or(("e", 0));
     hub.go_live(topic, epoch, offset.saturating_sub(1));
-    let (mut sub, _) = hub.subscribe(topic, Arc::new(Waker::default()), None);
+    let (mut sub, _) = hub.subscribe(topic, Arc::new(ConnHandle::default()), None);
     let appended = hub.append_remote(topic, position, broadcast);
     if position.is_some_and(|(_, o)| o == 0) {
         assert_eq!(appended, RemoteAppend::Duplicate);

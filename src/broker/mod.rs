@@ -11,8 +11,8 @@
 
 pub mod redis;
 
-use crate::hub::{JoinInfo, Position, Subscription, Waker};
-use crate::session::DirectFrame;
+use crate::hub::{ConnHandle, JoinInfo, Position, Subscription};
+use crate::session::QueuedFrame;
 use std::sync::Arc;
 
 /// The broker this node runs with.
@@ -32,13 +32,13 @@ impl std::fmt::Debug for Broker {
 
 /// A joined topic: the subscription, what to answer, and the missed messages to replay
 /// (from the broker's history) before live ones.
-pub type Joined = (Subscription, JoinInfo, Vec<DirectFrame>);
+pub type Joined = (Subscription, JoinInfo, Vec<QueuedFrame>);
 
 /// A join the local buffer could not complete.
 pub struct JoinRequest {
     pub topic: String,
     pub since: Option<String>,
-    pub waker: Arc<Waker>,
+    pub conn_handle: Arc<ConnHandle>,
     /// Already subscribed at the current end, with the offset after which history is needed.
     pub started: Option<(Subscription, Position, u64)>,
     /// Called exactly once with the outcome (from the broker's task).

@@ -144,7 +144,7 @@ impl Keys {
     }
 }
 
-/// Joins queued or in progress, by connection ([`hub::Waker::id`]).
+/// Joins queued or in progress, by connection ([`hub::ConnHandle::id`]).
 type InFlight = Mutex<std::collections::HashMap<u64, usize>>;
 
 /// One join counted in [`InFlight`]; dropping it uncounts it.
@@ -192,29 +192,6 @@ enum Target {
     Sentinel(tokio::sync::Mutex<redis::sentinel::SentinelClient>),
 }
 
-/// A sentinel's URL from its `host:port` (and the sentinels' password).
-pub fn sentinel_url(address: &str, password: &str) -> Result<String, String> {
-    if address.contains('/') || address.contains('@') {
-        return Err("expected host:port".into());
-    }
-    let auth = if password.is_empty() {
-        String::new()
-    } else {
-        let encoded: String = password
-            .bytes()
-            .map(|b| {
-                if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-                    (b as char).to_string()
-                } else {
-                    format!("%{b:02X}")
-                }
-            })
-            .collect();
-        format!(":{encoded}@")
-    };
-    Ok(format!("redis://{auth}{address}/"))
-}
-
 pub struct RedisBroker {
     target: Target,
     keys: Keys,
@@ -226,7 +203,7 @@ pub struct RedisBroker {
     commands: Mutex<Option<ConnectionManager>>,
     joins: mpsc::Sender<JoinRequest>,
     join_queue: Mutex<Option<mpsc::Receiver<JoinRequest>>>,
-    /// Joins each connection (by [`hub::Waker::id`]) has queued or in progress here, so that
+    /// Joins each connection (by [`hub::ConnHandle::id`]) has queued or in progress here, so that
     /// one connection cannot fill [`JOIN_QUEUE`].
     in_flight: Arc<InFlight>,
     /// Most joins one connection may have here at once (`limits.max_topics_per_connection`:
@@ -332,7 +309,10 @@ impl RedisBroker {
             let sentinels = config
                 .sentinels
                 .iter()
-                .map(|a| sentinel_url(a, &config.sentinel_password))
+                .map(|a| {
+                    crate::config::sentinel_url(a, &config.sentinel_password)
+                        .map_err(|e| e.to_string())
+                })
                 .collect::<Result<Vec<_>, _>>()?;
             let info = client.get_connection_info();
             let mut node = redis::sentinel::SentinelNodeConnectionInfo::default()
@@ -632,7 +612,7 @@ impl RedisBroker {
     pub fn join(&self, mut req: JoinRequest) {
         let slot = {
             let mut map = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
-            let n = map.entry(req.waker.id).or_insert(0);
+            let n = map.entry(req.conn_handle.id).or_insert(0);
             if *n >= self.per_connection {
                 drop(map);
                 self.metrics.refused(crate::metrics::Refusal::RateLimit);
@@ -647,7 +627,7 @@ impl RedisBroker {
             *n += 1;
             InFlightSlot {
                 map: self.in_flight.clone(),
-                id: req.waker.id,
+                id: req.conn_handle.id,
             }
         };
         // However the join ends (answered, or dropped at shutdown), the slot is freed after.
@@ -1219,7 +1199,7 @@ async fn on_joins(
         let JoinRequest {
             topic,
             since,
-            waker,
+            conn_handle,
             started,
             done,
         } = req;
@@ -1229,7 +1209,7 @@ async fn on_joins(
                 done(Err(UNAVAILABLE.into()));
                 continue;
             }
-            None => match app.hub.join_live(&topic, waker, since.as_deref()) {
+            None => match app.hub.join_live(&topic, conn_handle, since.as_deref()) {
                 LiveJoin::Done(sub, info) => {
                     done(Ok((sub, info, Vec::new())));
                     continue;

@@ -2,7 +2,7 @@
 //!
 //! A session lives in this node's registry under a random token. A GET with no valid token
 //! creates one and answers `{"status":410,"token":T}`; later GETs answer at once with every frame
-//! waiting (direct frames first, then broadcasts from the shared topic buffers), or hold until
+//! waiting (queued frames first, then broadcasts from the shared topic buffers), or hold until
 //! something arrives or `longpoll.window_ms` passes (`204`). A POST carries ndjson lines that
 //! are handled in order before `{"status":200}`; their replies go out through the next GET.
 //! Every answer is HTTP 200 with a JSON body, `cache-control: no-store` and CORS headers.
@@ -33,13 +33,14 @@
 //! lose its channels. Any other token (a user's own `token` param) starts a session.
 
 use crate::app::App;
+use crate::auth::ConnectInfo;
 use crate::broker::redis::Forwarded;
-use crate::hub::{Lag, Waker};
+use crate::hub::{ConnHandle, Lag};
 use crate::metrics::{Metrics, Refusal};
 use crate::protocol;
+use crate::query::query_param;
 use crate::respond::{error_response, response_with};
-use crate::session::{ConnectInfo, Session};
-use crate::transport::websocket::query_param;
+use crate::session::Session;
 use base64::Engine;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
@@ -104,8 +105,8 @@ pub struct LpSession {
     /// Held inline: every poll's answer carries it.
     token: [u8; TOKEN_LEN],
     inner: Mutex<Inner>,
-    /// The session's waker: topics (and POSTs) wake the waiting GET through it.
-    waker: Arc<Waker>,
+    /// The session's connection handle: topics (and POSTs) wake the waiting GET through it.
+    conn_handle: Arc<ConnHandle>,
     /// Its place in its client address's count, given back when the session goes.
     _admitted: Option<crate::admission::Admitted>,
     /// The session's connection slot (`server.max_connections`), released when the session is
@@ -126,7 +127,7 @@ struct Inner {
     polled: bool,
     closed: bool,
     /// The listening GET's task, woken when a newer GET supersedes it or the session closes
-    /// (the session waker has one slot, which the newer GET takes).
+    /// (the session's connection handle has one slot, which the newer GET takes).
     held: Option<std::task::Waker>,
     /// Frames handed to poll answers that the client has not acknowledged yet.
     unacked: Unacked,
@@ -659,14 +660,14 @@ fn new_session(
         Err(refused) => return refused,
     };
     let session = Session::new(app.clone(), connect);
-    session.waker().set_eager();
+    session.conn_handle().set_eager();
     let token = new_token(&app.node_id);
     let lp = Arc::new(LpSession {
         token: token
             .as_bytes()
             .try_into()
             .expect("new_token makes tokens of our shape"),
-        waker: session.waker().clone(),
+        conn_handle: session.conn_handle().clone(),
         _admitted: admitted,
         inner: Mutex::new(Inner {
             session,
@@ -701,7 +702,7 @@ fn take_frames(inner: &mut Inner) -> Result<usize, Lag> {
     } = inner;
     let mut bytes = 0;
     session.settle();
-    while let Some(f) = session.pop_direct() {
+    while let Some(f) = session.pop_queued() {
         bytes += f.len();
         unacked.frames.push(protocol::json_string(&f));
     }
@@ -774,7 +775,7 @@ async fn poll(app: Arc<App>, lp: Arc<LpSession>, ack: Option<u32>) -> Bytes {
                     &inner.unacked.frames,
                 ));
             }
-            lp.waker.clear();
+            lp.conn_handle.clear();
             match take_frames(&mut inner) {
                 Ok(broadcasts) if !inner.unacked.frames.is_empty() => {
                     Metrics::add(&app.metrics.messages_delivered_longpoll, broadcasts as u64);
@@ -801,7 +802,7 @@ async fn poll(app: Arc<App>, lp: Arc<LpSession>, ack: Option<u32>) -> Bytes {
             if !inner.held.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
                 inner.held = Some(cx.waker().clone());
             }
-            if lp.waker.poll_woken(cx).is_pending() {
+            if lp.conn_handle.poll_woken(cx).is_pending() {
                 break;
             }
             // Something arrived while we read: read again.
@@ -858,7 +859,7 @@ fn post_lines(app: &Arc<App>, lp: &LpSession, body: &[u8]) -> Bytes {
             return status_only(410);
         }
     }
-    lp.waker.wake();
+    lp.conn_handle.wake();
     status_only(200)
 }
 

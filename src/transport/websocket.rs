@@ -9,11 +9,13 @@
 //! frames itself (that is [`crate::protocol`]); it moves bytes and enforces WebSocket rules.
 
 use crate::app::App;
-use crate::hub::{Lag, Sink, Waker};
+use crate::auth::{ConnectInfo, Oversized};
+use crate::hub::{ConnHandle, Lag, Sink};
 use crate::metrics::{Metrics, Refusal};
 use crate::protocol;
+use crate::query::query_param;
 use crate::respond::plain_response;
-use crate::session::{ConnectInfo, Oversized, Session};
+use crate::session::Session;
 use crate::ws::{self, Flow, Message, MessageReader, close_code};
 use base64::Engine;
 use bytes::Bytes;
@@ -63,20 +65,6 @@ fn header_has_token(req: &Request<Incoming>, name: header::HeaderName, token: &s
             .map(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
             .unwrap_or(false)
     })
-}
-
-/// Every value of the query parameter `name`, in order (raw, not percent-decoded).
-pub fn query_values<'a>(query: &'a str, name: &str) -> impl DoubleEndedIterator<Item = &'a str> {
-    query
-        .split('&')
-        .filter_map(|kv| kv.split_once('=').or(Some((kv, ""))))
-        .filter(move |(k, _)| *k == name)
-        .map(|(_, v)| v)
-}
-
-/// A query parameter's last occurrence, if any (`vsn`; LongPoll's session `token`).
-pub fn query_param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
-    query_values(query, name).next_back()
 }
 
 /// Decodes the token phoenix.js puts in `base64url.bearer.phx.<B>` (standard base64 without
@@ -399,10 +387,10 @@ pub trait WsIo {
     fn wants_flush(&self) -> bool {
         false
     }
-    /// The hub waker that holds the connection's socket, so that publishes may write to it
-    /// while the connection is parked (see [`Waker::park`]); `None` when writes must go
+    /// The connection handle that holds the connection's socket, so that publishes may write to it
+    /// while the connection is parked (see [`ConnHandle::park`]); `None` when writes must go
     /// through the task.
-    fn waker(&self) -> Option<Arc<Waker>> {
+    fn conn_handle(&self) -> Option<Arc<ConnHandle>> {
         None
     }
     /// Ends the stream once the task is done with it: TLS says `close_notify`, an HTTP/2 stream
@@ -412,21 +400,21 @@ pub trait WsIo {
     }
 }
 
-/// The plain-TCP path: the socket lives in the connection's hub waker ([`Sink::Tcp`]), which
+/// The plain-TCP path: the socket lives in the connection handle ([`Sink::Tcp`]), which
 /// the task and the hub's sweeps share.
-pub struct SharedTcp(Arc<Waker>);
+pub struct SharedTcp(Arc<ConnHandle>);
 
 impl SharedTcp {
     fn new(stream: TcpStream) -> SharedTcp {
-        let waker = Arc::new(Waker::default());
-        waker.set_sink(Sink::Tcp(stream));
-        SharedTcp(waker)
+        let conn_handle = Arc::new(ConnHandle::default());
+        conn_handle.set_sink(Sink::Tcp(stream));
+        SharedTcp(conn_handle)
     }
 
     fn stream(&self) -> &TcpStream {
         self.0
             .tcp()
-            .expect("SharedTcp::new put the socket in the waker")
+            .expect("SharedTcp::new put the socket in the connection handle")
     }
 }
 
@@ -448,7 +436,7 @@ impl WsIo for SharedTcp {
             socket2::SockRef::from(s).send_vectored(bufs)
         })
     }
-    fn waker(&self) -> Option<Arc<Waker>> {
+    fn conn_handle(&self) -> Option<Arc<ConnHandle>> {
         Some(self.0.clone())
     }
 }
@@ -854,7 +842,7 @@ impl State {
         }
     }
 
-    /// Takes what is pending for the client into the outbox: direct frames first (a join reply
+    /// Takes what is pending for the client into the outbox: queued frames first (a join reply
     /// precedes what the join replays), then broadcasts, within [`WRITE_BATCH_BYTES`]. Returns
     /// whether the topics were left unread because a write batch is still in flight.
     #[inline]
@@ -862,19 +850,19 @@ impl State {
         &mut self,
         app: &App,
         session: &mut Session,
-        waker: &Waker,
+        conn_handle: &ConnHandle,
         timer: &mut Pin<&mut Sleep>,
     ) -> bool {
         let outbox = &mut self.outbox;
         session.settle();
-        while let Some(f) = session.pop_direct() {
+        while let Some(f) = session.pop_queued() {
             let (h, n) = ws::header(ws::OP_TEXT, f.len());
             let mut framed = Vec::with_capacity(n + f.len());
             framed.extend_from_slice(&h[..n]);
             framed.extend_from_slice(&f);
             outbox.push(Bytes::from(framed));
         }
-        waker.clear();
+        conn_handle.clear();
         let mut took_nothing = false;
         let collected = if outbox.bytes < WRITE_BATCH_BYTES {
             let budget = WRITE_BATCH_BYTES - outbox.bytes;
@@ -942,7 +930,7 @@ fn poll_event<S: WsIo>(
     state: &State,
     stream: &mut S,
     timer: &mut Pin<&mut Sleep>,
-    waker: &Waker,
+    conn_handle: &ConnHandle,
     wants: Wants,
 ) -> Poll<Event> {
     if !state.draining && !state.close_sent && app.is_draining() {
@@ -961,7 +949,7 @@ fn poll_event<S: WsIo>(
     {
         return Poll::Ready(Event::Readable(r));
     }
-    if !state.close_sent && waker.poll_woken(cx).is_ready() {
+    if !state.close_sent && conn_handle.poll_woken(cx).is_ready() {
         return Poll::Ready(Event::Woken);
     }
     Poll::Pending
@@ -969,25 +957,25 @@ fn poll_event<S: WsIo>(
 
 /// Runs one WebSocket connection until it closes.
 ///
-/// One task, one loop: take what is pending (direct frames, then broadcasts) and write it at
+/// One task, one loop: take what is pending (queued frames, then broadcasts) and write it at
 /// once; then wait for whichever comes first of the socket becoming readable or writable, a
 /// topic waking us, the timer (idle timeout, drain moment, close deadline), or shutdown. The
 /// wait is a single `poll_fn` over futures that live as long as the connection, so an
 /// iteration registers nothing new: readiness uses the stream's own waker slots, the hub's
-/// [`Waker`](crate::hub::Waker) one atomic slot, and the drain wakes us through that same
-/// waker ([`App::set_draining`]).
+/// [`ConnHandle`](crate::hub::ConnHandle) one atomic slot, and the drain wakes us through that same
+/// connection handle ([`App::set_draining`]).
 pub async fn run<S: WsIo>(app: Arc<App>, mut stream: S, initial: Vec<u8>, connect: ConnectInfo) {
-    let session_waker = stream.waker();
-    let direct = session_waker.is_some();
-    let mut session = match session_waker {
-        Some(w) => Session::with_waker(app.clone(), connect, w),
+    let session_conn_handle = stream.conn_handle();
+    let direct = session_conn_handle.is_some();
+    let mut session = match session_conn_handle {
+        Some(w) => Session::with_conn_handle(app.clone(), connect, w),
         None => Session::new(app.clone(), connect),
     };
-    let waker = session.waker().clone();
+    let conn_handle = session.conn_handle().clone();
     app.metrics.connections_websocket.fetch_add(1, Relaxed);
     let _registration = Registration {
         app: app.clone(),
-        key: app.register_connection(waker.clone()),
+        key: app.register_connection(conn_handle.clone()),
     };
     let max_message = app.config.limits.max_frame_bytes;
     let idle_timeout = Duration::from_millis(app.config.server.idle_timeout_ms);
@@ -1019,7 +1007,7 @@ pub async fn run<S: WsIo>(app: Arc<App>, mut stream: S, initial: Vec<u8>, connec
 
     loop {
         let took_nothing =
-            !state.close_sent && state.collect(&app, &mut session, &waker, &mut timer);
+            !state.close_sent && state.collect(&app, &mut session, &conn_handle, &mut timer);
         // Write at once: usually the socket takes it all and no readiness wait is needed.
         if !state.outbox.is_empty()
             && let Err(e) = state.outbox.write_to(&mut stream)
@@ -1030,7 +1018,7 @@ pub async fn run<S: WsIo>(app: Arc<App>, mut stream: S, initial: Vec<u8>, connec
         if took_nothing && state.outbox.bytes < WRITE_BATCH_BYTES {
             // The socket drained: come back for what waited in the topics meanwhile (no
             // publish may come to wake us for it).
-            waker.wake();
+            conn_handle.wake();
         }
         if state.finished(&stream) {
             break;
@@ -1042,13 +1030,21 @@ pub async fn run<S: WsIo>(app: Arc<App>, mut stream: S, initial: Vec<u8>, connec
         // Nothing queued: park, so that a lone new broadcast is written by the publish itself.
         let parked = direct && !state.close_sent && state.outbox.is_empty();
         if parked {
-            waker.park();
+            conn_handle.park();
         }
         let event = std::future::poll_fn(|cx| {
-            poll_event(cx, &app, &state, &mut stream, &mut timer, &waker, wants)
+            poll_event(
+                cx,
+                &app,
+                &state,
+                &mut stream,
+                &mut timer,
+                &conn_handle,
+                wants,
+            )
         })
         .await;
-        if parked && let Some((frame, written)) = waker.unpark() {
+        if parked && let Some((frame, written)) = conn_handle.unpark() {
             state.outbox.push_started(frame, written);
         }
         match event {
@@ -1105,13 +1101,6 @@ pub async fn run<S: WsIo>(app: Arc<App>, mut stream: S, initial: Vec<u8>, connec
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn query_param_takes_the_last_value() {
-        assert_eq!(query_param("a=1&vsn=2.0.0&", "vsn"), Some("2.0.0"));
-        assert_eq!(query_param("token=a&vsn=2.0.0&token=b", "token"), Some("b"));
-        assert_eq!(query_param("", "vsn"), None);
-    }
 
     /// The statuses and bodies of the refusals, as they were before they were typed (the
     /// integration tests check a few of them on the wire).
