@@ -251,7 +251,7 @@ pub async fn publish_body(app: &App, body: &[u8]) -> Answer {
             exclude: i.exclude.as_deref(),
         })
         .collect();
-    let positions = match app.broker.publish(app, &messages).await {
+    let positions = match app.broker.publish(&messages).await {
         Ok(p) => p,
         Err(crate::broker::PublishError::Unavailable(e)) => {
             tracing::warn!(error = ?e.to_string(), "publish failed: broker unavailable");
@@ -319,7 +319,7 @@ pub async fn presence(app: Arc<App>, req: Request<Incoming>) -> Response<Full<By
             body.push(b'}');
             json_response(StatusCode::OK, body)
         }
-        Err(e) => error_response(StatusCode::SERVICE_UNAVAILABLE, &e),
+        Err(e) => error_response(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
     }
 }
 

@@ -12,7 +12,7 @@
 //! an "error" reply `{"reason": "forward failed"}`: why goes to the log and to the `reason` label
 //! of `pushgate_forward_failures_total`, not to the client.
 //!
-//! One connection's pushes go one at a time, in order (a [`Lane`] per session with at most
+//! One connection's pushes go one at a time, in order (a [`PushLane`] per session with at most
 //! `forward.max_queued` waiting); at most `forward.max_concurrent` requests are at the app at
 //! once, over kept-alive connections (hyper-util's pooled client; `https://` through
 //! hyper-rustls with [`crate::client_tls::client_config`]: the public roots and `forward.root_ca_file`).
@@ -21,7 +21,7 @@ use crate::auth::glob_match;
 use crate::config::ForwardConfig;
 use crate::metrics::{ForwardFailure, Metrics};
 use crate::protocol;
-use crate::session::QueuedFrame;
+use crate::session::{Deliver, Push, PushLane, QueuedFrame};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::{Request, StatusCode, Uri, header};
@@ -32,7 +32,7 @@ use serde_json::value::RawValue;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 
 /// The reply's response to a push the app did not answer properly: nothing about why.
@@ -63,31 +63,11 @@ impl std::fmt::Debug for Forwarder {
     }
 }
 
-/// One push on its way to the app.
-#[derive(Debug)]
-pub struct Job {
-    pub join_ref: String,
-    pub msg_ref: Option<String>,
-    pub topic: String,
-    pub event: String,
-    pub payload: Box<RawValue>,
-    pub token: Option<String>,
-    /// The pushing connection's [`crate::session::sender_id`].
-    pub sender: String,
-}
+/// One push on its way to the app (defined by the session, which makes them).
+pub type Job = Push;
 
-/// One session's pushes, in order, to the app; the task behind it ends when the lane is dropped.
-#[derive(Debug)]
-pub struct Lane {
-    tx: mpsc::Sender<Job>,
-}
-
-impl Lane {
-    /// Queues `job`; false when `forward.max_queued` pushes are already waiting.
-    pub fn send(&self, job: Job) -> bool {
-        self.tx.try_send(job).is_ok()
-    }
-}
+/// One session's pushes, in order, to the app (defined by the session, which holds it).
+pub type Lane = PushLane;
 
 impl Forwarder {
     /// `None` when `forward.url` is empty. `config` has been validated; `bearer` is the publish
@@ -148,12 +128,8 @@ impl Forwarder {
     }
 
     /// Opens a lane; each push's reply frame is handed to `deliver`.
-    pub fn lane(
-        self: &Arc<Self>,
-        tracker: &TaskTracker,
-        deliver: impl Fn(QueuedFrame) + Send + 'static,
-    ) -> Lane {
-        let (tx, mut rx) = mpsc::channel::<Job>(self.max_queued);
+    pub fn lane(self: &Arc<Self>, tracker: &TaskTracker, deliver: Deliver) -> Lane {
+        let (lane, mut rx) = PushLane::channel(self.max_queued);
         let fwd = self.clone();
         tracker.spawn(async move {
             while let Some(job) = rx.recv().await {
@@ -161,7 +137,7 @@ impl Forwarder {
                 deliver(reply);
             }
         });
-        Lane { tx }
+        lane
     }
 
     /// Asks the app and encodes its answer as the push's reply. A failure's detail goes to the

@@ -27,15 +27,16 @@
 //! node that finds its own key gone (Redis restarted, or it was cut off for longer than the TTL)
 //! or that failed to write a change puts all of its entries back.
 
-use crate::app::App;
 use crate::broker::{Broker, Message};
 use crate::config::PresenceConfig;
-use crate::session::QueuedFrame;
+use crate::metrics::Metrics;
+use crate::session::PresenceEntry;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 /// Most changes waiting for the presence task (it stalls only while Redis does). Past this, new
 /// joins go ahead untracked (logged) until it catches up; leaves of tracked channels always queue,
@@ -44,7 +45,45 @@ const MAX_QUEUED: usize = 65_536;
 
 /// Hands frames to one session (through its mailbox): its `presence_state`, and a fresh one
 /// if the first was incomplete (Redis did not answer).
-pub type Deliver = Arc<dyn Fn(QueuedFrame) + Send + Sync>;
+pub type Deliver = crate::session::Deliver;
+
+/// What the presence task needs from the node.
+pub struct Context {
+    pub presence: Arc<Presence>,
+    /// Diffs are published through it; with Redis, entries live there.
+    pub broker: Broker,
+    pub metrics: Arc<Metrics>,
+    /// Cancelled when the node starts to shut down: this node's entries leave.
+    pub shutdown: CancellationToken,
+}
+
+/// Why `GET /api/presence` cannot tell who is on a topic (HTTP 503, this as the reason).
+#[derive(Debug, thiserror::Error)]
+pub enum ListError {
+    /// [`MAX_QUEUED`] changes are waiting for the presence task.
+    #[error("presence is busy: too many changes waiting; retry")]
+    Busy,
+    #[error("presence is not running (shutting down)")]
+    NotRunning,
+    /// No answer within [`LIST_TIMEOUT`].
+    #[error("presence did not answer within {} s", LIST_TIMEOUT.as_secs())]
+    TimedOut,
+    #[error("Redis unavailable: {0}")]
+    RedisUnavailable(crate::broker::redis::LinkDown),
+    /// Reading the topic's entries failed.
+    #[error("Redis: {0}")]
+    Redis(::redis::RedisError),
+}
+
+/// Why a join's `presence` param is refused: the join's error reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MetaError {
+    /// More than `presence.max_meta_bytes` of JSON.
+    #[error("presence meta too large: at most {0} bytes of JSON (presence.max_meta_bytes)")]
+    TooLarge(usize),
+    #[error("presence must be a JSON object (the entry's meta)")]
+    NotAnObject,
+}
 
 /// The `[presence]` rules and the queue to this node's presence task.
 pub struct Presence {
@@ -108,7 +147,7 @@ enum Op {
     /// `GET /api/presence`.
     List {
         topic: Arc<str>,
-        reply: tokio::sync::oneshot::Sender<Result<Vec<u8>, String>>,
+        reply: tokio::sync::oneshot::Sender<Result<Vec<u8>, ListError>>,
     },
 }
 
@@ -116,15 +155,22 @@ enum Op {
 /// first write after Redis returns).
 const MAX_BEAT: Duration = Duration::from_secs(1);
 
+/// Beats per `presence.node_ttl_ms` (when that makes them more frequent than [`MAX_BEAT`]): a
+/// node's liveness key survives two missed renewals.
+const BEATS_PER_TTL: u32 = 3;
+
 /// How long `GET /api/presence` waits for the presence task.
 const LIST_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Bytes reserved for an encoded `presence_state` (grown as entries need): an empty state and
+/// a small entry fit.
+const STATE_CAPACITY: usize = 64;
+
+/// Bytes reserved for an encoded `presence_diff`: the two empty halves and one small entry.
+const DIFF_CAPACITY: usize = 96;
+
 /// A join that will be tracked once it is answered ([`Presence::start`]).
-#[derive(Debug)]
-pub struct Prepared {
-    key: Option<String>,
-    meta: serde_json::Map<String, serde_json::Value>,
-}
+pub type Prepared = PresenceEntry;
 
 /// A tracked channel; dropping it (leave, rejoin, connection gone) untracks it.
 #[derive(Debug)]
@@ -178,18 +224,14 @@ impl Presence {
         &self,
         subject: Option<String>,
         param: Option<&serde_json::value::RawValue>,
-    ) -> Result<Prepared, String> {
+    ) -> Result<Prepared, MetaError> {
         let meta = match param.map(|p| p.get()) {
             None | Some("null") => serde_json::Map::new(),
             Some(text) => {
                 if text.len() > self.max_meta_bytes {
-                    return Err(format!(
-                        "presence meta too large: at most {} bytes of JSON (presence.max_meta_bytes)",
-                        self.max_meta_bytes
-                    ));
+                    return Err(MetaError::TooLarge(self.max_meta_bytes));
                 }
-                serde_json::from_str(text)
-                    .map_err(|_| "presence must be a JSON object (the entry's meta)".to_string())?
+                serde_json::from_str(text).map_err(|_| MetaError::NotAnObject)?
             }
         };
         Ok(Prepared { key: subject, meta })
@@ -248,9 +290,9 @@ impl Presence {
 impl Presence {
     /// Who is on `topic` now, on every node, as a `presence_state` payload (for
     /// `GET /api/presence`). `Err` says why it cannot be told (HTTP 503).
-    pub async fn list(&self, topic: &str) -> Result<Vec<u8>, String> {
+    pub async fn list(&self, topic: &str) -> Result<Vec<u8>, ListError> {
         if self.ops.full() {
-            return Err("presence is busy: too many changes waiting; retry".into());
+            return Err(ListError::Busy);
         }
         let (reply, answer) = tokio::sync::oneshot::channel();
         self.ops.send(Op::List {
@@ -259,8 +301,8 @@ impl Presence {
         });
         match tokio::time::timeout(LIST_TIMEOUT, answer).await {
             Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err("presence is not running (shutting down)".into()),
-            Err(_) => Err("presence did not answer within 5 s".into()),
+            Ok(Err(_)) => Err(ListError::NotRunning),
+            Err(_) => Err(ListError::TimedOut),
         }
     }
 }
@@ -271,7 +313,7 @@ fn encode_state<'a>(entries: impl Iterator<Item = (&'a str, &'a str)>) -> Vec<u8
     for (key, meta) in entries {
         by_key.entry(key).or_default().push(meta);
     }
-    let mut out = Vec::with_capacity(64);
+    let mut out = Vec::with_capacity(STATE_CAPACITY);
     out.push(b'{');
     for (i, (key, metas)) in by_key.iter().enumerate() {
         if i > 0 {
@@ -293,7 +335,7 @@ fn encode_state<'a>(entries: impl Iterator<Item = (&'a str, &'a str)>) -> Vec<u8
 
 /// A `presence_diff` payload.
 fn encode_diff<'a>(joins: &[(&'a str, &'a str)], leaves: &[(&'a str, &'a str)]) -> String {
-    let mut out = Vec::with_capacity(96);
+    let mut out = Vec::with_capacity(DIFF_CAPACITY);
     out.extend_from_slice(b"{\"joins\":");
     out.extend_from_slice(&encode_state(joins.iter().copied()));
     out.extend_from_slice(b",\"leaves\":");
@@ -385,10 +427,8 @@ impl Local {
 
 /// Applies presence changes in order until shutdown (spawned by `server::run` when
 /// `presence.topics` is set).
-pub async fn run(app: Arc<App>) {
-    let Some(presence) = app.presence.clone() else {
-        return;
-    };
+pub async fn run(ctx: Context) {
+    let presence = ctx.presence.clone();
     let Some(mut queue) = presence
         .queue
         .lock()
@@ -398,11 +438,11 @@ pub async fn run(app: Arc<App>) {
         return;
     };
     let mut local = Local::default();
-    let mut redis = match &app.broker {
-        Broker::Embedded => None,
+    let mut redis = match &ctx.broker {
+        Broker::Embedded(_) => None,
         Broker::Redis(r) => Some(redis::Store::new(r.clone(), &presence)),
     };
-    let mut beat = tokio::time::interval((presence.node_ttl / 3).min(MAX_BEAT));
+    let mut beat = tokio::time::interval((presence.node_ttl / BEATS_PER_TTL).min(MAX_BEAT));
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Redis only: channels whose `presence_state` was sent without Redis (it was down), by
     // phx_ref; each gets a complete one once Redis answers again.
@@ -410,15 +450,15 @@ pub async fn run(app: Arc<App>) {
     loop {
         tokio::select! {
             biased;
-            () = app.shutdown.cancelled() => break,
+            () = ctx.shutdown.cancelled() => break,
             // First, so the node's liveness key exists before its first entry, and renewals are
             // never starved by a busy queue.
             _ = beat.tick(), if redis.is_some() => {
                 // Not while Redis is down (nothing would wait on it); the key may expire
                 // meanwhile, and the first beat after puts this node's entries back.
                 if let Some(store) = &mut redis
-                    && app.broker.readiness().is_ok()
-                    && store.beat(&app, &local).await
+                    && ctx.broker.readiness().is_ok()
+                    && store.beat(&ctx, &local).await
                 {
                     store.complete(&mut incomplete).await;
                 }
@@ -437,23 +477,23 @@ pub async fn run(app: Arc<App>) {
                 presence.ops.queued.fetch_sub(batch.len(), Ordering::Relaxed);
                 let mut diffs = Diffs::default();
                 for op in batch {
-                    apply(&app, op, &mut local, &mut redis, &mut incomplete, &mut diffs).await;
+                    apply(&ctx, op, &mut local, &mut redis, &mut incomplete, &mut diffs).await;
                 }
                 for (topic, (joins, leaves)) in &diffs.topics {
-                    publish_diff(&app, topic, &encode_diff(&pairs(joins), &pairs(leaves))).await;
+                    publish_diff(&ctx, topic, &encode_diff(&pairs(joins), &pairs(leaves))).await;
                 }
-                app.metrics.presence_entries.store(local.count() as u64, Ordering::Relaxed);
+                ctx.metrics.presence_entries.store(local.count() as u64, Ordering::Relaxed);
             }
         }
     }
     if let Some(store) = &mut redis {
-        store.leave_all(&app).await;
+        store.leave_all(&ctx).await;
     }
 }
 
 /// Applies one change: answers a join's state, writes Redis, and collects the diff.
 async fn apply(
-    app: &App,
+    ctx: &Context,
     op: Op,
     local: &mut Local,
     redis: &mut Option<redis::Store>,
@@ -469,7 +509,7 @@ async fn apply(
             // While Redis is down nothing waits on it: the joiner gets what this
             // node knows (a complete state follows), and the entry reaches Redis,
             // with its diff, when this node puts its entries back.
-            let up = redis.is_none() || app.broker.readiness().is_ok();
+            let up = redis.is_none() || ctx.broker.readiness().is_ok();
             let state = match redis {
                 None => Some(local.state(&entry.topic)),
                 Some(store) if up => store.state(&entry.topic).await,
@@ -497,7 +537,7 @@ async fn apply(
                     // The liveness key exists before this node's first entry, so
                     // that losing it later says the entries were lost too.
                     if !store.started() {
-                        store.beat(app, local).await;
+                        store.beat(ctx, local).await;
                     }
                     store.track(&entry).await;
                 }
@@ -512,7 +552,7 @@ async fn apply(
             };
             let announce = match redis {
                 None => true,
-                Some(store) if app.broker.readiness().is_ok() => store.untrack(&entry, last).await,
+                Some(store) if ctx.broker.readiness().is_ok() => store.untrack(&entry, last).await,
                 Some(store) => {
                     // Put back (and announced) with the others when Redis returns.
                     store.resync_later();
@@ -526,12 +566,9 @@ async fn apply(
         Op::List { topic, reply } => {
             let state = match redis {
                 None => Ok(local.state(&topic)),
-                Some(store) => match app.broker.readiness() {
-                    Err(e) => Err(format!("Redis unavailable: {e}")),
-                    Ok(()) => store
-                        .read_state(&topic)
-                        .await
-                        .map_err(|e| format!("Redis: {e}")),
+                Some(store) => match ctx.broker.readiness() {
+                    Err(e) => Err(ListError::RedisUnavailable(e)),
+                    Ok(()) => store.read_state(&topic).await.map_err(ListError::Redis),
                 },
             };
             let _ = reply.send(state);
@@ -540,18 +577,14 @@ async fn apply(
 }
 
 /// Publishes a diff through the broker (so every node's subscribers get it, in order).
-async fn publish_diff(app: &App, topic: &str, payload: &str) {
+async fn publish_diff(ctx: &Context, topic: &str, payload: &str) {
     let message = Message {
         topic,
         event: crate::protocol::PRESENCE_DIFF_EVENT,
         payload,
         exclude: None,
     };
-    if let Err(e) = app
-        .broker
-        .publish(app, std::slice::from_ref(&message))
-        .await
-    {
+    if let Err(e) = ctx.broker.publish(std::slice::from_ref(&message)).await {
         tracing::warn!(topic = ?topic, error = ?e.to_string(), "presence: could not publish a diff");
     }
 }
@@ -563,8 +596,8 @@ mod redis {
     //! `presence:nodes` (the nodes that may have entries) and `node:<id>` (a node's liveness
     //! key, with a TTL).
 
+    use super::Context;
     use super::{Entry, Local, encode_diff, encode_state, publish_diff};
-    use crate::app::App;
     use crate::broker::redis::RedisBroker;
     use redis::AsyncCommands;
     use std::sync::Arc;
@@ -724,7 +757,7 @@ mod redis {
 
         /// Renews this node's liveness key, puts its entries back if they were lost, and
         /// removes the entries of nodes that died. `false` when Redis did not answer.
-        pub(super) async fn beat(&mut self, app: &App, local: &Local) -> bool {
+        pub(super) async fn beat(&mut self, ctx: &Context, local: &Local) -> bool {
             let renewed: Result<Option<String>, redis::RedisError> = async {
                 let mut con = self.broker.commands().await?;
                 let (previous,): (Option<String>,) = redis::pipe()
@@ -763,20 +796,20 @@ mod redis {
                     entries = local.count(),
                     "presence: putting this node's entries back in Redis"
                 );
-                self.reap(app, &self.node.clone()).await;
+                self.reap(ctx, &self.node.clone()).await;
                 for entry in local.entries() {
                     self.track(entry).await;
                     let diff = encode_diff(&[(&entry.key, &entry.meta)], &[]);
-                    publish_diff(app, &entry.topic, &diff).await;
+                    publish_diff(ctx, &entry.topic, &diff).await;
                 }
             }
             self.started = true;
-            self.reap_dead(app).await;
+            self.reap_dead(ctx).await;
             true
         }
 
         /// Removes the entries of nodes whose liveness key has expired (one node wins each).
-        async fn reap_dead(&mut self, app: &App) {
+        async fn reap_dead(&mut self, ctx: &Context) {
             let dead: Result<Vec<String>, redis::RedisError> = async {
                 let mut con = self.broker.commands().await?;
                 let nodes: Vec<String> = con.smembers(self.keys().nodes()).await?;
@@ -796,9 +829,9 @@ mod redis {
             match dead {
                 Ok(dead) => {
                     for id in dead {
-                        let n = self.reap(app, &id).await;
+                        let n = self.reap(ctx, &id).await;
                         tracing::info!(node = ?id, entries = n, "presence: removed a dead node's entries");
-                        crate::metrics::Metrics::add(&app.metrics.presence_reaped, n as u64);
+                        crate::metrics::Metrics::add(&ctx.metrics.presence_reaped, n as u64);
                     }
                 }
                 Err(e) => self.failed("looking for dead nodes", &e),
@@ -806,7 +839,7 @@ mod redis {
         }
 
         /// Removes every entry of node `id` and announces the leaves; returns how many.
-        async fn reap(&mut self, app: &App, id: &str) -> usize {
+        async fn reap(&mut self, ctx: &Context, id: &str) -> usize {
             let gone: Result<Vec<(String, Vec<Stored>)>, redis::RedisError> = async {
                 let mut con = self.broker.commands().await?;
                 let node_topics = self.keys().node_topics(id);
@@ -843,7 +876,7 @@ mod redis {
                             .iter()
                             .map(|s| (s.key.as_str(), s.meta.get()))
                             .collect();
-                        publish_diff(app, &topic, &encode_diff(&[], &leaves)).await;
+                        publish_diff(ctx, &topic, &encode_diff(&[], &leaves)).await;
                     }
                     n
                 }
@@ -855,9 +888,9 @@ mod redis {
         }
 
         /// At shutdown: this node's entries leave, and so does the node.
-        pub(super) async fn leave_all(&mut self, app: &App) {
+        pub(super) async fn leave_all(&mut self, ctx: &Context) {
             let node = self.node.clone();
-            self.reap(app, &node).await;
+            self.reap(ctx, &node).await;
             let result: Result<(), redis::RedisError> = async {
                 let mut con = self.broker.commands().await?;
                 redis::pipe()
@@ -901,6 +934,23 @@ mod tests {
         assert_eq!(encode_state(std::iter::empty()), b"{}");
     }
 
+    /// These reach operators as /api/presence's 503 reason: the texts are pinned.
+    #[test]
+    fn list_errors_say_what_they_said() {
+        assert_eq!(
+            ListError::TimedOut.to_string(),
+            "presence did not answer within 5 s"
+        );
+        assert_eq!(
+            ListError::RedisUnavailable(crate::broker::redis::LinkDown::PingTimedOut).to_string(),
+            "Redis unavailable: redis: ping timed out"
+        );
+        assert_eq!(
+            MetaError::TooLarge(64).to_string(),
+            "presence meta too large: at most 64 bytes of JSON (presence.max_meta_bytes)"
+        );
+    }
+
     #[test]
     fn diff_has_joins_and_leaves() {
         let d = encode_diff(&[("a", r#"{"phx_ref":"1"}"#)], &[]);
@@ -924,10 +974,13 @@ mod tests {
         let p = presence();
         assert!(p.tracks("room:1") && !p.tracks("lobby"));
         let raw = |s: &str| serde_json::value::RawValue::from_string(s.into()).unwrap();
-        let e = p.prepare(None, Some(&raw("\"nope\""))).unwrap_err();
+        let e = p
+            .prepare(None, Some(&raw("\"nope\"")))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("presence must be a JSON object"), "{e}");
         let big = format!("{{\"name\":\"{}\"}}", "x".repeat(64));
-        let e = p.prepare(None, Some(&raw(&big))).unwrap_err();
+        let e = p.prepare(None, Some(&raw(&big))).unwrap_err().to_string();
         assert!(e.contains("presence.max_meta_bytes"), "{e}");
 
         let prepared = p

@@ -70,7 +70,7 @@ pub async fn route(app: Arc<App>, req: Request<Incoming>, conn: &Conn) -> Respon
             let reason = if app.is_draining() {
                 Err("draining".to_string())
             } else {
-                app.broker.readiness()
+                app.broker.readiness().map_err(|e| e.to_string())
             };
             match reason {
                 Ok(()) => json_response(StatusCode::OK, &b"{\"status\":\"ready\"}"[..]),

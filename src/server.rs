@@ -40,12 +40,13 @@ pub async fn run(listeners: Vec<TcpListener>, app: Arc<App>, edge: crate::tls::L
             serve_plain,
         ));
     }
+    crate::transport::longpoll::serve_relayed_requests(&app);
     if let crate::broker::Broker::Redis(r) = &app.broker {
         app.tracker
-            .spawn(crate::broker::redis::run(app.clone(), r.clone()));
+            .spawn(crate::broker::redis::run(app.broker_context(), r.clone()));
     }
-    if app.presence.is_some() {
-        app.tracker.spawn(crate::presence::run(app.clone()));
+    if let Some(presence) = app.presence_context() {
+        app.tracker.spawn(crate::presence::run(presence));
     }
     if app.config.acme.enabled {
         app.tracker.spawn(crate::acme::run(app.clone()));
@@ -62,7 +63,7 @@ pub async fn run(listeners: Vec<TcpListener>, app: Arc<App>, edge: crate::tls::L
     spawn_periodic(
         &app,
         crate::transport::longpoll::sweep_interval(&app.config),
-        |app| app.longpoll.sweep(app),
+        |app| app.longpoll.sweep(),
         |app| app.longpoll.close_all(),
     );
     app.shutdown.cancelled().await;

@@ -35,7 +35,7 @@
 use crate::app::App;
 use crate::auth::ConnectInfo;
 use crate::broker::redis::Forwarded;
-use crate::hub::{ConnHandle, Lag};
+use crate::hub::Lag;
 use crate::metrics::{Metrics, Refusal};
 use crate::protocol;
 use crate::query::query_param;
@@ -46,37 +46,24 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode, header};
-use std::collections::{HashMap, VecDeque};
 use std::io::Write as _;
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 use tokio::sync::OwnedSemaphorePermit;
 use tracing::Instrument;
 
+pub mod registry;
+
+use registry::{
+    Inner, LpSession, TOKEN_LEN, TOKEN_PREFIX, UNPOLLED_SWEEP, Unacked, close, looks_like_ours,
+    new_token, token_ack, token_key,
+};
+pub use registry::{Registry, UNPOLLED_TIMEOUT};
+
 /// Bytes of frames one GET response carries at most; the rest goes with the next poll, which
 /// the client sends at once.
 const RESPONSE_BATCH_BYTES: usize = 256 * 1024;
-/// A session that no GET has polled since the one that created it is dropped after this (or
-/// `longpoll.session_timeout_ms`, if shorter). phoenix.js polls again the moment it has its
-/// token, so only a client that never meant to use the session (a flood of session-creating
-/// GETs) is this slow; such sessions hold their slots for seconds, not the session timeout.
-pub const UNPOLLED_TIMEOUT: Duration = Duration::from_secs(5);
-/// How often never-polled sessions are looked for (a queue of new sessions, not a scan).
-const UNPOLLED_SWEEP: Duration = Duration::from_secs(1);
-/// Sessions are swept for inactivity every `longpoll.session_timeout_ms` divided by this, so a
-/// session outlives its timeout by at most a quarter of it.
-const FULL_SWEEPS_PER_TIMEOUT: u32 = 4;
-/// The queue of new sessions ([`Registry::fresh`]) gives its memory back once empty when it had
-/// grown past this many entries (a burst of new sessions), not after every small burst.
-const FRESH_QUEUE_SHRINK: usize = 1024;
-/// What every session token starts with (so a user's own `token` param is told apart).
-const TOKEN_PREFIX: &str = "lp";
-/// A session's token: `lp` and 32 hex digits.
-const TOKEN_LEN: usize = TOKEN_PREFIX.len() + 32;
-/// A poll answer's token: the session's, then the number of the last frame answered (8 hex).
-const ACK_TOKEN_LEN: usize = TOKEN_LEN + 8;
 /// The characters of a session token its log lines show (`lp`, the node id, 8 of the 24 random
 /// hex digits): enough to tell this node's sessions apart, while the other 64 random bits stay
 /// out of the logs (the token is the session's only credential).
@@ -87,286 +74,13 @@ const FORWARD_SLACK: Duration = Duration::from_secs(5);
 /// How long a browser may cache a preflight's answer (`access-control-max-age`, seconds).
 const PREFLIGHT_MAX_AGE: &str = "3600";
 
-/// This node's LongPoll sessions, keyed by the 128 bits their token's hex digits spell (the
-/// table holds the key itself, so a lookup reads no string off the heap).
-#[derive(Debug, Default)]
-pub struct Registry {
-    sessions: Mutex<HashMap<u128, Arc<LpSession>>>,
-    /// Sessions in order of creation (32 bytes each), checked after [`UNPOLLED_TIMEOUT`] for a
-    /// poll: the sessions created in the last few seconds, each of which needed a free slot, so
-    /// about `server.max_connections` at most unless sessions also end that fast.
-    fresh: Mutex<VecDeque<(Instant, u128)>>,
-    /// When the last full sweep (`longpoll.session_timeout_ms`) ran.
-    last_full_sweep: Mutex<Option<Instant>>,
-}
-
-#[derive(Debug)]
-pub struct LpSession {
-    /// Held inline: every poll's answer carries it.
-    token: [u8; TOKEN_LEN],
-    inner: Mutex<Inner>,
-    /// The session's connection handle: topics (and POSTs) wake the waiting GET through it.
-    conn_handle: Arc<ConnHandle>,
-    /// Its place in its client address's count, given back when the session goes.
-    _admitted: Option<crate::admission::Admitted>,
-    /// The session's connection slot (`server.max_connections`), released when the session is
-    /// gone (the last held poll of a removed session has let go of it).
-    _slot: OwnedSemaphorePermit,
-}
-
-#[derive(Debug)]
-struct Inner {
-    session: Session,
-    /// Generation of the GET that is listening (0 when none).
-    listener: u64,
-    generations: u64,
-    /// When the last GET started or ended; sessions idle past `longpoll.session_timeout_ms`
-    /// without a GET pending are dropped.
-    last_seen: Instant,
-    /// A GET has polled the session (not only the one that created it).
-    polled: bool,
-    closed: bool,
-    /// The listening GET's task, woken when a newer GET supersedes it or the session closes
-    /// (the session's connection handle has one slot, which the newer GET takes).
-    held: Option<std::task::Waker>,
-    /// Frames handed to poll answers that the client has not acknowledged yet.
-    unacked: Unacked,
-}
-
-/// The frames a session has handed to poll answers and the client has not acknowledged yet,
-/// oldest first, as the JSON strings the answers carried; the first is frame number
-/// `acked + 1`. Empty (no allocation) while the client is up to date.
-#[derive(Debug, Default)]
-struct Unacked {
-    frames: Vec<Bytes>,
-    /// Number of the last frame the client acknowledged (wrapping).
-    acked: u32,
-}
-
-impl Unacked {
-    /// A poll arrived with `ack` (the number in its token; `None`: the short token form, which
-    /// acknowledges everything handed out). Frames up to it leave the session. A number behind
-    /// `acked` (a stale request, the client has moved on) or beyond what was handed out
-    /// acknowledges nothing.
-    fn acknowledge(&mut self, ack: Option<u32>) {
-        let n = match ack {
-            None => self.frames.len(),
-            Some(c) => {
-                let d = c.wrapping_sub(self.acked) as usize;
-                if d <= self.frames.len() { d } else { 0 }
-            }
-        };
-        if n == 0 {
-            return;
-        }
-        if n == self.frames.len() {
-            self.frames = Vec::new();
-        } else {
-            self.frames.drain(..n);
-        }
-        self.acked = self.acked.wrapping_add(n as u32);
-    }
-
-    /// The number of the last frame handed out.
-    fn last_sent(&self) -> u32 {
-        self.acked.wrapping_add(self.frames.len() as u32)
-    }
-}
-
-impl LpSession {
-    fn token(&self) -> &str {
-        // Made by `new_token`: ASCII.
-        std::str::from_utf8(&self.token).unwrap_or_default()
-    }
-
-    /// The session's state (a panic elsewhere while holding it does not lose the session).
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-impl Registry {
-    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<u128, Arc<LpSession>>> {
-        self.sessions.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn get(&self, token: &str) -> Option<Arc<LpSession>> {
-        self.map().get(&token_key(token)?).cloned()
-    }
-
-    fn remove(&self, app: &App, token: &str) {
-        let Some(key) = token_key(token) else { return };
-        if self.map().remove(&key).is_some() {
-            app.metrics.connections_longpoll.fetch_sub(1, Relaxed);
-        }
-    }
-
-    pub fn len(&self) -> usize {
-        self.map().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Whether a GET is held for the session `token`, as its listener: the state a test waits
-    /// for before it publishes or posts (read from the session; nothing is kept for it).
-    pub fn is_held(&self, token: &str) -> bool {
-        self.get(token).is_some_and(|lp| lp.lock().listener != 0)
-    }
-
-    /// Sessions with a GET waiting for frames (a scan: for tests and diagnostics).
-    pub fn held(&self) -> usize {
-        self.map()
-            .values()
-            .filter(|s| s.lock().listener != 0)
-            .count()
-    }
-
-    /// Drops sessions never polled since their creation, older than [`UNPOLLED_TIMEOUT`]; then,
-    /// every quarter of `longpoll.session_timeout_ms`, sessions with no GET pending whose last
-    /// poll is older than the timeout. Run every [`sweep_interval`].
-    pub fn sweep(&self, app: &App) {
-        let timeout = Duration::from_millis(app.config.longpoll.session_timeout_ms);
-        let now = Instant::now();
-        self.sweep_unpolled(app, now, UNPOLLED_TIMEOUT.min(timeout));
-        {
-            let mut last = self
-                .last_full_sweep
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            if last.is_some_and(|t| now.duration_since(t) < timeout / FULL_SWEEPS_PER_TIMEOUT) {
-                return;
-            }
-            *last = Some(now);
-        }
-        let mut expired = Vec::new();
-        self.map().retain(|_, s| {
-            let inner = s.lock();
-            let keep = inner.listener != 0 || now.duration_since(inner.last_seen) < timeout;
-            if !keep {
-                expired.push(s.clone());
-            }
-            keep
-        });
-        for s in expired {
-            app.metrics.connections_longpoll.fetch_sub(1, Relaxed);
-            Metrics::add(&app.metrics.longpoll_sessions_expired, 1);
-            close(&s);
-        }
-    }
-
-    /// Drops the sessions created more than `after` ago that no GET has polled since.
-    fn sweep_unpolled(&self, app: &App, now: Instant, after: Duration) {
-        let mut due = Vec::new();
-        {
-            let mut fresh = self.fresh.lock().unwrap_or_else(|e| e.into_inner());
-            while let Some(&(created, key)) = fresh.front() {
-                if now.duration_since(created) < after {
-                    break;
-                }
-                fresh.pop_front();
-                due.push(key);
-            }
-            if fresh.is_empty() && fresh.capacity() > FRESH_QUEUE_SHRINK {
-                fresh.shrink_to_fit();
-            }
-        }
-        if due.is_empty() {
-            return;
-        }
-        let mut expired = Vec::new();
-        {
-            let mut map = self.map();
-            for key in due {
-                let unpolled = map.get(&key).is_some_and(|s| {
-                    let inner = s.lock();
-                    !inner.polled && inner.listener == 0
-                });
-                if unpolled && let Some(s) = map.remove(&key) {
-                    expired.push(s);
-                }
-            }
-        }
-        if !expired.is_empty() {
-            tracing::debug!(
-                sessions = expired.len(),
-                "never-polled longpoll sessions dropped"
-            );
-        }
-        for s in expired {
-            app.metrics.connections_longpoll.fetch_sub(1, Relaxed);
-            Metrics::add(&app.metrics.longpoll_sessions_expired, 1);
-            close(&s);
-        }
-    }
-
-    /// Closes every session (shutdown): waiting GETs answer at once.
-    /// Closes and drops every session (for the fuzz targets, which make an `App` per input: a
-    /// session holds its `App`, so one left in the registry would keep both alive).
-    pub(crate) fn clear(&self) {
-        self.close_all();
-        self.map().clear();
-    }
-
-    pub fn close_all(&self) {
-        for s in self.map().values() {
-            close(s);
-        }
-    }
-}
-
 /// How often the server runs [`Registry::sweep`].
 pub fn sweep_interval(config: &crate::config::Config) -> Duration {
     // A session outlives its timeout by at most a quarter of it, and a never-polled one
     // outlives [`UNPOLLED_TIMEOUT`] by at most [`UNPOLLED_SWEEP`].
     UNPOLLED_SWEEP.min(Duration::from_millis(
-        config.longpoll.session_timeout_ms / u64::from(FULL_SWEEPS_PER_TIMEOUT),
+        config.longpoll.session_timeout_ms / 4,
     ))
-}
-
-/// Marks the session closed and wakes its listening GET, which answers `{"status":500}`.
-fn close(s: &LpSession) {
-    let held = {
-        let mut inner = s.lock();
-        inner.closed = true;
-        inner.held.take()
-    };
-    if let Some(w) = held {
-        w.wake();
-    }
-}
-
-/// `lp`, this node's id (8 hex digits), then 24 random hex digits.
-fn new_token(node_id: &str) -> String {
-    let r: u128 = rand::random();
-    format!("{TOKEN_PREFIX}{node_id}{:024x}", r >> 32)
-}
-
-/// The registry key of a token of our shape: the session's 32 hex digits as a number.
-fn token_key(token: &str) -> Option<u128> {
-    if !looks_like_ours(token) {
-        return None;
-    }
-    u128::from_str_radix(&token[TOKEN_PREFIX.len()..TOKEN_LEN], 16).ok()
-}
-
-/// The acknowledgement a token of our shape carries: the number of the last frame the client
-/// got, or `None` for the session's own (short) token.
-fn token_ack(token: &str) -> Option<u32> {
-    if token.len() != ACK_TOKEN_LEN {
-        return None;
-    }
-    u32::from_str_radix(&token[TOKEN_LEN..], 16).ok()
-}
-
-/// `lp` and 32 hex digits (a session), optionally followed by 8 (an acknowledgement).
-fn looks_like_ours(token: &str) -> bool {
-    (token.len() == TOKEN_LEN || token.len() == ACK_TOKEN_LEN)
-        && token.starts_with(TOKEN_PREFIX)
-        && token[TOKEN_PREFIX.len()..]
-            .bytes()
-            .all(|b| b.is_ascii_hexdigit())
 }
 
 /// The span of one LongPoll request: `session` is its session's token prefix
@@ -659,7 +373,7 @@ fn new_session(
         Ok(admitted) => admitted,
         Err(refused) => return refused,
     };
-    let session = Session::new(app.clone(), connect);
+    let session = Session::new(app.session.clone(), connect);
     session.conn_handle().set_eager();
     let token = new_token(&app.node_id);
     let lp = Arc::new(LpSession {
@@ -682,13 +396,7 @@ fn new_session(
         _slot: slot,
     });
     let key = token_key(&token).expect("new_token makes tokens of our shape");
-    app.longpoll.map().insert(key, lp);
-    app.longpoll
-        .fresh
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .push_back((Instant::now(), key));
-    app.metrics.connections_longpoll.fetch_add(1, Relaxed);
+    app.longpoll.insert(key, lp);
     tracing::Span::current().record("session", &token[..LOGGED_TOKEN_CHARS]);
     tracing::debug!("longpoll session created");
     poll_answer(410, &token, None, &[])
@@ -793,7 +501,7 @@ async fn poll(app: Arc<App>, lp: Arc<LpSession>, ack: Option<u32>) -> Bytes {
                     drop(inner);
                     Metrics::add(&app.metrics.slow_consumer_closes_longpoll, 1);
                     tracing::debug!(?lag, "longpoll session fell behind; closing it");
-                    app.longpoll.remove(&app, lp.token());
+                    app.longpoll.remove(lp.token());
                     return Poll::Ready(status_only(500));
                 }
             }
@@ -855,7 +563,7 @@ fn post_lines(app: &Arc<App>, lp: &LpSession, body: &[u8]) -> Bytes {
             drop(inner);
             close(lp);
             Metrics::add(&app.metrics.slow_consumer_closes_longpoll, 1);
-            app.longpoll.remove(app, lp.token());
+            app.longpoll.remove(lp.token());
             return status_only(410);
         }
     }
@@ -913,6 +621,36 @@ fn route_elsewhere<'a>(
     }
 }
 
+/// Serves LongPoll requests other nodes relay to this node's sessions, for the broker (which
+/// carries them, [`crate::broker::LongPollRelay`]). Holds the app weakly: the broker is part
+/// of it.
+struct Relay(std::sync::Weak<App>);
+
+impl crate::broker::LongPollRelay for Relay {
+    fn serve(
+        &self,
+        token: String,
+        post_body: Option<String>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Bytes> + Send>> {
+        let app = self.0.upgrade();
+        Box::pin(async move {
+            match app {
+                Some(app) => {
+                    serve_forwarded(app, &token, post_body.as_deref().map(str::as_bytes)).await
+                }
+                None => status_only(500),
+            }
+        })
+    }
+}
+
+/// Registers this transport with the broker for requests other nodes relay to this node's
+/// sessions (once, when the server starts).
+pub fn serve_relayed_requests(app: &Arc<App>) {
+    app.broker
+        .serve_longpoll_relays(Arc::new(Relay(Arc::downgrade(app))));
+}
+
 /// Serves a LongPoll request forwarded by another node; returns the answer's JSON body.
 pub async fn serve_forwarded(app: Arc<App>, token: &str, post_body: Option<&[u8]>) -> Bytes {
     let Some(lp) = app.longpoll.get(token) else {
@@ -962,33 +700,6 @@ pub fn disabled() -> Response<Full<Bytes>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn frames_leave_only_when_acknowledged_whatever_the_numbers_do() {
-        let f = |n: u8| Bytes::from(vec![n]);
-        // Near the wrap: numbers go on modulo 2^32.
-        let mut u = Unacked {
-            frames: Vec::new(),
-            acked: u32::MAX - 1,
-        };
-        u.frames.extend([f(1), f(2), f(3)]);
-        assert_eq!(u.last_sent(), 1);
-        u.acknowledge(Some(u32::MAX - 2)); // stale: behind what was acknowledged
-        assert_eq!(u.frames.len(), 3);
-        u.acknowledge(Some(7)); // beyond what was handed out: made up
-        assert_eq!(u.frames.len(), 3);
-        u.acknowledge(Some(u32::MAX)); // the first frame
-        assert_eq!((u.frames.clone(), u.acked), (vec![f(2), f(3)], u32::MAX));
-        u.acknowledge(Some(1)); // across the wrap: everything
-        assert!(
-            u.frames.is_empty() && u.frames.capacity() == 0,
-            "no allocation kept"
-        );
-        assert_eq!(u.acked, 1);
-        u.frames.push(f(4));
-        u.acknowledge(None); // the short token: everything handed out
-        assert_eq!((u.frames.len(), u.acked), (0, 2));
-    }
 
     #[test]
     fn answer_tokens_carry_the_last_frame_s_number() {

@@ -968,8 +968,8 @@ pub async fn run<S: WsIo>(app: Arc<App>, mut stream: S, initial: Vec<u8>, connec
     let session_conn_handle = stream.conn_handle();
     let direct = session_conn_handle.is_some();
     let mut session = match session_conn_handle {
-        Some(w) => Session::with_conn_handle(app.clone(), connect, w),
-        None => Session::new(app.clone(), connect),
+        Some(w) => Session::with_conn_handle(app.session.clone(), connect, w),
+        None => Session::new(app.session.clone(), connect),
     };
     let conn_handle = session.conn_handle().clone();
     app.metrics.connections_websocket.fetch_add(1, Relaxed);
