@@ -165,6 +165,12 @@ impl Keys {
         channel.strip_prefix(self.topic.as_str())
     }
 
+    /// `redis.prefix`, which every topic's keys start with (`redis/reap.lua` builds presence
+    /// hash names from it).
+    pub fn topic_prefix(&self) -> &str {
+        &self.topic
+    }
+
     fn topic_key(&self, topic: &str, kind: char) -> String {
         format!("{}{{{topic}}}:{kind}", self.topic)
     }
