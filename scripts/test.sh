@@ -97,6 +97,8 @@ echo "==> node tests (official phoenix client 1.8.17 and 1.7.23; nginx in front;
         PUSHGATE_AUTOBAHN_BIN="$PWD/../../target/debug/pushgate-autobahn" WSTEST="$WSTEST" \
         npm test
 )
+echo "==> a node behind the client (network namespace, nftables; SOAK.md, bugs found, item 1)"
+PUSHGATE_BIN="$PWD/target/debug/pushgate" node tests/js/soak/lagging-node.mjs
 # The soak with faults (scripts/soak.sh 120) is run by hand until the ghost presence entries it
 # finds now and then are fixed (SOAK.md, bugs found, item 2): a suite that fails by chance would
 # hide every other result.

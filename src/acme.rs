@@ -1,10 +1,11 @@
 //! Certificates from an ACME CA (Let's Encrypt) with `rustls-acme`, exported for nginx.
 //!
-//! What it owns: the `[acme]` task ([`run`]), the HTTP-01 challenge answers
-//! ([`challenge_response`], routed from `/.well-known/acme-challenge/`), the state directory
-//! (account key and issued certificates, so a restart reuses them without a new order), and the
-//! export directory (`fullchain.pem`, `privkey.pem`). It does not serve TLS itself: at the edge,
-//! [`crate::tls`] serves with [`Acme::resolver`] (which also answers TLS-ALPN-01).
+//! What it owns: the `[acme]` task ([`run`]), the state directory (account key and issued
+//! certificates, so a restart reuses them without a new order), and the export directory
+//! (`fullchain.pem`, `privkey.pem`). It publishes the open challenges in
+//! [`crate::challenges`] and answers no request itself: the router answers HTTP-01
+//! (`/.well-known/acme-challenge/`), and at the edge [`crate::tls`] serves with the resolver
+//! (which also answers TLS-ALPN-01).
 //!
 //! The flow: at start, when the export directory has no certificate yet, a short-lived
 //! self-signed placeholder is written so that nginx can start. `rustls-acme`'s [`AcmeState`]
@@ -16,27 +17,21 @@
 //! logged with the key to fix and counted in `/metrics`; the gateway keeps serving, and nginx
 //! keeps the certificate it has.
 
-use crate::api::error_response;
 use crate::app::App;
 use crate::config::{AcmeChallenge, AcmeConfig};
 use crate::metrics::Metrics;
-use bytes::Bytes;
 use futures_util::StreamExt;
-use http_body_util::Full;
-use hyper::{Response, StatusCode, header};
 use rustls_acme::futures_rustls::pki_types::CertificateDer;
 use rustls_acme::futures_rustls::pki_types::pem::PemObject;
 use rustls_acme::rustls::ClientConfig;
-use rustls_acme::{AcmeState, EventError, EventOk, ResolvesServerCertAcme, UseChallenge};
+use rustls_acme::{AcmeState, EventError, EventOk, UseChallenge};
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// Where HTTP-01 challenges are asked for.
-pub const CHALLENGE_PATH_PREFIX: &str = "/.well-known/acme-challenge/";
 /// The exported certificate chain (leaf first).
 pub const FULLCHAIN_FILE: &str = "fullchain.pem";
 /// The exported private key (PKCS#8), mode 0600.
@@ -49,49 +44,8 @@ const RELOAD_TIMEOUT: Duration = Duration::from_secs(60);
 /// A failed export (unwritable `acme.cert_dir`) is retried after this, doubling up to
 /// [`EXPORT_RETRY_MAX`].
 const EXPORT_RETRY_FIRST: Duration = Duration::from_secs(5);
+/// The longest wait between two export attempts.
 const EXPORT_RETRY_MAX: Duration = Duration::from_secs(600);
-
-/// What the HTTP router and the TLS listener need from the ACME task.
-#[derive(Debug, Default)]
-pub struct Acme {
-    /// Set once the ACME task has started; holds the current challenge.
-    resolver: OnceLock<Arc<ResolvesServerCertAcme>>,
-}
-
-impl Acme {
-    /// The key authorization for an HTTP-01 challenge `token`, while that challenge is open.
-    pub fn key_authorization(&self, token: &str) -> Option<String> {
-        self.resolver.get()?.get_http_01_key_auth(token)
-    }
-
-    /// The certificate resolver for a TLS listener: the current certificate, or the
-    /// TLS-ALPN-01 challenge certificate for a handshake offering only `acme-tls/1`. `None`
-    /// until the ACME task has started.
-    pub fn resolver(&self) -> Option<Arc<ResolvesServerCertAcme>> {
-        self.resolver.get().cloned()
-    }
-}
-
-/// Answers `GET /.well-known/acme-challenge/<token>`: the key authorization as plain text, or
-/// 404 when no such challenge is open.
-pub fn challenge_response(app: &App, path: &str) -> Response<Full<Bytes>> {
-    let token = path.strip_prefix(CHALLENGE_PATH_PREFIX).unwrap_or("");
-    match app.acme.key_authorization(token) {
-        Some(key_auth) if !token.is_empty() => {
-            tracing::info!(token = ?token, "answering http-01 challenge");
-            let mut r = Response::new(Full::new(Bytes::from(key_auth)));
-            r.headers_mut().insert(
-                header::CONTENT_TYPE,
-                header::HeaderValue::from_static("application/octet-stream"),
-            );
-            r
-        }
-        _ => {
-            tracing::debug!(token = ?token, "no open http-01 challenge for this token");
-            error_response(StatusCode::NOT_FOUND, "no such challenge")
-        }
-    }
-}
 
 /// Problems the ACME task reports; each names the config key to look at.
 #[derive(Debug, thiserror::Error)]
@@ -166,7 +120,7 @@ pub async fn run(app: Arc<App>) {
             })
             .cache(cache)
             .state();
-    let _ = app.acme.resolver.set(state.resolver());
+    app.acme.set_resolver(state.resolver());
 
     let mut exporter = Exporter {
         app: app.clone(),

@@ -9,6 +9,7 @@
 
 use crate::app::App;
 use crate::protocol;
+use crate::respond::{Answer, error_response, json_response};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
@@ -30,41 +31,6 @@ struct PublishItem<'a> {
     /// A sender id (a forwarded push's `sender`): that connection does not get the message.
     #[serde(borrow, default)]
     exclude: Option<std::borrow::Cow<'a, str>>,
-}
-
-/// The headers of a JSON answer (both HTTP paths send exactly these).
-pub const JSON_HEADERS: &[(&str, &str)] = &[("content-type", "application/json")];
-/// ... and of a 401, which names the scheme it wants.
-pub const CHALLENGE_HEADERS: &[(&str, &str)] = &[
-    ("content-type", "application/json"),
-    ("www-authenticate", "Bearer"),
-];
-
-/// A hyper response with `headers` (static names and values).
-pub fn response_with(
-    status: StatusCode,
-    headers: &'static [(&'static str, &'static str)],
-    body: impl Into<Bytes>,
-) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(body.into()));
-    *r.status_mut() = status;
-    for (name, value) in headers {
-        r.headers_mut().insert(
-            header::HeaderName::from_static(name),
-            header::HeaderValue::from_static(value),
-        );
-    }
-    r
-}
-
-/// A JSON response with `content-type: application/json`.
-pub fn json_response(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
-    response_with(status, JSON_HEADERS, body)
-}
-
-/// `{"error": message}` with `status`.
-pub fn error_response(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
-    Answer::error(status, message).into_response()
 }
 
 /// 405 with the method the path takes (`Allow`).
@@ -168,39 +134,6 @@ fn parse_item(raw: &str) -> Result<PublishItem<'_>, String> {
     })?;
     validate(&item).map_err(|e| e.to_string())?;
     Ok(item)
-}
-
-/// A publish answer, before it is framed (by hyper, or by [`crate::http1`]).
-#[derive(Debug)]
-pub struct Answer {
-    pub status: StatusCode,
-    /// `{"position": ...}`, `{"positions": [...]}` or `{"error": ...}`.
-    pub body: Vec<u8>,
-    /// A 401 names the scheme it wants (`www-authenticate: Bearer`).
-    pub bearer_challenge: bool,
-}
-
-impl Answer {
-    pub fn error(status: StatusCode, message: &str) -> Answer {
-        let mut body = Vec::with_capacity(16 + message.len());
-        body.extend_from_slice(b"{\"error\":");
-        protocol::push_json_str(&mut body, message);
-        body.push(b'}');
-        Answer {
-            status,
-            body,
-            bearer_challenge: false,
-        }
-    }
-
-    pub fn into_response(self) -> Response<Full<Bytes>> {
-        let headers = if self.bearer_challenge {
-            CHALLENGE_HEADERS
-        } else {
-            JSON_HEADERS
-        };
-        response_with(self.status, headers, self.body)
-    }
 }
 
 /// The checks made before the body is read: the bearer token, then the declared size.

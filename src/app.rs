@@ -30,7 +30,7 @@ pub struct App {
     pub slots: Arc<tokio::sync::Semaphore>,
     pub metrics: Arc<Metrics>,
     /// The ACME task's open challenges (`[acme]`).
-    pub acme: crate::acme::Acme,
+    pub acme: crate::challenges::Challenges,
     /// Private topics and connect tokens (`[auth]`).
     pub auth: Arc<crate::auth::Auth>,
     /// Client pushes forwarded to the app (`[forward]`), when `forward.url` is set.

@@ -111,7 +111,7 @@ pub fn is_timeout(e: &BoxError) -> bool {
 pub fn body_timed_out(app: &App) -> Response<Full<Bytes>> {
     app.metrics.refused(Refusal::Timeout);
     tracing::debug!("request body stalled; answering 408");
-    let mut r = crate::api::error_response(
+    let mut r = crate::respond::error_response(
         StatusCode::REQUEST_TIMEOUT,
         "request body not received in time",
     );

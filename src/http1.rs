@@ -16,12 +16,13 @@
 //! enters this loop: its request line is peeked, not read, so a WebSocket upgrade still reaches
 //! hyper with the bare socket (and keeps the zero-buffer WebSocket path).
 
-use crate::api;
 use crate::app::App;
 use crate::metrics::Refusal;
 use crate::transport::longpoll;
+use crate::{api, respond};
 use hyper::StatusCode;
 use std::cell::RefCell;
+use std::future::Future;
 use std::io::{self, Write};
 use std::ops::Range;
 use std::pin::Pin;
@@ -30,6 +31,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
+use tracing::Instrument;
 
 /// Headers a request may carry here (more: hyper takes it).
 const MAX_HEADERS: usize = 48;
@@ -38,17 +40,53 @@ const MAX_HEAD_BYTES: usize = 16 * 1024;
 /// While a poll is held, bytes the client sends ahead (a pipelined request) are kept up to
 /// this much; beyond it we stop reading until the answer is out.
 const MAX_AHEAD_BYTES: usize = 64 * 1024;
+/// A connection's read buffer starts with this much room, and grows by as much when a head
+/// needs more (most heads and bodies of ours fit in the first).
+const READ_BUFFER_BYTES: usize = 4096;
+/// The answer buffer's first size: a poll answer's head, and a small body.
+const ANSWER_BUFFER_BYTES: usize = 512;
+/// Room kept for an answer's head besides its body (status line, headers, date).
+const ANSWER_HEAD_BYTES: usize = 160;
 /// Bytes peeked to read the first request line.
 pub(crate) const PEEK_BYTES: usize = 256;
 
 /// What a connection's first request line says.
 pub enum First {
     /// One of ours: serve the connection with [`serve`].
-    Lean,
+    Lean(Kind),
     /// Anything else, or a request line not complete in the first segment: hyper.
-    Hyper,
+    Hyper(Kind),
     /// The client went away, or the node is shutting down.
     Closed,
+}
+
+/// What a connection's first request asks for: the `transport` of its `conn` span
+/// (`crate::listener::conn_span`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    WebSocket,
+    LongPoll,
+    /// Anything else (publish, health checks, metrics), or a request line not read yet.
+    Http,
+}
+
+impl Kind {
+    fn of(path: &[u8]) -> Kind {
+        match path {
+            b"/socket/websocket" => Kind::WebSocket,
+            b"/socket/longpoll" => Kind::LongPoll,
+            _ => Kind::Http,
+        }
+    }
+
+    /// The span field's value.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::WebSocket => "websocket",
+            Kind::LongPoll => "longpoll",
+            Kind::Http => "http",
+        }
+    }
 }
 
 /// Peeks at the first request line without consuming it. A client that sends nothing within
@@ -70,9 +108,12 @@ pub async fn first(app: &App, stream: &TcpStream) -> First {
         }
     };
     let longpoll = app.config.longpoll.enabled;
-    match request_line(&head[..n]).and_then(|(method, path)| route(longpoll, method, path)) {
-        Some(_) => First::Lean,
-        None => First::Hyper,
+    let Some((method, path)) = request_line(&head[..n]) else {
+        return First::Hyper(Kind::Http);
+    };
+    match route(longpoll, method, path) {
+        Some(_) => First::Lean(Kind::of(path)),
+        None => First::Hyper(Kind::of(path)),
     }
 }
 
@@ -242,9 +283,13 @@ pub enum End {
 }
 
 /// Serves requests until the connection closes or one of them is not ours.
+///
+/// One loop per connection, one turn per request, in steps: [`read_head`], [`check_head`],
+/// [`read_body`], [`answer`], then the answer goes out in one `write`. A step that ends the
+/// connection says how ([`Exit`]); [`leave`] carries it out.
 pub async fn serve(app: &Arc<App>, mut stream: TcpStream, peer: std::net::SocketAddr) -> End {
-    let mut buf: Vec<u8> = Vec::with_capacity(4096);
-    let mut out: Vec<u8> = Vec::with_capacity(512);
+    let mut buf: Vec<u8> = Vec::with_capacity(READ_BUFFER_BYTES);
+    let mut out: Vec<u8> = Vec::with_capacity(ANSWER_BUFFER_BYTES);
     // Registered with the shutdown token once per connection, not once per wait. At shutdown
     // the connection is not closed at once: a request the client may be sending at that moment
     // (its connection looked idle) is still read and answered, with `Connection: close`, for
@@ -258,174 +303,52 @@ pub async fn serve(app: &Arc<App>, mut stream: TcpStream, peer: std::net::Socket
     tokio::pin!(shutdown);
     // The keep-alive deadline: one timer per connection, moved only when it fires early (the
     // connection answered a request since it was set), not once per request.
-    let keepalive = Duration::from_millis(app.config.server.keepalive_timeout_ms);
-    let mut idle_since = tokio::time::Instant::now();
-    let idle = tokio::time::sleep_until(idle_since + keepalive);
+    let mut keepalive = KeepAlive {
+        after: Duration::from_millis(app.config.server.keepalive_timeout_ms),
+        since: tokio::time::Instant::now(),
+    };
+    let idle = tokio::time::sleep_until(keepalive.deadline());
     tokio::pin!(idle);
     loop {
-        // A complete head.
-        let mut deadline = None;
-        let head = loop {
-            match parse(app.config.longpoll.enabled, &buf) {
-                Parsed::Ours(head) => break head,
-                Parsed::Hyper => return End::Hyper(Rewind::new(buf, stream)),
-                Parsed::Partial => {}
-            }
-            buf.reserve(4096);
-            let read = if buf.is_empty() {
-                // Between requests: wait for the next one (up to the keep-alive deadline), or
-                // shut down.
-                loop {
-                    tokio::select! {
-                        biased;
-                        r = stream.read_buf(&mut buf) => break r,
-                        _ = &mut shutdown => return End::Closed,
-                        _ = idle.as_mut() => {
-                            let end = idle_since + keepalive;
-                            if tokio::time::Instant::now() >= end {
-                                tracing::debug!("keep-alive connection idle too long; closing");
-                                app.metrics.refused(Refusal::Timeout);
-                                return End::Closed;
-                            }
-                            idle.as_mut().reset(end);
-                        }
-                    }
-                }
-            } else {
-                // Part of a head arrived: the rest must come within the header timeout.
-                let d = *deadline.get_or_insert_with(|| {
-                    tokio::time::Instant::now()
-                        + Duration::from_millis(app.config.server.header_read_timeout_ms)
-                });
-                match tokio::time::timeout_at(d, stream.read_buf(&mut buf)).await {
-                    Ok(r) => r,
-                    Err(_) => {
-                        tracing::debug!("request head not complete in time; answering 408");
-                        return timed_out(app, &mut stream, &mut out, "request head").await;
-                    }
-                }
-            };
-            match read {
-                Ok(0) | Err(_) => return End::Closed,
-                Ok(_) => {}
-            }
+        let head = match read_head(
+            app,
+            &mut stream,
+            &mut buf,
+            &mut shutdown,
+            &mut idle,
+            &keepalive,
+        )
+        .await
+        {
+            Ok(head) => head,
+            Err(exit) => return leave(app, exit, stream, buf, &mut out, None).await,
         };
-
-        // Checks before the body, then the body.
-        let limit = match head.route {
-            Route::Publish => {
-                match api::check_head(
+        let limit = match check_head(app, &buf, &head) {
+            Ok(limit) => limit,
+            Err(refused) => {
+                return leave(
                     app,
-                    head.authorization.clone().map(|r| &buf[r]),
-                    Some(head.content_length),
-                ) {
-                    Ok(limit) => limit,
-                    Err(answer) => {
-                        // The body stays unread: answer, then close.
-                        Answer::Publish(answer).frame(&mut out, true, Cors::Open);
-                        let _ = stream.write_all(&out).await;
-                        return End::Closed;
-                    }
-                }
+                    Exit::Refused(refused),
+                    stream,
+                    buf,
+                    &mut out,
+                    Some(&head),
+                )
+                .await;
             }
-            Route::LongPollPost | Route::LongPollGet
-                if !app.origins.allows(head.origin.clone().map(|r| &buf[r])) =>
-            {
-                // `server.allowed_origins`, as `longpoll::handle` checks it on hyper's path: 403
-                // with `{"status":403}` and no CORS; the body stays unread, so close.
-                app.metrics.refused(crate::metrics::Refusal::Origin);
-                tracing::debug!(
-                    origin = ?String::from_utf8_lossy(head.origin.clone().map_or(&b""[..], |r| &buf[r])),
-                    "longpoll request refused: origin not in server.allowed_origins"
-                );
-                Answer::LongPollRefused.frame(&mut out, true, Cors::Open);
-                let _ = stream.write_all(&out).await;
-                return End::Closed;
-            }
-            Route::LongPollPost => app.config.longpoll.max_post_bytes,
-            Route::LongPollGet => 0,
         };
         if head.content_length > limit as u64 {
             // Only a LongPoll POST gets here (`check_head` answered a publish).
-            Answer::LongPoll(longpoll::status_only(413)).frame(
-                &mut out,
-                true,
-                cors_of(app, &buf, &head),
-            );
-            let _ = stream.write_all(&out).await;
-            return End::Closed;
+            let exit = Exit::Refused(Refused::TooLarge);
+            return leave(app, exit, stream, buf, &mut out, Some(&head)).await;
         }
         let end = head.len + head.content_length as usize;
-        if buf.len() < end {
-            // The rest of the body: each wait for more bytes ends at `server.body_timeout_ms`
-            // (one timer per body, moved when bytes come), and a stalled body does not hold up
-            // a shutdown. A body that came with its head never gets here.
-            let stall = Duration::from_millis(app.config.server.body_timeout_ms);
-            let timer = tokio::time::sleep(stall);
-            tokio::pin!(timer);
-            while buf.len() < end {
-                buf.reserve(end - buf.len());
-                let read = tokio::select! {
-                    biased;
-                    r = stream.read_buf(&mut buf) => r,
-                    _ = &mut shutdown => return End::Closed,
-                    _ = timer.as_mut() => {
-                        tracing::debug!("request body stalled; answering 408");
-                        return timed_out(app, &mut stream, &mut out, "request body").await;
-                    }
-                };
-                match read {
-                    Ok(0) | Err(_) => return End::Closed,
-                    Ok(_) => timer.as_mut().reset(tokio::time::Instant::now() + stall),
-                }
-            }
+        if let Err(exit) = read_body(app, &mut stream, &mut buf, end, &mut shutdown).await {
+            return leave(app, exit, stream, buf, &mut out, Some(&head)).await;
         }
-
-        // The answer.
-        let answer = match head.route {
-            Route::Publish => Answer::Publish(api::publish_body(app, &buf[head.len..end]).await),
-            Route::LongPollPost => {
-                let query = std::str::from_utf8(&buf[head.query.clone()]).unwrap_or("");
-                let token = longpoll::session_token(text(&buf, &head.longpoll_token), query);
-                Answer::LongPoll(longpoll::post(app, token, &buf[head.len..end]).await)
-            }
-            Route::LongPollGet => {
-                let query = std::str::from_utf8(&buf[head.query.clone()]).unwrap_or("");
-                let token = longpoll::session_token(text(&buf, &head.longpoll_token), query);
-                let client = app.admission.client_ip(
-                    peer.ip(),
-                    head.forwarded_for.iter().map(|r| &buf[r.clone()]),
-                );
-                let get = longpoll::Get::begin(
-                    app,
-                    token,
-                    query,
-                    text(&buf, &head.auth_token),
-                    Some(client),
-                );
-                let body = match get {
-                    longpoll::Get::Done(body) => body,
-                    held => {
-                        // Held: a client that goes away ends the poll (and frees its session's
-                        // listener slot); bytes it sends ahead wait in the buffer.
-                        let finish = held.finish(app.clone());
-                        tokio::pin!(finish);
-                        loop {
-                            tokio::select! {
-                                biased;
-                                body = &mut finish => break body,
-                                r = stream.read_buf(&mut buf), if buf.len() < end + MAX_AHEAD_BYTES => {
-                                    match r {
-                                        Ok(0) | Err(_) => return End::Closed,
-                                        Ok(_) => {}
-                                    }
-                                }
-                            }
-                        }
-                    }
-                };
-                Answer::LongPoll(body)
-            }
+        let answer = match answer(app, &mut stream, &mut buf, &head, end, peer).await {
+            Ok(answer) => answer,
+            Err(exit) => return leave(app, exit, stream, buf, &mut out, Some(&head)).await,
         };
         let close = head.close || app.shutdown.is_cancelled();
         answer.frame(&mut out, close, cors_of(app, &buf, &head));
@@ -437,25 +360,295 @@ pub async fn serve(app: &Arc<App>, mut stream: TcpStream, peer: std::net::Socket
             return End::Closed;
         }
         buf.drain(..end);
-        idle_since = tokio::time::Instant::now();
+        keepalive.since = tokio::time::Instant::now();
     }
 }
 
-/// A read deadline passed mid-request: 408 with `connection: close`, counted, and the end.
-async fn timed_out(app: &App, stream: &mut TcpStream, out: &mut Vec<u8>, what: &str) -> End {
-    app.metrics.refused(Refusal::Timeout);
-    let answer = api::Answer::error(
-        StatusCode::REQUEST_TIMEOUT,
-        &format!("{what} not received in time"),
-    );
-    Answer::Publish(answer).frame(out, true, Cors::Open);
-    let _ = stream.write_all(out).await;
-    let _ = stream.shutdown().await;
-    End::Closed
+/// The keep-alive deadline of a connection between requests: `after` its last answer.
+struct KeepAlive {
+    after: Duration,
+    since: tokio::time::Instant,
+}
+
+impl KeepAlive {
+    #[inline]
+    fn deadline(&self) -> tokio::time::Instant {
+        self.since + self.after
+    }
+}
+
+/// How a step of [`serve`] ends the connection.
+enum Exit {
+    /// The client went away, a read failed, or the node shut down: close without an answer.
+    Closed,
+    /// A request this loop does not take: hyper serves the connection from here.
+    Hyper,
+    /// Answer the refusal, then close.
+    Refused(Refused),
+}
+
+/// Why the lean loop refuses a request. It answers once and closes (a body, if any, stays
+/// unread); [`Refused::answer`] is the one place each refusal gets its status, its metric, and
+/// whether the write side is shut down after the answer.
+#[derive(Debug, thiserror::Error)]
+enum Refused {
+    /// The rest of a head did not come within `server.header_read_timeout_ms`.
+    #[error("request head not received in time")]
+    HeadTimedOut,
+    /// A body stalled for `server.body_timeout_ms`.
+    #[error("request body not received in time")]
+    BodyTimedOut,
+    /// A LongPoll request from a page outside `server.allowed_origins`.
+    #[error("origin not in server.allowed_origins")]
+    Origin,
+    /// A LongPoll POST declaring more than `longpoll.max_post_bytes`.
+    #[error("longpoll post larger than longpoll.max_post_bytes")]
+    TooLarge,
+    /// The publish API's checks before the body ([`api::check_head`]: 401, 413).
+    #[error("publish refused before its body ({})", .0.status)]
+    Publish(respond::Answer),
+}
+
+impl Refused {
+    /// The answer (the same bytes as hyper's path sends), the refusal counted; and whether to
+    /// shut the write side down after it (after a deadline: the client hears why it ends).
+    fn answer(self, app: &App) -> (Answer, bool) {
+        match self {
+            Refused::HeadTimedOut | Refused::BodyTimedOut => {
+                app.metrics.refused(Refusal::Timeout);
+                let message = self.to_string();
+                let answer = respond::Answer::error(StatusCode::REQUEST_TIMEOUT, &message);
+                (Answer::Publish(answer), true)
+            }
+            // 403 with `{"status":403}` and no CORS, as `longpoll::handle` answers.
+            Refused::Origin => {
+                app.metrics.refused(Refusal::Origin);
+                (Answer::LongPollRefused, false)
+            }
+            Refused::TooLarge => (Answer::LongPoll(longpoll::status_only(413)), false),
+            Refused::Publish(answer) => (Answer::Publish(answer), false),
+        }
+    }
+}
+
+/// Ends the connection as `exit` says: hands it to hyper with the bytes read, or answers a
+/// refusal and closes, or just closes. `head`: the request's, when it was read.
+async fn leave(
+    app: &App,
+    exit: Exit,
+    mut stream: TcpStream,
+    buf: Vec<u8>,
+    out: &mut Vec<u8>,
+    head: Option<&Head>,
+) -> End {
+    match exit {
+        Exit::Closed => End::Closed,
+        Exit::Hyper => End::Hyper(Rewind::new(buf, stream)),
+        Exit::Refused(refused) => {
+            tracing::debug!(reason = %refused, "request refused; closing");
+            let cors = head.map_or(Cors::Open, |h| cors_of(app, &buf, h));
+            let (answer, shutdown) = refused.answer(app);
+            answer.frame(out, true, cors);
+            let _ = stream.write_all(out).await;
+            if shutdown {
+                let _ = stream.shutdown().await;
+            }
+            End::Closed
+        }
+    }
+}
+
+/// Reads until `buf` holds a complete head of ours. Between requests it waits up to the
+/// keep-alive deadline (`idle`, moved only when it fires early) or shutdown; once part of a head
+/// arrived, the rest must come within `server.header_read_timeout_ms`.
+async fn read_head<D: Future<Output = ()>>(
+    app: &App,
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    shutdown: &mut Pin<&mut D>,
+    idle: &mut Pin<&mut tokio::time::Sleep>,
+    keepalive: &KeepAlive,
+) -> Result<Head, Exit> {
+    let mut deadline = None;
+    loop {
+        match parse(app.config.longpoll.enabled, buf) {
+            Parsed::Ours(head) => return Ok(head),
+            Parsed::Hyper => return Err(Exit::Hyper),
+            Parsed::Partial => {}
+        }
+        buf.reserve(READ_BUFFER_BYTES);
+        let read = if buf.is_empty() {
+            wait_for_request(app, stream, buf, shutdown, idle, keepalive).await?
+        } else {
+            let d = *deadline.get_or_insert_with(|| {
+                tokio::time::Instant::now()
+                    + Duration::from_millis(app.config.server.header_read_timeout_ms)
+            });
+            match tokio::time::timeout_at(d, stream.read_buf(buf)).await {
+                Ok(r) => r,
+                Err(_) => return Err(Exit::Refused(Refused::HeadTimedOut)),
+            }
+        };
+        match read {
+            Ok(0) | Err(_) => return Err(Exit::Closed),
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Between requests: the next read, unless the keep-alive deadline passes first (counted as a
+/// forced close) or the node shuts down.
+#[inline]
+async fn wait_for_request<D: Future<Output = ()>>(
+    app: &App,
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    shutdown: &mut Pin<&mut D>,
+    idle: &mut Pin<&mut tokio::time::Sleep>,
+    keepalive: &KeepAlive,
+) -> Result<io::Result<usize>, Exit> {
+    loop {
+        tokio::select! {
+            biased;
+            r = stream.read_buf(buf) => return Ok(r),
+            _ = shutdown.as_mut() => return Err(Exit::Closed),
+            _ = idle.as_mut() => {
+                let end = keepalive.deadline();
+                if tokio::time::Instant::now() >= end {
+                    tracing::debug!("keep-alive connection idle too long; closing");
+                    app.metrics.refused(Refusal::Timeout);
+                    return Err(Exit::Closed);
+                }
+                idle.as_mut().reset(end);
+            }
+        }
+    }
+}
+
+/// The checks made before the body: the publish API's (bearer token, declared size), or a
+/// LongPoll request's origin (`server.allowed_origins`, as `longpoll::handle` checks it on
+/// hyper's path). `Ok` carries the body size limit.
+#[inline]
+fn check_head(app: &App, buf: &[u8], head: &Head) -> Result<usize, Refused> {
+    match head.route {
+        Route::Publish => api::check_head(
+            app,
+            head.authorization.clone().map(|r| &buf[r]),
+            Some(head.content_length),
+        )
+        .map_err(Refused::Publish),
+        Route::LongPollPost | Route::LongPollGet
+            if !app.origins.allows(head.origin.clone().map(|r| &buf[r])) =>
+        {
+            tracing::debug!(
+                origin = ?String::from_utf8_lossy(head.origin.clone().map_or(&b""[..], |r| &buf[r])),
+                "longpoll request refused: origin not in server.allowed_origins"
+            );
+            Err(Refused::Origin)
+        }
+        Route::LongPollPost => Ok(app.config.longpoll.max_post_bytes),
+        Route::LongPollGet => Ok(0),
+    }
+}
+
+/// Reads the rest of the body, up to `end` in `buf`: each wait for more bytes ends at
+/// `server.body_timeout_ms` (one timer per body, moved when bytes come), and a stalled body
+/// does not hold up a shutdown. A body that came with its head never waits here.
+async fn read_body<D: Future<Output = ()>>(
+    app: &App,
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    end: usize,
+    shutdown: &mut Pin<&mut D>,
+) -> Result<(), Exit> {
+    if buf.len() >= end {
+        return Ok(());
+    }
+    let stall = Duration::from_millis(app.config.server.body_timeout_ms);
+    let timer = tokio::time::sleep(stall);
+    tokio::pin!(timer);
+    while buf.len() < end {
+        buf.reserve(end - buf.len());
+        let read = tokio::select! {
+            biased;
+            r = stream.read_buf(buf) => r,
+            _ = shutdown.as_mut() => return Err(Exit::Closed),
+            _ = timer.as_mut() => return Err(Exit::Refused(Refused::BodyTimedOut)),
+        };
+        match read {
+            Ok(0) | Err(_) => return Err(Exit::Closed),
+            Ok(_) => timer.as_mut().reset(tokio::time::Instant::now() + stall),
+        }
+    }
+    Ok(())
+}
+
+/// The answer to a request whose head and body (`buf[head.len..end]`) are read. A LongPoll
+/// request runs inside its session's span (`longpoll::session_span`).
+async fn answer(
+    app: &Arc<App>,
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    head: &Head,
+    end: usize,
+    peer: std::net::SocketAddr,
+) -> Result<Answer, Exit> {
+    Ok(match head.route {
+        Route::Publish => Answer::Publish(api::publish_body(app, &buf[head.len..end]).await),
+        Route::LongPollPost => {
+            let query = std::str::from_utf8(&buf[head.query.clone()]).unwrap_or("");
+            let token = longpoll::session_token(text(buf, &head.longpoll_token), query);
+            let post = longpoll::post(app, token, &buf[head.len..end]);
+            Answer::LongPoll(post.instrument(longpoll::session_span(token)).await)
+        }
+        Route::LongPollGet => {
+            let query = std::str::from_utf8(&buf[head.query.clone()]).unwrap_or("");
+            let token = longpoll::session_token(text(buf, &head.longpoll_token), query);
+            let span = longpoll::session_span(token);
+            let client = app.admission.client_ip(
+                peer.ip(),
+                head.forwarded_for.iter().map(|r| &buf[r.clone()]),
+            );
+            let get = span.in_scope(|| {
+                longpoll::Get::begin(app, token, query, text(buf, &head.auth_token), Some(client))
+            });
+            let body = match get {
+                longpoll::Get::Done(body) => body,
+                held => hold(app, stream, buf, end, held).instrument(span).await?,
+            };
+            Answer::LongPoll(body)
+        }
+    })
+}
+
+/// A held LongPoll GET: a client that goes away ends the poll (and frees its session's listener
+/// slot); bytes it sends ahead (a pipelined request) wait in the buffer, up to
+/// [`MAX_AHEAD_BYTES`].
+async fn hold(
+    app: &Arc<App>,
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    end: usize,
+    held: longpoll::Get,
+) -> Result<bytes::Bytes, Exit> {
+    let finish = held.finish(app.clone());
+    tokio::pin!(finish);
+    loop {
+        tokio::select! {
+            biased;
+            body = &mut finish => return Ok(body),
+            r = stream.read_buf(buf), if buf.len() < end + MAX_AHEAD_BYTES => {
+                match r {
+                    Ok(0) | Err(_) => return Err(Exit::Closed),
+                    Ok(_) => {}
+                }
+            }
+        }
+    }
 }
 
 enum Answer {
-    Publish(api::Answer),
+    Publish(respond::Answer),
     /// Always HTTP 200; the LongPoll status is in the body.
     LongPoll(bytes::Bytes),
     /// An origin outside `server.allowed_origins`: 403, `{"status":403}`, no CORS.
@@ -480,13 +673,12 @@ fn cors_of<'a>(app: &App, buf: &'a [u8], head: &Head) -> Cors<'a> {
 
 impl Answer {
     /// The whole response, head and body, into `out`. The headers are the ones the hyper path
-    /// sends ([`api::JSON_HEADERS`], [`longpoll::ANSWER_HEADERS`]).
+    /// sends ([`respond::JSON_HEADERS`], [`longpoll::ANSWER_HEADERS`]).
     fn frame(&self, out: &mut Vec<u8>, close: bool, cors: Cors) {
         let refused = longpoll::status_only(403);
         let restricted = matches!(cors, Cors::Restricted(_));
         let (status, headers, body): (_, &[(&str, &str)], &[u8]) = match self {
-            Answer::Publish(a) if a.bearer_challenge => (a.status, api::CHALLENGE_HEADERS, &a.body),
-            Answer::Publish(a) => (a.status, api::JSON_HEADERS, &a.body),
+            Answer::Publish(a) => (a.status, a.headers(), &a.body),
             Answer::LongPoll(body) if restricted => {
                 (StatusCode::OK, longpoll::ANSWER_HEADERS_NO_CORS, body)
             }
@@ -498,7 +690,7 @@ impl Answer {
             ),
         };
         out.clear();
-        out.reserve(160 + body.len());
+        out.reserve(ANSWER_HEAD_BYTES + body.len());
         out.extend_from_slice(b"HTTP/1.1 ");
         out.extend_from_slice(status.as_str().as_bytes());
         out.push(b' ');

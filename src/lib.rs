@@ -2,9 +2,12 @@
 //!
 //! Map of the crate (see ARCHITECTURE.md for the bird's-eye view):
 //! - [`config`]: the configuration sections, defaults, environment overlay and validation.
-//! - [`server`]: accept loop, connection limit, per-connection HTTP, shutdown and drain.
+//! - [`server`]: the node's tasks started and drained; per-connection HTTP on the plain listener.
+//! - [`listener`]: binding, the accept loop (connection limit, backoff), the per-connection span.
+//! - [`conn`]: what a handler knows of its connection (slot, edge, open streams).
+//! - [`respond`]: the shapes of HTTP answers (JSON errors, header sets), shared by both HTTP paths.
 //! - [`http1`]: the lean HTTP/1.1 loop for publish and LongPoll connections (hyper does the rest).
-//! - [`router`]: path to handler; `/healthz`, `/readyz`, `/metrics`, demo page.
+//! - [`router`]: path to handler; `/healthz`, `/readyz`, `/metrics`, demo page, HTTP-01.
 //! - [`api`]: `POST /api/publish`.
 //! - [`deadline`]: read deadlines where hyper has none (stalled request bodies).
 //! - [`protocol`]: Phoenix V2 frames, parse and encode, no I/O.
@@ -24,7 +27,8 @@
 //!   per address, joins per connection).
 //! - [`origin`]: `server.allowed_origins`, which web pages may connect, no I/O.
 //! - [`app`]: the shared state handed to every connection.
-//! - [`acme`]: certificates from Let's Encrypt (ACME), HTTP-01 answers, export for nginx.
+//! - [`acme`]: certificates from Let's Encrypt (ACME), export for nginx.
+//! - [`challenges`]: the ACME challenges open now (HTTP-01 answers, the TLS resolver).
 //! - [`tls`]: at the edge, TLS with the ACME certificate (HTTP/1.1 and HTTP/2), HTTPS redirect.
 //! - [`systemd`]: socket activation, readiness/stopping notifications and watchdog pings.
 //! - `fuzzing` (hidden): views of internal parsers for the fuzz targets in `fuzz/`.
@@ -36,19 +40,23 @@ pub mod api;
 pub mod app;
 pub mod auth;
 pub mod broker;
+pub mod challenges;
 pub mod client_tls;
 pub mod config;
+pub mod conn;
 pub mod deadline;
 pub mod forward;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod http1;
 pub mod hub;
+pub mod listener;
 pub mod metrics;
 pub mod origin;
 pub mod presence;
 pub mod protocol;
 pub mod query;
+pub mod respond;
 pub mod router;
 pub mod server;
 pub mod session;

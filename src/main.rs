@@ -335,7 +335,7 @@ fn serve(config: Config, inherited: Vec<std::net::TcpListener>) -> anyhow::Resul
     rt.block_on(async move {
         let listeners = if inherited.is_empty() {
             let addr = config.listen_addr();
-            let listener = pushgate::server::bind(&addr.to_string())
+            let listener = pushgate::listener::bind(&addr.to_string())
                 .await
                 .with_context(|| format!("binding {addr} (server.listen)"))?;
             vec![listener]

@@ -609,7 +609,25 @@ mod redis {
         meta: Box<serde_json::value::RawValue>,
     }
 
+    /// Removes a node's entries in one atomic step (see the script's header).
+    const REAP_SCRIPT: &str = include_str!("../redis/reap.lua");
+
+    /// What `redis/reap.lua` removed from one topic: the topic and the stored entries.
+    type Reaped = (String, Vec<String>);
+
+    /// Whose entries [`Store::reap`] removes.
+    #[derive(Clone, Copy, PartialEq, Eq)]
+    enum Reap {
+        /// Another node's, if its liveness key is gone and it is still in the node set (which
+        /// it leaves in the same step): one reaper wins, and one that fails or dies half way
+        /// leaves the node there for the next.
+        Dead,
+        /// This node's own (putting them back, or leaving); the node set is not touched.
+        Own,
+    }
+
     pub(super) struct Store {
+        reap_script: redis::Script,
         broker: Arc<RedisBroker>,
         node: String,
         ttl_ms: u64,
@@ -626,6 +644,7 @@ mod redis {
     impl Store {
         pub(super) fn new(broker: Arc<RedisBroker>, presence: &super::Presence) -> Store {
             Store {
+                reap_script: redis::Script::new(REAP_SCRIPT),
                 broker,
                 node: presence.node.clone(),
                 ttl_ms: presence.node_ttl.as_millis() as u64,
@@ -796,7 +815,7 @@ mod redis {
                     entries = local.count(),
                     "presence: putting this node's entries back in Redis"
                 );
-                self.reap(ctx, &self.node.clone()).await;
+                self.reap(ctx, &self.node.clone(), Reap::Own).await;
                 for entry in local.entries() {
                     self.track(entry).await;
                     let diff = encode_diff(&[(&entry.key, &entry.meta)], &[]);
@@ -817,10 +836,7 @@ mod redis {
                 for id in nodes.into_iter().filter(|id| *id != self.node) {
                     let alive: bool = con.exists(self.keys().node_alive(&id)).await?;
                     if !alive {
-                        let won: i64 = con.srem(self.keys().nodes(), &id).await?;
-                        if won > 0 {
-                            dead.push(id);
-                        }
+                        dead.push(id);
                     }
                 }
                 Ok(dead)
@@ -829,48 +845,42 @@ mod redis {
             match dead {
                 Ok(dead) => {
                     for id in dead {
-                        let n = self.reap(ctx, &id).await;
-                        tracing::info!(node = ?id, entries = n, "presence: removed a dead node's entries");
-                        crate::metrics::Metrics::add(&ctx.metrics.presence_reaped, n as u64);
+                        // The script checks again, atomically: another node may have won.
+                        if let Some(n) = self.reap(ctx, &id, Reap::Dead).await {
+                            tracing::info!(node = ?id, entries = n, "presence: removed a dead node's entries");
+                            crate::metrics::Metrics::add(&ctx.metrics.presence_reaped, n as u64);
+                        }
                     }
                 }
                 Err(e) => self.failed("looking for dead nodes", &e),
             }
         }
 
-        /// Removes every entry of node `id` and announces the leaves; returns how many.
-        async fn reap(&mut self, ctx: &Context, id: &str) -> usize {
-            let gone: Result<Vec<(String, Vec<Stored>)>, redis::RedisError> = async {
+        /// Removes every entry of node `id` (`redis/reap.lua`, one atomic step) and announces
+        /// the leaves; returns how many, or `None` when there was nothing to reap (another
+        /// node did) or Redis failed (then nothing was removed).
+        async fn reap(&mut self, ctx: &Context, id: &str, whose: Reap) -> Option<usize> {
+            let gone: Result<Option<Vec<Reaped>>, redis::RedisError> = async {
                 let mut con = self.broker.commands().await?;
-                let node_topics = self.keys().node_topics(id);
-                let topics: Vec<String> = con.smembers(&node_topics).await?;
-                let mut gone = Vec::new();
-                for topic in topics {
-                    let hash = self.keys().presence(&topic);
-                    let all: Vec<(String, String)> = con.hgetall(&hash).await?;
-                    let mut refs = Vec::new();
-                    let mut entries = Vec::new();
-                    for (phx_ref, value) in all {
-                        if let Ok(s) = serde_json::from_str::<Stored>(&value)
-                            && s.node == id
-                        {
-                            refs.push(phx_ref);
-                            entries.push(s);
-                        }
-                    }
-                    if !refs.is_empty() {
-                        let _: i64 = con.hdel(&hash, &refs).await?;
-                        gone.push((topic, entries));
-                    }
-                }
-                let _: i64 = con.del(&node_topics).await?;
-                Ok(gone)
+                self.reap_script
+                    .key(self.keys().nodes())
+                    .key(self.keys().node_alive(id))
+                    .key(self.keys().node_topics(id))
+                    .arg(id)
+                    .arg(self.keys().topic_prefix())
+                    .arg(if whose == Reap::Dead { "dead" } else { "own" })
+                    .invoke_async(&mut con)
+                    .await
             }
             .await;
             match gone {
                 Ok(gone) => {
                     let mut n = 0;
-                    for (topic, entries) in gone {
+                    for (topic, values) in gone? {
+                        let entries: Vec<Stored> = values
+                            .iter()
+                            .filter_map(|v| serde_json::from_str(v).ok())
+                            .collect();
                         n += entries.len();
                         let leaves: Vec<(&str, &str)> = entries
                             .iter()
@@ -878,28 +888,29 @@ mod redis {
                             .collect();
                         publish_diff(ctx, &topic, &encode_diff(&[], &leaves)).await;
                     }
-                    n
+                    Some(n)
                 }
                 Err(e) => {
                     self.failed("removing a node's entries", &e);
-                    0
+                    None
                 }
             }
         }
 
-        /// At shutdown: this node's entries leave, and so does the node.
+        /// At shutdown: this node's entries leave, and so does the node. If they could not be
+        /// removed, the node stays in the node set (its liveness key goes), so another node
+        /// reaps them at its next beat instead of leaving them behind for good.
         pub(super) async fn leave_all(&mut self, ctx: &Context) {
             let node = self.node.clone();
-            self.reap(ctx, &node).await;
+            let removed = self.reap(ctx, &node, Reap::Own).await.is_some();
             let result: Result<(), redis::RedisError> = async {
                 let mut con = self.broker.commands().await?;
-                redis::pipe()
-                    .del(self.keys().node_alive(&node))
-                    .ignore()
-                    .srem(self.keys().nodes(), &node)
-                    .ignore()
-                    .query_async::<()>(&mut con)
-                    .await
+                let mut pipe = redis::pipe();
+                pipe.del(self.keys().node_alive(&node)).ignore();
+                if removed {
+                    pipe.srem(self.keys().nodes(), &node).ignore();
+                }
+                pipe.query_async::<()>(&mut con).await
             }
             .await;
             if let Err(e) = result {

@@ -1,81 +1,32 @@
-//! Path to handler. Every HTTP answer that is not a handler's own success is built here or in
-//! [`crate::api`]'s error helpers, so status codes are decided in one place.
+//! Path to handler: which handler answers a request, and the answers of the small endpoints
+//! (`/healthz`, `/readyz`, `/metrics`, the demo page, HTTP-01 challenges, 404).
+//!
+//! Where each status is decided (one place per path; the shapes of the answers are in
+//! [`crate::respond`]):
+//! - here: 404 (unknown path, a non-public path at the edge, a challenge not open), `/readyz`'s
+//!   503;
+//! - WebSocket upgrade refusals (400, 403, 414, 426, 429, 431, 503):
+//!   `transport::websocket::Refused::response`; its close codes: `transport::websocket::Closing`;
+//! - LongPoll: every answer is HTTP 200 with the status in the body, decided in
+//!   `transport::longpoll` (403 origin, 410/500 session states, 413); the lean loop's refusals
+//!   (408, and the same 403/413): `http1::Refused::answer`;
+//! - the publish and presence API (400, 401, 405, 413, 503): `crate::api`;
+//! - a stalled request body on hyper's path (408): `crate::deadline::body_timed_out`;
+//! - the HTTPS redirect (301, 400): `crate::tls`.
 
-use crate::api::{self, error_response, json_response};
+use crate::api;
 use crate::app::App;
-use crate::metrics::Refusal;
+use crate::challenges::CHALLENGE_PATH_PREFIX;
+use crate::conn::{Busy, Conn};
+use crate::respond::{error_response, json_response};
 use crate::transport::{longpoll, websocket};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode, header};
-use std::sync::{Arc, Mutex};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use std::sync::Arc;
 
 const DEMO_PAGE: &str = include_str!("demo.html");
-
-/// What a request's handler knows of its connection.
-pub struct Conn {
-    /// The connection's slot (`server.max_connections`); an HTTP/1.1 WebSocket upgrade takes
-    /// it over, since the connection becomes that WebSocket.
-    pub slot: Mutex<Option<OwnedSemaphorePermit>>,
-    /// Where the slots come from: each RFC 8441 WebSocket on an HTTP/2 connection takes one
-    /// more, so every client holds a slot.
-    pub slots: Arc<Semaphore>,
-    /// At the edge (`tls.listen`): only [`public`] paths, unless `tls.serve_api_and_metrics`.
-    pub edge: bool,
-    /// At the edge: counts this connection's open requests and WebSockets, for its idle
-    /// deadline (`crate::tls`).
-    pub busy: Option<Busy>,
-}
-
-impl Conn {
-    pub fn new(permit: OwnedSemaphorePermit, edge: bool, busy: Option<Busy>) -> Conn {
-        Conn {
-            slots: permit.semaphore().clone(),
-            slot: Mutex::new(Some(permit)),
-            edge,
-            busy,
-        }
-    }
-}
-
-/// Requests and WebSockets of one connection: how many are open, and how many ever opened (so
-/// that one that opens and ends between two looks is still seen). A `watch` channel, so that
-/// the connection task can wait for "none open" and for "one opened".
-#[derive(Clone)]
-pub struct Busy(Arc<tokio::sync::watch::Sender<Streams>>);
-
-/// What [`Busy`] counts.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Streams {
-    pub open: usize,
-    pub opened: u64,
-}
-
-/// One open request or WebSocket, counted in its connection's [`Busy`] while it lives.
-pub struct BusyGuard(Busy);
-
-impl Busy {
-    pub fn new() -> (Busy, tokio::sync::watch::Receiver<Streams>) {
-        let (tx, rx) = tokio::sync::watch::channel(Streams::default());
-        (Busy(Arc::new(tx)), rx)
-    }
-
-    pub fn enter(&self) -> BusyGuard {
-        self.0.send_modify(|s| {
-            s.open += 1;
-            s.opened += 1;
-        });
-        BusyGuard(self.clone())
-    }
-}
-
-impl Drop for BusyGuard {
-    fn drop(&mut self) {
-        self.0.0.send_modify(|s| s.open -= 1);
-    }
-}
 
 /// Paths the edge listener serves by default: what browsers and the CA need.
 fn public(app: &App, path: &str) -> bool {
@@ -83,7 +34,7 @@ fn public(app: &App, path: &str) -> bool {
         path,
         "/socket/websocket" | "/socket/longpoll" | "/healthz" | "/readyz"
     ) || (path == "/" && app.config.demo.enabled)
-        || path.starts_with(crate::acme::CHALLENGE_PATH_PREFIX)
+        || path.starts_with(CHALLENGE_PATH_PREFIX)
 }
 
 /// Routes one request on connection `conn`.
@@ -94,24 +45,17 @@ pub async fn route(app: Arc<App>, req: Request<Incoming>, conn: &Conn) -> Respon
     match req.uri().path() {
         "/socket/websocket" if app.config.websocket.enabled => {
             let h2 = req.version() == hyper::Version::HTTP_2;
-            let metrics = app.metrics.clone();
             websocket::upgrade(app, req, || {
                 // HTTP/1.1: the connection's own slot. HTTP/2 (RFC 8441): a slot of its own,
-                // as the connection goes on serving other streams.
+                // as the connection goes on serving other streams. None: the upgrade answers
+                // 503 (`websocket::Refused::NoSlot`, counted there).
                 let own = match h2 {
                     true => None,
                     false => conn.slot.lock().unwrap_or_else(|e| e.into_inner()).take(),
                 };
                 let permit = match own {
                     Some(p) => p,
-                    None => match conn.slots.clone().try_acquire_owned() {
-                        Ok(p) => p,
-                        Err(_) => {
-                            metrics.refused(Refusal::SessionCap);
-                            tracing::debug!("websocket refused: server.max_connections reached");
-                            return None;
-                        }
-                    },
+                    None => conn.slots.clone().try_acquire_owned().ok()?,
                 };
                 let busy = conn.busy.as_ref().map(Busy::enter);
                 Some(websocket::Hold { permit, busy })
@@ -155,9 +99,28 @@ pub async fn route(app: Arc<App>, req: Request<Incoming>, conn: &Conn) -> Respon
             );
             r
         }
-        p if p.starts_with(crate::acme::CHALLENGE_PATH_PREFIX) => {
-            crate::acme::challenge_response(&app, p)
-        }
+        p if p.starts_with(CHALLENGE_PATH_PREFIX) => challenge_response(&app, p),
         _ => error_response(StatusCode::NOT_FOUND, "not found"),
+    }
+}
+
+/// Answers `GET /.well-known/acme-challenge/<token>` (here and on the HTTPS redirect listener):
+/// the key authorization as plain text, or 404 when no such challenge is open.
+pub fn challenge_response(app: &App, path: &str) -> Response<Full<Bytes>> {
+    let token = path.strip_prefix(CHALLENGE_PATH_PREFIX).unwrap_or("");
+    match app.acme.key_authorization(token) {
+        Some(key_auth) if !token.is_empty() => {
+            tracing::info!(token = ?token, "answering http-01 challenge");
+            let mut r = Response::new(Full::new(Bytes::from(key_auth)));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("application/octet-stream"),
+            );
+            r
+        }
+        _ => {
+            tracing::debug!(token = ?token, "no open http-01 challenge for this token");
+            error_response(StatusCode::NOT_FOUND, "no such challenge")
+        }
     }
 }

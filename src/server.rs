@@ -1,10 +1,9 @@
-//! The accept loop and per-connection HTTP serving.
+//! The node's tasks, started and drained: the plain listeners' per-connection HTTP serving,
+//! the edge listeners ([`crate::tls`]), the broker, presence and ACME tasks, the periodic sweeps.
 //!
-//! A connection slot (a permit of `App::slots`) is taken *before* accepting, so sockets and
-//! LongPoll sessions (which hold a slot each) number at most `server.max_connections`; a
-//! WebSocket upgrade carries its socket's slot into the WebSocket task (an RFC 8441 WebSocket
-//! at the edge takes a slot of its own, see `router::route`). Accept errors (such as running
-//! out of file descriptors) back off and retry.
+//! Connections come from the accept loop of [`crate::listener`], each holding a connection slot
+//! (`server.max_connections`); a WebSocket upgrade carries its socket's slot into the WebSocket
+//! task (an RFC 8441 WebSocket at the edge takes a slot of its own, see `router::route`).
 //! Every read has a deadline (`http1` for the lean loop and the first bytes; hyper's header
 //! timeout, `deadline::Body` for request bodies), each forced close counted as
 //! `Refusal::Timeout`.
@@ -14,41 +13,15 @@
 //! tracked task up to `shutdown.grace_ms`.
 
 use crate::app::App;
-use crate::{http1, router};
+use crate::listener::accept_loop;
+use crate::{conn, http1, router};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-
-/// Listen backlog asked for (the kernel caps it at `net.core.somaxconn`, 4096 by default), as
-/// nginx does: a connection storm then waits in the kernel's queue instead of having its SYNs
-/// dropped and retried a second later. (tokio's default is 1024.)
-const LISTEN_BACKLOG: u32 = 4096;
-
-/// Binds a listening socket (`SO_REUSEADDR`, like tokio's own `bind`) with [`LISTEN_BACKLOG`].
-pub async fn bind(addr: &str) -> std::io::Result<TcpListener> {
-    let mut last = None;
-    for addr in tokio::net::lookup_host(addr).await? {
-        let socket = if addr.is_ipv4() {
-            tokio::net::TcpSocket::new_v4()?
-        } else {
-            tokio::net::TcpSocket::new_v6()?
-        };
-        socket.set_reuseaddr(true)?;
-        match socket
-            .bind(addr)
-            .and_then(|()| socket.listen(LISTEN_BACKLOG))
-        {
-            Ok(l) => return Ok(l),
-            Err(e) => last = Some(e),
-        }
-    }
-    Err(last.unwrap_or_else(|| {
-        std::io::Error::new(std::io::ErrorKind::InvalidInput, "no address to bind")
-    }))
-}
+use tokio::sync::OwnedSemaphorePermit;
+use tracing::Instrument;
 
 /// How often old history is trimmed and empty topics are forgotten.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
@@ -115,53 +88,6 @@ pub async fn run(listeners: Vec<TcpListener>, app: Arc<App>, edge: crate::tls::L
     finished
 }
 
-/// Accepts on `listener` until shutdown, a connection slot taken before each accept; transient
-/// accept errors (typically EMFILE) back off and retry. Each connection is handed to `serve` in
-/// its own tracked task, with the slot it holds. Shared by the plain listener and the edge
-/// listeners (`crate::tls`).
-pub(crate) async fn accept_loop<F, Fut>(
-    listener: TcpListener,
-    app: Arc<App>,
-    slots: Arc<Semaphore>,
-    serve: F,
-) where
-    F: Fn(Arc<App>, TcpStream, std::net::SocketAddr, OwnedSemaphorePermit) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let mut backoff = Duration::from_millis(5);
-    loop {
-        let permit = tokio::select! {
-            _ = app.shutdown.cancelled() => return,
-            p = slots.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return,
-            },
-        };
-        let (stream, peer) = loop {
-            tokio::select! {
-                _ = app.shutdown.cancelled() => return,
-                r = listener.accept() => match r {
-                    Ok(s) => {
-                        backoff = Duration::from_millis(5);
-                        break s;
-                    }
-                    Err(e) => {
-                        // Typically EMFILE: wait for connections to close, then retry.
-                        tracing::warn!(error = %e, backoff_ms = backoff.as_millis() as u64, "accept failed");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(1));
-                    }
-                },
-            }
-        };
-        app.metrics
-            .connections_accepted
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let _ = stream.set_nodelay(true);
-        app.tracker.spawn(serve(app.clone(), stream, peer, permit));
-    }
-}
-
 /// Runs `tick` every `every` until shutdown, then `last` once.
 fn spawn_periodic(
     app: &Arc<App>,
@@ -191,14 +117,26 @@ async fn serve_plain(
     peer: std::net::SocketAddr,
     permit: OwnedSemaphorePermit,
 ) {
-    match http1::first(&app, &stream).await {
-        http1::First::Lean => match http1::serve(&app, stream, peer).await {
-            http1::End::Closed => {}
-            http1::End::Hyper(rewound) => serve_connection(app, rewound, peer, permit).await,
-        },
-        http1::First::Hyper => serve_connection(app, stream, peer, permit).await,
-        http1::First::Closed => {}
-    }
+    let (lean, kind) = match http1::first(&app, &stream).await {
+        http1::First::Lean(kind) => (true, kind),
+        http1::First::Hyper(kind) => (false, kind),
+        http1::First::Closed => return,
+    };
+    let span = tracing::Span::current();
+    span.record("transport", kind.name());
+    // Entered anew, so that a span filter on `transport` (README, Logs) applies from the first
+    // request on: a filter reads a span's fields when the span is entered.
+    let served = async move {
+        if lean {
+            match http1::serve(&app, stream, peer).await {
+                http1::End::Closed => {}
+                http1::End::Hyper(rewound) => serve_connection(app, rewound, peer, permit).await,
+            }
+        } else {
+            serve_connection(app, stream, peer, permit).await
+        }
+    };
+    served.instrument(span).await;
     tracing::trace!(%peer, "connection done");
 }
 
@@ -212,7 +150,7 @@ async fn serve_connection<S>(
 {
     // The slot moves into a WebSocket task on upgrade; otherwise it is released when this
     // connection ends.
-    let ctx = Arc::new(router::Conn::new(permit, false, None));
+    let ctx = Arc::new(conn::Conn::new(permit, false, None));
     let svc_app = app.clone();
     let service = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
         req.extensions_mut().insert(crate::admission::Peer(peer));

@@ -579,7 +579,8 @@ impl Session {
                 self.finish_join(pending, joined);
                 return;
             }
-            LiveJoin::NotLive => None,
+            // The broker subscribes first, or reads what this node lacks, then joins.
+            LiveJoin::NotLive | LiveJoin::Behind { .. } => None,
             LiveJoin::NeedsHistory(sub, position, since_offset) => Some(Started {
                 subscription: sub,
                 position,

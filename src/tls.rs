@@ -13,7 +13,7 @@
 //! health checks, ACME challenges and the demo page; `/api/*` and `/metrics` only with
 //! `tls.serve_api_and_metrics`. Every read has a deadline: the handshake's, hyper's header
 //! timeout for HTTP/1.1, and for both protocols a connection with no open request or WebSocket
-//! (`router::Busy`) is closed after `server.header_read_timeout_ms` before its first request and
+//! (`conn::Busy`) is closed after `server.header_read_timeout_ms` before its first request and
 //! `server.keepalive_timeout_ms` after one; HTTP/2 also sends PINGs and caps its streams.
 //!
 //! WebSockets work here too: over HTTP/1.1 by the usual upgrade, over HTTP/2 by extended
@@ -23,9 +23,11 @@
 //! path is for plain TCP behind nginx.
 
 use crate::app::App;
+use crate::conn::{Busy, Conn, Streams};
+use crate::listener::accept_loop;
 use crate::metrics::Refusal;
+use crate::respond::error_response;
 use crate::router;
-use crate::server::accept_loop;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -40,6 +42,10 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+/// HTTPS's default port: a redirect to it names no port.
+const HTTPS_PORT: u16 = 443;
 
 /// The edge listeners, bound before serving (an address in use stops the start).
 #[derive(Debug, Default)]
@@ -55,7 +61,7 @@ impl Listeners {
             if addr.is_empty() {
                 return Ok(None);
             }
-            let l = crate::server::bind(addr).await.map_err(|e| {
+            let l = crate::listener::bind(addr).await.map_err(|e| {
                 std::io::Error::new(e.kind(), format!("binding {addr} ({key}): {e}"))
             })?;
             tracing::info!(addr = %l.local_addr()?, "listening ({key})");
@@ -70,7 +76,7 @@ impl Listeners {
     /// Spawns their accept loops on `app.tracker`; the HTTPS one shares `slots`.
     pub fn spawn(self, app: &Arc<App>, slots: &Arc<Semaphore>) {
         if let Some(l) = self.https {
-            let https_port = l.local_addr().map_or(443, |a| a.port());
+            let https_port = l.local_addr().map_or(HTTPS_PORT, |a| a.port());
             app.tracker
                 .spawn(accept_loop(l, app.clone(), slots.clone(), serve_tls));
             if let Some(r) = self.redirect {
@@ -155,19 +161,33 @@ async fn serve_tls(
         }
     };
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+    let span = tracing::Span::current();
+    span.record("transport", if h2 { "h2" } else { "https" });
     tracing::trace!(%peer, h2, "tls connection");
+    // Entered anew, so that a span filter on `transport` (README, Logs) applies from here on:
+    // a filter reads a span's fields when the span is entered.
+    serve_https(app, tls, peer, permit).instrument(span).await;
+}
+
+/// Serves an established TLS connection with hyper, HTTP/1.1 or HTTP/2 as ALPN chose.
+async fn serve_https(
+    app: Arc<App>,
+    tls: tokio_rustls::server::TlsStream<TcpStream>,
+    peer: SocketAddr,
+    permit: OwnedSemaphorePermit,
+) {
     // The connection holds its slot; an HTTP/1.1 WebSocket upgrade takes it over, and each
     // RFC 8441 WebSocket on an HTTP/2 connection takes one more (`router::route`). Open
     // requests and WebSockets are counted for the idle deadline below.
-    let (busy, mut open) = router::Busy::new();
-    let ctx = Arc::new(router::Conn::new(permit, true, Some(busy)));
+    let (busy, mut open) = Busy::new();
+    let ctx = Arc::new(Conn::new(permit, true, Some(busy)));
     let svc_app = app.clone();
     let service = service_fn(move |mut req: Request<Incoming>| {
         req.extensions_mut().insert(crate::admission::Peer(peer));
         let app = svc_app.clone();
         let ctx = ctx.clone();
         async move {
-            let _open = ctx.busy.as_ref().map(router::Busy::enter);
+            let _open = ctx.busy.as_ref().map(Busy::enter);
             Ok::<_, std::convert::Infallible>(router::route(app, req, &ctx).await)
         }
     });
@@ -222,9 +242,9 @@ async fn serve_tls(
 }
 
 /// Ends when nothing has been open on a connection for `first` (before its first request) or
-/// `later` (after one), as counted by `open` (see `router::Busy`).
+/// `later` (after one), as counted by `open` (see `conn::Busy`).
 async fn idle(
-    streams: &mut tokio::sync::watch::Receiver<router::Streams>,
+    streams: &mut tokio::sync::watch::Receiver<Streams>,
     first: Duration,
     later: Duration,
 ) {
@@ -268,6 +288,7 @@ async fn serve_redirect(
     https_port: u16,
     _permit: OwnedSemaphorePermit,
 ) {
+    tracing::Span::current().record("transport", "redirect");
     let svc_app = app.clone();
     let service = service_fn(move |req: Request<Incoming>| {
         let app = svc_app.clone();
@@ -298,8 +319,8 @@ async fn serve_redirect(
 /// HTTP-01 challenges are answered; everything else is sent to the same host over HTTPS.
 fn redirect(app: &App, req: &Request<Incoming>, https_port: u16) -> Response<Full<Bytes>> {
     let path = req.uri().path();
-    if path.starts_with(crate::acme::CHALLENGE_PATH_PREFIX) {
-        return crate::acme::challenge_response(app, path);
+    if path.starts_with(crate::challenges::CHALLENGE_PATH_PREFIX) {
+        return router::challenge_response(app, path);
     }
     let host = req
         .headers()
@@ -312,9 +333,9 @@ fn redirect(app: &App, req: &Request<Incoming>, https_port: u16) -> Response<Ful
                     .all(|b| b.is_ascii_alphanumeric() || b"-.[]:".contains(&b))
         });
     let Some(host) = host else {
-        return crate::api::error_response(StatusCode::BAD_REQUEST, "missing or bad Host header");
+        return error_response(StatusCode::BAD_REQUEST, "missing or bad Host header");
     };
-    let port = if https_port == 443 {
+    let port = if https_port == HTTPS_PORT {
         String::new()
     } else {
         format!(":{https_port}")
@@ -328,7 +349,7 @@ fn redirect(app: &App, req: &Request<Incoming>, https_port: u16) -> Response<Ful
             r.headers_mut().insert(header::LOCATION, v);
             r
         }
-        Err(_) => crate::api::error_response(StatusCode::BAD_REQUEST, "bad request target"),
+        Err(_) => error_response(StatusCode::BAD_REQUEST, "bad request target"),
     }
 }
 

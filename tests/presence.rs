@@ -409,6 +409,50 @@ async fn with_redis_a_dead_node_s_entries_are_removed_and_announced() {
     }
 }
 
+/// Issue 20, soak bug 2: reaping a dead node is all or nothing. A reaper whose Redis commands
+/// fail half way (here: an ACL that refuses it HDEL; in the soak, a reaper SIGTERMed, or Redis
+/// restarted, while reaping) must leave the dead node where the next reaper finds it. Before,
+/// the reaper took the node out of the node set first (`SREM`, which decided the winner) and
+/// then failed, leaving its entries behind for good: a ghost every node kept showing.
+#[tokio::test]
+async fn a_reap_that_fails_half_way_leaves_the_dead_node_for_the_next() {
+    let redis = RedisServer::start();
+    let ghost =
+        r#"{"key":"ghost","node":"deadbeef","meta":{"phx_ref":"deadbeef-1","name":"Ghost"}}"#;
+    redis.cli(&["HSET", "pushgate:{room:h}:p", "deadbeef-1", ghost]);
+    redis.cli(&["SADD", "pushgate.internal:presence:node:deadbeef", "room:h"]);
+    redis.cli(&["SADD", "pushgate.internal:presence:nodes", "deadbeef"]);
+    redis.cli(&[
+        "ACL", "SETUSER", "reaper", "on", ">pw", "~*", "&*", "+@all", "-hdel",
+    ]);
+    let mut c = redis_config(&format!("redis://reaper:pw@127.0.0.1:{}/", redis.port));
+    c.presence.topics = vec!["room:*".into()];
+    c.presence.node_ttl_ms = 900;
+    let a = start_with(c).await;
+    wait_ready(a.addr, 200).await;
+    // The node tried to reap and was refused HDEL (Redis's ACL log says so).
+    wait_until(|| redis.cli(&["ACL", "LOG"]).contains("hdel")).await;
+    // Nothing of the dead node is gone: neither its entry nor its place in the node set.
+    assert_eq!(redis.cli(&["HLEN", "pushgate:{room:h}:p"]).trim(), "1");
+    assert_eq!(
+        redis
+            .cli(&["SISMEMBER", "pushgate.internal:presence:nodes", "deadbeef"])
+            .trim(),
+        "1",
+        "a failed reap must not take the dead node out of the node set"
+    );
+    // Once Redis lets it, a later beat reaps the node.
+    redis.cli(&["ACL", "SETUSER", "reaper", "+hdel"]);
+    wait_until(|| redis.cli(&["HLEN", "pushgate:{room:h}:p"]).trim() == "0").await;
+    wait_until(|| {
+        redis
+            .cli(&["SISMEMBER", "pushgate.internal:presence:nodes", "deadbeef"])
+            .trim()
+            == "0"
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn with_redis_a_restarted_redis_gets_the_entries_back() {
     let mut redis = RedisServer::start();

@@ -932,3 +932,58 @@ async fn delivery_times_are_observed_from_redis_receipt_on_each_node() {
         );
     }
 }
+
+/// Issue 20, bug 1 (SOAK.md, "a node behind the client"): a node that is live on a topic but has
+/// not received its newest message yet (here: a backend's publish whose `PUBLISH` reached no
+/// node; in production, any node a few milliseconds behind another) is behind a client whose
+/// `since` is that message. The node reads what it lacks from the stream before it answers, so
+/// the join is recovered, the node's own subscribers get the message too, and nothing comes
+/// twice. A `since` ahead of Redis itself is still not recovered.
+#[tokio::test]
+async fn a_node_behind_the_client_catches_up_from_the_stream_before_answering() {
+    let redis = RedisServer::start();
+    let a = node(&redis).await;
+    let mut first = connect(a.addr).await;
+    join(&mut first, "1", "room:lag", "{}").await;
+    let script =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/redis/publish.lua")).unwrap();
+    let pos = redis.cli(&[
+        "EVAL",
+        &script,
+        "2",
+        "pushgate:{room:lag}:m",
+        "pushgate:{room:lag}:s",
+        "pushgate:a channel no node listens to",
+        "m",
+        r#"{"n":1}"#,
+    ]);
+    let pos = pos.trim();
+    let mut ws = connect(a.addr).await;
+    let r = join(&mut ws, "2", "room:lag", &format!(r#"{{"since":"{pos}"}}"#)).await;
+    assert_eq!(r["recovered"], true, "{r}");
+    assert_eq!(r["position"], pos, "{r}");
+    let m = recv(&mut first).await;
+    assert_eq!(
+        m[1], pos,
+        "the node's live subscriber gets what the node had missed"
+    );
+    let p2 = publish(a.addr, "room:lag", "m", r#"{"n":2}"#).await;
+    assert_eq!(
+        recv(&mut ws).await[1],
+        p2.as_str(),
+        "nothing replayed twice"
+    );
+    assert_eq!(recv(&mut first).await[1], p2.as_str());
+    // Ahead of Redis too: the client's word is not taken.
+    let (epoch, offset) = split_position(&p2);
+    let ahead = format!("{epoch}:{}", offset + 5);
+    let mut third = connect(a.addr).await;
+    let r = join(
+        &mut third,
+        "3",
+        "room:lag",
+        &format!(r#"{{"since":"{ahead}"}}"#),
+    )
+    .await;
+    assert_eq!(r["recovered"], false, "{r}");
+}

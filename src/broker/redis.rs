@@ -165,6 +165,12 @@ impl Keys {
         channel.strip_prefix(self.topic.as_str())
     }
 
+    /// `redis.prefix`, which every topic's keys start with (`redis/reap.lua` builds presence
+    /// hash names from it).
+    pub fn topic_prefix(&self) -> &str {
+        &self.topic
+    }
+
     fn topic_key(&self, topic: &str, kind: char) -> String {
         format!("{}{{{topic}}}:{kind}", self.topic)
     }
@@ -1322,7 +1328,10 @@ async fn on_joins(
             return Err(e);
         }
     };
-    let needs = join_at_live_end(ctx, batch, &failed_topics);
+    let (mut needs, behind) = join_at_live_end(ctx, batch, &failed_topics);
+    if !behind.is_empty() {
+        catch_up_then_join(ctx, broker, con, behind, &mut needs).await;
+    }
     if !needs.is_empty() {
         answer_with_history(broker, con, needs).await;
     }
@@ -1401,14 +1410,25 @@ struct NeedsHistory {
     done: crate::session::JoinDone,
 }
 
+/// A join whose `since` is ahead of this node's position (see [`LiveJoin::Behind`]).
+struct Behind {
+    topic: String,
+    since: Option<String>,
+    conn_handle: Arc<hub::ConnHandle>,
+    from: u64,
+    to: u64,
+    done: crate::session::JoinDone,
+}
+
 /// Step 3 of [`on_joins`]: joins each request at the live end, answering those that are done
-/// (or failed); returns those that need history.
+/// (or failed); returns those that need history, and those whose client is ahead of this node.
 fn join_at_live_end(
     ctx: &Context,
     batch: Vec<JoinRequest>,
     failed_topics: &[String],
-) -> Vec<NeedsHistory> {
+) -> (Vec<NeedsHistory>, Vec<Behind>) {
     let mut needs = Vec::new();
+    let mut behind = Vec::new();
     for req in batch {
         let JoinRequest {
             topic,
@@ -1424,6 +1444,21 @@ fn join_at_live_end(
                 continue;
             }
             None => match ctx.hub.join_live(&topic, conn_handle, since.as_deref()) {
+                LiveJoin::Behind {
+                    conn_handle,
+                    from,
+                    to,
+                } => {
+                    behind.push(Behind {
+                        topic,
+                        since,
+                        conn_handle,
+                        from,
+                        to,
+                        done,
+                    });
+                    continue;
+                }
                 LiveJoin::Done(subscription, info) => {
                     done(Ok(Joined {
                         subscription,
@@ -1449,7 +1484,63 @@ fn join_at_live_end(
             done,
         });
     }
-    needs
+    (needs, behind)
+}
+
+/// Step 4 of [`on_joins`]: for joins whose client has seen more than this node has received
+/// (a message on its way here, or lost on the way), reads the missing offsets from the streams
+/// in one pipeline and appends them as the live stream would have (every subscriber of the
+/// topic gets them; the live copies, when they come, are duplicates and dropped), then joins.
+/// A `since` that Redis does not reach either is not recovered; when Redis cannot be read, the
+/// join fails as unavailable (phoenix.js joins again).
+async fn catch_up_then_join(
+    ctx: &Context,
+    broker: &RedisBroker,
+    con: &mut ConnectionManager,
+    behind: Vec<Behind>,
+    needs: &mut Vec<NeedsHistory>,
+) {
+    let mut pipe = redis::pipe();
+    for b in &behind {
+        pipe.cmd("XRANGE")
+            .arg(broker.stream_key(&b.topic))
+            .arg(format!("{}-0", b.from))
+            .arg(format!("{}-0", b.to));
+    }
+    let ranges: Option<Vec<redis::streams::StreamRangeReply>> = pipe
+        .query_async(con)
+        .await
+        .ok()
+        .filter(|r: &Vec<_>| r.len() == behind.len());
+    let Some(ranges) = ranges else {
+        // This node cannot tell now (Redis does not answer): the client tries again later
+        // rather than hear `recovered: false` for what Redis may well hold.
+        for b in behind {
+            (b.done)(Err(JoinError::Unavailable));
+        }
+        return;
+    };
+    for (b, range) in behind.into_iter().zip(ranges) {
+        append_entries(ctx, &b.topic, b.from, entries(range));
+        match ctx
+            .hub
+            .join_caught_up(&b.topic, b.conn_handle, b.since.as_deref())
+        {
+            LiveJoin::Done(subscription, info) => (b.done)(Ok(Joined {
+                subscription,
+                info,
+                replay: Vec::new(),
+            })),
+            LiveJoin::NeedsHistory(sub, position, since) => needs.push(NeedsHistory {
+                topic: b.topic,
+                sub,
+                position,
+                since,
+                done: b.done,
+            }),
+            LiveJoin::NotLive | LiveJoin::Behind { .. } => (b.done)(Err(JoinError::Unavailable)),
+        }
+    }
 }
 
 /// The last step of [`on_joins`]: reads every gap in one pipeline of XRANGEs and answers each

@@ -48,6 +48,7 @@ use delivery::{Subscriber, wake_subscribers};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
+use topic::Start;
 
 /// The sweep gives memory back from a topic map of more than this many slots once fewer than
 /// a quarter of them ([`TOPIC_MAP_SHRINK_DIVISOR`]) are used: a burst of topics does not pin
@@ -90,6 +91,14 @@ pub enum LiveJoin {
     /// Joined at the current end; the gap `(since, position.offset]` must come from the
     /// broker's history and be replayed to this subscriber alone.
     NeedsHistory(Subscription, Position, u64),
+    /// Not joined: the client's `since` is ahead of this node's position in the same epoch
+    /// (it saw, on another node, messages this one has not received yet). The broker reads
+    /// offsets `from..=to` into the buffer, then joins again with [`Hub::join_caught_up`].
+    Behind {
+        conn_handle: Arc<ConnHandle>,
+        from: u64,
+        to: u64,
+    },
 }
 
 impl Hub {
@@ -174,7 +183,9 @@ impl Hub {
                     recovered: Some(false),
                 },
             ),
-            LiveJoin::NotLive => unreachable!("embedded topics are always live"),
+            LiveJoin::NotLive | LiveJoin::Behind { .. } => {
+                unreachable!("embedded topics are always live and never behind")
+            }
         }
     }
 
@@ -185,6 +196,27 @@ impl Hub {
         conn_handle: Arc<ConnHandle>,
         since: Option<&str>,
     ) -> LiveJoin {
+        self.join_local(name, conn_handle, since, !self.embedded)
+    }
+
+    /// [`Hub::join_live`] after the broker has read what this node lacked: a `since` still
+    /// ahead of the node's position is ahead of the broker too, and is not recovered.
+    pub fn join_caught_up(
+        &self,
+        name: &str,
+        conn_handle: Arc<ConnHandle>,
+        since: Option<&str>,
+    ) -> LiveJoin {
+        self.join_local(name, conn_handle, since, false)
+    }
+
+    fn join_local(
+        &self,
+        name: &str,
+        conn_handle: Arc<ConnHandle>,
+        since: Option<&str>,
+        may_be_behind: bool,
+    ) -> LiveJoin {
         let mut map = self.map();
         let topic = self.get_or_create(&mut map, name);
         let mut st = topic.write();
@@ -193,7 +225,18 @@ impl Hub {
             return LiveJoin::NotLive;
         }
         st.trim(&self.history, Instant::now());
-        let (start, recovered, needs) = st.locate(since).resolve(st.last_seq);
+        let start = st.locate(since);
+        if let Start::Ahead(to) = start
+            && may_be_behind
+        {
+            let from = st.last_offset + 1;
+            return LiveJoin::Behind {
+                conn_handle,
+                from,
+                to,
+            };
+        }
+        let (start, recovered, needs) = start.resolve(st.last_seq);
         let (entry, last) = Subscriber::starting_after(&conn_handle, start);
         let key = st.subscribers.insert(entry);
         let position = Position {

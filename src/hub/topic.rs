@@ -301,7 +301,10 @@ pub(super) enum Start {
     After(u64),
     /// `since` is of this epoch but older than the buffer: the broker's history may have it.
     NotCovered(u64),
-    /// `since` is from another epoch, malformed, or ahead of the stream.
+    /// `since` is of this epoch but ahead of this node's position: with an external broker,
+    /// this node may just not have received what the client has seen on another node.
+    Ahead(u64),
+    /// `since` is from another epoch or malformed.
     Unrecoverable,
 }
 
@@ -313,7 +316,7 @@ impl Start {
         match self {
             Start::Now => (last_seq, None, None),
             Start::After(seq) => (seq, Some(true), None),
-            Start::Unrecoverable => (last_seq, Some(false), None),
+            Start::Unrecoverable | Start::Ahead(_) => (last_seq, Some(false), None),
             Start::NotCovered(offset) => (last_seq, None, Some(offset)),
         }
     }
@@ -399,7 +402,7 @@ impl TopicState {
                 if offset == self.last_offset {
                     Start::After(self.last_seq)
                 } else if offset > self.last_offset {
-                    Start::Unrecoverable
+                    Start::Ahead(offset)
                 } else if let Some(e) = self.entries.iter().find(|e| e.offset == offset + 1)
                     && self.last_buffered_offset() == Some(self.last_offset)
                 {

@@ -32,7 +32,6 @@
 //! clients reconnect and rejoin; a plain 410 would make 1.7.x adopt the new session silently and
 //! lose its channels. Any other token (a user's own `token` param) starts a session.
 
-use crate::api::error_response;
 use crate::app::App;
 use crate::auth::ConnectInfo;
 use crate::broker::redis::Forwarded;
@@ -40,6 +39,7 @@ use crate::hub::Lag;
 use crate::metrics::{Metrics, Refusal};
 use crate::protocol;
 use crate::query::query_param;
+use crate::respond::{error_response, response_with};
 use crate::session::Session;
 use base64::Engine;
 use bytes::Bytes;
@@ -51,6 +51,7 @@ use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 use tokio::sync::OwnedSemaphorePermit;
+use tracing::Instrument;
 
 pub mod registry;
 
@@ -63,6 +64,16 @@ pub use registry::{Registry, UNPOLLED_TIMEOUT};
 /// Bytes of frames one GET response carries at most; the rest goes with the next poll, which
 /// the client sends at once.
 const RESPONSE_BATCH_BYTES: usize = 256 * 1024;
+/// The characters of a session token its log lines show (`lp`, the node id, 8 of the 24 random
+/// hex digits): enough to tell this node's sessions apart, while the other 64 random bits stay
+/// out of the logs (the token is the session's only credential).
+const LOGGED_TOKEN_CHARS: usize = TOKEN_PREFIX.len() + 16;
+/// How long a relayed request waits for the owner's answer beyond `longpoll.window_ms` (the
+/// owner holds a GET that long): room for the two Redis hops and a busy owner.
+const FORWARD_SLACK: Duration = Duration::from_secs(5);
+/// How long a browser may cache a preflight's answer (`access-control-max-age`, seconds).
+const PREFLIGHT_MAX_AGE: &str = "3600";
+
 /// How often the server runs [`Registry::sweep`].
 pub fn sweep_interval(config: &crate::config::Config) -> Duration {
     // A session outlives its timeout by at most a quarter of it, and a never-polled one
@@ -70,6 +81,19 @@ pub fn sweep_interval(config: &crate::config::Config) -> Duration {
     UNPOLLED_SWEEP.min(Duration::from_millis(
         config.longpoll.session_timeout_ms / 4,
     ))
+}
+
+/// The span of one LongPoll request: `session` is its session's token prefix
+/// ([`LOGGED_TOKEN_CHARS`]), recorded here for a token of our shape and by [`new_session`] for
+/// a session it creates. At DEBUG level, like the connection's span (`crate::listener`).
+pub fn session_span(token: Option<&str>) -> tracing::Span {
+    let span = tracing::debug_span!("longpoll", session = tracing::field::Empty);
+    if !span.is_disabled()
+        && let Some(t) = token.filter(|t| looks_like_ours(t))
+    {
+        span.record("session", &t[..LOGGED_TOKEN_CHARS]);
+    }
+    span
 }
 
 /// The session token: the `X-Phoenix-Longpoll-Token` header, else the **last** `token` query
@@ -106,7 +130,7 @@ pub const ANSWER_HEADERS_NO_CORS: &[(&str, &str)] = &[
 
 /// An HTTP 200 JSON answer with [`ANSWER_HEADERS`].
 fn answer(body: impl Into<Bytes>) -> Response<Full<Bytes>> {
-    crate::api::response_with(StatusCode::OK, ANSWER_HEADERS, body)
+    response_with(StatusCode::OK, ANSWER_HEADERS, body)
 }
 
 pub fn status_only(status: u16) -> Bytes {
@@ -163,7 +187,7 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Full<Byte
         );
         // phoenix.js reads the status from the body: 403 there makes it report the error and
         // close (1008), then reconnect with backoff, instead of stalling on a body it cannot read.
-        return crate::api::response_with(
+        return response_with(
             StatusCode::FORBIDDEN,
             ANSWER_HEADERS_NO_CORS,
             status_only(403),
@@ -191,12 +215,13 @@ async fn respond(app: Arc<App>, req: Request<Incoming>) -> Response<Full<Bytes>>
                 .get("x-phoenix-authtoken")
                 .and_then(|v| v.to_str().ok());
             let client = app.admission.client_of(&req);
-            let get = Get::begin(&app, token_of(&req), query, auth_token, client);
+            let span = session_span(token_of(&req));
+            let get = span.in_scope(|| Get::begin(&app, token_of(&req), query, auth_token, client));
             // The request's head points into hyper's read buffer: let go of it before holding
             // the poll, so hyper can reuse that buffer for the next request instead of
             // allocating a new one.
             drop(req);
-            answer(get.finish(app).await)
+            answer(get.finish(app).instrument(span).await)
         }
         Method::POST => {
             let token = token_of(&req).map(str::to_string);
@@ -213,7 +238,8 @@ async fn respond(app: Arc<App>, req: Request<Incoming>) -> Response<Full<Bytes>>
                 }
                 Err(_) => return answer(status_only(400)),
             };
-            answer(post(&app, token.as_deref(), &body).await)
+            let span = session_span(token.as_deref());
+            answer(post(&app, token.as_deref(), &body).instrument(span).await)
         }
         _ => {
             let mut r = Response::new(Full::new(Bytes::new()));
@@ -240,7 +266,7 @@ fn preflight() -> Response<Full<Bytes>> {
     );
     h.insert(
         header::ACCESS_CONTROL_MAX_AGE,
-        header::HeaderValue::from_static("3600"),
+        header::HeaderValue::from_static(PREFLIGHT_MAX_AGE),
     );
     r
 }
@@ -371,6 +397,8 @@ fn new_session(
     });
     let key = token_key(&token).expect("new_token makes tokens of our shape");
     app.longpoll.insert(key, lp);
+    tracing::Span::current().record("session", &token[..LOGGED_TOKEN_CHARS]);
+    tracing::debug!("longpoll session created");
     poll_answer(410, &token, None, &[])
 }
 
@@ -559,7 +587,7 @@ fn owner(token: &str) -> Option<&str> {
 /// `None` (its lines may or may not have reached the owner; the client reconnects).
 async fn forward(app: &Arc<App>, token: &str, post_body: Option<&[u8]>) -> Option<Bytes> {
     let (r, owner) = route_elsewhere(app, token)?;
-    let wait = Duration::from_millis(app.config.longpoll.window_ms) + Duration::from_secs(5);
+    let wait = Duration::from_millis(app.config.longpoll.window_ms) + FORWARD_SLACK;
     match r
         .forward_longpoll(owner, token, post_body, wait, &app.shutdown)
         .await

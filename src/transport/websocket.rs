@@ -14,6 +14,7 @@ use crate::hub::{ConnHandle, Lag, Sink};
 use crate::metrics::{Metrics, Refusal};
 use crate::protocol;
 use crate::query::query_param;
+use crate::respond::plain_response;
 use crate::session::Session;
 use crate::ws::{self, Flow, Message, MessageReader, close_code};
 use base64::Engine;
@@ -23,7 +24,9 @@ use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode, header};
 use hyper_util::rt::TokioIo;
 use std::collections::VecDeque;
+use std::future::Future as _;
 use std::io::{self, IoSlice};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::task::{Context, Poll};
@@ -31,7 +34,8 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
+use tracing::Instrument;
 
 /// Bytes of broadcasts gathered for one `writev` round. Large enough to batch a busy topic,
 /// small enough that one connection cannot hog a worker.
@@ -43,18 +47,17 @@ const READ_PAUSE_BYTES: usize = 512 * 1024;
 const MAX_IOVECS: usize = 64;
 /// Stack read buffer per read call.
 const READ_CHUNK: usize = 8 * 1024;
+/// Reads of [`READ_CHUNK`] per wake-up at most (32 KiB): then the task yields, so a flooding
+/// client does not hold its worker thread.
+const READS_PER_WAKE: usize = 4;
+/// The WebSocket version we speak (RFC 6455), as `Sec-WebSocket-Version` says it.
+const WEBSOCKET_VERSION: &str = "13";
+/// The subprotocol phoenix.js offers, answered when offered.
+const PHOENIX_SUBPROTOCOL: &str = "phoenix";
+/// The subprotocol prefix phoenix.js passes its auth token in (`base64url.bearer.phx.<B>`).
+const AUTH_TOKEN_SUBPROTOCOL: &str = "base64url.bearer.phx.";
 /// After we send a close frame, how long we wait for the client's close frame.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
-
-fn plain(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(body.into()));
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    r
-}
 
 fn header_has_token(req: &Request<Incoming>, name: header::HeaderName, token: &str) -> bool {
     req.headers().get_all(name).iter().any(|v| {
@@ -77,10 +80,91 @@ fn decode_auth_token(b: &str) -> Option<String> {
 }
 
 /// What a WebSocket holds while it lives: its `server.max_connections` slot, and at the edge
-/// its place among its connection's open streams (`crate::router::Busy`).
+/// its place among its connection's open streams (`crate::conn::Busy`).
 pub struct Hold {
     pub permit: OwnedSemaphorePermit,
-    pub busy: Option<crate::router::BusyGuard>,
+    pub busy: Option<crate::conn::BusyGuard>,
+}
+
+/// Why a WebSocket upgrade is refused (nothing is spawned; a refused upgrade leaves its
+/// connection's slot in place). [`Refused::response`] is the one place each refusal gets its
+/// status, its body (the message, then a newline) and its refusal metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    #[error("expected a WebSocket upgrade (GET with Upgrade: websocket)")]
+    NotAnUpgrade,
+    /// A page outside `server.allowed_origins`.
+    #[error("origin not allowed (server.allowed_origins)")]
+    Origin,
+    /// `Sec-WebSocket-Version` other than 13.
+    #[error("unsupported WebSocket version")]
+    WebSocketVersion,
+    #[error("missing Sec-WebSocket-Key")]
+    MissingKey,
+    /// `vsn` other than 2.x.
+    #[error("unsupported protocol version: pushgate speaks Phoenix V2 (vsn=2.0.0)")]
+    PhoenixVersion,
+    /// The node is shutting down.
+    #[error("draining")]
+    Draining,
+    /// `limits.max_connections_per_address` (counted by `crate::admission` itself).
+    #[error("too many connections from this address")]
+    PerAddress,
+    /// No free slot (`server.max_connections`).
+    #[error("too many connections (server.max_connections)")]
+    NoSlot,
+    /// A query string or auth token longer than a connection keeps.
+    #[error("{}", .0.reason())]
+    Oversized(Oversized),
+}
+
+impl Refused {
+    /// The HTTP status of each refusal.
+    pub fn status(self) -> StatusCode {
+        match self {
+            Refused::NotAnUpgrade | Refused::MissingKey => StatusCode::BAD_REQUEST,
+            Refused::Origin | Refused::PhoenixVersion => StatusCode::FORBIDDEN,
+            Refused::WebSocketVersion => StatusCode::UPGRADE_REQUIRED,
+            Refused::Draining | Refused::NoSlot => StatusCode::SERVICE_UNAVAILABLE,
+            Refused::PerAddress => StatusCode::TOO_MANY_REQUESTS,
+            Refused::Oversized(Oversized::Query) => StatusCode::URI_TOO_LONG,
+            Refused::Oversized(Oversized::AuthToken) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        }
+    }
+
+    /// The refusal metric's cause, where this transport counts it (`PerAddress` is counted by
+    /// `crate::admission` when it refuses).
+    fn cause(self) -> Option<Refusal> {
+        match self {
+            Refused::Origin => Some(Refusal::Origin),
+            Refused::NoSlot => Some(Refusal::SessionCap),
+            _ => None,
+        }
+    }
+
+    /// The answer: plain text, the message and a newline; a 426 names the version we speak.
+    pub fn response(self, app: &App) -> Response<Full<Bytes>> {
+        if let Some(cause) = self.cause() {
+            app.metrics.refused(cause);
+        }
+        tracing::debug!(reason = %self, "websocket upgrade refused");
+        let mut r = plain_response(self.status(), format!("{self}\n"));
+        if self == Refused::WebSocketVersion {
+            r.headers_mut().insert(
+                header::SEC_WEBSOCKET_VERSION,
+                header::HeaderValue::from_static(WEBSOCKET_VERSION),
+            );
+        }
+        r
+    }
+}
+
+/// What a valid upgrade request asks for, read from its head.
+struct Handshake {
+    /// RFC 8441: an HTTP/2 extended CONNECT, answered 200 without the key/accept exchange.
+    h2_connect: bool,
+    key: Option<header::HeaderValue>,
+    query: String,
 }
 
 /// Answers a WebSocket upgrade request at `/socket/websocket` and spawns the session. `hold`
@@ -91,8 +175,69 @@ pub fn upgrade(
     mut req: Request<Incoming>,
     hold: impl FnOnce() -> Option<Hold>,
 ) -> Response<Full<Bytes>> {
-    // RFC 8441: over HTTP/2 a WebSocket is an extended CONNECT with `:protocol websocket`,
-    // answered 200 without the key/accept exchange.
+    match accept(&app, &mut req, hold) {
+        Ok((resp, admitted, hold, connect, h2)) => {
+            let on_upgrade = hyper::upgrade::on(&mut req);
+            drop(req);
+            let m = &app.metrics;
+            Metrics::add(
+                match h2 {
+                    true => &m.websocket_upgrades_http2,
+                    false => &m.websocket_upgrades_http1,
+                },
+                1,
+            );
+            spawn(app, on_upgrade, admitted, hold, connect);
+            resp
+        }
+        Err(refused) => refused.response(&app),
+    }
+}
+
+/// The checks of an upgrade, in order (the first that fails decides the answer), then its
+/// admission and slot; `Ok` carries the 101 (or RFC 8441's 200) and what the session keeps.
+#[allow(clippy::type_complexity)]
+fn accept(
+    app: &App,
+    req: &mut Request<Incoming>,
+    hold: impl FnOnce() -> Option<Hold>,
+) -> Result<
+    (
+        Response<Full<Bytes>>,
+        Option<crate::admission::Admitted>,
+        Hold,
+        ConnectInfo,
+        bool,
+    ),
+    Refused,
+> {
+    let handshake = check_request(app, req)?;
+    if app.is_draining() {
+        return Err(Refused::Draining);
+    }
+    let client = app.admission.client_of(req);
+    let admitted = app
+        .admission
+        .admit_or_count(client, &app.metrics)
+        .map_err(|_| Refused::PerAddress)?;
+    let hold = hold().ok_or(Refused::NoSlot)?;
+    let (offered_phoenix, auth_token) = offered_protocols(req);
+    // Kept for the connection's life: bounded, refused before the upgrade like a bad `vsn`.
+    let connect = ConnectInfo::bounded(&handshake.query, auth_token.as_deref())
+        .map_err(Refused::Oversized)?;
+    let h2 = handshake.h2_connect;
+    Ok((
+        switching(handshake, offered_phoenix),
+        admitted,
+        hold,
+        connect,
+        h2,
+    ))
+}
+
+/// The request-level checks: an upgrade (or an RFC 8441 CONNECT), an allowed origin, WebSocket
+/// version 13, a key, Phoenix V2.
+fn check_request(app: &App, req: &Request<Incoming>) -> Result<Handshake, Refused> {
     let h2_connect = req.method() == hyper::Method::CONNECT
         && req
             .extensions()
@@ -100,94 +245,65 @@ pub fn upgrade(
             .is_some_and(|p| p.as_str().eq_ignore_ascii_case("websocket"));
     if !h2_connect
         && (req.method() != hyper::Method::GET
-            || !header_has_token(&req, header::UPGRADE, "websocket")
-            || !header_has_token(&req, header::CONNECTION, "upgrade"))
+            || !header_has_token(req, header::UPGRADE, "websocket")
+            || !header_has_token(req, header::CONNECTION, "upgrade"))
     {
-        return plain(
-            StatusCode::BAD_REQUEST,
-            "expected a WebSocket upgrade (GET with Upgrade: websocket)\n",
-        );
+        return Err(Refused::NotAnUpgrade);
     }
     // Once per upgrade: a page outside `server.allowed_origins` may not open sockets.
     let origin = req.headers().get(header::ORIGIN);
     if !app.origins.allows(origin.map(|v| v.as_bytes())) {
-        app.metrics.refused(Refusal::Origin);
         tracing::debug!(
             origin = ?String::from_utf8_lossy(origin.map_or(&b""[..], |v| v.as_bytes())),
             "websocket upgrade refused: origin not in server.allowed_origins"
         );
-        return plain(
-            StatusCode::FORBIDDEN,
-            "origin not allowed (server.allowed_origins)\n",
-        );
+        return Err(Refused::Origin);
     }
     if req
         .headers()
         .get(header::SEC_WEBSOCKET_VERSION)
-        .is_none_or(|v| v.as_bytes() != b"13")
+        .is_none_or(|v| v.as_bytes() != WEBSOCKET_VERSION.as_bytes())
     {
-        let mut r = plain(
-            StatusCode::UPGRADE_REQUIRED,
-            "unsupported WebSocket version\n",
-        );
-        r.headers_mut().insert(
-            header::SEC_WEBSOCKET_VERSION,
-            header::HeaderValue::from_static("13"),
-        );
-        return r;
+        return Err(Refused::WebSocketVersion);
     }
     let key = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned();
     if key.is_none() && !h2_connect {
-        return plain(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key\n");
+        return Err(Refused::MissingKey);
     }
     let query = req.uri().query().unwrap_or("").to_string();
     if !query_param(&query, "vsn").is_some_and(|v| v.starts_with("2.")) {
-        return plain(
-            StatusCode::FORBIDDEN,
-            "unsupported protocol version: pushgate speaks Phoenix V2 (vsn=2.0.0)\n",
-        );
+        return Err(Refused::PhoenixVersion);
     }
-    if app.is_draining() {
-        return plain(StatusCode::SERVICE_UNAVAILABLE, "draining\n");
-    }
-    let client = app.admission.client_of(&req);
-    let Ok(admitted) = app.admission.admit_or_count(client, &app.metrics) else {
-        return plain(
-            StatusCode::TOO_MANY_REQUESTS,
-            "too many connections from this address\n",
-        );
-    };
-    let Some(hold) = hold() else {
-        return plain(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "too many connections (server.max_connections)\n",
-        );
-    };
+    Ok(Handshake {
+        h2_connect,
+        key,
+        query,
+    })
+}
+
+/// Whether the client offered the `phoenix` subprotocol, and the auth token phoenix.js passes
+/// as a subprotocol (`base64url.bearer.phx.<token>`).
+fn offered_protocols(req: &Request<Incoming>) -> (bool, Option<String>) {
     let mut offered_phoenix = false;
     let mut auth_token = None;
     for v in req.headers().get_all(header::SEC_WEBSOCKET_PROTOCOL) {
         for p in v.to_str().unwrap_or("").split(',').map(str::trim) {
-            if p == "phoenix" {
+            if p == PHOENIX_SUBPROTOCOL {
                 offered_phoenix = true;
-            } else if let Some(b) = p.strip_prefix("base64url.bearer.phx.") {
+            } else if let Some(b) = p.strip_prefix(AUTH_TOKEN_SUBPROTOCOL) {
                 auth_token = decode_auth_token(b);
             }
         }
     }
-    // Kept for the connection's life: bounded, refused before the upgrade like a bad `vsn`.
-    let connect = match ConnectInfo::bounded(&query, auth_token.as_deref()) {
-        Ok(c) => c,
-        Err(oversized) => {
-            let status = match oversized {
-                Oversized::Query => StatusCode::URI_TOO_LONG,
-                Oversized::AuthToken => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            };
-            return plain(status, format!("{}\n", oversized.reason()));
-        }
-    };
+    (offered_phoenix, auth_token)
+}
+
+/// The answer that opens the WebSocket: 101 with the accept key over HTTP/1.1, 200 over
+/// HTTP/2 (RFC 8441); `phoenix` as the subprotocol when offered.
+fn switching(handshake: Handshake, offered_phoenix: bool) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(Bytes::new()));
     let h = resp.headers_mut();
-    if let Some(key) = key.filter(|_| !h2_connect) {
+    if let Some(key) = handshake.key.filter(|_| !handshake.h2_connect) {
         h.insert(
             header::UPGRADE,
             header::HeaderValue::from_static("websocket"),
@@ -201,28 +317,28 @@ pub fn upgrade(
         }
         *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     }
-    let h = resp.headers_mut();
     if offered_phoenix {
-        h.insert(
+        resp.headers_mut().insert(
             header::SEC_WEBSOCKET_PROTOCOL,
-            header::HeaderValue::from_static("phoenix"),
+            header::HeaderValue::from_static(PHOENIX_SUBPROTOCOL),
         );
     }
-    let on_upgrade = hyper::upgrade::on(&mut req);
-    drop(req);
-    let m = &app.metrics;
-    Metrics::add(
-        match h2_connect {
-            true => &m.websocket_upgrades_http2,
-            false => &m.websocket_upgrades_http1,
-        },
-        1,
-    );
+    resp
+}
+
+/// Spawns the WebSocket task on `app.tracker`, in the connection's span: it waits for hyper to
+/// hand the stream over (with a deadline: a client that does not take the answer does not keep
+/// the task and its slot), then [`run`]s the session.
+fn spawn(
+    app: Arc<App>,
+    on_upgrade: hyper::upgrade::OnUpgrade,
+    admitted: Option<crate::admission::Admitted>,
+    hold: Hold,
+    connect: ConnectInfo,
+) {
     let task_app = app.clone();
-    // The handshake's end (hyper hands the stream over once the answer is out) has a deadline
-    // too: a client that does not take the answer does not keep the task and its slot.
     let handshake = Duration::from_millis(app.config.server.header_read_timeout_ms);
-    app.tracker.spawn(async move {
+    let task = async move {
         let _hold = hold;
         let _admitted = admitted;
         let upgraded = match tokio::time::timeout(handshake, on_upgrade).await {
@@ -254,8 +370,8 @@ pub fn upgrade(
                 Box::pin(run(task_app, io, Vec::new(), connect)).await
             }
         }
-    });
-    resp
+    };
+    app.tracker.spawn(task.instrument(tracing::Span::current()));
 }
 
 /// What the WebSocket task needs from its byte stream: readiness plus non-blocking reads and
@@ -541,7 +657,7 @@ fn read_ready<S: WsIo>(
 ) -> io::Result<ReadOutcome> {
     let mut buf = [0u8; READ_CHUNK];
     // A few reads per wake-up at most, so a flooding client yields to others.
-    for _ in 0..4 {
+    for _ in 0..READS_PER_WAKE {
         let n = match stream.try_read(&mut buf) {
             Ok(0) => return Ok(ReadOutcome::Eof),
             Ok(n) => n,
@@ -615,23 +731,43 @@ fn process(
     }
 }
 
-/// The close frame a read's outcome calls for: the reply to the peer's close (its own code,
-/// which the parser has checked), or ours for a protocol violation (counted). Either way nothing
-/// more from the peer is worth reading. The bytes that came with the upgrade and later reads go
-/// through here alike.
-fn close_for(outcome: &ReadOutcome, app: &App, peer_closed: &mut bool) -> Option<Vec<u8>> {
+/// Why we close a WebSocket. [`State::close`] is the one place each gets its close code, its
+/// reason and its metric.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+enum Closing {
+    /// The peer's close frame: we answer with its own code (which the parser has checked).
+    #[error("peer closed")]
+    Reply(Option<u16>),
+    /// The peer broke the WebSocket protocol (counted as a bad message).
+    #[error("{1}")]
+    Violation(u16, &'static str),
+    /// The topics left the client behind: 1013, counted as a slow-consumer close.
+    #[error("{}", slow_consumer_reason(*.0))]
+    SlowConsumer(Lag),
+    /// The drain: 1012.
+    #[error("server restart")]
+    Restart,
+    /// `server.idle_timeout_ms` without a read: 1001, counted as a timeout.
+    #[error("idle timeout")]
+    IdleTimeout,
+}
+
+fn slow_consumer_reason(lag: Lag) -> &'static str {
+    match lag {
+        Lag::FellOffHistory => "slow consumer: fell off the topic history",
+        Lag::TooManyPendingBytes => "slow consumer: too many pending bytes",
+    }
+}
+
+/// The close a read's outcome calls for: the reply to the peer's close, or ours for a protocol
+/// violation. Either way nothing more from the peer is worth reading. The bytes that came with
+/// the upgrade and later reads go through here alike.
+#[inline]
+fn closing_of(outcome: &ReadOutcome) -> Option<Closing> {
     match *outcome {
         ReadOutcome::Open | ReadOutcome::Full | ReadOutcome::Eof => None,
-        ReadOutcome::PeerClose(code) => {
-            *peer_closed = true;
-            Some(ws::encode_close_reply(code))
-        }
-        ReadOutcome::Violation(code, reason) => {
-            Metrics::add(&app.metrics.bad_messages, 1);
-            tracing::debug!(code, reason, "websocket protocol violation");
-            *peer_closed = true;
-            Some(ws::encode_close(code, reason))
-        }
+        ReadOutcome::PeerClose(code) => Some(Closing::Reply(code)),
+        ReadOutcome::Violation(code, reason) => Some(Closing::Violation(code, reason)),
     }
 }
 
@@ -655,6 +791,168 @@ enum Event {
     Writable(io::Result<()>),
     Readable(io::Result<()>),
     Woken,
+}
+
+/// A connection's state between wake-ups, besides its session, stream and timer.
+struct State {
+    reader: MessageReader,
+    outbox: Outbox,
+    /// Our close frame is queued (nothing else is written after it).
+    close_sent: bool,
+    /// The peer's close frame came, or it broke the protocol: nothing more is read.
+    peer_closed: bool,
+    /// The drain has begun; the timer holds this connection's moment to close.
+    draining: bool,
+    last_activity: Instant,
+}
+
+impl State {
+    /// Closes the connection for `why`: its side effects (metric, log, what is dropped), then
+    /// its close frame, queued unless ours is already out; the timer then bounds the wait for
+    /// the peer's answer ([`CLOSE_TIMEOUT`]).
+    fn close(&mut self, app: &App, why: Closing, timer: &mut Pin<&mut Sleep>) {
+        let frame = match why {
+            Closing::Reply(code) => {
+                self.peer_closed = true;
+                ws::encode_close_reply(code)
+            }
+            Closing::Violation(code, reason) => {
+                Metrics::add(&app.metrics.bad_messages, 1);
+                tracing::debug!(code, reason, "websocket protocol violation");
+                self.peer_closed = true;
+                ws::encode_close(code, reason)
+            }
+            Closing::SlowConsumer(lag) => {
+                Metrics::add(&app.metrics.slow_consumer_closes, 1);
+                let why = slow_consumer_reason(lag);
+                tracing::debug!(reason = why, "closing websocket");
+                self.outbox.discard_unstarted();
+                ws::encode_close(close_code::TRY_AGAIN_LATER, why)
+            }
+            Closing::Restart => ws::encode_close(close_code::RESTART, "server restart"),
+            Closing::IdleTimeout => {
+                app.metrics.refused(Refusal::Timeout);
+                ws::encode_close(close_code::GOING_AWAY, "idle timeout")
+            }
+        };
+        if !self.close_sent {
+            self.outbox.push(Bytes::from(frame));
+            self.close_sent = true;
+            timer.as_mut().reset(Instant::now() + CLOSE_TIMEOUT);
+        }
+    }
+
+    /// Takes what is pending for the client into the outbox: queued frames first (a join reply
+    /// precedes what the join replays), then broadcasts, within [`WRITE_BATCH_BYTES`]. Returns
+    /// whether the topics were left unread because a write batch is still in flight.
+    #[inline]
+    fn collect(
+        &mut self,
+        app: &App,
+        session: &mut Session,
+        conn_handle: &ConnHandle,
+        timer: &mut Pin<&mut Sleep>,
+    ) -> bool {
+        let outbox = &mut self.outbox;
+        session.settle();
+        while let Some(f) = session.pop_queued() {
+            let (h, n) = ws::header(ws::OP_TEXT, f.len());
+            let mut framed = Vec::with_capacity(n + f.len());
+            framed.extend_from_slice(&h[..n]);
+            framed.extend_from_slice(&f);
+            outbox.push(Bytes::from(framed));
+        }
+        conn_handle.clear();
+        let mut took_nothing = false;
+        let collected = if outbox.bytes < WRITE_BATCH_BYTES {
+            let budget = WRITE_BATCH_BYTES - outbox.bytes;
+            session.collect_broadcasts(budget, &mut |e| outbox.push(e.ws_frame().clone()))
+        } else {
+            // The socket is not draining; see whether the topics have left us behind.
+            took_nothing = true;
+            session.check_lag().map(|()| 0)
+        };
+        match collected {
+            Ok(0) => {}
+            Ok(n) => Metrics::add(&app.metrics.messages_delivered, n as u64),
+            Err(lag) => self.close(app, Closing::SlowConsumer(lag), timer),
+        }
+        took_nothing
+    }
+
+    /// Done once both close frames have crossed and ours is out: on a staged stream (TLS, an
+    /// HTTP/2 stream) an empty outbox only means the bytes are staged, not yet flushed.
+    #[inline]
+    fn finished<S: WsIo>(&self, stream: &S) -> bool {
+        self.close_sent && self.outbox.is_empty() && !stream.wants_flush() && self.peer_closed
+    }
+
+    /// The timer fired: the close deadline, the drain moment, or the idle deadline (moved
+    /// when reads came meanwhile). `false`: the peer never answered our close; stop.
+    fn on_timer(&mut self, app: &App, idle_timeout: Duration, timer: &mut Pin<&mut Sleep>) -> bool {
+        if self.close_sent {
+            return false;
+        }
+        if self.draining {
+            self.close(app, Closing::Restart, timer);
+        } else if self.last_activity + idle_timeout > Instant::now() {
+            timer.as_mut().reset(self.last_activity + idle_timeout);
+        } else {
+            self.close(app, Closing::IdleTimeout, timer);
+        }
+        true
+    }
+
+    /// The drain began: spread closes over `shutdown.drain_ms` so clients do not reconnect all
+    /// at once.
+    fn on_shutdown(&mut self, app: &App, timer: &mut Pin<&mut Sleep>) {
+        self.draining = true;
+        let drain_ms = app.config.shutdown.drain_ms.max(1);
+        let jitter = Duration::from_millis(rand::random::<u64>() % drain_ms);
+        timer.as_mut().reset(Instant::now() + jitter);
+    }
+}
+
+/// What a wait listens to on the socket, decided before it.
+#[derive(Clone, Copy)]
+struct Wants {
+    read: bool,
+    write: bool,
+}
+
+/// Waits for whichever comes first: the drain beginning, the timer, the socket writable (when
+/// there is something to write) or readable (when reading), or a topic waking us. Every future
+/// polled lives as long as the connection, so a wait registers nothing new.
+#[inline]
+fn poll_event<S: WsIo>(
+    cx: &mut Context<'_>,
+    app: &App,
+    state: &State,
+    stream: &mut S,
+    timer: &mut Pin<&mut Sleep>,
+    conn_handle: &ConnHandle,
+    wants: Wants,
+) -> Poll<Event> {
+    if !state.draining && !state.close_sent && app.is_draining() {
+        return Poll::Ready(Event::Shutdown);
+    }
+    if timer.as_mut().poll(cx).is_ready() {
+        return Poll::Ready(Event::Timer);
+    }
+    if wants.write
+        && let Poll::Ready(r) = stream.poll_write_ready(cx)
+    {
+        return Poll::Ready(Event::Writable(r));
+    }
+    if wants.read
+        && let Poll::Ready(r) = stream.poll_read_ready(cx)
+    {
+        return Poll::Ready(Event::Readable(r));
+    }
+    if !state.close_sent && conn_handle.poll_woken(cx).is_ready() {
+        return Poll::Ready(Event::Woken);
+    }
+    Poll::Pending
 }
 
 /// Runs one WebSocket connection until it closes.
@@ -681,189 +979,110 @@ pub async fn run<S: WsIo>(app: Arc<App>, mut stream: S, initial: Vec<u8>, connec
     };
     let max_message = app.config.limits.max_frame_bytes;
     let idle_timeout = Duration::from_millis(app.config.server.idle_timeout_ms);
-    let mut reader = MessageReader::default();
-    let mut outbox = Outbox::default();
-    let mut close_sent = false;
-    let mut peer_closed = false;
-    let mut draining = false;
-    let mut last_activity = Instant::now();
-    let timer = tokio::time::sleep_until(last_activity + idle_timeout);
-    tokio::pin!(timer);
-
-    // `frame`: the close frame to send (ours, or the reply to the peer's).
-    let queue_close = |outbox: &mut Outbox,
-                       close_sent: &mut bool,
-                       timer: &mut std::pin::Pin<&mut tokio::time::Sleep>,
-                       frame: Vec<u8>| {
-        if !*close_sent {
-            outbox.push(Bytes::from(frame));
-            *close_sent = true;
-            timer.as_mut().reset(Instant::now() + CLOSE_TIMEOUT);
-        }
+    let mut state = State {
+        reader: MessageReader::default(),
+        outbox: Outbox::default(),
+        close_sent: false,
+        peer_closed: false,
+        draining: false,
+        last_activity: Instant::now(),
     };
+    let timer = tokio::time::sleep_until(state.last_activity + idle_timeout);
+    tokio::pin!(timer);
 
     if !initial.is_empty() {
         let mut data = initial;
         let outcome = process(
             &mut data,
-            &mut reader,
+            &mut state.reader,
             &mut session,
-            &mut outbox,
+            &mut state.outbox,
             max_message,
             false,
         );
-        if let Some(frame) = close_for(&outcome, &app, &mut peer_closed) {
-            queue_close(&mut outbox, &mut close_sent, &mut timer, frame);
+        if let Some(why) = closing_of(&outcome) {
+            state.close(&app, why, &mut timer);
         }
     }
 
     loop {
-        // Set when the topics were not read because a write batch is still in flight.
-        let mut took_nothing = false;
-        if !close_sent {
-            // Queued frames first (a join reply precedes what the join replays), then broadcasts.
-            session.settle();
-            while let Some(f) = session.pop_queued() {
-                let (h, n) = ws::header(ws::OP_TEXT, f.len());
-                let mut framed = Vec::with_capacity(n + f.len());
-                framed.extend_from_slice(&h[..n]);
-                framed.extend_from_slice(&f);
-                outbox.push(Bytes::from(framed));
-            }
-            conn_handle.clear();
-            let collected = if outbox.bytes < WRITE_BATCH_BYTES {
-                let budget = WRITE_BATCH_BYTES - outbox.bytes;
-                session.collect_broadcasts(budget, &mut |e| outbox.push(e.ws_frame().clone()))
-            } else {
-                // The socket is not draining; see whether the topics have left us behind.
-                took_nothing = true;
-                session.check_lag().map(|()| 0)
-            };
-            match collected {
-                Ok(0) => {}
-                Ok(n) => Metrics::add(&app.metrics.messages_delivered, n as u64),
-                Err(lag) => {
-                    Metrics::add(&app.metrics.slow_consumer_closes, 1);
-                    let why = match lag {
-                        Lag::FellOffHistory => "slow consumer: fell off the topic history",
-                        Lag::TooManyPendingBytes => "slow consumer: too many pending bytes",
-                    };
-                    tracing::debug!(reason = why, "closing websocket");
-                    outbox.discard_unstarted();
-                    queue_close(
-                        &mut outbox,
-                        &mut close_sent,
-                        &mut timer,
-                        ws::encode_close(close_code::TRY_AGAIN_LATER, why),
-                    );
-                }
-            }
-        }
+        let took_nothing =
+            !state.close_sent && state.collect(&app, &mut session, &conn_handle, &mut timer);
         // Write at once: usually the socket takes it all and no readiness wait is needed.
-        if !outbox.is_empty()
-            && let Err(e) = outbox.write_to(&mut stream)
+        if !state.outbox.is_empty()
+            && let Err(e) = state.outbox.write_to(&mut stream)
         {
             tracing::debug!(error = %e, "websocket write failed");
             break;
         }
-        if took_nothing && outbox.bytes < WRITE_BATCH_BYTES {
+        if took_nothing && state.outbox.bytes < WRITE_BATCH_BYTES {
             // The socket drained: come back for what waited in the topics meanwhile (no
             // publish may come to wake us for it).
             conn_handle.wake();
         }
-        // Done once both close frames have crossed and ours is out: on a staged stream (TLS, an
-        // HTTP/2 stream) an empty outbox only means the bytes are staged, not yet flushed.
-        if close_sent && outbox.is_empty() && !stream.wants_flush() && peer_closed {
+        if state.finished(&stream) {
             break;
         }
-        let want_read = !peer_closed && outbox.bytes < READ_PAUSE_BYTES;
-        let want_write = !outbox.is_empty() || stream.wants_flush();
+        let wants = Wants {
+            read: !state.peer_closed && state.outbox.bytes < READ_PAUSE_BYTES,
+            write: !state.outbox.is_empty() || stream.wants_flush(),
+        };
         // Nothing queued: park, so that a lone new broadcast is written by the publish itself.
-        let parked = direct && !close_sent && outbox.is_empty();
+        let parked = direct && !state.close_sent && state.outbox.is_empty();
         if parked {
             conn_handle.park();
         }
         let event = std::future::poll_fn(|cx| {
-            use std::task::Poll;
-            if !draining && !close_sent && app.is_draining() {
-                return Poll::Ready(Event::Shutdown);
-            }
-            if timer.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Event::Timer);
-            }
-            if want_write && let Poll::Ready(r) = stream.poll_write_ready(cx) {
-                return Poll::Ready(Event::Writable(r));
-            }
-            if want_read && let Poll::Ready(r) = stream.poll_read_ready(cx) {
-                return Poll::Ready(Event::Readable(r));
-            }
-            if !close_sent && conn_handle.poll_woken(cx).is_ready() {
-                return Poll::Ready(Event::Woken);
-            }
-            Poll::Pending
+            poll_event(
+                cx,
+                &app,
+                &state,
+                &mut stream,
+                &mut timer,
+                &conn_handle,
+                wants,
+            )
         })
         .await;
         if parked && let Some((frame, written)) = conn_handle.unpark() {
-            outbox.push_started(frame, written);
+            state.outbox.push_started(frame, written);
         }
         match event {
             Event::Woken => {}
-            Event::Shutdown => {
-                draining = true;
-                // Spread closes over the drain period so clients do not reconnect all at once.
-                let drain_ms = app.config.shutdown.drain_ms.max(1);
-                let jitter = Duration::from_millis(rand::random::<u64>() % drain_ms);
-                timer.as_mut().reset(Instant::now() + jitter);
-            }
+            Event::Shutdown => state.on_shutdown(&app, &mut timer),
             Event::Timer => {
-                if close_sent {
-                    break; // the peer never answered our close frame
-                } else if draining {
-                    queue_close(
-                        &mut outbox,
-                        &mut close_sent,
-                        &mut timer,
-                        ws::encode_close(close_code::RESTART, "server restart"),
-                    );
-                } else if last_activity + idle_timeout > Instant::now() {
-                    timer.as_mut().reset(last_activity + idle_timeout);
-                } else {
-                    app.metrics.refused(crate::metrics::Refusal::Timeout);
-                    queue_close(
-                        &mut outbox,
-                        &mut close_sent,
-                        &mut timer,
-                        ws::encode_close(close_code::GOING_AWAY, "idle timeout"),
-                    );
+                if !state.on_timer(&app, idle_timeout, &mut timer) {
+                    break;
                 }
             }
+            // The write happens at the top of the loop.
             Event::Writable(r) => {
                 if r.is_err() {
                     break;
                 }
-                // The write happens at the top of the loop.
             }
             Event::Readable(r) => {
                 if r.is_err() {
                     break;
                 }
-                last_activity = Instant::now();
-                match read_ready(
+                state.last_activity = Instant::now();
+                let read = read_ready(
                     &mut stream,
-                    &mut reader,
+                    &mut state.reader,
                     &mut session,
-                    &mut outbox,
+                    &mut state.outbox,
                     max_message,
-                    close_sent,
-                ) {
+                    state.close_sent,
+                );
+                match read {
                     Ok(ReadOutcome::Eof) | Err(_) => break,
                     // Readiness is still set, so the next wait returns at once and never
                     // yields: yield here, or a flood would keep the tasks this one woke (the
                     // Redis broker's, queued behind it on this worker) from running.
                     Ok(ReadOutcome::Full) => tokio::task::yield_now().await,
                     Ok(outcome) => {
-                        if let Some(frame) = close_for(&outcome, &app, &mut peer_closed) {
-                            queue_close(&mut outbox, &mut close_sent, &mut timer, frame);
+                        if let Some(why) = closing_of(&outcome) {
+                            state.close(&app, why, &mut timer);
                         }
                     }
                 }
@@ -882,6 +1101,67 @@ pub async fn run<S: WsIo>(app: Arc<App>, mut stream: S, initial: Vec<u8>, connec
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The statuses and bodies of the refusals, as they were before they were typed (the
+    /// integration tests check a few of them on the wire).
+    #[test]
+    fn each_refusal_has_its_status_and_message() {
+        let cases = [
+            (
+                Refused::NotAnUpgrade,
+                400,
+                "expected a WebSocket upgrade (GET with Upgrade: websocket)",
+            ),
+            (
+                Refused::Origin,
+                403,
+                "origin not allowed (server.allowed_origins)",
+            ),
+            (
+                Refused::WebSocketVersion,
+                426,
+                "unsupported WebSocket version",
+            ),
+            (Refused::MissingKey, 400, "missing Sec-WebSocket-Key"),
+            (
+                Refused::PhoenixVersion,
+                403,
+                "unsupported protocol version: pushgate speaks Phoenix V2 (vsn=2.0.0)",
+            ),
+            (Refused::Draining, 503, "draining"),
+            (
+                Refused::PerAddress,
+                429,
+                "too many connections from this address",
+            ),
+            (
+                Refused::NoSlot,
+                503,
+                "too many connections (server.max_connections)",
+            ),
+            (
+                Refused::Oversized(Oversized::Query),
+                414,
+                &Oversized::Query.reason(),
+            ),
+            (
+                Refused::Oversized(Oversized::AuthToken),
+                431,
+                &Oversized::AuthToken.reason(),
+            ),
+        ];
+        for (refused, status, message) in cases {
+            assert_eq!(refused.status().as_u16(), status, "{refused:?}");
+            assert_eq!(refused.to_string(), message, "{refused:?}");
+        }
+        assert_eq!(Refused::Origin.cause(), Some(Refusal::Origin));
+        assert_eq!(Refused::NoSlot.cause(), Some(Refusal::SessionCap));
+        assert_eq!(
+            Refused::PerAddress.cause(),
+            None,
+            "counted by crate::admission"
+        );
+    }
 
     #[test]
     fn auth_tokens_decode_from_either_alphabet() {

@@ -9,8 +9,9 @@
 //
 //   sudo PUSHGATE_BIN=target/debug/pushgate node tests/js/soak/lagging-node.mjs
 //
-// Exits 0 when the join is answered `recovered: true` (or held until the node can tell), 1 when
-// the bug shows, 2 when the environment is missing (root, ip, nft, redis-server).
+// Exits 0 when the join is answered `recovered: true` (or refused as unavailable, or held, until
+// the node can tell), 1 when the bug shows, 2 when the environment is missing (root, ip, nft,
+// redis-server).
 
 import { execFileSync, spawn } from "node:child_process";
 import net from "node:net";
