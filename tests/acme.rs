@@ -67,6 +67,8 @@ fn free_port() -> u16 {
     support::free_port_v4_v6()
 }
 
+use support::ports::{Listening, PortTaken, retry_taken_ports_async};
+
 /// A child process whose stdout and stderr are collected; stopped with SIGTERM on drop.
 struct Proc {
     name: &'static str,
@@ -105,6 +107,61 @@ impl Proc {
 
     fn count(&self, needle: &str) -> usize {
         self.log().matches(needle).count()
+    }
+
+    /// Waits until this process itself (not another one on the same port) listens on every one
+    /// of `ports`. If it exits, or stays up without a port, because a port was taken (its log,
+    /// or `more_log`, says "address already in use"), that is a [`PortTaken`] for the caller to
+    /// retry on fresh ports (the process is stopped); any other exit, or no listener within
+    /// [`STARTUP`], fails the test.
+    async fn listening(
+        &mut self,
+        ports: &[u16],
+        more_log: impl Fn() -> String,
+    ) -> Result<(), PortTaken> {
+        let end = Instant::now() + STARTUP;
+        loop {
+            match support::ports::check_listening(&mut self.child, ports) {
+                Listening::Yes => return Ok(()),
+                Listening::Exited(why) => {
+                    // The pipes may still hold its last lines: give their readers a moment.
+                    let until = Instant::now() + Duration::from_secs(2);
+                    let mut log = format!("{}{}", self.log(), more_log());
+                    while !support::ports::says_port_taken(&log) {
+                        assert!(
+                            Instant::now() < until,
+                            "{} {why}, not for a taken port:\n{log}",
+                            self.name
+                        );
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        log = format!("{}{}", self.log(), more_log());
+                    }
+                    return Err(PortTaken(format!(
+                        "{} {why}: {}",
+                        self.name,
+                        last_lines(&log, 3)
+                    )));
+                }
+                // pebble-challtestsrv logs a DNS port it cannot bind and carries on without it.
+                Listening::NotYet if support::ports::says_port_taken(&self.log()) => {
+                    self.stop();
+                    return Err(PortTaken(format!(
+                        "{}: {}",
+                        self.name,
+                        last_lines(&self.log(), 3)
+                    )));
+                }
+                Listening::NotYet => {}
+            }
+            assert!(
+                Instant::now() < end,
+                "{} is not listening on {ports:?}:\n{}{}",
+                self.name,
+                self.log(),
+                more_log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Waits until the log contains `needle`, or fails with the log.
@@ -154,13 +211,9 @@ impl Drop for Proc {
     }
 }
 
-/// Waits for a TCP listener on `addr`.
-async fn wait_listening(addr: SocketAddr, what: &str) {
-    let end = Instant::now() + STARTUP;
-    while tokio::net::TcpStream::connect(addr).await.is_err() {
-        assert!(Instant::now() < end, "{what} is not listening on {addr}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+fn last_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 /// Polls `f` every 100 ms until it gives `Some`, or fails with `what()`.
@@ -337,46 +390,50 @@ impl Pebble {
         std::fs::write(dir.join("pebble-ca.pem"), &ca.ca_pem).unwrap();
         std::fs::write(dir.join("pebble-cert.pem"), &ca.cert_pem).unwrap();
         std::fs::write(dir.join("pebble-key.pem"), &ca.key_pem).unwrap();
-        let dns_port = free_port();
-        let dns_management = free_port();
-        let mut cmd = Command::new("pebble-challtestsrv");
-        cmd.args(["-dns01", &format!("127.0.0.1:{dns_port}")])
-            .args(["-http01", "", "-https01", "", "-tlsalpn01", ""])
-            .args(["-management", &format!("127.0.0.1:{dns_management}")])
-            .args(["-defaultIPv4", "127.0.0.1", "-defaultIPv6", ""]);
-        let mut dns = Proc::spawn("pebble-challtestsrv", cmd);
-        dns.wait_log("Starting challenge servers", STARTUP).await;
-        for port in [dns_port, dns_management] {
-            let addr = format!("127.0.0.1:{port}").parse().unwrap();
-            wait_listening(addr, "pebble-challtestsrv").await;
-        }
-
-        let acme: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let management: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let mut config = serde_json::json!({"pebble": {
-            "listenAddress": acme.to_string(),
-            "managementListenAddress": management.to_string(),
-            "certificate": dir.join("pebble-cert.pem"),
-            "privateKey": dir.join("pebble-key.pem"),
-            "httpPort": http_port,
-            "tlsPort": tls_port,
-            "ocspResponderURL": "",
-            "externalAccountBindingRequired": false,
-        }});
-        if let Some(v) = validity_secs {
-            config["pebble"]["certificateValidityPeriod"] = v.into();
-        }
-        std::fs::write(dir.join("pebble.json"), config.to_string()).unwrap();
-        let mut cmd = Command::new("pebble");
-        cmd.arg("-config")
-            .arg(dir.join("pebble.json"))
-            .args(["-dnsserver", &format!("127.0.0.1:{dns_port}")])
-            // Real validation, without Pebble's random 0-15 s validation delays, and without
-            // its deliberate 5 % nonce rejections (rustls-acme retries a whole order then).
-            .env("PEBBLE_VA_NOSLEEP", "1")
-            .env("PEBBLE_WFE_NONCEREJECT", "0")
-            .env_remove("PEBBLE_VA_ALWAYS_VALID");
-        let pebble = Proc::spawn("pebble", cmd);
+        // Its four ports are its own; on a taken one, both start again on fresh ones.
+        let (dns, pebble, acme, management) = retry_taken_ports_async("pebble", async |_| {
+            let dns_port = free_port();
+            let dns_management = free_port();
+            let mut cmd = Command::new("pebble-challtestsrv");
+            cmd.args(["-dns01", &format!("127.0.0.1:{dns_port}")])
+                .args(["-http01", "", "-https01", "", "-tlsalpn01", ""])
+                .args(["-management", &format!("127.0.0.1:{dns_management}")])
+                .args(["-defaultIPv4", "127.0.0.1", "-defaultIPv6", ""]);
+            let mut dns = Proc::spawn("pebble-challtestsrv", cmd);
+            dns.listening(&[dns_port, dns_management], String::new)
+                .await?;
+            let acme: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+            let management: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+            let mut config = serde_json::json!({"pebble": {
+                "listenAddress": acme.to_string(),
+                "managementListenAddress": management.to_string(),
+                "certificate": dir.join("pebble-cert.pem"),
+                "privateKey": dir.join("pebble-key.pem"),
+                "httpPort": http_port,
+                "tlsPort": tls_port,
+                "ocspResponderURL": "",
+                "externalAccountBindingRequired": false,
+            }});
+            if let Some(v) = validity_secs {
+                config["pebble"]["certificateValidityPeriod"] = v.into();
+            }
+            std::fs::write(dir.join("pebble.json"), config.to_string()).unwrap();
+            let mut cmd = Command::new("pebble");
+            cmd.arg("-config")
+                .arg(dir.join("pebble.json"))
+                .args(["-dnsserver", &format!("127.0.0.1:{dns_port}")])
+                // Real validation, without Pebble's random 0-15 s validation delays, and without
+                // its deliberate 5 % nonce rejections (rustls-acme retries a whole order then).
+                .env("PEBBLE_VA_NOSLEEP", "1")
+                .env("PEBBLE_WFE_NONCEREJECT", "0")
+                .env_remove("PEBBLE_VA_ALWAYS_VALID");
+            let mut pebble = Proc::spawn("pebble", cmd);
+            pebble
+                .listening(&[acme.port(), management.port()], String::new)
+                .await?;
+            Ok((dns, pebble, acme, management))
+        })
+        .await;
         let ca_pem = ca.ca_pem.into_bytes();
         let p = Pebble {
             pebble,
@@ -434,6 +491,23 @@ fn pushgate(dir: &Path, listen: SocketAddr, config: &str) -> Proc {
         listen,
         config,
     )
+}
+
+/// [`pushgate_bin`] once it listens on `listen` and `more` itself; [`PortTaken`] when it
+/// exited for a taken one.
+async fn pushgate_listening(
+    bin: &Path,
+    dir: &Path,
+    listen: SocketAddr,
+    more: &[u16],
+    config: &str,
+) -> Result<Proc, PortTaken> {
+    let mut gw = pushgate_bin(bin, dir, listen, config);
+    let ports: Vec<u16> = std::iter::once(listen.port())
+        .chain(more.iter().copied())
+        .collect();
+    gw.listening(&ports, String::new).await?;
+    Ok(gw)
 }
 
 /// [`pushgate`] with another build of the binary (the conformance build, say).
@@ -564,7 +638,10 @@ http {{
         std::fs::write(Nginx::conf(prefix), main).unwrap();
     }
 
-    async fn start(prefix: &Path, https: u16) -> Nginx {
+    /// Starts nginx as [`Nginx::prepare`] configured it, listening on `http` and `https`
+    /// itself; [`PortTaken`] when it lost one of them.
+    async fn start(prefix: &Path, http: u16, https: u16) -> Result<Nginx, PortTaken> {
+        let _ = std::fs::remove_file(prefix.join("logs/error.log"));
         let mut cmd = Command::new(NGINX);
         cmd.arg("-p")
             .arg(prefix)
@@ -573,12 +650,33 @@ http {{
             .arg("-c")
             .arg(Nginx::conf(prefix))
             .args(["-g", "daemon off;"]);
-        let proc = Proc::spawn("nginx", cmd);
-        wait_listening(format!("127.0.0.1:{https}").parse().unwrap(), "nginx").await;
-        Nginx {
+        let mut proc = Proc::spawn("nginx", cmd);
+        let error_log =
+            || std::fs::read_to_string(prefix.join("logs/error.log")).unwrap_or_default();
+        proc.listening(&[http, https], error_log).await?;
+        // Its master binds every listen line (IPv4 and IPv6, retrying a taken one for 2 s)
+        // before it starts a worker: only then are they all its own.
+        let end = Instant::now() + STARTUP;
+        while !error_log().contains("start worker process") {
+            assert!(
+                Instant::now() < end,
+                "nginx started no worker:\n{}",
+                error_log()
+            );
+            if let Ok(Some(status)) = proc.child.try_wait() {
+                let log = format!("{}{}", proc.log(), error_log());
+                assert!(
+                    support::ports::says_port_taken(&log),
+                    "nginx exited ({status}):\n{log}"
+                );
+                return Err(PortTaken(format!("nginx exited: {}", last_lines(&log, 3))));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(Nginx {
             _proc: proc,
             prefix: prefix.to_path_buf(),
-        }
+        })
     }
 
     fn error_log(&self) -> String {
@@ -602,31 +700,42 @@ fn reloads(file: &Path) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http01_through_nginx_exports_reloads_and_a_restart_reuses_the_certificate() {
     let tmp = TempDir::new("nginx");
-    let (http, https) = (free_port(), free_port());
-    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let pebble = Pebble::start(&tmp.0, http, free_port(), None).await;
     let prefix = tmp.path("nginx");
     let tls_dir = tmp.path("tls");
     let state_dir = tmp.path("state");
     let reload_log = tmp.path("reloads");
-    Nginx::prepare(&prefix, http, https, listen, &tls_dir);
-    let reload = format!(
-        "{} && echo reloaded >> {}",
-        Nginx::reload_command(&prefix),
-        reload_log.display()
-    );
-    let config = acme_config(&pebble, &tls_dir, &state_dir, &reload);
-
-    let mut gw = pushgate(&tmp.0, listen, &config);
-    gw.wait_log("listening", STARTUP).await;
-    // The placeholder comes first, so that nginx can start before any certificate exists.
-    let placeholder = poll(
-        STARTUP,
-        || async { std::fs::read(tls_dir.join("fullchain.pem")).ok() },
-        || format!("the placeholder:\n{}", gw.log()),
-    )
-    .await;
-    let nginx = Nginx::start(&prefix, https).await;
+    // Pebble validates through nginx's HTTP port, which proxies to pushgate: when any of them
+    // lost its port, all three start again on fresh ones.
+    let (http, https, listen, pebble, config, mut gw, placeholder, nginx) =
+        retry_taken_ports_async("pebble, pushgate and nginx", async |_| {
+            for d in [&prefix, &tls_dir, &state_dir] {
+                let _ = std::fs::remove_dir_all(d);
+            }
+            let _ = std::fs::remove_file(&reload_log);
+            let (http, https) = (free_port(), free_port());
+            let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+            let pebble = Pebble::start(&tmp.0, http, free_port(), None).await;
+            Nginx::prepare(&prefix, http, https, listen, &tls_dir);
+            let reload = format!(
+                "{} && echo reloaded >> {}",
+                Nginx::reload_command(&prefix),
+                reload_log.display()
+            );
+            let config = acme_config(&pebble, &tls_dir, &state_dir, &reload);
+            let bin = Path::new(env!("CARGO_BIN_EXE_pushgate"));
+            let mut gw = pushgate_listening(bin, &tmp.0, listen, &[], &config).await?;
+            gw.wait_log("listening", STARTUP).await;
+            // The placeholder comes first, so that nginx can start before any certificate exists.
+            let placeholder = poll(
+                STARTUP,
+                || async { std::fs::read(tls_dir.join("fullchain.pem")).ok() },
+                || format!("the placeholder:\n{}", gw.log()),
+            )
+            .await;
+            let nginx = Nginx::start(&prefix, http, https).await?;
+            Ok((http, https, listen, pebble, config, gw, placeholder, nginx))
+        })
+        .await;
     let root = pebble.root().await;
     let nginx_https: SocketAddr = format!("127.0.0.1:{https}").parse().unwrap();
 
@@ -732,13 +841,19 @@ async fn http01_through_nginx_exports_reloads_and_a_restart_reuses_the_certifica
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn renewal_replaces_the_certificate_and_a_stopped_ca_leaves_it_in_place() {
     let tmp = TempDir::new("renewal");
-    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let mut pebble = Pebble::start(&tmp.0, listen.port(), free_port(), Some(15)).await;
     let tls_dir = tmp.path("tls");
     let reload_log = tmp.path("reloads");
     let reload = format!("echo reloaded >> {}", reload_log.display());
-    let config = acme_config(&pebble, &tls_dir, &tmp.path("state"), &reload);
-    let mut gw = pushgate(&tmp.0, listen, &config);
+    // Pebble validates on pushgate's port: when that was taken, both start again.
+    let (listen, mut pebble, mut gw) = retry_taken_ports_async("pebble and pushgate", async |_| {
+        let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let pebble = Pebble::start(&tmp.0, listen.port(), free_port(), Some(15)).await;
+        let config = acme_config(&pebble, &tls_dir, &tmp.path("state"), &reload);
+        let bin = Path::new(env!("CARGO_BIN_EXE_pushgate"));
+        let gw = pushgate_listening(bin, &tmp.0, listen, &[], &config).await?;
+        Ok((listen, pebble, gw))
+    })
+    .await;
     gw.wait_log("listening", STARTUP).await;
     // A client connected through both renewals must stay connected.
     let mut client = support::connect(listen).await;
@@ -831,6 +946,103 @@ async fn renewal_replaces_the_certificate_and_a_stopped_ca_leaves_it_in_place() 
     assert_eq!(status, 200, "the gateway keeps serving");
 }
 
+/// What src/acme.rs promises when the certificate cannot be put in place: an issued
+/// certificate that cannot be written to `acme.cert_dir` (here a path under a regular file,
+/// unwritable even for root) is counted in `pushgate_acme_export_errors_total`, logged, and
+/// retried with backoff (5 s first), and nothing is reloaded; once the directory can be made,
+/// the retry writes both files and runs `acme.reload_command`; a reload command that exits
+/// non-zero is counted in `pushgate_acme_reload_command_failures_total` and logged with its
+/// exit status and stderr. The gateway keeps serving throughout. Validation is straight from
+/// pushgate's listener, against Pebble.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_error_and_a_failing_reload_command_are_counted_logged_and_retried() {
+    let tmp = TempDir::new("export-errors");
+    std::fs::write(tmp.path("file"), b"x").unwrap();
+    let cert_dir = tmp.path("file/tls");
+    let reload = "echo the reload went wrong >&2; exit 3";
+    let (listen, pebble, mut gw) = retry_taken_ports_async("pebble and pushgate", async |_| {
+        let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let pebble = Pebble::start(&tmp.0, listen.port(), free_port(), None).await;
+        let config = acme_config(&pebble, &cert_dir, &tmp.path("state"), reload);
+        let bin = Path::new(env!("CARGO_BIN_EXE_pushgate"));
+        let gw = pushgate_listening(bin, &tmp.0, listen, &[], &config).await?;
+        Ok((listen, pebble, gw))
+    })
+    .await;
+    gw.wait_log("acme.cert_dir: cannot write to", STARTUP).await;
+
+    // Issued, but not exported: counted, logged, nothing reloaded.
+    gw.wait_log("nginx keeps its current certificate", ISSUANCE)
+        .await;
+    let logs = |gw: &Proc| {
+        format!(
+            "--- pushgate:\n{}\n--- pebble:\n{}",
+            gw.log(),
+            pebble.pebble.log()
+        )
+    };
+    assert_eq!(
+        metric(listen, r#"pushgate_acme_renewals_total{result="ok"}"#).await,
+        1.0,
+        "{}",
+        logs(&gw)
+    );
+    let export_errors = metric(listen, "pushgate_acme_export_errors_total").await;
+    assert!(
+        export_errors >= 1.0,
+        "export errors {export_errors}\n{}",
+        logs(&gw)
+    );
+    assert_eq!(
+        metric(listen, "pushgate_acme_reload_command_failures_total").await,
+        0.0,
+        "nothing was written, so nothing was reloaded\n{}",
+        logs(&gw)
+    );
+    assert!(
+        gw.log().contains("retry_in_s=5"),
+        "the first retry comes after 5 s:\n{}",
+        logs(&gw)
+    );
+    assert!(!cert_dir.exists());
+
+    // The directory can be made now: the retry writes the files and runs the reload command,
+    // which fails.
+    std::fs::remove_file(tmp.path("file")).unwrap();
+    gw.wait_log("acme.reload_command failed", STARTUP).await;
+    let chain = std::fs::read(cert_dir.join("fullchain.pem")).expect("exported on the retry");
+    assert!(!is_placeholder(&chain));
+    assert!(cert_dir.join("privkey.pem").exists());
+    let failed = gw
+        .log()
+        .lines()
+        .find(|l| l.contains("acme.reload_command failed"))
+        .unwrap()
+        .to_string();
+    assert!(
+        failed.contains("exit status: 3") && failed.contains("the reload went wrong"),
+        "the log line gives the exit status and stderr: {failed}"
+    );
+    assert_eq!(
+        metric(listen, "pushgate_acme_reload_command_failures_total").await,
+        1.0,
+        "{}",
+        logs(&gw)
+    );
+    assert_eq!(
+        metric(listen, "pushgate_acme_export_errors_total").await,
+        export_errors,
+        "the retry succeeded"
+    );
+    assert_eq!(
+        metric(listen, "pushgate_acme_certificate_placeholder").await,
+        0.0
+    );
+    // Still serving.
+    let pos = support::publish(listen, "room:acme", "m", "{}").await;
+    assert!(pos.ends_with(":1"), "{pos}");
+}
+
 /// No CA reachable and an export directory that cannot be created: both are logged with the
 /// key to fix and counted, and the gateway serves as usual.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -858,7 +1070,18 @@ state_dir = "{state}"
         cert_dir = tmp.path("file/tls").display(),
         state = tmp.path("state").display(),
     );
-    let mut gw = pushgate(&tmp.0, listen, &config);
+    let bin = Path::new(env!("CARGO_BIN_EXE_pushgate"));
+    let (listen, mut gw) = retry_taken_ports_async("pushgate", async |attempt| {
+        let listen = match attempt {
+            0 => listen,
+            _ => format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+        };
+        Ok((
+            listen,
+            pushgate_listening(bin, &tmp.0, listen, &[], &config).await?,
+        ))
+    })
+    .await;
     gw.wait_log("listening", STARTUP).await;
     gw.wait_log("acme.cert_dir: cannot write to", STARTUP).await;
     gw.wait_log("certificate order failed", STARTUP).await;
@@ -1002,18 +1225,45 @@ struct Edge {
     /// Pebble's root, which the served chain verifies against.
     root: Vec<u8>,
     served: Vec<CertificateDer<'static>>,
+    /// The other ports of [`Edge::start_with_ports`].
+    more: Vec<u16>,
 }
 
 impl Edge {
+    /// `tls_extra`: more of the `[tls]` section.
     async fn start(tmp: &TempDir, bin: &Path, tls_extra: &str) -> Edge {
-        let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let https: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let pebble = Pebble::start(&tmp.0, free_port(), https.port(), None).await;
-        let config = format!(
-            "{}challenge = \"tls-alpn-01\"\n[tls]\nlisten = \"{https}\"\n{tls_extra}",
-            acme_config(&pebble, &tmp.path("tls"), &tmp.path("state"), "")
-        );
-        let gw = pushgate_bin(bin, &tmp.0, listen, &config);
+        Edge::start_with_ports(tmp, bin, 0, |_| tls_extra.to_string()).await
+    }
+
+    /// [`Edge::start`] with `more` other ports, fresh on each attempt, which pushgate listens
+    /// on too; `tls_extra(ports)` names them. They are in [`Edge::more`].
+    async fn start_with_ports(
+        tmp: &TempDir,
+        bin: &Path,
+        more: usize,
+        tls_extra: impl Fn(&[u16]) -> String,
+    ) -> Edge {
+        // Pebble validates on pushgate's TLS port: when one was taken, both start again.
+        let (listen, https, more, pebble, gw) =
+            retry_taken_ports_async("pebble and pushgate", async |_| {
+                for d in ["tls", "state"] {
+                    let _ = std::fs::remove_dir_all(tmp.path(d));
+                }
+                let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+                let https: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+                let more: Vec<u16> = (0..more).map(|_| free_port()).collect();
+                let pebble = Pebble::start(&tmp.0, free_port(), https.port(), None).await;
+                let config = format!(
+                    "{}challenge = \"tls-alpn-01\"\n[tls]\nlisten = \"{https}\"\n{}",
+                    acme_config(&pebble, &tmp.path("tls"), &tmp.path("state"), ""),
+                    tls_extra(&more)
+                );
+                let mut ports = vec![https.port()];
+                ports.extend_from_slice(&more);
+                let gw = pushgate_listening(bin, &tmp.0, listen, &ports, &config).await?;
+                Ok((listen, https, more, pebble, gw))
+            })
+            .await;
         let root = pebble.root().await;
         let served = served_chain(https, &root, ISSUANCE, || {
             format!(
@@ -1030,6 +1280,7 @@ impl Edge {
             https,
             root,
             served,
+            more,
         }
     }
 
@@ -1054,9 +1305,12 @@ impl Edge {
 async fn tls_alpn01_at_the_edge_serves_http1_and_http2_and_redirects() {
     use http_body_util::BodyExt;
     let tmp = TempDir::new("edge");
-    let redirect: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let bin = Path::new(env!("CARGO_BIN_EXE_pushgate"));
-    let edge = Edge::start(&tmp, bin, &format!("redirect_listen = \"{redirect}\"\n")).await;
+    let edge = Edge::start_with_ports(&tmp, bin, 1, |p| {
+        format!("redirect_listen = \"127.0.0.1:{}\"\n", p[0])
+    })
+    .await;
+    let redirect: SocketAddr = format!("127.0.0.1:{}", edge.more[0]).parse().unwrap();
     let exported = edge.exported_chain(&tmp).await;
     let Edge {
         _pebble,
@@ -1065,6 +1319,7 @@ async fn tls_alpn01_at_the_edge_serves_http1_and_http2_and_redirects() {
         https,
         root,
         served,
+        ..
     } = edge;
     assert!(
         gw.log().contains("answered a tls-alpn-01 challenge"),

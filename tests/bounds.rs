@@ -10,10 +10,10 @@ use support::*;
 use tokio::time::Instant;
 
 /// Waits until the `/metrics` sample equals `want`, for at most `within`.
-async fn wait_metric_within(s: &TestServer, sample: &str, want: f64, within: Duration) {
+async fn wait_metric_within(addr: std::net::SocketAddr, sample: &str, want: f64, within: Duration) {
     let end = Instant::now() + within;
     loop {
-        let v = metric(s.addr, sample).await;
+        let v = metric(addr, sample).await;
         if v == Some(want) {
             return;
         }
@@ -109,7 +109,7 @@ async fn a_presence_topic_flood_leaves_no_topics_behind() {
         until_close(&mut ws, &topic).await;
     }
     // Only the topic with an app message remains, well before history.max_age_secs.
-    wait_metric_within(&s, "pushgate_topics", 1.0, Duration::from_secs(25)).await;
+    wait_metric_within(s.addr, "pushgate_topics", 1.0, Duration::from_secs(25)).await;
     // (A fresh connection: the first may still carry presence frames of the flood.)
     let mut ws = connect(s.addr).await;
     let reply = join(
@@ -290,4 +290,132 @@ async fn longpoll_joins_with_oversized_refs_keep_nothing() {
     let reply: Value = serde_json::from_str(answer["messages"][0].as_str().unwrap()).unwrap();
     assert_eq!(reply[4]["status"], "ok", "{answer}");
     assert_eq!(s.app.hub.subscriber_count("room:ok"), 1);
+}
+
+/// The real binary, `serve` on a port of its choosing (`--listen 127.0.0.1:0`, read from its
+/// log) with `env`; killed on drop. For a test that measures the server process itself.
+struct Binary {
+    child: std::process::Child,
+    addr: std::net::SocketAddr,
+}
+
+impl Binary {
+    fn start(env: &[(&str, &str)]) -> Binary {
+        use std::io::BufRead;
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_pushgate"));
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("PUSHGATE_") || k == "PORT" {
+                cmd.env_remove(k);
+            }
+        }
+        let mut child = cmd
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .env("PUSHGATE_PUBLISH_TOKEN", TOKEN)
+            .env("PUSHGATE_LOG_FORMAT", "plain")
+            .env("NO_COLOR", "1")
+            .envs(env.iter().copied())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn pushgate serve");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Some(addr) = line
+                    .split_whitespace()
+                    .find_map(|w| w.strip_prefix("addr="))
+                    .filter(|_| line.contains("listening"))
+                {
+                    let _ = tx.send(addr.trim_matches('"').to_string());
+                }
+            }
+        });
+        let addr = rx
+            .recv_timeout(DEADLINE)
+            .expect("pushgate serve logged no listening address")
+            .parse()
+            .unwrap();
+        Binary { child, addr }
+    }
+
+    /// A field of `/proc/<pid>/status` in KiB (`VmRSS`, `VmHWM`: resident now, at its peak).
+    fn status_kib(&self, field: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+            .and_then(|v| v.trim().strip_suffix("kB")?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {field} in /proc/<pid>/status"))
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Memory stays bounded while a consumer stalls (README: pending broadcasts live in the shared
+/// topic buffer; a subscriber that falls behind is closed with 1013). A WebSocket client joins
+/// and then never reads while a publisher pushes 60 MB through its topic (6000 messages of
+/// 10 KB, history.size 64): the client is closed with 1013, and the server process (the real
+/// binary, so that its memory is its own) peaks (VmHWM) within 32 MiB of its resident memory
+/// before the publishing, though what went through is twice that: nothing per message is kept
+/// for the stalled client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_stays_bounded_while_a_websocket_consumer_stalls() {
+    const BOUND_KIB: u64 = 32 * 1024;
+    let server = Binary::start(&[
+        ("PUSHGATE_HISTORY_SIZE", "64"),
+        ("PUSHGATE_PUBLISH_MAX_BODY_BYTES", "4194304"),
+    ]);
+    let addr = server.addr;
+    let mut stalled = connect(addr).await;
+    join(&mut stalled, "1", "room:stall", "{}").await;
+    // One publish first, so that the topic, its buffer and the publish path are warm.
+    publish(addr, "room:stall", "warm", "{}").await;
+    let before = server.status_kib("VmRSS");
+
+    let (batches, per_batch) = (120, 50);
+    let blob = "x".repeat(10_000);
+    let auth = format!("Bearer {TOKEN}");
+    for b in 0..batches {
+        let items: Vec<String> = (0..per_batch)
+            .map(|i| {
+                format!(
+                    r#"{{"topic":"room:stall","event":"e","payload":{{"n":{},"blob":"{blob}"}}}}"#,
+                    b * per_batch + i
+                )
+            })
+            .collect();
+        let body = format!("[{}]", items.join(","));
+        let (status, _, reply) = post_publish(addr, Some(&auth), body.as_bytes()).await;
+        assert_eq!(status, 200, "{reply}");
+    }
+    let peak = server.status_kib("VmHWM");
+    let after = server.status_kib("VmRSS");
+    let sent_kib = (batches * per_batch) as u64 * 10_000 / 1024;
+    eprintln!(
+        "VmRSS {before} KiB before, VmHWM {peak} KiB, VmRSS {after} KiB after {sent_kib} KiB"
+    );
+    assert!(
+        peak < before + BOUND_KIB,
+        "resident memory peaked at {peak} KiB, {} KiB over the {before} KiB before \
+         {sent_kib} KiB went to a stalled consumer (bound: {BOUND_KIB} KiB); now {after} KiB",
+        peak - before
+    );
+    assert_eq!(
+        metric(
+            addr,
+            r#"pushgate_slow_consumer_closes_total{transport="websocket"}"#
+        )
+        .await,
+        Some(1.0)
+    );
+    // Its close frame comes after what was written before it fell behind.
+    assert_eq!(recv_close(&mut stalled).await, 1013);
 }

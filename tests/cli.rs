@@ -875,9 +875,9 @@ async fn rediss_urls_speak_tls_to_redis_trusting_the_system_roots() {
         TempFile::new("cert.pem", &cert),
         TempFile::new("key.pem", &key),
     );
-    let port = free_port();
-    let mut redis = Command::new("redis-server")
-        .args([
+    let (mut redis, port) = spawn_on_free_port("redis-server (TLS)", |port| {
+        let mut cmd = Command::new("redis-server");
+        cmd.args([
             "--port",
             "0",
             "--tls-port",
@@ -897,9 +897,9 @@ async fn rediss_urls_speak_tls_to_redis_trusting_the_system_roots() {
             "no",
         ])
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("redis-server must be installed (scripts/test.sh installs it)");
+        .stderr(Stdio::null());
+        cmd
+    });
     let end = Instant::now() + STARTUP;
     loop {
         let out = Command::new("redis-cli")

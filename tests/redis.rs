@@ -702,27 +702,34 @@ async fn a_tls_redis_with_a_password_and_a_private_ca() {
         file("cert.pem", &ca.cert_pem),
         file("key.pem", &ca.key_pem),
     );
-    let port = free_port().to_string();
-    cleanup.1 = Some(
-        std::process::Command::new("redis-server")
-            .args(["--port", "0", "--tls-port", &port, "--bind", "127.0.0.1"])
-            .args(["--tls-cert-file", &cert, "--tls-key-file", &key])
-            .args(["--tls-ca-cert-file", &ca_file, "--tls-auth-clients", "no"])
-            .args([
-                "--requirepass",
-                "s3cret",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .arg("--dir")
-            .arg(&dir)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("redis-server must be installed (scripts/test.sh installs it)"),
-    );
+    let (child, port) = spawn_on_free_port("redis-server (TLS)", |port| {
+        let mut cmd = std::process::Command::new("redis-server");
+        cmd.args([
+            "--port",
+            "0",
+            "--tls-port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+        ])
+        .args(["--tls-cert-file", &cert, "--tls-key-file", &key])
+        .args(["--tls-ca-cert-file", &ca_file, "--tls-auth-clients", "no"])
+        .args([
+            "--requirepass",
+            "s3cret",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .arg("--dir")
+        .arg(&dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+        cmd
+    });
+    cleanup.1 = Some(child);
+    let port = port.to_string();
     let ping = || {
         let out = std::process::Command::new("redis-cli")
             .args(["--tls", "--cacert", &ca_file, "-p", &port, "-a", "s3cret"])

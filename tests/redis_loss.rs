@@ -378,31 +378,35 @@ impl Sentinel {
 
     /// `extra`: more sentinel.conf lines (after `sentinel monitor`).
     fn start_with(master_port: u16, quorum: u32, extra: &str) -> Sentinel {
-        let port = free_port();
-        let dir = std::env::temp_dir().join(format!(
-            "pushgate-test-sentinel-{}-{port}",
-            std::process::id()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        let conf = dir.join("sentinel.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "port {port}\nbind 127.0.0.1\ndir {}\n\
-                 sentinel monitor mymaster 127.0.0.1 {master_port} {quorum}\n\
-                 sentinel down-after-milliseconds mymaster 1000\n\
-                 sentinel failover-timeout mymaster 4000\n\
-                 sentinel parallel-syncs mymaster 1\n{extra}",
-                dir.display()
-            ),
-        )
-        .unwrap();
-        let child = std::process::Command::new("redis-sentinel")
-            .arg(&conf)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("redis-sentinel must be installed (scripts/test.sh installs it)");
+        let dir_for = |port: u16| {
+            std::env::temp_dir().join(format!(
+                "pushgate-test-sentinel-{}-{port}",
+                std::process::id()
+            ))
+        };
+        let (child, port) = spawn_on_free_port("redis-sentinel", |port| {
+            let dir = dir_for(port);
+            std::fs::create_dir_all(&dir).unwrap();
+            let conf = dir.join("sentinel.conf");
+            std::fs::write(
+                &conf,
+                format!(
+                    "port {port}\nbind 127.0.0.1\ndir {}\n\
+                     sentinel monitor mymaster 127.0.0.1 {master_port} {quorum}\n\
+                     sentinel down-after-milliseconds mymaster 1000\n\
+                     sentinel failover-timeout mymaster 4000\n\
+                     sentinel parallel-syncs mymaster 1\n{extra}",
+                    dir.display()
+                ),
+            )
+            .unwrap();
+            let mut cmd = std::process::Command::new("redis-sentinel");
+            cmd.arg(&conf)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null());
+            cmd
+        });
+        let dir = dir_for(port);
         let password = extra
             .lines()
             .find_map(|l| l.strip_prefix("requirepass "))

@@ -472,10 +472,14 @@ async fn run_inner(a: RunArgs) -> Result<bool, String> {
     let server_tree = || server_pid.map(procstat::tree).unwrap_or_default();
     let pss_before = procstat::pss_kib(&server_tree());
     out.set("server_pss_before_kib", pss_before);
+    let anon_before = procstat::pss_anon_kib(&server_tree());
 
     let ok = match a.scenario {
         Scenario::Publish => publish_scenario(&a, &token, &mut out, &server_tree, deadline).await?,
-        _ => subscriber_scenario(&a, &token, &mut out, &server_tree, pss_before, deadline).await?,
+        _ => {
+            let before = (pss_before, anon_before);
+            subscriber_scenario(&a, &token, &mut out, &server_tree, before, deadline).await?
+        }
     };
 
     if let Some(mut child) = spawned {
@@ -563,7 +567,7 @@ async fn subscriber_scenario(
     token: &str,
     out: &mut Outcome,
     server_tree: &dyn Fn() -> Vec<u32>,
-    pss_before: u64,
+    (pss_before, anon_before): (u64, u64),
     deadline: Instant,
 ) -> Result<bool, String> {
     let transport = if a.scenario == Scenario::Longpoll {
@@ -636,6 +640,11 @@ async fn subscriber_scenario(
             out.set(
                 "server_kib_per_connection",
                 (pss.saturating_sub(pss_before)) as f64 / connected.max(1) as f64,
+            );
+            let anon = procstat::pss_anon_kib(&server_tree());
+            out.set(
+                "server_anon_kib_per_connection",
+                (anon.saturating_sub(anon_before)) as f64 / connected.max(1) as f64,
             );
             out.set("idle_cpu_percent", cpu * 100.0 / hold.as_secs_f64());
             for w in &mut workers {

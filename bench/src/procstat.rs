@@ -50,11 +50,22 @@ pub fn cpu_seconds(pids: &[u32]) -> f64 {
 
 /// Summed Pss of `pids`, in KiB.
 pub fn pss_kib(pids: &[u32]) -> u64 {
+    smaps_kib(pids, "Pss:")
+}
+
+/// Summed anonymous Pss of `pids` (heap, stacks), in KiB: what connection state costs, without
+/// file pages (the binary's text), whose share changes when other processes map the same file or
+/// the kernel reclaims them.
+pub fn pss_anon_kib(pids: &[u32]) -> u64 {
+    smaps_kib(pids, "Pss_Anon:")
+}
+
+fn smaps_kib(pids: &[u32], field: &str) -> u64 {
     pids.iter()
         .filter_map(|p| fs::read_to_string(format!("/proc/{p}/smaps_rollup")).ok())
         .filter_map(|s| {
             s.lines()
-                .find(|l| l.starts_with("Pss:"))
+                .find(|l| l.starts_with(field))
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|v| v.parse::<u64>().ok())
         })

@@ -11,11 +11,10 @@
 // be given a CA.
 
 import assert from "node:assert/strict";
-import { execFileSync, spawn } from "node:child_process";
+import { execFileSync } from "node:child_process";
 import { chmodSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import http from "node:http";
 import https from "node:https";
-import net from "node:net";
 import os from "node:os";
 import path from "node:path";
 import { after, before, describe, it } from "node:test";
@@ -26,14 +25,21 @@ import XHR2 from "xhr2";
 import {
   CLIENTS,
   PUBLISH_TOKEN,
+  PortTaken,
   disconnect,
+  freePort,
   metric,
   publish,
   replyTo,
   showFrames,
+  retryTakenPorts,
+  saysPortTaken,
+  spawnChild,
   startServer,
+  terminate,
   uniqueTopic,
   waitFor,
+  waitListening,
 } from "./support.js";
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
@@ -48,28 +54,6 @@ const PER_ADDRESS = 20; // pushgate's limits.max_connections_per_address in this
 // ---------------------------------------------------------------------------
 // Scaffolding: certificate, static files, app stand-in, nginx
 // ---------------------------------------------------------------------------
-
-/** Whether `port` can be listened on at `host` right now (checked, then released). */
-function canListen(port, host) {
-  return new Promise((resolve) => {
-    const s = net.createServer();
-    s.once("error", () => resolve(false));
-    s.listen(port, host, () => s.close(() => resolve(true)));
-  });
-}
-
-/**
- * A free TCP port on 127.0.0.1 and [::1], below the kernel's ephemeral range (32768 and up by
- * default): a port from that range, released after the check, can be taken by any outgoing
- * connection of a test running alongside before nginx binds it.
- */
-async function freePort() {
-  for (let attempt = 1; attempt <= 200; attempt++) {
-    const port = 20000 + Math.floor(Math.random() * 12000);
-    if ((await canListen(port, "127.0.0.1")) && (await canListen(port, "::1"))) return port;
-  }
-  throw new Error("no port free on both 127.0.0.1 and [::1] (is IPv6 loopback configured?)");
-}
 
 /** An HTTP(S) request; resolves with {status, headers, body: Buffer}. Never decompresses. */
 function request(url, { method = "GET", headers = {}, body, ca } = {}) {
@@ -163,39 +147,34 @@ function renderSite(vars) {
   }).toString();
 }
 
-/** Starts nginx in the foreground; resolves once HTTPS answers. */
-async function startNginx(prefix, httpsPort) {
+/**
+ * Starts nginx in the foreground; resolves once it listens on `ports` itself and has started its
+ * worker (its master binds every listen line, IPv4 and IPv6, before that). Throws [PortTaken]
+ * when it exits for a taken port.
+ */
+async function startNginx(prefix, ports) {
+  rmSync(`${prefix}/logs/error.log`, { force: true });
   const args = ["-p", prefix, "-e", `${prefix}/logs/error.log`, "-c", `${prefix}/conf/nginx.conf`, "-g", "daemon off;"];
-  const proc = spawn(NGINX, args, { stdio: ["ignore", "pipe", "pipe"] });
-  let output = "";
-  proc.stdout.on("data", (d) => (output += d));
-  proc.stderr.on("data", (d) => (output += d));
-  let exited = null;
-  proc.once("exit", (code, signal) => (exited = { code, signal }));
-  await waitFor(
-    async () => {
-      if (exited) throw new Error(`nginx exited ${JSON.stringify(exited)}: ${output}\n${errorLog(prefix)}`);
-      return new Promise((resolve) => {
-        const s = net.connect(httpsPort, "127.0.0.1", () => {
-          s.destroy();
-          resolve(true);
-        });
-        s.once("error", () => resolve(false));
-      });
-    },
-    DEADLINE_MS,
-    () => `nginx to listen on ${httpsPort}: ${output}`,
-  );
+  const child = spawnChild(NGINX, args);
+  const log = () => errorLog(prefix);
+  try {
+    await waitListening(child, ports, "nginx", log);
+    await waitFor(
+      () => {
+        if (child.exit && saysPortTaken(`${child.output.join("")}${log()}`)) throw new PortTaken(`nginx exited: ${log()}`);
+        if (child.exit) throw new Error(`nginx exited ${JSON.stringify(child.exit)}: ${child.output.join("")}\n${log()}`);
+        return log().includes("start worker process");
+      },
+      DEADLINE_MS,
+      () => `nginx to start its worker: ${log()}`,
+    );
+  } catch (e) {
+    await terminate(child);
+    throw e;
+  }
   return {
-    proc,
-    async stop() {
-      if (exited) return;
-      const done = new Promise((resolve) => proc.once("exit", resolve));
-      proc.kill("SIGTERM");
-      const timer = setTimeout(() => proc.kill("SIGKILL"), DEADLINE_MS);
-      await done;
-      clearTimeout(timer);
-    },
+    proc: child.proc,
+    stop: () => terminate(child, DEADLINE_MS),
   };
 }
 
@@ -239,10 +218,10 @@ describe("nginx site (nginx/pushgate.conf) in front of pushgate", () => {
     });
     app = await startApp();
 
-    // Ports can be taken between the check and nginx's bind: try a few times.
-    for (let attempt = 1; ; attempt++) {
-      const httpPort = await freePort();
-      const httpsPort = await freePort();
+    // A port can be taken by another process between the pick and nginx's bind: fresh ones then.
+    await retryTakenPorts("nginx", async () => {
+      const httpPort = await freePort({ v6: true });
+      const httpsPort = await freePort({ v6: true });
       const site = renderSite({
         server_name: "localhost",
         listen_http: `127.0.0.1:${httpPort}`,
@@ -257,15 +236,10 @@ describe("nginx site (nginx/pushgate.conf) in front of pushgate", () => {
       });
       writeFileSync(path.join(prefix, "conf/pushgate.conf"), site);
       writeFileSync(path.join(prefix, "conf/nginx.conf"), mainConf(prefix));
-      try {
-        nginx = await startNginx(prefix, httpsPort);
-        base = `https://localhost:${httpsPort}`;
-        plain = `http://localhost:${httpPort}`;
-        break;
-      } catch (e) {
-        if (attempt >= 3) throw e;
-      }
-    }
+      nginx = await startNginx(prefix, [httpPort, httpsPort]);
+      base = `https://localhost:${httpsPort}`;
+      plain = `http://localhost:${httpPort}`;
+    });
     // Both phoenix clients make LongPoll requests with XMLHttpRequest (see the file comment).
     XHR2.nodejsSet({ httpsAgent: new https.Agent({ ca }) });
     globalThis.XMLHttpRequest = XHR2;

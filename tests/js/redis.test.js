@@ -12,7 +12,6 @@
 import assert from "node:assert/strict";
 import { execFile } from "node:child_process";
 import { chmodSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
-import net from "node:net";
 import os from "node:os";
 import path from "node:path";
 import { describe, it } from "node:test";
@@ -36,6 +35,9 @@ import {
   waitFor,
   spawnChild,
   terminate,
+  freePort,
+  retryTakenPorts,
+  waitListening,
 } from "./support.js";
 
 const REDIS_SERVER = process.env.REDIS_SERVER_BIN ?? "redis-server";
@@ -46,6 +48,9 @@ const TEST_TIMEOUT_MS = 30_000;
 const DEADLINE_MS = 10_000;
 const PUSH_TIMEOUT_MS = 3000;
 const WINDOW_MS = 500;
+// longpoll.session_timeout_ms where a test waits for an abandoned LongPoll session to end:
+// short, with room for a slow poll under load (the least allowed is WINDOW_MS + 1000).
+const SESSION_TIMEOUT_MS = 4000;
 
 const range = (from, to) => Array.from({ length: to - from + 1 }, (_, i) => from + i);
 const delay = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
@@ -56,24 +61,6 @@ const offsetOf = (position) => Number(position.slice(position.lastIndexOf(":") +
 // Processes: redis-server, nginx (pushgate nodes come from support.js)
 // ---------------------------------------------------------------------------
 
-
-/**
- * A free TCP port on 127.0.0.1 (checked, then released), below the kernel's ephemeral range
- * (32768 and up by default), where no outgoing connection of a test running alongside can take it
- * before the process it is for binds it.
- */
-async function freePort() {
-  for (let attempt = 1; attempt <= 200; attempt++) {
-    const port = 20000 + Math.floor(Math.random() * 12000);
-    const free = await new Promise((resolve) => {
-      const s = net.createServer();
-      s.once("error", () => resolve(false));
-      s.listen(port, "127.0.0.1", () => s.close(() => resolve(true)));
-    });
-    if (free) return port;
-  }
-  throw new Error("no free port on 127.0.0.1");
-}
 
 /** Runs a command; resolves with {code, stdout, stderr} (never rejects on a non-zero exit). */
 function run(file, args, timeoutMs = 5000) {
@@ -90,17 +77,17 @@ function run(file, args, timeoutMs = 5000) {
  * A redis-server of this test on a free port; `stop()` and `start()` (same port again) model a
  * restart. No persistence, so a restart loses every key.
  */
-async function startRedis() {
-  for (let attempt = 1; ; attempt++) {
-    const redis = new RedisServer(await freePort());
+async function startRedis(dir = null, persistence = undefined) {
+  return retryTakenPorts("redis-server", async () => {
+    const redis = new RedisServer(await freePort(), dir, persistence);
     try {
       await redis.start();
       return redis;
     } catch (e) {
       await redis.stop();
-      if (attempt >= 3) throw e;
+      throw e;
     }
-  }
+  });
 }
 
 class RedisServer {
@@ -122,6 +109,8 @@ class RedisServer {
       ...(this.dir ? ["--dir", this.dir] : []),
     ]);
     const child = this.child;
+    // Its own listener, not another process's on the same port ([PortTaken] when it lost it).
+    await waitListening(child, [this.port], "redis-server");
     await waitFor(
       async () => {
         if (child.exit) throw new Error(`redis-server exited ${JSON.stringify(child.exit)}: ${child.output.join("")}`);
@@ -439,64 +428,59 @@ async function startNginx(res, upstreams, serverParams = "") {
   res.dirs.push(prefix);
   chmodSync(prefix, 0o755);
   for (const d of ["conf", "logs", "tmp"]) mkdirSync(path.join(prefix, d), { mode: 0o755 });
-  for (let attempt = 1; ; attempt++) {
+  // A port can be taken by another process between the pick and nginx's bind: a fresh one then.
+  const { child, port } = await retryTakenPorts("nginx", async () => {
     const port = await freePort();
     writeFileSync(path.join(prefix, "conf/nginx.conf"), nginxConf(prefix, port, upstreams, serverParams));
     const child = spawnChild(NGINX, ["-p", prefix, "-e", `${prefix}/logs/error.log`, "-c", "conf/nginx.conf", "-g", "daemon off;"]);
+    const errors = () => {
+      try {
+        return readFileSync(path.join(prefix, "logs/error.log"), "utf8");
+      } catch {
+        return "";
+      }
+    };
     try {
-      await waitFor(
-        async () => {
-          if (child.exit) throw new Error(`nginx exited ${JSON.stringify(child.exit)}: ${child.output.join("")}`);
-          return new Promise((resolve) => {
-            const s = net.connect(port, "127.0.0.1", () => {
-              s.destroy();
-              resolve(true);
-            });
-            s.once("error", () => resolve(false));
-          });
-        },
-        DEADLINE_MS,
-        () => `nginx to listen on ${port}: ${child.output.join("")}`,
-      );
+      await waitListening(child, [port], "nginx", errors);
     } catch (e) {
       await terminate(child);
-      if (attempt >= 3) throw e;
-      continue;
+      throw e;
     }
-    res.nginx.push(child);
-    const nginx = {
-      child,
-      prefix,
-      url: `http://127.0.0.1:${port}`,
-      /** Parsed access log lines: {method, uri, status, upstream}. */
-      accessLog() {
-        let text = "";
-        try {
-          text = readFileSync(path.join(prefix, "logs/access.log"), "utf8");
-        } catch {
-          // nothing logged yet
-        }
-        return text
-          .split("\n")
-          .filter(Boolean)
-          .map((line) => {
-            const [method, uri, status] = line.split(" ");
-            const upstream = /upstream=(.*) rt=/.exec(line)?.[1] ?? "";
-            const seconds = Number(/rt=(\S+)/.exec(line)?.[1]);
-            return { method, uri, status: Number(status), upstream, seconds, line };
-          });
-      },
-      errorLog() {
-        try {
-          return readFileSync(path.join(prefix, "logs/error.log"), "utf8").split("\n").slice(-20).join("\n");
-        } catch {
-          return "(no error log)";
-        }
-      },
-    };
-    nginx.label = `nginx (${nginx.url})`;
-    return nginx;
-  }
+    return { child, port };
+  });
+  res.nginx.push(child);
+  const nginx = {
+    child,
+    prefix,
+    url: `http://127.0.0.1:${port}`,
+    /** Parsed access log lines: {method, uri, status, upstream}. */
+    accessLog() {
+      let text = "";
+      try {
+        text = readFileSync(path.join(prefix, "logs/access.log"), "utf8");
+      } catch {
+        // nothing logged yet
+      }
+      return text
+        .split("\n")
+        .filter(Boolean)
+        .map((line) => {
+          const [method, uri, status] = line.split(" ");
+          const upstream = /upstream=(.*) rt=/.exec(line)?.[1] ?? "";
+          const seconds = Number(/rt=(\S+)/.exec(line)?.[1]);
+          return { method, uri, status: Number(status), upstream, seconds, line };
+        });
+    },
+    errorLog() {
+      try {
+        return readFileSync(path.join(prefix, "logs/error.log"), "utf8").split("\n").slice(-20).join("\n");
+      } catch {
+        return "(no error log)";
+      }
+    },
+  };
+  nginx.label = `nginx (${nginx.url})`;
+  return nginx;
 }
 
 // ---------------------------------------------------------------------------
@@ -648,8 +632,7 @@ describe("Redis broker with several pushgate nodes", () => {
     const res = resources(t);
     const dir = mkdtempSync(path.join(os.tmpdir(), "pushgate-js-rdb-"));
     res.dirs.push(dir);
-    const redis = new RedisServer(await freePort(), dir);
-    await redis.start();
+    const redis = await startRedis(dir);
     res.redis.push(redis);
     const nodes = await startNodes(res, redis, 2);
     const topic = uniqueTopic("rdb");
@@ -777,7 +760,10 @@ describe("Redis broker with several pushgate nodes", () => {
     it(`serves phoenix ${client.version} over LongPoll through an nginx round-robin upstream and survives losing the session's node`, { timeout: TEST_TIMEOUT_MS }, async (t) => {
       const res = resources(t);
       const redis = await redisFor(res);
-      const nodes = await startNodes(res, redis, 2, { PUSHGATE_LONGPOLL_WINDOW_MS: String(WINDOW_MS) });
+      const nodes = await startNodes(res, redis, 2, {
+        PUSHGATE_LONGPOLL_WINDOW_MS: String(WINDOW_MS),
+        PUSHGATE_LONGPOLL_SESSION_TIMEOUT_MS: String(SESSION_TIMEOUT_MS),
+      });
       const nginx = await startNginx(res, nodes.map((n) => n.addr));
       const topic = uniqueTopic("lp-nginx");
 
@@ -799,13 +785,29 @@ describe("Redis broker with several pushgate nodes", () => {
       await waitFor(() => tr.joins.length === 1 || tr.joinErrors.length, DEADLINE_MS, () => `the join\n${evidence()}`);
       assert.equal(tr.joins.length, 1, `join refused: ${JSON.stringify(tr.joinErrors)}\n${evidence()}`);
       assert.ok(socket.conn instanceof made.Transport, "not on LongPoll");
-      const session = exchanges.find((e) => e.answer?.status === 410)?.answer.token;
+      // The session the client polls now. phoenix may have opened another one on the way (a
+      // reconnect under load drops a LongPoll whose first GET already made a session); nobody
+      // polls that one, and it ends after longpoll.session_timeout_ms.
+      // (The token it polls with carries an acknowledgement suffix after the session's token.)
+      const session = exchanges
+        .filter((e) => e.answer?.status === 410)
+        .map((e) => e.answer.token)
+        .find((token) => socket.conn.token?.startsWith(token));
       assert.ok(session, `no session token\n${evidence()}`);
 
-      // Which node owns the session (its registry holds it): exactly one of the two.
+      // Which node owns the session (its registry holds it): exactly one of the two, once any
+      // abandoned session has ended (so wait for that, with a deadline, rather than read the
+      // counts at one moment).
       const sessionsOn = (node) => metric(node, 'pushgate_connections{transport="longpoll"}');
-      const counts = await Promise.all(nodes.map(sessionsOn));
-      assert.deepEqual([...counts].sort(), [0, 1], `longpoll sessions per node: ${counts}`);
+      let counts = [];
+      await waitFor(
+        async () => {
+          counts = await Promise.all(nodes.map(sessionsOn));
+          return counts.join() === "0,1" || counts.join() === "1,0";
+        },
+        SESSION_TIMEOUT_MS + DEADLINE_MS,
+        () => `longpoll sessions per node [0, 1], have [${counts}]\n${evidence()}`,
+      );
       const owner = nodes[counts.indexOf(1)];
       const other = nodes[counts.indexOf(0)];
 
@@ -947,8 +949,7 @@ describe("LongPoll through a round-robin proxy, no sticky sessions, under faults
     const dir = mkdtempSync(path.join(os.tmpdir(), "pushgate-js-aof-"));
     res.dirs.push(dir);
     // AOF with an fsync per write: a SIGKILLed Redis comes back with everything it acknowledged.
-    const redis = new RedisServer(await freePort(), dir, ["--save", "", "--appendonly", "yes", "--appendfsync", "always"]);
-    await redis.start();
+    const redis = await startRedis(dir, ["--save", "", "--appendonly", "yes", "--appendfsync", "always"]);
     res.redis.push(redis);
     const DRAIN_MS = 1000;
     const env = {

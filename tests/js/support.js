@@ -10,7 +10,8 @@
 import { spawn } from "node:child_process";
 import { createHmac } from "node:crypto";
 import http from "node:http";
-import { readFileSync } from "node:fs";
+import net from "node:net";
+import { readFileSync, readdirSync, readlinkSync } from "node:fs";
 import { createRequire } from "node:module";
 import path from "node:path";
 import readline from "node:readline";
@@ -499,4 +500,145 @@ export async function terminate(child, deadlineMs = 10_000) {
   } finally {
     clearTimeout(timer);
   }
+}
+
+// ---------------------------------------------------------------------------
+// Ports for the processes a test starts (redis-server, nginx), and the retry when one is taken
+// between the pick and the bind (the twin of tests/support/ports.rs)
+// ---------------------------------------------------------------------------
+
+function canListen(port, host) {
+  return new Promise((resolve) => {
+    const s = net.createServer();
+    s.once("error", () => resolve(false));
+    s.listen(port, host, () => s.close(() => resolve(true)));
+  });
+}
+
+const givenPorts = new Set();
+
+/**
+ * A free TCP port on 127.0.0.1 (and on [::1] with `v6`), checked then released, handed out once
+ * per test process, below the kernel's ephemeral range (32768 and up by default), where no
+ * outgoing connection of a test running alongside can take it before the process it is for
+ * binds it. Another test process can still bind it first: start with [retryTakenPorts].
+ */
+export async function freePort({ v6 = false } = {}) {
+  for (let attempt = 1; attempt <= 200; attempt++) {
+    const port = 20000 + Math.floor(Math.random() * 12000);
+    if (givenPorts.has(port)) continue;
+    if ((await canListen(port, "127.0.0.1")) && (!v6 || (await canListen(port, "::1")))) {
+      givenPorts.add(port);
+      await takeIfAsked(givenPorts.size, port);
+      return port;
+    }
+  }
+  throw new Error(`no port free on 127.0.0.1${v6 ? " and [::1] (is IPv6 loopback configured?)" : ""}`);
+}
+
+/**
+ * Fault injection, to check the retry itself: with TEST_TAKEN_PORTS=1,3 the 1st and 3rd
+ * ports this test process hands out are listened on at once (and kept) by the test process, as
+ * if another process had taken them between the pick and the bind (as in tests/support/ports.rs).
+ */
+const heldPorts = [];
+async function takeIfAsked(nth, port) {
+  const list = (process.env.TEST_TAKEN_PORTS ?? "").split(",").map((n) => Number(n.trim()));
+  if (!list.includes(nth)) return;
+  const server = net.createServer();
+  await new Promise((resolve, reject) => {
+    server.once("error", reject);
+    server.listen(port, "127.0.0.1", resolve);
+  });
+  server.unref();
+  heldPorts.push(server);
+  console.error(`TEST_TAKEN_PORTS: port ${port} (the ${nth}th handed out) is taken`);
+}
+
+/** A start lost one of its ports to another process; [retryTakenPorts] tries fresh ones. */
+export class PortTaken extends Error {}
+
+export const PORT_ATTEMPTS = 5;
+
+/**
+ * Runs `start(attempt)` until it does not throw [PortTaken], at most PORT_ATTEMPTS times;
+ * `start` picks fresh ports each time and cleans up after itself before throwing.
+ */
+export async function retryTakenPorts(what, start) {
+  const seen = [];
+  for (let attempt = 0; attempt < PORT_ATTEMPTS; attempt++) {
+    try {
+      return await start(attempt);
+    } catch (e) {
+      if (!(e instanceof PortTaken)) throw e;
+      console.error(`${what}: a port was taken, trying fresh ones: ${e.message}`);
+      seen.push(e.message);
+    }
+  }
+  throw new Error(`${what} lost a port on each of ${PORT_ATTEMPTS} attempts:\n${seen.join("\n")}`);
+}
+
+/** The inodes of the listening TCP sockets on `port` (any address, IPv4 and IPv6). */
+function listeningInodes(port) {
+  const inodes = new Set();
+  for (const table of ["/proc/net/tcp", "/proc/net/tcp6"]) {
+    let text = "";
+    try {
+      text = readFileSync(table, "utf8");
+    } catch {
+      continue;
+    }
+    for (const line of text.split("\n").slice(1)) {
+      const f = line.trim().split(/\s+/);
+      if (f.length < 10 || f[3] !== "0A") continue; // not LISTEN
+      if (parseInt(f[1].split(":").at(-1), 16) === port) inodes.add(f[9]);
+    }
+  }
+  return inodes;
+}
+
+/** Whether process `pid` itself holds a listening TCP socket on `port`. */
+export function listensOn(pid, port) {
+  const inodes = listeningInodes(port);
+  if (inodes.size === 0) return false;
+  let fds = [];
+  try {
+    fds = readdirSync(`/proc/${pid}/fd`);
+  } catch {
+    return false;
+  }
+  return fds.some((fd) => {
+    try {
+      const m = /^socket:\[(\d+)\]$/.exec(readlinkSync(`/proc/${pid}/fd/${fd}`));
+      return m !== null && inodes.has(m[1]);
+    } catch {
+      return false;
+    }
+  });
+}
+
+/** Whether a process's output says it could not bind because the address was in use. */
+export function saysPortTaken(text) {
+  return /address already in use/i.test(text);
+}
+
+/**
+ * Waits until `child` (from [spawnChild]) listens on every one of `ports` itself, not another
+ * process on the same port. If it exits first for a taken port (its output, or `moreLog()`,
+ * says so), throws [PortTaken], after stopping nothing (it is gone); any other exit, or no
+ * listener within DEADLINE, is an ordinary error.
+ */
+export async function waitListening(child, ports, what, moreLog = () => "") {
+  await waitFor(
+    async () => {
+      if (child.exit) {
+        const log = `${child.output.join("")}${moreLog()}`;
+        if (saysPortTaken(log)) throw new PortTaken(`${what} exited ${JSON.stringify(child.exit)}: ${log.slice(-500)}`);
+        throw new Error(`${what} exited ${JSON.stringify(child.exit)}: ${log}`);
+      }
+      return ports.every((port) => listensOn(child.proc.pid, port));
+    },
+    15_000,
+    () => `${what} to listen on ${ports}: ${child.output.join("")}${moreLog()}`,
+  );
 }

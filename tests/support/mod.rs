@@ -717,33 +717,32 @@ fn parse_server_frame(buf: &[u8]) -> Option<(bool, u8, Vec<u8>, usize)> {
     ))
 }
 
-/// A free TCP port on 127.0.0.1 for a process a test starts, handed out once per test process.
-/// Taken below the kernel's ephemeral range (32768 and up by default): a port from that range,
-/// released after the check, can be taken by any outgoing connection (of a test running
-/// alongside, Pebble's validator, nginx) before the process it is for binds it.
-pub fn free_port() -> u16 {
-    pick_port(false)
-}
+pub mod ports;
+#[allow(unused_imports)] // each test binary uses some of them
+pub use ports::{free_port, free_port_v4_v6};
 
-/// The same, free on [::1] too.
-#[allow(dead_code)] // not every test binary uses it
-pub fn free_port_v4_v6() -> u16 {
-    pick_port(true)
-}
-
-fn pick_port(v6: bool) -> u16 {
-    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
-    let mut given = GIVEN.lock().unwrap();
-    loop {
-        let port = 20_000 + rand::random::<u16>() % 12_000;
-        if !given.contains(&port)
-            && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
-            && (!v6 || std::net::TcpListener::bind(("::1", port)).is_ok())
-        {
-            given.push(port);
-            return port;
+/// Spawns the process `command(port)` builds, on a free port, until it listens on that port
+/// itself: one that exits first lost the port to another process between the pick and the bind,
+/// and starts again on a fresh one ([`ports::retry_taken_ports`]); one that neither listens nor
+/// exits within [`DEADLINE`] fails the test. Returns the child and its port.
+pub fn spawn_on_free_port(
+    what: &str,
+    mut command: impl FnMut(u16) -> std::process::Command,
+) -> (std::process::Child, u16) {
+    ports::retry_taken_ports(what, |_| {
+        let port = free_port();
+        let mut child = command(port)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
+        match ports::wait_listening(&mut child, &[port], DEADLINE, what) {
+            Ok(()) => Ok((child, port)),
+            Err(taken) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                Err(taken)
+            }
         }
-    }
+    })
 }
 
 /// A real `redis-server` on a free port, stopped on drop.
@@ -788,7 +787,10 @@ impl RedisServer {
             args: args.iter().map(|a| a.to_string()).collect(),
             dir: None,
         };
-        for _ in 0..5 {
+        ports::retry_taken_ports("redis-server", |attempt| {
+            if attempt > 0 {
+                r.port = free_port();
+            }
             r.dir = persistent.then(|| {
                 let d = std::env::temp_dir().join(format!(
                     "pushgate-test-redis-{}-{}-{:08x}",
@@ -800,14 +802,17 @@ impl RedisServer {
                 d
             });
             if r.spawn() {
-                return r;
+                return Ok(());
             }
             if let Some(d) = r.dir.take() {
                 let _ = std::fs::remove_dir_all(d);
             }
-            r.port = free_port();
-        }
-        panic!("redis-server could not bind any of 5 free ports");
+            Err(ports::PortTaken(format!(
+                "redis-server exited or another process answered on {}",
+                r.port
+            )))
+        });
+        r
     }
 
     /// Starts redis-server on `self.port` and waits until it answers; false when it exited
