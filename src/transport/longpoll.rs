@@ -79,7 +79,7 @@ pub fn sweep_interval(config: &crate::config::Config) -> Duration {
     // A session outlives its timeout by at most a quarter of it, and a never-polled one
     // outlives [`UNPOLLED_TIMEOUT`] by at most [`UNPOLLED_SWEEP`].
     UNPOLLED_SWEEP.min(Duration::from_millis(
-        config.longpoll.session_timeout_ms / 4,
+        config.longpoll.session_timeout_ms / registry::FULL_SWEEPS_PER_TIMEOUT as u64,
     ))
 }
 

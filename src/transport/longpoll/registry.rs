@@ -22,6 +22,12 @@ use tokio::sync::OwnedSemaphorePermit;
 pub const UNPOLLED_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often never-polled sessions are looked for (a queue of new sessions, not a scan).
 pub(super) const UNPOLLED_SWEEP: Duration = Duration::from_secs(1);
+/// A full sweep (every session checked for expiry) runs at most once per this fraction of
+/// `longpoll.session_timeout_ms`: a session outlives its timeout by at most a quarter of it.
+pub(super) const FULL_SWEEPS_PER_TIMEOUT: u32 = 4;
+/// The queue of never-polled sessions gives its memory back once empty if it grew past this
+/// many (a flood of session-creating GETs does not pin its peak).
+const FRESH_SHRINK_MIN_CAPACITY: usize = 1024;
 /// What every session token starts with.
 pub(super) const TOKEN_PREFIX: &str = "lp";
 /// A session's token: `lp` and 32 hex digits.
@@ -201,7 +207,7 @@ impl Registry {
                 .last_full_sweep
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
-            if last.is_some_and(|t| now.duration_since(t) < timeout / 4) {
+            if last.is_some_and(|t| now.duration_since(t) < timeout / FULL_SWEEPS_PER_TIMEOUT) {
                 return;
             }
             *last = Some(now);
@@ -234,7 +240,7 @@ impl Registry {
                 fresh.pop_front();
                 due.push(key);
             }
-            if fresh.is_empty() && fresh.capacity() > 1024 {
+            if fresh.is_empty() && fresh.capacity() > FRESH_SHRINK_MIN_CAPACITY {
                 fresh.shrink_to_fit();
             }
         }
