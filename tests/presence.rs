@@ -360,15 +360,25 @@ async fn with_redis_every_node_sees_everyone_and_a_stopped_node_s_entries_leave(
     bob_left_and_cy_sees_only_ann(&mut ann, a.addr, "room:r").await;
 }
 
+/// What a node that died leaves behind: an entry of node `deadbeef` ("Ghost") on `topic`, its
+/// topic list and its place in the node set, no liveness key.
+fn leave_a_dead_node_s_entry(redis: &RedisServer, topic: &str) {
+    let ghost =
+        r#"{"key":"ghost","node":"deadbeef","meta":{"phx_ref":"deadbeef-1","name":"Ghost"}}"#;
+    redis.cli(&[
+        "HSET",
+        &format!("pushgate:{{{topic}}}:p"),
+        "deadbeef-1",
+        ghost,
+    ]);
+    redis.cli(&["SADD", "pushgate.internal:presence:node:deadbeef", topic]);
+    redis.cli(&["SADD", "pushgate.internal:presence:nodes", "deadbeef"]);
+}
+
 #[tokio::test]
 async fn with_redis_a_dead_node_s_entries_are_removed_and_announced() {
     let redis = RedisServer::start();
-    // What a node that died leaves behind: entries, its topic list, no liveness key.
-    let ghost =
-        r#"{"key":"ghost","node":"deadbeef","meta":{"phx_ref":"deadbeef-1","name":"Ghost"}}"#;
-    redis.cli(&["HSET", "pushgate:{room:g}:p", "deadbeef-1", ghost]);
-    redis.cli(&["SADD", "pushgate.internal:presence:node:deadbeef", "room:g"]);
-    redis.cli(&["SADD", "pushgate.internal:presence:nodes", "deadbeef"]);
+    leave_a_dead_node_s_entry(&redis, "room:g");
     // A live node with a long TTL, so it reaps from its first beats at the latest.
     let a = node(&redis, 900).await;
     let mut ann = connect(a.addr).await;
@@ -417,11 +427,7 @@ async fn with_redis_a_dead_node_s_entries_are_removed_and_announced() {
 #[tokio::test]
 async fn a_reap_that_fails_half_way_leaves_the_dead_node_for_the_next() {
     let redis = RedisServer::start();
-    let ghost =
-        r#"{"key":"ghost","node":"deadbeef","meta":{"phx_ref":"deadbeef-1","name":"Ghost"}}"#;
-    redis.cli(&["HSET", "pushgate:{room:h}:p", "deadbeef-1", ghost]);
-    redis.cli(&["SADD", "pushgate.internal:presence:node:deadbeef", "room:h"]);
-    redis.cli(&["SADD", "pushgate.internal:presence:nodes", "deadbeef"]);
+    leave_a_dead_node_s_entry(&redis, "room:h");
     redis.cli(&[
         "ACL", "SETUSER", "reaper", "on", ">pw", "~*", "&*", "+@all", "-hdel",
     ]);

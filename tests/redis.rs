@@ -119,33 +119,35 @@ async fn the_shipped_script_publishes_with_one_command() {
     let a = node(&redis).await;
     let mut ws = connect(a.addr).await;
     join(&mut ws, "1", "room:l", "{}").await;
-    let script =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/redis/publish.lua")).unwrap();
-    let pos = redis.cli(&[
-        "EVAL",
-        &script,
-        "2",
-        "pushgate:{room:l}:m",
-        "pushgate:{room:l}:s",
+    let pos = publish_lua(
+        &redis,
+        "room:l",
         "pushgate:room:l",
-        "new_msg",
         r#"{"body":"from a backend"}"#,
-    ]);
+    );
     let m = recv(&mut ws).await;
     assert_eq!(m[1], pos.trim());
     assert_eq!(m[4]["body"], "from a backend");
     // A payload that is not JSON is refused by the script.
-    let err = redis.cli(&[
+    let err = publish_lua(&redis, "room:l", "pushgate:room:l", "not json");
+    assert!(err.contains("not valid JSON"), "{err}");
+}
+
+/// Publishes event `new_msg` with `payload` to `topic` through the shipped script, announced on
+/// `channel`, as a backend would; returns the script's answer (the position, or its error).
+fn publish_lua(redis: &RedisServer, topic: &str, channel: &str, payload: &str) -> String {
+    let script =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/redis/publish.lua")).unwrap();
+    redis.cli(&[
         "EVAL",
         &script,
         "2",
-        "pushgate:{room:l}:m",
-        "pushgate:{room:l}:s",
-        "pushgate:room:l",
-        "e",
-        "not json",
-    ]);
-    assert!(err.contains("not valid JSON"), "{err}");
+        &format!("pushgate:{{{topic}}}:m"),
+        &format!("pushgate:{{{topic}}}:s"),
+        channel,
+        "new_msg",
+        payload,
+    ])
 }
 
 #[tokio::test]
@@ -945,18 +947,12 @@ async fn a_node_behind_the_client_catches_up_from_the_stream_before_answering() 
     let a = node(&redis).await;
     let mut first = connect(a.addr).await;
     join(&mut first, "1", "room:lag", "{}").await;
-    let script =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/redis/publish.lua")).unwrap();
-    let pos = redis.cli(&[
-        "EVAL",
-        &script,
-        "2",
-        "pushgate:{room:lag}:m",
-        "pushgate:{room:lag}:s",
+    let pos = publish_lua(
+        &redis,
+        "room:lag",
         "pushgate:a channel no node listens to",
-        "m",
         r#"{"n":1}"#,
-    ]);
+    );
     let pos = pos.trim();
     let mut ws = connect(a.addr).await;
     let r = join(&mut ws, "2", "room:lag", &format!(r#"{{"since":"{pos}"}}"#)).await;
