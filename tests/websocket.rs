@@ -226,9 +226,11 @@ async fn an_idle_websocket_is_closed_with_1001_after_idle_timeout_ms_and_a_busy_
     let mut c = test_config();
     c.server.idle_timeout_ms = IDLE.as_millis() as u64;
     let s = start_unvalidated(c).await;
+    // Before the idle connection exists: its idle clock starts after this, whatever the time
+    // the second connection takes (under load, long enough to make "no sooner" fail by itself).
+    let t0 = Instant::now();
     let mut idle = connect(s.addr).await;
     let mut busy = connect(s.addr).await;
-    let t0 = Instant::now();
     let closed = tokio::spawn(async move { (recv_close(&mut idle).await, t0.elapsed()) });
     let mut n = 0;
     while !closed.is_finished() {
