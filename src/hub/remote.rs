@@ -231,6 +231,22 @@ mod tests {
             LiveJoin::NeedsHistory(_, position, 1) => assert_eq!(position.to_string(), "e:5"),
             other => panic!("e:1 was replayed from a buffer that lacks 4 and 5: {other:?}"),
         }
+        // Live messages after the jump bring the buffer back to the current offset, with the
+        // hole still in it (1 to 3, then 6 and 7): still not a replay from the buffer. Found by
+        // the 30-minute soak of session 12, where a client was told `recovered: true` and
+        // skipped seven messages.
+        for n in 6..=7u64 {
+            let msg = Broadcast {
+                event: "n",
+                payload: b"0",
+                exclude: 0,
+            };
+            h.append_remote("t", Some(("e", n)), msg);
+        }
+        match h.join_live("t", Arc::new(ConnHandle::default()), Some("e:2")) {
+            LiveJoin::NeedsHistory(_, position, 2) => assert_eq!(position.to_string(), "e:7"),
+            other => panic!("e:2 was replayed from a buffer with a hole at 4 and 5: {other:?}"),
+        }
     }
 
     #[test]

@@ -403,19 +403,30 @@ impl TopicState {
                     Start::After(self.last_seq)
                 } else if offset > self.last_offset {
                     Start::Ahead(offset)
-                } else if let Some(e) = self.entries.iter().find(|e| e.offset == offset + 1)
-                    && self.last_buffered_offset() == Some(self.last_offset)
+                } else if let Some(i) = self.entries.iter().position(|e| e.offset == offset + 1)
+                    && self.holds_every_offset_from(i, offset + 1)
                 {
-                    // The buffer reaches the current offset: the gap is all here. (It does not
-                    // when the topic went live again further on, `go_live`, with older entries
-                    // kept: then the broker's history has what the buffer lacks.)
-                    Start::After(e.seq - 1)
+                    // The gap is all here. (It is not when the topic went live again further
+                    // on, `go_live`, with older entries kept: then the buffer has a hole, or
+                    // stops short of the current offset, and the broker's history has what it
+                    // lacks.)
+                    Start::After(self.entries[i].seq - 1)
                 } else {
                     Start::NotCovered(offset)
                 }
             }
             _ => Start::Unrecoverable,
         }
+    }
+
+    /// Whether the entries from index `i` on (whose offset is `first`) hold every offset from
+    /// `first` to the topic's current one, without a hole. Offsets only grow within an epoch
+    /// (entries without one, 0, are not counted), so counting them is enough. Per join, not per
+    /// message.
+    fn holds_every_offset_from(&self, i: usize, first: u64) -> bool {
+        self.last_buffered_offset() == Some(self.last_offset)
+            && self.entries.range(i..).filter(|e| e.offset > 0).count() as u64
+                == self.last_offset + 1 - first
     }
 
     /// The offset of the newest entry that has one (entries of an old epoch have none).
