@@ -747,9 +747,20 @@ fn is_loopback_host(host: &str) -> bool {
 #[serde(default, deny_unknown_fields)]
 pub struct TlsConfig {
     /// Address of the HTTPS listener (HTTP/1.1 and HTTP/2 by ALPN), for example `0.0.0.0:443`.
-    /// Its certificate comes from `[acme]`. Empty (the default): no TLS listener.
-    /// Environment: `PUSHGATE_TLS_LISTEN`.
+    /// Its certificate comes from `tls.cert_file` and `tls.key_file`, or from `[acme]`. Empty
+    /// (the default): no TLS listener. Environment: `PUSHGATE_TLS_LISTEN`.
     pub listen: String,
+    /// The certificate `tls.listen` serves, from a file: PEM, the full chain (leaf first), as
+    /// certbot's `fullchain.pem`. Set together with `tls.key_file`, and not with
+    /// `acme.enabled` (the edge serves one or the other). The two files are checked for
+    /// changes every few seconds and loaded again when either changed (a renewal); a pair
+    /// that does not load (half written, a key that does not match) is logged and counted, and
+    /// the certificate in use stays. Empty (the default): the certificate comes from `[acme]`.
+    /// Environment: `PUSHGATE_TLS_CERT_FILE`.
+    pub cert_file: String,
+    /// The private key of `tls.cert_file`: PEM (PKCS#8, PKCS#1 or SEC1), as certbot's
+    /// `privkey.pem`. Empty (the default): none. Environment: `PUSHGATE_TLS_KEY_FILE`.
+    pub key_file: String,
     /// Address of a plain-HTTP listener that redirects to HTTPS (and answers HTTP-01
     /// challenges), for example `0.0.0.0:80`. Empty (the default): none.
     pub redirect_listen: String,
@@ -776,6 +787,8 @@ impl Default for TlsConfig {
     fn default() -> Self {
         TlsConfig {
             listen: String::new(),
+            cert_file: String::new(),
+            key_file: String::new(),
             redirect_listen: String::new(),
             handshake_timeout_ms: 10_000,
             serve_api_and_metrics: false,
@@ -786,6 +799,41 @@ impl Default for TlsConfig {
 }
 
 impl TlsConfig {
+    /// Whether the edge's certificate comes from `tls.cert_file` and `tls.key_file`.
+    pub fn has_cert_files(&self) -> bool {
+        !self.cert_file.is_empty() || !self.key_file.is_empty()
+    }
+
+    fn validate_cert_files(&self, acme: &AcmeConfig, bad: &mut dyn FnMut(&str, &str)) {
+        if !self.has_cert_files() {
+            return;
+        }
+        if self.cert_file.is_empty() {
+            bad("tls.cert_file", "must be set with tls.key_file");
+            return;
+        }
+        if self.key_file.is_empty() {
+            bad("tls.key_file", "must be set with tls.cert_file");
+            return;
+        }
+        if acme.enabled {
+            bad(
+                "tls.cert_file",
+                "cannot be combined with acme.enabled = true (the edge serves either these files or the ACME certificate)",
+            );
+        }
+        if self.listen.is_empty() {
+            bad(
+                "tls.cert_file",
+                "needs tls.listen (the edge that serves it)",
+            );
+        }
+        let (cert, key) = (Path::new(&self.cert_file), Path::new(&self.key_file));
+        if let Err(e) = crate::server_cert::load(cert, key) {
+            bad("tls.cert_file", &e.to_string());
+        }
+    }
+
     fn validate(&self, acme: &AcmeConfig, bad: &mut dyn FnMut(&str, &str)) {
         if !self.listen.is_empty() {
             if self.listen.parse::<SocketAddr>().is_err() {
@@ -794,13 +842,14 @@ impl TlsConfig {
                     "must be an IP address and port, like 0.0.0.0:443",
                 );
             }
-            if !acme.enabled {
+            if !acme.enabled && !self.has_cert_files() {
                 bad(
                     "tls.listen",
-                    "needs acme.enabled = true (the certificate comes from ACME)",
+                    "needs a certificate: tls.cert_file and tls.key_file, or acme.enabled = true",
                 );
             }
         }
+        self.validate_cert_files(acme, bad);
         if !self.redirect_listen.is_empty() {
             if self.redirect_listen.parse::<SocketAddr>().is_err() {
                 bad(
@@ -1698,5 +1747,70 @@ mod tests {
         c.tls.listen = "127.0.0.1:8443".into();
         c.tls.redirect_listen = "127.0.0.1:8080".into();
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn certificate_files_go_together_load_and_exclude_acme() {
+        let dir =
+            std::env::temp_dir().join(format!("pushgate-config-certs-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["a.test".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let (cert_file, key_file) = (dir.join("fullchain.pem"), dir.join("privkey.pem"));
+        std::fs::write(&cert_file, cert.pem()).unwrap();
+        std::fs::write(&key_file, key.serialize_pem()).unwrap();
+        let keys = |c: &Config| -> Vec<(String, String)> {
+            c.validate()
+                .err()
+                .unwrap_or_default()
+                .into_iter()
+                .map(|p| (p.key, p.message))
+                .collect()
+        };
+        let c = Config::load(
+            None,
+            env(&[
+                ("PUSHGATE_TLS_LISTEN", "127.0.0.1:8443"),
+                ("PUSHGATE_TLS_CERT_FILE", cert_file.to_str().unwrap()),
+                ("PUSHGATE_TLS_KEY_FILE", key_file.to_str().unwrap()),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(keys(&c), []);
+
+        let mut alone = c.clone();
+        alone.tls.key_file.clear();
+        assert_eq!(keys(&alone)[0].0, "tls.key_file");
+        let mut alone = c.clone();
+        alone.tls.cert_file.clear();
+        assert_eq!(keys(&alone)[0].0, "tls.cert_file");
+        let mut no_listener = c.clone();
+        no_listener.tls.listen.clear();
+        assert_eq!(keys(&no_listener)[0].0, "tls.cert_file");
+
+        let mut both = c.clone();
+        both.acme.enabled = true;
+        both.acme.domains = vec!["example.com".into()];
+        let p = keys(&both);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(
+            p[0].1.contains("cannot be combined with acme.enabled"),
+            "{p:?}"
+        );
+
+        // A key that is not the certificate's: named, with both files.
+        let other = rcgen::KeyPair::generate().unwrap();
+        std::fs::write(&key_file, other.serialize_pem()).unwrap();
+        let p = keys(&c);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].0, "tls.cert_file");
+        assert!(p[0].1.contains("does not go with"), "{p:?}");
+        std::fs::remove_file(&key_file).unwrap();
+        let p = keys(&c);
+        assert!(p[0].1.contains("cannot read"), "{p:?}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

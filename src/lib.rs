@@ -29,7 +29,9 @@
 //! - [`app`]: the shared state handed to every connection.
 //! - [`acme`]: certificates from Let's Encrypt (ACME), export for nginx.
 //! - [`challenges`]: the ACME challenges open now (HTTP-01 answers, the TLS resolver).
-//! - [`tls`]: at the edge, TLS with the ACME certificate (HTTP/1.1 and HTTP/2), HTTPS redirect.
+//! - [`tls`]: at the edge, TLS with the ACME certificate or one from files (HTTP/1.1 and
+//!   HTTP/2), HTTPS redirect.
+//! - [`server_cert`]: the edge's certificate from files (`tls.cert_file`), loaded and checked.
 //! - [`systemd`]: socket activation, readiness/stopping notifications and watchdog pings.
 //! - `fuzzing` (hidden): views of internal parsers for the fuzz targets in `fuzz/`.
 #![forbid(unsafe_code)]
@@ -59,6 +61,7 @@ pub mod query;
 pub mod respond;
 pub mod router;
 pub mod server;
+pub mod server_cert;
 pub mod session;
 pub mod systemd;
 pub mod tls;

@@ -50,6 +50,13 @@ pub struct Metrics {
     pub acme_orders_failed: AtomicU64,
     pub acme_export_errors: AtomicU64,
     pub acme_reload_failures: AtomicU64,
+    /// 1 when the edge's certificate comes from files (`tls.cert_file`); the metrics below are
+    /// rendered only then.
+    pub tls_cert_files: AtomicI64,
+    /// Unix time (s) the certificate from files expires.
+    pub tls_cert_not_after: AtomicI64,
+    pub tls_cert_reloads_ok: AtomicU64,
+    pub tls_cert_reloads_failed: AtomicU64,
     /// Client pushes forwarded to the app (`[forward]`): answered 2xx, 4xx, or not at all.
     pub forward_ok: AtomicU64,
     pub forward_refused: AtomicU64,
@@ -462,6 +469,23 @@ impl Metrics {
                 "counter",
                 "Runs of acme.reload_command that failed or timed out.",
                 &[("", c(&self.acme_reload_failures))],
+            );
+        }
+        if g(&self.tls_cert_files) == 1 {
+            one(
+                "pushgate_tls_certificate_expiry_timestamp_seconds",
+                "gauge",
+                "Unix time the certificate the edge serves from tls.cert_file expires.",
+                &[("", g(&self.tls_cert_not_after))],
+            );
+            one(
+                "pushgate_tls_certificate_reloads_total",
+                "counter",
+                "Loads of changed tls.cert_file/tls.key_file by result (on error the certificate in use stays).",
+                &[
+                    ("{result=\"ok\"}", c(&self.tls_cert_reloads_ok)),
+                    ("{result=\"error\"}", c(&self.tls_cert_reloads_failed)),
+                ],
             );
         }
         let name = "pushgate_delivery_seconds";

@@ -1,6 +1,12 @@
 //! At the edge: pushgate terminates TLS itself (`tls.listen`), with the certificate from
-//! [`crate::acme`], and serves HTTP/1.1 and HTTP/2 by ALPN; optionally a plain-HTTP listener
-//! (`tls.redirect_listen`) redirects to HTTPS and answers HTTP-01 challenges.
+//! [`crate::acme`] or from files (`tls.cert_file`, `tls.key_file`, see
+//! [`crate::server_cert`]), and serves HTTP/1.1 and HTTP/2 by ALPN; optionally a plain-HTTP
+//! listener (`tls.redirect_listen`) redirects to HTTPS and answers HTTP-01 challenges.
+//!
+//! A certificate from files is checked for changes every [`CERT_FILES_CHECK_INTERVAL`] by a
+//! task of its own (never on the handshake path) and loaded again once the files have stopped
+//! changing; a pair that does not load leaves the certificate in use in place (logged, and
+//! counted in `pushgate_tls_certificate_reloads_total{result="error"}`).
 //!
 //! Each connection's TLS handshake runs inside its own tracked task under
 //! `tls.handshake_timeout_ms`, never in the accept loop. A ClientHello that offers only the
@@ -25,9 +31,10 @@
 use crate::app::App;
 use crate::conn::{Busy, Conn, Streams};
 use crate::listener::accept_loop;
-use crate::metrics::Refusal;
+use crate::metrics::{Metrics, Refusal};
 use crate::respond::error_response;
 use crate::router;
+use crate::server_cert::FileCert;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -37,7 +44,9 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use rustls_acme::rustls::ServerConfig;
 use rustls_acme::rustls::server::Acceptor;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -47,11 +56,28 @@ use tracing::Instrument;
 /// HTTPS's default port: a redirect to it names no port.
 const HTTPS_PORT: u16 = 443;
 
-/// The edge listeners, bound before serving (an address in use stops the start).
+/// How often the certificate files are checked for a change (two `stat`s). A change is loaded
+/// once the files look the same on two checks in a row, so a renewal written in several steps
+/// (certbot moves two links) is read once it is complete: within two intervals.
+pub const CERT_FILES_CHECK_INTERVAL: Duration = Duration::from_secs(2);
+
+/// The edge listeners, bound before serving (an address in use stops the start), and the
+/// certificate from files when `tls.cert_file` is set (loaded before serving: a bad pair
+/// stops the start).
 #[derive(Debug, Default)]
 pub struct Listeners {
     pub https: Option<TcpListener>,
     pub redirect: Option<TcpListener>,
+    pub cert_files: Option<Arc<FileCert>>,
+}
+
+/// Where the edge's certificates come from.
+#[derive(Clone)]
+enum Certs {
+    /// The ACME task's resolver (which also answers TLS-ALPN-01).
+    Acme,
+    /// `tls.cert_file`: one server configuration, its resolver swapped on renewal.
+    Files(Arc<ServerConfig>),
 }
 
 impl Listeners {
@@ -67,9 +93,24 @@ impl Listeners {
             tracing::info!(addr = %l.local_addr()?, "listening ({key})");
             Ok(Some(l))
         }
+        let tls = &config.tls;
+        let cert_files = if tls.has_cert_files() && !tls.listen.is_empty() {
+            let (cert, key) = (Path::new(&tls.cert_file), Path::new(&tls.key_file));
+            let loaded = crate::server_cert::load(cert, key).map_err(|e| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("tls.cert_file: {e}"),
+                )
+            })?;
+            tracing::info!(cert_file = %tls.cert_file, not_after = loaded.not_after, "tls: certificate loaded from files");
+            Some(Arc::new(FileCert::new(loaded.key)))
+        } else {
+            None
+        };
         Ok(Listeners {
-            https: one("tls.listen", &config.tls.listen).await?,
-            redirect: one("tls.redirect_listen", &config.tls.redirect_listen).await?,
+            https: one("tls.listen", &tls.listen).await?,
+            redirect: one("tls.redirect_listen", &tls.redirect_listen).await?,
+            cert_files,
         })
     }
 
@@ -77,8 +118,29 @@ impl Listeners {
     pub fn spawn(self, app: &Arc<App>, slots: &Arc<Semaphore>) {
         if let Some(l) = self.https {
             let https_port = l.local_addr().map_or(HTTPS_PORT, |a| a.port());
-            app.tracker
-                .spawn(accept_loop(l, app.clone(), slots.clone(), serve_tls));
+            let certs = match self.cert_files {
+                Some(files) => match file_server_config(files.clone()) {
+                    Some(config) => {
+                        app.tracker.spawn(watch_cert_files(app.clone(), files));
+                        Certs::Files(config)
+                    }
+                    None => {
+                        tracing::error!(
+                            "tls: the crypto provider supports no safe TLS version; not serving tls.listen"
+                        );
+                        return;
+                    }
+                },
+                None => Certs::Acme,
+            };
+            app.tracker.spawn(accept_loop(
+                l,
+                app.clone(),
+                slots.clone(),
+                move |app, stream, peer, permit| {
+                    serve_tls(app, stream, peer, permit, certs.clone())
+                },
+            ));
             if let Some(r) = self.redirect {
                 app.tracker.spawn(accept_loop(
                     r,
@@ -127,21 +189,113 @@ fn server_configs(app: &App) -> Option<(Arc<ServerConfig>, Arc<ServerConfig>)> {
     ))
 }
 
+/// The server configuration for a certificate from files (ALPN `h2`, `http/1.1`), built once.
+fn file_server_config(files: Arc<FileCert>) -> Option<Arc<ServerConfig>> {
+    let provider = Arc::new(rustls_acme::rustls::crypto::ring::default_provider());
+    let mut c = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .ok()?
+        .with_no_client_auth()
+        .with_cert_resolver(files);
+    c.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Some(Arc::new(c))
+}
+
+/// What identifies a file's content without reading it: its modification time, size and inode
+/// (the file a link points to: certbot renews by pointing `live/` links at new files).
+type FileStamp = Option<(std::time::SystemTime, u64, u64)>;
+
+fn stamps(cert: &Path, key: &Path) -> (FileStamp, FileStamp) {
+    use std::os::unix::fs::MetadataExt;
+    let one = |p: &Path| {
+        let m = std::fs::metadata(p).ok()?;
+        Some((m.modified().ok()?, m.len(), m.ino()))
+    };
+    (one(cert), one(key))
+}
+
+/// Reloads `tls.cert_file` and `tls.key_file` when they change (see
+/// [`CERT_FILES_CHECK_INTERVAL`]), until shutdown. A pair that does not load keeps the
+/// certificate in use.
+async fn watch_cert_files(app: Arc<App>, files: Arc<FileCert>) {
+    let metrics = &app.metrics;
+    let cert = PathBuf::from(&app.config.tls.cert_file);
+    let key = PathBuf::from(&app.config.tls.key_file);
+    metrics.tls_cert_files.store(1, Relaxed);
+    let stat = || {
+        let (cert, key) = (cert.clone(), key.clone());
+        async move {
+            tokio::task::spawn_blocking(move || stamps(&cert, &key))
+                .await
+                .unwrap_or((None, None))
+        }
+    };
+    // What was loaded at start (read just before), and what the last check saw.
+    let mut loaded = stat().await;
+    if let Ok(l) = crate::server_cert::load(&cert, &key) {
+        metrics.tls_cert_not_after.store(l.not_after, Relaxed);
+    }
+    let mut last = loaded;
+    loop {
+        tokio::select! {
+            _ = app.shutdown.cancelled() => return,
+            () = tokio::time::sleep(CERT_FILES_CHECK_INTERVAL) => {}
+        }
+        let now = stat().await;
+        if now != last {
+            // Still changing, or just changed: read it once it holds still.
+            last = now;
+            continue;
+        }
+        if now == loaded {
+            continue;
+        }
+        loaded = now;
+        let (c, k) = (cert.clone(), key.clone());
+        let result = tokio::task::spawn_blocking(move || crate::server_cert::load(&c, &k)).await;
+        match result {
+            Ok(Ok(l)) => {
+                files.replace(l.key);
+                metrics.tls_cert_not_after.store(l.not_after, Relaxed);
+                Metrics::add(&metrics.tls_cert_reloads_ok, 1);
+                tracing::info!(cert_file = %cert.display(), not_after = l.not_after, "tls: certificate reloaded from files");
+            }
+            Ok(Err(e)) => {
+                Metrics::add(&metrics.tls_cert_reloads_failed, 1);
+                tracing::error!(error = %e, "tls.cert_file: the changed files do not load; the certificate in use stays until they change again");
+            }
+            Err(e) => {
+                Metrics::add(&metrics.tls_cert_reloads_failed, 1);
+                tracing::error!(error = %e, "tls.cert_file: loading failed");
+            }
+        }
+    }
+}
+
 async fn serve_tls(
     app: Arc<App>,
     stream: TcpStream,
     peer: SocketAddr,
     permit: OwnedSemaphorePermit,
+    certs: Certs,
 ) {
-    let Some((challenge, normal)) = server_configs(&app) else {
-        tracing::debug!(%peer, "tls: no certificate source yet; closing");
-        return;
+    let (challenge, normal) = match certs {
+        Certs::Files(config) => (None, config),
+        Certs::Acme => match server_configs(&app) {
+            Some((challenge, normal)) => (Some(challenge), normal),
+            None => {
+                tracing::debug!(%peer, "tls: no certificate source yet; closing");
+                return;
+            }
+        },
     };
     let timeout = Duration::from_millis(app.config.tls.handshake_timeout_ms);
     let handshake = async {
         let start = tokio_rustls::LazyConfigAcceptor::new(Acceptor::default(), stream).await?;
-        let is_challenge = rustls_acme::is_tls_alpn_challenge(&start.client_hello());
-        let config = if is_challenge { challenge } else { normal };
+        let challenge =
+            challenge.filter(|_| rustls_acme::is_tls_alpn_challenge(&start.client_hello()));
+        let is_challenge = challenge.is_some();
+        let config = challenge.unwrap_or(normal);
         start.into_stream(config).await.map(|s| (s, is_challenge))
     };
     let tls = match tokio::time::timeout(timeout, handshake).await {

@@ -18,6 +18,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "systemd",
             "query",
             "client_tls",
+            "server_cert",
         ],
     ),
     ("configuration", &["config"]),

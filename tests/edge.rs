@@ -1,0 +1,348 @@
+//! pushgate's own TLS edge (`tls.listen`, src/tls.rs) on a certificate from files
+//! (`tls.cert_file`, `tls.key_file`, src/server_cert.rs): served over HTTPS and WebSocket,
+//! reloaded when the files change, kept when a renewal is bad.
+//!
+//! The server runs in this process (`support::start_with`) on a free port; the clients verify
+//! against a throwaway CA made here (`support::TestCa`).
+
+mod support;
+
+use futures_util::{SinkExt, StreamExt};
+use rustls_acme::futures_rustls::pki_types::pem::PemObject;
+use rustls_acme::futures_rustls::pki_types::{CertificateDer, ServerName};
+use rustls_acme::rustls::{ClientConfig, RootCertStore};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use support::TestCa;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::Message;
+
+/// The name the edge's certificate is for.
+const NAME: &str = "socket.pushgate.test";
+/// Long enough for a reload: the files are checked every 2 s and loaded once they held still
+/// on two checks (src/tls.rs, `CERT_FILES_CHECK_INTERVAL`), with slack for a loaded machine.
+const RELOAD: Duration = Duration::from_secs(15);
+
+/// A fresh directory for one test, removed when the test passes.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!("pushgate-edge-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    fn path(&self, rel: &str) -> PathBuf {
+        self.0.join(rel)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// Writes `ca`'s leaf certificate and key as `fullchain.pem` and `privkey.pem` in `dir`,
+/// atomically (a temporary file, then a rename), as certbot's links move at once.
+fn write_pair(dir: &Path, ca: &TestCa) {
+    for (name, text) in [
+        ("fullchain.pem", &ca.cert_pem),
+        ("privkey.pem", &ca.key_pem),
+    ] {
+        let tmp = dir.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, dir.join(name)).unwrap();
+    }
+}
+
+/// A server with `tls.listen` on a free port serving the files in `dir`; `adjust` changes the
+/// configuration further. Started again on a fresh port when the one picked was taken.
+async fn start_edge(
+    dir: &Path,
+    adjust: impl Fn(&mut pushgate::Config),
+) -> (support::TestServer, SocketAddr) {
+    for _ in 0..support::ports::ATTEMPTS {
+        let https: SocketAddr = format!("127.0.0.1:{}", support::free_port())
+            .parse()
+            .unwrap();
+        let mut c = support::test_config();
+        c.tls.listen = https.to_string();
+        c.tls.cert_file = dir.join("fullchain.pem").display().to_string();
+        c.tls.key_file = dir.join("privkey.pem").display().to_string();
+        adjust(&mut c);
+        let server = support::start_with(c).await;
+        // Listening once the plain listener answers (the edge is bound before it serves); a
+        // start that lost its TLS port has ended by then.
+        let end = Instant::now() + support::DEADLINE;
+        loop {
+            if server.handle.is_finished() {
+                break;
+            }
+            if tokio::net::TcpStream::connect(https).await.is_ok() {
+                return (server, https);
+            }
+            assert!(Instant::now() < end, "the edge does not listen on {https}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        eprintln!("the edge's port {https} was taken; trying a fresh one");
+    }
+    panic!("the edge lost its port on every attempt");
+}
+
+fn client_config(ca_pem: &str, alpn: &[&[u8]]) -> Arc<ClientConfig> {
+    let mut roots = RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls_acme::rustls::crypto::ring::default_provider());
+    let mut c = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    c.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Arc::new(c)
+}
+
+type Tls = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
+/// A TLS connection to `addr` for `name` (SNI), verified against `ca_pem`, over `tcp`.
+async fn tls_over(
+    tcp: tokio::net::TcpStream,
+    name: &str,
+    ca_pem: &str,
+    alpn: &[&[u8]],
+) -> std::io::Result<Tls> {
+    let connector = tokio_rustls::TlsConnector::from(client_config(ca_pem, alpn));
+    let server_name = ServerName::try_from(name.to_string()).unwrap();
+    tokio::time::timeout(support::DEADLINE, connector.connect(server_name, tcp))
+        .await
+        .map_err(|_| std::io::Error::other("handshake timed out"))?
+}
+
+async fn tls_connect(addr: SocketAddr, name: &str, ca_pem: &str) -> std::io::Result<Tls> {
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    tls_over(tcp, name, ca_pem, &[b"http/1.1"]).await
+}
+
+/// `GET path` over HTTPS (HTTP/1.1, `Connection: close`) on an open TLS stream: the status and
+/// the body.
+async fn https_get(mut tls: Tls, host: &str, path: &str) -> (u16, String) {
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    tls.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(support::DEADLINE, tls.read_to_end(&mut buf))
+        .await
+        .expect("an answer in time");
+    // nginx may close without close_notify after `Connection: close`.
+    if let Err(e) = read {
+        assert!(
+            e.kind() == std::io::ErrorKind::UnexpectedEof && !buf.is_empty(),
+            "{e}"
+        );
+    }
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map_or("", |b| b.1).to_string();
+    (status, body)
+}
+
+type Wss = tokio_tungstenite::WebSocketStream<Tls>;
+
+async fn wss(tls: Tls, host: &str) -> Result<Wss, tokio_tungstenite::tungstenite::Error> {
+    let url = format!("wss://{host}/socket/websocket?vsn=2.0.0");
+    tokio_tungstenite::client_async(url, tls)
+        .await
+        .map(|(ws, _)| ws)
+}
+
+async fn next_text(ws: &mut Wss) -> serde_json::Value {
+    loop {
+        let m = tokio::time::timeout(support::DEADLINE, ws.next())
+            .await
+            .expect("no frame in time")
+            .expect("stream ended")
+            .expect("websocket error");
+        if let Message::Text(t) = m {
+            return serde_json::from_str(&t).unwrap();
+        }
+    }
+}
+
+/// Joins `topic`, then sees a message published on the plain listener `api` arrive.
+async fn join_and_receive(ws: &mut Wss, api: SocketAddr, topic: &str) {
+    let join = format!(r#"["1","1","{topic}","phx_join",{{}}]"#);
+    ws.send(Message::text(join)).await.unwrap();
+    let reply = next_text(ws).await;
+    assert_eq!(reply[4]["status"], "ok", "{reply}");
+    support::publish(api, topic, "news", r#"{"n":1}"#).await;
+    let push = next_text(ws).await;
+    assert_eq!(push[2], topic, "{push}");
+    assert_eq!(push[3], "news", "{push}");
+    assert_eq!(push[4]["n"], 1, "{push}");
+}
+
+/// Polls `f` every 50 ms until it gives `Some`, or fails with `what`.
+async fn poll<T, Fut: std::future::Future<Output = Option<T>>>(
+    within: Duration,
+    mut f: impl FnMut() -> Fut,
+    what: &str,
+) -> T {
+    let end = Instant::now() + within;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn metric(addr: SocketAddr, sample: &str) -> f64 {
+    support::metric(addr, sample)
+        .await
+        .unwrap_or_else(|| panic!("no sample {sample} in /metrics"))
+}
+
+/// The edge serves the certificate from files over HTTPS and WebSocket; a renewal (a new
+/// certificate from another CA) is served once loaded; a bad renewal (a key that does not go
+/// with the certificate, then garbage) is counted and the renewed certificate stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificate_files_are_served_renewed_and_a_bad_renewal_keeps_the_old_one() {
+    let tmp = TempDir::new("files");
+    let first = TestCa::new(&[NAME]);
+    write_pair(&tmp.0, &first);
+    let (server, https) = start_edge(&tmp.0, |_| {}).await;
+
+    let (status, body) = https_get(
+        tls_connect(https, NAME, &first.ca_pem).await.unwrap(),
+        NAME,
+        "/healthz",
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let mut ws = wss(tls_connect(https, NAME, &first.ca_pem).await.unwrap(), NAME)
+        .await
+        .expect("a WebSocket over TLS");
+    join_and_receive(&mut ws, server.addr, "room:files").await;
+    let expiry = "pushgate_tls_certificate_expiry_timestamp_seconds";
+    assert!(metric(server.addr, expiry).await > 0.0);
+
+    // A renewal: another CA's certificate for the same name.
+    let renewed = TestCa::new(&[NAME]);
+    write_pair(&tmp.0, &renewed);
+    poll(
+        RELOAD,
+        || async { tls_connect(https, NAME, &renewed.ca_pem).await.ok() },
+        "the renewed certificate to be served",
+    )
+    .await;
+    assert!(
+        tls_connect(https, NAME, &first.ca_pem).await.is_err(),
+        "the first certificate is still served"
+    );
+    let ok = r#"pushgate_tls_certificate_reloads_total{result="ok"}"#;
+    let error = r#"pushgate_tls_certificate_reloads_total{result="error"}"#;
+    assert_eq!(metric(server.addr, ok).await, 1.0);
+    // The WebSocket opened before the renewal goes on.
+    ws.send(Message::text(r#"[null,"2","phoenix","heartbeat",{}]"#))
+        .await
+        .unwrap();
+    assert_eq!(next_text(&mut ws).await[1], "2");
+
+    // A bad renewal: a key that is not the certificate's; then garbage in the chain.
+    let stranger = TestCa::new(&[NAME]);
+    std::fs::write(tmp.path("privkey.pem"), &stranger.key_pem).unwrap();
+    let addr = server.addr;
+    poll(
+        RELOAD,
+        || async move { (metric(addr, error).await >= 1.0).then_some(()) },
+        "the bad renewal to be counted",
+    )
+    .await;
+    std::fs::write(tmp.path("fullchain.pem"), "not a certificate").unwrap();
+    poll(
+        RELOAD,
+        || async move { (metric(addr, error).await >= 2.0).then_some(()) },
+        "the garbage to be counted",
+    )
+    .await;
+    let (status, _) = https_get(
+        tls_connect(https, NAME, &renewed.ca_pem)
+            .await
+            .expect("the renewed certificate stays after bad renewals"),
+        NAME,
+        "/healthz",
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(metric(server.addr, ok).await, 1.0);
+
+    // Good files again: loaded.
+    write_pair(&tmp.0, &stranger);
+    poll(
+        RELOAD,
+        || async { tls_connect(https, NAME, &stranger.ca_pem).await.ok() },
+        "good files after bad ones to be served",
+    )
+    .await;
+    assert_eq!(metric(server.addr, ok).await, 2.0);
+}
+
+/// The real binary refuses to start (and `check-config` refuses the configuration) when the
+/// files do not load, naming the key and the problem.
+#[test]
+fn bad_certificate_files_at_start_are_a_config_error() {
+    let tmp = TempDir::new("bad-files");
+    let good = TestCa::new(&[NAME]);
+    let other = TestCa::new(&[NAME]);
+    std::fs::write(tmp.path("fullchain.pem"), &good.cert_pem).unwrap();
+    std::fs::write(tmp.path("privkey.pem"), &other.key_pem).unwrap();
+    let run = |args: &[&str], chain: &Path| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_pushgate"));
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("PUSHGATE_") || k == "PORT" {
+                cmd.env_remove(k);
+            }
+        }
+        let out = cmd
+            .args(args)
+            .env(
+                "PUSHGATE_LISTEN",
+                format!("127.0.0.1:{}", support::free_port()),
+            )
+            .env(
+                "PUSHGATE_TLS_LISTEN",
+                format!("127.0.0.1:{}", support::free_port()),
+            )
+            .env("PUSHGATE_TLS_CERT_FILE", chain)
+            .env("PUSHGATE_TLS_KEY_FILE", tmp.path("privkey.pem"))
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    for args in [&["check-config"][..], &["serve"]] {
+        let (code, stderr) = run(args, &tmp.path("fullchain.pem"));
+        assert_ne!(code, Some(0), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("tls.cert_file") && stderr.contains("does not go with"),
+            "{args:?}: {stderr}"
+        );
+        let (code, stderr) = run(args, &tmp.path("missing.pem"));
+        assert_ne!(code, Some(0), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("tls.cert_file") && stderr.contains("cannot read"),
+            "{args:?}: {stderr}"
+        );
+    }
+}
