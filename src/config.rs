@@ -764,8 +764,18 @@ pub struct TlsConfig {
     /// Address of a plain-HTTP listener that redirects to HTTPS (and answers HTTP-01
     /// challenges), for example `0.0.0.0:80`. Empty (the default): none.
     pub redirect_listen: String,
-    /// Time a client has to complete the TLS handshake, in ms. Default 10000.
+    /// Time a client has to complete the TLS handshake, in ms (with `tls.proxy_protocol`, the
+    /// PROXY header included). Default 10000.
     pub handshake_timeout_ms: u64,
+    /// Every connection on `tls.listen` starts with a PROXY protocol header (version 1 or 2,
+    /// as nginx's `stream` module sends with `proxy_protocol on`), and the client address in
+    /// it is the connection's peer for everything (per-address limits, logs); a `LOCAL`
+    /// header (a proxy's health check) keeps the socket's own address. A connection without a
+    /// valid header is closed (`pushgate_refusals_total{cause="proxy_protocol"}`). Turn it on
+    /// only when `tls.listen` is reachable by the proxy alone (loopback): anyone who can
+    /// connect can claim any address. Default false. Environment:
+    /// `PUSHGATE_TLS_PROXY_PROTOCOL`.
+    pub proxy_protocol: bool,
     /// Also serve `/api/*` (publish, presence) and `/metrics` on `tls.listen`. Default false:
     /// the edge serves what the internet needs (`/socket/*`, health checks, ACME challenges,
     /// the demo page when enabled) and the rest answers 404 there; the plain listener
@@ -791,6 +801,7 @@ impl Default for TlsConfig {
             key_file: String::new(),
             redirect_listen: String::new(),
             handshake_timeout_ms: 10_000,
+            proxy_protocol: false,
             serve_api_and_metrics: false,
             http2_ping_interval_ms: 30_000,
             http2_max_concurrent_streams: 128,
@@ -1776,10 +1787,13 @@ mod tests {
                 ("PUSHGATE_TLS_LISTEN", "127.0.0.1:8443"),
                 ("PUSHGATE_TLS_CERT_FILE", cert_file.to_str().unwrap()),
                 ("PUSHGATE_TLS_KEY_FILE", key_file.to_str().unwrap()),
+                ("PUSHGATE_TLS_PROXY_PROTOCOL", "true"),
             ]),
         )
         .unwrap();
         assert_eq!(keys(&c), []);
+        assert!(c.tls.proxy_protocol);
+        assert!(!Config::default().tls.proxy_protocol);
 
         let mut alone = c.clone();
         alone.tls.key_file.clear();

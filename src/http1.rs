@@ -749,7 +749,8 @@ pub struct Rewind {
 }
 
 impl Rewind {
-    fn new(read: Vec<u8>, inner: TcpStream) -> Rewind {
+    /// `inner`, with `read` (bytes already taken from it) to be read first.
+    pub(crate) fn new(read: Vec<u8>, inner: TcpStream) -> Rewind {
         Rewind {
             read,
             pos: 0,

@@ -31,6 +31,7 @@
 //! - [`challenges`]: the ACME challenges open now (HTTP-01 answers, the TLS resolver).
 //! - [`tls`]: at the edge, TLS with the ACME certificate or one from files (HTTP/1.1 and
 //!   HTTP/2), HTTPS redirect.
+//! - [`proxy_protocol`]: the PROXY protocol header an edge behind a TCP proxy reads first.
 //! - [`server_cert`]: the edge's certificate from files (`tls.cert_file`), loaded and checked.
 //! - [`systemd`]: socket activation, readiness/stopping notifications and watchdog pings.
 //! - `fuzzing` (hidden): views of internal parsers for the fuzz targets in `fuzz/`.
@@ -57,6 +58,7 @@ pub mod metrics;
 pub mod origin;
 pub mod presence;
 pub mod protocol;
+pub mod proxy_protocol;
 pub mod query;
 pub mod respond;
 pub mod router;

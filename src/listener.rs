@@ -77,6 +77,21 @@ pub(crate) async fn accept_loop<F, Fut>(
     F: Fn(Arc<App>, TcpStream, std::net::SocketAddr, OwnedSemaphorePermit) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
+    accept_loop_spanned(listener, app, slots, true, serve).await
+}
+
+/// [`accept_loop`], where `span: false` leaves the [`conn_span`] to `serve` (the edge behind a
+/// PROXY protocol proxy makes it once the header names the client).
+pub(crate) async fn accept_loop_spanned<F, Fut>(
+    listener: TcpListener,
+    app: Arc<App>,
+    slots: Arc<Semaphore>,
+    span: bool,
+    serve: F,
+) where
+    F: Fn(Arc<App>, TcpStream, std::net::SocketAddr, OwnedSemaphorePermit) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let mut backoff = ACCEPT_BACKOFF_FIRST;
     loop {
         let permit = tokio::select! {
@@ -105,8 +120,11 @@ pub(crate) async fn accept_loop<F, Fut>(
         };
         app.metrics.connections_accepted.fetch_add(1, Relaxed);
         let _ = stream.set_nodelay(true);
-        let span = conn_span(peer);
-        app.tracker
-            .spawn(serve(app.clone(), stream, peer, permit).instrument(span));
+        let task = serve(app.clone(), stream, peer, permit);
+        if span {
+            app.tracker.spawn(task.instrument(conn_span(peer)));
+        } else {
+            app.tracker.spawn(task);
+        }
     }
 }

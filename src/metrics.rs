@@ -142,16 +142,19 @@ pub enum Refusal {
     TopicCap,
     /// A connection or LongPoll session past `server.max_connections`.
     SessionCap,
+    /// A connection to the edge without a valid PROXY protocol header (`tls.proxy_protocol`).
+    ProxyProtocol,
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 6] = [
+    pub const ALL: [Refusal; 7] = [
         Refusal::Timeout,
         Refusal::PerAddress,
         Refusal::RateLimit,
         Refusal::Origin,
         Refusal::TopicCap,
         Refusal::SessionCap,
+        Refusal::ProxyProtocol,
     ];
 
     /// The `cause` label value.
@@ -163,6 +166,7 @@ impl Refusal {
             Refusal::Origin => "origin",
             Refusal::TopicCap => "topic_cap",
             Refusal::SessionCap => "session_cap",
+            Refusal::ProxyProtocol => "proxy_protocol",
         }
     }
 }

@@ -9,7 +9,10 @@
 //! counted in `pushgate_tls_certificate_reloads_total{result="error"}`).
 //!
 //! Each connection's TLS handshake runs inside its own tracked task under
-//! `tls.handshake_timeout_ms`, never in the accept loop. A ClientHello that offers only the
+//! `tls.handshake_timeout_ms`, never in the accept loop. With `tls.proxy_protocol` every
+//! connection first sends a PROXY protocol header ([`crate::proxy_protocol`]), read under the
+//! same deadline; the client it names is the connection's peer from then on (its span, the
+//! per-address limits), and a connection without one is closed and counted. A ClientHello that offers only the
 //! `acme-tls/1` protocol is a TLS-ALPN-01 validation: it gets the challenge certificate from
 //! the ACME resolver and the connection ends after the handshake. Everything else is served by
 //! hyper (HTTP/1.1 or HTTP/2) through [`crate::router`], sharing `server.max_connections`
@@ -30,8 +33,10 @@
 
 use crate::app::App;
 use crate::conn::{Busy, Conn, Streams};
-use crate::listener::accept_loop;
+use crate::http1::Rewind;
+use crate::listener::{accept_loop, accept_loop_spanned, conn_span};
 use crate::metrics::{Metrics, Refusal};
+use crate::proxy_protocol::{self, Source};
 use crate::respond::error_response;
 use crate::router;
 use crate::server_cert::FileCert;
@@ -48,6 +53,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::task::TaskTracker;
@@ -133,14 +139,28 @@ impl Listeners {
                 },
                 None => Certs::Acme,
             };
-            app.tracker.spawn(accept_loop(
-                l,
-                app.clone(),
-                slots.clone(),
-                move |app, stream, peer, permit| {
-                    serve_tls(app, stream, peer, permit, certs.clone())
-                },
-            ));
+            if app.config.tls.proxy_protocol {
+                // The connection's span is made once the header names the client.
+                app.tracker.spawn(accept_loop_spanned(
+                    l,
+                    app.clone(),
+                    slots.clone(),
+                    false,
+                    move |app, stream, peer, permit| {
+                        serve_proxied(app, stream, peer, permit, certs.clone())
+                    },
+                ));
+            } else {
+                app.tracker.spawn(accept_loop(
+                    l,
+                    app.clone(),
+                    slots.clone(),
+                    move |app, stream, peer, permit| {
+                        let deadline = handshake_deadline(&app);
+                        serve_tls(app, stream, peer, permit, certs.clone(), deadline)
+                    },
+                ));
+            }
             if let Some(r) = self.redirect {
                 app.tracker.spawn(accept_loop(
                     r,
@@ -272,13 +292,59 @@ async fn watch_cert_files(app: Arc<App>, files: Arc<FileCert>) {
     }
 }
 
-async fn serve_tls(
+fn handshake_deadline(app: &App) -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_millis(app.config.tls.handshake_timeout_ms)
+}
+
+/// A connection from a proxy (`tls.proxy_protocol`): its PROXY header, then TLS, both before
+/// the handshake deadline. The header's client is the peer from here on; a connection without
+/// a valid header is closed.
+async fn serve_proxied(
     app: Arc<App>,
-    stream: TcpStream,
-    peer: SocketAddr,
+    mut stream: TcpStream,
+    socket_peer: SocketAddr,
     permit: OwnedSemaphorePermit,
     certs: Certs,
 ) {
+    let deadline = handshake_deadline(&app);
+    let header = tokio::time::timeout_at(deadline, proxy_protocol::read_header(&mut stream));
+    let (peer, rest) = match header.await {
+        Ok(Ok((Source::Client(client), rest))) => (client, rest),
+        Ok(Ok((Source::Local, rest))) => (socket_peer, rest),
+        // A connection that ends (or fails) before a header is not refused, only gone: as
+        // a failed TLS handshake, logged and not counted (a port check connects and closes).
+        Ok(Err(e @ (proxy_protocol::Error::Closed | proxy_protocol::Error::Io(_)))) => {
+            tracing::debug!(peer = %socket_peer, error = %e, "connection ended before its proxy protocol header");
+            return;
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(peer = %socket_peer, error = %e, "connection refused");
+            app.metrics.refused(Refusal::ProxyProtocol);
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(peer = %socket_peer, "proxy protocol header timed out");
+            app.metrics.refused(Refusal::Timeout);
+            return;
+        }
+    };
+    let span = conn_span(peer);
+    let stream = Rewind::new(rest, stream);
+    serve_tls(app, stream, peer, permit, certs, deadline)
+        .instrument(span)
+        .await;
+}
+
+async fn serve_tls<S>(
+    app: Arc<App>,
+    stream: S,
+    peer: SocketAddr,
+    permit: OwnedSemaphorePermit,
+    certs: Certs,
+    deadline: tokio::time::Instant,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let (challenge, normal) = match certs {
         Certs::Files(config) => (None, config),
         Certs::Acme => match server_configs(&app) {
@@ -289,7 +355,6 @@ async fn serve_tls(
             }
         },
     };
-    let timeout = Duration::from_millis(app.config.tls.handshake_timeout_ms);
     let handshake = async {
         let start = tokio_rustls::LazyConfigAcceptor::new(Acceptor::default(), stream).await?;
         let challenge =
@@ -298,7 +363,7 @@ async fn serve_tls(
         let config = challenge.unwrap_or(normal);
         start.into_stream(config).await.map(|s| (s, is_challenge))
     };
-    let tls = match tokio::time::timeout(timeout, handshake).await {
+    let tls = match tokio::time::timeout_at(deadline, handshake).await {
         Ok(Ok((tls, false))) => tls,
         Ok(Ok((_, true))) => {
             tracing::info!(%peer, "answered a tls-alpn-01 challenge");
@@ -324,12 +389,14 @@ async fn serve_tls(
 }
 
 /// Serves an established TLS connection with hyper, HTTP/1.1 or HTTP/2 as ALPN chose.
-async fn serve_https(
+async fn serve_https<S>(
     app: Arc<App>,
-    tls: tokio_rustls::server::TlsStream<TcpStream>,
+    tls: tokio_rustls::server::TlsStream<S>,
     peer: SocketAddr,
     permit: OwnedSemaphorePermit,
-) {
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     // The connection holds its slot; an HTTP/1.1 WebSocket upgrade takes it over, and each
     // RFC 8441 WebSocket on an HTTP/2 connection takes one more (`router::route`). Open
     // requests and WebSockets are counted for the idle deadline below.

@@ -346,3 +346,164 @@ fn bad_certificate_files_at_start_are_a_config_error() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// PROXY protocol (`tls.proxy_protocol`)
+// ---------------------------------------------------------------------------------------------
+
+/// A version 1 header naming `client` (as nginx's `stream` module writes it).
+fn v1_header(client: SocketAddr, server: SocketAddr) -> Vec<u8> {
+    format!(
+        "PROXY TCP4 {} {} {} {}\r\n",
+        client.ip(),
+        server.ip(),
+        client.port(),
+        server.port()
+    )
+    .into_bytes()
+}
+
+/// A version 2 header, `PROXY` naming `client` or `LOCAL`.
+fn v2_header(client: SocketAddr, server: SocketAddr, local: bool) -> Vec<u8> {
+    let command = if local {
+        ppp::v2::Command::Local
+    } else {
+        ppp::v2::Command::Proxy
+    };
+    ppp::v2::Builder::with_addresses(
+        ppp::v2::Version::Two | command,
+        ppp::v2::Protocol::Stream,
+        (client, server),
+    )
+    .build()
+    .unwrap()
+}
+
+/// A TCP connection to `addr` that sends `header` first (in the same segment as nothing else:
+/// the TLS handshake follows in its own writes).
+async fn connect_with_header(addr: SocketAddr, header: &[u8]) -> tokio::net::TcpStream {
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(header).await.unwrap();
+    tcp
+}
+
+/// A WebSocket over TLS behind `header`: its join reply, or the HTTP status that refused it.
+async fn websocket_behind(https: SocketAddr, header: &[u8], ca_pem: &str) -> Result<Wss, u16> {
+    let tcp = connect_with_header(https, header).await;
+    let tls = tls_over(tcp, NAME, ca_pem, &[b"http/1.1"])
+        .await
+        .expect("TLS behind a PROXY header");
+    match wss(tls, NAME).await {
+        Ok(mut ws) => {
+            ws.send(Message::text(r#"["1","1","room:proxy","phx_join",{}]"#))
+                .await
+                .unwrap();
+            let reply = next_text(&mut ws).await;
+            assert_eq!(reply[4]["status"], "ok", "{reply}");
+            Ok(ws)
+        }
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => Err(r.status().as_u16()),
+        Err(e) => panic!("websocket: {e}"),
+    }
+}
+
+/// The client a PROXY header names (v1 or v2) is the one the per-address limit counts, not the
+/// socket's address (127.0.0.1, the test's own); a `LOCAL` header counts the socket's address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_header_names_the_client_the_limits_count() {
+    let tmp = TempDir::new("proxy-limits");
+    let ca = TestCa::new(&[NAME]);
+    write_pair(&tmp.0, &ca);
+    let (server, https) = start_edge(&tmp.0, |c| {
+        c.tls.proxy_protocol = true;
+        c.limits.max_connections_per_address = 1;
+    })
+    .await;
+    let nine: SocketAddr = "127.0.0.9:40000".parse().unwrap();
+    let ten: SocketAddr = "127.0.0.10:40001".parse().unwrap();
+    let socket: SocketAddr = "127.0.0.1:40002".parse().unwrap();
+
+    // 127.0.0.9 by version 1 holds its one connection; by version 2 it gets no second.
+    let first = websocket_behind(https, &v1_header(nine, https), &ca.ca_pem)
+        .await
+        .expect("127.0.0.9's first WebSocket");
+    let second = websocket_behind(https, &v2_header(nine, https, false), &ca.ca_pem).await;
+    assert_eq!(second.err(), Some(429), "127.0.0.9's second WebSocket");
+    let per_address = r#"pushgate_refusals_total{cause="per_address"}"#;
+    assert_eq!(metric(server.addr, per_address).await, 1.0);
+    // 127.0.0.10, from the same socket address, is another client (version 2).
+    let other = websocket_behind(https, &v2_header(ten, https, false), &ca.ca_pem)
+        .await
+        .expect("127.0.0.10's WebSocket");
+    // LOCAL: the socket's own address (127.0.0.1) is the client, with its own connection...
+    let local = websocket_behind(https, &v2_header(nine, https, true), &ca.ca_pem)
+        .await
+        .expect("a WebSocket behind LOCAL");
+    // ... which a header naming 127.0.0.1 then finds taken.
+    let taken = websocket_behind(https, &v1_header(socket, https), &ca.ca_pem).await;
+    assert_eq!(
+        taken.err(),
+        Some(429),
+        "127.0.0.1 after the LOCAL connection"
+    );
+    assert_eq!(metric(server.addr, per_address).await, 2.0);
+    drop((first, other, local));
+}
+
+/// Reads `stream` until the server ends it; the time it took. Fails if it is still open
+/// after `within`.
+async fn closed_within(stream: &mut tokio::net::TcpStream, within: Duration) -> Duration {
+    let start = Instant::now();
+    let mut chunk = [0u8; 1024];
+    loop {
+        match tokio::time::timeout_at((start + within).into(), stream.read(&mut chunk)).await {
+            Err(_) => panic!("still open after {within:?}"),
+            Ok(Ok(0)) | Ok(Err(_)) => return start.elapsed(),
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+/// A connection without a valid PROXY header is closed: none (TLS at once), garbage, and a
+/// header that never completes (at the handshake deadline); each counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_without_a_valid_proxy_header_are_closed() {
+    let tmp = TempDir::new("proxy-refusals");
+    let ca = TestCa::new(&[NAME]);
+    write_pair(&tmp.0, &ca);
+    let (server, https) = start_edge(&tmp.0, |c| {
+        c.tls.proxy_protocol = true;
+        c.tls.handshake_timeout_ms = 1000;
+    })
+    .await;
+    let refused = r#"pushgate_refusals_total{cause="proxy_protocol"}"#;
+    let timeouts = r#"pushgate_refusals_total{cause="timeout"}"#;
+
+    // No header: the ClientHello is not one, and the handshake fails.
+    assert!(tls_connect(https, NAME, &ca.ca_pem).await.is_err());
+    // Garbage: closed at once.
+    let mut garbage = connect_with_header(https, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    closed_within(&mut garbage, Duration::from_millis(900)).await;
+    let addr = server.addr;
+    poll(
+        support::DEADLINE,
+        || async move { (metric(addr, refused).await == 2.0).then_some(()) },
+        "two refusals for a missing and a garbage header",
+    )
+    .await;
+
+    // A header that stops half-way: closed at the deadline, not before.
+    let mut slow = connect_with_header(https, b"PROXY TCP4 127.0.0.9 127.0").await;
+    let took = closed_within(&mut slow, Duration::from_secs(3)).await;
+    assert!(took >= Duration::from_millis(800), "closed after {took:?}");
+    assert_eq!(metric(server.addr, timeouts).await, 1.0);
+    assert_eq!(metric(server.addr, refused).await, 2.0);
+
+    // A good header still works.
+    let nine: SocketAddr = "127.0.0.9:40000".parse().unwrap();
+    let tcp = connect_with_header(https, &v1_header(nine, https)).await;
+    let tls = tls_over(tcp, NAME, &ca.ca_pem, &[b"http/1.1"])
+        .await
+        .unwrap();
+    assert_eq!(https_get(tls, NAME, "/healthz").await.0, 200);
+}

@@ -53,6 +53,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "router",
             "deadline",
             "acme",
+            "proxy_protocol",
             "tls",
         ],
     ),
