@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Renders the nginx site template: nginx/render.sh [NAME=VALUE ...] < pushgate.conf > site.conf
+# (and the SNI mode's stream server: nginx/render.sh [...] < pushgate-sni.conf > sni.conf).
 #
 # Variables and their defaults (for a droplet serving example.com):
 #   server_name        example.com            names this site answers to (space-separated)
@@ -12,6 +13,12 @@
 #   static_root        /var/www/app           your static files
 #   pushgate_upstream  127.0.0.1:4000         pushgate (pushgate.socket's ListenStream=)
 #   app_upstream       127.0.0.1:3000         your app
+# Only in pushgate-sni.conf (the SNI mode):
+#   socket_server_name socket.example.com     the name routed to pushgate's own TLS edge
+#   pushgate_tls_upstream 127.0.0.1:4443      pushgate's tls.listen (with tls.proxy_protocol)
+#   site_upstream      127.0.0.1:8443         where the site's HTTPS server listens, rendered
+#                                             with listen_https="127.0.0.1:8443 proxy_protocol"
+#                                             and listen_https_v6="[::1]:8443 proxy_protocol"
 #
 # Fails on an unknown name and on any {{ ... }} left unfilled.
 set -euo pipefail
@@ -27,6 +34,9 @@ declare -A v=(
     [static_root]=/var/www/app
     [pushgate_upstream]=127.0.0.1:4000
     [app_upstream]=127.0.0.1:3000
+    [socket_server_name]=socket.example.com
+    [pushgate_tls_upstream]=127.0.0.1:4443
+    [site_upstream]=127.0.0.1:8443
 )
 for arg in "$@"; do
     name=${arg%%=*}

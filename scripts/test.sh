@@ -25,6 +25,8 @@ command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
 [ -x /usr/sbin/nginx ] || need_apt+=(nginx)
 [ -f /usr/lib/nginx/modules/ngx_http_brotli_filter_module.so ] || need_apt+=(libnginx-mod-http-brotli-filter)
 [ -f /usr/lib/nginx/modules/ngx_http_brotli_static_module.so ] || need_apt+=(libnginx-mod-http-brotli-static)
+# The SNI mode (nginx/pushgate-sni.conf, tests/edge.rs): nginx's stream module with ssl_preread.
+[ -f /usr/lib/nginx/modules/ngx_stream_module.so ] || need_apt+=(libnginx-mod-stream)
 # The bench's stack smoke test (bench/tests/smoke.rs): Nchan in the same nginx, side by side.
 [ -f /usr/lib/nginx/modules/ngx_nchan_module.so ] || need_apt+=(libnginx-mod-nchan)
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)

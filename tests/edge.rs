@@ -507,3 +507,306 @@ async fn connections_without_a_valid_proxy_header_are_closed() {
         .unwrap();
     assert_eq!(https_get(tls, NAME, "/healthz").await.0, 200);
 }
+
+// ---------------------------------------------------------------------------------------------
+// The SNI mode: nginx's stream server in front (nginx/pushgate-sni.conf)
+// ---------------------------------------------------------------------------------------------
+
+const NGINX: &str = "/usr/sbin/nginx";
+const NGINX_MODULES: &str = "/usr/lib/nginx/modules";
+/// The name the site answers to in the SNI test (the socket's is [`NAME`]).
+const SITE_NAME: &str = "www.pushgate.test";
+
+/// `template` (a file in nginx/) rendered by nginx/render.sh with `vars`.
+fn render(template: &str, vars: &[String]) -> Vec<u8> {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read(repo.join("nginx").join(template)).unwrap();
+    let mut render = std::process::Command::new(repo.join("nginx/render.sh"))
+        .args(vars)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("nginx/render.sh");
+    std::io::Write::write_all(&mut render.stdin.take().unwrap(), &text).unwrap();
+    let out = render.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "render.sh {template}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// nginx in the foreground with a private prefix; stopped with SIGTERM on drop (SIGKILL
+/// would orphan its worker).
+struct Nginx {
+    child: std::process::Child,
+    prefix: PathBuf,
+}
+
+impl Nginx {
+    fn error_log(&self) -> String {
+        std::fs::read_to_string(self.prefix.join("logs/error.log")).unwrap_or_default()
+    }
+    fn access_log(&self) -> String {
+        std::fs::read_to_string(self.prefix.join("logs/access.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let end = Instant::now() + Duration::from_secs(10);
+        while self.child.try_wait().ok().flatten().is_none() && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The SNI mode as shipped: nginx/pushgate-sni.conf in nginx's main context on a public port
+/// (IPv4 and IPv6), routing [`NAME`] to pushgate's edge at `edge` and every other name to the
+/// site, nginx/pushgate.conf rendered with its HTTPS listeners on loopback with
+/// `proxy_protocol`. Both serve the certificate in `tls_dir`. Returns nginx and its public
+/// port, once it listens; started again on fresh ports when one was taken.
+fn start_sni_nginx(
+    prefix: &Path,
+    tls_dir: &Path,
+    edge: SocketAddr,
+    pushgate: SocketAddr,
+) -> (Nginx, u16) {
+    for d in ["conf", "logs", "tmp", "static"] {
+        std::fs::create_dir_all(prefix.join(d)).unwrap();
+    }
+    // nginx's workers run as nobody when the tests run as root.
+    for d in [prefix, &prefix.join("static"), tls_dir] {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    std::fs::write(prefix.join("static/hello.txt"), "hello from the site\n").unwrap();
+    support::ports::retry_taken_ports("nginx (SNI mode)", |_| {
+        let (public, site, http) = (
+            support::free_port_v4_v6(),
+            support::free_port_v4_v6(),
+            support::free_port_v4_v6(),
+        );
+        let stream = render(
+            "pushgate-sni.conf",
+            &[
+                format!("socket_server_name={NAME}"),
+                format!("listen_https=127.0.0.1:{public}"),
+                format!("listen_https_v6=[::1]:{public}"),
+                format!("pushgate_tls_upstream={edge}"),
+                format!("site_upstream=127.0.0.1:{site}"),
+            ],
+        );
+        let site_conf = render(
+            "pushgate.conf",
+            &[
+                format!("server_name={SITE_NAME}"),
+                format!("listen_http=127.0.0.1:{http}"),
+                format!("listen_http_v6=[::1]:{http}"),
+                format!("listen_https=127.0.0.1:{site} proxy_protocol"),
+                format!("listen_https_v6=[::1]:{site} proxy_protocol"),
+                format!("tls_dir={}", tls_dir.display()),
+                format!("static_root={}", prefix.join("static").display()),
+                format!("pushgate_upstream={pushgate}"),
+                format!("app_upstream=127.0.0.1:{}", support::free_port()),
+            ],
+        );
+        std::fs::write(prefix.join("conf/pushgate-sni.conf"), stream).unwrap();
+        std::fs::write(prefix.join("conf/pushgate.conf"), site_conf).unwrap();
+        let p = prefix.display();
+        // As Debian's nginx.conf: modules loaded, then (main context) the stream server, as
+        // /etc/nginx/modules-enabled/*.conf would include it; the site inside http {}.
+        let main = format!(
+            r#"load_module {NGINX_MODULES}/ngx_stream_module.so;
+load_module {NGINX_MODULES}/ngx_http_brotli_filter_module.so;
+load_module {NGINX_MODULES}/ngx_http_brotli_static_module.so;
+include {p}/conf/pushgate-sni.conf;
+worker_processes 1;
+pid {p}/nginx.pid;
+error_log {p}/logs/error.log info;
+events {{ worker_connections 1024; }}
+http {{
+    include /etc/nginx/mime.types;
+    default_type application/octet-stream;
+    access_log {p}/logs/access.log;
+    client_body_temp_path {p}/tmp/body;
+    proxy_temp_path {p}/tmp/proxy;
+    fastcgi_temp_path {p}/tmp/fastcgi;
+    uwsgi_temp_path {p}/tmp/uwsgi;
+    scgi_temp_path {p}/tmp/scgi;
+    include {p}/conf/pushgate.conf;
+}}
+"#
+        );
+        let conf = prefix.join("conf/nginx.conf");
+        std::fs::write(&conf, main).unwrap();
+        let _ = std::fs::remove_file(prefix.join("logs/error.log"));
+        let child = std::process::Command::new(NGINX)
+            .arg("-p")
+            .arg(prefix)
+            .arg("-e")
+            .arg(prefix.join("logs/error.log"))
+            .arg("-c")
+            .arg(&conf)
+            .args(["-g", "daemon off;"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("cannot start nginx");
+        let mut nginx = Nginx {
+            child,
+            prefix: prefix.to_path_buf(),
+        };
+        let started = support::ports::wait_listening(
+            &mut nginx.child,
+            &[public, site, http],
+            support::DEADLINE,
+            "nginx",
+        );
+        if let Err(taken) = started {
+            let log = nginx.error_log();
+            assert!(
+                support::ports::says_port_taken(&log),
+                "nginx exited:\n{log}"
+            );
+            return Err(taken);
+        }
+        // Its master binds every listen line (IPv6 too) before it starts a worker.
+        let end = Instant::now() + support::DEADLINE;
+        while !nginx.error_log().contains("start worker process") {
+            assert!(
+                Instant::now() < end,
+                "nginx started no worker:\n{}",
+                nginx.error_log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok((nginx, public))
+    })
+}
+
+/// A TCP connection to `addr` from the source address `from` (any of 127/8 is on `lo`).
+async fn connect_from(from: &str, addr: SocketAddr) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    socket.connect(addr).await.unwrap()
+}
+
+/// A Phoenix WebSocket through nginx's stream server from `from`, with SNI [`NAME`]: joined
+/// to `room:sni`, or the HTTP status that refused it.
+async fn socket_through_nginx(from: &str, public: SocketAddr, ca_pem: &str) -> Result<Wss, u16> {
+    let tls = tls_over(
+        connect_from(from, public).await,
+        NAME,
+        ca_pem,
+        &[b"http/1.1"],
+    )
+    .await
+    .expect("TLS to the socket hostname through nginx");
+    match wss(tls, NAME).await {
+        Ok(mut ws) => {
+            ws.send(Message::text(r#"["1","1","room:sni","phx_join",{}]"#))
+                .await
+                .unwrap();
+            let reply = next_text(&mut ws).await;
+            assert_eq!(reply[4]["status"], "ok", "{reply}");
+            Ok(ws)
+        }
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => Err(r.status().as_u16()),
+        Err(e) => panic!("websocket through nginx: {e}"),
+    }
+}
+
+/// The SNI mode end to end: through nginx's stream server, the socket hostname reaches
+/// pushgate's edge (certificate from files, PROXY protocol) and a WebSocket joins and receives
+/// a publish, while the site's name gets the site (a static file); both see the client's own
+/// address (127.0.0.7), not nginx's: pushgate's per-address limit counts 127.0.0.7 (a second
+/// socket from it is refused, one from 127.0.0.8 is not), and the site's access log names it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sni_mode_routes_the_socket_name_to_the_edge_and_the_rest_to_the_site() {
+    let tmp = TempDir::new("sni");
+    let tls_dir = tmp.path("tls");
+    std::fs::create_dir_all(&tls_dir).unwrap();
+    let ca = TestCa::new(&[NAME, SITE_NAME]);
+    write_pair(&tls_dir, &ca);
+    {
+        // nginx's workers (nobody) read the key.
+        use std::os::unix::fs::PermissionsExt;
+        let key = tls_dir.join("privkey.pem");
+        std::fs::set_permissions(key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let (server, edge) = start_edge(&tls_dir, |c| {
+        c.tls.proxy_protocol = true;
+        c.limits.max_connections_per_address = 1;
+    })
+    .await;
+    let (nginx, public) = start_sni_nginx(&tmp.path("nginx"), &tls_dir, edge, server.addr);
+    let public: SocketAddr = format!("127.0.0.1:{public}").parse().unwrap();
+
+    // The socket hostname: pushgate's edge, a join and a publish.
+    let mut ws = socket_through_nginx("127.0.0.7", public, &ca.ca_pem)
+        .await
+        .expect("a WebSocket through nginx's stream server");
+    support::publish(server.addr, "room:sni", "news", r#"{"n":7}"#).await;
+    let push = next_text(&mut ws).await;
+    assert_eq!(
+        (push[2].as_str(), push[4]["n"].as_i64()),
+        (Some("room:sni"), Some(7)),
+        "{push}"
+    );
+    // pushgate counts 127.0.0.7, not nginx's 127.0.0.1.
+    let second = socket_through_nginx("127.0.0.7", public, &ca.ca_pem).await;
+    assert_eq!(second.err(), Some(429), "127.0.0.7's second WebSocket");
+    let other = socket_through_nginx("127.0.0.8", public, &ca.ca_pem)
+        .await
+        .expect("127.0.0.8's WebSocket");
+
+    // The site's name: the site, over HTTP/1.1 and HTTP/2, its log naming the client.
+    let tls = tls_over(
+        connect_from("127.0.0.7", public).await,
+        SITE_NAME,
+        &ca.ca_pem,
+        &[b"http/1.1"],
+    )
+    .await
+    .expect("TLS to the site through nginx");
+    let (status, body) = https_get(tls, SITE_NAME, "/hello.txt").await;
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "hello from the site\n"),
+        "{}",
+        nginx.error_log()
+    );
+    let tls = tls_over(
+        connect_from("127.0.0.7", public).await,
+        SITE_NAME,
+        &ca.ca_pem,
+        &[b"h2"],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        tls.get_ref().1.alpn_protocol(),
+        Some(&b"h2"[..]),
+        "the site speaks HTTP/2"
+    );
+    let hello = nginx
+        .access_log()
+        .lines()
+        .filter(|l| l.contains("GET /hello.txt"))
+        .map(str::to_string)
+        .collect::<Vec<_>>();
+    assert!(
+        hello.len() == 1 && hello[0].starts_with("127.0.0.7 "),
+        "the site's access log: {hello:?}"
+    );
+    drop((ws, other));
+}
