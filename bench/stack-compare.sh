@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The stack as deployed (BENCHMARKS.md, issue 22): nginx with the shipped site and TLS in front of
-# pushgate, of Nchan (same server block) and of the floor server (the proxy hop alone), each
-# scenario on the three back to back, REPS times, appending JSON lines to OUT; then medians and
-# the ratios over Nchan with bench/summarize.py.
+# pushgate, of Nchan (same server block) and of the floor server (the proxy hop alone), and
+# pushgate ending TLS itself, alone (edge) and behind nginx's SNI stream server (sni); each
+# scenario on all of them back to back, REPS times, appending JSON lines to OUT; then medians
+# and the ratios over Nchan with bench/summarize.py.
 # Usage: bench/stack-compare.sh [REPS] [OUT]   (a release build; nginx with Nchan; a quiet machine)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,13 +23,14 @@ run() { # backend scenario args...
         pushgate) extra=("$pg") ;;
         nchan) adapter=nchan ;;
         hop) adapter=nchan label=hop extra=("$bench") ;;
+        edge | sni) label=$backend extra=("$pg") ;;
     esac
     $bench run "$@" --adapter "$adapter" --label "$label" --per-address 100 --tls-ca "$tls/ca.pem" \
         --server 127.0.0.1:$port --publish-server 127.0.0.1:$((port + 1)) \
         --spawn "bench/peers/stack.sh $backend $port $((port + 1)) $tls ${extra[*]}" \
         2>/dev/null >>"$out" || echo "run failed: $backend $*" >&2
 }
-all() { run pushgate "$@"; run nchan "$@"; run hop "$@"; }
+all() { run pushgate "$@"; run nchan "$@"; run hop "$@"; run edge "$@"; run sni "$@"; }
 for rep in $(seq "$reps"); do
     all idle -n 8000 --workers 2 --duration 3
     all fanout -n 1000 -m 100 --rate 10
@@ -36,8 +38,12 @@ for rep in $(seq "$reps"); do
     all fanout -n 5000 -m 1000 --rate 0 --workers 2
     run pushgate longpoll -n 1000 -m 50 --rate 10
     run nchan longpoll -n 1000 -m 50 --rate 10
+    run edge longpoll -n 1000 -m 50 --rate 10
+    run sni longpoll -n 1000 -m 50 --rate 10
     run pushgate connect -n 5000 --workers 2 --duration 0.5
     run nchan connect -n 5000 --workers 2 --duration 0.5
+    run edge connect -n 5000 --workers 2 --duration 0.5
+    run sni connect -n 5000 --workers 2 --duration 0.5
     echo "repetition $rep done" >&2
 done
 python3 bench/summarize.py --base "nchan [stack]" "$out"

@@ -13,6 +13,15 @@
 #   stack.sh hop TLS_PORT PORT DIR BENCH    the floor server (BENCH floor) on 127.0.0.1:PORT,
 #                                           proxied at /sub/ with the /socket/ location's
 #                                           settings: what the proxy hop itself costs
+#   stack.sh edge TLS_PORT PORT DIR PG      pushgate alone, ending TLS itself on
+#                                           127.0.0.1:TLS_PORT (tls.cert_file from DIR), API
+#                                           and publishes on PORT: nothing in front
+#   stack.sh sni TLS_PORT PORT DIR PG       the SNI mode (nginx/pushgate-sni.conf): nginx's
+#                                           stream server on TLS_PORT sends "localhost" to
+#                                           pushgate's edge (tls.proxy_protocol, on a free
+#                                           loopback port) and every other name to the site
+#                                           (named site.localhost, on another free
+#                                           loopback port)
 #
 # Example (BENCHMARKS.md, "The stack as deployed"):
 #   bench/peers/stack.sh cert /tmp/stack-tls
@@ -26,7 +35,7 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
-mode=${1:?usage: stack.sh cert DIR | pushgate|nchan|hop TLS_PORT PORT DIR [BINARY]}
+mode=${1:?usage: stack.sh cert DIR | pushgate|nchan|hop|edge|sni TLS_PORT PORT DIR [BINARY]}
 
 if [ "$mode" = cert ]; then
     dir=${2:?usage: stack.sh cert DIR}
@@ -45,16 +54,64 @@ tls_port=${2:?TLS_PORT}
 port=${3:?PORT}
 tls_dir=${4:?DIR (from stack.sh cert)}
 binary=${5:-}
+
+pids=()
+stop() {
+    for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+    wait
+    [ -z "${prefix:-}" ] || rm -rf "$prefix"
+    exit 0
+}
+trap stop TERM INT
+
+# pushgate as the one backend the bench spawns: one worker thread, as pinned to one core.
+pushgate() {
+    [ -x "$binary" ] || { echo "stack.sh: pushgate binary needed" >&2; exit 2; }
+    env PUSHGATE_SERVER_WORKER_THREADS=1 "$@" "$binary" serve --listen "127.0.0.1:$port" &
+    pids+=($!)
+}
+
+if [ "$mode" = edge ]; then
+    pushgate PUSHGATE_TLS_LISTEN="127.0.0.1:$tls_port" \
+        PUSHGATE_TLS_CERT_FILE="$tls_dir/fullchain.pem" PUSHGATE_TLS_KEY_FILE="$tls_dir/privkey.pem"
+    wait -n || true
+    stop
+fi
+
 prefix=$(mktemp -d /tmp/pushgate-stack.XXXXXX)
 mkdir -p "$prefix/conf" "$prefix/logs" "$prefix/tmp" "$prefix/www"
 modules=/usr/lib/nginx/modules
 
 # The site exactly as render.sh renders it; the plain-HTTP server and IPv6 listen on unix
-# sockets in the prefix (nothing the bench uses, and no more ports to pick).
+# sockets in the prefix (nothing the bench uses, and no more ports to pick). In the SNI mode the
+# site is behind the stream server (on a unix socket, with proxy_protocol) under another name.
+site_name=localhost
+site_https="127.0.0.1:$tls_port"
+site_https_v6="unix:$prefix/https6.sock"
+stream_include=""
+if [ "$mode" = sni ]; then
+    # pushgate's edge and the site on free loopback ports (the bench hands out two ports only;
+    # nginx's workers, as nobody, could not reach a unix socket in the private prefix).
+    free_port() {
+        python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+    }
+    edge_port=$(free_port)
+    site_port=$(free_port)
+    site_name=site.localhost
+    site_https="127.0.0.1:$site_port proxy_protocol"
+    site_https_v6="unix:$prefix/site6.sock proxy_protocol"
+    "$repo/nginx/render.sh" \
+        socket_server_name=localhost \
+        listen_https="127.0.0.1:$tls_port" listen_https_v6="unix:$prefix/sni6.sock" \
+        pushgate_tls_upstream="127.0.0.1:$edge_port" site_upstream="127.0.0.1:$site_port" \
+        <"$repo/nginx/pushgate-sni.conf" >"$prefix/conf/sni.conf"
+    stream_include="load_module $modules/ngx_stream_module.so;
+include $prefix/conf/sni.conf;"
+fi
 "$repo/nginx/render.sh" \
-    server_name=localhost \
+    server_name="$site_name" \
     listen_http="unix:$prefix/http.sock" listen_http_v6="unix:$prefix/http6.sock" \
-    listen_https="127.0.0.1:$tls_port" listen_https_v6="unix:$prefix/https6.sock" \
+    listen_https="$site_https" listen_https_v6="$site_https_v6" \
     https_port_suffix=":$tls_port" tls_dir="$tls_dir" static_root="$prefix/www" \
     pushgate_upstream="127.0.0.1:$port" app_upstream="unix:$prefix/app.sock" \
     <"$repo/nginx/pushgate.conf" >"$prefix/conf/site.conf"
@@ -63,7 +120,7 @@ modules=/usr/lib/nginx/modules
 extra=""
 main_extra=""
 case "$mode" in
-pushgate) ;;
+pushgate | sni) ;;
 nchan)
     main_extra="load_module $modules/ngx_nchan_module.so;"
     extra="
@@ -124,6 +181,7 @@ cat >"$prefix/conf/nginx.conf" <<EOF
 load_module $modules/ngx_http_brotli_filter_module.so;
 load_module $modules/ngx_http_brotli_static_module.so;
 $main_extra
+$stream_include
 worker_processes 1;
 worker_rlimit_nofile 20000;
 pid $prefix/nginx.pid;
@@ -145,20 +203,11 @@ http {
 }
 EOF
 
-pids=()
-stop() {
-    for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-    wait
-    rm -rf "$prefix"
-    exit 0
-}
-trap stop TERM INT
-
 case "$mode" in
-pushgate)
-    [ -x "$binary" ] || { echo "stack.sh: pushgate binary needed" >&2; exit 2; }
-    env PUSHGATE_SERVER_WORKER_THREADS=1 "$binary" serve --listen "127.0.0.1:$port" &
-    pids+=($!)
+pushgate) pushgate ;;
+sni)
+    pushgate PUSHGATE_TLS_LISTEN="127.0.0.1:$edge_port" PUSHGATE_TLS_PROXY_PROTOCOL=true \
+        PUSHGATE_TLS_CERT_FILE="$tls_dir/fullchain.pem" PUSHGATE_TLS_KEY_FILE="$tls_dir/privkey.pem"
     ;;
 hop)
     [ -x "$binary" ] || { echo "stack.sh: pushgate-bench binary needed" >&2; exit 2; }

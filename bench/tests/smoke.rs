@@ -216,8 +216,10 @@ fn fanout_against_the_floor_server() {
 }
 
 /// The stack as deployed (`bench/peers/stack.sh`): nginx with the shipped site, TLS on, in
-/// front of pushgate, of Nchan (same server block) or of the floor server (the hop alone).
-/// Needs nginx with the brotli and Nchan modules and openssl (scripts/test.sh installs them).
+/// front of pushgate, of Nchan (same server block) or of the floor server (the hop alone); or
+/// pushgate ending TLS itself (`edge`), alone or behind nginx's SNI stream server (`sni`).
+/// Needs nginx with the brotli, Nchan and stream modules and openssl (scripts/test.sh
+/// installs them).
 fn run_stack(mode: &str, scenario: &str, extra: &[&str]) -> serde_json::Value {
     let stack = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("peers/stack.sh");
     let tls = std::env::temp_dir().join(format!("pushgate-bench-tls-{}", std::process::id()));
@@ -231,7 +233,7 @@ fn run_stack(mode: &str, scenario: &str, extra: &[&str]) -> serde_json::Value {
         assert!(ok.success(), "stack.sh cert failed");
     });
     let backend = match mode {
-        "pushgate" => pushgate().display().to_string(),
+        "pushgate" | "edge" | "sni" => pushgate().display().to_string(),
         "hop" => bench().display().to_string(),
         _ => String::new(),
     };
@@ -245,7 +247,7 @@ fn run_stack(mode: &str, scenario: &str, extra: &[&str]) -> serde_json::Value {
         )
     });
     let (tls_port, port) = (ports[0], ports[1]);
-    let adapter = if mode == "pushgate" {
+    let adapter = if matches!(mode, "pushgate" | "edge" | "sni") {
         "phoenix"
     } else {
         "nchan"
@@ -280,7 +282,7 @@ fn run_stack(mode: &str, scenario: &str, extra: &[&str]) -> serde_json::Value {
 
 #[test]
 fn the_stack_over_tls_with_each_backend() {
-    for mode in ["pushgate", "nchan", "hop"] {
+    for mode in ["pushgate", "nchan", "hop", "edge", "sni"] {
         let v = run_stack(
             mode,
             "fanout",
@@ -292,7 +294,7 @@ fn the_stack_over_tls_with_each_backend() {
         // nginx's worker and the backend both count.
         assert!(v["server_cpu_s"].as_f64().unwrap() > 0.0, "{mode}: {v}");
     }
-    for mode in ["pushgate", "nchan"] {
+    for mode in ["pushgate", "nchan", "edge", "sni"] {
         let v = run_stack(
             mode,
             "longpoll",
