@@ -751,8 +751,11 @@ pub struct TlsConfig {
     /// (the default): no TLS listener. Environment: `PUSHGATE_TLS_LISTEN`.
     pub listen: String,
     /// The certificate `tls.listen` serves, from a file: PEM, the full chain (leaf first), as
-    /// certbot's `fullchain.pem`. Set together with `tls.key_file`, and not with
-    /// `acme.enabled` (the edge serves one or the other). The two files are checked for
+    /// certbot's `fullchain.pem`. Set together with `tls.key_file`. With `acme.enabled` too,
+    /// the edge serves these files, not the ACME resolver: point them at what ACME exports
+    /// (`acme.cert_dir`, which nginx's site reads as well) and each renewal reaches the edge
+    /// through them; the `tls-alpn-01` challenge (answered by the resolver at the edge) is
+    /// then refused, use `http-01`. The files must exist at start. The two files are checked for
     /// changes every few seconds and loaded again when either changed (a renewal); a pair
     /// that does not load (half written, a key that does not match) is logged and counted, and
     /// the certificate in use stays. Empty (the default): the certificate comes from `[acme]`.
@@ -827,10 +830,10 @@ impl TlsConfig {
             bad("tls.key_file", "must be set with tls.cert_file");
             return;
         }
-        if acme.enabled {
+        if acme.enabled && acme.challenge == AcmeChallenge::TlsAlpn01 {
             bad(
                 "tls.cert_file",
-                "cannot be combined with acme.enabled = true (the edge serves either these files or the ACME certificate)",
+                "cannot be combined with acme.challenge = \"tls-alpn-01\" (answered with the ACME certificate, which the edge does not serve when tls.cert_file is set); use http-01",
             );
         }
         if self.listen.is_empty() {
@@ -1805,13 +1808,17 @@ mod tests {
         no_listener.tls.listen.clear();
         assert_eq!(keys(&no_listener)[0].0, "tls.cert_file");
 
+        // With ACME (HTTP-01, whose export the files may be), the files are what the edge
+        // serves; TLS-ALPN-01 would need the ACME certificate at the edge.
         let mut both = c.clone();
         both.acme.enabled = true;
         both.acme.domains = vec!["example.com".into()];
+        assert_eq!(keys(&both), []);
+        both.acme.challenge = AcmeChallenge::TlsAlpn01;
         let p = keys(&both);
         assert_eq!(p.len(), 1, "{p:?}");
         assert!(
-            p[0].1.contains("cannot be combined with acme.enabled"),
+            p[0].1.contains("cannot be combined with acme.challenge"),
             "{p:?}"
         );
 

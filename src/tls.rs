@@ -77,7 +77,9 @@ pub struct Listeners {
     pub cert_files: Option<Arc<FileCert>>,
 }
 
-/// Where the edge's certificates come from.
+/// Where the edge's certificates come from: the files when `tls.cert_file` is set (with
+/// `acme.enabled` too: they are then ACME's export, and TLS-ALPN-01 is refused by the
+/// configuration), else the ACME resolver.
 #[derive(Clone)]
 enum Certs {
     /// The ACME task's resolver (which also answers TLS-ALPN-01).
