@@ -8,7 +8,11 @@
 #   3. checks the result: the user, files and permissions, the rendered config accepted by
 #      `pushgate check-config` (as the pushgate user, with the environment file), the rendered
 #      nginx site accepted by `nginx -t`, the units accepted by `systemd-analyze verify`, the
-#      firewall rules by `nft -c`; then a second apply must report zero changes.
+#      firewall rules by `nft -c`; then a second apply must report zero changes;
+#   4. applies it to another fresh copy in the SNI mode (pushgate_nginx_mode: sni): the stream
+#      module, the stream server in modules-enabled, the site on loopback with proxy_protocol,
+#      pushgate's edge settings, accepted by `nginx -t` and `pushgate check-config`; then the
+#      site mode on that copy, which removes the stream server.
 #
 # Needs root (debootstrap, chroot). The root filesystem and the virtualenv are cached under
 # PUSHGATE_TEST_CACHE (default /var/cache/pushgate-test) and reused: the first run takes a few
@@ -126,10 +130,12 @@ pushgate:
     pushgate_use_redis: true
 EOF
 
-apply() { # apply LOGFILE
-    (cd ansible && ansible-playbook -i "$WORK/inventory.yml" site.yml) >"$1" 2>&1 || {
-        tail -60 "$1"
-        echo "ansible-playbook failed (log: $1)"
+apply() { # apply LOGFILE [ansible-playbook options...]
+    local log=$1
+    shift
+    (cd ansible && ansible-playbook -i "$WORK/inventory.yml" site.yml "$@") >"$log" 2>&1 || {
+        tail -60 "$log"
+        echo "ansible-playbook failed (log: $log)"
         return 1
     }
 }
@@ -222,6 +228,45 @@ idempotent() {
 check "second apply reports zero changes" idempotent
 check "the Redis password is kept across applies" sh -c \
     "[ -n '$REDIS_PASSWORD' ] && [ \"\$(cat '$ROOT/etc/pushgate/redis-password')\" = '$REDIS_PASSWORD' ] && grep -qx 'requirepass $REDIS_PASSWORD' '$ROOT/etc/redis/redis.conf'"
+
+# --- 4. the SNI mode on a fresh host, then the site mode -------------------------------------
+# A first apply in the SNI mode, on a host the role has not seen: pushgate's configuration then
+# names certificate files that must exist before check-config validates it.
+ROOT=$WORK/root-sni
+echo "==> copying the root filesystem to $ROOT"
+cp -a "$BASE" "$ROOT"
+cp /etc/resolv.conf "$ROOT/etc/resolv.conf"
+sed "s|ansible_host: .*|ansible_host: $ROOT|" "$WORK/inventory.yml" >"$WORK/inventory-sni.yml"
+mv "$WORK/inventory-sni.yml" "$WORK/inventory.yml"
+echo "==> first apply in the SNI mode (pushgate_nginx_mode: sni)"
+apply "$WORK/apply-sni.log" -e pushgate_nginx_mode=sni -e pushgate_socket_domain=socket.pushgate.test
+grep -E '^rootfs +:' "$WORK/apply-sni.log" | sed 's/^/    /'
+SNI_CONF=$ROOT/etc/nginx/modules-enabled/60-pushgate-sni.conf
+SITE_CONF=$ROOT/etc/nginx/sites-available/pushgate.conf
+check "SNI: nginx's stream module installed" test -f "$ROOT/usr/lib/nginx/modules/ngx_stream_module.so"
+check "SNI: the stream server sends the socket name to pushgate's edge, the rest to the site" sh -c \
+    "grep -q 'socket.pushgate.test 127.0.0.1:4443;' '$SNI_CONF' && grep -q 'default 127.0.0.1:8443;' '$SNI_CONF' && grep -q 'listen 443;' '$SNI_CONF' && grep -q 'proxy_protocol on;' '$SNI_CONF'"
+check "SNI: the site listens on loopback with proxy_protocol" sh -c \
+    "grep -q 'listen 127.0.0.1:8443 proxy_protocol ssl http2;' '$SITE_CONF' && grep -q 'listen \\[::1\\]:8443 proxy_protocol ssl http2;' '$SITE_CONF' && ! grep -q 'listen 443 ssl' '$SITE_CONF'"
+check "SNI: nginx -t accepts the stream server and the site" in_root nginx -t
+check_config_sni() {
+    local env out
+    mapfile -t env < <(grep -E '^[A-Z_]+=' "$ROOT/etc/pushgate/pushgate.env")
+    out=$(chroot --userspec=pushgate:pushgate "$ROOT" /usr/bin/env -i "${env[@]}" \
+        /usr/bin/pushgate check-config --config /etc/pushgate/pushgate.toml) || {
+        echo "$out"
+        return 1
+    }
+    grep -q '^listen = "127.0.0.1:4443"$' <<<"$out" && grep -q '^proxy_protocol = true$' <<<"$out" &&
+        grep -q '^cert_file = "/var/lib/pushgate/tls/fullchain.pem"$' <<<"$out" || { echo "$out"; return 1; }
+}
+check "SNI: pushgate check-config accepts the edge settings and loads the certificate (as user pushgate)" check_config_sni
+echo "==> apply in the site mode again"
+apply "$WORK/apply-site.log"
+check "site mode again: the stream server removed, the site on 443" sh -c \
+    "! test -e '$SNI_CONF' && grep -q 'listen 443 ssl http2;' '$SITE_CONF'"
+check "site mode again: nginx -t" in_root nginx -t
+check "site mode again: pushgate check-config" check_config
 
 echo "ansible: $passed passed, $failed failed"
 [ "$failed" = 0 ]

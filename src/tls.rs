@@ -12,9 +12,9 @@
 //! `tls.handshake_timeout_ms`, never in the accept loop. With `tls.proxy_protocol` every
 //! connection first sends a PROXY protocol header ([`crate::proxy_protocol`]), read under the
 //! same deadline; the client it names is the connection's peer from then on (its span, the
-//! per-address limits), and a connection without one is closed and counted. A ClientHello that offers only the
-//! `acme-tls/1` protocol is a TLS-ALPN-01 validation: it gets the challenge certificate from
-//! the ACME resolver and the connection ends after the handshake. Everything else is served by
+//! per-address limits), and a connection without one is closed and counted. A ClientHello
+//! that offers only the `acme-tls/1` protocol is a TLS-ALPN-01 validation: it gets the
+//! challenge certificate from the ACME resolver and the connection ends after the handshake. Everything else is served by
 //! hyper (HTTP/1.1 or HTTP/2) through [`crate::router`], sharing `server.max_connections`
 //! with the plain listeners.
 //!
