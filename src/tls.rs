@@ -74,7 +74,16 @@ pub const CERT_FILES_CHECK_INTERVAL: Duration = Duration::from_secs(2);
 pub struct Listeners {
     pub https: Option<TcpListener>,
     pub redirect: Option<TcpListener>,
-    pub cert_files: Option<Arc<FileCert>>,
+    pub cert_files: Option<CertFiles>,
+}
+
+/// The certificate from files as loaded at start, with what the files looked like just before
+/// (so that a renewal landing while they were read is loaded again by the reload task).
+#[derive(Debug)]
+pub struct CertFiles {
+    cert: Arc<FileCert>,
+    stamps: (FileStamp, FileStamp),
+    not_after: i64,
 }
 
 /// Where the edge's certificates come from: the files when `tls.cert_file` is set (with
@@ -104,6 +113,7 @@ impl Listeners {
         let tls = &config.tls;
         let cert_files = if tls.has_cert_files() && !tls.listen.is_empty() {
             let (cert, key) = (Path::new(&tls.cert_file), Path::new(&tls.key_file));
+            let stamps = stamps(cert, key);
             let loaded = crate::server_cert::load(cert, key).map_err(|e| {
                 std::io::Error::new(
                     std::io::ErrorKind::InvalidData,
@@ -111,7 +121,11 @@ impl Listeners {
                 )
             })?;
             tracing::info!(cert_file = %tls.cert_file, not_after = loaded.not_after, "tls: certificate loaded from files");
-            Some(Arc::new(FileCert::new(loaded.key)))
+            Some(CertFiles {
+                cert: Arc::new(FileCert::new(loaded.key)),
+                stamps,
+                not_after: loaded.not_after,
+            })
         } else {
             None
         };
@@ -127,7 +141,7 @@ impl Listeners {
         if let Some(l) = self.https {
             let https_port = l.local_addr().map_or(HTTPS_PORT, |a| a.port());
             let certs = match self.cert_files {
-                Some(files) => match file_server_config(files.clone()) {
+                Some(files) => match file_server_config(files.cert.clone()) {
                     Some(config) => {
                         app.tracker.spawn(watch_cert_files(app.clone(), files));
                         Certs::Files(config)
@@ -239,7 +253,7 @@ fn stamps(cert: &Path, key: &Path) -> (FileStamp, FileStamp) {
 /// Reloads `tls.cert_file` and `tls.key_file` when they change (see
 /// [`CERT_FILES_CHECK_INTERVAL`]), until shutdown. A pair that does not load keeps the
 /// certificate in use.
-async fn watch_cert_files(app: Arc<App>, files: Arc<FileCert>) {
+async fn watch_cert_files(app: Arc<App>, files: CertFiles) {
     let metrics = &app.metrics;
     let cert = PathBuf::from(&app.config.tls.cert_file);
     let key = PathBuf::from(&app.config.tls.key_file);
@@ -252,11 +266,9 @@ async fn watch_cert_files(app: Arc<App>, files: Arc<FileCert>) {
                 .unwrap_or((None, None))
         }
     };
-    // What was loaded at start (read just before), and what the last check saw.
-    let mut loaded = stat().await;
-    if let Ok(l) = crate::server_cert::load(&cert, &key) {
-        metrics.tls_cert_not_after.store(l.not_after, Relaxed);
-    }
+    // What the files looked like when last loaded, and at the last check.
+    let mut loaded = files.stamps;
+    metrics.tls_cert_not_after.store(files.not_after, Relaxed);
     let mut last = loaded;
     loop {
         tokio::select! {
@@ -277,7 +289,7 @@ async fn watch_cert_files(app: Arc<App>, files: Arc<FileCert>) {
         let result = tokio::task::spawn_blocking(move || crate::server_cert::load(&c, &k)).await;
         match result {
             Ok(Ok(l)) => {
-                files.replace(l.key);
+                files.cert.replace(l.key);
                 metrics.tls_cert_not_after.store(l.not_after, Relaxed);
                 Metrics::add(&metrics.tls_cert_reloads_ok, 1);
                 tracing::info!(cert_file = %cert.display(), not_after = l.not_after, "tls: certificate reloaded from files");
