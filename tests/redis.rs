@@ -427,6 +427,78 @@ async fn a_frozen_redis_turns_readyz_red_within_seconds_and_the_node_recovers() 
     assert_eq!(recv(&mut ws).await[4], 1);
 }
 
+/// Issue 20 (the soak's 20-second `/readyz`): joins that need history keep the broker busy
+/// with reads that wait out their timeout on a frozen Redis. The ping must still come when it
+/// is due, and a read that times out says as much as a failed ping; and none of those joins
+/// may be told `recovered: false` for history Redis still holds (they fail as unavailable, and
+/// phoenix.js joins again). Fails without the fix: `/readyz` stays 200 for 3 s or more while
+/// the joins keep coming, and the joins are answered `recovered: false`.
+#[tokio::test]
+async fn a_frozen_redis_turns_readyz_red_within_seconds_while_joins_wait_for_history() {
+    let redis = RedisServer::start();
+    let a = node(&redis).await;
+    // Published before node A has a subscriber: A's buffer does not hold them, so a join
+    // from before them reads them from the stream.
+    let first = publish(a.addr, "room:h", "n", "1").await;
+    for n in 2..=3 {
+        publish(a.addr, "room:h", "n", &n.to_string()).await;
+    }
+    let mut live = connect(a.addr).await;
+    join(&mut live, "1", "room:h", "{}").await;
+    let since = format!(r#"{{"since":"{first}"}}"#);
+    let mut check = connect(a.addr).await;
+    let r = join(&mut check, "1", "room:h", &since).await;
+    assert_eq!(r["recovered"], true, "{r}");
+    redis.pause();
+    let t0 = std::time::Instant::now();
+    // A join that needs history every 50 ms until the node is red.
+    let red = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let joiner = {
+        let (since, red) = (since.clone(), red.clone());
+        tokio::spawn(async move {
+            let mut clients = Vec::new();
+            while !red.load(std::sync::atomic::Ordering::Relaxed) && clients.len() < 200 {
+                let mut ws = connect(a.addr).await;
+                send(
+                    &mut ws,
+                    &format!(r#"["1","1","room:h","phx_join",{since}]"#),
+                )
+                .await;
+                clients.push(ws);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            clients
+        })
+    };
+    wait_ready(a.addr, 503).await;
+    let took = t0.elapsed();
+    red.store(true, std::sync::atomic::Ordering::Relaxed);
+    let clients = joiner.await.unwrap();
+    assert!(
+        took < Duration::from_millis(2500),
+        "readyz took {took:?} to notice while {} joins came",
+        clients.len()
+    );
+    redis.resume();
+    wait_ready(a.addr, 200).await;
+    // Every join sent while Redis was frozen is answered: an error (phoenix.js joins again)
+    // or its history; never `recovered: false` for history Redis holds.
+    for mut ws in clients {
+        let reply = recv(&mut ws).await;
+        assert_eq!(reply[3], "phx_reply", "{reply}");
+        let recovered = &reply[4]["response"]["recovered"];
+        assert!(
+            reply[4]["status"] == "error" || *recovered == true,
+            "a join during the freeze: {reply}"
+        );
+    }
+    let mut again = connect(a.addr).await;
+    let r = join(&mut again, "1", "room:h", &since).await;
+    assert_eq!(r["recovered"], true, "after the thaw: {r}");
+    publish(a.addr, "room:h", "n", "4").await;
+    assert_eq!(recv(&mut live).await[4], 4);
+}
+
 /// A new LongPoll session on `addr`; returns its token and the id of the node that owns it
 /// (the token is `lp` + node id + random, so any client can read it).
 async fn lp_session(addr: std::net::SocketAddr) -> (String, String) {

@@ -119,6 +119,10 @@ pub enum LinkDown {
     PingFailed(String),
     #[error("redis: ping timed out")]
     PingTimedOut,
+    /// A command on the command connection (a join's history, a gap's catch-up) timed out or
+    /// lost its connection: Redis is as unreachable as a failed ping would say.
+    #[error("redis: command failed: {0}")]
+    CommandFailed(String),
     /// With Sentinel: the server was demoted to a replica.
     #[error("redis: the server is no longer the master")]
     NotMaster,
@@ -975,13 +979,23 @@ async fn serve(
     link: &mut Link,
     joins: &mut mpsc::Receiver<JoinRequest>,
 ) -> Option<LinkDown> {
-    let mut ping = tokio::time::interval(PING_EVERY);
-    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The ping is due every PING_EVERY whatever else arrives: it is checked before each step,
+    // so a steady stream of joins or messages (each of which may wait out a command timeout
+    // on a silent Redis) never holds it back.
+    let mut ping_due = tokio::time::Instant::now() + PING_EVERY;
     let failed = loop {
+        if tokio::time::Instant::now() >= ping_due {
+            if let Err(e) = check_link(broker, link).await {
+                break e;
+            }
+            ping_due = tokio::time::Instant::now() + PING_EVERY;
+        }
         tokio::select! {
             _ = ctx.shutdown.cancelled() => return None,
             msg = link.stream.next() => match msg {
-                Some(m) => on_message(ctx, broker, &mut link.con, m).await,
+                Some(m) => if let Err(e) = on_message(ctx, broker, &mut link.con, m).await {
+                    break e;
+                },
                 None => break LinkDown::SubscriberLost,
             },
             Some(req) = joins.recv() => {
@@ -995,11 +1009,7 @@ async fn serve(
                     break e;
                 }
             }
-            _ = ping.tick() => {
-                if let Err(e) = check_link(broker, link).await {
-                    break e;
-                }
-            }
+            _ = tokio::time::sleep_until(ping_due) => {}
         }
     };
     Some(failed)
@@ -1061,6 +1071,17 @@ async fn check_link(broker: &RedisBroker, link: &mut Link) -> Result<(), LinkDow
         }
     }
     Ok(())
+}
+
+/// Whether a command's error says Redis cannot be reached (timed out, connection refused or
+/// dropped), as opposed to an answer it gave (a script or type error): the link is then down.
+fn unreachable(e: &redis::RedisError) -> bool {
+    e.is_timeout() || e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal()
+}
+
+/// [`LinkDown::CommandFailed`] when `e` says Redis cannot be reached.
+fn link_down_by(e: &redis::RedisError) -> Option<LinkDown> {
+    unreachable(e).then(|| LinkDown::CommandFailed(e.to_string()))
 }
 
 /// The link dropped: `/readyz` turns 503 with `reason`, relayed LongPoll requests waiting for
@@ -1209,14 +1230,14 @@ async fn on_message(
     broker: &RedisBroker,
     con: &mut ConnectionManager,
     msg: redis::Msg,
-) {
+) -> Result<(), LinkDown> {
     let channel = msg.get_channel_name();
     if channel == broker.node_channel {
         on_routed(ctx, broker, msg.get_payload_bytes());
-        return;
+        return Ok(());
     }
     let Some(topic) = broker.keys.topic_of(channel) else {
-        return;
+        return Ok(());
     };
     let payload = msg.get_payload_bytes();
     let env = match Envelope::decode(payload) {
@@ -1224,7 +1245,7 @@ async fn on_message(
         Err(e) => {
             Metrics::add(&ctx.metrics.redis_bad_messages, 1);
             tracing::debug!(?topic, error = ?e.to_string(), "redis: message is not {{\"event\", \"payload\"}} JSON; dropped");
-            return;
+            return Ok(());
         }
     };
     let position = env.position();
@@ -1232,14 +1253,23 @@ async fn on_message(
     match ctx.hub.append_remote(topic, position, message) {
         RemoteAppend::Gap(from) => {
             let Some((epoch, offset)) = position else {
-                return;
+                return Ok(());
             };
-            // Fill the gap from the stream (it includes this message), then go on.
-            if catch_up(ctx, broker, con, topic, from, offset)
-                .await
-                .is_err()
-                || ctx.hub.append_remote(topic, position, message) == RemoteAppend::Gap(from)
-            {
+            // Fill the gap from the stream (it includes this message), then go on. When Redis
+            // cannot be reached, the link is down: every topic goes down and its resubscription
+            // catches up from here, rather than this node leaving a hole.
+            let filled = match catch_up(ctx, broker, con, topic, from, offset).await {
+                Ok(()) => {
+                    ctx.hub.append_remote(topic, position, message) != RemoteAppend::Gap(from)
+                }
+                Err(e) => {
+                    if let Some(down) = link_down_by(&e) {
+                        return Err(down);
+                    }
+                    false
+                }
+            };
+            if !filled {
                 Metrics::add(&ctx.metrics.redis_gaps, 1);
                 ctx.hub
                     .append_remote_after_gap(topic, epoch, offset, message);
@@ -1247,6 +1277,7 @@ async fn on_message(
         }
         RemoteAppend::Appended | RemoteAppend::Duplicate | RemoteAppend::NotLive => {}
     }
+    Ok(())
 }
 
 /// A LongPoll request for one of our sessions, or the answer to one we forwarded.
@@ -1328,14 +1359,34 @@ async fn on_joins(
             return Err(e);
         }
     };
-    let (mut needs, behind) = join_at_live_end(ctx, batch, &failed_topics);
+    let (mut needs, behind) = join_at_live_end(ctx, batch, &failed_topics.topics);
+    // Once Redis could not be reached, the rest fail at once: each further step would wait out
+    // its own timeout, and together they would hide the cut from `/readyz` for as long.
+    let mut down = failed_topics.down;
     if !behind.is_empty() {
-        catch_up_then_join(ctx, broker, con, behind, &mut needs).await;
+        match down {
+            None => down = catch_up_then_join(ctx, broker, con, behind, &mut needs).await,
+            Some(_) => behind
+                .into_iter()
+                .for_each(|b| (b.done)(Err(JoinError::Unavailable))),
+        }
     }
     if !needs.is_empty() {
-        answer_with_history(broker, con, needs).await;
+        match down {
+            None => down = answer_with_history(broker, con, needs).await,
+            Some(_) => needs
+                .into_iter()
+                .for_each(|n| (n.done)(Err(JoinError::Unavailable))),
+        }
     }
-    Ok(())
+    down.map_or(Ok(()), Err)
+}
+
+/// The topics whose positions could not be read (their joins fail as unavailable), and
+/// whether that was because Redis could not be reached.
+struct FailedTopics {
+    topics: Vec<String>,
+    down: Option<LinkDown>,
 }
 
 /// The topics of `batch` that are not live here yet (each once).
@@ -1361,9 +1412,12 @@ async fn subscribe_new_topics(
     sink: &mut redis::aio::PubSubSink,
     con: &mut ConnectionManager,
     new_topics: &[&str],
-) -> Result<Vec<String>, LinkDown> {
+) -> Result<FailedTopics, LinkDown> {
     if new_topics.is_empty() {
-        return Ok(Vec::new());
+        return Ok(FailedTopics {
+            topics: Vec::new(),
+            down: None,
+        });
     }
     let channels: Vec<String> = new_topics.iter().map(|t| broker.channel(t)).collect();
     match tokio::time::timeout(SUBSCRIBER_COMMAND_TIMEOUT, sink.subscribe(channels)).await {
@@ -1389,14 +1443,22 @@ async fn subscribe_new_topics(
         pipe.invoke_script(i);
     }
     let positions: Result<Vec<(String, u64)>, _> = pipe.query_async(con).await;
+    let all_failed = |down| FailedTopics {
+        topics: new_topics.iter().map(|t| t.to_string()).collect(),
+        down,
+    };
     match positions {
         Ok(positions) if positions.len() == new_topics.len() => {
             for (t, (epoch, offset)) in new_topics.iter().zip(positions) {
                 ctx.hub.go_live(t, &epoch, offset);
             }
-            Ok(Vec::new())
+            Ok(FailedTopics {
+                topics: Vec::new(),
+                down: None,
+            })
         }
-        _ => Ok(new_topics.iter().map(|t| t.to_string()).collect()),
+        Ok(_) => Ok(all_failed(None)),
+        Err(e) => Ok(all_failed(link_down_by(&e))),
     }
 }
 
@@ -1492,14 +1554,15 @@ fn join_at_live_end(
 /// in one pipeline and appends them as the live stream would have (every subscriber of the
 /// topic gets them; the live copies, when they come, are duplicates and dropped), then joins.
 /// A `since` that Redis does not reach either is not recovered; when Redis cannot be read, the
-/// join fails as unavailable (phoenix.js joins again).
+/// join fails as unavailable (phoenix.js joins again), and when it cannot be reached, the link
+/// is down (returned).
 async fn catch_up_then_join(
     ctx: &Context,
     broker: &RedisBroker,
     con: &mut ConnectionManager,
     behind: Vec<Behind>,
     needs: &mut Vec<NeedsHistory>,
-) {
+) -> Option<LinkDown> {
     let mut pipe = redis::pipe();
     for b in &behind {
         pipe.cmd("XRANGE")
@@ -1507,18 +1570,14 @@ async fn catch_up_then_join(
             .arg(format!("{}-0", b.from))
             .arg(format!("{}-0", b.to));
     }
-    let ranges: Option<Vec<redis::streams::StreamRangeReply>> = pipe
-        .query_async(con)
-        .await
-        .ok()
-        .filter(|r: &Vec<_>| r.len() == behind.len());
+    let (ranges, down) = read_ranges(pipe, con, behind.len()).await;
     let Some(ranges) = ranges else {
         // This node cannot tell now (Redis does not answer): the client tries again later
         // rather than hear `recovered: false` for what Redis may well hold.
         for b in behind {
             (b.done)(Err(JoinError::Unavailable));
         }
-        return;
+        return down;
     };
     for (b, range) in behind.into_iter().zip(ranges) {
         append_entries(ctx, &b.topic, b.from, entries(range));
@@ -1541,16 +1600,39 @@ async fn catch_up_then_join(
             LiveJoin::NotLive | LiveJoin::Behind { .. } => (b.done)(Err(JoinError::Unavailable)),
         }
     }
+    None
+}
+
+/// Runs a pipeline of `n` XRANGEs: their replies, or `None` when it failed, with the link's
+/// failure when Redis could not be reached.
+async fn read_ranges(
+    pipe: redis::Pipeline,
+    con: &mut ConnectionManager,
+    n: usize,
+) -> (
+    Option<Vec<redis::streams::StreamRangeReply>>,
+    Option<LinkDown>,
+) {
+    match pipe
+        .query_async::<Vec<redis::streams::StreamRangeReply>>(con)
+        .await
+    {
+        Ok(r) if r.len() == n => (Some(r), None),
+        Ok(_) => (None, None),
+        Err(e) => (None, link_down_by(&e)),
+    }
 }
 
 /// The last step of [`on_joins`]: reads every gap in one pipeline of XRANGEs and answers each
-/// join with its replay (`recovered: true`), or `recovered: false` when its history cannot be
-/// read whole (never a silent skip).
+/// join with its replay (`recovered: true`), or `recovered: false` when the stream no longer
+/// holds its history whole (never a silent skip). When Redis does not answer, the joins fail
+/// as unavailable (phoenix.js joins again) rather than hear `recovered: false` for history
+/// Redis may well hold; when it cannot be reached, the link is down (returned).
 async fn answer_with_history(
     broker: &RedisBroker,
     con: &mut ConnectionManager,
     needs: Vec<NeedsHistory>,
-) {
+) -> Option<LinkDown> {
     let mut pipe = redis::pipe();
     for n in &needs {
         pipe.cmd("XRANGE")
@@ -1558,26 +1640,21 @@ async fn answer_with_history(
             .arg(format!("{}-0", n.since + 1))
             .arg(format!("{}-0", n.position.offset));
     }
-    let ranges: Option<Vec<redis::streams::StreamRangeReply>> = pipe
-        .query_async(con)
-        .await
-        .ok()
-        .filter(|r: &Vec<_>| r.len() == needs.len());
-    let mut ranges = ranges.map(Vec::into_iter);
-    for n in needs {
-        let recovered = ranges
-            .as_mut()
-            .and_then(Iterator::next)
-            .map(entries)
-            .and_then(|entries| {
-                replay(
-                    &n.topic,
-                    &entries,
-                    n.since,
-                    n.position.offset,
-                    broker.history.max_age_secs,
-                )
-            });
+    let (ranges, down) = read_ranges(pipe, con, needs.len()).await;
+    let Some(ranges) = ranges else {
+        for n in needs {
+            (n.done)(Err(JoinError::Unavailable));
+        }
+        return down;
+    };
+    for (n, range) in needs.into_iter().zip(ranges) {
+        let recovered = replay(
+            &n.topic,
+            &entries(range),
+            n.since,
+            n.position.offset,
+            broker.history.max_age_secs,
+        );
         let info = |recovered| JoinInfo {
             position: n.position.to_string(),
             recovered: Some(recovered),
@@ -1592,6 +1669,7 @@ async fn answer_with_history(
             replay,
         }))
     }
+    None
 }
 
 /// Bytes a replayed frame adds to its stored message and topic (the Phoenix array's brackets,
