@@ -5,11 +5,12 @@
 # scenario on all of them back to back, REPS times, appending JSON lines to OUT; then medians
 # and the ratios over Nchan with bench/summarize.py.
 # Usage: bench/stack-compare.sh [REPS] [OUT]   (a release build; nginx with Nchan; a quiet machine)
+# STACK_BACKENDS="pushgate nchan edge sni" runs only those (default: all five).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 reps=${1:-3}
 out=${2:-stack-results.jsonl}
-bench=./target/release/pushgate-bench
+bench=${BENCH:-./target/release/pushgate-bench}
 pg=${PUSHGATE:-./target/release/pushgate}
 tls=$(mktemp -d)
 trap 'rm -rf "$tls"' EXIT
@@ -30,20 +31,16 @@ run() { # backend scenario args...
         --spawn "bench/peers/stack.sh $backend $port $((port + 1)) $tls ${extra[*]}" \
         2>/dev/null >>"$out" || echo "run failed: $backend $*" >&2
 }
-all() { run pushgate "$@"; run nchan "$@"; run hop "$@"; run edge "$@"; run sni "$@"; }
+backends=${STACK_BACKENDS:-pushgate nchan hop edge sni}
+all() { for b in $backends; do run "$b" "$@"; done; }
+some() { for b in $backends; do [ "$b" = hop ] || run "$b" "$@"; done; } # no LongPoll in the floor
 for rep in $(seq "$reps"); do
     all idle -n 8000 --workers 2 --duration 3
     all fanout -n 1000 -m 100 --rate 10
     all fanout -n 5000 -m 100 --rate 10 --workers 2
     all fanout -n 5000 -m 1000 --rate 0 --workers 2
-    run pushgate longpoll -n 1000 -m 50 --rate 10
-    run nchan longpoll -n 1000 -m 50 --rate 10
-    run edge longpoll -n 1000 -m 50 --rate 10
-    run sni longpoll -n 1000 -m 50 --rate 10
-    run pushgate connect -n 5000 --workers 2 --duration 0.5
-    run nchan connect -n 5000 --workers 2 --duration 0.5
-    run edge connect -n 5000 --workers 2 --duration 0.5
-    run sni connect -n 5000 --workers 2 --duration 0.5
+    some longpoll -n 1000 -m 50 --rate 10
+    some connect -n 5000 --workers 2 --duration 0.5
     echo "repetition $rep done" >&2
 done
 python3 bench/summarize.py --base "nchan [stack]" "$out"
