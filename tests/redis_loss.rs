@@ -614,15 +614,23 @@ async fn a_sentinel_failover_to_a_replica_that_lacked_writes_never_reuses_a_posi
     // The steady publisher: node A, node B, the script straight into the current master.
     let acked: Arc<Mutex<Vec<(String, u64)>>> = Default::default();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Set: the publisher holds off; `idle` says it has (no publish in flight).
+    let hold = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let idle = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let sentinel_ports: Vec<u16> = sentinels.iter().map(|s| s.port).collect();
     let publisher = {
         let acked = acked.clone();
-        let stop = stop.clone();
+        let (stop, hold, idle) = (stop.clone(), hold.clone(), idle.clone());
         tokio::spawn(async move {
             let mut n = 0u64;
             let mut tick = tokio::time::interval(Duration::from_millis(20));
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 tick.tick().await;
+                let held = hold.load(std::sync::atomic::Ordering::Relaxed);
+                idle.store(held, std::sync::atomic::Ordering::Relaxed);
+                if held {
+                    continue;
+                }
                 let p = match n % 3 {
                     2 => {
                         let ports = sentinel_ports.clone();
@@ -694,9 +702,28 @@ async fn a_sentinel_failover_to_a_replica_that_lacked_writes_never_reuses_a_posi
         "publishes the replica never gets",
     )
     .await;
+    // Every node has what the master acknowledged alone before it dies. (A node cut off from
+    // Redis just then could not know what it missed, and its clients are not told: the known
+    // gap of DECISIONS.md, "Redis losing acknowledged writes". Under load a node's link can
+    // drop for a moment, which made this test fail 1 run in 30 with three at once.)
+    hold.store(true, std::sync::atomic::Ordering::Relaxed);
+    wait_for(
+        || idle.load(std::sync::atomic::Ordering::Relaxed),
+        "the publisher to hold off",
+    )
+    .await;
+    let last_alone = acked.lock().unwrap().last().unwrap().1;
+    for (name, (log, _)) in &clients {
+        wait_for(
+            || log.lock().unwrap().msgs.iter().any(|(_, n)| *n == last_alone),
+            &format!("{name} to get the master's last message"),
+        )
+        .await;
+    }
     let mut master = master;
     master.stop();
     let killed_at = acked_len();
+    hold.store(false, std::sync::atomic::Ordering::Relaxed);
 
     // The nodes turn red, the sentinels promote the replica, the nodes follow by themselves.
     wait_ready(a.addr, 503).await;
