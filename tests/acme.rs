@@ -31,7 +31,6 @@ const STARTUP: Duration = Duration::from_secs(15);
 /// allow a failed first attempt and its backoff.
 const ISSUANCE: Duration = Duration::from_secs(45);
 const NGINX: &str = "/usr/sbin/nginx";
-const NGINX_MODULES: &str = "/usr/lib/nginx/modules";
 
 // ---------------------------------------------------------------------------------------------
 // Scaffolding
@@ -614,27 +613,7 @@ impl Nginx {
             String::from_utf8_lossy(&out.stderr)
         );
         std::fs::write(prefix.join("conf/pushgate.conf"), &out.stdout).unwrap();
-        let p = prefix.display();
-        let main = format!(
-            r#"load_module {NGINX_MODULES}/ngx_http_brotli_filter_module.so;
-load_module {NGINX_MODULES}/ngx_http_brotli_static_module.so;
-worker_processes 1;
-pid {p}/nginx.pid;
-error_log {p}/logs/error.log info;
-events {{ worker_connections 1024; }}
-http {{
-    include /etc/nginx/mime.types;
-    default_type application/octet-stream;
-    access_log {p}/logs/access.log;
-    client_body_temp_path {p}/tmp/body;
-    proxy_temp_path {p}/tmp/proxy;
-    fastcgi_temp_path {p}/tmp/fastcgi;
-    uwsgi_temp_path {p}/tmp/uwsgi;
-    scgi_temp_path {p}/tmp/scgi;
-    include {p}/conf/pushgate.conf;
-}}
-"#
-        );
+        let main = support::nginx_main_conf(prefix, "");
         std::fs::write(Nginx::conf(prefix), main).unwrap();
     }
 

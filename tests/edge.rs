@@ -393,17 +393,22 @@ async fn websocket_behind(https: SocketAddr, header: &[u8], ca_pem: &str) -> Res
     let tls = tls_over(tcp, NAME, ca_pem, &[b"http/1.1"])
         .await
         .expect("TLS behind a PROXY header");
+    joined_over(tls, "room:proxy").await
+}
+
+/// A Phoenix WebSocket over `tls` (SNI [`NAME`]) joined to `topic`, or the HTTP status that
+/// refused the upgrade.
+async fn joined_over(tls: Tls, topic: &str) -> Result<Wss, u16> {
     match wss(tls, NAME).await {
         Ok(mut ws) => {
-            ws.send(Message::text(r#"["1","1","room:proxy","phx_join",{}]"#))
-                .await
-                .unwrap();
+            let join = format!(r#"["1","1","{topic}","phx_join",{{}}]"#);
+            ws.send(Message::text(join)).await.unwrap();
             let reply = next_text(&mut ws).await;
             assert_eq!(reply[4]["status"], "ok", "{reply}");
             Ok(ws)
         }
         Err(tokio_tungstenite::tungstenite::Error::Http(r)) => Err(r.status().as_u16()),
-        Err(e) => panic!("websocket: {e}"),
+        Err(e) => panic!("websocket to {topic}: {e}"),
     }
 }
 
@@ -513,7 +518,6 @@ async fn connections_without_a_valid_proxy_header_are_closed() {
 // ---------------------------------------------------------------------------------------------
 
 const NGINX: &str = "/usr/sbin/nginx";
-const NGINX_MODULES: &str = "/usr/lib/nginx/modules";
 /// The name the site answers to in the SNI test (the socket's is [`NAME`]).
 const SITE_NAME: &str = "www.pushgate.test";
 
@@ -623,27 +627,12 @@ fn start_sni_nginx(
         let p = prefix.display();
         // As Debian's nginx.conf: modules loaded, then (main context) the stream server, as
         // /etc/nginx/modules-enabled/*.conf would include it; the site inside http {}.
-        let main = format!(
-            r#"load_module {NGINX_MODULES}/ngx_stream_module.so;
-load_module {NGINX_MODULES}/ngx_http_brotli_filter_module.so;
-load_module {NGINX_MODULES}/ngx_http_brotli_static_module.so;
-include {p}/conf/pushgate-sni.conf;
-worker_processes 1;
-pid {p}/nginx.pid;
-error_log {p}/logs/error.log info;
-events {{ worker_connections 1024; }}
-http {{
-    include /etc/nginx/mime.types;
-    default_type application/octet-stream;
-    access_log {p}/logs/access.log;
-    client_body_temp_path {p}/tmp/body;
-    proxy_temp_path {p}/tmp/proxy;
-    fastcgi_temp_path {p}/tmp/fastcgi;
-    uwsgi_temp_path {p}/tmp/uwsgi;
-    scgi_temp_path {p}/tmp/scgi;
-    include {p}/conf/pushgate.conf;
-}}
-"#
+        let main = support::nginx_main_conf(
+            prefix,
+            &format!(
+                "load_module {}/ngx_stream_module.so;\ninclude {p}/conf/pushgate-sni.conf;",
+                support::NGINX_MODULES
+            ),
         );
         let conf = prefix.join("conf/nginx.conf");
         std::fs::write(&conf, main).unwrap();
@@ -711,18 +700,7 @@ async fn socket_through_nginx(from: &str, public: SocketAddr, ca_pem: &str) -> R
     )
     .await
     .expect("TLS to the socket hostname through nginx");
-    match wss(tls, NAME).await {
-        Ok(mut ws) => {
-            ws.send(Message::text(r#"["1","1","room:sni","phx_join",{}]"#))
-                .await
-                .unwrap();
-            let reply = next_text(&mut ws).await;
-            assert_eq!(reply[4]["status"], "ok", "{reply}");
-            Ok(ws)
-        }
-        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => Err(r.status().as_u16()),
-        Err(e) => panic!("websocket through nginx: {e}"),
-    }
+    joined_over(tls, "room:sni").await
 }
 
 /// The SNI mode end to end: through nginx's stream server, the socket hostname reaches

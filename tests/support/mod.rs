@@ -5,6 +5,7 @@
 use futures_util::{SinkExt, StreamExt};
 use pushgate::{App, Config};
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -973,4 +974,35 @@ pub async fn readyz_reports_cannot_connect(addr: SocketAddr, why: &str) {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Debian's nginx modules.
+pub const NGINX_MODULES: &str = "/usr/lib/nginx/modules";
+
+/// An nginx.conf for a test's nginx under `prefix` (one worker, logs and temp files in the
+/// prefix), Debian-like: the brotli modules loaded, `main_context` (more modules, a stream
+/// block's include) at main level, and the site in `conf/pushgate.conf` inside `http {}`.
+pub fn nginx_main_conf(prefix: &Path, main_context: &str) -> String {
+    let p = prefix.display();
+    format!(
+        r#"load_module {NGINX_MODULES}/ngx_http_brotli_filter_module.so;
+load_module {NGINX_MODULES}/ngx_http_brotli_static_module.so;
+{main_context}
+worker_processes 1;
+pid {p}/nginx.pid;
+error_log {p}/logs/error.log info;
+events {{ worker_connections 1024; }}
+http {{
+    include /etc/nginx/mime.types;
+    default_type application/octet-stream;
+    access_log {p}/logs/access.log;
+    client_body_temp_path {p}/tmp/body;
+    proxy_temp_path {p}/tmp/proxy;
+    fastcgi_temp_path {p}/tmp/fastcgi;
+    uwsgi_temp_path {p}/tmp/uwsgi;
+    scgi_temp_path {p}/tmp/scgi;
+    include {p}/conf/pushgate.conf;
+}}
+"#
+    )
 }
