@@ -8,6 +8,10 @@
 #   listen_http_v6     [::]:80                plain HTTP listen address (IPv6)
 #   listen_https       443                    HTTPS listen address (IPv4)
 #   listen_https_v6    [::]:443               HTTPS listen address (IPv6)
+#                                             (the edge mode, README: the site's own address,
+#                                             e.g. listen_http=203.0.113.10:80
+#                                             listen_https=203.0.113.10:443, leaving the
+#                                             socket address's ports to pushgate's tls.listen)
 #   https_port_suffix  (empty)                ":8443" when HTTPS is not on 443 (redirects)
 #   tls_dir            /var/lib/pushgate/tls  where pushgate writes fullchain.pem, privkey.pem
 #   static_root        /var/www/app           your static files

@@ -11,8 +11,14 @@
 #      firewall rules by `nft -c`; then a second apply must report zero changes;
 #   4. applies it to another fresh copy in the SNI mode (pushgate_nginx_mode: sni): the stream
 #      module, the stream server in modules-enabled, the site on loopback with proxy_protocol,
-#      pushgate's edge settings, accepted by `nginx -t` and `pushgate check-config`; then the
-#      site mode on that copy, which removes the stream server.
+#      pushgate's edge settings, accepted by `nginx -t` and `pushgate check-config`;
+#   5. on that copy, the edge mode (pushgate_nginx_mode: edge): refused early without its two
+#      addresses; with them (loopback stand-ins: 127.0.0.2 and ::1 for the site, 127.0.0.3 for
+#      pushgate) the stream server removed, the site listening on the site's addresses only,
+#      pushgate's tls.listen and tls.redirect_listen on the edge address, the drop-in granting
+#      CAP_NET_BIND_SERVICE, accepted by `nginx -t`, `pushgate check-config` and
+#      `systemd-analyze verify`, a second apply changing nothing; then the site mode, which
+#      removes the edge mode's drop-in and listens on 443 again.
 #
 # Needs root (debootstrap, chroot). The root filesystem and the virtualenv are cached under
 # PUSHGATE_TEST_CACHE (default /var/cache/pushgate-test) and reused: the first run takes a few
@@ -261,12 +267,80 @@ check_config_sni() {
         grep -q '^cert_file = "/var/lib/pushgate/tls/fullchain.pem"$' <<<"$out" || { echo "$out"; return 1; }
 }
 check "SNI: pushgate check-config accepts the edge settings and loads the certificate (as user pushgate)" check_config_sni
+
+# --- 5. the edge mode on that host (from the SNI mode), then the site mode ----------------------
+EDGE_DROPIN=$ROOT/etc/systemd/system/pushgate.service.d/edge.conf
+echo "==> the edge mode without its addresses: refused before anything changes"
+edge_refused() {
+    if (cd ansible && ansible-playbook -i "$WORK/inventory.yml" site.yml -e pushgate_nginx_mode=edge) \
+        >"$WORK/apply-edge-refused.log" 2>&1; then
+        echo "the apply succeeded"
+        return 1
+    fi
+    grep -q 'pushgate_nginx_mode edge needs two addresses of the host' "$WORK/apply-edge-refused.log" &&
+        grep -qE '^rootfs +:.* changed=0 ' "$WORK/apply-edge-refused.log" || {
+        tail -30 "$WORK/apply-edge-refused.log"
+        return 1
+    }
+}
+check "edge: without pushgate_site_address and pushgate_edge_address the role fails early, saying so" edge_refused
+EDGE_VARS=(-e pushgate_nginx_mode=edge -e pushgate_site_address=127.0.0.2
+    -e pushgate_site_address_v6=::1 -e pushgate_edge_address=127.0.0.3)
+echo "==> apply in the edge mode (pushgate_nginx_mode: edge)"
+apply "$WORK/apply-edge.log" "${EDGE_VARS[@]}"
+grep -E '^rootfs +:' "$WORK/apply-edge.log" | sed 's/^/    /'
+check "edge: the SNI mode's stream server removed" test ! -e "$SNI_CONF"
+listens() { # the listen lines of the site, one per line
+    grep -E '^\s*listen ' "$SITE_CONF" | sed -E 's/^\s+//'
+}
+edge_site_listens() {
+    local got want
+    got=$(listens)
+    want=$(printf '%s\n' 'listen 127.0.0.2:80;' 'listen [::1]:80;' \
+        'listen 127.0.0.2:443 ssl http2;' 'listen [::1]:443 ssl http2;')
+    [ "$got" = "$want" ] || { echo "listen lines:"; echo "$got"; return 1; }
+}
+check "edge: the site listens on the site's addresses only (127.0.0.2, [::1]; ports 80 and 443)" edge_site_listens
+check "edge: nginx -t accepts the site" in_root nginx -t
+check_config_edge() {
+    local env out
+    mapfile -t env < <(grep -E '^[A-Z_]+=' "$ROOT/etc/pushgate/pushgate.env")
+    out=$(chroot --userspec=pushgate:pushgate "$ROOT" /usr/bin/env -i "${env[@]}" \
+        /usr/bin/pushgate check-config --config /etc/pushgate/pushgate.toml) || {
+        echo "$out"
+        return 1
+    }
+    grep -q '^listen = "127.0.0.3:443"$' <<<"$out" && grep -q '^redirect_listen = "127.0.0.3:80"$' <<<"$out" &&
+        grep -q '^proxy_protocol = false$' <<<"$out" &&
+        grep -q '^cert_file = "/var/lib/pushgate/tls/fullchain.pem"$' <<<"$out" &&
+        grep -q '^key_file = "/var/lib/pushgate/tls/privkey.pem"$' <<<"$out" &&
+        grep -q '^listen = "127.0.0.1:4100"$' <<<"$out" || { echo "$out"; return 1; }
+}
+check "edge: pushgate check-config: tls.listen 127.0.0.3:443, tls.redirect_listen 127.0.0.3:80, no PROXY protocol, the certificate files (as user pushgate)" check_config_edge
+check "edge: the drop-in grants CAP_NET_BIND_SERVICE" sh -c \
+    "cmp -s '$EDGE_DROPIN' '$REPO/systemd/pushgate-edge.conf' && grep -qx 'AmbientCapabilities=CAP_NET_BIND_SERVICE' '$EDGE_DROPIN'"
+check "edge: systemd-analyze verify accepts the units with the drop-in" verify_units
+echo "==> second apply in the edge mode: must change nothing"
+apply "$WORK/apply-edge2.log" "${EDGE_VARS[@]}"
+recap=$(grep -E '^rootfs +:' "$WORK/apply-edge2.log")
+echo "    $recap"
+idempotent_edge() {
+    grep -q 'changed=0 ' <<<"$recap" && grep -q 'failed=0 ' <<<"$recap" || {
+        grep -E '^changed:' -B2 "$WORK/apply-edge2.log"
+        return 1
+    }
+}
+check "edge: second apply reports zero changes" idempotent_edge
+
 echo "==> apply in the site mode again"
 apply "$WORK/apply-site.log"
-check "site mode again: the stream server removed, the site on 443" sh -c \
-    "! test -e '$SNI_CONF' && grep -q 'listen 443 ssl http2;' '$SITE_CONF'"
+check "site mode again: the stream server and the edge drop-in removed, the site on 443" sh -c \
+    "! test -e '$SNI_CONF' && ! test -e '$EDGE_DROPIN' && grep -q 'listen 443 ssl http2;' '$SITE_CONF' && ! grep -q '127.0.0.2' '$SITE_CONF'"
 check "site mode again: nginx -t" in_root nginx -t
+check "site mode again: pushgate.toml has no [tls] section" sh -c \
+    "! grep -q '^\[tls\]' '$ROOT/etc/pushgate/pushgate.toml'"
 check "site mode again: pushgate check-config" check_config
+check "site mode again: systemd-analyze verify" verify_units
 
 echo "ansible: $passed passed, $failed failed"
 [ "$failed" = 0 ]
