@@ -715,7 +715,13 @@ async fn a_sentinel_failover_to_a_replica_that_lacked_writes_never_reuses_a_posi
     let last_alone = acked.lock().unwrap().last().unwrap().1;
     for (name, (log, _)) in &clients {
         wait_for(
-            || log.lock().unwrap().msgs.iter().any(|(_, n)| *n == last_alone),
+            || {
+                log.lock()
+                    .unwrap()
+                    .msgs
+                    .iter()
+                    .any(|(_, n)| *n == last_alone)
+            },
             &format!("{name} to get the master's last message"),
         )
         .await;
