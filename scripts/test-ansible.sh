@@ -179,8 +179,9 @@ check "tls dir pushgate:pushgate 750" stat_is /var/lib/pushgate/tls "pushgate:pu
 check "stand-in private key pushgate:pushgate 600" stat_is /var/lib/pushgate/tls/privkey.pem "pushgate:pushgate 600"
 check "stand-in certificate for the domain" sh -c "openssl x509 -in '$ROOT/var/lib/pushgate/tls/fullchain.pem' -noout -subject | grep -q pushgate.test"
 
-check_config() {
-    # As the service would run it: the pushgate user, the environment file's variables.
+# pushgate check-config in the root, as user pushgate with the unit's environment: the effective
+# configuration on stdout (printed, and a failure, when it refuses).
+check_config_as_pushgate() {
     local env out
     mapfile -t env < <(grep -E '^[A-Z_]+=' "$ROOT/etc/pushgate/pushgate.env")
     out=$(chroot --userspec=pushgate:pushgate "$ROOT" /usr/bin/env -i "${env[@]}" \
@@ -188,6 +189,11 @@ check_config() {
         echo "$out"
         return 1
     }
+    echo "$out"
+}
+check_config() {
+    local out
+    out=$(check_config_as_pushgate) || { echo "$out"; return 1; }
     grep -q '^size = 2000$' <<<"$out" && grep -q '^worker_threads = 1$' <<<"$out" &&
         grep -q 'token = "(set, hidden)"' <<<"$out" && grep -q '^listen = "127.0.0.1:4100"$' <<<"$out" &&
         grep -q '^url = "redis://:hidden@127.0.0.1:6379/"$' <<<"$out" || { echo "$out"; return 1; }
@@ -256,13 +262,8 @@ check "SNI: the site listens on loopback with proxy_protocol" sh -c \
     "grep -q 'listen 127.0.0.1:8443 proxy_protocol ssl http2;' '$SITE_CONF' && grep -q 'listen \\[::1\\]:8443 proxy_protocol ssl http2;' '$SITE_CONF' && ! grep -q 'listen 443 ssl' '$SITE_CONF'"
 check "SNI: nginx -t accepts the stream server and the site" in_root nginx -t
 check_config_sni() {
-    local env out
-    mapfile -t env < <(grep -E '^[A-Z_]+=' "$ROOT/etc/pushgate/pushgate.env")
-    out=$(chroot --userspec=pushgate:pushgate "$ROOT" /usr/bin/env -i "${env[@]}" \
-        /usr/bin/pushgate check-config --config /etc/pushgate/pushgate.toml) || {
-        echo "$out"
-        return 1
-    }
+    local out
+    out=$(check_config_as_pushgate) || { echo "$out"; return 1; }
     grep -q '^listen = "127.0.0.1:4443"$' <<<"$out" && grep -q '^proxy_protocol = true$' <<<"$out" &&
         grep -q '^cert_file = "/var/lib/pushgate/tls/fullchain.pem"$' <<<"$out" || { echo "$out"; return 1; }
 }
@@ -303,13 +304,8 @@ edge_site_listens() {
 check "edge: the site listens on the site's addresses only (127.0.0.2, [::1]; ports 80 and 443)" edge_site_listens
 check "edge: nginx -t accepts the site" in_root nginx -t
 check_config_edge() {
-    local env out
-    mapfile -t env < <(grep -E '^[A-Z_]+=' "$ROOT/etc/pushgate/pushgate.env")
-    out=$(chroot --userspec=pushgate:pushgate "$ROOT" /usr/bin/env -i "${env[@]}" \
-        /usr/bin/pushgate check-config --config /etc/pushgate/pushgate.toml) || {
-        echo "$out"
-        return 1
-    }
+    local out
+    out=$(check_config_as_pushgate) || { echo "$out"; return 1; }
     grep -q '^listen = "127.0.0.3:443"$' <<<"$out" && grep -q '^redirect_listen = "127.0.0.3:80"$' <<<"$out" &&
         grep -q '^proxy_protocol = false$' <<<"$out" &&
         grep -q '^cert_file = "/var/lib/pushgate/tls/fullchain.pem"$' <<<"$out" &&
