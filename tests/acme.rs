@@ -36,36 +36,12 @@ const NGINX: &str = "/usr/sbin/nginx";
 // Scaffolding
 // ---------------------------------------------------------------------------------------------
 
-/// A fresh directory for one test, removed when the test passes.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        let p = std::env::temp_dir().join(format!("pushgate-acme-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        // nginx workers run as nobody when the tests run as root.
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
-        TempDir(p)
-    }
-    fn path(&self, rel: &str) -> PathBuf {
-        self.0.join(rel)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        if !std::thread::panicking() {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-}
-
 /// A free TCP port on 127.0.0.1 and on [::1] (for nginx's IPv6 listen lines).
 fn free_port() -> u16 {
     support::free_port_v4_v6()
 }
 
+use support::TempDir;
 use support::ports::{Listening, PortTaken, retry_taken_ports_async};
 
 /// A child process whose stdout and stderr are collected; stopped with SIGTERM on drop.
@@ -678,7 +654,7 @@ fn reloads(file: &Path) -> usize {
 /// of pushgate reuses the cached certificate without a new order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http01_through_nginx_exports_reloads_and_a_restart_reuses_the_certificate() {
-    let tmp = TempDir::new("nginx");
+    let tmp = TempDir::new("acme", "nginx");
     let prefix = tmp.path("nginx");
     let tls_dir = tmp.path("tls");
     let state_dir = tmp.path("state");
@@ -819,7 +795,7 @@ async fn http01_through_nginx_exports_reloads_and_a_restart_reuses_the_certifica
 /// Pebble stopped, the next renewal fails visibly and the current certificate stays in place.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn renewal_replaces_the_certificate_and_a_stopped_ca_leaves_it_in_place() {
-    let tmp = TempDir::new("renewal");
+    let tmp = TempDir::new("acme", "renewal");
     let tls_dir = tmp.path("tls");
     let reload_log = tmp.path("reloads");
     let reload = format!("echo reloaded >> {}", reload_log.display());
@@ -935,7 +911,7 @@ async fn renewal_replaces_the_certificate_and_a_stopped_ca_leaves_it_in_place() 
 /// pushgate's listener, against Pebble.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_export_error_and_a_failing_reload_command_are_counted_logged_and_retried() {
-    let tmp = TempDir::new("export-errors");
+    let tmp = TempDir::new("acme", "export-errors");
     std::fs::write(tmp.path("file"), b"x").unwrap();
     let cert_dir = tmp.path("file/tls");
     let reload = "echo the reload went wrong >&2; exit 3";
@@ -1026,7 +1002,7 @@ async fn an_export_error_and_a_failing_reload_command_are_counted_logged_and_ret
 /// key to fix and counted, and the gateway serves as usual.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_ca_and_unwritable_cert_dir_are_reported_and_the_gateway_keeps_serving() {
-    let tmp = TempDir::new("unreachable");
+    let tmp = TempDir::new("acme", "unreachable");
     let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let closed = free_port();
     // A regular file where a directory is needed: unwritable even for root.
@@ -1087,7 +1063,7 @@ state_dir = "{state}"
 /// A bad domain list is refused before serving, naming the key.
 #[test]
 fn a_bad_domain_list_is_a_config_error() {
-    let tmp = TempDir::new("badconfig");
+    let tmp = TempDir::new("acme", "badconfig");
     let file = tmp.path("pushgate.toml");
     std::fs::write(
         &file,
@@ -1283,7 +1259,7 @@ impl Edge {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_alpn01_at_the_edge_serves_http1_and_http2_and_redirects() {
     use http_body_util::BodyExt;
-    let tmp = TempDir::new("edge");
+    let tmp = TempDir::new("acme", "edge");
     let bin = Path::new(env!("CARGO_BIN_EXE_pushgate"));
     let edge = Edge::start_with_ports(&tmp, bin, 1, |p| {
         format!("redirect_listen = \"127.0.0.1:{}\"\n", p[0])
@@ -1465,7 +1441,7 @@ async fn ends_by<S: tokio::io::AsyncRead + Unpin>(stream: &mut S, by: Instant, w
 async fn the_edge_serves_api_and_metrics_only_when_opted_in() {
     let bin = Path::new(env!("CARGO_BIN_EXE_pushgate"));
     for opted_in in [false, true] {
-        let tmp = TempDir::new(&format!("edge-paths-{opted_in}"));
+        let tmp = TempDir::new("acme", &format!("edge-paths-{opted_in}"));
         let edge = Edge::start(&tmp, bin, &format!("serve_api_and_metrics = {opted_in}\n")).await;
         let (https, root) = (edge.https, edge.root.clone());
         let (mut h2, _conn) = h2_connect(https, &root).await;
@@ -1504,7 +1480,7 @@ async fn the_edge_serves_api_and_metrics_only_when_opted_in() {
 /// and counted (`pushgate_refusals_total{cause="session_cap"}`), and gets it once one is free.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_websocket_at_the_edge_holds_a_connection_slot() {
-    let tmp = TempDir::new("edge-slots");
+    let tmp = TempDir::new("acme", "edge-slots");
     let bin = Path::new(env!("CARGO_BIN_EXE_pushgate"));
     // Five slots: one waiting in each listener's accept loop (a slot is taken before each
     // accept), the HTTP/2 connection, and two WebSockets on it.
@@ -1540,7 +1516,7 @@ async fn every_websocket_at_the_edge_holds_a_connection_slot() {
 /// connection left idle after its request are all closed on time, and counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn edge_connections_have_read_deadlines() {
-    let tmp = TempDir::new("edge-deadlines");
+    let tmp = TempDir::new("acme", "edge-deadlines");
     let bin = Path::new(env!("CARGO_BIN_EXE_pushgate"));
     // Short deadlines, though long enough for Pebble's validation handshake.
     let edge = Edge::start(
@@ -1620,7 +1596,7 @@ async fn edge_connections_have_read_deadlines() {
 /// The client is raw frames over TLS, since every HTTP/2 library answers PINGs by itself.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http2_client_that_stops_answering_pings_is_closed() {
-    let tmp = TempDir::new("edge-ping");
+    let tmp = TempDir::new("acme", "edge-ping");
     let bin = Path::new(env!("CARGO_BIN_EXE_pushgate"));
     let edge = Edge::start(
         &tmp,
@@ -1683,7 +1659,7 @@ async fn autobahn_conformance_over_tls_at_the_edge() {
     ) else {
         panic!("set AUTOBAHN_SERVER_BIN and WSTEST (scripts/test.sh does)");
     };
-    let tmp = TempDir::new("autobahn-tls");
+    let tmp = TempDir::new("acme", "autobahn-tls");
     // Autobahn opens one connection per case from one address, hundreds in a few seconds: the
     // per-address connect rate (a protection, tested in tests/admission.rs) is not under test.
     let edge = Edge::start(
@@ -1772,7 +1748,7 @@ async fn demo_page_in_chromium_at_the_edge() {
         std::env::var_os("EDGE_BROWSER_TEST").is_some(),
         "set EDGE_BROWSER_TEST=1 after `npm ci` in tests/js (scripts/test.sh does)"
     );
-    let tmp = TempDir::new("edge-browser");
+    let tmp = TempDir::new("acme", "edge-browser");
     // The page's publish form posts to /api/publish, which the edge serves only when opted in.
     let edge = Edge::start(
         &tmp,

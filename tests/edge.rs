@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use support::TestCa;
+use support::{TempDir, TestCa};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -24,29 +24,6 @@ const NAME: &str = "socket.pushgate.test";
 /// Long enough for a reload: the files are checked every 2 s and loaded once they held still
 /// on two checks (src/tls.rs, `CERT_FILES_CHECK_INTERVAL`), with slack for a loaded machine.
 const RELOAD: Duration = Duration::from_secs(15);
-
-/// A fresh directory for one test, removed when the test passes.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        let p = std::env::temp_dir().join(format!("pushgate-edge-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-    fn path(&self, rel: &str) -> PathBuf {
-        self.0.join(rel)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        if !std::thread::panicking() {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-}
 
 /// Writes `ca`'s leaf certificate and key as `fullchain.pem` and `privkey.pem` in `dir`,
 /// atomically (a temporary file, then a rename), as certbot's links move at once.
@@ -215,7 +192,7 @@ async fn metric(addr: SocketAddr, sample: &str) -> f64 {
 /// with the certificate, then garbage) is counted and the renewed certificate stays.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certificate_files_are_served_renewed_and_a_bad_renewal_keeps_the_old_one() {
-    let tmp = TempDir::new("files");
+    let tmp = TempDir::new("edge", "files");
     let first = TestCa::new(&[NAME]);
     write_pair(&tmp.0, &first);
     let (server, https) = start_edge(&tmp.0, |_| {}).await;
@@ -299,7 +276,7 @@ async fn certificate_files_are_served_renewed_and_a_bad_renewal_keeps_the_old_on
 /// files do not load, naming the key and the problem.
 #[test]
 fn bad_certificate_files_at_start_are_a_config_error() {
-    let tmp = TempDir::new("bad-files");
+    let tmp = TempDir::new("edge", "bad-files");
     let good = TestCa::new(&[NAME]);
     let other = TestCa::new(&[NAME]);
     std::fs::write(tmp.path("fullchain.pem"), &good.cert_pem).unwrap();
@@ -416,7 +393,7 @@ async fn joined_over(tls: Tls, topic: &str) -> Result<Wss, u16> {
 /// socket's address (127.0.0.1, the test's own); a `LOCAL` header counts the socket's address.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_proxy_header_names_the_client_the_limits_count() {
-    let tmp = TempDir::new("proxy-limits");
+    let tmp = TempDir::new("edge", "proxy-limits");
     let ca = TestCa::new(&[NAME]);
     write_pair(&tmp.0, &ca);
     let (server, https) = start_edge(&tmp.0, |c| {
@@ -473,7 +450,7 @@ async fn closed_within(stream: &mut tokio::net::TcpStream, within: Duration) -> 
 /// header that never completes (at the handshake deadline); each counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_without_a_valid_proxy_header_are_closed() {
-    let tmp = TempDir::new("proxy-refusals");
+    let tmp = TempDir::new("edge", "proxy-refusals");
     let ca = TestCa::new(&[NAME]);
     write_pair(&tmp.0, &ca);
     let (server, https) = start_edge(&tmp.0, |c| {
@@ -710,7 +687,7 @@ async fn socket_through_nginx(from: &str, public: SocketAddr, ca_pem: &str) -> R
 /// socket from it is refused, one from 127.0.0.8 is not), and the site's access log names it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sni_mode_routes_the_socket_name_to_the_edge_and_the_rest_to_the_site() {
-    let tmp = TempDir::new("sni");
+    let tmp = TempDir::new("edge", "sni");
     let tls_dir = tmp.path("tls");
     std::fs::create_dir_all(&tls_dir).unwrap();
     let ca = TestCa::new(&[NAME, SITE_NAME]);

@@ -1006,3 +1006,32 @@ http {{
 "#
     )
 }
+
+/// A fresh directory for one test (`pushgate-<suite>-<name>-<pid>` in the temporary directory),
+/// readable by all (nginx workers run as nobody when the tests run as root), removed when the
+/// test passes and kept for a look when it fails.
+pub struct TempDir(pub std::path::PathBuf);
+
+impl TempDir {
+    pub fn new(suite: &str, name: &str) -> TempDir {
+        use std::os::unix::fs::PermissionsExt;
+        let p =
+            std::env::temp_dir().join(format!("pushgate-{suite}-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        TempDir(p)
+    }
+
+    pub fn path(&self, rel: &str) -> std::path::PathBuf {
+        self.0.join(rel)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
