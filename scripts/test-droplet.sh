@@ -203,6 +203,9 @@ ssh_droplet() { ssh -i "$WORK/id" -o StrictHostKeyChecking=no -o UserKnownHostsF
 apply() { # apply LOGFILE A|B
     (cd ansible && ansible-playbook -i "$WORK/inventory-$2.yml" site.yml) >"$1" 2>&1 || {
         tail -60 "$1"
+        # What systemd said of the services the role manages, to tell why a job failed.
+        in_droplet systemctl status --no-pager --lines=0 pushgate.socket pushgate.service nginx.service 2>&1 | sed 's/^/    /' || true
+        in_droplet journalctl --no-pager -n 40 -u pushgate.socket -u pushgate.service -u nginx.service 2>&1 | sed 's/^/    /' || true
         echo "ansible-playbook failed (log: $1)"
         return 1
     }
