@@ -749,10 +749,12 @@ pub struct Rewind {
 }
 
 impl Rewind {
-    /// `inner`, with `read` (bytes already taken from it) to be read first.
+    /// `inner`, with `read` (bytes already taken from it) to be read first. An empty `read`
+    /// is dropped at once: its buffer would otherwise stay for the connection's life (the
+    /// PROXY header reader's 536 bytes, when nothing followed the header yet).
     pub(crate) fn new(read: Vec<u8>, inner: TcpStream) -> Rewind {
         Rewind {
-            read,
+            read: if read.is_empty() { Vec::new() } else { read },
             pos: 0,
             inner,
         }
