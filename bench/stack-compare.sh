@@ -5,7 +5,9 @@
 # scenario on all of them back to back, REPS times, appending JSON lines to OUT; then medians
 # and the ratios over Nchan with bench/summarize.py.
 # Usage: bench/stack-compare.sh [REPS] [OUT]   (a release build; nginx with Nchan; a quiet machine)
-# STACK_BACKENDS="pushgate nchan edge sni" runs only those (default: all five).
+# STACK_BACKENDS="pushgate nchan edge sni" runs only those (default: all five); the backend
+# "variant" is nginx + pushgate with the site template SITE_VARIANT (labelled VARIANT_LABEL,
+# default "variant").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 reps=${1:-3}
@@ -17,7 +19,7 @@ trap 'rm -rf "$tls"' EXIT
 bench/peers/stack.sh cert "$tls"
 port=5000
 run() { # backend scenario args...
-    local backend=$1 adapter=phoenix label=stack extra=()
+    local backend=$1 adapter=phoenix label=stack extra=() peer=$1 env=""
     shift
     port=$((port + 2))
     case $backend in
@@ -25,10 +27,11 @@ run() { # backend scenario args...
         nchan) adapter=nchan ;;
         hop) adapter=nchan label=hop extra=("$bench") ;;
         edge | sni) label=$backend extra=("$pg") ;;
+        variant) label=${VARIANT_LABEL:-variant} peer=pushgate env="env STACK_SITE_CONF=${SITE_VARIANT:?} " extra=("$pg") ;;
     esac
     $bench run "$@" --adapter "$adapter" --label "$label" --per-address 100 --tls-ca "$tls/ca.pem" \
         --server 127.0.0.1:$port --publish-server 127.0.0.1:$((port + 1)) \
-        --spawn "bench/peers/stack.sh $backend $port $((port + 1)) $tls ${extra[*]}" \
+        --spawn "${env}bench/peers/stack.sh $peer $port $((port + 1)) $tls ${extra[*]}" \
         2>/dev/null >>"$out" || echo "run failed: $backend $*" >&2
 }
 backends=${STACK_BACKENDS:-pushgate nchan hop edge sni}

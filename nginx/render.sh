@@ -17,6 +17,10 @@
 #   static_root        /var/www/app           your static files
 #   pushgate_upstream  127.0.0.1:4000         pushgate (pushgate.socket's ListenStream=)
 #   app_upstream       127.0.0.1:3000         your app
+#   socket_proxy_buffer_size 2k               nginx's buffer each way per proxied socket
+#                                             (1k: less memory per idle socket, more CPU for
+#                                             messages above 1 KiB and under load; the
+#                                             comment in pushgate.conf has the figures)
 # Only in pushgate-sni.conf (the SNI mode):
 #   socket_server_name socket.example.com     the name routed to pushgate's own TLS edge
 #   pushgate_tls_upstream 127.0.0.1:4443      pushgate's tls.listen (with tls.proxy_protocol)
@@ -38,6 +42,7 @@ declare -A v=(
     [static_root]=/var/www/app
     [pushgate_upstream]=127.0.0.1:4000
     [app_upstream]=127.0.0.1:3000
+    [socket_proxy_buffer_size]=2k
     [socket_server_name]=socket.example.com
     [pushgate_tls_upstream]=127.0.0.1:4443
     [site_upstream]=127.0.0.1:8443

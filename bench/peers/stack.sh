@@ -29,6 +29,9 @@
 #       --server 127.0.0.1:4443 --publish-server 127.0.0.1:4100 \
 #       --spawn "bench/peers/stack.sh pushgate 4443 4100 /tmp/stack-tls target/release/pushgate"
 #
+# STACK_SITE_CONF names another site template to render in place of nginx/pushgate.conf (the
+# variants of the site's settings measured in BENCHMARKS.md).
+#
 # nginx runs as the Debian package configures it (its nginx.conf's settings that matter here:
 # one worker as the bench pins one core, access log on, sendfile), with the file limits the
 # Ansible role sets, capped at this machine's 20000 per process. Stops everything on SIGTERM.
@@ -114,7 +117,7 @@ fi
     listen_https="$site_https" listen_https_v6="$site_https_v6" \
     https_port_suffix=":$tls_port" tls_dir="$tls_dir" static_root="$prefix/www" \
     pushgate_upstream="127.0.0.1:$port" app_upstream="unix:$prefix/app.sock" \
-    <"$repo/nginx/pushgate.conf" >"$prefix/conf/site.conf"
+    <"${STACK_SITE_CONF:-$repo/nginx/pushgate.conf}" >"$prefix/conf/site.conf"
 
 # What the other backends add to the same HTTPS server block (after its server_tokens line).
 extra=""
