@@ -22,6 +22,13 @@
 #      rejoin recovered; a new certificate served within seconds; a SIGSTOPped pushgate
 #      restarted by its watchdog; the firewall drops other ports; a reboot brings everything
 #      back by itself; a second apply changes nothing.
+#   4. the edge mode (README, "An address of its own for the sockets"): the droplet's second
+#      address (as a reserved IP's anchor address) is given to pushgate's own TLS edge by
+#      applying the role with pushgate_nginx_mode edge: nginx leaves it and keeps the site on
+#      the first address, pushgate takes its ports 443 and 80 (the role's restart order, on a
+#      real systemd); the phoenix client over the edge, a restart with 20 clients and a
+#      publisher (nothing lost: the clients reconnect), a new certificate served by the edge
+#      within seconds, a reboot; then back to the default site, nginx on every address again.
 #
 # Needs root (debootstrap, nspawn, network namespaces). Installs systemd-container, debootstrap,
 # openssh-client, curl and openssl when missing; node and tests/js/node_modules must be there
@@ -154,6 +161,7 @@ NS=""
 NSPAWN=""
 LEADER=""
 ADDR=""
+EDGE=""
 cleanup() {
     if [ -n "${DROPLET_KEEP:-}" ] && [ -n "$NSPAWN" ]; then
         echo "DROPLET_KEEP: left running: nspawn pid $NSPAWN, leader $LEADER, netns $NS, address $ADDR, work $WORK"
@@ -169,7 +177,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# A free private /30: 10.<a>.<b>.0, host .1, droplet .2.
+# A free private /29: 10.<a>.<b>.0, host .1, droplet .2 (the site), .3 (the edge mode's address).
 pick_subnet() {
     local a b used
     used=$(ip -o addr show; ip route show)
@@ -214,7 +222,7 @@ apply() { # apply LOGFILE A|B
 clients() { # clients [ACTION argv as JSON]: tests/js/droplet.js from the host
     (
         cd tests/js
-        NODE_TLS_REJECT_UNAUTHORIZED=0 NODE_NO_WARNINGS=1 DROPLET_URL="https://$ADDR" CLIENTS="${CLIENTS:-20}" \
+        NODE_TLS_REJECT_UNAUTHORIZED=0 NODE_NO_WARNINGS=1 DROPLET_URL="${URL:-https://$ADDR}" CLIENTS="${CLIENTS:-20}" \
             PUBLISHER="[\"ip\",\"netns\",\"exec\",\"$NS\",\"env\",\"PUBLISH_URL=http://127.0.0.1:4000\",\"TOKEN=$TOKEN\",\"INTERVAL_MS=20\",\"$(command -v node)\",\"$REPO/tests/js/droplet.js\",\"publisher\"]" \
             ACTION="${1:-}" node droplet.js clients
     )
@@ -246,11 +254,14 @@ droplet() {
     net=$(pick_subnet) || { echo "no free private /30"; return 1; }
     NS=pgd-$$-$suite
     ADDR=$net.2
+    EDGE=$net.3
     ip netns add "$NS"
     ip link add "pgh$$" type veth peer name eth0 netns "$NS"
-    ip addr add "$net.1/30" dev "pgh$$"
+    ip addr add "$net.1/29" dev "pgh$$"
     ip link set "pgh$$" up
-    ip -n "$NS" addr add "$ADDR/30" dev eth0
+    ip -n "$NS" addr add "$ADDR/29" dev eth0
+    # A second address, as a DigitalOcean reserved IP's anchor address: the edge mode's.
+    ip -n "$NS" addr add "$EDGE/29" dev eth0
     ip -n "$NS" link set eth0 up
     ip -n "$NS" link set lo up
     ip -n "$NS" route add default via "$net.1"
@@ -260,6 +271,10 @@ droplet() {
 
     inventory A "$DEB_A"
     inventory B "$DEB_B"
+    inventory E "$DEB_A" "
+    pushgate_nginx_mode: edge
+    pushgate_site_address: $ADDR
+    pushgate_edge_address: $EDGE"
     local t
     t=$(date +%s)
     echo "==> $suite: first apply of site.yml over SSH (services managed, package $VERSION_A)"
@@ -268,12 +283,13 @@ droplet() {
     echo "    ($(($(date +%s) - t)) s)"
 
     checks_live "$suite"
+    checks_edge "$suite"
     checks_package "$suite"
     cleanup
     echo "    ($suite: $(($(date +%s) - start)) s)"
 }
 
-inventory() { # inventory NAME DEB: $WORK/inventory-NAME.yml
+inventory() { # inventory NAME DEB [MORE VARS]: $WORK/inventory-NAME.yml
     cat >"$WORK/inventory-$1.yml" <<EOF
 pushgate:
   hosts:
@@ -288,8 +304,31 @@ pushgate:
     pushgate_publish_token: $TOKEN
     # The one default changed: a container shares the host's kernel, whose /proc/sys is
     # read-only in it (the file is written all the same, and systemd-sysctl skips it at boot).
-    pushgate_sysctl_apply: false
+    pushgate_sysctl_apply: false${3:-}
 EOF
+}
+
+# replace_cert ADDRESS: a new certificate, written as pushgate writes one (key first, each file
+# renamed into place), is served on ADDRESS:443 within 10 s.
+served_fingerprint() { # served_fingerprint ADDRESS
+    openssl s_client -connect "$1:443" -servername "$DOMAIN" </dev/null 2>/dev/null |
+        openssl x509 -noout -fingerprint -sha256
+}
+replace_cert() {
+    local addr=$1 want f
+    openssl req -x509 -newkey rsa:2048 -nodes -days 30 -subj "/CN=$DOMAIN" \
+        -keyout "$WORK/new-key.pem" -out "$WORK/new-cert.pem" 2>/dev/null
+    want=$(openssl x509 -in "$WORK/new-cert.pem" -noout -fingerprint -sha256)
+    new_cert_served() { [ "$(served_fingerprint "$addr")" = "$want" ]; }
+    new_cert_served && { echo "the new certificate is served before it is installed"; return 1; }
+    # The modes the role gives them (README: owned by pushgate, the key first).
+    local -A mode=([privkey.pem]=0600 [fullchain.pem]=0640)
+    for f in privkey.pem:new-key.pem fullchain.pem:new-cert.pem; do
+        ssh_droplet "umask 077 && cat > /var/lib/pushgate/tls/.${f%%:*}.tmp && chown pushgate:pushgate /var/lib/pushgate/tls/.${f%%:*}.tmp && chmod ${mode[${f%%:*}]} /var/lib/pushgate/tls/.${f%%:*}.tmp && mv /var/lib/pushgate/tls/.${f%%:*}.tmp /var/lib/pushgate/tls/${f%%:*}" <"$WORK/${f##*:}"
+    done
+    local t0=$SECONDS
+    poll 10 new_cert_served || { echo "still serving $(served_fingerprint "$addr")"; return 1; }
+    echo "served after $((SECONDS - t0)) s or less"
 }
 
 # nginx's complaints about connecting to pushgate (a refused connection would be one).
@@ -297,6 +336,13 @@ refused_count() { in_droplet sh -c 'grep -c "connect() failed\|Connection refuse
 nothing_refused() {
     [ "$(refused_count)" = "$REFUSED_BEFORE" ] || { in_droplet tail -5 /var/log/nginx/error.log; return 1; }
 }
+
+no_failed_unit() {
+    local failed
+    failed=$(in_droplet systemctl --failed --no-legend --plain)
+    [ -z "$failed" ] || { echo "$failed"; return 1; }
+}
+all_well() { services_active && no_failed_unit; }
 
 services_active() {
     local u s out=""
@@ -357,29 +403,7 @@ checks_live() {
         clients "[\"nsenter\",\"-t\",\"$LEADER\",\"-a\",\"systemctl\",\"restart\",\"pushgate.service\"]"
     check "$suite: nginx logged no refused connection to pushgate during the restart" nothing_refused
 
-    # A new certificate: written as pushgate writes one (key first, each file renamed into place).
-    openssl req -x509 -newkey rsa:2048 -nodes -days 30 -subj "/CN=$DOMAIN" \
-        -keyout "$WORK/new-key.pem" -out "$WORK/new-cert.pem" 2>/dev/null
-    local want
-    want=$(openssl x509 -in "$WORK/new-cert.pem" -noout -fingerprint -sha256)
-    served_fingerprint() {
-        openssl s_client -connect "$ADDR:443" -servername "$DOMAIN" </dev/null 2>/dev/null |
-            openssl x509 -noout -fingerprint -sha256
-    }
-    new_cert_served() { [ "$(served_fingerprint)" = "$want" ]; }
-    replace_cert() {
-        new_cert_served && { echo "the new certificate is served before it is installed"; return 1; }
-        local f
-        # The modes the role gives them (README: owned by pushgate, the key first).
-        local -A mode=([privkey.pem]=0600 [fullchain.pem]=0640)
-        for f in privkey.pem:new-key.pem fullchain.pem:new-cert.pem; do
-            ssh_droplet "umask 077 && cat > /var/lib/pushgate/tls/.${f%%:*}.tmp && chown pushgate:pushgate /var/lib/pushgate/tls/.${f%%:*}.tmp && chmod ${mode[${f%%:*}]} /var/lib/pushgate/tls/.${f%%:*}.tmp && mv /var/lib/pushgate/tls/.${f%%:*}.tmp /var/lib/pushgate/tls/${f%%:*}" <"$WORK/${f##*:}"
-        done
-        local t0=$SECONDS
-        poll 10 new_cert_served || { echo "still serving $(served_fingerprint)"; return 1; }
-        echo "served after $((SECONDS - t0)) s or less"
-    }
-    check "$suite: a new fullchain.pem/privkey.pem is served by nginx within 10 s" replace_cert
+    check "$suite: a new fullchain.pem/privkey.pem is served by nginx within 10 s" replace_cert "$ADDR"
 
     # The watchdog, with a short interval for the test (the shipped unit: WatchdogSec=30s).
     watchdog() {
@@ -444,6 +468,95 @@ while True:
     check "$suite: after the reboot: no failed unit" sh -c "[ -z \"\$(nsenter -t $LEADER -a systemctl --failed --no-legend --plain)\" ] || nsenter -t $LEADER -a systemctl --failed --no-legend --plain"
     check "$suite: after the reboot: the firewall drops a port outside 22, 80, 443" firewall
     CLIENTS=4 check "$suite: after the reboot: phoenix client through nginx receives what the loopback API publishes" clients
+}
+
+# listening ADDRESS:PORT NAME: NAME (nginx or pushgate) listens on ADDRESS:PORT (the droplet's
+# network namespace, seen from the host).
+listening() {
+    local out
+    out=$(in_droplet_net ss -Hltnp "sport = :${1##*:}")
+    grep -qE "^LISTEN +[0-9]+ +[0-9]+ +${1//./\\.} .*\"$2\"" <<<"$out" || { echo "$2 not on $1: $out"; return 1; }
+}
+# no_wildcard PORT: nothing listens on 0.0.0.0:PORT (the edge address's port would be taken).
+no_wildcard() {
+    local out
+    out=$(in_droplet_net ss -Hltn "sport = :$1")
+    ! grep -qE " (0\.0\.0\.0|\*):$1 " <<<"$out" || { echo "a wildcard listener on port $1: $out"; return 1; }
+}
+
+checks_edge() {
+    local suite=$1 t
+    echo "==> $suite: the edge mode: pushgate's own TLS edge on $EDGE, nginx's site on $ADDR"
+    t=$(date +%s)
+    apply "$WORK/apply-edge.log" E
+    grep -E '^droplet +:' "$WORK/apply-edge.log" | sed 's/^/    /'
+    echo "    ($(($(date +%s) - t)) s)"
+    local curl_s=(curl -sS --max-time 10 --cacert "$WORK/edge-cert.pem")
+    edge_listeners() {
+        listening "$EDGE:443" pushgate && listening "$EDGE:80" pushgate &&
+            listening "$ADDR:443" nginx && listening "$ADDR:80" nginx && no_wildcard 443 && no_wildcard 80
+    }
+    edge_checks() { # edge_checks WHEN
+        # The certificate in use (the stand-in, or the one replace_cert installed).
+        ssh_droplet cat /var/lib/pushgate/tls/fullchain.pem >"$WORK/edge-cert.pem"
+        check "$suite: $1every service active, no failed unit" all_well
+        check "$suite: $1pushgate listens on $EDGE:443 and :80, nginx on $ADDR:443 and :80, nothing on the IPv4 wildcard" edge_listeners
+        site_ok() {
+            local out
+            out=$("${curl_s[@]}" --resolve "$DOMAIN:443:$ADDR" -o /dev/null -w '%{http_code} %{ssl_verify_result}' "https://$DOMAIN/socket/websocket")
+            # nginx proxies /socket/ on the site's address still: pushgate refuses a GET without
+            # an upgrade (400 or 426), nginx's own answer would be 404 or 502.
+            [ "$out" = "400 0" ] || [ "$out" = "426 0" ] || { echo "site: $out"; return 1; }
+            echo "$out"
+        }
+        check "$suite: $1the site's HTTPS on $ADDR verifies, and still proxies /socket/" site_ok
+        edge_ok() {
+            local health api
+            health=$("${curl_s[@]}" --resolve "$DOMAIN:443:$EDGE" "https://$DOMAIN/healthz")
+            grep -q '"status":"ok"' <<<"$health" || { echo "/healthz at the edge: $health"; return 1; }
+            # The API and the metrics stay on loopback.
+            api=$("${curl_s[@]}" --resolve "$DOMAIN:443:$EDGE" -o /dev/null -w '%{http_code}' -H "authorization: Bearer $TOKEN" \
+                -H 'content-type: application/json' --data '{"topic":"x","event":"e","payload":{}}' "https://$DOMAIN/api/publish")
+            [ "$api" = 404 ] || { echo "/api/publish at the edge: $api"; return 1; }
+            echo "/healthz ok, /api/publish 404"
+        }
+        check "$suite: $1pushgate's edge on $EDGE:443 serves the certificate files (verified for $DOMAIN), /healthz, and not the API" edge_ok
+        edge_redirect() {
+            local out
+            out=$(curl -sS --max-time 10 --resolve "$DOMAIN:80:$EDGE" -o /dev/null -w '%{http_code} %{redirect_url}' "http://$DOMAIN/socket/x")
+            [ "$out" = "301 https://$DOMAIN/socket/x" ] || { echo "$out"; return 1; }
+        }
+        check "$suite: $1HTTP on $EDGE:80 is redirected to HTTPS by pushgate" edge_redirect
+        URL="https://$EDGE" CLIENTS=4 check "$suite: $1phoenix client (WebSocket, LongPoll; 1.8.17, 1.7.23) over the edge receives what the loopback API publishes" clients
+    }
+    edge_checks ""
+
+    URL="https://$EDGE" check "$suite: edge: systemctl restart pushgate with 20 clients on the edge and a publisher every 20 ms: nothing lost, every rejoin recovered" \
+        clients "[\"nsenter\",\"-t\",\"$LEADER\",\"-a\",\"systemctl\",\"restart\",\"pushgate.service\"]"
+    check "$suite: edge: a new fullchain.pem/privkey.pem is served by pushgate's edge within 10 s" replace_cert "$EDGE"
+
+    echo "==> $suite: edge: reboot"
+    in_droplet systemctl reboot || true
+    wait "$NSPAWN" || true
+    boot
+    poll 60 services_active || true
+    edge_checks "after the reboot: "
+
+    echo "==> $suite: back to the default site"
+    t=$(date +%s)
+    apply "$WORK/apply-site.log" A
+    grep -E '^droplet +:' "$WORK/apply-site.log" | sed 's/^/    /'
+    echo "    ($(($(date +%s) - t)) s)"
+    site_again() {
+        in_droplet_net ss -Hltn "sport = :443" | grep -qE " (0\.0\.0\.0|\*):443 " || { echo "nginx not on *:443"; return 1; }
+        in_droplet_net ss -Hltn "sport = :80" | grep -qE " (0\.0\.0\.0|\*):80 " || { echo "nginx not on *:80"; return 1; }
+        ! in_droplet_net ss -Hltnp '( sport = :443 or sport = :80 )' | grep -q '"pushgate"' ||
+            { echo "pushgate still listens on port 443 or 80"; return 1; }
+        [ ! -e "$ROOT/etc/systemd/system/pushgate.service.d/edge.conf" ] || { echo "the edge drop-in is still there"; return 1; }
+        services_active
+    }
+    check "$suite: back to the site: nginx on the wildcard again, pushgate off ports 443 and 80, the drop-in gone, every service active" site_again
+    URL="https://$EDGE" CLIENTS=4 check "$suite: back to the site: phoenix client through nginx on $EDGE (nginx on every address again) receives what the loopback API publishes" clients
 }
 
 checks_package() {
