@@ -96,7 +96,17 @@ pub async fn run_app(
     app: Arc<App>,
     shutdown: impl Future<Output = ()>,
 ) -> bool {
-    let edge = match tls::Listeners::bind(&app.config).await {
+    run_app_passed(listeners, tls::Passed::default(), app, shutdown).await
+}
+
+/// Like [`run_app`], with the edge's sockets that systemd passed (the binary's path).
+pub async fn run_app_passed(
+    listeners: Vec<TcpListener>,
+    passed: tls::Passed,
+    app: Arc<App>,
+    shutdown: impl Future<Output = ()>,
+) -> bool {
+    let edge = match tls::Listeners::bind(&app.config, passed).await {
         Ok(edge) => edge,
         Err(e) => {
             tracing::error!("{e}");

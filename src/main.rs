@@ -333,6 +333,14 @@ fn serve(config: Config, inherited: Vec<std::net::TcpListener>) -> anyhow::Resul
     }
     let rt = rt.enable_all().build().context("starting the runtime")?;
     rt.block_on(async move {
+        let mut inherited: Vec<tokio::net::TcpListener> = inherited
+            .into_iter()
+            .map(tokio::net::TcpListener::from_std)
+            .collect::<Result<_, _>>()
+            .context("adopting a socket passed by systemd")?;
+        // The edge's own sockets among them (pushgate.socket in the edge mode): they serve
+        // tls.listen and tls.redirect_listen.
+        let passed = pushgate::tls::Passed::take(&mut inherited, &config.tls);
         let listeners = if inherited.is_empty() {
             let addr = config.listen_addr();
             let listener = pushgate::listener::bind(&addr.to_string())
@@ -345,10 +353,6 @@ fn serve(config: Config, inherited: Vec<std::net::TcpListener>) -> anyhow::Resul
                 "using the sockets passed by systemd (LISTEN_FDS); server.listen is not used"
             );
             inherited
-                .into_iter()
-                .map(tokio::net::TcpListener::from_std)
-                .collect::<Result<_, _>>()
-                .context("adopting a socket passed by systemd")?
         };
         let mut addrs = Vec::with_capacity(listeners.len());
         for l in &listeners {
@@ -404,7 +408,7 @@ fn serve(config: Config, inherited: Vec<std::net::TcpListener>) -> anyhow::Resul
             shutdown_signal().await;
             pushgate::systemd::notify_stopping();
         };
-        Ok(pushgate::run_app(listeners, app, shutdown).await)
+        Ok(pushgate::run_app_passed(listeners, passed, app, shutdown).await)
     })
 }
 

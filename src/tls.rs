@@ -8,6 +8,11 @@
 //! changing; a pair that does not load leaves the certificate in use in place (logged, and
 //! counted in `pushgate_tls_certificate_reloads_total{result="error"}`).
 //!
+//! Under systemd the edge's sockets may come from `pushgate.socket` like the plain ones
+//! ([`Passed`]: a passed socket whose address is `tls.listen`'s or `tls.redirect_listen`'s
+//! serves it), so a restart refuses no connection at the edge either, and systemd, not
+//! pushgate, binds ports below 1024.
+//!
 //! Each connection's TLS handshake runs inside its own tracked task under
 //! `tls.handshake_timeout_ms`, never in the accept loop. With `tls.proxy_protocol` every
 //! connection first sends a PROXY protocol header ([`crate::proxy_protocol`]), read under the
@@ -77,6 +82,34 @@ pub struct Listeners {
     pub cert_files: Option<CertFiles>,
 }
 
+/// The edge's sockets among those systemd passed (`LISTEN_FDS`): `pushgate.socket` with a
+/// `ListenStream=` for `tls.listen` (and `tls.redirect_listen`) keeps them listening across
+/// restarts, as it keeps `server.listen`'s, and binds them for pushgate.
+#[derive(Debug, Default)]
+pub struct Passed {
+    https: Option<TcpListener>,
+    redirect: Option<TcpListener>,
+}
+
+impl Passed {
+    /// Takes out of `listeners` (the sockets systemd passed) the one whose local address is
+    /// `tls.listen` and the one whose address is `tls.redirect_listen`; the others stay, for
+    /// the plain listener's part.
+    pub fn take(listeners: &mut Vec<TcpListener>, tls: &crate::config::TlsConfig) -> Passed {
+        fn take_one(listeners: &mut Vec<TcpListener>, addr: &str) -> Option<TcpListener> {
+            let wanted: std::net::SocketAddr = addr.parse().ok()?;
+            let i = listeners
+                .iter()
+                .position(|l| l.local_addr().is_ok_and(|a| a == wanted))?;
+            Some(listeners.remove(i))
+        }
+        Passed {
+            https: take_one(listeners, &tls.listen),
+            redirect: take_one(listeners, &tls.redirect_listen),
+        }
+    }
+}
+
 /// The certificate from files as loaded at start, with what the files looked like just before
 /// (so that a renewal landing while they were read is loaded again by the reload task).
 #[derive(Debug)]
@@ -98,11 +131,23 @@ enum Certs {
 }
 
 impl Listeners {
-    /// Binds `tls.listen` and `tls.redirect_listen` when set.
-    pub async fn bind(config: &crate::config::Config) -> std::io::Result<Listeners> {
-        async fn one(key: &str, addr: &str) -> std::io::Result<Option<TcpListener>> {
+    /// Binds `tls.listen` and `tls.redirect_listen` when set, unless systemd passed their
+    /// sockets (`passed`).
+    pub async fn bind(
+        config: &crate::config::Config,
+        passed: Passed,
+    ) -> std::io::Result<Listeners> {
+        async fn one(
+            key: &str,
+            addr: &str,
+            passed: Option<TcpListener>,
+        ) -> std::io::Result<Option<TcpListener>> {
             if addr.is_empty() {
                 return Ok(None);
+            }
+            if let Some(l) = passed {
+                tracing::info!(addr = %l.local_addr()?, "listening ({key}, the socket passed by systemd)");
+                return Ok(Some(l));
             }
             let l = crate::listener::bind(addr).await.map_err(|e| {
                 std::io::Error::new(e.kind(), format!("binding {addr} ({key}): {e}"))
@@ -130,8 +175,8 @@ impl Listeners {
             None
         };
         Ok(Listeners {
-            https: one("tls.listen", &tls.listen).await?,
-            redirect: one("tls.redirect_listen", &tls.redirect_listen).await?,
+            https: one("tls.listen", &tls.listen, passed.https).await?,
+            redirect: one("tls.redirect_listen", &tls.redirect_listen, passed.redirect).await?,
             cert_files,
         })
     }

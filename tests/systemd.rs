@@ -5,7 +5,8 @@
 //! - socket activation: the test binds the listening socket itself and hands it to pushgate as
 //!   fd 3 with `LISTEN_FDS=1` and `LISTEN_PID` set to the child's own pid (a `sh` wrapper sets it
 //!   before `exec`, as systemd does after `fork`); keeping its copy of the socket across a
-//!   restart, as `pushgate.socket` does, shows that no connection is refused meanwhile.
+//!   restart, as `pushgate.socket` does, shows that no connection is refused meanwhile. The
+//!   edge mode's sockets (`tls.listen`) may be passed the same way, beside the plain one.
 //!
 //! Environment variables are set on the child only; the child gets none of the test process's
 //! `PUSHGATE_*`, `NOTIFY_SOCKET`, `LISTEN_*` or `WATCHDOG_*` variables.
@@ -57,6 +58,11 @@ fn clean_env(c: &mut Command) {
 /// `pushgate serve --listen 127.0.0.1:0` started the way systemd starts a socket-activated
 /// service: `listener` as fd 3, `LISTEN_FDS=1`, `LISTEN_PID` = the pid that runs pushgate.
 fn socket_activated(listener: &TcpListener) -> Proc {
+    socket_activated_with(&[listener], &[])
+}
+
+/// The same with `listeners` as fds 3, 4, … and `env` set.
+fn socket_activated_with(listeners: &[&TcpListener], env: &[(&str, String)]) -> Proc {
     let mut c = Command::new("sh");
     clean_env(&mut c);
     c.args([
@@ -67,14 +73,21 @@ fn socket_activated(listener: &TcpListener) -> Proc {
         "--listen",
         "127.0.0.1:0",
     ])
-    .env("LISTEN_FDS", "1")
-    .env("LISTEN_FDNAMES", "pushgate.socket");
-    let fd: OwnedFd = listener.try_clone().expect("dup the listener").into();
-    c.fd_mappings(vec![FdMapping {
-        parent_fd: fd,
-        child_fd: 3,
-    }])
-    .expect("map fd 3");
+    .env("LISTEN_FDS", listeners.len().to_string())
+    .env(
+        "LISTEN_FDNAMES",
+        vec!["pushgate.socket"; listeners.len()].join(":"),
+    )
+    .envs(env.iter().map(|(k, v)| (k, v)));
+    let mappings = listeners
+        .iter()
+        .enumerate()
+        .map(|(i, l)| FdMapping {
+            parent_fd: OwnedFd::from(l.try_clone().expect("dup the listener")),
+            child_fd: 3 + i as i32,
+        })
+        .collect();
+    c.fd_mappings(mappings).expect("map fds 3 on");
     Proc::spawn(c)
 }
 
@@ -419,6 +432,87 @@ fn serves_the_socket_systemd_passes_and_a_restart_refuses_no_connection() {
         let reply = support::join(&mut ws, "1", "room:restart", "{}").await;
         assert!(reply["position"].is_string(), "join reply {reply}");
     });
+    second.sigterm();
+    assert!(second.wait_exit().success());
+}
+
+/// `GET /healthz` over TLS (HTTP/1.1) on `tcp`, verified for "localhost" against `ca_pem`: the
+/// status.
+fn https_healthz(tcp: TcpStream, ca_pem: &str) -> u16 {
+    use rustls_acme::rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
+    use rustls_acme::rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
+    let mut roots = RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let provider = std::sync::Arc::new(rustls_acme::rustls::crypto::ring::default_provider());
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = ServerName::try_from("localhost").unwrap();
+    let conn = ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
+    tcp.set_read_timeout(Some(DEADLINE)).unwrap();
+    let mut tls = StreamOwned::new(conn, tcp);
+    write!(
+        tls,
+        "GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .expect("TLS handshake and request");
+    let mut answer = Vec::new();
+    // A close without close_notify after `Connection: close` is fine once the answer is in.
+    let _ = tls.read_to_end(&mut answer);
+    let text = String::from_utf8_lossy(&answer);
+    text.split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP answer: {text:?}"))
+}
+
+#[test]
+fn serves_the_edge_socket_systemd_passes_and_a_restart_refuses_no_connection_there() {
+    // pushgate.socket in the edge mode: the plain socket, and tls.listen's, both systemd's.
+    let plain = TcpListener::bind("127.0.0.1:0").unwrap();
+    let edge = TcpListener::bind("127.0.0.1:0").unwrap();
+    let edge_addr = edge.local_addr().unwrap();
+    let ca = support::TestCa::new(&["localhost"]);
+    let dir = support::TempDir::new("systemd", "edge");
+    std::fs::write(dir.path("fullchain.pem"), &ca.cert_pem).unwrap();
+    std::fs::write(dir.path("privkey.pem"), &ca.key_pem).unwrap();
+    let env = [
+        ("PUSHGATE_TLS_LISTEN", edge_addr.to_string()),
+        (
+            "PUSHGATE_TLS_CERT_FILE",
+            dir.path("fullchain.pem").display().to_string(),
+        ),
+        (
+            "PUSHGATE_TLS_KEY_FILE",
+            dir.path("privkey.pem").display().to_string(),
+        ),
+    ];
+
+    let mut first = socket_activated_with(&[&plain, &edge], &env);
+    assert_eq!(first.listening_addr(), plain.local_addr().unwrap());
+    let line = first.wait_line("the socket passed by systemd");
+    assert!(line.contains(&edge_addr.to_string()), "{line}");
+    let tcp = TcpStream::connect(edge_addr).unwrap();
+    assert_eq!(https_healthz(tcp, &ca.ca_pem), 200);
+    first.sigterm();
+    let status = first.wait_exit();
+    assert!(
+        status.success(),
+        "exit {status:?}; log:\n{}",
+        first.log.join("\n")
+    );
+
+    // Between the two processes the edge's socket still listens: a client arriving then is
+    // queued by the kernel, and the next process does its handshake.
+    let gap = TcpStream::connect(edge_addr)
+        .expect("a connection to the edge during the restart was refused");
+    let mut second = socket_activated_with(&[&plain, &edge], &env);
+    assert_eq!(https_healthz(gap, &ca.ca_pem), 200);
+    second.wait_line("the socket passed by systemd");
     second.sigterm();
     assert!(second.wait_exit().success());
 }
