@@ -15,10 +15,10 @@
 #   5. on that copy, the edge mode (pushgate_nginx_mode: edge): refused early without its two
 #      addresses; with them (loopback stand-ins: 127.0.0.2 and ::1 for the site, 127.0.0.3 for
 #      pushgate) the stream server removed, the site listening on the site's addresses only,
-#      pushgate's tls.listen and tls.redirect_listen on the edge address, the drop-in granting
-#      CAP_NET_BIND_SERVICE, accepted by `nginx -t`, `pushgate check-config` and
-#      `systemd-analyze verify`, a second apply changing nothing; then the site mode, which
-#      removes the edge mode's drop-in and listens on 443 again.
+#      pushgate's tls.listen and tls.redirect_listen on the edge address, pushgate.socket
+#      holding the edge address's ports (no capability drop-in), accepted by `nginx -t`,
+#      `pushgate check-config` and `systemd-analyze verify`, a second apply changing nothing;
+#      then the site mode, whose socket no longer holds them, and nginx on 443 again.
 #
 # Needs root (debootstrap, chroot). The root filesystem and the virtualenv are cached under
 # PUSHGATE_TEST_CACHE (default /var/cache/pushgate-test) and reused: the first run takes a few
@@ -271,6 +271,7 @@ check "SNI: pushgate check-config accepts the edge settings and loads the certif
 
 # --- 5. the edge mode on that host (from the SNI mode), then the site mode ----------------------
 EDGE_DROPIN=$ROOT/etc/systemd/system/pushgate.service.d/edge.conf
+SOCKET_DROPIN=$ROOT/etc/systemd/system/pushgate.socket.d/listen.conf
 echo "==> the edge mode without its addresses: refused before anything changes"
 edge_refused() {
     if (cd ansible && ansible-playbook -i "$WORK/inventory.yml" site.yml -e pushgate_nginx_mode=edge) \
@@ -313,9 +314,9 @@ check_config_edge() {
         grep -q '^listen = "127.0.0.1:4100"$' <<<"$out" || { echo "$out"; return 1; }
 }
 check "edge: pushgate check-config: tls.listen 127.0.0.3:443, tls.redirect_listen 127.0.0.3:80, no PROXY protocol, the certificate files (as user pushgate)" check_config_edge
-check "edge: the drop-in grants CAP_NET_BIND_SERVICE" sh -c \
-    "cmp -s '$EDGE_DROPIN' '$REPO/systemd/pushgate-edge.conf' && grep -qx 'AmbientCapabilities=CAP_NET_BIND_SERVICE' '$EDGE_DROPIN'"
-check "edge: systemd-analyze verify accepts the units with the drop-in" verify_units
+check "edge: pushgate.socket holds the edge's ports (127.0.0.3:443 and :80 beside 127.0.0.1:4100); no capability drop-in" sh -c \
+    "grep -qx 'ListenStream=127.0.0.3:443' '$SOCKET_DROPIN' && grep -qx 'ListenStream=127.0.0.3:80' '$SOCKET_DROPIN' && grep -qx 'ListenStream=127.0.0.1:4100' '$SOCKET_DROPIN' && ! test -e '$EDGE_DROPIN'"
+check "edge: systemd-analyze verify accepts the units with the socket's drop-in" verify_units
 echo "==> second apply in the edge mode: must change nothing"
 apply "$WORK/apply-edge2.log" "${EDGE_VARS[@]}"
 recap=$(grep -E '^rootfs +:' "$WORK/apply-edge2.log")
@@ -331,7 +332,7 @@ check "edge: second apply reports zero changes" idempotent_edge
 echo "==> apply in the site mode again"
 apply "$WORK/apply-site.log"
 check "site mode again: the stream server and the edge drop-in removed, the site on 443" sh -c \
-    "! test -e '$SNI_CONF' && ! test -e '$EDGE_DROPIN' && grep -q 'listen 443 ssl http2;' '$SITE_CONF' && ! grep -q '127.0.0.2' '$SITE_CONF'"
+    "! test -e '$SNI_CONF' && ! test -e '$EDGE_DROPIN' && ! grep -q '127.0.0.3' '$SOCKET_DROPIN' && grep -q 'listen 443 ssl http2;' '$SITE_CONF' && ! grep -q '127.0.0.2' '$SITE_CONF'"
 check "site mode again: nginx -t" in_root nginx -t
 check "site mode again: pushgate.toml has no [tls] section" sh -c \
     "! grep -q '^\[tls\]' '$ROOT/etc/pushgate/pushgate.toml'"
