@@ -109,7 +109,8 @@ fn number_after(data: &[u8], mut i: usize) -> (u64, usize) {
 
 /// TLS to the server under test (the stack: nginx in front, as deployed): the CA to trust and
 /// the name to ask for. Set once per process by [`use_tls`]; subscribers then speak `wss://`
-/// and LongPoll over `https://` (HTTP/1.1, by ALPN), publishers stay on plain HTTP.
+/// and LongPoll over `https://` (HTTP/1.1, by ALPN; HTTP/2 with [`H2`]), publishers stay on plain
+/// HTTP.
 struct Tls {
     connector: tokio_rustls::TlsConnector,
     /// The same, offering only "h2" by ALPN: LongPoll over HTTP/2 ([`H2`]).
@@ -138,7 +139,8 @@ pub fn use_tls(ca: &Path, name: &str) -> Result<(), String> {
         .map_err(|e| e.to_string())?
         .with_root_certificates(roots)
         .with_no_client_auth();
-    // The load generator speaks HTTP/1.1 only (WebSockets through nginx need it anyway).
+    // The load generator speaks HTTP/1.1 (WebSockets through nginx need it anyway), and h2 only
+    // where asked for (below).
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     // LongPoll over HTTP/2 only (`run longpoll --http2`): its own connector, so the others
     // never offer h2.
@@ -421,7 +423,18 @@ async fn connect_h2_tls(
     sock.bind(SocketAddr::new(source, 0))?;
     let s = sock.connect(server).await?;
     s.set_nodelay(true)?;
-    let s = t.connector_h2.connect(t.name.clone(), s).await?;
+    let s = t
+        .connector_h2
+        .connect(t.name.clone(), s)
+        .await
+        .map_err(|e| match e.to_string() {
+            // rustls names the alert so.
+            m if m.contains("NoApplicationProtocol") => io::Error::new(
+                e.kind(),
+                format!("{server} does not speak HTTP/2: it refused ALPN h2 ({m})"),
+            ),
+            m => io::Error::new(e.kind(), format!("TLS to {server}: {m}")),
+        })?;
     match s.get_ref().1.alpn_protocol() {
         Some(b"h2") => Ok(s),
         other => Err(io::Error::other(format!(

@@ -117,7 +117,8 @@ struct RunArgs {
     /// A label for the run (e.g. "before", "after").
     #[arg(long, default_value = "")]
     label: String,
-    /// Subscribers speak TLS to --server (wss://, LongPoll over https://, HTTP/1.1) trusting
+    /// Subscribers speak TLS to --server (wss://, LongPoll over https://, HTTP/1.1; HTTP/2 with
+    /// --http2) trusting
     /// this CA (PEM): the stack as deployed, nginx in front (`bench/peers/stack.sh`).
     #[arg(long)]
     tls_ca: Option<std::path::PathBuf>,
@@ -373,7 +374,6 @@ async fn wait_ready(a: &RunArgs, deadline: Instant) -> Result<(), String> {
     loop {
         let last = match Http::connect_secure(local, a.server).await {
             Ok(mut h) => match h.request("GET", "/", "", b"").await {
-                Ok(_) if a.http2 => return probe_h2(a.server).await,
                 Ok(_) => return Ok(()),
                 Err(e) => e.to_string(),
             },
@@ -512,6 +512,9 @@ async fn run_inner(a: RunArgs) -> Result<bool, String> {
         }
         (None, pid) => pid,
     };
+    if a.http2 {
+        probe_h2(a.server).await?;
+    }
     let server_tree = || server_pid.map(procstat::tree).unwrap_or_default();
     let pss_before = procstat::pss_kib(&server_tree());
     out.set("server_pss_before_kib", pss_before);
