@@ -43,6 +43,7 @@ for rep in $(seq "$reps"); do
     all fanout -n 5000 -m 100 --rate 10 --workers 2
     all fanout -n 5000 -m 1000 --rate 0 --workers 2
     some longpoll -n 1000 -m 50 --rate 10
+    some longpoll -n 1000 -m 50 --rate 10 --http2
     some connect -n 5000 --workers 2 --duration 0.5
     echo "repetition $rep done" >&2
 done

@@ -3,7 +3,8 @@
 pushgate's figures over Nchan's (and the floor's over Nchan's) per repetition: the k-th run of a
 scenario on one server is paired with the k-th on the other, as bench/compare.sh runs them back
 to back. With `--base "phoenix [before]"`, the ratios are over that adapter's runs instead (as
-bench/paired.sh compares two builds of pushgate)."""
+bench/paired.sh compares two builds of pushgate). LongPoll runs over HTTP/2 (`"http2": true`, from
+`run longpoll --http2`) are their own scenario, "longpoll-h2", paired only with each other."""
 import json, statistics, sys
 from collections import defaultdict
 
@@ -11,6 +12,7 @@ METRICS = {
     "idle": ["server_kib_per_connection", "idle_cpu_percent"],
     "fanout": ["server_cpu_per_delivery_us", "deliveries_per_s", "latency_p50_us", "latency_p99_us", "missing", "client_cpu_per_delivery_us", "publish_behind_max_ms"],
     "longpoll": ["server_cpu_per_delivery_us", "latency_p50_us", "latency_p99_us", "missing", "client_cpu_per_delivery_us", "publish_behind_max_ms"],
+    "longpoll-h2": ["server_cpu_per_delivery_us", "latency_p50_us", "latency_p99_us", "missing", "client_cpu_per_delivery_us", "publish_behind_max_ms"],
     "publish": ["publish_per_s", "server_cpu_per_publish_us"],
     "connect": ["connects_per_s", "connect_failures"],
     "many-topics": ["server_cpu_per_delivery_us", "latency_p99_us", "missing"],
@@ -33,7 +35,9 @@ for path in args:
             continue
         # A run's label (e.g. "floor", "before") tells apart runs with the same adapter.
         adapter = d["adapter"] + (f" [{d['label']}]" if d.get("label") else "")
-        key = (d["scenario"], d.get("subscribers"), d.get("rate"), adapter)
+        # LongPoll over HTTP/2 is told apart from HTTP/1.1 by the scenario, not the label.
+        scenario = d["scenario"] + ("-h2" if d.get("http2") else "")
+        key = (scenario, d.get("subscribers"), d.get("rate"), adapter)
         runs[key].append(d)
 
 print("| scenario | N | rate | adapter | runs | " + " | ".join(["metric: median (min-max)"]) + " |")
@@ -55,11 +59,12 @@ RATIOS = {
     "idle": "server_kib_per_connection",
     "fanout": "server_cpu_per_delivery_us",
     "longpoll": "latency_p99_us",
+    "longpoll-h2": "latency_p99_us",
     "publish": "publish_per_s",
     "connect": "connects_per_s",
     "many-topics": "server_cpu_per_delivery_us",
 }
-EXTRA = {"fanout": ["latency_p99_us"], "longpoll": ["server_cpu_per_delivery_us"]}
+EXTRA = {"fanout": ["latency_p99_us"], "longpoll": ["server_cpu_per_delivery_us"], "longpoll-h2": ["server_cpu_per_delivery_us"]}
 print()
 print("| scenario | N | rate | ratio | of metric | median of paired ratios (each repetition) | ratio of medians |")
 print("|---|---|---|---|---|---|---|")

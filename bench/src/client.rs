@@ -1,7 +1,9 @@
 //! Minimal, cheap clients: WebSocket (RFC 6455 client side), LongPoll (Phoenix and Nchan) and a
 //! keep-alive HTTP/1.1 publisher. Written for the load generator: a read buffer per connection,
-//! no JSON parsing of messages beyond finding two numbers.
+//! no JSON parsing of messages beyond finding two numbers. LongPoll also runs over HTTP/2 ([`H2`],
+//! the h2 crate over the same TLS), as browsers speak it to the shipped nginx site.
 
+use std::future::Future;
 use std::io;
 use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr};
@@ -107,9 +109,12 @@ fn number_after(data: &[u8], mut i: usize) -> (u64, usize) {
 
 /// TLS to the server under test (the stack: nginx in front, as deployed): the CA to trust and
 /// the name to ask for. Set once per process by [`use_tls`]; subscribers then speak `wss://`
-/// and LongPoll over `https://` (HTTP/1.1, by ALPN), publishers stay on plain HTTP.
+/// and LongPoll over `https://` (HTTP/1.1, by ALPN; HTTP/2 with [`H2`]), publishers stay on plain
+/// HTTP.
 struct Tls {
     connector: tokio_rustls::TlsConnector,
+    /// The same, offering only "h2" by ALPN: LongPoll over HTTP/2 ([`H2`]).
+    connector_h2: tokio_rustls::TlsConnector,
     name: rustls::pki_types::ServerName<'static>,
 }
 
@@ -134,11 +139,17 @@ pub fn use_tls(ca: &Path, name: &str) -> Result<(), String> {
         .map_err(|e| e.to_string())?
         .with_root_certificates(roots)
         .with_no_client_auth();
-    // The load generator speaks HTTP/1.1 only (WebSockets through nginx need it anyway).
+    // The load generator speaks HTTP/1.1 (WebSockets through nginx need it anyway), and h2 only
+    // where asked for (below).
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // LongPoll over HTTP/2 only (`run longpoll --http2`): its own connector, so the others
+    // never offer h2.
+    let mut config_h2 = config.clone();
+    config_h2.alpn_protocols = vec![b"h2".to_vec()];
     let name = ServerName::try_from(name.to_string()).map_err(|e| format!("{name}: {e}"))?;
     let tls = Tls {
         connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
+        connector_h2: tokio_rustls::TlsConnector::from(Arc::new(config_h2)),
         name,
     };
     TLS.set(tls).map_err(|_| "TLS is already set".to_string())
@@ -364,6 +375,206 @@ pub struct Reply<'a> {
     pub body: &'a [u8],
 }
 
+/// A subscriber's request/response connection: [`Http`] (HTTP/1.1) or [`H2`] (HTTP/2). The
+/// LongPoll subscriber is generic over it, so both speak the same protocol with the same checks.
+pub trait Exchange {
+    /// Sends a request (`headers`: "Name: value\r\n" lines) and reads the whole response.
+    fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &str,
+        body: &[u8],
+    ) -> impl Future<Output = io::Result<Reply<'_>>>;
+}
+
+impl Exchange for Http {
+    fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &str,
+        body: &[u8],
+    ) -> impl Future<Output = io::Result<Reply<'_>>> {
+        Http::request(self, method, path, headers, body)
+    }
+}
+
+/// The (name, value) pairs of "Name: value\r\n" header lines, as [`Http`] takes them.
+pub fn header_lines(headers: &str) -> impl Iterator<Item = io::Result<(&str, &str)>> {
+    headers
+        .split("\r\n")
+        .filter(|l| !l.is_empty())
+        .map(|l| match l.split_once(':') {
+            Some((k, v)) if !k.trim().is_empty() => Ok((k.trim(), v.trim())),
+            _ => Err(io::Error::other(format!("bad header line {l:?}"))),
+        })
+}
+
+/// TLS with ALPN "h2" from `source` to `server`; an error unless the server chose h2.
+async fn connect_h2_tls(
+    source: IpAddr,
+    server: SocketAddr,
+) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let t = TLS
+        .get()
+        .ok_or_else(|| io::Error::other("HTTP/2 needs TLS (--tls-ca)"))?;
+    let sock = TcpSocket::new_v4()?;
+    sock.bind(SocketAddr::new(source, 0))?;
+    let s = sock.connect(server).await?;
+    s.set_nodelay(true)?;
+    let s = t
+        .connector_h2
+        .connect(t.name.clone(), s)
+        .await
+        .map_err(|e| match e.to_string() {
+            // rustls names the alert so.
+            m if m.contains("NoApplicationProtocol") => io::Error::new(
+                e.kind(),
+                format!("{server} does not speak HTTP/2: it refused ALPN h2 ({m})"),
+            ),
+            m => io::Error::new(e.kind(), format!("TLS to {server}: {m}")),
+        })?;
+    match s.get_ref().1.alpn_protocol() {
+        Some(b"h2") => Ok(s),
+        other => Err(io::Error::other(format!(
+            "{server} does not speak HTTP/2: ALPN offered h2, the server chose {}",
+            other.map_or("nothing".to_string(), |p| String::from_utf8_lossy(p)
+                .into_owned())
+        ))),
+    }
+}
+
+fn h2_error(e: h2::Error) -> io::Error {
+    if e.is_io() {
+        e.into_io()
+            .unwrap_or_else(|| io::Error::other("h2: I/O error"))
+    } else {
+        io::Error::other(format!("h2: {e}"))
+    }
+}
+
+/// One HTTP/2 connection (TLS, ALPN h2) carrying a subscriber's requests one stream after
+/// another, as a browser tab's LongPoll does through nginx. Reconnects once when the server
+/// has sent GOAWAY (nginx does after `keepalive_requests`) or dropped the connection, like
+/// [`Http::request`].
+pub struct H2 {
+    send: h2::client::SendRequest<bytes::Bytes>,
+    /// "https://host:port", the scheme and :authority of every request.
+    origin: String,
+    /// The response's headers as "name: value\r\n" lines, for [`Reply::head`].
+    head: String,
+    buf: Vec<u8>,
+    source: IpAddr,
+    server: SocketAddr,
+}
+
+impl H2 {
+    /// Connects over TLS (ALPN h2; [`use_tls`] must have been called) and starts HTTP/2 on it;
+    /// the connection is driven by a task of its own until the last handle is dropped.
+    pub async fn connect(source: IpAddr, server: SocketAddr) -> io::Result<H2> {
+        Ok(H2 {
+            send: Self::handshake(source, server).await?,
+            origin: format!("https://{}", host_of(server, true)),
+            head: String::with_capacity(256),
+            buf: Vec::with_capacity(4096),
+            source,
+            server,
+        })
+    }
+
+    async fn handshake(
+        source: IpAddr,
+        server: SocketAddr,
+    ) -> io::Result<h2::client::SendRequest<bytes::Bytes>> {
+        let tls = connect_h2_tls(source, server).await?;
+        let (send, conn) = h2::client::handshake(tls).await.map_err(h2_error)?;
+        tokio::spawn(async move {
+            // Its errors reach the requests on it.
+            let _ = conn.await;
+        });
+        Ok(send)
+    }
+
+    /// Whether a request that failed with `e` may be sent again on a new connection: the
+    /// server refused it unprocessed (GOAWAY, REFUSED_STREAM) or the connection was gone.
+    fn retryable(e: &h2::Error) -> bool {
+        e.is_go_away() || e.is_io() || e.reason() == Some(h2::Reason::REFUSED_STREAM)
+    }
+
+    async fn request_once(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &str,
+        body: &[u8],
+    ) -> Result<u16, Result<h2::Error, io::Error>> {
+        let mut req = http::Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.origin));
+        for h in header_lines(headers) {
+            let (k, v) = h.map_err(Err)?;
+            req = req.header(k, v);
+        }
+        if !body.is_empty() {
+            req = req.header(http::header::CONTENT_LENGTH, body.len());
+        }
+        let req = req.body(()).map_err(|e| Err(io::Error::other(e)))?;
+        std::future::poll_fn(|cx| self.send.poll_ready(cx))
+            .await
+            .map_err(Ok)?;
+        let (resp, mut stream) = self.send.send_request(req, body.is_empty()).map_err(Ok)?;
+        if !body.is_empty() {
+            stream
+                .send_data(bytes::Bytes::copy_from_slice(body), true)
+                .map_err(Ok)?;
+        }
+        let resp = resp.await.map_err(Ok)?;
+        self.head.clear();
+        for (k, v) in resp.headers() {
+            // Writing into a String cannot fail.
+            let _ = std::fmt::Write::write_fmt(
+                &mut self.head,
+                format_args!("{k}: {}\r\n", String::from_utf8_lossy(v.as_bytes())),
+            );
+        }
+        let status = resp.status().as_u16();
+        let mut body = resp.into_body();
+        self.buf.clear();
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk.map_err(Ok)?;
+            self.buf.extend_from_slice(&chunk);
+            // Give the window back, or the connection stalls after 64 KiB.
+            let _ = body.flow_control().release_capacity(chunk.len());
+        }
+        Ok(status)
+    }
+}
+
+impl Exchange for H2 {
+    async fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &str,
+        body: &[u8],
+    ) -> io::Result<Reply<'_>> {
+        let status = match self.request_once(method, path, headers, body).await {
+            Err(Ok(e)) if Self::retryable(&e) => {
+                self.send = Self::handshake(self.source, self.server).await?;
+                self.request_once(method, path, headers, body).await
+            }
+            r => r,
+        }
+        .map_err(|e| e.map_or_else(|io| io, h2_error))?;
+        Ok(Reply {
+            status,
+            head: &self.head,
+            body: &self.buf,
+        })
+    }
+}
+
 /// Publishes one message; returns true on success.
 pub async fn publish(
     http: &mut Http,
@@ -549,5 +760,28 @@ mod tests {
             |s, t| seen.push((s, t)),
         );
         assert_eq!(seen, [(3, 11), (4, 12)]);
+    }
+
+    #[test]
+    fn header_lines_split_what_the_subscribers_send() {
+        let got: Vec<_> = header_lines(
+            "If-Modified-Since: Mon, 07 Dec 2026 16:00:00 GMT\r\nIf-None-Match: 0\r\n",
+        )
+        .map(Result::unwrap)
+        .collect();
+        assert_eq!(
+            got,
+            [
+                ("If-Modified-Since", "Mon, 07 Dec 2026 16:00:00 GMT"),
+                ("If-None-Match", "0")
+            ]
+        );
+        assert_eq!(header_lines("").count(), 0);
+        let one: Vec<_> = header_lines("Content-Type: application/x-ndjson\r\n")
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(one, [("Content-Type", "application/x-ndjson")]);
+        assert!(header_lines("no colon\r\n").next().unwrap().is_err());
+        assert!(header_lines(": empty name\r\n").next().unwrap().is_err());
     }
 }

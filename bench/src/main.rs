@@ -117,13 +117,20 @@ struct RunArgs {
     /// A label for the run (e.g. "before", "after").
     #[arg(long, default_value = "")]
     label: String,
-    /// Subscribers speak TLS to --server (wss://, LongPoll over https://, HTTP/1.1) trusting
+    /// Subscribers speak TLS to --server (wss://, LongPoll over https://, HTTP/1.1; HTTP/2 with
+    /// --http2) trusting
     /// this CA (PEM): the stack as deployed, nginx in front (`bench/peers/stack.sh`).
     #[arg(long)]
     tls_ca: Option<std::path::PathBuf>,
     /// The name TLS asks for (SNI, and the name the certificate must carry).
     #[arg(long, default_value = "localhost")]
     tls_name: String,
+    /// LongPoll over HTTP/2 (longpoll with --tls-ca only), as browsers speak it to the shipped
+    /// nginx site: each subscriber holds one TLS connection (ALPN h2) and sends every poll and
+    /// POST on it as a stream. The JSON line says "http2": true and "transport": "lp-h2";
+    /// bench/summarize.py shows these runs as scenario "longpoll-h2".
+    #[arg(long)]
+    http2: bool,
     /// Where publishes (and readiness checks) go, on plain HTTP: pushgate's own listener
     /// behind nginx, or Nchan's publisher location. Default: --server.
     #[arg(long)]
@@ -139,6 +146,19 @@ impl RunArgs {
     /// Where publishes go.
     fn publisher(&self) -> SocketAddr {
         self.publish_server.unwrap_or(self.server)
+    }
+
+    /// Combinations of flags that cannot run.
+    fn validate(&self) -> Result<(), String> {
+        if self.http2 && self.scenario != Scenario::Longpoll {
+            return Err(
+                "--http2 is for the longpoll scenario only (WebSockets need HTTP/1.1 here)".into(),
+            );
+        }
+        if self.http2 && self.tls_ca.is_none() {
+            return Err("--http2 needs --tls-ca: HTTP/2 is spoken over TLS (ALPN h2)".into());
+        }
+        Ok(())
     }
 }
 
@@ -264,7 +284,11 @@ async fn spawn_workers(
             .arg("--adapter")
             .arg(format!("{:?}", a.adapter).to_lowercase())
             .arg("--transport")
-            .arg(format!("{transport:?}").to_lowercase())
+            .arg(
+                transport
+                    .to_possible_value()
+                    .map_or_else(String::new, |v| v.get_name().to_string()),
+            )
             .arg("--server")
             .arg(a.server.to_string())
             .arg("--source")
@@ -365,6 +389,23 @@ async fn wait_ready(a: &RunArgs, deadline: Instant) -> Result<(), String> {
     }
 }
 
+/// Once the server answers over TLS: one request over HTTP/2, so that a server that does not
+/// speak it (ALPN refused, no answer) stops the run with a clear error before any subscriber.
+async fn probe_h2(server: SocketAddr) -> Result<(), String> {
+    use client::Exchange;
+    let probe = async {
+        let mut h = client::H2::connect(IpAddr::V4(Ipv4Addr::LOCALHOST), server).await?;
+        h.request("GET", "/", "", b"").await.map(|r| r.status)
+    };
+    match tokio::time::timeout(Duration::from_secs(5), probe).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(format!("--http2: {server}: {e}")),
+        Err(_) => Err(format!(
+            "--http2: {server} gave no HTTP/2 answer within 5 s"
+        )),
+    }
+}
+
 /// Nchan: subscribers registered on a channel, from its publisher endpoint's channel info.
 async fn nchan_subscribers(addr: SocketAddr, topic: &str) -> Option<u64> {
     let mut h = Http::connect(IpAddr::V4(Ipv4Addr::LOCALHOST), addr)
@@ -410,6 +451,7 @@ async fn run(a: RunArgs) -> i32 {
 }
 
 async fn run_inner(a: RunArgs) -> Result<bool, String> {
+    a.validate()?;
     if let Some(ca) = &a.tls_ca {
         client::use_tls(ca, &a.tls_name)?;
     }
@@ -433,6 +475,7 @@ async fn run_inner(a: RunArgs) -> Result<bool, String> {
     );
     out.set("label", a.label.clone());
     out.set("tls", a.tls_ca.is_some());
+    out.set("http2", a.http2);
     out.set("subscribers", a.subscribers);
     out.set("server_cpu_core", a.server_cpu);
     out.set("load_cpu_core", a.load_cpu);
@@ -469,6 +512,9 @@ async fn run_inner(a: RunArgs) -> Result<bool, String> {
         }
         (None, pid) => pid,
     };
+    if a.http2 {
+        probe_h2(a.server).await?;
+    }
     let server_tree = || server_pid.map(procstat::tree).unwrap_or_default();
     let pss_before = procstat::pss_kib(&server_tree());
     out.set("server_pss_before_kib", pss_before);
@@ -570,7 +616,9 @@ async fn subscriber_scenario(
     (pss_before, anon_before): (u64, u64),
     deadline: Instant,
 ) -> Result<bool, String> {
-    let transport = if a.scenario == Scenario::Longpoll {
+    let transport = if a.scenario == Scenario::Longpoll && a.http2 {
+        Transport::LpH2
+    } else if a.scenario == Scenario::Longpoll {
         Transport::Lp
     } else {
         Transport::Ws
@@ -831,6 +879,58 @@ mod tests {
         let p = client::payload(3, 1_700_000_000_000_000, 200);
         assert_eq!(p.len(), 200);
         assert!(serde_json::from_str::<Value>(&p).is_ok());
+    }
+
+    fn run_args(args: &[&str]) -> RunArgs {
+        let cli = Cli::try_parse_from(["pushgate-bench", "run"].iter().chain(args)).unwrap();
+        match cli.command {
+            Cmd::Run(a) => a,
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn http2_is_for_longpoll_over_tls_only() {
+        let ok = run_args(&["longpoll", "--http2", "--tls-ca", "ca.pem"]);
+        assert!(ok.http2);
+        assert_eq!(ok.validate(), Ok(()));
+        let ok = run_args(&[
+            "longpoll",
+            "--adapter",
+            "nchan",
+            "--http2",
+            "--tls-ca",
+            "ca.pem",
+        ]);
+        assert_eq!(ok.validate(), Ok(()));
+        let no_tls = run_args(&["longpoll", "--http2"]).validate().unwrap_err();
+        assert!(no_tls.contains("--tls-ca"), "{no_tls}");
+        for scenario in ["fanout", "idle", "connect", "publish", "many-topics"] {
+            let e = run_args(&[scenario, "--http2", "--tls-ca", "ca.pem"])
+                .validate()
+                .unwrap_err();
+            assert!(e.contains("longpoll"), "{scenario}: {e}");
+        }
+        // Without the flag nothing changes.
+        assert!(!run_args(&["longpoll"]).http2);
+        assert_eq!(
+            run_args(&["fanout", "--tls-ca", "ca.pem"]).validate(),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn workers_get_a_transport_they_parse() {
+        for t in [Transport::Ws, Transport::Lp, Transport::LpH2] {
+            let name = t.to_possible_value().unwrap().get_name().to_string();
+            assert_eq!(Transport::from_str(&name, false), Ok(t));
+        }
+        assert_eq!(
+            Transport::LpH2.to_possible_value().unwrap().get_name(),
+            "lp-h2"
+        );
+        assert_eq!(serde_json::to_value(Transport::LpH2).unwrap(), "lp-h2");
+        assert_eq!(serde_json::to_value(Transport::Lp).unwrap(), "lp");
     }
 
     #[test]

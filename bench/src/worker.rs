@@ -2,7 +2,7 @@
 //! checks every message's sequence number and records its latency, and reports to the
 //! coordinator as JSON lines on stdout. Commands arrive on stdin: `go`, then `stop`.
 
-use crate::client::{self, Adapter, Http, WsClient};
+use crate::client::{self, Adapter, Exchange, H2, Http, WsClient};
 use base64::Engine;
 use hdrhistogram::Histogram;
 use hdrhistogram::serialization::{Serializer, V2Serializer};
@@ -19,6 +19,11 @@ use tokio::sync::{Notify, Semaphore};
 pub enum Transport {
     Ws,
     Lp,
+    /// LongPoll over HTTP/2 (TLS, ALPN h2): one connection per subscriber, each request a
+    /// stream on it.
+    #[value(name = "lp-h2")]
+    #[serde(rename = "lp-h2")]
+    LpH2,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -181,7 +186,14 @@ async fn worker(args: WorkerArgs) {
             let permit = slots.acquire().await.ok();
             let r = match a.transport {
                 Transport::Ws => ws_subscriber(&a, &sh, i, &topic, permit, &sd).await,
-                Transport::Lp => lp_subscriber(&a, &sh, i, &topic, permit, &sd).await,
+                Transport::Lp => {
+                    let http = Http::connect_secure(a.source_of(i), a.server);
+                    lp_subscriber(&a, &sh, i, &topic, permit, &sd, http).await
+                }
+                Transport::LpH2 => {
+                    let h2 = H2::connect(a.source_of(i), a.server);
+                    lp_subscriber(&a, &sh, i, &topic, permit, &sd, h2).await
+                }
             };
             if let Err(e) = r {
                 let mut st = sh.stats.borrow_mut();
@@ -320,15 +332,18 @@ async fn ws_subscriber(
     }
 }
 
-async fn lp_subscriber(
+/// A LongPoll subscriber on the connection `connect` opens: HTTP/1.1 ([`Http`]) or HTTP/2
+/// ([`H2`]), the same requests and checks on either.
+async fn lp_subscriber<C: Exchange>(
     a: &WorkerArgs,
     sh: &Rc<Shared>,
     i: usize,
     topic: &str,
     permit: Option<tokio::sync::SemaphorePermit<'_>>,
     sd: &Notify,
+    connect: impl std::future::Future<Output = std::io::Result<C>>,
 ) -> std::io::Result<()> {
-    let mut http = Http::connect_secure(a.source_of(i), a.server).await?;
+    let mut http = connect.await?;
     let mut expected = 0u64;
     match a.adapter {
         Adapter::Phoenix => {

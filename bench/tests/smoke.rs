@@ -302,7 +302,71 @@ fn the_stack_over_tls_with_each_backend() {
         );
         assert_eq!(v["ok"], true, "{mode}: {v}");
         assert_eq!(v["deliveries"], 50, "{mode}: {v}");
+        // The same over HTTP/2, as browsers reach the site (nginx, or pushgate's edge, by ALPN).
+        let v = run_stack(
+            mode,
+            "longpoll",
+            &[
+                "-n",
+                "10",
+                "-m",
+                "5",
+                "--rate",
+                "50",
+                "--per-address",
+                "5",
+                "--http2",
+            ],
+        );
+        assert_eq!(v["ok"], true, "{mode} h2: {v}");
+        assert_eq!(v["http2"], true, "{mode} h2: {v}");
+        assert_eq!(v["transport"], "lp-h2", "{mode} h2: {v}");
+        assert_eq!(v["deliveries"], 50, "{mode} h2: {v}");
     }
+}
+
+/// `--http2` against a TLS server that does not choose h2 by ALPN (openssl s_server offering
+/// http/1.1 only): a clear error at once, no subscriber left waiting.
+#[test]
+fn http2_against_a_server_without_it_fails_clearly() {
+    let stack = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("peers/stack.sh");
+    let tls = std::env::temp_dir().join(format!("pushgate-bench-tls-h1-{}", std::process::id()));
+    let ok = Command::new(&stack)
+        .arg("cert")
+        .arg(&tls)
+        .status()
+        .expect("running stack.sh cert");
+    assert!(ok.success(), "stack.sh cert failed");
+    // With -alpn it refuses h2 with an alert; without, it chooses no protocol.
+    for alpn in ["-alpn http/1.1", ""] {
+        let (server, ports) = start_server(1, |p| {
+            format!(
+                "openssl s_server -quiet -www {alpn} -accept 127.0.0.1:{} -cert {} -key {}",
+                p[0],
+                tls.join("fullchain.pem").display(),
+                tls.join("privkey.pem").display()
+            )
+        });
+        let started = std::time::Instant::now();
+        let out = Command::new(bench())
+            .args(["run", "longpoll", "--http2", "-n", "2", "-m", "1"])
+            .args(["--server-pid", &server.child.id().to_string()])
+            .args(["--server", &format!("127.0.0.1:{}", ports[0])])
+            .arg("--tls-ca")
+            .arg(tls.join("ca.pem"))
+            .args(["--load-cpu", "-1", "--timeout", "30"])
+            .output()
+            .expect("running pushgate-bench");
+        drop(server);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{alpn}: {stderr}");
+        assert!(stderr.contains("does not speak HTTP/2"), "{alpn}: {stderr}");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{alpn}: {stderr}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&tls);
 }
 
 /// The site's own per-address limits are in force in the stack (it is the shipped site, not
