@@ -274,7 +274,12 @@ fn read_status(mut stream: TcpStream) -> u16 {
     stream
         .read_to_end(&mut answer)
         .expect("read the HTTP answer");
-    let text = String::from_utf8_lossy(&answer);
+    status_of(&answer)
+}
+
+/// The status code of an HTTP/1.1 answer.
+fn status_of(answer: &[u8]) -> u16 {
+    let text = String::from_utf8_lossy(answer);
     text.split_whitespace()
         .nth(1)
         .and_then(|s| s.parse().ok())
@@ -463,11 +468,7 @@ fn https_healthz(tcp: TcpStream, ca_pem: &str) -> u16 {
     let mut answer = Vec::new();
     // A close without close_notify after `Connection: close` is fine once the answer is in.
     let _ = tls.read_to_end(&mut answer);
-    let text = String::from_utf8_lossy(&answer);
-    text.split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("not an HTTP answer: {text:?}"))
+    status_of(&answer)
 }
 
 #[test]

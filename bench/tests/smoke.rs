@@ -224,14 +224,7 @@ fn run_stack(mode: &str, scenario: &str, extra: &[&str]) -> serde_json::Value {
     let stack = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("peers/stack.sh");
     let tls = std::env::temp_dir().join(format!("pushgate-bench-tls-{}", std::process::id()));
     static CERT: std::sync::Once = std::sync::Once::new();
-    CERT.call_once(|| {
-        let ok = Command::new(&stack)
-            .arg("cert")
-            .arg(&tls)
-            .status()
-            .expect("running stack.sh cert");
-        assert!(ok.success(), "stack.sh cert failed");
-    });
+    CERT.call_once(|| make_cert(&tls));
     let backend = match mode {
         "pushgate" | "edge" | "sni" => pushgate().display().to_string(),
         "hop" => bench().display().to_string(),
@@ -325,18 +318,23 @@ fn the_stack_over_tls_with_each_backend() {
     }
 }
 
+/// A test CA and a certificate for "localhost" in `dir` (`stack.sh cert`).
+fn make_cert(dir: &std::path::Path) {
+    let stack = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("peers/stack.sh");
+    let ok = Command::new(&stack)
+        .arg("cert")
+        .arg(dir)
+        .status()
+        .expect("running stack.sh cert");
+    assert!(ok.success(), "stack.sh cert failed");
+}
+
 /// `--http2` against a TLS server that does not choose h2 by ALPN (openssl s_server offering
 /// http/1.1 only): a clear error at once, no subscriber left waiting.
 #[test]
 fn http2_against_a_server_without_it_fails_clearly() {
-    let stack = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("peers/stack.sh");
     let tls = std::env::temp_dir().join(format!("pushgate-bench-tls-h1-{}", std::process::id()));
-    let ok = Command::new(&stack)
-        .arg("cert")
-        .arg(&tls)
-        .status()
-        .expect("running stack.sh cert");
-    assert!(ok.success(), "stack.sh cert failed");
+    make_cert(&tls);
     // With -alpn it refuses h2 with an alert; without, it chooses no protocol.
     for alpn in ["-alpn http/1.1", ""] {
         let (server, ports) = start_server(1, |p| {
