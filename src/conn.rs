@@ -65,6 +65,23 @@ impl Busy {
     }
 }
 
+/// Ends when `shutdown` is cancelled, or later for a connection with nothing open then: it may
+/// be carrying a request at that very moment (a client that has just connected, or reuses the
+/// connection), so it has `drain` for that request to open. The caller then lets hyper finish
+/// what is open and close, as the lean HTTP/1.1 loop does; closed at once, the client would see
+/// its request cut off with no answer.
+pub async fn shutdown_after_a_late_request(
+    shutdown: &tokio_util::sync::CancellationToken,
+    drain: std::time::Duration,
+    mut streams: tokio::sync::watch::Receiver<Streams>,
+) {
+    shutdown.cancelled().await;
+    let seen = *streams.borrow_and_update();
+    if seen.open == 0 {
+        let _ = tokio::time::timeout(drain, streams.wait_for(|s| s.opened != seen.opened)).await;
+    }
+}
+
 impl Drop for BusyGuard {
     fn drop(&mut self) {
         self.0.0.send_modify(|s| s.open -= 1);

@@ -91,16 +91,21 @@ impl Kind {
 
 /// Peeks at the first request line without consuming it. A client that sends nothing within
 /// `server.header_read_timeout_ms` is closed (and counted): a silent socket must not hold its
-/// connection slot.
+/// connection slot. At shutdown a connection that has sent nothing yet still has
+/// `shutdown.drain_ms` for its request: it may have just connected, its request on the way.
 pub async fn first(app: &App, stream: &TcpStream) -> First {
     let mut head = [0u8; PEEK_BYTES];
     let deadline = Duration::from_millis(app.config.server.header_read_timeout_ms);
+    let drain = Duration::from_millis(app.config.shutdown.drain_ms);
     let n = tokio::select! {
         r = stream.peek(&mut head) => match r {
             Ok(0) | Err(_) => return First::Closed,
             Ok(n) => n,
         },
-        _ = app.shutdown.cancelled() => return First::Closed,
+        () = async {
+            app.shutdown.cancelled().await;
+            tokio::time::sleep(drain).await;
+        } => return First::Closed,
         _ = tokio::time::sleep(deadline) => {
             tracing::debug!("no request within the header timeout; closing");
             app.metrics.refused(Refusal::Timeout);

@@ -36,6 +36,9 @@
 //! - [`systemd`]: socket activation, readiness/stopping notifications and watchdog pings.
 //! - `fuzzing` (hidden): views of internal parsers for the fuzz targets in `fuzz/`.
 #![forbid(unsafe_code)]
+// The edge's connection future (TLS, hyper, the shutdown and idle deadlines) is deeper than the
+// default limit lets the compiler prove `Send` for.
+#![recursion_limit = "256"]
 
 pub mod acme;
 pub mod admission;

@@ -333,6 +333,9 @@ fn serve(config: Config, inherited: Vec<std::net::TcpListener>) -> anyhow::Resul
     }
     let rt = rt.enable_all().build().context("starting the runtime")?;
     rt.block_on(async move {
+        // The signal handlers go in before anything listens: a SIGTERM that came between
+        // "listening" and their installation killed the process undrained (the default action).
+        let signals = ShutdownSignals::install().context("installing the signal handlers")?;
         let mut inherited: Vec<tokio::net::TcpListener> = inherited
             .into_iter()
             .map(tokio::net::TcpListener::from_std)
@@ -405,32 +408,43 @@ fn serve(config: Config, inherited: Vec<std::net::TcpListener>) -> anyhow::Resul
             }
         });
         let shutdown = async {
-            shutdown_signal().await;
+            signals.recv().await;
             pushgate::systemd::notify_stopping();
         };
         Ok(pushgate::run_app_passed(listeners, passed, app, shutdown).await)
     })
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// SIGTERM and SIGINT (Ctrl-C), listened for from [`ShutdownSignals::install`] on.
+struct ShutdownSignals {
     #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignals {
+    fn install() -> std::io::Result<ShutdownSignals> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Ok(ShutdownSignals {
+                term: signal(SignalKind::terminate())?,
+                int: signal(SignalKind::interrupt())?,
+            })
         }
+        #[cfg(not(unix))]
+        Ok(ShutdownSignals {})
     }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
+
+    /// The first of them.
+    async fn recv(mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
     }
 }

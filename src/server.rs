@@ -151,12 +151,19 @@ async fn serve_connection<S>(
     // The slot moves into a WebSocket task on upgrade; otherwise it is released when this
     // connection ends.
     let ctx = Arc::new(conn::Conn::new(permit, false, None));
+    // Open requests, for the drain (`conn::shutdown_after_a_late_request`). Held by the
+    // service, not `Conn`, so a WebSocket upgraded from here keeps none of it.
+    let (busy, open) = conn::Busy::new();
     let svc_app = app.clone();
     let service = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
         req.extensions_mut().insert(crate::admission::Peer(peer));
         let app = svc_app.clone();
         let ctx = ctx.clone();
-        async move { Ok::<_, std::convert::Infallible>(router::route(app, req, &ctx).await) }
+        let request = busy.enter();
+        async move {
+            let _request = request;
+            Ok::<_, std::convert::Infallible>(router::route(app, req, &ctx).await)
+        }
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
@@ -169,6 +176,8 @@ async fn serve_connection<S>(
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades();
     tokio::pin!(conn);
+    let drain = Duration::from_millis(app.config.shutdown.drain_ms);
+    let shutdown = conn::shutdown_after_a_late_request(&app.shutdown, drain, open);
     tokio::select! {
         r = conn.as_mut() => {
             if let Err(e) = r {
@@ -179,7 +188,7 @@ async fn serve_connection<S>(
                 tracing::debug!(error = %e, "http connection error");
             }
         }
-        _ = app.shutdown.cancelled() => {
+        () = shutdown => {
             conn.as_mut().graceful_shutdown();
             let grace = Duration::from_millis(app.config.shutdown.grace_ms);
             let _ = tokio::time::timeout(grace, conn).await;

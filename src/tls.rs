@@ -498,6 +498,8 @@ async fn serve_https<S>(
     // before it) and `server.keepalive_timeout_ms` between later ones.
     let first = Duration::from_millis(app.config.server.header_read_timeout_ms);
     let later = Duration::from_millis(app.config.server.keepalive_timeout_ms);
+    let drain = Duration::from_millis(app.config.shutdown.drain_ms);
+    let shutdown = crate::conn::shutdown_after_a_late_request(&app.shutdown, drain, open.clone());
     tokio::select! {
         r = conn.as_mut() => {
             if let Err(e) = r {
@@ -513,7 +515,7 @@ async fn serve_https<S>(
             conn.as_mut().graceful_shutdown();
             let _ = tokio::time::timeout(first, conn).await;
         }
-        _ = app.shutdown.cancelled() => {
+        () = shutdown => {
             conn.as_mut().graceful_shutdown();
             let grace = Duration::from_millis(app.config.shutdown.grace_ms);
             let _ = tokio::time::timeout(grace, conn).await;

@@ -441,9 +441,16 @@ fn serves_the_socket_systemd_passes_and_a_restart_refuses_no_connection() {
     assert!(second.wait_exit().success());
 }
 
+type TlsClient = rustls_acme::rustls::StreamOwned<rustls_acme::rustls::ClientConnection, TcpStream>;
+
 /// `GET /healthz` over TLS (HTTP/1.1) on `tcp`, verified for "localhost" against `ca_pem`: the
 /// status.
 fn https_healthz(tcp: TcpStream, ca_pem: &str) -> u16 {
+    https_get_healthz(tls_client(tcp, ca_pem))
+}
+
+/// A TLS client for "localhost" over `tcp`, trusting `ca_pem` (the handshake runs on first use).
+fn tls_client(tcp: TcpStream, ca_pem: &str) -> TlsClient {
     use rustls_acme::rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
     use rustls_acme::rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
     let mut roots = RootCertStore::empty();
@@ -459,7 +466,11 @@ fn https_healthz(tcp: TcpStream, ca_pem: &str) -> u16 {
     let name = ServerName::try_from("localhost").unwrap();
     let conn = ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
     tcp.set_read_timeout(Some(DEADLINE)).unwrap();
-    let mut tls = StreamOwned::new(conn, tcp);
+    StreamOwned::new(conn, tcp)
+}
+
+/// `GET /healthz` (HTTP/1.1, `Connection: close`) on `tls`: the status.
+fn https_get_healthz(mut tls: TlsClient) -> u16 {
     write!(
         tls,
         "GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
@@ -516,6 +527,80 @@ fn serves_the_edge_socket_systemd_passes_and_a_restart_refuses_no_connection_the
     second.wait_line("the socket passed by systemd");
     second.sigterm();
     assert!(second.wait_exit().success());
+}
+
+#[test]
+fn a_request_arriving_as_the_drain_begins_is_answered_on_both_listeners() {
+    // A client that connected just before SIGTERM (its TLS handshake done, or nothing sent on
+    // plain HTTP yet) sends its request just after: it must get an answer, not a closed
+    // connection. `shutdown.drain_ms` long enough that the request lands inside it.
+    let plain = TcpListener::bind("127.0.0.1:0").unwrap();
+    let edge = TcpListener::bind("127.0.0.1:0").unwrap();
+    let ca = support::TestCa::new(&["localhost"]);
+    let dir = support::TempDir::new("systemd", "late");
+    std::fs::write(dir.path("fullchain.pem"), &ca.cert_pem).unwrap();
+    std::fs::write(dir.path("privkey.pem"), &ca.key_pem).unwrap();
+    let env = [
+        (
+            "PUSHGATE_TLS_LISTEN",
+            edge.local_addr().unwrap().to_string(),
+        ),
+        (
+            "PUSHGATE_TLS_CERT_FILE",
+            dir.path("fullchain.pem").display().to_string(),
+        ),
+        (
+            "PUSHGATE_TLS_KEY_FILE",
+            dir.path("privkey.pem").display().to_string(),
+        ),
+        ("PUSHGATE_SHUTDOWN_DRAIN_MS", "3000".to_string()),
+    ];
+    let mut p = socket_activated_with(&[&plain, &edge], &env);
+    p.listening_addr();
+    p.wait_line("the socket passed by systemd");
+
+    let mut tls = tls_client(
+        TcpStream::connect(edge.local_addr().unwrap()).unwrap(),
+        &ca.ca_pem,
+    );
+    tls.conn.complete_io(&mut tls.sock).expect("TLS handshake");
+    let quiet = TcpStream::connect(plain.local_addr().unwrap()).unwrap();
+    // Accepted before the drain: the server is serving it when SIGTERM arrives.
+    let _ = get_status(
+        TcpStream::connect(plain.local_addr().unwrap()).unwrap(),
+        "/healthz",
+    );
+    p.sigterm();
+    p.wait_line("shutting down");
+
+    assert_eq!(
+        get_status(quiet, "/healthz"),
+        200,
+        "the plain connection was closed"
+    );
+    assert_eq!(
+        https_get_healthz(tls),
+        200,
+        "the edge connection was closed"
+    );
+    assert!(p.wait_exit().success());
+}
+
+#[test]
+fn a_sigterm_as_soon_as_it_listens_is_a_clean_stop() {
+    // The handlers are in place before "listening": a SIGTERM at once drains and exits 0, never
+    // kills the process by the signal's default action.
+    for _ in 0..20 {
+        let mut p = Proc::spawn(pushgate_serve(&["--listen", "127.0.0.1:0"]));
+        p.wait_line("listening addr=");
+        p.sigterm();
+        let status = p.wait_exit();
+        assert!(
+            status.success(),
+            "exit {status:?}; log:\n{}",
+            p.log.join("\n")
+        );
+    }
 }
 
 #[test]
