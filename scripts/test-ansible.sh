@@ -268,6 +268,8 @@ check_config_sni() {
         grep -q '^cert_file = "/var/lib/pushgate/tls/fullchain.pem"$' <<<"$out" || { echo "$out"; return 1; }
 }
 check "SNI: pushgate check-config accepts the edge settings and loads the certificate (as user pushgate)" check_config_sni
+check "SNI: pushgate.socket holds the edge's socket (127.0.0.1:4443 beside 127.0.0.1:4100)" sh -c \
+    "grep -qx 'ListenStream=127.0.0.1:4443' '$ROOT/etc/systemd/system/pushgate.socket.d/listen.conf' && grep -qx 'ListenStream=127.0.0.1:4100' '$ROOT/etc/systemd/system/pushgate.socket.d/listen.conf'"
 
 # --- 5. the edge mode on that host (from the SNI mode), then the site mode ----------------------
 EDGE_DROPIN=$ROOT/etc/systemd/system/pushgate.service.d/edge.conf

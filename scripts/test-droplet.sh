@@ -29,7 +29,9 @@
 #      real systemd); the phoenix client over the edge, a restart with 20 clients and a
 #      publisher (nothing lost), HTTPS requests across two restarts (none refused:
 #      pushgate.socket holds the edge's ports), a new certificate served by the edge within
-#      seconds, a reboot; then back to the default site, nginx on every address again.
+#      seconds, a reboot; then the SNI mode (nginx's stream server on 443 routes a second
+#      name to pushgate's edge on loopback: requests across two restarts all answered); then
+#      back to the default site, nginx on every address again.
 #
 # Needs root (debootstrap, nspawn, network namespaces). Installs systemd-container, debootstrap,
 # openssh-client, curl and openssl when missing; node and tests/js/node_modules must be there
@@ -127,7 +129,8 @@ EOF
 )
 
 # base_rootfs SUITE: the cached root filesystem (as scripts/test-ansible.sh makes it), plus the
-# role's packages and openssh-server in its apt archive (downloaded, not installed).
+# role's packages, openssh-server and the SNI mode's stream module in its apt archive
+# (downloaded, not installed).
 base_rootfs() {
     local suite=$1 base=$CACHE/rootfs-$1
     if [ ! -f "$base/.complete" ]; then
@@ -146,13 +149,14 @@ base_rootfs() {
         DEBIAN_FRONTEND=noninteractive chroot "$base" apt-get install -y -qq --download-only $PACKAGES >/dev/null
         touch "$base/.complete"
     fi
-    if [ ! -f "$base/.droplet-complete" ]; then
-        echo "==> $suite: adding openssh-server and the role's packages to the cached apt archive"
+    if [ ! -f "$base/.droplet-complete-sni" ]; then
+        echo "==> $suite: adding openssh-server, the role's packages and nginx's stream module to the cached apt archive"
         cp /etc/resolv.conf "$base/etc/resolv.conf"
+        chroot "$base" apt-get update -qq
         # shellcheck disable=SC2086
         DEBIAN_FRONTEND=noninteractive chroot "$base" apt-get install -y -qq --download-only \
-            openssh-server $PACKAGES >/dev/null
-        touch "$base/.droplet-complete"
+            openssh-server libnginx-mod-stream $PACKAGES >/dev/null
+        touch "$base/.droplet-complete-sni"
     fi
 }
 
@@ -272,6 +276,9 @@ droplet() {
 
     inventory A "$DEB_A"
     inventory B "$DEB_B"
+    inventory S "$DEB_A" "
+    pushgate_nginx_mode: sni
+    pushgate_socket_domain: sock.$DOMAIN"
     inventory E "$DEB_A" "
     pushgate_nginx_mode: edge
     pushgate_site_address: $ADDR
@@ -471,6 +478,33 @@ while True:
     CLIENTS=4 check "$suite: after the reboot: phoenix client through nginx receives what the loopback API publishes" clients
 }
 
+# requests_across_restarts NAME ADDRESS [CURL OPTIONS]: GET https://NAME/healthz on ADDRESS:443 in
+# a loop while pushgate restarts twice; every request must be answered.
+requests_across_restarts() {
+    local name=$1 addr=$2 log=$WORK/probe.log stop=$WORK/probe.stop probe n bad
+    shift 2
+    : >"$log"
+    rm -f "$stop"
+    (
+        while [ ! -e "$stop" ]; do
+            curl -s -o /dev/null --max-time 10 --resolve "$name:443:$addr" "$@" "https://$name/healthz"
+            echo "$?" >>"$log"
+        done
+    ) &
+    probe=$!
+    poll 10 test -s "$log"
+    in_droplet systemctl restart pushgate.service
+    in_droplet systemctl restart pushgate.service
+    n=$(wc -l <"$log")
+    poll 10 sh -c "[ \$(wc -l <'$log') -gt $((n + 5)) ]"
+    touch "$stop"
+    wait "$probe"
+    n=$(wc -l <"$log")
+    bad=$(grep -cvx 0 "$log" || true)
+    [ "$bad" = 0 ] || { echo "$bad of $n requests failed (curl exit codes, 7 is refused: $(sort "$log" | uniq -c | tr -s ' \n' ' '))"; return 1; }
+    echo "$n requests across two restarts, every one answered"
+}
+
 # listening ADDRESS:PORT NAME: NAME (nginx or pushgate) listens on ADDRESS:PORT (the droplet's
 # network namespace, seen from the host).
 listening() {
@@ -539,31 +573,8 @@ checks_edge() {
         clients "[\"nsenter\",\"-t\",\"$LEADER\",\"-a\",\"systemctl\",\"restart\",\"pushgate.service\"]"
     # pushgate.socket holds the edge's ports too: connections made while pushgate restarts
     # wait in the kernel's queue, and the next process answers them.
-    edge_restart_refuses_nothing() {
-        local log=$WORK/edge-probe.log stop=$WORK/edge-probe.stop probe n bad
-        : >"$log"
-        rm -f "$stop"
-        (
-            while [ ! -e "$stop" ]; do
-                curl -s -o /dev/null --max-time 10 --resolve "$DOMAIN:443:$EDGE" --cacert "$WORK/edge-cert.pem" \
-                    "https://$DOMAIN/healthz"
-                echo "$?" >>"$log"
-            done
-        ) &
-        probe=$!
-        poll 10 test -s "$log"
-        in_droplet systemctl restart pushgate.service
-        in_droplet systemctl restart pushgate.service
-        n=$(wc -l <"$log")
-        poll 10 sh -c "[ \$(wc -l <'$log') -gt $((n + 5)) ]"
-        touch "$stop"
-        wait "$probe"
-        n=$(wc -l <"$log")
-        bad=$(grep -cvx 0 "$log" || true)
-        [ "$bad" = 0 ] || { echo "$bad of $n requests failed (curl exit codes, 7 is refused: $(sort "$log" | uniq -c | tr -s ' \n' ' '))"; return 1; }
-        echo "$n requests across two restarts, every one answered"
-    }
-    check "$suite: edge: HTTPS requests to the edge in a loop across two restarts of pushgate: none refused, every one answered" edge_restart_refuses_nothing
+    check "$suite: edge: HTTPS requests to the edge in a loop across two restarts of pushgate: none refused, every one answered" \
+        requests_across_restarts "$DOMAIN" "$EDGE" --cacert "$WORK/edge-cert.pem"
     check "$suite: edge: a new fullchain.pem/privkey.pem is served by pushgate's edge within 10 s" replace_cert "$EDGE"
 
     echo "==> $suite: edge: reboot"
@@ -572,6 +583,8 @@ checks_edge() {
     boot
     poll 60 services_active || true
     edge_checks "after the reboot: "
+
+    checks_sni "$suite"
 
     echo "==> $suite: back to the default site"
     t=$(date +%s)
@@ -588,6 +601,38 @@ checks_edge() {
     }
     check "$suite: back to the site: nginx on the wildcard again, pushgate off ports 443 and 80, the drop-in gone, every service active" site_again
     URL="https://$EDGE" CLIENTS=4 check "$suite: back to the site: phoenix client through nginx on $EDGE (nginx on every address again) receives what the loopback API publishes" clients
+}
+
+# The SNI mode, from the edge mode: nginx's stream server on 443 sends the socket name to
+# pushgate's edge on loopback (pushgate.socket's), every other name to the site.
+checks_sni() {
+    local suite=$1 t
+    echo "==> $suite: the SNI mode: nginx's stream server on *:443, sock.$DOMAIN to pushgate's edge"
+    t=$(date +%s)
+    apply "$WORK/apply-sni.log" S
+    grep -E '^droplet +:' "$WORK/apply-sni.log" | sed 's/^/    /'
+    echo "    ($(($(date +%s) - t)) s)"
+    check "$suite: SNI: every service active, no failed unit" all_well
+    sni_listeners() {
+        listening "0.0.0.0:443" nginx && listening "127.0.0.1:8443" nginx && listening "127.0.0.1:4443" pushgate || return 1
+        ! in_droplet_net ss -Hltn "sport = :443" | grep -q " $EDGE:443 " || { echo "$EDGE:443 is still held"; return 1; }
+    }
+    check "$suite: SNI: nginx on *:443 and the site on 127.0.0.1:8443, pushgate's edge on 127.0.0.1:4443 (pushgate.socket's), the edge address free" sni_listeners
+    ssh_droplet cat /var/lib/pushgate/tls/fullchain.pem >"$WORK/sni-cert.pem"
+    sni_routes() {
+        local health site
+        # The stand-in certificate names the site only: the socket name is not verified here.
+        health=$(curl -sS -k --max-time 10 --resolve "sock.$DOMAIN:443:$ADDR" "https://sock.$DOMAIN/healthz")
+        grep -q '"status":"ok"' <<<"$health" || { echo "sock.$DOMAIN/healthz: $health"; return 1; }
+        site=$(curl -sS --max-time 10 --cacert "$WORK/sni-cert.pem" --resolve "$DOMAIN:443:$ADDR" -o /dev/null \
+            -w '%{http_code} %{ssl_verify_result}' "https://$DOMAIN/healthz")
+        # The site does not serve /healthz (nginx: the app, absent here, 502), pushgate does.
+        [ "${site%% *}" != 200 ] && [ "${site#* }" = 0 ] || { echo "$DOMAIN/healthz: $site"; return 1; }
+        echo "sock.$DOMAIN: pushgate's /healthz; $DOMAIN: the site ($site)"
+    }
+    check "$suite: SNI: sock.$DOMAIN reaches pushgate's edge, $DOMAIN the site (verified)" sni_routes
+    check "$suite: SNI: HTTPS requests to sock.$DOMAIN in a loop across two restarts of pushgate: none refused, every one answered" \
+        requests_across_restarts "sock.$DOMAIN" "$ADDR" -k
 }
 
 checks_package() {
