@@ -1,6 +1,8 @@
 //! What a request's handler knows of the connection it came on ([`Conn`]): its connection slot
 //! (`server.max_connections`), whether it is at the edge, and at the edge the count of its open
-//! requests and WebSockets ([`Busy`]) that its idle deadline watches (`crate::tls`).
+//! requests and WebSockets ([`Busy`]) that its idle deadline watches (`crate::tls`); and, for
+//! every hyper connection, the drain's wait for a request on its way
+//! ([`shutdown_after_a_late_request`]).
 //!
 //! Shared by the router (which hands a WebSocket upgrade its slot), the WebSocket transport
 //! (which holds it) and the listeners (which make it); it uses none of them.
