@@ -224,6 +224,14 @@ apply() { # apply LOGFILE A|B
     }
 }
 
+timed_apply() { # timed_apply LOGFILE A|B|E|S: apply, then its recap line and how long it took
+    local t
+    t=$(date +%s)
+    apply "$1" "$2"
+    grep -E '^droplet +:' "$1" | sed 's/^/    /'
+    echo "    ($(($(date +%s) - t)) s)"
+}
+
 clients() { # clients [ACTION argv as JSON]: tests/js/droplet.js from the host
     (
         cd tests/js
@@ -520,12 +528,9 @@ no_wildcard() {
 }
 
 checks_edge() {
-    local suite=$1 t
+    local suite=$1
     echo "==> $suite: the edge mode: pushgate's own TLS edge on $EDGE, nginx's site on $ADDR"
-    t=$(date +%s)
-    apply "$WORK/apply-edge.log" E
-    grep -E '^droplet +:' "$WORK/apply-edge.log" | sed 's/^/    /'
-    echo "    ($(($(date +%s) - t)) s)"
+    timed_apply "$WORK/apply-edge.log" E
     local curl_s=(curl -sS --max-time 10 --cacert "$WORK/edge-cert.pem")
     edge_listeners() {
         listening "$EDGE:443" pushgate && listening "$EDGE:80" pushgate &&
@@ -587,10 +592,7 @@ checks_edge() {
     checks_sni "$suite"
 
     echo "==> $suite: back to the default site"
-    t=$(date +%s)
-    apply "$WORK/apply-site.log" A
-    grep -E '^droplet +:' "$WORK/apply-site.log" | sed 's/^/    /'
-    echo "    ($(($(date +%s) - t)) s)"
+    timed_apply "$WORK/apply-site.log" A
     site_again() {
         in_droplet_net ss -Hltn "sport = :443" | grep -qE " (0\.0\.0\.0|\*):443 " || { echo "nginx not on *:443"; return 1; }
         in_droplet_net ss -Hltn "sport = :80" | grep -qE " (0\.0\.0\.0|\*):80 " || { echo "nginx not on *:80"; return 1; }
@@ -606,12 +608,9 @@ checks_edge() {
 # The SNI mode, from the edge mode: nginx's stream server on 443 sends the socket name to
 # pushgate's edge on loopback (pushgate.socket's), every other name to the site.
 checks_sni() {
-    local suite=$1 t
+    local suite=$1
     echo "==> $suite: the SNI mode: nginx's stream server on *:443, sock.$DOMAIN to pushgate's edge"
-    t=$(date +%s)
-    apply "$WORK/apply-sni.log" S
-    grep -E '^droplet +:' "$WORK/apply-sni.log" | sed 's/^/    /'
-    echo "    ($(($(date +%s) - t)) s)"
+    timed_apply "$WORK/apply-sni.log" S
     check "$suite: SNI: every service active, no failed unit" all_well
     sni_listeners() {
         listening "0.0.0.0:443" nginx && listening "127.0.0.1:8443" nginx && listening "127.0.0.1:4443" pushgate || return 1
