@@ -158,6 +158,17 @@ impl Proc {
         assert!(ok, "kill -TERM failed");
     }
 
+    /// SIGTERM, then a clean exit (status 0), or a failure showing the log.
+    fn stop_cleanly(&mut self) {
+        self.sigterm();
+        let status = self.wait_exit();
+        assert!(
+            status.success(),
+            "exit {status:?}; log:\n{}",
+            self.log.join("\n")
+        );
+    }
+
     fn wait_exit(&mut self) -> ExitStatus {
         let end = Instant::now() + DEADLINE;
         loop {
@@ -441,6 +452,20 @@ fn serves_the_socket_systemd_passes_and_a_restart_refuses_no_connection() {
     assert!(second.wait_exit().success());
 }
 
+/// A test CA and a certificate for "localhost", written as fullchain.pem and privkey.pem in a
+/// directory of the test's own.
+fn edge_certificate(name: &str) -> (support::TestCa, support::TempDir) {
+    let ca = support::TestCa::new(&["localhost"]);
+    let dir = support::TempDir::new("systemd", name);
+    std::fs::write(dir.path("fullchain.pem"), &ca.cert_pem).unwrap();
+    std::fs::write(dir.path("privkey.pem"), &ca.key_pem).unwrap();
+    (ca, dir)
+}
+
+fn path_of(dir: &support::TempDir, file: &str) -> String {
+    dir.path(file).display().to_string()
+}
+
 type TlsClient = rustls_acme::rustls::StreamOwned<rustls_acme::rustls::ClientConnection, TcpStream>;
 
 /// `GET /healthz` over TLS (HTTP/1.1) on `tcp`, verified for "localhost" against `ca_pem`: the
@@ -488,20 +513,11 @@ fn serves_the_edge_socket_systemd_passes_and_a_restart_refuses_no_connection_the
     let plain = TcpListener::bind("127.0.0.1:0").unwrap();
     let edge = TcpListener::bind("127.0.0.1:0").unwrap();
     let edge_addr = edge.local_addr().unwrap();
-    let ca = support::TestCa::new(&["localhost"]);
-    let dir = support::TempDir::new("systemd", "edge");
-    std::fs::write(dir.path("fullchain.pem"), &ca.cert_pem).unwrap();
-    std::fs::write(dir.path("privkey.pem"), &ca.key_pem).unwrap();
+    let (ca, dir) = edge_certificate("edge");
     let env = [
         ("PUSHGATE_TLS_LISTEN", edge_addr.to_string()),
-        (
-            "PUSHGATE_TLS_CERT_FILE",
-            dir.path("fullchain.pem").display().to_string(),
-        ),
-        (
-            "PUSHGATE_TLS_KEY_FILE",
-            dir.path("privkey.pem").display().to_string(),
-        ),
+        ("PUSHGATE_TLS_CERT_FILE", path_of(&dir, "fullchain.pem")),
+        ("PUSHGATE_TLS_KEY_FILE", path_of(&dir, "privkey.pem")),
     ];
 
     let mut first = socket_activated_with(&[&plain, &edge], &env);
@@ -510,13 +526,7 @@ fn serves_the_edge_socket_systemd_passes_and_a_restart_refuses_no_connection_the
     assert!(line.contains(&edge_addr.to_string()), "{line}");
     let tcp = TcpStream::connect(edge_addr).unwrap();
     assert_eq!(https_healthz(tcp, &ca.ca_pem), 200);
-    first.sigterm();
-    let status = first.wait_exit();
-    assert!(
-        status.success(),
-        "exit {status:?}; log:\n{}",
-        first.log.join("\n")
-    );
+    first.stop_cleanly();
 
     // Between the two processes the edge's socket still listens: a client arriving then is
     // queued by the kernel, and the next process does its handshake.
@@ -536,23 +546,14 @@ fn a_request_arriving_as_the_drain_begins_is_answered_on_both_listeners() {
     // connection. `shutdown.drain_ms` long enough that the request lands inside it.
     let plain = TcpListener::bind("127.0.0.1:0").unwrap();
     let edge = TcpListener::bind("127.0.0.1:0").unwrap();
-    let ca = support::TestCa::new(&["localhost"]);
-    let dir = support::TempDir::new("systemd", "late");
-    std::fs::write(dir.path("fullchain.pem"), &ca.cert_pem).unwrap();
-    std::fs::write(dir.path("privkey.pem"), &ca.key_pem).unwrap();
+    let (ca, dir) = edge_certificate("late");
     let env = [
         (
             "PUSHGATE_TLS_LISTEN",
             edge.local_addr().unwrap().to_string(),
         ),
-        (
-            "PUSHGATE_TLS_CERT_FILE",
-            dir.path("fullchain.pem").display().to_string(),
-        ),
-        (
-            "PUSHGATE_TLS_KEY_FILE",
-            dir.path("privkey.pem").display().to_string(),
-        ),
+        ("PUSHGATE_TLS_CERT_FILE", path_of(&dir, "fullchain.pem")),
+        ("PUSHGATE_TLS_KEY_FILE", path_of(&dir, "privkey.pem")),
         ("PUSHGATE_SHUTDOWN_DRAIN_MS", "3000".to_string()),
     ];
     let mut p = socket_activated_with(&[&plain, &edge], &env);
@@ -593,13 +594,7 @@ fn a_sigterm_as_soon_as_it_listens_is_a_clean_stop() {
     for _ in 0..20 {
         let mut p = Proc::spawn(pushgate_serve(&["--listen", "127.0.0.1:0"]));
         p.wait_line("listening addr=");
-        p.sigterm();
-        let status = p.wait_exit();
-        assert!(
-            status.success(),
-            "exit {status:?}; log:\n{}",
-            p.log.join("\n")
-        );
+        p.stop_cleanly();
     }
 }
 
